@@ -1,0 +1,145 @@
+"""Build Marigold-architecture models (8-channel U-Net, AutoencoderKL, DDIM) and save them.
+
+Used for the tiny model this project trains and ships, and for randomly initialised models
+in tests. The saved folder is a diffusers ``MarigoldDepthPipeline`` folder without text
+encoder and tokenizer; the empty-prompt embedding sits beside the weights in
+``empty_text_embedding.safetensors``.
+"""
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .loading import EMPTY_TEXT_FILE
+
+
+@dataclass(frozen=True)
+class TinyArchitecture:
+    """Sizes of a small Marigold-architecture model.
+
+    The defaults are the bundled tiny model: a x4 VAE (three blocks) and a 3-level U-Net.
+    """
+
+    vae_channels: tuple = (32, 64, 64)
+    latent_channels: int = 4
+    unet_channels: tuple = (64, 128, 192)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    text_tokens: int = 2
+    text_dim: int = 64
+    # Resolution the model was trained at; stored as its default processing resolution.
+    processing_resolution: int = 64
+    denoising_steps: int = 1
+
+
+def marigold_scheduler_config():
+    """Scheduler settings of Marigold v1-1: zero-SNR trailing DDIM with v-prediction.
+
+    :return: dict for DDIMScheduler / DDPMScheduler
+    """
+    return {
+        'num_train_timesteps': 1000, 'beta_start': 0.00085, 'beta_end': 0.012,
+        'beta_schedule': 'scaled_linear', 'clip_sample': False, 'set_alpha_to_one': False,
+        'steps_offset': 0, 'prediction_type': 'v_prediction', 'timestep_spacing': 'trailing',
+        'rescale_betas_zero_snr': True,
+    }
+
+
+def build_vae(arch):
+    """Make an untrained AutoencoderKL of the given architecture.
+
+    :param arch: TinyArchitecture
+    :return: AutoencoderKL
+    """
+    from diffusers import AutoencoderKL
+    blocks = len(arch.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=arch.latent_channels,
+        down_block_types=('DownEncoderBlock2D',) * blocks,
+        up_block_types=('UpDecoderBlock2D',) * blocks,
+        block_out_channels=tuple(arch.vae_channels), layers_per_block=arch.layers_per_block,
+        norm_num_groups=min(32, min(arch.vae_channels)), sample_size=arch.processing_resolution)
+
+
+def build_unet(arch):
+    """Make an untrained 8 -> 4 channel UNet2DConditionModel of the given architecture.
+
+    :param arch: TinyArchitecture
+    :return: UNet2DConditionModel
+    """
+    from diffusers import UNet2DConditionModel
+    levels = len(arch.unet_channels)
+    down = ('DownBlock2D',) + ('CrossAttnDownBlock2D',) * (levels - 1)
+    up = ('CrossAttnUpBlock2D',) * (levels - 1) + ('UpBlock2D',)
+    return UNet2DConditionModel(
+        sample_size=arch.processing_resolution // 2 ** (len(arch.vae_channels) - 1),
+        in_channels=2 * arch.latent_channels, out_channels=arch.latent_channels,
+        down_block_types=down, up_block_types=up, block_out_channels=tuple(arch.unet_channels),
+        layers_per_block=arch.layers_per_block, cross_attention_dim=arch.text_dim,
+        attention_head_dim=arch.attention_head_dim,
+        norm_num_groups=min(32, min(arch.unet_channels)))
+
+
+def empty_text_embedding(arch, seed=0):
+    """A fixed random stand-in for the empty-prompt embedding of a model without CLIP.
+
+    Marigold only ever conditions on the empty prompt, so any fixed tensor serves a model
+    trained from scratch with it.
+
+    :param arch: TinyArchitecture
+    :param seed: random seed
+    :return: [1, tokens, dim] tensor
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(1, arch.text_tokens, arch.text_dim, generator=generator)
+
+
+def save_marigold(path, unet, vae, embedding, arch, fp16=False, extra=None):
+    """Save a Marigold model as a diffusers pipeline folder plus the empty-text embedding.
+
+    :param path: output folder (created)
+    :param unet: UNet2DConditionModel
+    :param vae: AutoencoderKL
+    :param embedding: [1, tokens, dim] empty-prompt embedding
+    :param arch: TinyArchitecture (its resolution and steps become the pipeline defaults)
+    :param fp16: store weights in half precision (halves the size; loaders upcast on CPU)
+    :param extra: optional dict written as marigold_ros.json (training provenance)
+    :return: Path of the folder
+    """
+    import json
+
+    from diffusers import DDIMScheduler, MarigoldDepthPipeline
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    pipe = MarigoldDepthPipeline(
+        unet=unet, vae=vae, scheduler=DDIMScheduler(**marigold_scheduler_config()),
+        text_encoder=None, tokenizer=None, prediction_type='depth', scale_invariant=True,
+        shift_invariant=True, default_denoising_steps=arch.denoising_steps,
+        default_processing_resolution=arch.processing_resolution)
+    if fp16:
+        pipe.to(torch.float16)
+    pipe.save_pretrained(path, safe_serialization=True)
+    if fp16:
+        pipe.to(torch.float32)
+    save_file({'embedding': embedding.detach().float().contiguous()}, path / EMPTY_TEXT_FILE)
+    info = {'architecture': {k: list(v) if isinstance(v, tuple) else v
+                             for k, v in asdict(arch).items()}}
+    info.update(extra or {})
+    with open(path / 'marigold_ros.json', 'w') as stream:
+        json.dump(info, stream, indent=2)
+    return path
+
+
+def build_random_marigold(path, arch=TinyArchitecture(), seed=0):
+    """Save a randomly initialised Marigold-architecture model (for tests only).
+
+    :param path: output folder
+    :param arch: TinyArchitecture
+    :param seed: initialisation seed
+    :return: Path of the folder
+    """
+    torch.manual_seed(seed)
+    return save_marigold(path, build_unet(arch), build_vae(arch),
+                         empty_text_embedding(arch, seed), arch)

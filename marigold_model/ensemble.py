@@ -1,0 +1,96 @@
+"""Test-time ensembling of affine-invariant depth maps, as in the Marigold paper.
+
+Each member gets its own scale and shift, found jointly by minimising the pairwise RMS
+difference of the aligned members plus a small regulariser that pulls the result to [0, 1];
+the per-pixel median is the depth and the median absolute deviation its uncertainty. The
+objective and solver settings follow diffusers' ``MarigoldDepthPipeline.ensemble_depth``;
+the cost is evaluated for all member pairs at once instead of pair by pair, and in float64:
+BFGS differentiates it by finite differences (steps of ~1e-8), which a float32 cost turns into
+rounding noise, so the reference's solution depends on summation order. In float64 the
+gradient is meaningful and the result reproducible.
+"""
+
+import numpy as np
+import scipy.optimize
+import torch
+import torch.nn.functional as F
+
+
+def _resize_to_max_edge(depth, max_edge):
+    height, width = depth.shape[-2:]
+    longest = max(height, width)
+    size = (height * max_edge // longest, width * max_edge // longest)
+    return F.interpolate(depth, size, mode='nearest-exact')
+
+
+def _median_and_mad(aligned, with_uncertainty):
+    median = torch.median(aligned, dim=0, keepdim=True).values
+    mad = None
+    if with_uncertainty:
+        mad = torch.median(torch.abs(aligned - median), dim=0, keepdim=True).values
+    return median, mad
+
+
+def solve_alignment(depth, regularizer=0.02, max_iter=2, tol=1e-3, max_res=1024):
+    """Find per-member scale and shift that bring the members into agreement.
+
+    :param depth: [E, 1, H, W] member predictions, E >= 2
+    :param regularizer: strength of the pull of the ensemble towards [0, 1]
+    :param max_iter: BFGS iterations
+    :param tol: BFGS tolerance
+    :param max_res: longest side the alignment is solved at (None: full size)
+    :return: (scale, shift) float64 numpy arrays of length E
+    """
+    members = depth.shape[0]
+    work = depth.to(torch.float64)
+    if max_res is not None and max(work.shape[2:]) > max_res:
+        work = _resize_to_max_edge(work, max_res)
+    flat = work.reshape(members, -1)
+    low, high = flat.min(dim=1).values, flat.max(dim=1).values
+    init_scale = 1.0 / (high - low).clamp(min=1e-6)
+    init = torch.cat((init_scale, -init_scale * low)).cpu().numpy().astype(np.float64)
+    first, second = torch.combinations(torch.arange(members)).T
+
+    def cost(param):
+        scale = torch.from_numpy(param[:members]).to(flat).view(members, 1)
+        shift = torch.from_numpy(param[members:]).to(flat).view(members, 1)
+        aligned = flat * scale + shift
+        diff = aligned[first] - aligned[second]
+        value = (diff ** 2).mean(dim=1).sqrt().sum().item()
+        if regularizer > 0:
+            median = torch.median(aligned, dim=0).values
+            value += (median.min().abs().item() + (1.0 - median.max()).abs().item()) * regularizer
+        return value
+
+    result = scipy.optimize.minimize(cost, init, method='BFGS', tol=tol,
+                                     options={'maxiter': max_iter, 'disp': False})
+    return result.x[:members], result.x[members:]
+
+
+def ensemble_depth(depth, with_uncertainty=True, regularizer=0.02, max_iter=2, tol=1e-3,
+                   max_res=1024):
+    """Combine ensemble members into one relative depth map in [0, 1].
+
+    :param depth: [E, 1, H, W] member predictions in [0, 1]
+    :param with_uncertainty: also return the median absolute deviation
+    :param regularizer: see :func:`solve_alignment`
+    :param max_iter: see :func:`solve_alignment`
+    :param tol: see :func:`solve_alignment`
+    :param max_res: see :func:`solve_alignment`
+    :return: ([1, 1, H, W] depth, [1, 1, H, W] uncertainty or None)
+    """
+    if depth.dim() != 4 or depth.shape[1] != 1:
+        raise ValueError(f'expected [E, 1, H, W] ensemble members, got {tuple(depth.shape)}')
+    members = depth.shape[0]
+    if members == 1:
+        return depth, (torch.zeros_like(depth) if with_uncertainty else None)
+    scale, shift = solve_alignment(depth, regularizer, max_iter, tol, max_res)
+    scale = torch.from_numpy(scale).to(depth).view(members, 1, 1, 1)
+    shift = torch.from_numpy(shift).to(depth).view(members, 1, 1, 1)
+    merged, uncertainty = _median_and_mad(depth * scale + shift, with_uncertainty)
+    low = merged.min()
+    span = (merged.max() - low).clamp(min=1e-6)
+    merged = (merged - low) / span
+    if uncertainty is not None:
+        uncertainty = uncertainty / span
+    return merged, uncertainty

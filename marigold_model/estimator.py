@@ -1,0 +1,466 @@
+"""DepthEstimator: RGB frames in, Marigold relative depth (and uncertainty) out.
+
+The maths is the one of diffusers' ``MarigoldDepthPipeline`` (same preprocessing, latents,
+DDIM update, decoding and ensembling; a test checks equality to 1e-5 in fp32), with the
+per-call overhead dropped: no text encoder, cached timesteps and text batches, no progress
+bars, frames of several cameras and sizes in one call, grouped by processing size.
+"""
+
+from dataclasses import dataclass, field
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import EstimatorConfig, validate_inference_config, validate_model_config
+from .ensemble import ensemble_depth
+from .loading import load_components
+
+FALLBACK_STEPS = 4
+FALLBACK_RESOLUTION = 768
+
+
+class EstimatorOutOfMemory(RuntimeError):
+    """The device ran out of memory; the message says what to lower."""
+
+
+@dataclass
+class DepthResult:
+    """The estimate for one frame.
+
+    :param depth: float32 [H, W] relative (affine-invariant) depth in [0, 1], NOT meters
+    :param uncertainty: float32 [H, W] ensemble spread in the same units, or None
+    :param timings: seconds per stage for the call that produced this frame
+    :param processing_size: (height, width) the model worked at
+    :param latent: [E, C, h, w] final depth latents of the ensemble members (warm start)
+    """
+
+    depth: np.ndarray
+    uncertainty: object
+    timings: dict = field(default_factory=dict)
+    processing_size: tuple = (0, 0)
+    latent: object = None
+
+
+def resolve_device(name):
+    """Map a device setting to a torch.device, refusing what is not there.
+
+    :param name: 'auto', 'cpu', 'cuda' or 'cuda:N'
+    :return: torch.device
+    """
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f'device {name!r} requested but CUDA is not available here; '
+                         "use device 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def resolve_dtype(name, device):
+    """Map a dtype setting to a torch dtype: fp16 on CUDA and fp32 on CPU for 'auto'.
+
+    :param name: 'auto', 'float32', 'float16' or 'bfloat16'
+    :param device: the torch.device the model runs on
+    :return: torch.dtype
+    """
+    if name == 'auto':
+        return torch.float16 if device.type == 'cuda' else torch.float32
+    return getattr(torch, name)
+
+
+def check_frame(frame, max_pixels):
+    """Validate one input frame and return it as an [H, W, 3] array.
+
+    :param frame: uint8 [H, W, 3] or [H, W] array, or float in [0, 1]
+    :param max_pixels: largest accepted H * W
+    :return: the frame, with a grey image expanded to 3 channels
+    """
+    if not isinstance(frame, np.ndarray):
+        raise ValueError(f'frame must be a numpy array, got {type(frame).__name__}')
+    if frame.ndim == 2:
+        frame = frame[:, :, None].repeat(3, axis=2)
+    if frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(f'frame must be [H, W, 3] RGB or [H, W] grey, got shape {frame.shape}')
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise ValueError(f'frame is empty: shape {frame.shape}')
+    if frame.shape[0] * frame.shape[1] > max_pixels:
+        raise ValueError(f'frame of {frame.shape[1]}x{frame.shape[0]} exceeds the limit of '
+                         f'{max_pixels} pixels (max_input_pixels)')
+    if frame.dtype == np.uint8:
+        return frame
+    if frame.dtype not in (np.float32, np.float64):
+        raise ValueError(f'frame dtype {frame.dtype} unsupported; use uint8 or float in [0, 1]')
+    if not np.isfinite(frame).all():
+        raise ValueError('frame contains NaN or inf')
+    if frame.min() < 0.0 or frame.max() > 1.0:
+        raise ValueError('float frame values must lie within [0, 1]')
+    return frame
+
+
+def processing_size(height, width, resolution):
+    """Size the model works at: longest side = resolution, as diffusers computes it.
+
+    :param height: input height
+    :param width: input width
+    :param resolution: longest side, or <= 0 for the input size
+    :return: (height, width)
+    """
+    if resolution <= 0:
+        return height, width
+    longest = max(height, width)
+    size = (height * resolution // longest, width * resolution // longest)
+    if min(size) == 0:
+        raise ValueError(f'extreme aspect ratio {width}x{height} at resolution {resolution}')
+    return size
+
+
+class DepthEstimator:
+    """Marigold depth for batches of RGB frames.
+
+    Not thread-safe for concurrent ``estimate`` calls (a lock serialises them); settings can
+    be changed from another thread with :meth:`set_inference`, taking effect on the next call.
+    """
+
+    def __init__(self, config=EstimatorConfig(), components=None):
+        """Load the model (or take already loaded components).
+
+        :param config: EstimatorConfig
+        :param components: optional MarigoldComponents (tests, trainer evaluation)
+        """
+        validate_model_config(config.model)
+        validate_inference_config(config.inference)
+        self.config = config
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        if components is None:
+            tiny = config.model.tiny_vae if config.model.vae == 'tiny' else None
+            components = load_components(config.model.model, self.device, self.dtype, tiny)
+        self.components = components
+        self.unet = components.unet
+        self.vae = components.vae
+        self.scheduler = components.scheduler
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._text = components.empty_text_embedding.to(self.device, self.dtype)
+        self._text_batches = {}
+        self._timestep_cache = {}
+        self._warm_latents = {}
+        self._lock = threading.Lock()
+        self._unet_forward = self.unet
+        self._prepare_for_speed()
+
+    # ---- settings -------------------------------------------------------------------------
+
+    @property
+    def inference(self):
+        """The InferenceConfig used for the next call."""
+        return self.config.inference
+
+    def set_inference(self, inference):
+        """Replace the per-call settings (validated); safe while another thread estimates.
+
+        :param inference: InferenceConfig
+        """
+        validate_inference_config(inference)
+        self.config = EstimatorConfig(self.config.model, inference)
+
+    @property
+    def default_steps(self):
+        """Denoising steps the model was published with."""
+        return self.components.pipeline_config.get('default_denoising_steps') or FALLBACK_STEPS
+
+    @property
+    def default_resolution(self):
+        """Processing resolution the model was published with."""
+        value = self.components.pipeline_config.get('default_processing_resolution')
+        return value or FALLBACK_RESOLUTION
+
+    def resolved_settings(self, inference=None):
+        """Steps and processing resolution after applying the model defaults.
+
+        :param inference: InferenceConfig, default the current one
+        :return: (steps, resolution) with resolution 0 meaning the input size
+        """
+        inference = inference or self.config.inference
+        steps = inference.denoising_steps or self.default_steps
+        resolution = inference.processing_resolution
+        if resolution == 0:
+            resolution = self.default_resolution
+        return steps, max(resolution, 0)
+
+    def reset_warm_start(self, key=None):
+        """Forget the previous latents of one stream (or all) used for video warm start.
+
+        :param key: stream key, None for all
+        """
+        if key is None:
+            self._warm_latents.clear()
+        else:
+            self._warm_latents.pop(key, None)
+
+    # ---- GPU speed paths -----------------------------------------------------------------
+
+    def _prepare_for_speed(self):
+        if self.device.type != 'cuda':
+            return
+        if self.config.model.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        if self.config.model.compile or self.config.model.cuda_graphs:
+            # 'reduce-overhead' records CUDA graphs per input size: the U-Net is ~770 kernel
+            # launches per call, which dominates at small resolutions.
+            mode = 'reduce-overhead' if self.config.model.cuda_graphs else 'max-autotune-no-cudagraphs'
+            self._unet_forward = torch.compile(self.unet, mode=mode, dynamic=False)
+
+    def _sync(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+
+    # ---- diffusion pieces ----------------------------------------------------------------
+
+    def _text_batch(self, size):
+        batch = self._text_batches.get(size)
+        if batch is None:
+            batch = self._text.repeat(size, 1, 1)
+            self._text_batches[size] = batch
+        return batch
+
+    def _schedule(self, steps, strength):
+        """Timesteps and their predecessors for ``steps`` DDIM steps from ``strength``.
+
+        Full strength reproduces the scheduler's own (trailing) timesteps; a lower strength
+        spreads the same number of steps over the first part of the schedule (warm start).
+        """
+        key = (steps, strength)
+        cached = self._timestep_cache.get(key)
+        if cached is not None:
+            return cached
+        total = self.scheduler.config.num_train_timesteps
+        if strength >= 1.0:
+            self.scheduler.set_timesteps(steps, device='cpu')
+            timesteps = [int(t) for t in self.scheduler.timesteps]
+            span = total
+        else:
+            span = max(int(round(strength * total)), 1)
+            timesteps = [int(t) for t in np.round(np.arange(span, 0, -span / steps)) - 1]
+        previous = [t - span // steps for t in timesteps]
+        cached = (timesteps, previous,
+                  [torch.tensor(t, device=self.device) for t in timesteps])
+        self._timestep_cache[key] = cached
+        return cached
+
+    def _closed_form_ddim(self):
+        sched = self.scheduler
+        return (type(sched).__name__ == 'DDIMScheduler' and not sched.config.clip_sample
+                and not sched.config.thresholding and sched.config.prediction_type in (
+                    'v_prediction', 'epsilon', 'sample'))
+
+    def _ddim_step(self, output, t, prev_t, sample):
+        """One deterministic DDIM update (eta = 0) with the scheduler's own coefficients."""
+        sched = self.scheduler
+        alpha_t = sched.alphas_cumprod[t]
+        alpha_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
+        beta_t = 1 - alpha_t
+        kind = sched.config.prediction_type
+        if kind == 'v_prediction':
+            original = (alpha_t ** 0.5) * sample - (beta_t ** 0.5) * output
+            epsilon = (alpha_t ** 0.5) * output + (beta_t ** 0.5) * sample
+        elif kind == 'epsilon':
+            original = (sample - beta_t ** 0.5 * output) / alpha_t ** 0.5
+            epsilon = output
+        else:
+            original = output
+            epsilon = (sample - alpha_t ** 0.5 * original) / beta_t ** 0.5
+        return alpha_prev ** 0.5 * original + (1 - alpha_prev) ** 0.5 * epsilon
+
+    def _denoise(self, image_latent, latent, steps, strength, generator):
+        timesteps, previous, tensors = self._schedule(steps, strength)
+        text = self._text_batch(latent.shape[0])
+        closed_form = self._closed_form_ddim()
+        if not closed_form:
+            self.scheduler.set_timesteps(steps, device=self.device)
+        for t, prev_t, t_tensor in zip(timesteps, previous, tensors):
+            model_input = torch.cat([image_latent, latent], dim=1)
+            output = self._unet_forward(model_input, t_tensor, encoder_hidden_states=text,
+                                        return_dict=False)[0]
+            if closed_form:
+                latent = self._ddim_step(output, t, prev_t, latent)
+            else:
+                latent = self.scheduler.step(output, t_tensor, latent,
+                                             generator=generator).prev_sample
+        return latent
+
+    def encode(self, images):
+        """Encode [-1, 1] images into scaled latents (distribution mode, as Marigold).
+
+        :param images: [B, 3, H, W] tensor
+        :return: [B, C, H / f, W / f] tensor
+        """
+        encoded = self.vae.encode(images)
+        latent = encoded.latent_dist.mode() if hasattr(encoded, 'latent_dist') else encoded.latents
+        return latent * self.vae.config.scaling_factor
+
+    def decode(self, latent):
+        """Decode depth latents into [B, 1, H, W] relative depth in [0, 1].
+
+        :param latent: scaled depth latents
+        :return: tensor in [0, 1]
+        """
+        decoded = self.vae.decode(latent / self.vae.config.scaling_factor, return_dict=False)[0]
+        return (decoded.mean(dim=1, keepdim=True).clip(-1.0, 1.0) + 1.0) / 2.0
+
+    # ---- the call ------------------------------------------------------------------------
+
+    def _preprocess(self, frame, resolution):
+        """uint8 [H, W, 3] -> padded [1, 3, PH, PW] in [-1, 1] on the device."""
+        tensor = torch.from_numpy(np.ascontiguousarray(frame).transpose(2, 0, 1)[None])
+        tensor = tensor.to(self.device)
+        if frame.dtype == np.uint8:
+            tensor = tensor.to(self.dtype) / 255
+        else:
+            tensor = tensor.to(self.dtype)
+        tensor = tensor * 2.0 - 1.0
+        size = processing_size(frame.shape[0], frame.shape[1], resolution)
+        if size != tuple(frame.shape[:2]):
+            tensor = F.interpolate(tensor, size, mode='bilinear', antialias=True)
+        pad_h, pad_w = -size[0] % self.vae_scale_factor, -size[1] % self.vae_scale_factor
+        tensor = F.pad(tensor, (0, pad_w, 0, pad_h), mode='replicate')
+        return tensor, size
+
+    def _initial_latent(self, shape, seed, key, strength):
+        """Noise for one frame (seeded per frame, so batching never changes a result)."""
+        generator = torch.Generator('cpu').manual_seed(seed)
+        noise = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+        previous = self._warm_latents.get(key) if key is not None else None
+        if strength >= 1.0 or previous is None or previous.shape != noise.shape:
+            return noise, 1.0
+        alpha = self.scheduler.alphas_cumprod[max(int(round(strength * len(
+            self.scheduler.alphas_cumprod))) - 1, 0)].to(self.device, self.dtype)
+        return alpha.sqrt() * previous + (1 - alpha).sqrt() * noise, strength
+
+    def estimate(self, frames, keys=None, latents=None):
+        """Estimate relative depth for one frame or a list of frames (any sizes).
+
+        :param frames: uint8 [H, W, 3] array or a list of them (e.g. one per camera)
+        :param keys: optional stream key per frame for video warm start
+        :param latents: optional initial latents per frame ([E, C, h, w]) replacing the noise
+        :return: DepthResult, or a list of them for a list input
+        """
+        single = isinstance(frames, np.ndarray)
+        frames = [frames] if single else list(frames)
+        if not frames:
+            raise ValueError('no frames given')
+        frames = [check_frame(f, self.config.model.max_input_pixels) for f in frames]
+        keys = list(keys) if keys is not None else [None] * len(frames)
+        latents = list(latents) if latents is not None else [None] * len(frames)
+        if len(keys) != len(frames) or len(latents) != len(frames):
+            raise ValueError('keys and latents must have one entry per frame')
+        try:
+            with self._lock, torch.inference_mode():
+                results = self._estimate(frames, keys, latents)
+        except torch.cuda.OutOfMemoryError as error:
+            torch.cuda.empty_cache()
+            steps, resolution = self.resolved_settings()
+            raise EstimatorOutOfMemory(
+                f'{self.device} ran out of memory at processing resolution {resolution} with '
+                f'ensemble {self.config.inference.ensemble_size} and batch '
+                f'{self.config.inference.batch_size}: lower processing_resolution, ensemble_size'
+                " or batch_size, or use the tiny VAE (vae: 'tiny')") from error
+        return results[0] if single else results
+
+    def _estimate(self, frames, keys, latents):
+        inference = self.config.inference
+        steps, resolution = self.resolved_settings(inference)
+        members = inference.ensemble_size
+        results = [None] * len(frames)
+        groups = {}
+        clock = time.perf_counter()
+        prepared = []
+        for index, frame in enumerate(frames):
+            tensor, size = self._preprocess(frame, resolution)
+            prepared.append((tensor, size))
+            groups.setdefault(tuple(tensor.shape[2:]), []).append(index)
+        self._sync()
+        shared = {'preprocess': time.perf_counter() - clock}
+        for indices in groups.values():
+            self._estimate_group(frames, indices, prepared, keys, latents, steps, results,
+                                 shared)
+        return results
+
+    def _estimate_group(self, frames, indices, prepared, keys, latents, steps, results, shared):
+        inference = self.config.inference
+        members, batch = inference.ensemble_size, inference.batch_size
+        timings = dict(shared)
+        clock = time.perf_counter()
+        images = torch.cat([prepared[i][0] for i in indices])
+        image_latent = torch.cat([self.encode(images[i:i + batch])
+                                  for i in range(0, images.shape[0], batch)])
+        image_latent = image_latent.repeat_interleave(members, dim=0)
+        self._sync()
+        timings['encode'] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        starts, strengths = [], []
+        shape = (members,) + tuple(image_latent.shape[1:])
+        for i in indices:
+            if latents[i] is not None:
+                starts.append(latents[i].to(self.device, self.dtype))
+                strengths.append(1.0)
+                continue
+            start, strength = self._initial_latent(shape, inference.seed, keys[i],
+                                                   inference.warm_start_strength or 1.0)
+            starts.append(start)
+            strengths.append(strength)
+        generator = torch.Generator('cpu').manual_seed(inference.seed)
+        latent = torch.empty_like(image_latent)
+        # Warm-started frames run a shortened schedule; frames without a previous latent run
+        # the full one, so rows are denoised per strength.
+        for strength in sorted(set(strengths)):
+            rows = torch.cat([torch.arange(p * members, (p + 1) * members)
+                              for p, s in enumerate(strengths) if s == strength])
+            chosen = torch.cat([starts[p] for p, s in enumerate(strengths) if s == strength])
+            for i in range(0, rows.numel(), batch):
+                part = rows[i:i + batch].to(self.device)
+                latent[part] = self._denoise(image_latent[part], chosen[i:i + batch], steps,
+                                             strength, generator)
+        self._sync()
+        timings['unet'] = time.perf_counter() - clock
+        timings['unet_per_step'] = timings['unet'] / steps
+
+        clock = time.perf_counter()
+        decoded = torch.cat([self.decode(latent[i:i + batch])
+                             for i in range(0, latent.shape[0], batch)])
+        self._sync()
+        timings['decode'] = time.perf_counter() - clock
+
+        for position, index in enumerate(indices):
+            rows = slice(position * members, (position + 1) * members)
+            member_latents = latent[rows].clone()
+            if keys[index] is not None:
+                self._warm_latents[keys[index]] = member_latents
+            results[index] = self._finish(frames[index], prepared[index][1], decoded[rows],
+                                          dict(timings))
+            results[index].latent = member_latents
+
+    def _finish(self, frame, size, decoded, timings):
+        inference = self.config.inference
+        clock = time.perf_counter()
+        prediction = decoded[:, :, :size[0], :size[1]]
+        uncertainty = None
+        if prediction.shape[0] > 1:
+            prediction, uncertainty = ensemble_depth(
+                prediction, True, inference.ensemble_regularizer, inference.ensemble_max_iter,
+                inference.ensemble_tol, inference.ensemble_max_res)
+        timings['ensemble'] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        if inference.match_input_resolution and tuple(prediction.shape[2:]) != frame.shape[:2]:
+            prediction = F.interpolate(prediction, frame.shape[:2], mode='bilinear')
+            if uncertainty is not None:
+                uncertainty = F.interpolate(uncertainty, frame.shape[:2], mode='bilinear')
+        depth = prediction[0, 0].float().cpu().numpy()
+        if uncertainty is not None:
+            uncertainty = uncertainty[0, 0].float().cpu().numpy()
+        timings['postprocess'] = time.perf_counter() - clock
+        timings['total'] = sum(v for k, v in timings.items() if k != 'unet_per_step')
+        return DepthResult(depth, uncertainty, timings, tuple(size))

@@ -1,0 +1,175 @@
+"""Find and load Marigold weights (diffusers format) without touching the network.
+
+A model is named by a Hugging Face id (resolved from the local cache only), a local diffusers
+directory, or ``bundled:<name>`` for a model shipped in ``marigold_model/models``. The text
+encoder is never kept: Marigold conditions on the empty prompt only, so its embedding is
+computed once (or read from ``empty_text_embedding.safetensors`` beside the weights).
+"""
+
+from dataclasses import dataclass
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+BUNDLED_PREFIX = 'bundled:'
+BUNDLED_DIR = Path(__file__).resolve().parent / 'models'
+EMPTY_TEXT_FILE = 'empty_text_embedding.safetensors'
+CACHE_DIR = Path(os.environ.get('MARIGOLD_CACHE', Path.home() / '.cache' / 'marigold_ros'))
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """The requested weights are not on this machine."""
+
+
+@dataclass
+class MarigoldComponents:
+    """The parts of a Marigold model that inference needs (no text encoder).
+
+    :param unet: the 8-channel-input UNet2DConditionModel
+    :param vae: AutoencoderKL (or AutoencoderTiny)
+    :param scheduler: the diffusers scheduler from the model folder
+    :param empty_text_embedding: [1, tokens, dim] embedding of the empty prompt
+    :param pipeline_config: model_index.json entries (default steps, resolution, ...)
+    :param path: folder the weights were read from
+    """
+
+    unet: object
+    vae: object
+    scheduler: object
+    empty_text_embedding: torch.Tensor
+    pipeline_config: dict
+    path: Path
+
+
+def _missing_weights_message(model, looked_in):
+    where = '\n  '.join(str(p) for p in looked_in)
+    return (
+        f'Marigold weights {model!r} were not found on this machine.\n'
+        f'Looked in:\n  {where}\n'
+        'Provide them in one of these ways:\n'
+        f'  - download once (needs network): hf download {model}'
+        ' (or: huggingface-cli download ...), then run again; the local cache is used offline\n'
+        '  - point the `model` parameter at a local diffusers folder (model_index.json, unet/, vae/,'
+        ' scheduler/)\n'
+        "  - use the bundled tiny model: model:='bundled:marigold-tiny' (a small demo model,"
+        ' not for real use)')
+
+
+def resolve_model_path(model, marker='model_index.json'):
+    """Turn a model name into a local folder holding a diffusers-format model.
+
+    Never opens a network connection: hub ids are looked up in the local cache only.
+
+    :param model: HF id, local folder, or ``bundled:<name>``
+    :param marker: file that a valid folder holds (model_index.json for a pipeline,
+        config.json for a single model such as a tiny VAE)
+    :return: Path of the model folder
+    :raises WeightsNotFoundError: when the weights are not here, saying where it looked
+    """
+    if not model:
+        raise ValueError('model name is empty')
+    if model.startswith(BUNDLED_PREFIX):
+        path = BUNDLED_DIR / model[len(BUNDLED_PREFIX):]
+        if (path / marker).is_file():
+            return path
+        raise WeightsNotFoundError(_missing_weights_message(model, [path]))
+    local = Path(model).expanduser()
+    if local.is_dir():
+        if not (local / marker).is_file():
+            raise WeightsNotFoundError(
+                f'{local} exists but is not a diffusers model folder (no {marker})')
+        return local
+    if model.startswith(('.', '/', '~')):
+        raise WeightsNotFoundError(_missing_weights_message(model, [local]))
+    from huggingface_hub import constants, snapshot_download
+    try:
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception as error:  # noqa: B902 - every hub failure means "not in the cache"
+        raise WeightsNotFoundError(
+            _missing_weights_message(model, [local, Path(constants.HF_HUB_CACHE)])) from error
+
+
+def _load_empty_text_embedding(path, device, dtype):
+    """Read the cached empty-prompt embedding, or compute it once with the text encoder.
+
+    :param path: model folder
+    :param device: torch device for the result
+    :param dtype: torch dtype for the result
+    :return: the [1, tokens, dim] embedding
+    """
+    from safetensors.torch import load_file, save_file
+    beside = path / EMPTY_TEXT_FILE
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    cached = CACHE_DIR / f'empty_text_{key}.safetensors'
+    for candidate in (beside, cached):
+        if candidate.is_file():
+            return load_file(candidate)['embedding'].to(device=device, dtype=dtype)
+    if not (path / 'text_encoder').is_dir() or not (path / 'tokenizer').is_dir():
+        raise WeightsNotFoundError(
+            f'{path} has neither {EMPTY_TEXT_FILE} nor text_encoder/ and tokenizer/; '
+            'Marigold needs the empty-prompt embedding')
+    from transformers import CLIPTextModel, CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(path / 'tokenizer', local_files_only=True)
+    encoder = CLIPTextModel.from_pretrained(path / 'text_encoder', local_files_only=True)
+    ids = tokenizer('', padding='do_not_pad', max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors='pt').input_ids
+    with torch.inference_mode():
+        embedding = encoder(ids)[0].float().contiguous()
+    del encoder  # the text encoder is ~1.4 GB and never needed again
+    try:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        save_file({'embedding': embedding}, cached)
+    except OSError:
+        pass  # a read-only home only costs recomputing the embedding next time
+    return embedding.to(device=device, dtype=dtype)
+
+
+def read_pipeline_config(path):
+    """Read model_index.json of a diffusers model folder.
+
+    :param path: model folder
+    :return: dict of its entries
+    """
+    with open(Path(path) / 'model_index.json') as stream:
+        return json.load(stream)
+
+
+def _scheduler_class(path):
+    import diffusers
+    with open(Path(path) / 'scheduler' / 'scheduler_config.json') as stream:
+        name = json.load(stream).get('_class_name', 'DDIMScheduler')
+    if not hasattr(diffusers, name):
+        raise ValueError(f'unknown scheduler class {name!r} in {path}/scheduler')
+    return getattr(diffusers, name)
+
+
+def load_components(model, device, dtype, tiny_vae=None):
+    """Load U-Net, VAE, scheduler and the empty-text embedding of a Marigold model.
+
+    :param model: model name as accepted by :func:`resolve_model_path`
+    :param device: torch device
+    :param dtype: torch dtype for the weights
+    :param tiny_vae: optional name of an AutoencoderTiny to use instead of the model's VAE
+    :return: MarigoldComponents
+    """
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    path = resolve_model_path(model)
+    config = read_pipeline_config(path)
+    kwargs = {'torch_dtype': dtype, 'local_files_only': True}
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder='unet', **kwargs)
+    if unet.config.in_channels != 2 * unet.config.out_channels:
+        raise ValueError(f'{path} is not a Marigold model: the U-Net takes '
+                         f'{unet.config.in_channels} channels, expected 2 x '
+                         f'{unet.config.out_channels}')
+    if tiny_vae:
+        vae = AutoencoderTiny.from_pretrained(resolve_model_path(tiny_vae, 'config.json'), **kwargs)
+    else:
+        vae = AutoencoderKL.from_pretrained(path, subfolder='vae', **kwargs)
+    scheduler = _scheduler_class(path).from_pretrained(path, subfolder='scheduler')
+    embedding = _load_empty_text_embedding(path, device, dtype)
+    unet.to(device).eval().requires_grad_(False)
+    vae.to(device).eval().requires_grad_(False)
+    return MarigoldComponents(unet, vae, scheduler, embedding, config, path)
