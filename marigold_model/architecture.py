@@ -7,6 +7,7 @@ encoder and tokenizer; the empty-prompt embedding sits beside the weights in
 """
 
 from dataclasses import asdict, dataclass
+import math
 from pathlib import Path
 
 import torch
@@ -59,7 +60,7 @@ def build_vae(arch):
         down_block_types=('DownEncoderBlock2D',) * blocks,
         up_block_types=('UpDecoderBlock2D',) * blocks,
         block_out_channels=tuple(arch.vae_channels), layers_per_block=arch.layers_per_block,
-        norm_num_groups=min(32, min(arch.vae_channels)), sample_size=arch.processing_resolution)
+        norm_num_groups=math.gcd(32, *arch.vae_channels), sample_size=arch.processing_resolution)
 
 
 def build_unet(arch):
@@ -78,7 +79,7 @@ def build_unet(arch):
         down_block_types=down, up_block_types=up, block_out_channels=tuple(arch.unet_channels),
         layers_per_block=arch.layers_per_block, cross_attention_dim=arch.text_dim,
         attention_head_dim=arch.attention_head_dim,
-        norm_num_groups=min(32, min(arch.unet_channels)))
+        norm_num_groups=math.gcd(32, *arch.unet_channels))
 
 
 def empty_text_embedding(arch, seed=0):
@@ -95,14 +96,16 @@ def empty_text_embedding(arch, seed=0):
     return torch.randn(1, arch.text_tokens, arch.text_dim, generator=generator)
 
 
-def save_marigold(path, unet, vae, embedding, arch, fp16=False, extra=None):
+def save_marigold(path, unet, vae, embedding, default_steps, default_resolution, fp16=False,
+                  extra=None):
     """Save a Marigold model as a diffusers pipeline folder plus the empty-text embedding.
 
     :param path: output folder (created)
     :param unet: UNet2DConditionModel
     :param vae: AutoencoderKL
     :param embedding: [1, tokens, dim] empty-prompt embedding
-    :param arch: TinyArchitecture (its resolution and steps become the pipeline defaults)
+    :param default_steps: denoising steps users get by default
+    :param default_resolution: processing resolution users get by default
     :param fp16: store weights in half precision (halves the size; loaders upcast on CPU)
     :param extra: optional dict written as marigold_ros.json (training provenance)
     :return: Path of the folder
@@ -116,19 +119,16 @@ def save_marigold(path, unet, vae, embedding, arch, fp16=False, extra=None):
     pipe = MarigoldDepthPipeline(
         unet=unet, vae=vae, scheduler=DDIMScheduler(**marigold_scheduler_config()),
         text_encoder=None, tokenizer=None, prediction_type='depth', scale_invariant=True,
-        shift_invariant=True, default_denoising_steps=arch.denoising_steps,
-        default_processing_resolution=arch.processing_resolution)
+        shift_invariant=True, default_denoising_steps=default_steps,
+        default_processing_resolution=default_resolution)
     if fp16:
         pipe.to(torch.float16)
     pipe.save_pretrained(path, safe_serialization=True)
     if fp16:
         pipe.to(torch.float32)
     save_file({'embedding': embedding.detach().float().contiguous()}, path / EMPTY_TEXT_FILE)
-    info = {'architecture': {k: list(v) if isinstance(v, tuple) else v
-                             for k, v in asdict(arch).items()}}
-    info.update(extra or {})
     with open(path / 'marigold_ros.json', 'w') as stream:
-        json.dump(info, stream, indent=2)
+        json.dump(extra or {}, stream, indent=2, default=str)
     return path
 
 
@@ -142,4 +142,5 @@ def build_random_marigold(path, arch=TinyArchitecture(), seed=0):
     """
     torch.manual_seed(seed)
     return save_marigold(path, build_unet(arch), build_vae(arch),
-                         empty_text_embedding(arch, seed), arch)
+                         empty_text_embedding(arch, seed), arch.denoising_steps,
+                         arch.processing_resolution, extra={'architecture': asdict(arch)})

@@ -1,4 +1,5 @@
-"""One RGB-D training sample and the errors data readers raise.
+"""
+One RGB-D training sample and the errors data readers raise.
 
 Every reader in :mod:`marigold_model.data` yields :class:`Sample` objects (numpy, no torch);
 :func:`collate_samples` turns a list of them into a batch of torch tensors for a DataLoader.
@@ -10,7 +11,8 @@ import numpy as np
 
 
 class UnreadableSample(Exception):
-    """A single sample could not be read or decoded (corrupt file, bad message, ...).
+    """
+    A single sample could not be read or decoded (corrupt file, bad message, ...).
 
     Readers raise it from ``__getitem__``; :class:`marigold_model.data.mixing.MixedDataset`
     counts and skips such samples instead of stopping training.
@@ -19,7 +21,8 @@ class UnreadableSample(Exception):
 
 @dataclass(frozen=True)
 class Sample:
-    """One RGB-D frame.
+    """
+    One RGB-D frame.
 
     :param rgb: HxWx3 uint8 image.
     :param depth: HxW float32 planar z depth in meters (camera optical frame), 0 or non-finite
@@ -41,7 +44,8 @@ class Sample:
         self.validate()
 
     def validate(self):
-        """Raise ValueError when a field has the wrong shape or dtype.
+        """
+        Raise ValueError when a field has the wrong shape or dtype.
 
         :return: None
         """
@@ -66,17 +70,18 @@ class Sample:
 
     @property
     def height(self):
-        """Image height in pixels."""
+        """Return the image height in pixels."""
         return self.rgb.shape[0]
 
     @property
     def width(self):
-        """Image width in pixels."""
+        """Return the image width in pixels."""
         return self.rgb.shape[1]
 
 
 def make_sample(rgb, depth, K, name, valid=None):
-    """Build a :class:`Sample`, casting dtypes and deriving the mask from the depth.
+    """
+    Build a :class:`Sample`, casting dtypes and deriving the mask from the depth.
 
     :param rgb: HxWx3 image (uint8, or float in [0, 1]).
     :param depth: HxW depth in meters; non-finite or <= 0 means invalid.
@@ -100,7 +105,8 @@ def make_sample(rgb, depth, K, name, valid=None):
 
 
 def intrinsics_from_hfov(width, height, hfov_deg):
-    """Pinhole intrinsics with square pixels and a centred principal point.
+    """
+    Pinhole intrinsics with square pixels and a centred principal point.
 
     :param width: image width in pixels.
     :param height: image height in pixels.
@@ -114,7 +120,8 @@ def intrinsics_from_hfov(width, height, hfov_deg):
 
 
 def collate_samples(samples):
-    """Stack samples into a batch dict of torch tensors (a DataLoader ``collate_fn``).
+    """
+    Stack samples into a batch dict of torch tensors (a DataLoader ``collate_fn``).
 
     :param samples: list of Sample with equal image sizes.
     :return: dict with ``rgb`` float32 (B, 3, H, W) in [0, 1], ``depth`` float32

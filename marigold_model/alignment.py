@@ -1,0 +1,641 @@
+"""
+Scale and shift alignment of affine-invariant depth, depth metrics and normalisation.
+
+Marigold predicts relative depth ``r`` in [0, 1]; metric depth is ``d ~= s * r + t`` for an
+unknown scale ``s > 0`` and shift ``t``. This module fits ``s`` and ``t`` (weighted least
+squares, or robustly with RANSAC / IRLS), computes the standard depth metrics, implements the
+evaluation protocol of the Marigold paper (per-image least-squares alignment on valid pixels,
+clip to the depth range, metrics) and the 2 % / 98 % percentile normalisation used in
+training. Numpy only; all arithmetic is float64.
+"""
+
+from dataclasses import dataclass
+import math
+
+import numpy as np
+
+REASON_TOO_FEW_POINTS = 'too_few_points'
+REASON_DEGENERATE_RANGE = 'degenerate_range'
+REASON_NEGATIVE_SCALE = 'negative_scale'
+REASON_TOO_FEW_INLIERS = 'too_few_inliers'
+REASON_EMPTY_MASK = 'empty_mask'
+
+METHODS = ('ransac', 'irls')
+LOSSES = ('huber', 'cauchy')
+
+# Relative tolerance below which the spread of the prediction counts as zero: at this level
+# the normal equations lose all significant digits of float64.
+_DEGENERATE_REL_STD = 1e-9
+# Hypotheses x points evaluated at once when scoring RANSAC, to bound memory (~32 MB).
+_SCORE_BLOCK = 1 << 22
+# Huber and Cauchy weights with a residual scale of 1.4826 * MAD are standard; this factor
+# widens the adaptive IRLS scale so inliers of a Gaussian-noise model keep weight ~1.
+_IRLS_SCALE_MAD = 2.5 * 1.4826
+_MAX_REFINE_ROUNDS = 5
+
+
+class AlignmentError(ValueError):
+    """
+    A fit or metric is impossible on the given data.
+
+    The ``reason`` attribute is a short machine-readable cause, one of ``'too_few_points'``,
+    ``'degenerate_range'``, ``'negative_scale'``, ``'too_few_inliers'`` or ``'empty_mask'``
+    (callers may add their own, e.g. the scale tracker's ``'low_inlier_ratio'``).
+    """
+
+    def __init__(self, reason, message):
+        """
+        Create the error.
+
+        :param reason: machine-readable cause
+        :param message: human-readable detail
+        """
+        super().__init__(f'{reason}: {message}')
+        self.reason = reason
+
+    def __reduce__(self):
+        """
+        Keep ``reason`` when pickled (e.g. across worker processes).
+
+        :return: pickle reconstruction tuple
+        """
+        message = str(self).split(': ', 1)[-1]
+        return (type(self), (self.reason, message))
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """
+    Outcome of a robust scale/shift fit: ``metric ~= scale * rel + shift``.
+
+    :param scale: fitted scale (> 0)
+    :param shift: fitted shift (metric units)
+    :param inlier_ratio: inliers / valid points, in [0, 1]
+    :param residual: RMS relative residual ``|s r + t - d| / d`` over the inliers
+    :param n_points: valid points used (finite, target > 0, inside the mask)
+    :param n_inliers: points whose relative residual is below the threshold
+    """
+
+    scale: float
+    shift: float
+    inlier_ratio: float
+    residual: float
+    n_points: int
+    n_inliers: int
+
+    def apply(self, rel_depth):
+        """
+        Map relative depth to metric depth with this fit.
+
+        :param rel_depth: array of relative depth
+        :return: float64 array ``scale * rel_depth + shift``
+        """
+        return self.scale * np.asarray(rel_depth, dtype=np.float64) + self.shift
+
+
+def _valid_pairs(pred, target, mask=None):
+    """
+    Flatten two arrays and select finite pairs inside the mask.
+
+    :param pred: prediction, any shape
+    :param target: target, same shape as ``pred``
+    :param mask: optional boolean mask, same shape
+    :return: (pred values, target values, boolean selection over the flat arrays)
+    """
+    p = np.asarray(pred, dtype=np.float64)
+    d = np.asarray(target, dtype=np.float64)
+    if p.shape != d.shape:
+        raise ValueError(f'pred shape {p.shape} differs from target shape {d.shape}')
+    valid = np.isfinite(p) & np.isfinite(d)
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.shape != p.shape:
+            raise ValueError(f'mask shape {m.shape} differs from pred shape {p.shape}')
+        valid &= m.astype(bool)
+    valid = valid.ravel()
+    return p.ravel()[valid], d.ravel()[valid], valid
+
+
+def _weighted_lsq(p, d, w=None):
+    """
+    Solve ``min sum w (s p + t - d)^2`` in centred form (numerically stable).
+
+    :param p: prediction values (1-D float64)
+    :param d: target values (1-D float64)
+    :param w: optional non-negative weights (1-D float64)
+    :return: (scale, shift)
+    """
+    if p.size < 2:
+        raise AlignmentError(REASON_TOO_FEW_POINTS,
+                             f'{p.size} valid point(s), at least 2 are needed')
+    if w is None:
+        w_sum = float(p.size)
+        p_mean, d_mean = p.mean(), d.mean()
+        dp = p - p_mean
+        var = float(np.dot(dp, dp))
+        cov = float(np.dot(dp, d - d_mean))
+    else:
+        w_sum = float(w.sum())
+        if not w_sum > 0.0:
+            raise AlignmentError(REASON_TOO_FEW_POINTS, 'all weights are zero')
+        p_mean = float(np.dot(w, p)) / w_sum
+        d_mean = float(np.dot(w, d)) / w_sum
+        dp = p - p_mean
+        wdp = w * dp
+        var = float(np.dot(wdp, dp))
+        cov = float(np.dot(wdp, d - d_mean))
+    scale_p = float(np.max(np.abs(p)))
+    if not var / w_sum > (_DEGENERATE_REL_STD * scale_p) ** 2:
+        raise AlignmentError(REASON_DEGENERATE_RANGE,
+                             'the prediction has (almost) no variance over the valid points')
+    s = cov / var
+    return s, float(d_mean - s * p_mean)
+
+
+def fit_scale_shift(pred, target, mask=None, weights=None):
+    """
+    Fit ``target ~= scale * pred + shift`` by weighted least squares.
+
+    Works on arrays of any (equal) shape; non-finite pairs, pixels outside ``mask`` and
+    pixels of zero weight are ignored. The scale is returned as fitted, even if negative
+    (the evaluation protocol keeps it; use :func:`fit_scale_shift_robust` to reject it).
+
+    :param pred: prediction (e.g. relative depth), any shape
+    :param target: target (e.g. metric depth), same shape
+    :param mask: optional boolean mask of pixels to use, same shape
+    :param weights: optional non-negative weights, broadcastable to the shape
+    :return: (scale, shift) as Python floats
+    :raises AlignmentError: ``too_few_points`` (< 2 valid points) or ``degenerate_range``
+        (the prediction is constant over the valid points)
+    :raises ValueError: shapes differ or weights are negative
+    """
+    p_arr = np.asarray(pred, dtype=np.float64)
+    w_flat = None
+    if weights is not None:
+        w_arr = np.asarray(weights, dtype=np.float64)
+        try:
+            w_arr = np.broadcast_to(w_arr, p_arr.shape)
+        except ValueError:
+            raise ValueError(f'weights shape {w_arr.shape} does not broadcast to '
+                             f'{p_arr.shape}') from None
+        if np.any(w_arr < 0):
+            raise ValueError('weights must be non-negative')
+        w_ok = np.isfinite(w_arr) & (w_arr > 0)
+        if mask is not None:
+            m = np.asarray(mask)
+            if m.shape != p_arr.shape:
+                raise ValueError(f'mask shape {m.shape} differs from pred shape {p_arr.shape}')
+            w_ok &= m.astype(bool)
+        mask = w_ok
+        p, d, valid = _valid_pairs(p_arr, target, mask)
+        w_flat = w_arr.ravel()[valid]
+    else:
+        p, d, _ = _valid_pairs(p_arr, target, mask)
+    s, t = _weighted_lsq(p, d, w_flat)
+    return float(s), float(t)
+
+
+def _generator(rng):
+    """
+    Turn ``None`` / a seed / a Generator into a Generator (``None`` means seed 0).
+
+    :param rng: ``None``, an int seed or a ``numpy.random.Generator``
+    :return: a ``numpy.random.Generator``
+    """
+    if isinstance(rng, np.random.Generator):
+        return rng
+    # A fixed default seed keeps results reproducible run to run (the bag processor relies
+    # on identical outputs for identical inputs).
+    return np.random.default_rng(0 if rng is None else rng)
+
+
+def _rel_residual(s, t, p, d):
+    """
+    Relative residual ``(s p + t - d) / d``.
+
+    :param s: scale
+    :param t: shift
+    :param p: prediction values
+    :param d: target values (> 0)
+    :return: signed relative residuals
+    """
+    return (s * p + t - d) / d
+
+
+def _robust_weights(e, c, loss):
+    """
+    IRLS weights ``psi(e) / e`` of a robust loss.
+
+    :param e: residuals
+    :param c: loss scale
+    :param loss: ``'huber'`` or ``'cauchy'``
+    :return: weights in (0, 1]
+    """
+    a = np.abs(e) / c
+    if loss == 'huber':
+        return 1.0 / np.maximum(a, 1.0)
+    return 1.0 / (1.0 + a * a)
+
+
+def _ransac(p, d, threshold_rel, iterations, gen):
+    """
+    Best 2-point hypothesis by MSAC score (truncated squared relative residual).
+
+    All hypotheses are drawn at once and scored in blocks with numpy.
+
+    :param p: prediction values
+    :param d: target values (> 0)
+    :param threshold_rel: inlier threshold on the relative residual
+    :param iterations: number of hypotheses
+    :param gen: random generator
+    :return: (scale, shift) of the best hypothesis
+    """
+    n = p.size
+    i = gen.integers(0, n, size=iterations)
+    j = gen.integers(0, n - 1, size=iterations)
+    j = j + (j >= i)  # a distinct second point, uniformly
+    dp = p[j] - p[i]
+    ok = dp != 0.0
+    s = np.zeros(iterations)
+    s[ok] = (d[j][ok] - d[i][ok]) / dp[ok]
+    ok &= s > 0.0
+    if not np.any(ok):
+        raise AlignmentError(REASON_NEGATIVE_SCALE,
+                             'no sampled point pair has depth increasing with the prediction')
+    s = s[ok]
+    t = d[i][ok] - s * p[i][ok]
+    inv_d = 1.0 / d
+    thr2 = threshold_rel * threshold_rel
+    cost = np.empty(s.size)
+    block = max(1, _SCORE_BLOCK // n)
+    for k in range(0, s.size, block):
+        e = (s[k:k + block, None] * p + t[k:k + block, None]) * inv_d - 1.0
+        # MSAC rather than an inlier count: ties are broken by how well the inliers fit.
+        cost[k:k + block] = np.minimum(e * e, thr2).sum(axis=1)
+    best = int(np.argmin(cost))
+    return float(s[best]), float(t[best])
+
+
+def _refine_on_inliers(s, t, p, d, threshold_rel, min_inliers):
+    """
+    Re-fit on the inliers and re-classify until the inlier set is stable.
+
+    The fit is weighted by ``1 / d^2`` so it minimises the squared *relative* residual, the
+    same quantity the inlier test and AbsRel use (and the best linear unbiased estimate under
+    multiplicative noise).
+
+    :param s: initial scale
+    :param t: initial shift
+    :param p: prediction values
+    :param d: target values (> 0)
+    :param threshold_rel: inlier threshold on the relative residual
+    :param min_inliers: minimum inlier count
+    :return: (scale, shift)
+    """
+    w = 1.0 / (d * d)
+    inliers = np.abs(_rel_residual(s, t, p, d)) < threshold_rel
+    for _ in range(_MAX_REFINE_ROUNDS):
+        if inliers.sum() < max(2, min_inliers):
+            raise AlignmentError(REASON_TOO_FEW_INLIERS,
+                                 f'{int(inliers.sum())} inlier(s) of {p.size} points at '
+                                 f'threshold {threshold_rel}, at least {min_inliers} needed')
+        s, t = _weighted_lsq(p[inliers], d[inliers], w[inliers])
+        updated = np.abs(_rel_residual(s, t, p, d)) < threshold_rel
+        if np.array_equal(updated, inliers):
+            break
+        inliers = updated
+    return s, t
+
+
+def _irls(s, t, p, d, loss, scale_floor, iterations, adaptive):
+    """
+    Run iteratively reweighted least squares on the relative residual.
+
+    :param s: initial scale
+    :param t: initial shift
+    :param p: prediction values
+    :param d: target values (> 0)
+    :param loss: ``'huber'`` or ``'cauchy'``
+    :param scale_floor: loss scale (the minimum loss scale if ``adaptive``)
+    :param iterations: maximum number of reweighting steps
+    :param adaptive: estimate the loss scale from the MAD of the residuals each step
+    :return: (scale, shift)
+    """
+    w_rel = 1.0 / (d * d)
+    for _ in range(iterations):
+        e = _rel_residual(s, t, p, d)
+        c = scale_floor
+        if adaptive:
+            # Start wide (a least-squares start may be far off) and tighten as it improves.
+            c = max(scale_floor, _IRLS_SCALE_MAD * float(np.median(np.abs(e))))
+        s_new, t_new = _weighted_lsq(p, d, w_rel * _robust_weights(e, c, loss))
+        converged = (abs(s_new - s) <= 1e-12 * abs(s)
+                     and abs(t_new - t) <= 1e-12 * (abs(t) + abs(s)))
+        s, t = s_new, t_new
+        if converged:
+            break
+    return s, t
+
+
+def fit_scale_shift_robust(pred, target, mask=None, *, method='ransac', threshold_rel=0.05,
+                           iterations=200, min_inliers=3, loss=None, irls_iterations=20,
+                           min_span=1e-6, rng=None):
+    """
+    Fit ``target ~= scale * pred + shift`` robustly to outliers, with ``scale > 0``.
+
+    Residuals are relative, ``|s r + t - d| / d``, so only pairs with ``target > 0`` count.
+
+    ``method='ransac'``: score ``iterations`` 2-point hypotheses at once (MSAC), re-fit by
+    least squares on the inliers of the best one (weighted by ``1 / d^2``, i.e. on the
+    relative residual) until the inlier set is stable, then, if ``loss`` is given, polish
+    with IRLS on all points using that loss at scale ``threshold_rel``.
+
+    ``method='irls'``: start from least squares on all points and reweight with ``loss``
+    (default ``'cauchy'``), the loss scale shrinking from a MAD estimate down to
+    ``threshold_rel``. No sampling; weaker than RANSAC against many gross outliers.
+
+    :param pred: prediction (relative depth), any shape
+    :param target: target (metric depth), same shape; values <= 0 or non-finite are ignored
+    :param mask: optional boolean mask of pixels to use
+    :param method: ``'ransac'`` or ``'irls'``
+    :param threshold_rel: inlier threshold on the relative residual (0.05 = 5 %)
+    :param iterations: number of RANSAC hypotheses
+    :param min_inliers: minimum number of inliers for a valid fit (>= 2)
+    :param loss: ``None``, ``'huber'`` or ``'cauchy'`` for the IRLS stage
+    :param irls_iterations: maximum IRLS reweighting steps
+    :param min_span: minimum ``max(pred) - min(pred)`` over the valid points
+    :param rng: ``numpy.random.Generator``, int seed, or ``None`` (seed 0: deterministic)
+    :return: :class:`FitResult`
+    :raises AlignmentError: ``too_few_points``, ``degenerate_range``, ``negative_scale`` or
+        ``too_few_inliers``
+    :raises ValueError: invalid arguments or shapes
+    """
+    if method not in METHODS:
+        raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+    if loss is not None and loss not in LOSSES:
+        raise ValueError(f'loss must be None or one of {LOSSES}, got {loss!r}')
+    if not (math.isfinite(threshold_rel) and threshold_rel > 0):
+        raise ValueError(f'threshold_rel must be a positive number, got {threshold_rel}')
+    if iterations < 1 or irls_iterations < 0:
+        raise ValueError('iterations must be >= 1 and irls_iterations >= 0')
+    if min_inliers < 2:
+        raise ValueError(f'min_inliers must be >= 2, got {min_inliers}')
+    if not min_span >= 0:
+        raise ValueError(f'min_span must be >= 0, got {min_span}')
+
+    p, d, _ = _valid_pairs(pred, target, mask)
+    positive = d > 0
+    p, d = p[positive], d[positive]
+    n = p.size
+    if n < max(2, min_inliers):
+        raise AlignmentError(REASON_TOO_FEW_POINTS,
+                             f'{n} valid point(s), at least {max(2, min_inliers)} needed')
+    span = float(p.max() - p.min())
+    if not span > min_span:
+        raise AlignmentError(REASON_DEGENERATE_RANGE,
+                             f'prediction span {span:.3g} over the valid points is not above '
+                             f'{min_span:.3g}')
+
+    if method == 'ransac':
+        s, t = _ransac(p, d, threshold_rel, iterations, _generator(rng))
+        s, t = _refine_on_inliers(s, t, p, d, threshold_rel, min_inliers)
+        if loss is not None and irls_iterations > 0:
+            s, t = _irls(s, t, p, d, loss, threshold_rel, irls_iterations, adaptive=False)
+    else:
+        s, t = _weighted_lsq(p, d, 1.0 / (d * d))
+        s, t = _irls(s, t, p, d, loss or 'cauchy', threshold_rel, max(1, irls_iterations),
+                     adaptive=True)
+
+    if not s > 0:
+        raise AlignmentError(REASON_NEGATIVE_SCALE,
+                             f'fitted scale {s:.3g} is not positive (is the input disparity '
+                             'or inverted?)')
+    e = np.abs(_rel_residual(s, t, p, d))
+    inliers = e < threshold_rel
+    n_inliers = int(inliers.sum())
+    if n_inliers < min_inliers:
+        raise AlignmentError(REASON_TOO_FEW_INLIERS,
+                             f'{n_inliers} inlier(s) of {n} points at threshold '
+                             f'{threshold_rel}, at least {min_inliers} needed')
+    residual = float(np.sqrt(np.mean(e[inliers] ** 2)))
+    return FitResult(scale=float(s), shift=float(t), inlier_ratio=n_inliers / n,
+                     residual=residual, n_points=int(n), n_inliers=n_inliers)
+
+
+def _metric_pairs(pred, gt, mask):
+    """
+    Select the pixels a metric is computed on: finite, ``gt > 0``, inside the mask.
+
+    :param pred: predicted depth
+    :param gt: ground-truth depth, same shape
+    :param mask: optional boolean mask
+    :return: (pred values, gt values)
+    """
+    p, g, _ = _valid_pairs(pred, gt, mask)
+    positive = g > 0
+    if not np.any(positive):
+        raise AlignmentError(REASON_EMPTY_MASK, 'no valid pixel (finite, gt > 0, in the mask)')
+    return p[positive], g[positive]
+
+
+def abs_rel(pred, gt, mask=None):
+    """
+    Absolute relative error ``mean(|pred - gt| / gt)``.
+
+    :param pred: predicted metric depth
+    :param gt: ground-truth depth, same shape
+    :param mask: optional boolean mask; pixels with non-finite values or ``gt <= 0`` are
+        always excluded
+    :return: AbsRel as a float
+    :raises AlignmentError: ``empty_mask`` if no pixel is valid
+    """
+    p, g = _metric_pairs(pred, gt, mask)
+    return float(np.mean(np.abs(p - g) / g))
+
+
+def sq_rel(pred, gt, mask=None):
+    """
+    Squared relative error ``mean((pred - gt)^2 / gt)``.
+
+    :param pred: predicted metric depth
+    :param gt: ground-truth depth, same shape
+    :param mask: optional boolean mask
+    :return: SqRel as a float
+    :raises AlignmentError: ``empty_mask`` if no pixel is valid
+    """
+    p, g = _metric_pairs(pred, gt, mask)
+    return float(np.mean((p - g) ** 2 / g))
+
+
+def rmse(pred, gt, mask=None):
+    """
+    Root mean squared error ``sqrt(mean((pred - gt)^2))``.
+
+    :param pred: predicted metric depth
+    :param gt: ground-truth depth, same shape
+    :param mask: optional boolean mask
+    :return: RMSE as a float (depth units)
+    :raises AlignmentError: ``empty_mask`` if no pixel is valid
+    """
+    p, g = _metric_pairs(pred, gt, mask)
+    return float(np.sqrt(np.mean((p - g) ** 2)))
+
+
+def delta_accuracy(pred, gt, mask=None, threshold=1.25):
+    """
+    Fraction of pixels with ``max(pred / gt, gt / pred) < threshold``.
+
+    Pixels with ``pred <= 0`` always fail (their ratio is treated as infinite).
+
+    :param pred: predicted metric depth
+    :param gt: ground-truth depth, same shape
+    :param mask: optional boolean mask
+    :param threshold: ratio threshold (> 1), strict inequality
+    :return: fraction in [0, 1]
+    :raises AlignmentError: ``empty_mask`` if no pixel is valid
+    """
+    p, g = _metric_pairs(pred, gt, mask)
+    ratio = np.full(p.shape, np.inf)
+    pos = p > 0
+    ratio[pos] = np.maximum(p[pos] / g[pos], g[pos] / p[pos])
+    return float(np.mean(ratio < threshold))
+
+
+def delta1(pred, gt, mask=None):
+    """
+    Delta-1 accuracy: fraction with ``max(pred / gt, gt / pred) < 1.25``.
+
+    :param pred: predicted metric depth
+    :param gt: ground-truth depth, same shape
+    :param mask: optional boolean mask
+    :return: fraction in [0, 1]
+    :raises AlignmentError: ``empty_mask`` if no pixel is valid
+    """
+    return delta_accuracy(pred, gt, mask, 1.25)
+
+
+def delta2(pred, gt, mask=None):
+    """
+    Delta-2 accuracy: threshold ``1.25 ** 2``.
+
+    :param pred: predicted metric depth
+    :param gt: ground-truth depth, same shape
+    :param mask: optional boolean mask
+    :return: fraction in [0, 1]
+    :raises AlignmentError: ``empty_mask`` if no pixel is valid
+    """
+    return delta_accuracy(pred, gt, mask, 1.25 ** 2)
+
+
+def delta3(pred, gt, mask=None):
+    """
+    Delta-3 accuracy: threshold ``1.25 ** 3``.
+
+    :param pred: predicted metric depth
+    :param gt: ground-truth depth, same shape
+    :param mask: optional boolean mask
+    :return: fraction in [0, 1]
+    :raises AlignmentError: ``empty_mask`` if no pixel is valid
+    """
+    return delta_accuracy(pred, gt, mask, 1.25 ** 3)
+
+
+def depth_metrics(pred, gt, mask=None):
+    """
+    All standard metrics of metric depth against ground truth.
+
+    :param pred: predicted metric depth
+    :param gt: ground-truth depth, same shape
+    :param mask: optional boolean mask
+    :return: dict with ``abs_rel``, ``sq_rel``, ``rmse``, ``delta1``, ``delta2``, ``delta3``
+    :raises AlignmentError: ``empty_mask`` if no pixel is valid
+    """
+    return {
+        'abs_rel': abs_rel(pred, gt, mask),
+        'sq_rel': sq_rel(pred, gt, mask),
+        'rmse': rmse(pred, gt, mask),
+        'delta1': delta1(pred, gt, mask),
+        'delta2': delta2(pred, gt, mask),
+        'delta3': delta3(pred, gt, mask),
+    }
+
+
+def evaluate_affine_invariant(pred_rel, gt, valid=None, min_depth=1e-3, max_depth=np.inf):
+    """
+    Evaluate affine-invariant depth with the standard protocol, for one image.
+
+    Valid pixels are those in ``valid`` with finite values and ``min_depth < gt <
+    max_depth``. On them the prediction is aligned to ``gt`` by least squares (scale and
+    shift), clipped to ``[min_depth, max_depth]``, and the metrics computed. Average the
+    returned values over images for a data set score.
+
+    :param pred_rel: affine-invariant prediction, any shape
+    :param gt: ground-truth metric depth, same shape
+    :param valid: optional boolean mask (e.g. the data set's crop and sensor mask)
+    :param min_depth: lower depth bound of the data set (e.g. 1e-3 m)
+    :param max_depth: upper depth bound of the data set (e.g. 10 m NYUv2, 80 m KITTI)
+    :return: dict of :func:`depth_metrics` plus ``scale``, ``shift`` and ``n_valid``
+    :raises AlignmentError: ``empty_mask`` if no pixel is valid, or a fit failure
+    :raises ValueError: ``min_depth >= max_depth`` or shapes differ
+    """
+    if not min_depth < max_depth:
+        raise ValueError(f'min_depth {min_depth} must be below max_depth {max_depth}')
+    p = np.asarray(pred_rel, dtype=np.float64)
+    g = np.asarray(gt, dtype=np.float64)
+    if p.shape != g.shape:
+        raise ValueError(f'pred_rel shape {p.shape} differs from gt shape {g.shape}')
+    with np.errstate(invalid='ignore'):
+        m = np.isfinite(p) & np.isfinite(g) & (g > min_depth) & (g < max_depth)
+    if valid is not None:
+        v = np.asarray(valid)
+        if v.shape != p.shape:
+            raise ValueError(f'valid shape {v.shape} differs from pred_rel shape {p.shape}')
+        m &= v.astype(bool)
+    if not np.any(m):
+        raise AlignmentError(REASON_EMPTY_MASK,
+                             f'no valid pixel with {min_depth} < gt < {max_depth}')
+    s, t = fit_scale_shift(p, g, m)
+    aligned = np.clip(s * p + t, min_depth, max_depth)
+    result = depth_metrics(aligned, g, m)
+    result.update(scale=s, shift=t, n_valid=int(m.sum()))
+    return result
+
+
+def normalize_percentile(depth, valid=None, low=0.02, high=0.98, fill=0.0):
+    """
+    Map depth to [-1, 1] with per-sample percentiles, as Marigold training does.
+
+    The ``low`` / ``high`` quantiles (linear interpolation, like ``torch.quantile``) of the
+    valid pixels map to -1 / 1; values beyond are clipped. Invalid pixels (outside ``valid``
+    or non-finite) are set to ``fill`` so the encoder never sees NaN; mask them in the loss.
+    A sample whose valid depth is constant (span ~0) maps to 0 on its valid pixels. Call it
+    once per sample (the whole array is one sample).
+
+    :param depth: depth map of one sample, any shape
+    :param valid: optional boolean mask, same shape
+    :param low: lower quantile in [0, 1)
+    :param high: upper quantile in (low, 1]
+    :param fill: value written to invalid pixels
+    :return: float32 array of the same shape, in [-1, 1] on valid pixels
+    :raises AlignmentError: ``empty_mask`` if no pixel is valid
+    :raises ValueError: bad quantiles or shapes
+    """
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f'need 0 <= low < high <= 1, got low={low}, high={high}')
+    d = np.asarray(depth, dtype=np.float64)
+    m = np.isfinite(d)
+    if valid is not None:
+        v = np.asarray(valid)
+        if v.shape != d.shape:
+            raise ValueError(f'valid shape {v.shape} differs from depth shape {d.shape}')
+        m &= v.astype(bool)
+    if not np.any(m):
+        raise AlignmentError(REASON_EMPTY_MASK, 'no valid depth pixel to normalise')
+    d_low, d_high = np.quantile(d[m], [low, high])
+    span = float(d_high - d_low)
+    out = np.full(d.shape, float(fill), dtype=np.float64)
+    if span > _DEGENERATE_REL_STD * max(abs(d_low), abs(d_high)):
+        out[m] = np.clip((d[m] - d_low) / span * 2.0 - 1.0, -1.0, 1.0)
+    else:
+        out[m] = 0.0
+    return out.astype(np.float32)

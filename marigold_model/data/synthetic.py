@@ -1,0 +1,797 @@
+"""
+Procedural synthetic RGB-D scenes rendered by vectorised numpy ray casting.
+
+A scene is a closed room (floor, ceiling, four walls: an axis-aligned box the camera is inside)
+holding yaw-rotated boxes resting on the floor and spheres. Every surface has a procedural
+texture (checker, stripe or sine) in surface coordinates, so textures are perspective-correct.
+Shading is Lambertian from one point light with hard shadows (shadow rays against the boxes and
+spheres) plus ambient, then gamma and mild noise.
+
+World frame: x, y horizontal, z up, floor at z = 0. Camera frame: REP 103 optical (x right,
+y down, z forward). Primary rays are cast with camera-frame directions ((u - cx) / fx,
+(v - cy) / fy, 1), so the ray parameter of a hit *is* its planar z depth, exactly.
+
+Usage: ``make_scene`` draws a :class:`Scene` (geometry, textures, light and a default camera),
+``render`` draws it from any :class:`CameraPose`; ``render_scene`` and ``render_sequence`` wrap
+both, and :class:`SyntheticDataset` serves deterministic samples to torch.
+``python -m marigold_model.data.synthetic --output DIR`` writes PNG previews.
+"""
+
+import argparse
+from dataclasses import dataclass, field, replace
+import os
+
+from marigold_model.data.sample import intrinsics_from_hfov, Sample
+import numpy as np
+
+TEXTURES = ('checker', 'stripe', 'sine')
+MOTIONS = ('static', 'orbit', 'forward')
+
+# Object ids: 0..5 are the room faces (2 * axis + (1 for the max side)), then boxes, spheres.
+_N_ROOM_FACES = 6
+# Hit epsilon and shadow-ray origin offset, in meters (scenes are metric, a few meters big).
+_EPS = 1e-6
+_SHADOW_OFFSET = 1e-4
+# The two in-plane axes for a plane whose normal is axis 0, 1 or 2 (texture coordinates).
+_PLANE_AXES = np.array([[1, 2], [0, 2], [0, 1]])
+
+
+@dataclass(frozen=True)
+class SceneConfig:
+    """
+    Ranges that procedural scenes are drawn from (each ``(low, high)``, uniform).
+
+    Lengths are in meters, angles in degrees. Integer count ranges are inclusive.
+    """
+
+    height: int = 64
+    width: int = 64
+    fov_deg: tuple = (45.0, 80.0)  # horizontal field of view
+    room_size: tuple = (3.0, 8.0)  # each horizontal side of the room
+    room_height: tuple = (2.4, 4.0)
+    n_boxes: tuple = (1, 4)
+    n_spheres: tuple = (0, 3)
+    box_half_size: tuple = (0.15, 0.8)  # horizontal half extents
+    box_height: tuple = (0.2, 2.0)
+    sphere_radius: tuple = (0.15, 0.5)
+    floating_sphere_prob: float = 0.3
+    in_view_prob: float = 0.8  # chance an object is placed inside the camera's view cone
+    object_distance: tuple = (1.0, 5.5)  # from the camera, for objects placed in view
+    camera_clearance: float = 0.5  # minimum distance from the camera to any object
+    textures: tuple = TEXTURES
+    texture_period: tuple = (0.2, 1.5)
+    light_intensity: tuple = (0.8, 1.6)
+    light_falloff: tuple = (2.5, 8.0)  # distance at which the point light halves
+    ambient: tuple = (0.05, 0.25)
+    camera_height: tuple = (0.5, 2.0)
+    camera_pitch_deg: tuple = (-15.0, 25.0)  # positive looks down
+    camera_roll_deg: tuple = (-5.0, 5.0)
+    wall_margin: float = 0.4  # minimum camera distance to a wall
+    min_view_distance: float = 1.5  # preferred free distance in front of the camera
+    gamma: tuple = (1.8, 2.4)
+    noise_sigma: tuple = (0.0, 0.02)  # in [0, 1] display units
+
+    def __post_init__(self):
+        """Reject empty or reversed ranges and unknown texture names."""
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f'SceneConfig: image size must be positive, got '
+                             f'{self.height}x{self.width}')
+        for name in ('fov_deg', 'room_size', 'room_height', 'n_boxes', 'n_spheres',
+                     'box_half_size', 'box_height', 'sphere_radius', 'object_distance',
+                     'texture_period', 'light_intensity', 'light_falloff', 'ambient',
+                     'camera_height', 'camera_pitch_deg', 'camera_roll_deg', 'gamma',
+                     'noise_sigma'):
+            value = getattr(self, name)
+            if len(value) != 2 or value[0] > value[1]:
+                raise ValueError(f'SceneConfig.{name} must be (low, high) with low <= high, '
+                                 f'got {value!r}')
+        for name in ('room_size', 'room_height', 'box_half_size', 'box_height',
+                     'sphere_radius', 'texture_period', 'light_falloff', 'gamma'):
+            if getattr(self, name)[0] <= 0:
+                raise ValueError(f'SceneConfig.{name} must be positive, got '
+                                 f'{getattr(self, name)!r}')
+        if min(self.n_boxes) < 0 or min(self.n_spheres) < 0 or min(self.noise_sigma) < 0:
+            raise ValueError('SceneConfig: object counts and noise must be non-negative')
+        if not 0 < self.fov_deg[0] <= self.fov_deg[1] < 180:
+            raise ValueError(f'SceneConfig.fov_deg must lie in (0, 180), got {self.fov_deg!r}')
+        if not self.textures or any(t not in TEXTURES for t in self.textures):
+            raise ValueError(f'SceneConfig.textures must be a non-empty subset of {TEXTURES}, '
+                             f'got {self.textures!r}')
+
+
+@dataclass(frozen=True)
+class CameraPose:
+    """
+    Camera position (world, meters) and orientation as yaw / pitch / roll (radians).
+
+    Yaw turns about world z (0 looks along +x), positive pitch looks down, roll turns about the
+    viewing direction (positive: image content turns counter-clockwise).
+    """
+
+    position: tuple
+    yaw: float = 0.0
+    pitch: float = 0.0
+    roll: float = 0.0
+
+    def rotation(self):
+        """
+        Rotation from the camera optical frame to the world frame.
+
+        :return: 3x3 float64 matrix whose columns are the optical x, y, z axes in world.
+        """
+        cy, sy = np.cos(self.yaw), np.sin(self.yaw)
+        cp, sp = np.cos(self.pitch), np.sin(self.pitch)
+        cr, sr = np.cos(self.roll), np.sin(self.roll)
+        rz = np.array([[cy, -sy, 0.0], [sy, cy, 0.0], [0.0, 0.0, 1.0]])
+        ry = np.array([[cp, 0.0, sp], [0.0, 1.0, 0.0], [-sp, 0.0, cp]])
+        rx = np.array([[1.0, 0.0, 0.0], [0.0, cr, -sr], [0.0, sr, cr]])
+        # Body frame (x forward, y left, z up) -> optical (x right, y down, z forward).
+        body_from_optical = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+        return rz @ ry @ rx @ body_from_optical
+
+    def forward(self):
+        """
+        Return the unit viewing direction in the world frame.
+
+        :return: (3,) float64 vector.
+        """
+        return self.rotation()[:, 2]
+
+
+@dataclass(frozen=True, eq=False)
+class Textures:
+    """Per-object texture parameters (index = object id)."""
+
+    kind: np.ndarray  # (n,) int index into TEXTURES
+    color0: np.ndarray  # (n, 3) in [0, 1]
+    color1: np.ndarray  # (n, 3)
+    period: np.ndarray  # (n,) meters
+    angle: np.ndarray  # (n,) radians, pattern orientation in surface coordinates
+    phase: np.ndarray  # (n, 2) in periods
+    duty: np.ndarray  # (n,) stripe duty cycle
+    ratio: np.ndarray  # (n,) second sine frequency / first
+
+
+@dataclass(frozen=True, eq=False)
+class Scene:
+    """Everything needed to render one procedural room from any camera pose."""
+
+    room_min: np.ndarray  # (3,) room corner, z = 0 (floor)
+    room_max: np.ndarray  # (3,)
+    box_center: np.ndarray  # (nb, 3); boxes rest on the floor so center z = half height
+    box_half: np.ndarray  # (nb, 3) half extents in the box frame
+    box_yaw: np.ndarray  # (nb,) radians about z
+    sphere_center: np.ndarray  # (ns, 3)
+    sphere_radius: np.ndarray  # (ns,)
+    textures: Textures
+    light_position: np.ndarray  # (3,)
+    light_intensity: float
+    light_falloff: float
+    ambient: float
+    gamma: float
+    noise_sigma: float
+    camera: CameraPose  # the viewpoint the scene was composed for
+    hfov_deg: float = 60.0
+    config: SceneConfig = field(default_factory=SceneConfig)
+
+    @property
+    def n_boxes(self):
+        """Return the number of boxes."""
+        return len(self.box_yaw)
+
+    @property
+    def n_spheres(self):
+        """Return the number of spheres."""
+        return len(self.sphere_radius)
+
+
+# --------------------------------------------------------------------------------------------
+# Scene sampling
+
+
+def _uniform(rng, bounds):
+    return float(rng.uniform(bounds[0], bounds[1]))
+
+
+def make_textures(rng, n, config=SceneConfig()):
+    """
+    Draw random texture parameters for ``n`` objects.
+
+    :param rng: numpy Generator.
+    :param n: number of objects (6 room faces + boxes + spheres for a Scene).
+    :param config: texture kinds and period range.
+    :return: Textures.
+    """
+    kinds = np.array([TEXTURES.index(t) for t in config.textures])
+    color0 = rng.uniform(0.05, 0.95, size=(n, 3))
+    color1 = rng.uniform(0.05, 0.95, size=(n, 3))
+    # Keep some contrast so the texture is visible at all.
+    flat = np.abs(color0 - color1).mean(axis=1) < 0.15
+    color1[flat] = 1.0 - color0[flat]
+    lo, hi = np.log(config.texture_period[0]), np.log(config.texture_period[1])
+    return Textures(kind=rng.choice(kinds, size=n), color0=color0, color1=color1,
+                    period=np.exp(rng.uniform(lo, hi, size=n)),
+                    angle=rng.uniform(0.0, np.pi, size=n),
+                    phase=rng.uniform(0.0, 1.0, size=(n, 2)),
+                    duty=rng.uniform(0.3, 0.7, size=n),
+                    ratio=rng.uniform(0.5, 2.0, size=n))
+
+
+def _inside_box(point, center, half, yaw, margin=0.0):
+    """Whether ``point`` lies inside each box grown by ``margin``; (nb,) bool."""
+    rel = point[None, :] - center
+    c, s = np.cos(yaw), np.sin(yaw)
+    local = np.stack([c * rel[:, 0] + s * rel[:, 1], -s * rel[:, 0] + c * rel[:, 1],
+                      rel[:, 2]], axis=1)
+    return np.all(np.abs(local) < half + margin, axis=1)
+
+
+def _inside_sphere(point, center, radius, margin=0.0):
+    return np.linalg.norm(point[None, :] - center, axis=1) < radius + margin
+
+
+def _room_free_distance(position, direction, room_min, room_max):
+    with np.errstate(divide='ignore'):
+        bound = np.where(direction > 0, room_max, room_min)
+        t = np.where(np.abs(direction) > 1e-12, (bound - position) / direction, np.inf)
+    return float(np.min(t))
+
+
+def make_scene(rng, config=SceneConfig()):
+    """
+    Draw a random room, objects, textures, light and camera.
+
+    :param rng: numpy Generator (all randomness comes from it).
+    :param config: ranges to draw from.
+    :return: a Scene.
+    """
+    size = np.array([_uniform(rng, config.room_size), _uniform(rng, config.room_size),
+                     _uniform(rng, config.room_height)])
+    offset = rng.uniform(-5.0, 5.0, size=2)  # the room is not always at the origin
+    room_min = np.array([offset[0], offset[1], 0.0])
+    room_max = room_min + size
+    hfov = _uniform(rng, config.fov_deg)
+
+    # Camera first: objects are then placed mostly where it looks.
+    margin = min(config.wall_margin, 0.45 * size[0], 0.45 * size[1])
+    cam_z = float(np.clip(_uniform(rng, config.camera_height), 0.1, size[2] - 0.2))
+    best = None
+    for _ in range(10):
+        xy = rng.uniform(room_min[:2] + margin, room_max[:2] - margin)
+        yaw = float(rng.uniform(0.0, 2.0 * np.pi))
+        pos = np.array([xy[0], xy[1], cam_z])
+        free = _room_free_distance(pos, np.array([np.cos(yaw), np.sin(yaw), 0.0]),
+                                   room_min, room_max)
+        if best is None or free > best[0]:
+            best = (free, pos, yaw)
+        if free >= config.min_view_distance:
+            break
+    _, cam_pos, cam_yaw = best
+    camera = CameraPose(position=tuple(cam_pos), yaw=cam_yaw,
+                        pitch=np.deg2rad(_uniform(rng, config.camera_pitch_deg)),
+                        roll=np.deg2rad(_uniform(rng, config.camera_roll_deg)))
+
+    def place_xy(radius):
+        """Object centre: in the view cone with some probability, clamped into the room."""
+        if rng.uniform() < config.in_view_prob:
+            ang = cam_yaw + rng.uniform(-0.45, 0.45) * np.deg2rad(hfov)
+            # Distance to the object's near side, not its centre, so it rarely fills the view.
+            dist = _uniform(rng, config.object_distance) + radius
+            xy = cam_pos[:2] + dist * np.array([np.cos(ang), np.sin(ang)])
+        else:
+            xy = rng.uniform(room_min[:2], room_max[:2])
+        lo = room_min[:2] + np.minimum(radius, size[:2] / 2)
+        hi = room_max[:2] - np.minimum(radius, size[:2] / 2)
+        return np.clip(xy, lo, hi)
+
+    centers, halves, yaws = [], [], []
+    for _ in range(int(rng.integers(config.n_boxes[0], config.n_boxes[1] + 1))):
+        half_xy = rng.uniform(config.box_half_size[0], config.box_half_size[1], size=2)
+        half_xy = np.minimum(half_xy, 0.35 * size[:2])
+        half_z = 0.5 * min(_uniform(rng, config.box_height), 0.9 * size[2])
+        half = np.array([half_xy[0], half_xy[1], half_z])
+        yaw = float(rng.uniform(0.0, np.pi / 2))
+        for _ in range(10):
+            xy = place_xy(float(np.hypot(half_xy[0], half_xy[1])))
+            center = np.array([xy[0], xy[1], half_z])
+            if not _inside_box(cam_pos, center[None], half[None], np.array([yaw]),
+                               config.camera_clearance)[0]:
+                centers.append(center)
+                halves.append(half)
+                yaws.append(yaw)
+                break
+
+    s_centers, radii = [], []
+    for _ in range(int(rng.integers(config.n_spheres[0], config.n_spheres[1] + 1))):
+        radius = min(_uniform(rng, config.sphere_radius), 0.4 * size.min())
+        floating = rng.uniform() < config.floating_sphere_prob
+        for _ in range(10):
+            xy = place_xy(radius)
+            z = rng.uniform(radius, size[2] - radius) if floating else radius
+            center = np.array([xy[0], xy[1], z])
+            if not _inside_sphere(cam_pos, center[None], np.array([radius]),
+                                  config.camera_clearance)[0]:
+                s_centers.append(center)
+                radii.append(radius)
+                break
+
+    box_center = np.array(centers).reshape(-1, 3)
+    box_half = np.array(halves).reshape(-1, 3)
+    box_yaw = np.array(yaws, dtype=np.float64)
+    sphere_center = np.array(s_centers).reshape(-1, 3)
+    sphere_radius = np.array(radii, dtype=np.float64)
+
+    # Light near the ceiling, outside every object (else everything would be in shadow).
+    light = None
+    for _ in range(20):
+        light = np.array([*rng.uniform(room_min[:2] + 0.2, room_max[:2] - 0.2),
+                          rng.uniform(0.55, 0.95) * size[2]])
+        if not (_inside_box(light, box_center, box_half, box_yaw, 0.05).any()
+                or _inside_sphere(light, sphere_center, sphere_radius, 0.05).any()):
+            break
+
+    n_obj = _N_ROOM_FACES + len(box_yaw) + len(sphere_radius)
+    return Scene(room_min=room_min, room_max=room_max, box_center=box_center,
+                 box_half=box_half, box_yaw=box_yaw, sphere_center=sphere_center,
+                 sphere_radius=sphere_radius, textures=make_textures(rng, n_obj, config),
+                 light_position=light, light_intensity=_uniform(rng, config.light_intensity),
+                 light_falloff=_uniform(rng, config.light_falloff),
+                 ambient=_uniform(rng, config.ambient), gamma=_uniform(rng, config.gamma),
+                 noise_sigma=_uniform(rng, config.noise_sigma), camera=camera, hfov_deg=hfov,
+                 config=config)
+
+
+# --------------------------------------------------------------------------------------------
+# Ray casting (all arrays are (3, N) or (N,); origins may be (3, 1) to broadcast)
+
+
+def _safe(d):
+    """Replace near-zero direction components so divisions stay finite."""
+    return np.where(np.abs(d) < 1e-12, 1e-12, d)
+
+
+def _box_local(origin, direction, scene):
+    """Ray origins / directions in every box frame: tuples of (nb, N) arrays."""
+    c = np.cos(scene.box_yaw)[:, None]
+    s = np.sin(scene.box_yaw)[:, None]
+    rx = origin[0][None, :] - scene.box_center[:, 0:1]
+    ry = origin[1][None, :] - scene.box_center[:, 1:2]
+    rz = origin[2][None, :] - scene.box_center[:, 2:3]
+    o = (c * rx + s * ry, -s * rx + c * ry, rz)
+    d = (c * direction[0][None, :] + s * direction[1][None, :],
+         -s * direction[0][None, :] + c * direction[1][None, :],
+         np.broadcast_to(direction[2][None, :], rx.shape[:1] + direction.shape[1:]))
+    return o, d
+
+
+def _box_t(origin, direction, scene):
+    """Entry distance of each ray into each box, inf on a miss; (nb, N)."""
+    o, d = _box_local(origin, direction, scene)
+    near = far = None
+    for axis in range(3):
+        inv = 1.0 / _safe(d[axis])
+        h = scene.box_half[:, axis:axis + 1]
+        t1 = (-h - o[axis]) * inv
+        t2 = (h - o[axis]) * inv
+        lo, hi = np.minimum(t1, t2), np.maximum(t1, t2)
+        near = lo if near is None else np.maximum(near, lo)
+        far = hi if far is None else np.minimum(far, hi)
+    return np.where((near <= far) & (near > _EPS), near, np.inf)
+
+
+def _sphere_t(origin, direction, scene):
+    """First intersection distance of each ray with each sphere, inf on a miss; (ns, N)."""
+    oc = [origin[k][None, :] - scene.sphere_center[:, k:k + 1] for k in range(3)]
+    a = (direction * direction).sum(axis=0)[None, :]
+    b = sum(direction[k][None, :] * oc[k] for k in range(3))
+    c = sum(oc[k] * oc[k] for k in range(3)) - scene.sphere_radius[:, None] ** 2
+    disc = b * b - a * c
+    t = (-b - np.sqrt(np.maximum(disc, 0.0))) / a
+    return np.where((disc >= 0) & (t > _EPS), t, np.inf)
+
+
+def _room_t(origin, direction, scene):
+    """Exit distance from the room and the face id hit; the origin must be inside."""
+    d = _safe(direction)
+    bound = np.where(d > 0, scene.room_max[:, None], scene.room_min[:, None])
+    t = (bound - origin) / d
+    axis = np.argmin(t, axis=0)
+    idx = np.arange(t.shape[1])
+    face = 2 * axis + (d[axis, idx] > 0)
+    return t[axis, idx], face
+
+
+def _cast(origin, direction, scene):
+    """Closest hit: distance (N,) and object id (N,)."""
+    t, obj = _room_t(origin, direction, scene)
+    first = _N_ROOM_FACES
+    for count, fn in ((scene.n_boxes, _box_t), (scene.n_spheres, _sphere_t)):
+        if count:
+            ts = fn(origin, direction, scene)
+            k = np.argmin(ts, axis=0)
+            tk = ts[k, np.arange(ts.shape[1])]
+            closer = tk < t
+            t = np.where(closer, tk, t)
+            obj = np.where(closer, first + k, obj)
+        first += count
+    return t, obj
+
+
+def _occluded(origin, to_light, scene):
+    """Whether a box or sphere blocks the segment origin -> origin + to_light; (N,) bool."""
+    blocked = np.zeros(origin.shape[1], dtype=bool)
+    for count, fn in ((scene.n_boxes, _box_t), (scene.n_spheres, _sphere_t)):
+        if count:
+            blocked |= (fn(origin, to_light, scene) < 1.0).any(axis=0)
+    return blocked
+
+
+def _surface(points, obj, scene):
+    """Compute unit normals (3, N) and texture coordinates u, v (N,) at hit points."""
+    n = points.shape[1]
+    normal = np.zeros((3, n))
+    u = np.zeros(n)
+    v = np.zeros(n)
+    idx = np.arange(n)
+
+    room = obj < _N_ROOM_FACES
+    if room.any():
+        face = obj[room]
+        axis = face // 2
+        normal[axis, idx[room]] = np.where(face % 2 == 1, -1.0, 1.0)  # pointing inwards
+        p = points[:, room]
+        cols = np.arange(p.shape[1])
+        u[room] = p[_PLANE_AXES[axis, 0], cols]
+        v[room] = p[_PLANE_AXES[axis, 1], cols]
+
+    box = (obj >= _N_ROOM_FACES) & (obj < _N_ROOM_FACES + scene.n_boxes)
+    if box.any():
+        k = obj[box] - _N_ROOM_FACES
+        c, s = np.cos(scene.box_yaw[k]), np.sin(scene.box_yaw[k])
+        rel = points[:, box] - scene.box_center[k].T
+        local = np.stack([c * rel[0] + s * rel[1], -s * rel[0] + c * rel[1], rel[2]])
+        half = scene.box_half[k].T
+        axis = np.argmax(np.abs(local) / half, axis=0)
+        cols = np.arange(local.shape[1])
+        sign = np.sign(local[axis, cols])
+        n_local = np.zeros_like(local)
+        n_local[axis, cols] = sign
+        normal[0, box] = c * n_local[0] - s * n_local[1]
+        normal[1, box] = s * n_local[0] + c * n_local[1]
+        normal[2, box] = n_local[2]
+        u[box] = local[_PLANE_AXES[axis, 0], cols]
+        v[box] = local[_PLANE_AXES[axis, 1], cols]
+
+    sphere = obj >= _N_ROOM_FACES + scene.n_boxes
+    if sphere.any():
+        k = obj[sphere] - _N_ROOM_FACES - scene.n_boxes
+        r = scene.sphere_radius[k]
+        rel = points[:, sphere] - scene.sphere_center[k].T
+        normal[:, sphere] = rel / r
+        # Cylindrical coordinates: arc length around z and height.
+        u[sphere] = r * np.arctan2(rel[1], rel[0])
+        v[sphere] = rel[2]
+    return normal, u, v
+
+
+def _albedo(obj, u, v, textures):
+    """Texture colour (N, 3) of every hit from its object's pattern."""
+    period = textures.period[obj]
+    ca, sa = np.cos(textures.angle[obj]), np.sin(textures.angle[obj])
+    a = (ca * u + sa * v) / period + textures.phase[obj, 0]
+    b = (-sa * u + ca * v) / period + textures.phase[obj, 1]
+    kind = textures.kind[obj]
+    mix = np.empty_like(a)
+    sel = kind == 0  # checker
+    mix[sel] = (np.floor(a[sel]) + np.floor(b[sel])) % 2.0
+    sel = kind == 1  # stripe
+    mix[sel] = (a[sel] - np.floor(a[sel])) < textures.duty[obj[sel]]
+    sel = kind == 2  # sine
+    mix[sel] = 0.5 + 0.25 * (np.sin(2 * np.pi * a[sel])
+                             + np.sin(2 * np.pi * b[sel] * textures.ratio[obj[sel]]))
+    mix = mix[:, None]
+    return textures.color0[obj] * (1.0 - mix) + textures.color1[obj] * mix
+
+
+def render(scene, pose, K, height, width, rng=None, name='synthetic'):
+    """
+    Ray cast a scene from a camera pose.
+
+    :param scene: the Scene.
+    :param pose: CameraPose (must be inside the room).
+    :param K: 3x3 intrinsics (pixel centres at integer coordinates).
+    :param height: image height in pixels.
+    :param width: image width in pixels.
+    :param rng: Generator for the image noise; None renders without noise (deterministic).
+    :param name: sample name.
+    :return: Sample with exact planar z depth and all-true valid mask where rays hit.
+    """
+    K = np.asarray(K, dtype=np.float64)
+    origin = np.asarray(pose.position, dtype=np.float64).reshape(3, 1)
+    if np.any(origin[:, 0] <= scene.room_min) or np.any(origin[:, 0] >= scene.room_max):
+        raise ValueError(f'render: camera position {origin[:, 0]} is outside the room '
+                         f'{scene.room_min} .. {scene.room_max}')
+    uu, vv = np.meshgrid(np.arange(width, dtype=np.float64),
+                         np.arange(height, dtype=np.float64))
+    # Invert K for pixel rays with z = 1 in the camera frame (handles skew as well).
+    rays_cam = np.linalg.solve(K, np.stack([uu.ravel(), vv.ravel(), np.ones(uu.size)]))
+    rays_cam /= rays_cam[2:3]
+    direction = pose.rotation() @ rays_cam
+
+    t, obj = _cast(origin, direction, scene)
+    points = origin + t * direction
+    normal, u, v = _surface(points, obj, scene)
+
+    to_light = scene.light_position[:, None] - points
+    dist = np.sqrt((to_light * to_light).sum(axis=0))
+    cos_in = np.maximum((normal * to_light).sum(axis=0) / np.maximum(dist, 1e-9), 0.0)
+    lit = cos_in > 0
+    if lit.any():
+        start = points[:, lit] + _SHADOW_OFFSET * normal[:, lit]
+        shadow = _occluded(start, scene.light_position[:, None] - start, scene)
+        cos_in[np.flatnonzero(lit)[shadow]] = 0.0
+    irradiance = scene.light_intensity * cos_in / (1.0 + (dist / scene.light_falloff) ** 2)
+    shade = scene.ambient + irradiance
+
+    color = _albedo(obj, u, v, scene.textures) * (shade ** (1.0 / scene.gamma))[:, None]
+    if rng is not None and scene.noise_sigma > 0:
+        color = color + rng.normal(0.0, scene.noise_sigma, size=color.shape)
+    rgb = np.clip(np.rint(color * 255.0), 0, 255).astype(np.uint8).reshape(height, width, 3)
+
+    depth = t.reshape(height, width)
+    valid = np.isfinite(depth) & (depth > 0)
+    depth = np.where(valid, depth, 0.0).astype(np.float32)
+    return Sample(rgb=rgb, depth=depth, valid=valid, K=K.copy(), name=name)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def scene_intrinsics(scene, height, width):
+    """
+    Intrinsics of the scene's field of view at a given image size.
+
+    :param scene: the Scene.
+    :param height: image height.
+    :param width: image width.
+    :return: 3x3 float64 K.
+    """
+    return intrinsics_from_hfov(width, height, scene.hfov_deg)
+
+
+def render_scene(rng, config=SceneConfig(), height=None, width=None, name='synthetic'):
+    """
+    Draw a random scene and render it from its default camera, with noise.
+
+    :param rng: numpy Generator.
+    :param config: scene ranges.
+    :param height: image height (default ``config.height``).
+    :param width: image width (default ``config.width``).
+    :param name: sample name.
+    :return: Sample.
+    """
+    height = config.height if height is None else int(height)
+    width = config.width if width is None else int(width)
+    scene = make_scene(rng, config)
+    return render(scene, scene.camera, scene_intrinsics(scene, height, width), height, width,
+                  rng=rng, name=name)
+
+
+def _pose_ok(scene, position, clearance=0.1):
+    p = np.asarray(position, dtype=np.float64)
+    if np.any(p <= scene.room_min + clearance) or np.any(p >= scene.room_max - clearance):
+        return False
+    return not (_inside_box(p, scene.box_center, scene.box_half, scene.box_yaw,
+                            clearance).any()
+                or _inside_sphere(p, scene.sphere_center, scene.sphere_radius,
+                                  clearance).any())
+
+
+def _free_distance(scene, position, direction):
+    t, _ = _cast(np.asarray(position, dtype=np.float64).reshape(3, 1),
+                 np.asarray(direction, dtype=np.float64).reshape(3, 1), scene)
+    return float(t[0])
+
+
+def camera_path(scene, n_frames, motion='static', step=0.04, max_angle_deg=10.0):
+    """
+    Smooth camera poses around the scene's default camera.
+
+    :param scene: the Scene.
+    :param n_frames: number of poses.
+    :param motion: 'static' (all equal), 'orbit' (an arc about a vertical axis through a point
+        ahead, looking at it) or 'forward' (straight ahead, horizontally).
+    :param step: translation per frame in meters for 'forward'.
+    :param max_angle_deg: largest total orbit angle (at most 1 degree per frame).
+    :return: list of CameraPose.
+    """
+    if motion not in MOTIONS:
+        raise ValueError(f'camera_path: motion must be one of {MOTIONS}, got {motion!r}')
+    if n_frames < 1:
+        raise ValueError(f'camera_path: n_frames must be >= 1, got {n_frames}')
+    cam = scene.camera
+    p0 = np.asarray(cam.position, dtype=np.float64)
+    ahead = np.array([np.cos(cam.yaw), np.sin(cam.yaw), 0.0])
+    frac = np.linspace(0.0, 1.0, n_frames) if n_frames > 1 else np.zeros(1)
+    if motion == 'static':
+        return [cam] * n_frames
+    if motion == 'forward':
+        # Stay well short of whatever is ahead: the path is the ray itself.
+        total = min(step * (n_frames - 1), max(0.5 * (_free_distance(scene, p0, ahead) - 0.3),
+                                               0.0))
+        return [replace(cam, position=tuple(p0 + f * total * ahead)) for f in frac]
+    radius = float(np.clip(0.7 * _free_distance(scene, p0, ahead), 0.5, 3.0))
+    pivot = p0 + radius * ahead
+    amplitude = np.deg2rad(min(max_angle_deg, 1.0 * (n_frames - 1)))
+    for _ in range(6):
+        poses = []
+        for f in frac:
+            ang = amplitude * (2.0 * f - 1.0)
+            c, s = np.cos(ang), np.sin(ang)
+            rel = p0 - pivot
+            pos = pivot + np.array([c * rel[0] - s * rel[1], s * rel[0] + c * rel[1], rel[2]])
+            poses.append(replace(cam, position=tuple(pos), yaw=cam.yaw + ang))
+        if all(_pose_ok(scene, p.position) for p in poses):
+            return poses
+        amplitude *= 0.5
+    return [cam] * n_frames
+
+
+def render_sequence(rng, n_frames, config=SceneConfig(), height=None, width=None,
+                    motion='static', noise=False):
+    """
+    Render one random scene from a smoothly moving (or static) camera.
+
+    :param rng: numpy Generator.
+    :param n_frames: number of frames.
+    :param config: scene ranges.
+    :param height: image height (default ``config.height``).
+    :param width: image width (default ``config.width``).
+    :param motion: 'static', 'orbit' or 'forward' (see :func:`camera_path`).
+    :param noise: add independent image noise per frame (off: static frames are identical).
+    :return: list of Sample named ``frame_0000`` ... in order.
+    """
+    height = config.height if height is None else int(height)
+    width = config.width if width is None else int(width)
+    scene = make_scene(rng, config)
+    K = scene_intrinsics(scene, height, width)
+    return [render(scene, pose, K, height, width, rng=rng if noise else None,
+                   name=f'frame_{i:04d}')
+            for i, pose in enumerate(camera_path(scene, n_frames, motion))]
+
+
+try:  # torch is a dependency of marigold_model, but keep the renderer usable without it
+    from torch.utils.data import Dataset as _Dataset
+except ImportError:  # pragma: no cover
+    _Dataset = object
+
+
+class SyntheticDataset(_Dataset):
+    """
+    Deterministic torch Dataset of procedural scenes.
+
+    Sample ``i`` is rendered from ``np.random.default_rng([seed, i])``, so every index always
+    gives the same Sample, in any worker and any order.
+    """
+
+    def __init__(self, length=10000, seed=0, config=SceneConfig(), height=None, width=None,
+                 transform=None):
+        """
+        Set up the dataset.
+
+        :param length: number of samples.
+        :param seed: base seed.
+        :param config: scene ranges.
+        :param height: image height (default ``config.height``).
+        :param width: image width (default ``config.width``).
+        :param transform: optional callable ``(sample, rng) -> sample`` (e.g. TrainTransform).
+        """
+        if length < 0:
+            raise ValueError(f'SyntheticDataset: length must be >= 0, got {length}')
+        self.length = int(length)
+        self.seed = int(seed)
+        self.config = config
+        self.height = config.height if height is None else int(height)
+        self.width = config.width if width is None else int(width)
+        self.transform = transform
+
+    def __len__(self):
+        """Return the number of samples."""
+        return self.length
+
+    def __getitem__(self, index):
+        """
+        Render sample ``index``.
+
+        :param index: 0 <= index < len(self).
+        :return: Sample named ``synthetic_<seed>_<index>``.
+        """
+        if not 0 <= index < self.length:
+            raise IndexError(f'SyntheticDataset index {index} out of range [0, {self.length})')
+        rng = np.random.default_rng([self.seed, int(index)])
+        sample = render_scene(rng, self.config, self.height, self.width,
+                              name=f'synthetic_{self.seed}_{int(index):06d}')
+        if self.transform is not None:
+            sample = self.transform(sample, rng)
+        return sample
+
+
+# --------------------------------------------------------------------------------------------
+# Previews
+
+
+def colorize_depth(depth, valid=None):
+    """
+    Map depth to an RGB image (near = yellow, far = dark purple, invalid = black).
+
+    :param depth: HxW depth.
+    :param valid: optional HxW mask; default finite and > 0.
+    :return: HxWx3 uint8.
+    """
+    depth = np.asarray(depth, dtype=np.float64)
+    if valid is None:
+        valid = np.isfinite(depth) & (depth > 0)
+    out = np.zeros(depth.shape + (3,), dtype=np.uint8)
+    if not valid.any():
+        return out
+    lo, hi = np.percentile(depth[valid], [1, 99])
+    x = np.clip((depth - lo) / max(hi - lo, 1e-9), 0.0, 1.0)
+    stops = np.array([[252, 255, 164], [250, 140, 10], [188, 55, 84], [87, 16, 110],
+                      [10, 7, 40]], dtype=np.float64)
+    pos = x * (len(stops) - 1)
+    i0 = np.clip(np.floor(pos).astype(int), 0, len(stops) - 2)
+    w = (pos - i0)[..., None]
+    color = stops[i0] * (1 - w) + stops[i0 + 1] * w
+    out[valid] = np.rint(color[valid]).astype(np.uint8)
+    return out
+
+
+def write_previews(folder, count=8, seed=0, config=SceneConfig(), height=None, width=None):
+    """
+    Write ``count`` rgb | depth side-by-side PNG previews to ``folder``.
+
+    :param folder: output directory (created).
+    :param count: number of scenes.
+    :param seed: base seed (scene i uses ``default_rng([seed, i])`` like SyntheticDataset).
+    :param config: scene ranges.
+    :param height: image height (default ``config.height``).
+    :param width: image width (default ``config.width``).
+    :return: list of written paths.
+    """
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    dataset = SyntheticDataset(count, seed, config, height, width)
+    paths = []
+    for i in range(count):
+        sample = dataset[i]
+        image = np.concatenate([sample.rgb, colorize_depth(sample.depth, sample.valid)], axis=1)
+        path = os.path.join(folder, f'{sample.name}.png')
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None):
+    """
+    Command line: write preview PNGs of synthetic scenes.
+
+    :param argv: argument list (default sys.argv).
+    :return: 0
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--output', default='synthetic_previews')
+    parser.add_argument('--count', type=int, default=8)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--height', type=int, default=240)
+    parser.add_argument('--width', type=int, default=320)
+    args = parser.parse_args(argv)
+    for path in write_previews(args.output, args.count, args.seed, SceneConfig(),
+                               args.height, args.width):
+        print(path)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,498 @@
+"""
+Metric scale from sparse depth: sampling, temporal tracking and local refinement.
+
+No ROS here: the node's ``marigold_ros/scale_recovery.py`` converts messages to arrays and
+calls these functions.
+
+* :func:`sample_sparse_pairs` pairs a sparse depth image of any resolution with the relative
+  depth map (nearest pixel, never interpolating the sparse image).
+* :class:`ScaleTracker` fits ``metric ~= scale * rel + shift`` robustly per update, gates
+  outlier fits, smooths over time and ages the estimate out after ``max_stale_s``.
+* :func:`refine_local` is an opt-in correction beyond the global affine fit: the residual at
+  the sparse points is spread over the image with a Gaussian kernel and fades to zero away
+  from them.
+
+Smoothing: the state is the metric depth implied at two fixed relative depths (the
+``anchors``, 0.25 and 0.75), smoothed exponentially in log space. Scale and shift are strongly
+anti-correlated in a fit (points spanning only part of the relative range pin the depth in
+the middle of that range, not ``s`` and ``t`` separately), so smoothing them independently
+mixes an old shift with a new scale and makes the output depth jump during transients.
+Smoothing depths instead is parametrisation-free, filters what the user sees, keeps the scale
+positive (log-space averaging keeps ``d(0.75) > d(0.25)``) and is symmetric for a factor up or
+down; with zero shift it reduces exactly to log-scale smoothing. The gate compares the same
+two depths. If an anchor depth is not positive (a strongly negative shift), the tracker falls
+back to linear averaging and to the scale ratio for gating.
+"""
+
+from dataclasses import dataclass, replace
+import math
+
+from marigold_model.alignment import AlignmentError, fit_scale_shift_robust
+from marigold_model.alignment import REASON_TOO_FEW_INLIERS, REASON_TOO_FEW_POINTS
+import numpy as np
+from scipy import ndimage
+
+REASON_GATED_OUTLIER = 'gated_outlier'
+REASON_LOW_INLIER_RATIO = 'low_inlier_ratio'
+
+STATUS_OK = 'ok'
+STATUS_STALE = 'stale'
+STATUS_NO_ESTIMATE = 'no_estimate'
+
+
+@dataclass(frozen=True)
+class ScaleTrackerConfig:
+    """
+    Settings of :class:`ScaleTracker`.
+
+    Defaults suit a real Marigold prediction: its AbsRel after alignment is 5-10 % on the
+    usual benchmarks, so the inlier threshold is 10 % and 40 % inliers suffice.
+
+    :param min_points: fewest valid sparse samples for a fit (else ``too_few_points``)
+    :param inlier_threshold_rel: inlier threshold on ``|s r + t - d| / d``
+    :param min_inlier_ratio: fewest inliers / points for a fit (else ``low_inlier_ratio``)
+    :param min_rel_span: smallest relative-depth span of the samples (else
+        ``degenerate_range``: e.g. all points on one wall pin no scale)
+    :param ransac_iterations: RANSAC hypotheses per fit
+    :param smoothing: weight of a new fit in the exponential average (1.0 = no smoothing)
+    :param anchors: the two relative depths whose implied metric depth is smoothed and gated
+    :param gate_factor: reject a fit whose anchor depth differs from the current estimate by
+        more than this factor (``gated_outlier``)
+    :param reinit_after: after this many consecutive gated fits that agree with each other,
+        the next such fit re-initialises the estimate (the scene really changed)
+    :param stale_after_s: the estimate is reported ``stale`` when older than this
+    :param max_stale_s: beyond this age the estimate is dropped (``current`` returns None)
+    :param seed: seed of the tracker's random generator (deterministic replays)
+    """
+
+    min_points: int = 20
+    inlier_threshold_rel: float = 0.1
+    min_inlier_ratio: float = 0.4
+    min_rel_span: float = 0.05
+    ransac_iterations: int = 200
+    smoothing: float = 0.3
+    anchors: tuple = (0.25, 0.75)
+    gate_factor: float = 1.5
+    reinit_after: int = 3
+    stale_after_s: float = 0.5
+    max_stale_s: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self):
+        """
+        Validate the settings.
+
+        :raises ValueError: a setting is out of range
+        """
+        if self.min_points < 2:
+            raise ValueError(f'min_points must be >= 2, got {self.min_points}')
+        if not self.inlier_threshold_rel > 0:
+            raise ValueError('inlier_threshold_rel must be > 0')
+        if not 0.0 <= self.min_inlier_ratio <= 1.0:
+            raise ValueError('min_inlier_ratio must be in [0, 1]')
+        if not self.min_rel_span >= 0:
+            raise ValueError('min_rel_span must be >= 0')
+        if self.ransac_iterations < 1:
+            raise ValueError('ransac_iterations must be >= 1')
+        if not 0.0 < self.smoothing <= 1.0:
+            raise ValueError(f'smoothing must be in (0, 1], got {self.smoothing}')
+        if len(self.anchors) != 2 or not self.anchors[0] < self.anchors[1]:
+            raise ValueError(f'anchors must be two increasing values, got {self.anchors}')
+        if not self.gate_factor > 1.0:
+            raise ValueError(f'gate_factor must be > 1, got {self.gate_factor}')
+        if self.reinit_after < 0:
+            raise ValueError('reinit_after must be >= 0')
+        if not 0.0 <= self.stale_after_s <= self.max_stale_s:
+            raise ValueError('need 0 <= stale_after_s <= max_stale_s')
+
+
+@dataclass(frozen=True)
+class ScaleEstimate:
+    """
+    Metric scale estimate: ``metric = scale * rel + shift``.
+
+    ``status`` is ``'ok'`` (the latest update was accepted and the estimate is younger than
+    ``stale_after_s``), ``'stale'`` (a previous estimate, still usable, see ``reason``) or
+    ``'no_estimate'`` (scale and shift are NaN: stay relative). ``reason`` names the latest
+    rejection since the last accepted fit: ``'too_few_points'``, ``'degenerate_range'``,
+    ``'negative_scale'``, ``'low_inlier_ratio'``, ``'gated_outlier'`` (None if none).
+
+    :param scale: metric units per relative unit (NaN without estimate)
+    :param shift: metric offset (NaN without estimate)
+    :param inlier_ratio: inlier ratio of the last accepted fit
+    :param residual: RMS relative residual of the last accepted fit's inliers
+    :param n_points: valid samples of the last accepted fit
+    :param age_s: time since the last accepted fit (inf without estimate)
+    :param status: ``'ok'``, ``'stale'`` or ``'no_estimate'``
+    :param reason: latest rejection reason, or None
+    :param stamp_s: time of the last accepted fit (NaN without estimate)
+    """
+
+    scale: float
+    shift: float
+    inlier_ratio: float
+    residual: float
+    n_points: int
+    age_s: float
+    status: str
+    reason: str = None
+    stamp_s: float = math.nan
+
+    @property
+    def usable(self):
+        """
+        Whether scale and shift may be applied.
+
+        :return: True for ``'ok'`` and ``'stale'`` estimates
+        """
+        return self.status != STATUS_NO_ESTIMATE
+
+    def apply(self, rel_depth):
+        """
+        Convert relative depth to metric depth; non-positive results become NaN.
+
+        :param rel_depth: relative depth array
+        :return: float32 metric depth, NaN where invalid (REP 118), all NaN if not usable
+        """
+        rel = np.asarray(rel_depth, dtype=np.float64)
+        if not self.usable:
+            return np.full(rel.shape, np.nan, dtype=np.float32)
+        depth = self.scale * rel + self.shift
+        with np.errstate(invalid='ignore'):
+            depth[~(depth > 0)] = np.nan
+        return depth.astype(np.float32)
+
+
+_NO_ESTIMATE = ScaleEstimate(scale=math.nan, shift=math.nan, inlier_ratio=0.0,
+                             residual=math.nan, n_points=0, age_s=math.inf,
+                             status=STATUS_NO_ESTIMATE)
+
+
+class ScaleTracker:
+    """
+    Track the metric scale and shift of relative depth over time from sparse samples.
+
+    Call :meth:`update` whenever sparse metric samples arrive and :meth:`current` for each
+    depth frame. Deterministic for a given config seed and input sequence.
+    """
+
+    def __init__(self, config=None):
+        """
+        Create a tracker.
+
+        :param config: :class:`ScaleTrackerConfig` (defaults if None)
+        """
+        self.config = config if config is not None else ScaleTrackerConfig()
+        self._rng = np.random.default_rng(self.config.seed)
+        self._anchor_rel = np.asarray(self.config.anchors, dtype=np.float64)
+        self.reset()
+
+    def reset(self):
+        """Forget the estimate (e.g. after a time jump or a camera change)."""
+        self._anchor_depth = None
+        self._fit = None
+        self._fit_stamp = None
+        self._reason = None
+        self._candidate = None
+        self._candidate_count = 0
+
+    def update(self, rel_depth_samples, metric_samples, stamp_s):
+        """
+        Fit a new scale from paired samples and fold it into the estimate.
+
+        :param rel_depth_samples: relative depth at the sparse points (any shape)
+        :param metric_samples: metric depth at the same points (same shape); NaN or <= 0
+            means no reading
+        :param stamp_s: time of the samples in seconds
+        :return: the estimate after this update (see :class:`ScaleEstimate`)
+        :raises ValueError: shapes differ
+        """
+        cfg = self.config
+        stamp = float(stamp_s)
+        if self._fit_stamp is not None and stamp < self._fit_stamp - cfg.max_stale_s:
+            # The clock jumped back (bag looped, simulation reset): the old fit is from the
+            # "future" and says nothing about the present.
+            self.reset()
+        rel = np.asarray(rel_depth_samples, dtype=np.float64).ravel()
+        metric = np.asarray(metric_samples, dtype=np.float64).ravel()
+        if rel.shape != metric.shape:
+            raise ValueError(f'{rel.size} relative samples but {metric.size} metric samples')
+        try:
+            fit = self._fit_once(rel, metric)
+        except AlignmentError as error:
+            return self._reject(error.reason, stamp)
+
+        new_depth = self._to_anchor_depth(fit.scale, fit.shift)
+        if self.current(stamp) is None:
+            self._accept(fit, new_depth, stamp, smooth=False)
+        elif self._outside_gate(self._anchor_depth, new_depth):
+            if self._candidate is not None and not self._outside_gate(self._candidate,
+                                                                      new_depth):
+                self._candidate_count += 1
+            else:
+                self._candidate_count = 1
+            self._candidate = new_depth
+            if self._candidate_count <= cfg.reinit_after:
+                return self._reject(REASON_GATED_OUTLIER, stamp)
+            self._accept(fit, new_depth, stamp, smooth=False)
+        else:
+            self._accept(fit, new_depth, stamp, smooth=True)
+        return self.current(stamp)
+
+    def current(self, stamp_s):
+        """
+        Return the estimate to use at a time, or None once it is older than ``max_stale_s``.
+
+        :param stamp_s: time in seconds (e.g. the depth frame's stamp)
+        :return: :class:`ScaleEstimate` with status ``'ok'`` or ``'stale'``, or None
+        """
+        if self._anchor_depth is None:
+            return None
+        age = float(stamp_s) - self._fit_stamp
+        if abs(age) > self.config.max_stale_s:
+            return None
+        age = max(age, 0.0)  # slightly out-of-order stamps
+        fresh = self._reason is None and age <= self.config.stale_after_s
+        return self._estimate(STATUS_OK if fresh else STATUS_STALE, age)
+
+    def _fit_once(self, rel, metric):
+        """
+        Run the robust fit with this tracker's acceptance rules.
+
+        :param rel: flat relative depth samples
+        :param metric: flat metric depth samples
+        :return: :class:`~marigold_model.alignment.FitResult`
+        """
+        cfg = self.config
+        with np.errstate(invalid='ignore'):
+            valid = np.isfinite(rel) & np.isfinite(metric) & (metric > 0)
+        n = int(valid.sum())
+        if n < cfg.min_points:
+            raise AlignmentError(REASON_TOO_FEW_POINTS,
+                                 f'{n} valid sample(s), at least {cfg.min_points} needed')
+        try:
+            fit = fit_scale_shift_robust(rel[valid], metric[valid],
+                                         threshold_rel=cfg.inlier_threshold_rel,
+                                         iterations=cfg.ransac_iterations,
+                                         min_span=cfg.min_rel_span, rng=self._rng)
+        except AlignmentError as error:
+            if error.reason == REASON_TOO_FEW_INLIERS:
+                raise AlignmentError(REASON_LOW_INLIER_RATIO, str(error)) from error
+            raise
+        if fit.inlier_ratio < cfg.min_inlier_ratio:
+            raise AlignmentError(REASON_LOW_INLIER_RATIO,
+                                 f'inlier ratio {fit.inlier_ratio:.2f} below '
+                                 f'{cfg.min_inlier_ratio:.2f}')
+        return fit
+
+    def _to_anchor_depth(self, scale, shift):
+        """
+        Metric depth implied at the two anchor relative depths.
+
+        :param scale: scale
+        :param shift: shift
+        :return: array of two depths
+        """
+        return scale * self._anchor_rel + shift
+
+    def _outside_gate(self, reference, candidate):
+        """
+        Whether a fit's anchor depths differ from a reference by more than the gate factor.
+
+        :param reference: anchor depths of the reference
+        :param candidate: anchor depths of the new fit
+        :return: True if the fit must be gated
+        """
+        limit = math.log(self.config.gate_factor)
+        if np.all(reference > 0) and np.all(candidate > 0):
+            return bool(np.max(np.abs(np.log(candidate / reference))) > limit)
+        r_ref = self._anchor_rel[1] - self._anchor_rel[0]
+        scale_ref = (reference[1] - reference[0]) / r_ref
+        scale_new = (candidate[1] - candidate[0]) / r_ref
+        return bool(abs(math.log(scale_new / scale_ref)) > limit)
+
+    def _accept(self, fit, new_depth, stamp, smooth):
+        """
+        Take a fit into the estimate.
+
+        :param fit: the accepted fit
+        :param new_depth: its anchor depths
+        :param stamp: its time
+        :param smooth: average with the current estimate (False: replace it)
+        """
+        alpha = self.config.smoothing
+        old = self._anchor_depth
+        if not smooth or old is None:
+            state = new_depth
+        elif np.all(old > 0) and np.all(new_depth > 0):
+            state = np.exp((1.0 - alpha) * np.log(old) + alpha * np.log(new_depth))
+        else:
+            state = (1.0 - alpha) * old + alpha * new_depth
+        self._anchor_depth = state
+        self._fit = fit
+        self._fit_stamp = stamp
+        self._reason = None
+        self._candidate = None
+        self._candidate_count = 0
+
+    def _reject(self, reason, stamp):
+        """
+        Record a rejected update and report the (possibly stale) estimate.
+
+        :param reason: rejection reason
+        :param stamp: time of the rejected update
+        :return: :class:`ScaleEstimate`
+        """
+        self._reason = reason
+        estimate = self.current(stamp)
+        if estimate is None:
+            return replace(_NO_ESTIMATE, reason=reason)
+        return estimate
+
+    def _estimate(self, status, age):
+        """
+        Build the public estimate from the state.
+
+        :param status: status string
+        :param age: age in seconds
+        :return: :class:`ScaleEstimate`
+        """
+        d_low, d_high = self._anchor_depth
+        r_low, r_high = self._anchor_rel
+        scale = float((d_high - d_low) / (r_high - r_low))
+        shift = float(d_low - scale * r_low)
+        return ScaleEstimate(scale=scale, shift=shift, inlier_ratio=self._fit.inlier_ratio,
+                             residual=self._fit.residual, n_points=self._fit.n_points,
+                             age_s=age, status=status, reason=self._reason,
+                             stamp_s=self._fit_stamp)
+
+
+def sparse_pixels(sparse_metric, shape):
+    """
+    Map the valid pixels of a sparse depth image onto a grid of another resolution.
+
+    Both images cover the same field of view. Each valid sparse pixel (finite, > 0) goes to
+    the target pixel containing its centre, so every reading is kept whatever the two
+    resolutions are, and readings are never blended with empty (0 / NaN) neighbours.
+
+    :param sparse_metric: sparse depth, 2-D (or H x W x 1); NaN or <= 0 means no reading
+    :param shape: (height, width) of the target grid
+    :return: (uv int64 array (N, 2) of target (column, row), float64 depths (N,))
+    :raises ValueError: not a 2-D image or bad shape
+    """
+    sparse = np.asarray(sparse_metric, dtype=np.float64)
+    if sparse.ndim == 3 and sparse.shape[2] == 1:
+        sparse = sparse[:, :, 0]
+    if sparse.ndim != 2:
+        raise ValueError(f'sparse depth must be a 2-D image, got shape {sparse.shape}')
+    height, width = (int(v) for v in shape)
+    if height < 1 or width < 1:
+        raise ValueError(f'target shape must be positive, got {shape}')
+    with np.errstate(invalid='ignore'):
+        rows, cols = np.nonzero(np.isfinite(sparse) & (sparse > 0))
+    h_src, w_src = sparse.shape
+    u = np.minimum(((cols + 0.5) * (width / w_src)).astype(np.int64), width - 1)
+    v = np.minimum(((rows + 0.5) * (height / h_src)).astype(np.int64), height - 1)
+    return np.stack([u, v], axis=1), sparse[rows, cols]
+
+
+def sample_sparse_pairs(rel_depth, sparse_metric):
+    """
+    Pair relative depth with sparse metric depth given at any resolution.
+
+    :param rel_depth: relative depth, H x W
+    :param sparse_metric: sparse metric depth image aligned with the camera, any resolution
+        (NaN or 0 = no reading; convert 16UC1 millimetres to metres before)
+    :return: (relative values, metric values), float64 arrays of equal length
+    :raises ValueError: ``rel_depth`` is not 2-D
+    """
+    rel = np.asarray(rel_depth, dtype=np.float64)
+    if rel.ndim != 2:
+        raise ValueError(f'rel_depth must be H x W, got shape {rel.shape}')
+    uv, metric = sparse_pixels(sparse_metric, rel.shape)
+    values = rel[uv[:, 1], uv[:, 0]]
+    keep = np.isfinite(values)
+    return values[keep], metric[keep]
+
+
+def refine_local(metric_depth, sparse_uv, sparse_metric, *, sigma_px=None, spacing_factor=2.0,
+                 prior_weight=1.0, space='log', max_residual_rel=0.15):
+    """
+    Correct a globally aligned depth map locally towards sparse metric readings.
+
+    The residual at each sparse point (``log(sparse / depth)`` in log space, ``sparse -
+    depth`` in linear space) is spread over the image by Gaussian-weighted averaging
+    (normalised convolution, on a coarse grid and upsampled bilinearly since the correction
+    is smooth). A prior weight of ``prior_weight`` points at zero residual shrinks the
+    correction: it is almost the local mean residual where points are dense and fades to
+    zero far from them. Points whose relative residual exceeds ``max_residual_rel`` are
+    treated as outliers and ignored.
+
+    :param metric_depth: globally aligned metric depth, H x W (NaN / <= 0 = invalid, kept)
+    :param sparse_uv: (N, 2) pixel coordinates (column, row) in ``metric_depth``
+    :param sparse_metric: (N,) metric depth at those points (NaN / <= 0 ignored)
+    :param sigma_px: Gaussian sigma in pixels (default ``spacing_factor`` times the mean
+        point spacing ``sqrt(H * W / N)``)
+    :param spacing_factor: sigma in units of the mean point spacing when ``sigma_px`` is None
+    :param prior_weight: shrinkage towards zero correction, in points
+    :param space: ``'log'`` (multiplicative correction) or ``'linear'`` (additive)
+    :param max_residual_rel: ignore points with ``|sparse - depth| / sparse`` above this
+    :return: float32 H x W refined depth (unchanged if no point is usable)
+    :raises ValueError: bad shapes or parameters
+    """
+    if space not in ('log', 'linear'):
+        raise ValueError(f"space must be 'log' or 'linear', got {space!r}")
+    if not prior_weight > 0:
+        raise ValueError('prior_weight must be > 0')
+    depth = np.asarray(metric_depth, dtype=np.float64)
+    if depth.ndim != 2:
+        raise ValueError(f'metric_depth must be H x W, got shape {depth.shape}')
+    uv = np.asarray(sparse_uv, dtype=np.float64)
+    z = np.asarray(sparse_metric, dtype=np.float64).ravel()
+    if uv.ndim != 2 or uv.shape[1] != 2 or uv.shape[0] != z.size:
+        raise ValueError(f'sparse_uv must be (N, 2) with N = {z.size}, got {uv.shape}')
+    height, width = depth.shape
+
+    with np.errstate(invalid='ignore'):
+        ok = np.all(np.isfinite(uv), axis=1) & np.isfinite(z) & (z > 0)
+    u = np.full(z.size, -1, dtype=np.int64)
+    v = np.full(z.size, -1, dtype=np.int64)
+    u[ok] = np.rint(uv[ok, 0]).astype(np.int64)
+    v[ok] = np.rint(uv[ok, 1]).astype(np.int64)
+    ok &= (u >= 0) & (u < width) & (v >= 0) & (v < height)
+    base = np.full(z.size, np.nan)
+    base[ok] = depth[v[ok], u[ok]]
+    with np.errstate(invalid='ignore'):
+        ok &= np.isfinite(base) & (base > 0)
+        ok &= np.abs(z - base) <= max_residual_rel * z
+    if not np.any(ok):
+        return depth.astype(np.float32)
+    u, v, z, base = u[ok], v[ok], z[ok], base[ok]
+    residual = np.log(z / base) if space == 'log' else z - base
+
+    if sigma_px is None:
+        sigma_px = spacing_factor * math.sqrt(height * width / z.size)
+    sigma_px = float(np.clip(sigma_px, 0.5, 4.0 * max(height, width)))
+    # About four coarse cells per sigma is plenty for a Gaussian and keeps the blur cheap.
+    factor = max(1, int(sigma_px // 4))
+    h_c, w_c = -(-height // factor), -(-width // factor)
+    num = np.zeros((h_c, w_c))
+    den = np.zeros((h_c, w_c))
+    np.add.at(num, (v // factor, u // factor), residual)
+    np.add.at(den, (v // factor, u // factor), 1.0)
+    sigma_c = sigma_px / factor
+    num = ndimage.gaussian_filter(num, sigma_c, mode='constant')
+    den = ndimage.gaussian_filter(den, sigma_c, mode='constant')
+    # gaussian_filter normalises its kernel to unit sum, so one point contributes about
+    # 1 / (2 pi sigma^2) at its own location: express the prior in the same units.
+    prior = prior_weight / (2.0 * math.pi * sigma_c * sigma_c)
+    coarse = num / (den + prior)
+
+    rows = (np.arange(height) + 0.5) / factor - 0.5
+    cols = (np.arange(width) + 0.5) / factor - 0.5
+    grid_r, grid_c = np.meshgrid(rows, cols, indexing='ij')
+    correction = ndimage.map_coordinates(coarse, [grid_r, grid_c], order=1, mode='nearest')
+    with np.errstate(invalid='ignore'):
+        refined = depth * np.exp(correction) if space == 'log' else depth + correction
+        refined = np.where(np.isfinite(depth) & (depth > 0), refined, depth)
+    return refined.astype(np.float32)

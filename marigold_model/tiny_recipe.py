@@ -1,0 +1,201 @@
+"""Reproduce the bundled tiny Marigold model on a CPU: ``make train-tiny``.
+
+Stages (each resumable; outputs under ``--work``):
+
+1. render procedural synthetic RGB-D scenes (train and a disjoint held-out test set);
+2. train a small AutoencoderKL on their RGB and normalised depth (vae_training);
+3. build a Marigold-architecture model around it (random 8-channel U-Net) and train the
+   U-Net with this project's trainer (v-prediction, zero-SNR DDPM, annealed pyramid noise);
+4. export (fp16 weights) into ``--output`` and evaluate against trivial baselines on the
+   held-out scenes, writing the model card.
+"""
+
+import argparse
+from dataclasses import asdict, dataclass
+import json
+from pathlib import Path
+import sys
+import time
+
+import numpy as np
+import torch
+import yaml
+
+from .architecture import TinyArchitecture, build_unet, build_vae, empty_text_embedding
+from .architecture import save_marigold
+from .alignment import normalize_percentile
+from .trainer import DataSpec, Trainer, TrainConfig
+from .vae_training import fit_scaling_factor, reconstruction_error, train_vae, VaeTrainConfig
+
+RECIPE_FILE = Path(__file__).resolve().parent / 'recipes' / 'tiny.yaml'
+
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    """Settings of the tiny model recipe (defaults: the shipped model)."""
+
+    resolution: int = 64
+    train_scenes: int = 6000
+    test_scenes: int = 100
+    train_seed: int = 1
+    test_seed: int = 1_000_001
+    unet_channels: tuple = (48, 96, 144)
+    vae_channels: tuple = (32, 64, 64)
+    vae_steps: int = 400
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    unet_steps: int = 1800
+    unet_batch: int = 32
+    unet_lr: float = 5e-4
+    warmup_steps: int = 50
+    ema_decay: float = 0.998
+    seed: int = 0
+
+
+def load_recipe(path=RECIPE_FILE, overrides=()):
+    """Read the recipe YAML and apply key=value overrides.
+
+    :param path: YAML file
+    :param overrides: iterable of 'key=value'
+    :return: TinyRecipe
+    """
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        key, value = item.split('=', 1)
+        values[key] = yaml.safe_load(value)
+    for key in ('unet_channels', 'vae_channels'):
+        if key in values:
+            values[key] = tuple(values[key])
+    return TinyRecipe(**values)
+
+
+class SampleBank(torch.utils.data.Dataset):
+    """Samples held in memory (pre-rendered scenes)."""
+
+    def __init__(self, samples):
+        """Keep the samples.
+
+        :param samples: list of Sample
+        """
+        self.samples = list(samples)
+
+    def __len__(self):
+        """Return the number of samples."""
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        """Return one sample.
+
+        :param index: position
+        :return: Sample
+        """
+        return self.samples[index]
+
+
+def render_set(count, seed, resolution, log):
+    """Render ``count`` synthetic scenes deterministically.
+
+    :param count: number of scenes
+    :param seed: base seed (scene i uses [seed, i])
+    :param resolution: square image size
+    :param log: message function
+    :return: list of Sample
+    """
+    from .data.synthetic import SceneConfig, SyntheticDataset
+    dataset = SyntheticDataset(length=count, seed=seed,
+                               config=SceneConfig(height=resolution, width=resolution))
+    clock = time.perf_counter()
+    samples = [dataset[i] for i in range(count)]
+    log(f'rendered {count} scenes in {time.perf_counter() - clock:.1f} s')
+    return samples
+
+
+def _stack(samples):
+    rgb = np.stack([s.rgb for s in samples])
+    depth = np.stack([normalize_percentile(s.depth, s.valid) for s in samples]).astype(np.float32)
+    return rgb, depth
+
+
+def run(recipe, work, output, log=print):
+    """Run every stage, skipping those whose output is already in ``work``.
+
+    :param recipe: TinyRecipe
+    :param work: folder for intermediate results
+    :param output: folder of the exported model
+    :param log: message function
+    :return: dict of figures measured (times, losses, metrics)
+    """
+    work, output = Path(work), Path(output)
+    work.mkdir(parents=True, exist_ok=True)
+    figures = {'recipe': asdict(recipe)}
+    clock = time.perf_counter()
+    train = render_set(recipe.train_scenes, recipe.train_seed, recipe.resolution, log)
+    figures['render_s'] = time.perf_counter() - clock
+
+    arch = TinyArchitecture(vae_channels=recipe.vae_channels, unet_channels=recipe.unet_channels,
+                            processing_resolution=recipe.resolution, denoising_steps=1)
+    base = work / 'base'
+    if not (base / 'model_index.json').is_file():
+        clock = time.perf_counter()
+        torch.manual_seed(recipe.seed)
+        vae = build_vae(arch)
+        rgb, depth = _stack(train)
+        losses = train_vae(vae, rgb, depth, VaeTrainConfig(
+            steps=recipe.vae_steps, batch_size=recipe.vae_batch, lr=recipe.vae_lr,
+            seed=recipe.seed), log)
+        factor = fit_scaling_factor(vae, rgb, depth)
+        error = reconstruction_error(vae, depth)
+        log(f'vae: scaling factor {factor:.4f}, depth round-trip error {error:.4f}')
+        save_marigold(base, build_unet(arch), vae, empty_text_embedding(arch, recipe.seed), 1,
+                      recipe.resolution, extra={'architecture': asdict(arch)})
+        figures.update(vae_s=time.perf_counter() - clock, vae_final_loss=losses[-1],
+                       vae_depth_roundtrip_error=error)
+
+    from .data.mixing import MixedDataset, TrainTransform
+    # Twice the scenes as indices, so each scene is also seen flipped.
+    dataset = MixedDataset([SampleBank(train)], [1.0], length=2 * len(train),
+                           seed=recipe.seed,
+                           transform=TrainTransform(recipe.resolution, recipe.resolution))
+    config = TrainConfig(
+        output_dir=str(work / 'unet'), base_model=str(base),
+        data=(DataSpec('synthetic', '', 1.0, {}),), height=recipe.resolution,
+        width=recipe.resolution, max_steps=recipe.unet_steps, batch_size=recipe.unet_batch,
+        grad_accumulation=1, lr=recipe.unet_lr, optimizer='adamw', warmup_steps=recipe.warmup_steps,
+        lr_schedule='cosine', lr_final_ratio=0.02, ema_decay=recipe.ema_decay, seed=recipe.seed,
+        checkpoint_every=200, log_every=20, cache_latents=True, export_fp16=True,
+        export_steps=1, export_resolution=recipe.resolution)
+    clock = time.perf_counter()
+    trainer = Trainer(config, dataset=dataset)
+    if sorted((work / 'unet' / 'checkpoints').glob('step_*')):
+        trainer.resume('latest')
+        log(f'resumed the U-Net training at step {trainer.step}')
+    trainer.run()
+    figures['unet_s'] = time.perf_counter() - clock
+    figures['unet_final_loss'] = float(np.mean(trainer.losses[-50:]))
+    path = trainer.export(output)
+    figures['model_mb'] = sum(f.stat().st_size for f in path.rglob('*') if f.is_file()) / 2 ** 20
+    log(f'exported to {path} ({figures["model_mb"]:.1f} MB)')
+    (work / 'figures.json').write_text(json.dumps(figures, indent=2, default=str))
+    return figures
+
+
+def main(argv=None):
+    """Command line of the recipe.
+
+    :param argv: arguments
+    :return: exit code
+    """
+    parser = argparse.ArgumentParser(description='Reproduce the bundled tiny Marigold model.')
+    parser.add_argument('--recipe', default=str(RECIPE_FILE))
+    parser.add_argument('--work', default='runs/tiny')
+    parser.add_argument('--output', default=str(Path(__file__).resolve().parent / 'models'
+                                               / 'marigold-tiny'))
+    parser.add_argument('overrides', nargs='*', help='key=value recipe settings')
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    run(recipe, args.work, args.output)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

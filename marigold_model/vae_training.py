@@ -1,0 +1,109 @@
+"""Train a small AutoencoderKL for a tiny Marigold model, on RGB images and depth maps.
+
+Marigold encodes both the image and the depth (normalised to [-1, 1], repeated to three
+channels) with one frozen VAE. A model trained from scratch therefore needs a VAE that
+reconstructs both kinds well; this trains one with L1 + MSE reconstruction and a small KL
+term, then sets the latent scaling factor so latents have unit standard deviation (the role
+0.18215 plays for Stable Diffusion).
+"""
+
+from dataclasses import dataclass
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class VaeTrainConfig:
+    """Settings of the VAE training."""
+
+    steps: int = 340
+    batch_size: int = 32
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    seed: int = 0
+    log_every: int = 20
+
+
+def _batch(rgb, depth, rng, size):
+    """Half RGB images, half depth maps, in [-1, 1]."""
+    half = size // 2
+    pick_rgb = rng.integers(0, rgb.shape[0], size=size - half)
+    pick_depth = rng.integers(0, depth.shape[0], size=half)
+    images = torch.from_numpy(rgb[pick_rgb].transpose(0, 3, 1, 2).copy()).float() / 127.5 - 1
+    depths = torch.from_numpy(depth[pick_depth][:, None].copy()).float().repeat(1, 3, 1, 1)
+    if rng.random() < 0.5:
+        images, depths = images.flip(-1), depths.flip(-1)
+    return torch.cat([images, depths])
+
+
+def train_vae(vae, rgb, depth, config=VaeTrainConfig(), log=print):
+    """Train ``vae`` in place on RGB uint8 [N, H, W, 3] and depth [N, H, W] in [-1, 1].
+
+    :param vae: AutoencoderKL
+    :param rgb: uint8 array of images
+    :param depth: float32 array of normalised depth maps
+    :param config: VaeTrainConfig
+    :param log: function taking a message string
+    :return: list of losses per step
+    """
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.steps,
+                                                   pct_start=0.1)
+    vae.train()
+    losses = []
+    clock = time.perf_counter()
+    for step in range(config.steps):
+        batch = _batch(rgb, depth, rng, config.batch_size)
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = (F.l1_loss(reconstruction, batch) + F.mse_loss(reconstruction, batch)
+                + config.kl_weight * posterior.kl().mean())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if (step + 1) % config.log_every == 0:
+            rate = (time.perf_counter() - clock) / config.log_every
+            log(f'vae step {step + 1}/{config.steps} loss {np.mean(losses[-20:]):.4f} '
+                f'({rate:.2f} s/step)')
+            clock = time.perf_counter()
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def fit_scaling_factor(vae, rgb, depth, count=256, seed=0):
+    """Set vae.config.scaling_factor to 1 / std of the latents of images and depths.
+
+    :param vae: trained AutoencoderKL
+    :param rgb: uint8 images
+    :param depth: normalised depth maps
+    :param count: number of samples used
+    :param seed: sampling seed
+    :return: the scaling factor
+    """
+    batch = _batch(rgb, depth, np.random.default_rng(seed), count)
+    latents = torch.cat([vae.encode(part).latent_dist.mode() for part in batch.split(64)])
+    factor = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=factor)
+    return factor
+
+
+@torch.no_grad()
+def reconstruction_error(vae, depth, count=64):
+    """Mean absolute error of the VAE round trip of depth maps, in normalised units.
+
+    :param vae: AutoencoderKL
+    :param depth: normalised depth maps
+    :param count: how many maps to use
+    :return: float
+    """
+    maps = torch.from_numpy(depth[:count][:, None].copy()).float().repeat(1, 3, 1, 1)
+    decoded = vae.decode(vae.encode(maps).latent_dist.mode()).sample.mean(1, keepdim=True)
+    return float((decoded.clamp(-1, 1) - maps[:, :1]).abs().mean())

@@ -1,0 +1,142 @@
+"""Match a secondary message stream (camera_info, sparse depth) to image stamps.
+
+A small, bounded, thread-safe store: subscription callbacks call :meth:`StampMatcher.add`
+and the worker thread calls :meth:`StampMatcher.match` with the stamp of the image it
+processes.
+
+A fixed camera usually publishes camera_info with exactly the image's stamp, so a small
+tolerance suffices.  For publishers whose stamps are unrelated to the images (a static
+camera_info publisher, a latched topic), use ``tolerance_s=math.inf`` together with
+:meth:`StampMatcher.latest`, which returns the newest message whatever its stamp.
+"""
+
+import math
+import threading
+
+from builtin_interfaces.msg import Time
+
+_NS_PER_S = 1_000_000_000
+
+
+def stamp_to_ns(stamp):
+    """Convert a builtin_interfaces/Time to integer nanoseconds.
+
+    :param stamp: builtin_interfaces/Time (or anything with ``sec`` and ``nanosec``).
+    :return: ``sec * 1e9 + nanosec`` as an int.
+    """
+    return int(stamp.sec) * _NS_PER_S + int(stamp.nanosec)
+
+
+def ns_to_stamp(ns):
+    """Convert integer nanoseconds to a builtin_interfaces/Time.
+
+    :param ns: non-negative nanoseconds.
+    :return: builtin_interfaces/Time.
+    :raises ValueError: negative time.
+    """
+    ns = int(ns)
+    if ns < 0:
+        raise ValueError(f'time must be >= 0 ns, got {ns}')
+    return Time(sec=ns // _NS_PER_S, nanosec=ns % _NS_PER_S)
+
+
+class StampMatcher:
+    """Keep the recent messages of one stream and find the one closest to a stamp.
+
+    Memory is bounded by ``max_queue``: when full, the message received earliest is dropped
+    (receive order, not stamp order, so a clock jump backwards, e.g. a looping bag, ages the
+    old messages out instead of pinning them).  A message with a stamp already stored
+    replaces the stored one.  All methods are thread-safe.
+
+    :param tolerance_s: largest accepted ``|stamp - image stamp|`` in seconds (>= 0;
+        ``math.inf`` accepts any gap).
+    :param max_queue: number of messages kept (>= 1).
+    """
+
+    def __init__(self, tolerance_s=0.01, max_queue=30):
+        """Validate the settings and create an empty store."""
+        tolerance_s = float(tolerance_s)
+        if not tolerance_s >= 0:  # also rejects NaN
+            raise ValueError(f'tolerance_s must be >= 0 (or inf), got {tolerance_s}')
+        if int(max_queue) < 1:
+            raise ValueError(f'max_queue must be >= 1, got {max_queue}')
+        self._tolerance_ns = math.inf if math.isinf(tolerance_s) else \
+            int(round(tolerance_s * _NS_PER_S))
+        self._max_queue = int(max_queue)
+        # Insertion-ordered dict stamp -> message: O(1) eviction of the earliest received.
+        self._items = {}
+        self._lock = threading.Lock()
+
+    @property
+    def tolerance_s(self):
+        """Return the tolerance in seconds."""
+        return self._tolerance_ns if math.isinf(self._tolerance_ns) else \
+            self._tolerance_ns / _NS_PER_S
+
+    @property
+    def max_queue(self):
+        """Return the capacity."""
+        return self._max_queue
+
+    def add(self, stamp_ns, msg):
+        """Store a message under its stamp.
+
+        :param stamp_ns: stamp in integer nanoseconds (see :func:`stamp_to_ns`).
+        :param msg: the message (any object).
+        """
+        stamp_ns = int(stamp_ns)
+        with self._lock:
+            self._items.pop(stamp_ns, None)
+            self._items[stamp_ns] = msg
+            while len(self._items) > self._max_queue:
+                del self._items[next(iter(self._items))]
+
+    def add_msg(self, msg):
+        """Store a message with a ``header`` under its header stamp.
+
+        :param msg: message with ``header.stamp``.
+        """
+        self.add(stamp_to_ns(msg.header.stamp), msg)
+
+    def match(self, stamp_ns):
+        """Return the stored message closest in time to ``stamp_ns`` within the tolerance.
+
+        Ties go to the earlier stamp.  The message stays stored (one camera_info may serve
+        several images).
+
+        :param stamp_ns: stamp in integer nanoseconds.
+        :return: the message, or None if none is within the tolerance.
+        """
+        stamp_ns = int(stamp_ns)
+        with self._lock:
+            best_key, best_gap = None, None
+            for key in self._items:
+                gap = abs(key - stamp_ns)
+                if best_gap is None or gap < best_gap or (gap == best_gap and key < best_key):
+                    best_key, best_gap = key, gap
+            if best_key is None or best_gap > self._tolerance_ns:
+                return None
+            return self._items[best_key]
+
+    def latest(self):
+        """Return the most recently received message whatever its stamp, or None.
+
+        Meant for streams whose stamps do not follow the images (static camera_info
+        publishers); combine with ``tolerance_s=math.inf``.
+
+        :return: the message or None.
+        """
+        with self._lock:
+            if not self._items:
+                return None
+            return self._items[next(reversed(self._items))]
+
+    def clear(self):
+        """Drop all stored messages (e.g. after a clock jump)."""
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self):
+        """Return the number of stored messages."""
+        with self._lock:
+            return len(self._items)

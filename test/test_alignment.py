@@ -1,0 +1,307 @@
+"""Tests of marigold_model.alignment: least squares, robust fits, metrics, normalisation."""
+
+import math
+import pickle
+
+from marigold_model.alignment import abs_rel, AlignmentError, delta1, delta2, delta3
+from marigold_model.alignment import depth_metrics, evaluate_affine_invariant
+from marigold_model.alignment import fit_scale_shift, fit_scale_shift_robust, FitResult
+from marigold_model.alignment import normalize_percentile, rmse, sq_rel
+import numpy as np
+import pytest
+
+
+def _outlier_data(seed, n=400, scale=2.5, shift=0.7, outlier_rate=0.3, noise=0.01):
+    """Points on ``d = scale * r + shift`` with multiplicative noise and gross outliers."""
+    rng = np.random.default_rng(seed)
+    rel = rng.uniform(0.0, 1.0, n)
+    depth = (scale * rel + shift) * (1.0 + noise * rng.standard_normal(n))
+    bad = rng.permutation(n)[:int(round(outlier_rate * n))]
+    # Gross outliers: off by a factor 1.5 to 5, up or down.
+    factor = np.exp(rng.choice([-1.0, 1.0], bad.size) * rng.uniform(0.4, 1.6, bad.size))
+    depth[bad] *= factor
+    return rel, depth
+
+
+# Least squares
+
+
+def test_lsq_exact_hand_case():
+    # 3 = 2*1 + 1, 5 = 2*2 + 1, 7 = 2*3 + 1
+    s, t = fit_scale_shift([1.0, 2.0, 3.0], [3.0, 5.0, 7.0])
+    assert s == pytest.approx(2.0, abs=1e-12)
+    assert t == pytest.approx(1.0, abs=1e-12)
+
+
+def test_lsq_hand_computed_with_residuals():
+    # pred [0, 1, 2], target [0, 2, 1]: mean p = 1, mean d = 1, cov = 1, var = 2
+    s, t = fit_scale_shift(np.array([0.0, 1.0, 2.0]), np.array([0.0, 2.0, 1.0]))
+    assert s == pytest.approx(0.5)
+    assert t == pytest.approx(0.5)
+
+
+def test_lsq_any_shape_mask_and_nan():
+    pred = np.arange(12, dtype=np.float32).reshape(2, 3, 2)
+    target = 3.0 * pred - 2.0
+    target[0, 0, 0] = np.nan  # ignored: not finite
+    target[1, 2, 1] = 1e6  # ignored: masked out
+    mask = np.ones(pred.shape, dtype=bool)
+    mask[1, 2, 1] = False
+    s, t = fit_scale_shift(pred, target, mask)
+    assert (s, t) == pytest.approx((3.0, -2.0))
+
+
+def test_lsq_weights_select_points():
+    # Zero weight removes the third point; the first two define the line exactly.
+    s, t = fit_scale_shift([0.0, 1.0, 2.0], [1.0, 3.0, 100.0], weights=[1.0, 1.0, 0.0])
+    assert (s, t) == pytest.approx((2.0, 1.0))
+    # Weighted: pred [0, 1], target [0, 1] plus a heavy point (2, 4).
+    s, t = fit_scale_shift([0.0, 1.0, 2.0], [0.0, 1.0, 4.0], weights=[1.0, 1.0, 2.0])
+    # Weighted means p = 5/4, d = 9/4; var = (25 + 1 + 2 * 9) / 16, cov = (45 + 5 + 2 * 21) / 16
+    assert s == pytest.approx(92.0 / 44.0)
+    assert t == pytest.approx(9.0 / 4.0 - 92.0 / 44.0 * 5.0 / 4.0)
+
+
+def test_lsq_keeps_negative_scale():
+    s, t = fit_scale_shift([0.0, 1.0, 2.0], [5.0, 3.0, 1.0])
+    assert (s, t) == pytest.approx((-2.0, 5.0))
+
+
+@pytest.mark.parametrize('pred, target, reason', [
+    ([1.0], [2.0], 'too_few_points'),
+    ([1.0, np.nan], [2.0, 3.0], 'too_few_points'),
+    ([0.5, 0.5, 0.5], [1.0, 2.0, 3.0], 'degenerate_range'),
+    ([0.0, 0.0], [1.0, 2.0], 'degenerate_range'),
+])
+def test_lsq_errors(pred, target, reason):
+    with pytest.raises(AlignmentError) as info:
+        fit_scale_shift(pred, target)
+    assert info.value.reason == reason
+    assert isinstance(info.value, ValueError)
+    assert reason in str(info.value)
+
+
+def test_lsq_bad_input_raises_value_error():
+    with pytest.raises(ValueError, match='shape'):
+        fit_scale_shift([1.0, 2.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match='non-negative'):
+        fit_scale_shift([1.0, 2.0], [1.0, 2.0], weights=[1.0, -1.0])
+
+
+def test_alignment_error_pickles_with_reason():
+    error = pickle.loads(pickle.dumps(AlignmentError('degenerate_range', 'flat')))
+    assert error.reason == 'degenerate_range'
+    assert str(error) == 'degenerate_range: flat'
+
+
+# Robust fits
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_ransac_recovers_with_30_percent_outliers(seed):
+    rel, depth = _outlier_data(seed)
+    s_lsq, t_lsq = fit_scale_shift(rel, depth)
+    # Plain least squares is visibly pulled off (at r = 0 or r = 1).
+    assert max(abs(t_lsq - 0.7), abs(s_lsq + t_lsq - 3.2)) > 0.15
+    fit = fit_scale_shift_robust(rel, depth, rng=seed)
+    assert isinstance(fit, FitResult)
+    assert fit.scale == pytest.approx(2.5, rel=0.02)
+    assert fit.shift == pytest.approx(0.7, abs=0.03)
+    assert fit.n_points == 400
+    assert 0.65 <= fit.inlier_ratio <= 0.75
+    assert fit.n_inliers == round(fit.inlier_ratio * fit.n_points)
+    assert 0.0 < fit.residual < 0.02
+
+
+@pytest.mark.parametrize('method, loss', [('ransac', 'cauchy'), ('ransac', 'huber'),
+                                          ('irls', None)])
+def test_robust_variants_recover(method, loss):
+    rel, depth = _outlier_data(5, outlier_rate=0.2)
+    fit = fit_scale_shift_robust(rel, depth, method=method, loss=loss)
+    assert fit.scale == pytest.approx(2.5, rel=0.03)
+    assert fit.shift == pytest.approx(0.7, abs=0.04)
+
+
+def test_robust_exact_data_and_apply():
+    rel = np.linspace(0.0, 1.0, 11)
+    fit = fit_scale_shift_robust(rel, 4.0 * rel + 1.0)
+    assert (fit.scale, fit.shift) == pytest.approx((4.0, 1.0))
+    assert fit.inlier_ratio == 1.0
+    assert fit.residual == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_allclose(fit.apply([0.0, 0.5]), [1.0, 3.0])
+
+
+def test_robust_is_deterministic_for_a_seed():
+    rel, depth = _outlier_data(3, outlier_rate=0.45, noise=0.03)
+    first = fit_scale_shift_robust(rel, depth, iterations=20, rng=7)
+    again = fit_scale_shift_robust(rel, depth, iterations=20, rng=np.random.default_rng(7))
+    assert first == again
+    assert fit_scale_shift_robust(rel, depth, iterations=20) == \
+        fit_scale_shift_robust(rel, depth, iterations=20)
+
+
+def test_robust_ignores_non_positive_targets_and_mask():
+    rel = np.linspace(0.0, 1.0, 20)
+    depth = 2.0 * rel + 1.0
+    depth[:3] = [0.0, -1.0, np.nan]
+    mask = np.ones(20, dtype=bool)
+    mask[3] = False
+    fit = fit_scale_shift_robust(rel, depth, mask)
+    assert fit.n_points == 16
+    assert (fit.scale, fit.shift) == pytest.approx((2.0, 1.0))
+
+
+@pytest.mark.parametrize('rel, depth, kwargs, reason', [
+    ([0.1, 0.2], [1.0, 2.0], {}, 'too_few_points'),  # fewer than min_inliers=3
+    ([0.1], [1.0], {'min_inliers': 2}, 'too_few_points'),
+    ([0.1, 0.2, 0.3], [1.0, 0.0, -1.0], {}, 'too_few_points'),  # targets <= 0 ignored
+    ([0.5, 0.5, 0.5, 0.5], [1.0, 2.0, 3.0, 4.0], {}, 'degenerate_range'),
+    ([0.5, 0.51, 0.52], [1.0, 2.0, 3.0], {'min_span': 0.05}, 'degenerate_range'),
+    ([0.0, 0.5, 1.0, 0.2], [5.0, 3.0, 1.0, 4.2], {}, 'negative_scale'),  # inverted depth
+])
+def test_robust_errors(rel, depth, kwargs, reason):
+    with pytest.raises(AlignmentError) as info:
+        fit_scale_shift_robust(np.array(rel), np.array(depth), **kwargs)
+    assert info.value.reason == reason
+
+
+def test_robust_negative_scale_after_irls():
+    rel = np.linspace(0.0, 1.0, 30)
+    with pytest.raises(AlignmentError) as info:
+        fit_scale_shift_robust(rel, 10.0 - 5.0 * rel, method='irls')
+    assert info.value.reason == 'negative_scale'
+
+
+def test_robust_too_few_inliers():
+    # Six points, no three on a common line within 5 %: no consensus.
+    rel = np.array([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    depth = np.array([1.0, 3.0, 2.0, 6.0, 3.5, 9.0])
+    with pytest.raises(AlignmentError) as info:
+        fit_scale_shift_robust(rel, depth, min_inliers=4)
+    assert info.value.reason == 'too_few_inliers'
+
+
+@pytest.mark.parametrize('kwargs', [{'method': 'svd'}, {'loss': 'l3'}, {'threshold_rel': 0.0},
+                                    {'iterations': 0}, {'min_inliers': 1},
+                                    {'threshold_rel': math.nan}])
+def test_robust_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        fit_scale_shift_robust([0.0, 1.0, 2.0], [1.0, 2.0, 3.0], **kwargs)
+
+
+# Metrics
+
+
+def test_abs_rel_sq_rel_rmse_by_hand():
+    pred = np.array([1.0, 2.0, 6.0])
+    gt = np.array([2.0, 2.0, 4.0])
+    # |1-2|/2 = 0.5, 0, |6-4|/4 = 0.5 -> mean 1/3
+    assert abs_rel(pred, gt) == pytest.approx(1.0 / 3.0)
+    # 1/2, 0, 4/4 -> mean 0.5
+    assert sq_rel(pred, gt) == pytest.approx(0.5)
+    # sqrt((1 + 0 + 4) / 3)
+    assert rmse(pred, gt) == pytest.approx(math.sqrt(5.0 / 3.0))
+
+
+def test_metrics_ignore_invalid_and_masked():
+    pred = np.array([[1.0, 100.0], [3.0, 7.0]])
+    gt = np.array([[1.0, 0.0], [np.nan, 5.0]])  # gt 0 and NaN are invalid
+    assert abs_rel(pred, gt) == pytest.approx((0.0 + 0.4) / 2)
+    mask = np.array([[True, True], [True, False]])
+    assert abs_rel(pred, gt, mask) == pytest.approx(0.0)
+
+
+def test_delta_boundaries():
+    gt = np.array([4.0, 4.0, 4.0, 5.0, 4.0, 4.0])
+    # ratios: 1 (pass), exactly 1.25 (fails: strict), 1.24975 (pass), 5 / 4 = 1.25 with the
+    # prediction below (fails), 4 / 3.3 (pass), negative prediction (always fails)
+    pred = np.array([4.0, 5.0, 4.999, 4.0, 3.3, -4.0])
+    assert delta1(pred, gt) == pytest.approx(3.0 / 6.0)
+    # 1.5625 threshold: everything but the negative prediction
+    assert delta2(pred, gt) == pytest.approx(5.0 / 6.0)
+    # 1.25 ** 3 = 1.953125 exactly (fails), 1.9 (passes)
+    assert delta3(np.array([4.0 * 1.25 ** 3, 4.0 * 1.9]), gt[:2]) == pytest.approx(0.5)
+    assert delta1(np.array([0.0]), np.array([1.0])) == 0.0
+
+
+def test_depth_metrics_perfect_prediction():
+    gt = np.linspace(1.0, 10.0, 50)
+    metrics = depth_metrics(gt, gt)
+    assert metrics['abs_rel'] == 0.0 and metrics['rmse'] == 0.0 and metrics['sq_rel'] == 0.0
+    assert metrics['delta1'] == metrics['delta2'] == metrics['delta3'] == 1.0
+
+
+@pytest.mark.parametrize('metric', [abs_rel, sq_rel, rmse, delta1, delta2, delta3])
+def test_metrics_empty_mask(metric):
+    with pytest.raises(AlignmentError) as info:
+        metric(np.ones(4), np.ones(4), np.zeros(4, dtype=bool))
+    assert info.value.reason == 'empty_mask'
+
+
+def test_evaluate_affine_invariant_recovers_affine_prediction():
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(0.5, 10.0, (16, 20))
+    rel = (gt - 0.5) / 9.5  # affine in gt: perfect after alignment
+    valid = np.ones(gt.shape, dtype=bool)
+    valid[0] = False
+    result = evaluate_affine_invariant(rel, gt, valid, min_depth=1e-3, max_depth=80.0)
+    assert result['abs_rel'] == pytest.approx(0.0, abs=1e-12)
+    assert result['delta1'] == 1.0
+    assert (result['scale'], result['shift']) == pytest.approx((9.5, 0.5))
+    assert result['n_valid'] == 15 * 20
+
+
+def test_evaluate_affine_invariant_clips_and_masks_range():
+    gt = np.array([1.0, 2.0, 3.0, 50.0])
+    rel = np.array([0.0, 0.5, 1.0, 0.0])
+    # gt 50 is beyond max_depth: excluded from fit and metrics.
+    result = evaluate_affine_invariant(rel, gt, None, min_depth=0.5, max_depth=10.0)
+    assert result['n_valid'] == 3
+    assert result['abs_rel'] == pytest.approx(0.0, abs=1e-12)
+    # The aligned prediction at rel = 0 is 0.911 (by hand: s = 1.3 / 0.62, t = 1.75 - 0.4 s),
+    # below min_depth = 0.95: it is clipped up before the metrics.
+    rel2 = np.array([0.0, 0.5, 1.0, 0.1])
+    gt2 = np.array([1.0, 2.0, 3.0, 1.0])
+    out = evaluate_affine_invariant(rel2, gt2, np.ones(4, dtype=bool), 0.95, 10.0)
+    assert (out['scale'], out['shift']) == pytest.approx((1.3 / 0.62, 1.75 - 0.4 * 1.3 / 0.62))
+    raw = out['scale'] * rel2 + out['shift']
+    clipped = np.clip(raw, 0.95, 10.0)
+    assert raw[0] < 0.95
+    assert out['abs_rel'] == pytest.approx(np.mean(np.abs(clipped - gt2) / gt2))
+    assert out['abs_rel'] != pytest.approx(np.mean(np.abs(raw - gt2) / gt2))
+
+
+def test_evaluate_affine_invariant_errors():
+    with pytest.raises(AlignmentError) as info:
+        evaluate_affine_invariant(np.ones(3), np.full(3, 100.0), None, 0.1, 10.0)
+    assert info.value.reason == 'empty_mask'
+    with pytest.raises(ValueError, match='min_depth'):
+        evaluate_affine_invariant(np.ones(3), np.ones(3), None, 10.0, 1.0)
+
+
+# Percentile normalisation
+
+
+def test_normalize_percentile_maps_quantiles():
+    depth = np.arange(101, dtype=np.float64).reshape(1, 101)  # 2 % -> 2.0, 98 % -> 98.0
+    out = normalize_percentile(depth)
+    assert out.dtype == np.float32
+    assert out[0, 2] == pytest.approx(-1.0) and out[0, 98] == pytest.approx(1.0)
+    assert out[0, 50] == pytest.approx(0.0)
+    assert out[0, 0] == -1.0 and out[0, 100] == 1.0  # clipped
+    assert out.min() >= -1.0 and out.max() <= 1.0
+
+
+def test_normalize_percentile_uses_valid_pixels_only():
+    depth = np.array([1.0, 2.0, 3.0, 1000.0, np.nan])
+    valid = np.array([True, True, True, False, True])
+    out = normalize_percentile(depth, valid, low=0.0, high=1.0, fill=-5.0)
+    np.testing.assert_allclose(out, [-1.0, 0.0, 1.0, -5.0, -5.0])
+
+
+def test_normalize_percentile_constant_and_empty():
+    np.testing.assert_array_equal(normalize_percentile(np.full((2, 2), 3.0)), 0.0)
+    with pytest.raises(AlignmentError):
+        normalize_percentile(np.ones(3), np.zeros(3, dtype=bool))
+    with pytest.raises(ValueError):
+        normalize_percentile(np.ones(3), low=0.5, high=0.5)

@@ -1,0 +1,343 @@
+"""Tier-1 tests of marigold_ros.geometry: camera model, scaling, distortion, transforms."""
+
+import math
+
+from marigold_ros.geometry import CalibrationError
+from marigold_ros.geometry import CameraModel
+from marigold_ros.geometry import distort_normalized
+from marigold_ros.geometry import pixel_rays
+from marigold_ros.geometry import project_points
+from marigold_ros.geometry import quaternion_to_matrix
+from marigold_ros.geometry import Roi
+from marigold_ros.geometry import scale_camera
+from marigold_ros.geometry import transform_points
+from marigold_ros.geometry import undistort_normalized
+from marigold_ros.geometry import unproject_depth
+import numpy as np
+import pytest
+from sensor_msgs.msg import CameraInfo
+from std_msgs.msg import Header
+
+FX, FY, CX, CY = 80.0, 90.0, 31.5, 22.0
+W, H = 64, 48
+K = np.array([[FX, 0.0, CX], [0.0, FY, CY], [0.0, 0.0, 1.0]])
+
+PLUMB_BOB = [-0.28, 0.07, 0.001, -0.0015, 0.01]
+RATIONAL = [0.3, -0.05, 0.0008, 0.0012, 0.002, 0.65, -0.02, 0.004]
+
+
+def _info(**overrides):
+    msg = CameraInfo()
+    msg.header = Header(frame_id='cam_optical')
+    msg.width, msg.height = W, H
+    msg.k = K.ravel().tolist()
+    msg.distortion_model = 'plumb_bob'
+    msg.d = [0.0] * 5
+    msg.r = np.eye(3).ravel().tolist()
+    msg.p = np.hstack([K, np.zeros((3, 1))]).ravel().tolist()
+    for key, value in overrides.items():
+        setattr(msg, key, value)
+    return msg
+
+
+# ----------------------------------------------------------------- unprojection
+
+
+def test_fronto_parallel_plane_exact():
+    d = 2.5
+    points = unproject_depth(np.full((H, W), d, np.float32), K)
+    assert points.shape == (H, W, 3) and points.dtype == np.float32
+    assert np.all(points[:, :, 2] == np.float32(d))
+    v, u = np.mgrid[0:H, 0:W]
+    np.testing.assert_allclose(points[:, :, 0], (u - CX) * d / FX, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(points[:, :, 1], (v - CY) * d / FY, rtol=1e-6, atol=1e-6)
+
+
+def test_tilted_plane_satisfies_plane_equation():
+    normal = np.array([0.3, -0.2, 1.0])
+    c = 3.0
+    v, u = np.mgrid[0:H, 0:W]
+    # Independent pinhole: the ray through (u, v) is ((u - cx) / fx, (v - cy) / fy, 1).
+    ray_dot_n = normal[0] * (u - CX) / FX + normal[1] * (v - CY) / FY + normal[2]
+    depth = (c / ray_dot_n).astype(np.float32)
+    points = unproject_depth(depth, K).astype(np.float64)
+    residual = points @ normal - c
+    assert np.max(np.abs(residual)) < 1e-5 * c
+
+
+def test_invalid_depth_gives_nan_points():
+    depth = np.ones((H, W), np.float32)
+    depth[0, 0] = np.nan
+    depth[1, 1] = 0.0
+    depth[2, 2] = -1.0
+    depth[3, 3] = np.inf
+    points = unproject_depth(depth, K)
+    for r in range(4):
+        assert np.all(np.isnan(points[r, r]))
+    assert np.isfinite(points).all(axis=2).sum() == H * W - 4
+
+
+def test_pixel_rays_are_cached_and_read_only():
+    first = pixel_rays(H, W, K)
+    second = pixel_rays(H, W, K.copy())
+    assert first[0] is second[0]
+    assert not first[0].flags.writeable
+
+
+def test_unproject_with_model_checks_size():
+    model = CameraModel.from_msg(_info())
+    assert unproject_depth(np.ones((H, W), np.float32), model).shape == (H, W, 3)
+    with pytest.raises(ValueError, match='scale_camera'):
+        unproject_depth(np.ones((H // 2, W // 2), np.float32), model)
+
+
+# ----------------------------------------------------------------- camera model
+
+
+def test_from_msg_to_msg_round_trip_and_zero_p():
+    model = CameraModel.from_msg(_info(p=[0.0] * 12, d=PLUMB_BOB))
+    np.testing.assert_array_equal(model.P, np.hstack([K, np.zeros((3, 1))]))
+    assert model.frame_id == 'cam_optical' and model.has_distortion
+    msg = model.to_msg(Header(frame_id='other'))
+    assert msg.header.frame_id == 'other'
+    back = CameraModel.from_msg(msg)
+    np.testing.assert_array_equal(back.K, model.K)
+    np.testing.assert_array_equal(back.D, PLUMB_BOB)
+    assert back.distortion_model == 'plumb_bob' and (back.width, back.height) == (W, H)
+    with pytest.raises(ValueError):
+        model.K[0, 0] = 1.0  # read-only
+
+
+@pytest.mark.parametrize('overrides, reason', [
+    (dict(k=[0.0] * 9), 'uncalibrated'),
+    (dict(k=[0.0, 0, CX, 0, FY, CY, 0, 0, 1]), 'bad_focal_length'),
+    (dict(k=[FX, 0, CX, 0, 0.0, CY, 0, 0, 1]), 'bad_focal_length'),
+    (dict(k=[math.nan, 0, CX, 0, FY, CY, 0, 0, 1]), 'bad_focal_length'),
+    (dict(k=[math.inf, 0, CX, 0, FY, CY, 0, 0, 1]), 'bad_focal_length'),
+    (dict(k=[FX, 0, math.nan, 0, FY, CY, 0, 0, 1]), 'bad_principal_point'),
+    (dict(width=0), 'bad_size'),
+    (dict(height=0), 'bad_size'),
+    (dict(distortion_model='fancy', d=[0.1, 0.0]), 'unknown_distortion_model'),
+    (dict(d=[0.1, 0.0, 0.0, 0.0, 0.0, 0.3]), 'bad_distortion'),
+    (dict(d=[math.nan] * 5), 'bad_distortion'),
+])
+def test_bad_calibration_rejected(overrides, reason):
+    with pytest.raises(CalibrationError) as err:
+        CameraModel.from_msg(_info(**overrides))
+    assert err.value.reason == reason
+    assert isinstance(err.value, ValueError)
+
+
+def test_bad_roi_rejected():
+    msg = _info()
+    msg.roi.x_offset, msg.roi.width, msg.roi.height = 40, 40, 10
+    with pytest.raises(CalibrationError) as err:
+        CameraModel.from_msg(msg)
+    assert err.value.reason == 'bad_roi'
+
+
+# ----------------------------------------------------------------- scaling
+
+
+def _ray(k, u, v):
+    """Independent pinhole ray (x / z, y / z) through a possibly fractional pixel."""
+    return (u - k[0, 2]) / k[0, 0], (v - k[1, 2]) / k[1, 1]
+
+
+def test_half_size_gives_same_rays_at_corresponding_pixels():
+    model = CameraModel.from_msg(_info(p=[FX, 0, CX, -8.0, 0, FY, CY, 0, 0, 0, 1, 0]))
+    half = scale_camera(model, W // 2, H // 2)
+    assert (half.width, half.height) == (W // 2, H // 2)
+    # Pixel-centre convention chosen for bilinear align_corners=False resizing.
+    assert half.cx == pytest.approx((CX + 0.5) / 2 - 0.5)
+    assert half.fx == pytest.approx(FX / 2) and half.fy == pytest.approx(FY / 2)
+    assert half.P[0, 3] == pytest.approx(-4.0) and half.P[0, 2] == pytest.approx(half.cx)
+    rx, ry, ok = pixel_rays(half.height, half.width, half.K)
+    assert ok.all()
+    v, u = np.mgrid[0:H // 2, 0:W // 2]
+    # Output pixel (u', v') is interpolated from input point (2 u' + 0.5, 2 v' + 0.5).
+    ex, ey = _ray(K, 2 * u + 0.5, 2 * v + 0.5)
+    np.testing.assert_allclose(rx, ex, atol=1e-6)
+    np.testing.assert_allclose(ry, ey, atol=1e-6)
+    # Same 3-D points from a constant depth at corresponding pixels.
+    pts = unproject_depth(np.full((H // 2, W // 2), 4.0, np.float32), half)
+    np.testing.assert_allclose(pts[:, :, 0], ex * 4.0, atol=1e-5)
+    assert scale_camera(model, W, H).K.tolist() == model.K.tolist()
+
+
+def test_binning_and_roi_folded_into_intrinsics():
+    full_w, full_h = 640, 480
+    k = np.array([[500.0, 0.0, 320.5], [0.0, 510.0, 240.25], [0.0, 0.0, 1.0]])
+    msg = _info(width=full_w, height=full_h, k=k.ravel().tolist(),
+                p=np.hstack([k, np.zeros((3, 1))]).ravel().tolist(), binning_x=2,
+                binning_y=2)
+    msg.roi.x_offset, msg.roi.y_offset, msg.roi.width, msg.roi.height = 100, 50, 320, 240
+    model = CameraModel.from_msg(msg)
+    eff = model.effective()
+    assert (eff.width, eff.height) == (160, 120)
+    assert eff.binning_x == 0 and eff.binning_y == 0 and eff.roi == Roi()
+    out = scale_camera(model, 160, 120)
+    info = out.to_msg(Header(frame_id='cam_optical'))
+    assert info.binning_x == 0 and info.roi.width == 0 and (info.width, info.height) == (
+        160, 120)
+    # Binned pixel (j, i) averages raw pixels 2j..2j+1 of the ROI: its centre is the raw
+    # point (100 + 2 j + 0.5, 50 + 2 i + 0.5).
+    rx, ry, _ = pixel_rays(120, 160, np.asarray(info.k).reshape(3, 3))
+    i, j = np.mgrid[0:120, 0:160]
+    ex, ey = _ray(k, 100 + 2 * j + 0.5, 50 + 2 * i + 0.5)
+    np.testing.assert_allclose(rx, ex, atol=1e-6)
+    np.testing.assert_allclose(ry, ey, atol=1e-6)
+    # And scaling the binned image further by 1/2 composes.
+    quarter = scale_camera(model, 80, 60)
+    rx, ry, _ = pixel_rays(60, 80, quarter.K)
+    i, j = np.mgrid[0:60, 0:80]
+    ex, ey = _ray(k, 100 + 4 * j + 1.5, 50 + 4 * i + 1.5)
+    np.testing.assert_allclose(rx, ex, atol=1e-6)
+
+
+def test_scale_camera_rejects_bad_size():
+    with pytest.raises(ValueError):
+        scale_camera(CameraModel.from_msg(_info()), 0, 10)
+
+
+# ----------------------------------------------------------------- distortion
+
+
+def _plumb_bob_reference(x, y, d):
+    """Hand-written Brown-Conrady formula (OpenCV order k1 k2 p1 p2 k3), scalar."""
+    k1, k2, p1, p2, k3 = d
+    r2 = x * x + y * y
+    radial = 1 + k1 * r2 + k2 * r2 ** 2 + k3 * r2 ** 3
+    return (x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x),
+            y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y)
+
+
+def _rational_reference(x, y, d):
+    k1, k2, p1, p2, k3, k4, k5, k6 = d
+    r2 = x * x + y * y
+    radial = (1 + k1 * r2 + k2 * r2 ** 2 + k3 * r2 ** 3) / (
+        1 + k4 * r2 + k5 * r2 ** 2 + k6 * r2 ** 3)
+    return (x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x),
+            y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y)
+
+
+_POINTS = [(0.0, 0.0, 2.0), (0.3, -0.2, 1.5), (-0.5, 0.35, 2.2), (0.1, 0.05, 0.7)]
+
+
+@pytest.mark.parametrize('model_name, coeffs, reference', [
+    ('plumb_bob', PLUMB_BOB, _plumb_bob_reference),
+    ('rational_polynomial', RATIONAL, _rational_reference),
+])
+def test_projection_matches_hand_written_formula(model_name, coeffs, reference):
+    model = CameraModel.from_msg(_info(distortion_model=model_name, d=coeffs))
+    uv, z, mask = project_points(np.array(_POINTS), model)
+    assert mask.all()
+    for (px, py, pz), (u, v), depth in zip(_POINTS, uv, z):
+        xd, yd = reference(px / pz, py / pz, coeffs)
+        assert u == pytest.approx(FX * xd + CX, abs=1e-9)
+        assert v == pytest.approx(FY * yd + CY, abs=1e-9)
+        assert depth == pz
+
+
+def test_projection_matches_opencv_if_available():
+    cv2 = pytest.importorskip('cv2')
+    for name, coeffs in (('plumb_bob', PLUMB_BOB), ('rational_polynomial', RATIONAL)):
+        model = CameraModel.from_msg(_info(distortion_model=name, d=coeffs))
+        pts = np.array(_POINTS)
+        expected, _ = cv2.projectPoints(pts, np.zeros(3), np.zeros(3), K, np.array(coeffs))
+        uv, _, _ = project_points(pts, model)
+        np.testing.assert_allclose(uv, expected.reshape(-1, 2), atol=1e-6)
+
+
+def test_equidistant_distortion_formula():
+    coeffs = [0.1, -0.02, 0.003, -0.0004]
+    x, y = 0.4, -0.3
+    r = math.hypot(x, y)
+    theta = math.atan(r)
+    theta_d = theta * (1 + coeffs[0] * theta ** 2 + coeffs[1] * theta ** 4
+                       + coeffs[2] * theta ** 6 + coeffs[3] * theta ** 8)
+    xd, yd = distort_normalized(x, y, coeffs, 'equidistant')
+    assert xd == pytest.approx(x * theta_d / r, abs=1e-12)
+    assert yd == pytest.approx(y * theta_d / r, abs=1e-12)
+
+
+@pytest.mark.parametrize('model_name, coeffs', [
+    ('plumb_bob', PLUMB_BOB), ('rational_polynomial', RATIONAL),
+    ('equidistant', [0.1, -0.02, 0.003, -0.0004]),
+])
+def test_unproject_project_round_trip_with_distortion(model_name, coeffs):
+    model = CameraModel.from_msg(_info(distortion_model=model_name, d=coeffs))
+    depth = np.full((H, W), 3.0, np.float32)
+    points = unproject_depth(depth, model)
+    assert np.isfinite(points).all()
+    uv, _, mask = project_points(points.reshape(-1, 3), model)
+    assert mask.all()
+    v, u = np.mgrid[0:H, 0:W]
+    np.testing.assert_allclose(uv[:, 0], u.ravel(), atol=1e-3)
+    np.testing.assert_allclose(uv[:, 1], v.ravel(), atol=1e-3)
+    # Undistortion on its own inverts distortion to numerical precision.
+    xd, yd = distort_normalized(0.2, -0.15, coeffs, model_name)
+    x, y = undistort_normalized(xd, yd, coeffs, model_name)
+    assert (float(x), float(y)) == pytest.approx((0.2, -0.15), abs=1e-9)
+
+
+def test_projection_masks_behind_outside_and_folded_points():
+    model = CameraModel.from_msg(_info())
+    pts = np.array([[0.0, 0.0, 1.0],        # principal point: inside
+                    [0.0, 0.0, -1.0],       # behind
+                    [0.0, 0.0, 0.0],        # on the camera centre
+                    [10.0, 0.0, 1.0],       # far right, outside
+                    [np.nan, 0.0, 1.0]])    # invalid
+    uv, z, mask = project_points(pts, model)
+    assert mask.tolist() == [True, False, False, False, False]
+    assert uv[0].tolist() == [CX, CY] and z[1] == -1.0
+    # Strong barrel distortion r (1 - 0.5 r^2) folds back beyond r = 1 / sqrt(1.5) ~ 0.82:
+    # a point at r = 1.4 (xd = 0.028) would land near the image centre and must be rejected.
+    folded = CameraModel.from_msg(_info(d=[-0.5, 0.0, 0.0, 0.0, 0.0]))
+    far = np.array([[1.4, 0.0, 1.0]])
+    xd, _ = distort_normalized(1.4, 0.0, [-0.5, 0, 0, 0, 0], 'plumb_bob')
+    assert 0 <= FX * xd + CX < W  # the naive projection lands inside the image...
+    assert not project_points(far, folded)[2][0]  # ...but is rejected
+    assert project_points(np.array([[0.1, 0.0, 1.0]]), folded)[2][0]
+
+
+def test_projection_uses_binning_and_roi():
+    msg = _info(binning_x=2, binning_y=2)
+    model = CameraModel.from_msg(msg)
+    uv, _, mask = project_points(np.array([[0.0, 0.0, 1.0]]), model)
+    assert mask[0]
+    assert uv[0].tolist() == pytest.approx([(CX + 0.5) / 2 - 0.5, (CY + 0.5) / 2 - 0.5])
+
+
+# ----------------------------------------------------------------- transforms
+
+
+def test_quaternion_rotation_and_translation():
+    s = math.sin(math.pi / 4)
+    q = (0.0, 0.0, s, s)  # +90 degrees about z
+    out = transform_points(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 2.0]]), (1.0, 2.0, 3.0), q)
+    np.testing.assert_allclose(out, [[1.0, 3.0, 3.0], [0.0, 2.0, 5.0]], atol=1e-12)
+    # Not normalised: same rotation.
+    scaled = transform_points(np.array([[1.0, 0.0, 0.0]]), (0, 0, 0), np.array(q) * 3)
+    np.testing.assert_allclose(scaled, [[0.0, 1.0, 0.0]], atol=1e-12)
+    # float32 stays float32; a rotation matrix is orthonormal with det 1.
+    pts32 = np.ones((4, 3), np.float32)
+    assert transform_points(pts32, (0, 0, 0), (0.1, 0.2, 0.3, 0.9)).dtype == np.float32
+    rot = quaternion_to_matrix((0.1, 0.2, 0.3, 0.9))
+    np.testing.assert_allclose(rot @ rot.T, np.eye(3), atol=1e-12)
+    assert np.linalg.det(rot) == pytest.approx(1.0)
+
+
+def test_transform_inverse_round_trip_and_bad_input():
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(50, 3))
+    q = np.array([0.2, -0.4, 0.1, 0.85])
+    t = np.array([0.5, -1.0, 2.0])
+    moved = transform_points(pts, t, q)
+    q_inv = np.array([-q[0], -q[1], -q[2], q[3]])
+    back = transform_points(moved - t, (0, 0, 0), q_inv)
+    np.testing.assert_allclose(back, pts, atol=1e-12)
+    with pytest.raises(ValueError):
+        transform_points(pts, t, (0, 0, 0, 0))
+    with pytest.raises(ValueError):
+        transform_points(pts[:, :2], t, q)

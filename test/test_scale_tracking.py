@@ -1,0 +1,316 @@
+"""Tests of marigold_model.scale_tracking: sparse sampling, tracking, local refinement."""
+
+import math
+
+from marigold_model.alignment import abs_rel, fit_scale_shift
+from marigold_model.scale_tracking import refine_local, sample_sparse_pairs, ScaleEstimate
+from marigold_model.scale_tracking import ScaleTracker, ScaleTrackerConfig, sparse_pixels
+import numpy as np
+import pytest
+
+HEIGHT, WIDTH = 160, 240
+
+
+def synthetic_scene(rng, height=HEIGHT, width=WIDTH, error=0.03):
+    """
+    Smooth ground-truth depth and an affine-invariant "prediction" of it.
+
+    The ground truth is a tilted plane (6 m at the top to 2 m at the bottom) with four
+    Gaussian blobs closer to the camera. The prediction is the ground truth normalised to
+    [0, 1] plus a smooth low-frequency error of ``error`` (relative units), renormalised.
+    """
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    yy /= height
+    xx /= width
+    gt = 6.0 - 4.0 * yy + 0.8 * xx * rng.uniform(-1.0, 1.0)
+    for _ in range(4):
+        cy, cx = rng.uniform(0.2, 0.8, 2)
+        radius = rng.uniform(0.05, 0.15)
+        gt -= rng.uniform(0.3, 1.2) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2)
+                                             / (2.0 * radius ** 2))
+    rel = (gt - gt.min()) / (gt.max() - gt.min())
+    phase = rng.uniform(0.0, 2.0 * np.pi, 2)
+    rel = rel + error * np.sin(2 * np.pi * 0.7 * xx + phase[0]) * np.cos(
+        2 * np.pi * 0.5 * yy + phase[1])
+    return gt, (rel - rel.min()) / (rel.max() - rel.min())
+
+
+def sparse_image(rng, gt, fraction=0.005, outlier_rate=0.05, noise=0.02):
+    """
+    Sparse metric depth image: a random ``fraction`` of pixels, the rest 0 (no reading).
+
+    Readings carry ``noise`` multiplicative Gaussian noise; ``outlier_rate`` of them are off
+    by a factor of 1.5 to 5 instead.
+    """
+    n = max(2, int(round(fraction * gt.size)))
+    index = rng.choice(gt.size, n, replace=False)
+    values = gt.ravel()[index] * (1.0 + noise * rng.standard_normal(n))
+    bad = rng.random(n) < outlier_rate
+    values[bad] = gt.ravel()[index[bad]] * np.exp(
+        rng.choice([-1.0, 1.0], bad.sum()) * rng.uniform(0.4, 1.6, bad.sum()))
+    sparse = np.zeros(gt.shape)
+    sparse.ravel()[index] = values
+    return sparse
+
+
+def oracle_abs_rel(rel, gt):
+    """Return the AbsRel of the least-squares fit on all ground-truth pixels."""
+    s, t = fit_scale_shift(rel, gt)
+    return abs_rel(s * rel + t, gt)
+
+
+# Accuracy (the issue's requirement)
+
+
+def test_recovered_metric_depth_within_1_1x_of_oracle():
+    # The protocol averages AbsRel over images, so the requirement is on the average over
+    # scenes. Per scene the ratio is a random variable (192 noisy points against 38400
+    # pixels): over 200 scenes its mean is 1.008 and 1 % of scenes exceed 1.1, so a loose
+    # per-scene bound guards against single failures.
+    recovered, oracle = [], []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        gt, rel = synthetic_scene(rng)
+        sparse = sparse_image(rng, gt)
+        rel_values, metric_values = sample_sparse_pairs(rel, sparse)
+        assert rel_values.size == round(0.005 * HEIGHT * WIDTH)
+        estimate = ScaleTracker().update(rel_values, metric_values, 0.0)
+        assert estimate.status == 'ok'
+        recovered.append(abs_rel(estimate.apply(rel), gt))
+        oracle.append(oracle_abs_rel(rel, gt))
+        assert recovered[-1] <= 1.25 * oracle[-1]
+    assert np.mean(recovered) <= 1.1 * np.mean(oracle)
+
+
+def test_local_refinement_beats_the_global_fit():
+    ratios = []
+    for seed in range(3):
+        rng = np.random.default_rng(100 + seed)
+        gt, rel = synthetic_scene(rng)
+        sparse = sparse_image(rng, gt, fraction=0.01)
+        estimate = ScaleTracker().update(*sample_sparse_pairs(rel, sparse), 0.0)
+        global_depth = estimate.apply(rel)
+        uv, values = sparse_pixels(sparse, rel.shape)
+        refined = refine_local(global_depth, uv, values)
+        ratios.append(abs_rel(refined, gt) / abs_rel(global_depth, gt))
+    assert max(ratios) < 0.9
+
+
+# Sequences
+
+
+def _frame(rng, gt, rel, fraction=0.005):
+    return sample_sparse_pairs(rel, sparse_image(rng, gt, fraction))
+
+
+def test_sequence_converges_smooths_holds_and_expires():
+    rng = np.random.default_rng(7)
+    gt, rel = synthetic_scene(rng)
+    s_true, t_true = fit_scale_shift(rel, gt)
+    tracker = ScaleTracker(ScaleTrackerConfig(stale_after_s=0.5, max_stale_s=2.0))
+    assert tracker.current(0.0) is None
+    tracked, raw = [], []
+    for k in range(15):
+        rel_values, metric_values = _frame(rng, gt, rel)
+        estimate = tracker.update(rel_values, metric_values, 0.1 * k)
+        assert estimate.status == 'ok' and estimate.age_s == 0.0
+        tracked.append(estimate.scale)
+        raw.append(ScaleTracker().update(rel_values, metric_values, 0.0).scale)
+    # Converged within three frames and stays there.
+    assert all(abs(s / s_true - 1.0) < 0.03 for s in tracked[2:])
+    # Smoothing: less frame-to-frame jitter than independent per-frame fits.
+    assert np.std(np.diff(np.log(tracked))) < 0.7 * np.std(np.diff(np.log(raw)))
+    held = tracker.current(1.4)
+
+    # Sparse input drops out: updates without readings keep the estimate, marked stale.
+    empty = np.zeros((0,))
+    for stamp in (1.5, 2.0, 3.0, 3.3):
+        estimate = tracker.update(empty, empty, stamp)
+        assert estimate.status == 'stale' and estimate.reason == 'too_few_points'
+        assert estimate.scale == held.scale and estimate.shift == held.shift
+        assert estimate.age_s == pytest.approx(stamp - 1.4)
+    assert tracker.current(3.3).status == 'stale'
+    assert tracker.current(1.4 + 2.0 - 1e-6) is not None
+    assert tracker.current(1.4 + 2.0 + 1e-6) is None
+    expired = tracker.update(empty, empty, 3.5)
+    assert expired.status == 'no_estimate' and expired.reason == 'too_few_points'
+    assert math.isnan(expired.scale) and not expired.usable
+    # The first good fit after expiry re-initialises without gating.
+    back = tracker.update(*_frame(rng, gt, 3.0 * rel), 4.0)
+    assert back.status == 'ok' and back.scale == pytest.approx(s_true / 3.0, rel=0.05)
+
+
+def test_stale_without_updates_then_ok_again():
+    rng = np.random.default_rng(3)
+    gt, rel = synthetic_scene(rng)
+    tracker = ScaleTracker(ScaleTrackerConfig(stale_after_s=0.3, max_stale_s=1.0))
+    tracker.update(*_frame(rng, gt, rel), 10.0)
+    assert tracker.current(10.2).status == 'ok'
+    assert tracker.current(10.2).age_s == pytest.approx(0.2)
+    assert tracker.current(10.5).status == 'stale' and tracker.current(10.5).reason is None
+    assert tracker.current(11.1) is None
+    # Slightly out-of-order stamps are fine; a big jump back resets the tracker.
+    assert tracker.current(9.9).age_s == 0.0
+    estimate = tracker.update(np.zeros(0), np.zeros(0), 5.0)
+    assert estimate.status == 'no_estimate'
+
+
+def test_smoothing_is_exponential_in_log_scale():
+    # Zero shift: the anchor-depth average reduces to log-scale smoothing exactly.
+    tracker = ScaleTracker(ScaleTrackerConfig(smoothing=0.3))
+    rel = np.linspace(0.1, 1.0, 50)
+    assert tracker.update(rel, 2.0 * rel, 0.0).scale == pytest.approx(2.0)
+    estimate = tracker.update(rel, 2.4 * rel, 0.1)
+    assert estimate.scale == pytest.approx(math.exp(0.7 * math.log(2.0) + 0.3 * math.log(2.4)))
+    assert estimate.shift == pytest.approx(0.0, abs=1e-9)
+    # No smoothing: the new fit replaces the old one.
+    tracker = ScaleTracker(ScaleTrackerConfig(smoothing=1.0))
+    tracker.update(rel, 2.0 * rel + 1.0, 0.0)
+    assert tracker.update(rel, 2.4 * rel + 0.5, 0.1).scale == pytest.approx(2.4)
+
+
+def test_gating_rejects_single_outlier_frame_and_reinitialises_on_persistent_change():
+    rel = np.linspace(0.05, 1.0, 60)
+    config = ScaleTrackerConfig(gate_factor=1.5, reinit_after=3)
+    tracker = ScaleTracker(config)
+    for k in range(3):
+        tracker.update(rel, 3.0 * rel + 1.0, 0.1 * k)
+    good = tracker.current(0.2)
+    # One frame whose readings are all consistent but twice as far: gated.
+    rejected = tracker.update(rel, 2.0 * (3.0 * rel + 1.0), 0.3)
+    assert rejected.status == 'stale' and rejected.reason == 'gated_outlier'
+    assert (rejected.scale, rejected.shift) == (good.scale, good.shift)
+    after = tracker.update(rel, 3.0 * rel + 1.0, 0.4)
+    assert after.status == 'ok' and after.scale == pytest.approx(3.0)
+    # Alternating inconsistent outliers never re-initialise.
+    for k in range(7):  # ends with 0.4
+        factor = 2.0 if k % 2 else 0.4
+        estimate = tracker.update(rel, factor * (3.0 * rel + 1.0), 0.5 + 0.01 * k)
+        assert estimate.reason == 'gated_outlier'
+        assert estimate.scale == pytest.approx(3.0)
+    # A persistent change: rejected reinit_after times, then taken without smoothing.
+    for k in range(config.reinit_after):
+        estimate = tracker.update(rel, 2.0 * (3.0 * rel + 1.0), 1.0 + 0.1 * k)
+        assert estimate.reason == 'gated_outlier'
+    estimate = tracker.update(rel, 2.0 * (3.0 * rel + 1.0), 1.5)
+    assert estimate.status == 'ok'
+    assert (estimate.scale, estimate.shift) == pytest.approx((6.0, 2.0))
+
+
+@pytest.mark.parametrize('rel, metric, reason', [
+    (np.linspace(0, 1, 10), np.linspace(1, 2, 10), 'too_few_points'),  # < min_points 20
+    (np.full(40, 0.5) + np.linspace(0, 0.01, 40), np.linspace(1, 2, 40), 'degenerate_range'),
+    (np.linspace(0, 1, 40), np.linspace(5, 1, 40), 'negative_scale'),
+    (np.linspace(0, 1, 40), np.random.default_rng(0).uniform(1, 9, 40), 'low_inlier_ratio'),
+])
+def test_failure_reasons_without_prior_estimate(rel, metric, reason):
+    tracker = ScaleTracker()
+    estimate = tracker.update(rel, metric, 0.0)
+    assert estimate.status == 'no_estimate' and estimate.reason == reason
+    assert tracker.current(0.0) is None
+    assert np.isnan(estimate.apply(np.ones(3))).all()
+
+
+def test_update_rejects_mismatched_samples():
+    with pytest.raises(ValueError, match='samples'):
+        ScaleTracker().update(np.zeros(3), np.zeros(4), 0.0)
+
+
+@pytest.mark.parametrize('kwargs', [{'smoothing': 0.0}, {'gate_factor': 1.0},
+                                    {'anchors': (0.5, 0.5)}, {'min_points': 1},
+                                    {'stale_after_s': 3.0, 'max_stale_s': 2.0}])
+def test_config_validation(kwargs):
+    with pytest.raises(ValueError):
+        ScaleTrackerConfig(**kwargs)
+
+
+def test_estimate_apply_marks_non_positive_depth_nan():
+    estimate = ScaleEstimate(scale=2.0, shift=-0.5, inlier_ratio=1.0, residual=0.0,
+                             n_points=10, age_s=0.0, status='ok')
+    depth = estimate.apply(np.array([0.0, 0.25, 0.5, np.nan]))
+    assert depth.dtype == np.float32
+    assert np.isnan(depth[0]) and np.isnan(depth[1]) and np.isnan(depth[3])
+    assert depth[2] == pytest.approx(0.5)
+
+
+# Sparse sampling
+
+
+def test_sample_sparse_pairs_lower_resolution_by_hand():
+    rel = np.arange(24, dtype=np.float64).reshape(4, 6)  # rel[v, u] = 6 v + u
+    sparse = np.zeros((2, 3))
+    sparse[1, 2] = 7.0  # centre (2.5, 1.5) -> (5, 3) at twice the resolution
+    sparse[0, 0] = 3.0  # centre (0.5, 0.5) -> (1, 1)
+    sparse[0, 1] = np.nan  # no reading
+    rel_values, metric_values = sample_sparse_pairs(rel, sparse)
+    assert sorted(zip(rel_values, metric_values)) == [(7.0, 3.0), (23.0, 7.0)]
+
+
+def test_sample_sparse_pairs_higher_resolution_keeps_every_reading():
+    rel = np.arange(24, dtype=np.float64).reshape(4, 6)
+    sparse = np.zeros((8, 12))
+    sparse[7, 11] = 5.0  # -> (5, 3)
+    sparse[0, 0] = 1.5  # -> (0, 0)
+    sparse[0, 1] = 2.5  # -> (0, 0) as well: both readings kept, not blended
+    sparse[3, 4] = -1.0  # invalid
+    rel_values, metric_values = sample_sparse_pairs(rel, sparse)
+    assert sorted(zip(rel_values, metric_values)) == [(0.0, 1.5), (0.0, 2.5), (23.0, 5.0)]
+    uv, values = sparse_pixels(sparse[:, :, None], rel.shape)
+    assert uv.shape == (3, 2) and values.shape == (3,)
+
+
+def test_sparse_sampling_any_resolution_gives_same_fit():
+    rng = np.random.default_rng(11)
+    gt, rel = synthetic_scene(rng, 60, 90, error=0.0)
+    s_true, t_true = fit_scale_shift(rel, gt)
+    for shape in [(30, 45), (60, 90), (240, 360)]:
+        rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+        sparse = np.zeros(shape)
+        pick = rng.random(shape) < 0.05
+        # The reading is the ground truth at the nearest ground-truth pixel.
+        v = ((rows[pick] + 0.5) * 60 / shape[0]).astype(int)
+        u = ((cols[pick] + 0.5) * 90 / shape[1]).astype(int)
+        sparse[pick] = gt[v, u]
+        estimate = ScaleTracker().update(*sample_sparse_pairs(rel, sparse), 0.0)
+        assert (estimate.scale, estimate.shift) == pytest.approx((s_true, t_true), rel=1e-6)
+
+
+def test_sparse_pixels_rejects_bad_input():
+    with pytest.raises(ValueError):
+        sparse_pixels(np.zeros((2, 2, 3)), (4, 4))
+    with pytest.raises(ValueError):
+        sample_sparse_pairs(np.zeros(5), np.zeros((2, 2)))
+
+
+# Local refinement
+
+
+def test_refine_local_corrects_near_points_and_fades_far_away():
+    depth = np.full((60, 80), 4.0)
+    # A grid of points in the left quarter all reading 10 % farther than the global fit.
+    rows, cols = np.mgrid[2:60:4, 1:20:4]
+    uv = np.stack([cols.ravel(), rows.ravel()], axis=1)
+    refined = refine_local(depth, uv, np.full(len(uv), 4.4), sigma_px=8.0)
+    assert refined.dtype == np.float32 and refined.shape == depth.shape
+    assert refined[30, 9] == pytest.approx(4.4, rel=0.01)
+    assert refined[30, 79] == pytest.approx(4.0, rel=1e-4)
+    # Linear space gives the same here (a constant offset), gross outliers are ignored.
+    z = np.full(len(uv), 4.4)
+    z[::5] = 20.0
+    linear = refine_local(depth, uv, z, sigma_px=8.0, space='linear')
+    assert linear[30, 9] == pytest.approx(4.4, rel=0.01)
+
+
+def test_refine_local_keeps_invalid_pixels_and_handles_no_points():
+    depth = np.full((10, 12), 2.0)
+    depth[0, 0] = np.nan
+    depth[0, 1] = 0.0
+    refined = refine_local(depth, np.array([[5.0, 5.0], [100.0, 3.0]]), np.array([2.2, 3.0]))
+    assert np.isnan(refined[0, 0]) and refined[0, 1] == 0.0
+    assert refined[5, 5] > 2.0
+    unchanged = refine_local(depth, np.zeros((0, 2)), np.zeros(0))
+    np.testing.assert_array_equal(unchanged, depth.astype(np.float32))
+    with pytest.raises(ValueError):
+        refine_local(depth, np.zeros((3, 2)), np.zeros(2))
+    with pytest.raises(ValueError):
+        refine_local(depth, np.zeros((1, 2)), np.ones(1), space='cubic')
