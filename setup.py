@@ -9,7 +9,8 @@ PACKAGE = 'marigold_ros'
 
 
 def _tree(source, destination):
-    """List data files under ``source`` as (install dir, files) pairs for setuptools.
+    """
+    List data files under ``source`` as (install dir, files) pairs for setuptools.
 
     :param source: folder in the repository
     :param destination: install folder below share/<package>

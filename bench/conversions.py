@@ -1,4 +1,5 @@
-"""Benchmark: message conversions for one 640x480 frame, vectorised vs naive per-point Python.
+"""
+Benchmark: message conversions for one 640x480 frame, vectorised vs naive per-point Python.
 
 Fast path: image_to_rgb(bgr8) + unproject_depth + pointcloud2_from_depth.
 Naive path: the same image_to_rgb, then a per-point loop computing x, y, z from the depth and
@@ -40,7 +41,8 @@ def _inputs(width, height):
 
 
 def fast_frame(image_msg, depth, k, header):
-    """Vectorised path: conversions as the node runs them.
+    """
+    Vectorised path: conversions as the node runs them.
 
     :return: PointCloud2.
     """
@@ -50,7 +52,8 @@ def fast_frame(image_msg, depth, k, header):
 
 
 def naive_frame(image_msg, depth, k, header):
-    """Per-point Python reference: struct.pack per point into a list.
+    """
+    Per-point Python reference: struct.pack per point into a list.
 
     :return: PointCloud2.
     """

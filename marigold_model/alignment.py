@@ -237,19 +237,25 @@ def _robust_weights(e, c, loss):
     return 1.0 / (1.0 + a * a)
 
 
-def _ransac(p, d, threshold_rel, iterations, gen):
+def _ransac(p, d, threshold_rel, iterations, gen, score_points):
     """
     Best 2-point hypothesis by MSAC score (truncated squared relative residual).
 
-    All hypotheses are drawn at once and scored in blocks with numpy.
+    All hypotheses are drawn at once and scored in blocks with numpy, on a random subset of
+    at most ``score_points`` points (a dense depth image gives 10^5 points; a few thousand
+    rank hypotheses just as well, and the refinement uses them all).
 
     :param p: prediction values
     :param d: target values (> 0)
     :param threshold_rel: inlier threshold on the relative residual
     :param iterations: number of hypotheses
     :param gen: random generator
+    :param score_points: largest number of points used for hypotheses and scoring
     :return: (scale, shift) of the best hypothesis
     """
+    if p.size > score_points:
+        subset = gen.choice(p.size, score_points, replace=False)
+        p, d = p[subset], d[subset]
     n = p.size
     i = gen.integers(0, n, size=iterations)
     j = gen.integers(0, n - 1, size=iterations)
@@ -339,7 +345,7 @@ def _irls(s, t, p, d, loss, scale_floor, iterations, adaptive):
 
 def fit_scale_shift_robust(pred, target, mask=None, *, method='ransac', threshold_rel=0.05,
                            iterations=200, min_inliers=3, loss=None, irls_iterations=20,
-                           min_span=1e-6, rng=None):
+                           min_span=1e-6, score_points=4096, rng=None):
     """
     Fit ``target ~= scale * pred + shift`` robustly to outliers, with ``scale > 0``.
 
@@ -364,6 +370,7 @@ def fit_scale_shift_robust(pred, target, mask=None, *, method='ransac', threshol
     :param loss: ``None``, ``'huber'`` or ``'cauchy'`` for the IRLS stage
     :param irls_iterations: maximum IRLS reweighting steps
     :param min_span: minimum ``max(pred) - min(pred)`` over the valid points
+    :param score_points: RANSAC draws and scores hypotheses on at most this many points
     :param rng: ``numpy.random.Generator``, int seed, or ``None`` (seed 0: deterministic)
     :return: :class:`FitResult`
     :raises AlignmentError: ``too_few_points``, ``degenerate_range``, ``negative_scale`` or
@@ -376,8 +383,8 @@ def fit_scale_shift_robust(pred, target, mask=None, *, method='ransac', threshol
         raise ValueError(f'loss must be None or one of {LOSSES}, got {loss!r}')
     if not (math.isfinite(threshold_rel) and threshold_rel > 0):
         raise ValueError(f'threshold_rel must be a positive number, got {threshold_rel}')
-    if iterations < 1 or irls_iterations < 0:
-        raise ValueError('iterations must be >= 1 and irls_iterations >= 0')
+    if iterations < 1 or irls_iterations < 0 or score_points < 2:
+        raise ValueError('need iterations >= 1, irls_iterations >= 0 and score_points >= 2')
     if min_inliers < 2:
         raise ValueError(f'min_inliers must be >= 2, got {min_inliers}')
     if not min_span >= 0:
@@ -397,7 +404,7 @@ def fit_scale_shift_robust(pred, target, mask=None, *, method='ransac', threshol
                              f'{min_span:.3g}')
 
     if method == 'ransac':
-        s, t = _ransac(p, d, threshold_rel, iterations, _generator(rng))
+        s, t = _ransac(p, d, threshold_rel, iterations, _generator(rng), score_points)
         s, t = _refine_on_inliers(s, t, p, d, threshold_rel, min_inliers)
         if loss is not None and irls_iterations > 0:
             s, t = _irls(s, t, p, d, loss, threshold_rel, irls_iterations, adaptive=False)

@@ -1,4 +1,5 @@
-"""Build Marigold-architecture models (8-channel U-Net, AutoencoderKL, DDIM) and save them.
+"""
+Build Marigold-architecture models (8-channel U-Net, AutoencoderKL, DDIM) and save them.
 
 Used for the tiny model this project trains and ships, and for randomly initialised models
 in tests. The saved folder is a diffusers ``MarigoldDepthPipeline`` folder without text
@@ -17,7 +18,8 @@ from .loading import EMPTY_TEXT_FILE
 
 @dataclass(frozen=True)
 class TinyArchitecture:
-    """Sizes of a small Marigold-architecture model.
+    """
+    Sizes of a small Marigold-architecture model.
 
     The defaults are the bundled tiny model: a x4 VAE (three blocks) and a 3-level U-Net.
     """
@@ -35,7 +37,8 @@ class TinyArchitecture:
 
 
 def marigold_scheduler_config():
-    """Scheduler settings of Marigold v1-1: zero-SNR trailing DDIM with v-prediction.
+    """
+    Scheduler settings of Marigold v1-1: zero-SNR trailing DDIM with v-prediction.
 
     :return: dict for DDIMScheduler / DDPMScheduler
     """
@@ -48,7 +51,8 @@ def marigold_scheduler_config():
 
 
 def build_vae(arch):
-    """Make an untrained AutoencoderKL of the given architecture.
+    """
+    Make an untrained AutoencoderKL of the given architecture.
 
     :param arch: TinyArchitecture
     :return: AutoencoderKL
@@ -64,7 +68,8 @@ def build_vae(arch):
 
 
 def build_unet(arch):
-    """Make an untrained 8 -> 4 channel UNet2DConditionModel of the given architecture.
+    """
+    Make an untrained 8 -> 4 channel UNet2DConditionModel of the given architecture.
 
     :param arch: TinyArchitecture
     :return: UNet2DConditionModel
@@ -83,7 +88,8 @@ def build_unet(arch):
 
 
 def empty_text_embedding(arch, seed=0):
-    """A fixed random stand-in for the empty-prompt embedding of a model without CLIP.
+    """
+    Make a fixed random stand-in for the empty-prompt embedding of a model without CLIP.
 
     Marigold only ever conditions on the empty prompt, so any fixed tensor serves a model
     trained from scratch with it.
@@ -98,7 +104,8 @@ def empty_text_embedding(arch, seed=0):
 
 def save_marigold(path, unet, vae, embedding, default_steps, default_resolution, fp16=False,
                   extra=None):
-    """Save a Marigold model as a diffusers pipeline folder plus the empty-text embedding.
+    """
+    Save a Marigold model as a diffusers pipeline folder plus the empty-text embedding.
 
     :param path: output folder (created)
     :param unet: UNet2DConditionModel
@@ -133,7 +140,8 @@ def save_marigold(path, unet, vae, embedding, default_steps, default_resolution,
 
 
 def build_random_marigold(path, arch=TinyArchitecture(), seed=0):
-    """Save a randomly initialised Marigold-architecture model (for tests only).
+    """
+    Save a randomly initialised Marigold-architecture model (for tests only).
 
     :param path: output folder
     :param arch: TinyArchitecture

@@ -1,4 +1,5 @@
-"""Inference settings: frozen dataclasses that are the one source of defaults.
+"""
+Inference settings: frozen dataclasses that are the one source of defaults.
 
 The ROS side exposes every field as a parameter (marigold_ros.params) and config/depth.yaml
 mirrors them, so a default changes here and nowhere else.
@@ -17,7 +18,8 @@ VAE_CHOICES = ('model', 'tiny')
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which weights to load and how to run them.
+    """
+    Which weights to load and how to run them.
 
     Changing any of these needs the model to be reloaded.
     """
@@ -35,7 +37,7 @@ class ModelConfig:
     tiny_vae: str = 'madebyollin/taesd'
     # GPU speed switches; harmless (ignored) on CPU.
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = False  # noqa: A003 - the name users know from torch.compile
     cuda_graphs: bool = False
     # Refuse frames larger than this many pixels before any work is done.
     max_input_pixels: int = 4096 * 4096
@@ -75,7 +77,8 @@ class EstimatorConfig:
 
 
 def validate_model_config(config):
-    """Check a ModelConfig and raise ValueError naming the bad field.
+    """
+    Check a ModelConfig and raise ValueError naming the bad field.
 
     :param config: the ModelConfig to check
     :return: the same config
@@ -92,7 +95,8 @@ def validate_model_config(config):
 
 
 def validate_inference_config(config):
-    """Check an InferenceConfig and raise ValueError naming the bad field.
+    """
+    Check an InferenceConfig and raise ValueError naming the bad field.
 
     :param config: the InferenceConfig to check
     :return: the same config
@@ -111,7 +115,8 @@ def validate_inference_config(config):
 
 
 def override(config, **changes):
-    """Return a copy of a frozen config with some fields replaced, rejecting unknown names.
+    """
+    Return a copy of a frozen config with some fields replaced, rejecting unknown names.
 
     :param config: a frozen dataclass instance
     :param changes: field names and new values

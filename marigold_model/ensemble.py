@@ -1,4 +1,5 @@
-"""Test-time ensembling of affine-invariant depth maps, as in the Marigold paper.
+"""
+Test-time ensembling of affine-invariant depth maps, as in the Marigold paper.
 
 Each member gets its own scale and shift, found jointly by minimising the pairwise RMS
 difference of the aligned members plus a small regulariser that pulls the result to [0, 1];
@@ -32,7 +33,8 @@ def _median_and_mad(aligned, with_uncertainty):
 
 
 def solve_alignment(depth, regularizer=0.02, max_iter=2, tol=1e-3, max_res=1024):
-    """Find per-member scale and shift that bring the members into agreement.
+    """
+    Find per-member scale and shift that bring the members into agreement.
 
     :param depth: [E, 1, H, W] member predictions, E >= 2
     :param regularizer: strength of the pull of the ensemble towards [0, 1]
@@ -69,7 +71,8 @@ def solve_alignment(depth, regularizer=0.02, max_iter=2, tol=1e-3, max_res=1024)
 
 def ensemble_depth(depth, with_uncertainty=True, regularizer=0.02, max_iter=2, tol=1e-3,
                    max_res=1024):
-    """Combine ensemble members into one relative depth map in [0, 1].
+    """
+    Combine ensemble members into one relative depth map in [0, 1].
 
     :param depth: [E, 1, H, W] member predictions in [0, 1]
     :param with_uncertainty: also return the median absolute deviation

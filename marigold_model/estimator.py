@@ -1,4 +1,5 @@
-"""DepthEstimator: RGB frames in, Marigold relative depth (and uncertainty) out.
+"""
+DepthEstimator: RGB frames in, Marigold relative depth (and uncertainty) out.
 
 The maths is the one of diffusers' ``MarigoldDepthPipeline`` (same preprocessing, latents,
 DDIM update, decoding and ensembling; a test checks equality to 1e-5 in fp32), with the
@@ -28,7 +29,8 @@ class EstimatorOutOfMemory(RuntimeError):
 
 @dataclass
 class DepthResult:
-    """The estimate for one frame.
+    """
+    The estimate for one frame.
 
     :param depth: float32 [H, W] relative (affine-invariant) depth in [0, 1], NOT meters
     :param uncertainty: float32 [H, W] ensemble spread in the same units, or None
@@ -45,7 +47,8 @@ class DepthResult:
 
 
 def resolve_device(name):
-    """Map a device setting to a torch.device, refusing what is not there.
+    """
+    Map a device setting to a torch.device, refusing what is not there.
 
     :param name: 'auto', 'cpu', 'cuda' or 'cuda:N'
     :return: torch.device
@@ -59,7 +62,8 @@ def resolve_device(name):
 
 
 def resolve_dtype(name, device):
-    """Map a dtype setting to a torch dtype: fp16 on CUDA and fp32 on CPU for 'auto'.
+    """
+    Map a dtype setting to a torch dtype: fp16 on CUDA and fp32 on CPU for 'auto'.
 
     :param name: 'auto', 'float32', 'float16' or 'bfloat16'
     :param device: the torch.device the model runs on
@@ -71,7 +75,8 @@ def resolve_dtype(name, device):
 
 
 def check_frame(frame, max_pixels):
-    """Validate one input frame and return it as an [H, W, 3] array.
+    """
+    Validate one input frame and return it as an [H, W, 3] array.
 
     :param frame: uint8 [H, W, 3] or [H, W] array, or float in [0, 1]
     :param max_pixels: largest accepted H * W
@@ -100,7 +105,8 @@ def check_frame(frame, max_pixels):
 
 
 def processing_size(height, width, resolution):
-    """Size the model works at: longest side = resolution, as diffusers computes it.
+    """
+    Size the model works at: longest side = resolution, as diffusers computes it.
 
     :param height: input height
     :param width: input width
@@ -117,14 +123,16 @@ def processing_size(height, width, resolution):
 
 
 class DepthEstimator:
-    """Marigold depth for batches of RGB frames.
+    """
+    Marigold depth for batches of RGB frames.
 
     Not thread-safe for concurrent ``estimate`` calls (a lock serialises them); settings can
     be changed from another thread with :meth:`set_inference`, taking effect on the next call.
     """
 
     def __init__(self, config=EstimatorConfig(), components=None):
-        """Load the model (or take already loaded components).
+        """
+        Load the model (or take already loaded components).
 
         :param config: EstimatorConfig
         :param components: optional MarigoldComponents (tests, trainer evaluation)
@@ -154,11 +162,12 @@ class DepthEstimator:
 
     @property
     def inference(self):
-        """The InferenceConfig used for the next call."""
+        """Return the InferenceConfig used for the next call."""
         return self.config.inference
 
     def set_inference(self, inference):
-        """Replace the per-call settings (validated); safe while another thread estimates.
+        """
+        Replace the per-call settings (validated); safe while another thread estimates.
 
         :param inference: InferenceConfig
         """
@@ -167,17 +176,18 @@ class DepthEstimator:
 
     @property
     def default_steps(self):
-        """Denoising steps the model was published with."""
+        """Return the denoising steps the model was published with."""
         return self.components.pipeline_config.get('default_denoising_steps') or FALLBACK_STEPS
 
     @property
     def default_resolution(self):
-        """Processing resolution the model was published with."""
+        """Return the processing resolution the model was published with."""
         value = self.components.pipeline_config.get('default_processing_resolution')
         return value or FALLBACK_RESOLUTION
 
     def resolved_settings(self, inference=None):
-        """Steps and processing resolution after applying the model defaults.
+        """
+        Resolve steps and processing resolution, applying the model defaults.
 
         :param inference: InferenceConfig, default the current one
         :return: (steps, resolution) with resolution 0 meaning the input size
@@ -190,7 +200,8 @@ class DepthEstimator:
         return steps, max(resolution, 0)
 
     def reset_warm_start(self, key=None):
-        """Forget the previous latents of one stream (or all) used for video warm start.
+        """
+        Forget the previous latents of one stream (or all) used for video warm start.
 
         :param key: stream key, None for all
         """
@@ -210,7 +221,8 @@ class DepthEstimator:
         if self.config.model.compile or self.config.model.cuda_graphs:
             # 'reduce-overhead' records CUDA graphs per input size: the U-Net is ~770 kernel
             # launches per call, which dominates at small resolutions.
-            mode = 'reduce-overhead' if self.config.model.cuda_graphs else 'max-autotune-no-cudagraphs'
+            graphs = self.config.model.cuda_graphs
+            mode = 'reduce-overhead' if graphs else 'max-autotune-no-cudagraphs'
             self._unet_forward = torch.compile(self.unet, mode=mode, dynamic=False)
 
     def _sync(self):
@@ -227,7 +239,8 @@ class DepthEstimator:
         return batch
 
     def _schedule(self, steps, strength):
-        """Timesteps and their predecessors for ``steps`` DDIM steps from ``strength``.
+        """
+        Timesteps and their predecessors for ``steps`` DDIM steps from ``strength``.
 
         Full strength reproduces the scheduler's own (trailing) timesteps; a lower strength
         spreads the same number of steps over the first part of the schedule (warm start).
@@ -292,7 +305,8 @@ class DepthEstimator:
         return latent
 
     def encode(self, images):
-        """Encode [-1, 1] images into scaled latents (distribution mode, as Marigold).
+        """
+        Encode [-1, 1] images into scaled latents (distribution mode, as Marigold).
 
         :param images: [B, 3, H, W] tensor
         :return: [B, C, H / f, W / f] tensor
@@ -302,7 +316,8 @@ class DepthEstimator:
         return latent * self.vae.config.scaling_factor
 
     def decode(self, latent):
-        """Decode depth latents into [B, 1, H, W] relative depth in [0, 1].
+        """
+        Decode depth latents into [B, 1, H, W] relative depth in [0, 1].
 
         :param latent: scaled depth latents
         :return: tensor in [0, 1]
@@ -340,7 +355,8 @@ class DepthEstimator:
         return alpha.sqrt() * previous + (1 - alpha).sqrt() * noise, strength
 
     def estimate(self, frames, keys=None, latents=None):
-        """Estimate relative depth for one frame or a list of frames (any sizes).
+        """
+        Estimate relative depth for one frame or a list of frames (any sizes).
 
         :param frames: uint8 [H, W, 3] array or a list of them (e.g. one per camera)
         :param keys: optional stream key per frame for video warm start
@@ -372,7 +388,6 @@ class DepthEstimator:
     def _estimate(self, frames, keys, latents):
         inference = self.config.inference
         steps, resolution = self.resolved_settings(inference)
-        members = inference.ensemble_size
         results = [None] * len(frames)
         groups = {}
         clock = time.perf_counter()

@@ -686,9 +686,10 @@ def write_report(folder, report):
         stream.write('\n')
     protocol = report['protocol']
     high = protocol['max_depth']
+    high = 'inf' if high is None else f'{high:g}'
     text = (f'# Depth evaluation: {report["dataset"]}\n\n'
             'Per image: least-squares scale and shift on valid pixels, clipped to '
-            f'{protocol["min_depth"]:g}..{high if high is not None else "inf"} m, '
+            f'{protocol["min_depth"]:g}..{high} m, '
             f'crop {protocol["crop"] or "none"}; metrics averaged over images.\n\n'
             + markdown_table(report['results']))
     md_path.write_text(text)

@@ -1,4 +1,5 @@
-"""Find and load Marigold weights (diffusers format) without touching the network.
+"""
+Find and load Marigold weights (diffusers format) without touching the network.
 
 A model is named by a Hugging Face id (resolved from the local cache only), a local diffusers
 directory, or ``bundled:<name>`` for a model shipped in ``marigold_model/models``. The text
@@ -26,7 +27,8 @@ class WeightsNotFoundError(FileNotFoundError):
 
 @dataclass
 class MarigoldComponents:
-    """The parts of a Marigold model that inference needs (no text encoder).
+    """
+    The parts of a Marigold model that inference needs (no text encoder).
 
     :param unet: the 8-channel-input UNet2DConditionModel
     :param vae: AutoencoderKL (or AutoencoderTiny)
@@ -52,14 +54,15 @@ def _missing_weights_message(model, looked_in):
         'Provide them in one of these ways:\n'
         f'  - download once (needs network): hf download {model}'
         ' (or: huggingface-cli download ...), then run again; the local cache is used offline\n'
-        '  - point the `model` parameter at a local diffusers folder (model_index.json, unet/, vae/,'
-        ' scheduler/)\n'
+        '  - point the `model` parameter at a local diffusers folder (model_index.json,'
+        ' unet/, vae/, scheduler/)\n'
         "  - use the bundled tiny model: model:='bundled:marigold-tiny' (a small demo model,"
         ' not for real use)')
 
 
 def resolve_model_path(model, marker='model_index.json'):
-    """Turn a model name into a local folder holding a diffusers-format model.
+    """
+    Turn a model name into a local folder holding a diffusers-format model.
 
     Never opens a network connection: hub ids are looked up in the local cache only.
 
@@ -93,7 +96,8 @@ def resolve_model_path(model, marker='model_index.json'):
 
 
 def _load_empty_text_embedding(path, device, dtype):
-    """Read the cached empty-prompt embedding, or compute it once with the text encoder.
+    """
+    Read the cached empty-prompt embedding, or compute it once with the text encoder.
 
     :param path: model folder
     :param device: torch device for the result
@@ -128,7 +132,8 @@ def _load_empty_text_embedding(path, device, dtype):
 
 
 def read_pipeline_config(path):
-    """Read model_index.json of a diffusers model folder.
+    """
+    Read model_index.json of a diffusers model folder.
 
     :param path: model folder
     :return: dict of its entries
@@ -147,7 +152,8 @@ def _scheduler_class(path):
 
 
 def load_components(model, device, dtype, tiny_vae=None):
-    """Load U-Net, VAE, scheduler and the empty-text embedding of a Marigold model.
+    """
+    Load U-Net, VAE, scheduler and the empty-text embedding of a Marigold model.
 
     :param model: model name as accepted by :func:`resolve_model_path`
     :param device: torch device
@@ -165,7 +171,8 @@ def load_components(model, device, dtype, tiny_vae=None):
                          f'{unet.config.in_channels} channels, expected 2 x '
                          f'{unet.config.out_channels}')
     if tiny_vae:
-        vae = AutoencoderTiny.from_pretrained(resolve_model_path(tiny_vae, 'config.json'), **kwargs)
+        tiny_path = resolve_model_path(tiny_vae, 'config.json')
+        vae = AutoencoderTiny.from_pretrained(tiny_path, **kwargs)
     else:
         vae = AutoencoderKL.from_pretrained(path, subfolder='vae', **kwargs)
     scheduler = _scheduler_class(path).from_pretrained(path, subfolder='scheduler')

@@ -1,4 +1,5 @@
-"""Multi-resolution ("pyramid") noise with annealed strength, as Marigold trains with.
+"""
+Multi-resolution ("pyramid") noise with annealed strength, as Marigold trains with.
 
 Low-frequency noise components make the model learn the global layout of the scene; the
 strength is annealed with the timestep so late (low-noise) steps see nearly white noise.
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 
 
 def pyramid_noise_like(latent, strength=0.9, generator=None, levels=10):
-    """Gaussian noise plus upsampled coarser noise weighted by strength ** level.
+    """
+    Gaussian noise plus upsampled coarser noise weighted by strength ** level.
 
     Follows Marigold's ``multi_res_noise_like`` ('original' strategy): each level shrinks the
     size by a random factor in [2, 4) compounded per level, noise is upsampled bilinearly and
@@ -40,7 +42,8 @@ def pyramid_noise_like(latent, strength=0.9, generator=None, levels=10):
 
 
 def annealed_strength(strength, timesteps, num_train_timesteps):
-    """Per-sample pyramid strength, scaled down linearly with the timestep.
+    """
+    Per-sample pyramid strength, scaled down linearly with the timestep.
 
     :param strength: base strength (0.9 in the paper)
     :param timesteps: [B] integer timesteps

@@ -26,11 +26,13 @@ back to linear averaging and to the scale ratio for gating.
 
 from dataclasses import dataclass, replace
 import math
+import threading
 
-from marigold_model.alignment import AlignmentError, fit_scale_shift_robust
-from marigold_model.alignment import REASON_TOO_FEW_INLIERS, REASON_TOO_FEW_POINTS
 import numpy as np
 from scipy import ndimage
+
+from .alignment import (AlignmentError, fit_scale_shift_robust, REASON_TOO_FEW_INLIERS,
+                        REASON_TOO_FEW_POINTS)
 
 REASON_GATED_OUTLIER = 'gated_outlier'
 REASON_LOW_INLIER_RATIO = 'low_inlier_ratio'
@@ -173,7 +175,8 @@ class ScaleTracker:
     Track the metric scale and shift of relative depth over time from sparse samples.
 
     Call :meth:`update` whenever sparse metric samples arrive and :meth:`current` for each
-    depth frame. Deterministic for a given config seed and input sequence.
+    depth frame, from any threads (a lock guards the state). Deterministic for a given config
+    seed and input sequence.
     """
 
     def __init__(self, config=None):
@@ -185,10 +188,17 @@ class ScaleTracker:
         self.config = config if config is not None else ScaleTrackerConfig()
         self._rng = np.random.default_rng(self.config.seed)
         self._anchor_rel = np.asarray(self.config.anchors, dtype=np.float64)
+        # Re-entrant: update() calls current() and reset() while holding it.
+        self._lock = threading.RLock()
         self.reset()
 
     def reset(self):
         """Forget the estimate (e.g. after a time jump or a camera change)."""
+        with self._lock:
+            self._reset()
+
+    def _reset(self):
+        """Clear the state (caller holds the lock)."""
         self._anchor_depth = None
         self._fit = None
         self._fit_stamp = None
@@ -207,12 +217,23 @@ class ScaleTracker:
         :return: the estimate after this update (see :class:`ScaleEstimate`)
         :raises ValueError: shapes differ
         """
+        with self._lock:
+            return self._update(rel_depth_samples, metric_samples, float(stamp_s))
+
+    def _update(self, rel_depth_samples, metric_samples, stamp):
+        """
+        Do :meth:`update` (caller holds the lock).
+
+        :param rel_depth_samples: relative depth samples
+        :param metric_samples: metric depth samples
+        :param stamp: time in seconds
+        :return: :class:`ScaleEstimate`
+        """
         cfg = self.config
-        stamp = float(stamp_s)
         if self._fit_stamp is not None and stamp < self._fit_stamp - cfg.max_stale_s:
             # The clock jumped back (bag looped, simulation reset): the old fit is from the
             # "future" and says nothing about the present.
-            self.reset()
+            self._reset()
         rel = np.asarray(rel_depth_samples, dtype=np.float64).ravel()
         metric = np.asarray(metric_samples, dtype=np.float64).ravel()
         if rel.shape != metric.shape:
@@ -246,14 +267,15 @@ class ScaleTracker:
         :param stamp_s: time in seconds (e.g. the depth frame's stamp)
         :return: :class:`ScaleEstimate` with status ``'ok'`` or ``'stale'``, or None
         """
-        if self._anchor_depth is None:
-            return None
-        age = float(stamp_s) - self._fit_stamp
-        if abs(age) > self.config.max_stale_s:
-            return None
-        age = max(age, 0.0)  # slightly out-of-order stamps
-        fresh = self._reason is None and age <= self.config.stale_after_s
-        return self._estimate(STATUS_OK if fresh else STATUS_STALE, age)
+        with self._lock:
+            if self._anchor_depth is None:
+                return None
+            age = float(stamp_s) - self._fit_stamp
+            if abs(age) > self.config.max_stale_s:
+                return None
+            age = max(age, 0.0)  # slightly out-of-order stamps
+            fresh = self._reason is None and age <= self.config.stale_after_s
+            return self._estimate(STATUS_OK if fresh else STATUS_STALE, age)
 
     def _fit_once(self, rel, metric):
         """

@@ -1,4 +1,5 @@
-"""Reproduce the bundled tiny Marigold model on a CPU: ``make train-tiny``.
+"""
+Reproduce the bundled tiny Marigold model on a CPU: ``make train-tiny``.
 
 Stages (each resumable; outputs under ``--work``):
 
@@ -21,10 +22,10 @@ import numpy as np
 import torch
 import yaml
 
-from .architecture import TinyArchitecture, build_unet, build_vae, empty_text_embedding
-from .architecture import save_marigold
 from .alignment import normalize_percentile
-from .trainer import DataSpec, Trainer, TrainConfig
+from .architecture import build_unet, build_vae, empty_text_embedding, save_marigold
+from .architecture import TinyArchitecture
+from .trainer import DataSpec, TrainConfig, Trainer
 from .vae_training import fit_scaling_factor, reconstruction_error, train_vae, VaeTrainConfig
 
 RECIPE_FILE = Path(__file__).resolve().parent / 'recipes' / 'tiny.yaml'
@@ -53,7 +54,8 @@ class TinyRecipe:
 
 
 def load_recipe(path=RECIPE_FILE, overrides=()):
-    """Read the recipe YAML and apply key=value overrides.
+    """
+    Read the recipe YAML and apply key=value overrides.
 
     :param path: YAML file
     :param overrides: iterable of 'key=value'
@@ -73,7 +75,8 @@ class SampleBank(torch.utils.data.Dataset):
     """Samples held in memory (pre-rendered scenes)."""
 
     def __init__(self, samples):
-        """Keep the samples.
+        """
+        Keep the samples.
 
         :param samples: list of Sample
         """
@@ -84,7 +87,8 @@ class SampleBank(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        """Return one sample.
+        """
+        Return one sample.
 
         :param index: position
         :return: Sample
@@ -93,7 +97,8 @@ class SampleBank(torch.utils.data.Dataset):
 
 
 def render_set(count, seed, resolution, log):
-    """Render ``count`` synthetic scenes deterministically.
+    """
+    Render ``count`` synthetic scenes deterministically.
 
     :param count: number of scenes
     :param seed: base seed (scene i uses [seed, i])
@@ -117,7 +122,8 @@ def _stack(samples):
 
 
 def run(recipe, work, output, log=print):
-    """Run every stage, skipping those whose output is already in ``work``.
+    """
+    Run every stage, skipping those whose output is already in ``work``.
 
     :param recipe: TinyRecipe
     :param work: folder for intermediate results
@@ -160,7 +166,8 @@ def run(recipe, work, output, log=print):
         output_dir=str(work / 'unet'), base_model=str(base),
         data=(DataSpec('synthetic', '', 1.0, {}),), height=recipe.resolution,
         width=recipe.resolution, max_steps=recipe.unet_steps, batch_size=recipe.unet_batch,
-        grad_accumulation=1, lr=recipe.unet_lr, optimizer='adamw', warmup_steps=recipe.warmup_steps,
+        grad_accumulation=1, lr=recipe.unet_lr, optimizer='adamw',
+        warmup_steps=recipe.warmup_steps,
         lr_schedule='cosine', lr_final_ratio=0.02, ema_decay=recipe.ema_decay, seed=recipe.seed,
         checkpoint_every=200, log_every=20, cache_latents=True, export_fp16=True,
         export_steps=1, export_resolution=recipe.resolution)
@@ -180,7 +187,8 @@ def run(recipe, work, output, log=print):
 
 
 def main(argv=None):
-    """Command line of the recipe.
+    """
+    Command line of the recipe.
 
     :param argv: arguments
     :return: exit code
@@ -188,8 +196,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description='Reproduce the bundled tiny Marigold model.')
     parser.add_argument('--recipe', default=str(RECIPE_FILE))
     parser.add_argument('--work', default='runs/tiny')
-    parser.add_argument('--output', default=str(Path(__file__).resolve().parent / 'models'
-                                               / 'marigold-tiny'))
+    default_output = Path(__file__).resolve().parent / 'models' / 'marigold-tiny'
+    parser.add_argument('--output', default=str(default_output))
     parser.add_argument('overrides', nargs='*', help='key=value recipe settings')
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)

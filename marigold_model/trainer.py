@@ -1,4 +1,5 @@
-"""Fine-tune Marigold on synthetic RGB-D data (the paper's recipe), on one CPU or many GPUs.
+"""
+Fine-tune Marigold on synthetic RGB-D data (the paper's recipe), on one CPU or many GPUs.
 
 Usage::
 
@@ -39,7 +40,8 @@ class TrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class DataSpec:
-    """One training data source.
+    """
+    One training data source.
 
     :param kind: 'synthetic', 'hypersim', 'vkitti', 'folder' or 'bag'
     :param root: folder or file to read ('' for synthetic)
@@ -99,7 +101,8 @@ class TrainConfig:
 
 
 def load_config(path=None, overrides=()):
-    """Read a YAML config and apply ``key=value`` overrides (values parsed as YAML).
+    """
+    Read a YAML config and apply ``key=value`` overrides (values parsed as YAML).
 
     :param path: YAML file or None for the defaults
     :param overrides: iterable of 'key=value' strings
@@ -128,7 +131,8 @@ def load_config(path=None, overrides=()):
 
 
 def validate_config(config):
-    """Reject settings that cannot work, before anything is loaded.
+    """
+    Reject settings that cannot work, before anything is loaded.
 
     :param config: TrainConfig
     """
@@ -147,7 +151,8 @@ def validate_config(config):
 
 
 def config_to_dict(config):
-    """Plain dict of a TrainConfig, for saving next to a run.
+    """
+    Plain dict of a TrainConfig, for saving next to a run.
 
     :param config: TrainConfig
     :return: dict
@@ -158,7 +163,8 @@ def config_to_dict(config):
 
 
 def lr_factor(step, config):
-    """Learning-rate multiplier: linear warm-up, then exponential (or cosine) decay.
+    """
+    Learning-rate multiplier: linear warm-up, then exponential (or cosine) decay.
 
     :param step: optimiser step
     :param config: TrainConfig
@@ -180,7 +186,8 @@ def lr_factor(step, config):
 
 
 def build_source(spec, config):
-    """Make the dataset of one DataSpec.
+    """
+    Make the dataset of one DataSpec.
 
     :param spec: DataSpec
     :param config: TrainConfig (for the resolution of synthetic scenes)
@@ -208,7 +215,8 @@ def build_source(spec, config):
 
 
 def build_training_data(config):
-    """The mixed training set: sources drawn by probability, resized, flipped.
+    """
+    Build the mixed training set: sources drawn by probability, resized, flipped.
 
     :param config: TrainConfig
     :return: MixedDataset
@@ -222,7 +230,8 @@ def build_training_data(config):
 
 
 def sample_to_tensors(sample, config):
-    """Turn one Sample into model inputs: RGB and normalised depth in [-1, 1], valid mask.
+    """
+    Turn one Sample into model inputs: RGB and normalised depth in [-1, 1], valid mask.
 
     :param sample: Sample at the training resolution
     :param config: TrainConfig
@@ -237,7 +246,8 @@ def sample_to_tensors(sample, config):
 
 
 def batch_indices(dataset, config, step, micro, process):
-    """Dataset indices of a given (step, micro-step, process): the same every time asked.
+    """
+    Dataset indices of a given (step, micro-step, process): the same every time asked.
 
     :param dataset: the training dataset
     :param config: TrainConfig
@@ -254,7 +264,8 @@ def batch_indices(dataset, config, step, micro, process):
 
 
 def widen_unet_input(unet):
-    """Widen a 4-channel U-Net input conv to 8 channels (RGB latent + depth latent).
+    """
+    Widen a 4-channel U-Net input conv to 8 channels (RGB latent + depth latent).
 
     The weights are copied for both halves and halved, so at the start the U-Net responds to
     the pair as Stable Diffusion did to one latent (the paper's initialisation).
@@ -274,7 +285,8 @@ def widen_unet_input(unet):
 
 
 def load_base(model):
-    """Load U-Net, VAE, scheduler config and empty-text embedding of the starting model.
+    """
+    Load U-Net, VAE, scheduler config and empty-text embedding of the starting model.
 
     :param model: Marigold or Stable Diffusion 2 name / folder
     :return: (unet, vae, scheduler_config dict, embedding, pipeline_config)
@@ -295,7 +307,8 @@ def load_base(model):
 
 
 def training_scheduler(scheduler_config):
-    """DDPM with 1000 steps and v-prediction, keeping the base model's beta schedule.
+    """
+    DDPM with 1000 steps and v-prediction, keeping the base model's beta schedule.
 
     :param scheduler_config: the base model's scheduler_config.json entries
     :return: DDPMScheduler
@@ -311,7 +324,8 @@ class ExponentialAverage:
     """EMA of the trainable parameters, used for export when enabled."""
 
     def __init__(self, parameters, decay):
-        """Start the average at the current parameters.
+        """
+        Start the average at the current parameters.
 
         :param parameters: iterable of tensors
         :param decay: EMA decay per optimiser step
@@ -321,7 +335,8 @@ class ExponentialAverage:
 
     @torch.no_grad()
     def update(self, parameters):
-        """Move the average towards the current parameters.
+        """
+        Move the average towards the current parameters.
 
         :param parameters: the same iterable of tensors
         """
@@ -330,7 +345,8 @@ class ExponentialAverage:
 
     @torch.no_grad()
     def copy_to(self, parameters):
-        """Write the average into parameters.
+        """
+        Write the average into parameters.
 
         :param parameters: the same iterable of tensors
         """
@@ -345,7 +361,8 @@ class Trainer:
     """One training run: set-up, steps, checkpoints, logging and export."""
 
     def __init__(self, config, dataset=None):
-        """Load the base model and data, prepare accelerate.
+        """
+        Load the base model and data, prepare accelerate.
 
         :param config: TrainConfig
         :param dataset: optional dataset yielding Sample objects (tests, recipes)
@@ -390,7 +407,8 @@ class Trainer:
 
     @torch.no_grad()
     def encode_samples(self, indices):
-        """Latents of dataset samples: RGB latent, depth latent and latent validity.
+        """
+        Latents of dataset samples: RGB latent, depth latent and latent validity.
 
         :param indices: dataset indices
         :return: ([B, C, h, w], [B, C, h, w], [B, C, h, w] bool) tensors on the device
@@ -415,7 +433,8 @@ class Trainer:
         return tuple(torch.stack(part) for part in zip(*rows))
 
     def compute_loss(self, rgb_latent, depth_latent, valid_latent, generator):
-        """Marigold's loss for one micro-batch: masked MSE on the predicted velocity.
+        """
+        Marigold's loss for one micro-batch: masked MSE on the predicted velocity.
 
         :param rgb_latent: [B, C, h, w] scaled image latents
         :param depth_latent: [B, C, h, w] scaled latents of the normalised depth
@@ -450,7 +469,8 @@ class Trainer:
         return F.mse_loss(prediction.float()[valid_latent], target.float()[valid_latent])
 
     def train_step(self):
-        """One optimiser step over ``grad_accumulation`` micro-batches.
+        """
+        One optimiser step over ``grad_accumulation`` micro-batches.
 
         :return: the mean loss of the step
         """
@@ -491,7 +511,8 @@ class Trainer:
         return self.output / 'checkpoints'
 
     def save_checkpoint(self):
-        """Write the full state atomically (written aside, then renamed).
+        """
+        Write the full state atomically (written aside, then renamed).
 
         :return: Path of the checkpoint
         """
@@ -516,7 +537,8 @@ class Trainer:
         return final
 
     def resume(self, checkpoint='latest'):
-        """Restore the full state from a checkpoint folder (or the latest one of the run).
+        """
+        Restore the full state from a checkpoint folder (or the latest one of the run).
 
         :param checkpoint: folder path or 'latest'
         :return: Path restored from
@@ -543,7 +565,8 @@ class Trainer:
     # -- export -----------------------------------------------------------------------------
 
     def export(self, path=None):
-        """Save the trained model in diffusers format (EMA weights when enabled).
+        """
+        Save the trained model in diffusers format (EMA weights when enabled).
 
         :param path: output folder, default <output_dir>/model
         :return: Path of the model
@@ -563,7 +586,8 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self):
-        """Train to max_steps with logging and checkpoints, then export.
+        """
+        Train to max_steps with logging and checkpoints, then export.
 
         :return: Path of the exported model
         """
@@ -601,7 +625,8 @@ class RunLog:
     """Loss and learning rate to CSV (always) and TensorBoard (when chosen)."""
 
     def __init__(self, output, logger, active):
-        """Open the log files.
+        """
+        Open the log files.
 
         :param output: run folder
         :param logger: 'csv' or 'tensorboard'
@@ -626,7 +651,8 @@ class RunLog:
             self.writer = SummaryWriter(str(Path(output) / 'tensorboard'))
 
     def write(self, step, loss, lr, rate, skipped):
-        """Record one line.
+        """
+        Record one line.
 
         :param step: optimiser step
         :param loss: loss value
@@ -657,7 +683,8 @@ def _progress(config, start, active):
 
 
 def main(argv=None):
-    """Command line: ``marigold-train CONFIG [key=value ...] [--resume [CHECKPOINT]]``.
+    """
+    Command line: ``marigold-train CONFIG [key=value ...] [--resume [CHECKPOINT]]``.
 
     :param argv: arguments (default sys.argv[1:])
     :return: exit code

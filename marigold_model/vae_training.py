@@ -1,4 +1,5 @@
-"""Train a small AutoencoderKL for a tiny Marigold model, on RGB images and depth maps.
+"""
+Train a small AutoencoderKL for a tiny Marigold model, on RGB images and depth maps.
 
 Marigold encodes both the image and the depth (normalised to [-1, 1], repeated to three
 channels) with one frozen VAE. A model trained from scratch therefore needs a VAE that
@@ -40,7 +41,8 @@ def _batch(rgb, depth, rng, size):
 
 
 def train_vae(vae, rgb, depth, config=VaeTrainConfig(), log=print):
-    """Train ``vae`` in place on RGB uint8 [N, H, W, 3] and depth [N, H, W] in [-1, 1].
+    """
+    Train ``vae`` in place on RGB uint8 [N, H, W, 3] and depth [N, H, W] in [-1, 1].
 
     :param vae: AutoencoderKL
     :param rgb: uint8 array of images
@@ -79,7 +81,8 @@ def train_vae(vae, rgb, depth, config=VaeTrainConfig(), log=print):
 
 @torch.no_grad()
 def fit_scaling_factor(vae, rgb, depth, count=256, seed=0):
-    """Set vae.config.scaling_factor to 1 / std of the latents of images and depths.
+    """
+    Set vae.config.scaling_factor to 1 / std of the latents of images and depths.
 
     :param vae: trained AutoencoderKL
     :param rgb: uint8 images
@@ -97,7 +100,8 @@ def fit_scaling_factor(vae, rgb, depth, count=256, seed=0):
 
 @torch.no_grad()
 def reconstruction_error(vae, depth, count=64):
-    """Mean absolute error of the VAE round trip of depth maps, in normalised units.
+    """
+    Mean absolute error of the VAE round trip of depth maps, in normalised units.
 
     :param vae: AutoencoderKL
     :param depth: normalised depth maps

@@ -1,4 +1,5 @@
-"""Numpy-level conversions between ROS image / point cloud messages and arrays.
+"""
+Numpy-level conversions between ROS image / point cloud messages and arrays.
 
 The semantics follow cv_bridge (which is not available here) and the speed comes from numpy
 views over the message buffer: no per-pixel Python anywhere.
@@ -67,7 +68,8 @@ _POINTFIELD_DTYPES = {
 
 
 class ImageConversionError(ValueError):
-    """An image message that cannot be converted.
+    """
+    An image message that cannot be converted.
 
     :param reason: short machine-readable key, usable as a diagnostics counter:
         'unknown_encoding', 'empty', 'truncated', 'bad_step', 'bad_size', 'too_large',
@@ -82,7 +84,8 @@ class ImageConversionError(ValueError):
 
 
 class PointCloudConversionError(ValueError):
-    """A PointCloud2 that cannot be read.
+    """
+    A PointCloud2 that cannot be read.
 
     :param reason: short key: 'missing_field', 'unsupported_datatype', 'bad_layout',
         'truncated'.
@@ -151,7 +154,8 @@ def _normalise_encoding(encoding):
 
 
 def image_to_rgb(msg, max_pixels=DEFAULT_MAX_PIXELS):
-    """Convert a sensor_msgs/Image to an HxWx3 uint8 RGB array (cv_bridge semantics).
+    """
+    Convert a sensor_msgs/Image to an HxWx3 uint8 RGB array (cv_bridge semantics).
 
     Supported encodings: rgb8, bgr8, rgba8, bgra8 (alpha dropped), mono8 (replicated to three
     channels), mono16 (scaled to 8 bit by ``>> 8``, i.e. the high byte, so 65535 -> 255),
@@ -235,7 +239,8 @@ def _yuv422_to_rgb(view, uyvy):
 
 
 def rgb_to_image(rgb, header, encoding='rgb8'):
-    """Build a sensor_msgs/Image from an RGB array (for tests, tools and bag making).
+    """
+    Build a sensor_msgs/Image from an RGB array (for tests, tools and bag making).
 
     :param rgb: HxWx3 uint8 RGB.  For 'mono8' an HxW uint8 array is also accepted and for
         'mono16' an HxW uint16 array; an RGB input is converted to BT.601 luma
@@ -292,7 +297,8 @@ def rgb_to_image(rgb, header, encoding='rgb8'):
 
 
 def compressed_to_rgb(msg, max_pixels=DEFAULT_MAX_PIXELS):
-    """Decode a sensor_msgs/CompressedImage (JPEG or PNG) to HxWx3 uint8 RGB.
+    """
+    Decode a sensor_msgs/CompressedImage (JPEG or PNG) to HxWx3 uint8 RGB.
 
     The ``format`` string is only used to reject compressedDepth images; the codec is
     detected from the bytes (PIL), so 'jpeg', 'png', 'rgb8; jpeg compressed bgr8' etc. all
@@ -343,7 +349,8 @@ def compressed_to_rgb(msg, max_pixels=DEFAULT_MAX_PIXELS):
 
 
 def rgb_to_compressed(rgb, header, fmt='jpeg', quality=90):
-    """Encode an HxWx3 uint8 RGB array as a sensor_msgs/CompressedImage.
+    """
+    Encode an HxWx3 uint8 RGB array as a sensor_msgs/CompressedImage.
 
     The ``format`` field follows compressed_image_transport for an rgb8 source:
     'rgb8; jpeg compressed bgr8' or 'rgb8; png compressed bgr8' (the compressed bytes hold
@@ -385,7 +392,8 @@ def rgb_to_compressed(rgb, header, fmt='jpeg', quality=90):
 
 
 def depth_to_image(depth, header):
-    """Build a 32FC1 depth Image (REP 118: meters, NaN = no reading, kept as NaN).
+    """
+    Build a 32FC1 depth Image (REP 118: meters, NaN = no reading, kept as NaN).
 
     :param depth: HxW float array (meters, or relative depth for depth/relative).
     :param header: std_msgs/Header.
@@ -409,7 +417,8 @@ def depth_to_image(depth, header):
 
 
 def image_to_depth(msg, max_pixels=DEFAULT_MAX_PIXELS):
-    """Convert a depth Image to float32 meters (REP 118).
+    """
+    Convert a depth Image to float32 meters (REP 118).
 
     32FC1 is taken as meters (NaN / inf kept as they are); 16UC1 is millimeters, converted to
     meters, with 0 (no reading) -> NaN.  ``step`` and ``is_bigendian`` are honoured.
@@ -447,7 +456,8 @@ def _xyzrgb_fields():
 
 
 def pack_rgb(rgb):
-    """Pack ...x3 uint8 RGB into uint32 0x00RRGGBB (the PCL / RViz 'rgb' bit pattern).
+    """
+    Pack ...x3 uint8 RGB into uint32 0x00RRGGBB (the PCL / RViz 'rgb' bit pattern).
 
     :param rgb: array of shape (..., 3), uint8.
     :return: uint32 array of shape (...); view it as float32 for the 'rgb' field.
@@ -458,7 +468,8 @@ def pack_rgb(rgb):
 
 
 def pointcloud2_from_depth(points_xyz, rgb, header):
-    """Build an organized PointCloud2 (height = rows, width = columns) from a point image.
+    """
+    Build an organized PointCloud2 (height = rows, width = columns) from a point image.
 
     Layout: x, y, z float32 at offsets 0, 4, 8 and, when ``rgb`` is given, rgb float32 at
     offset 12 holding the bits of 0x00RRGGBB.  point_step is 16 in both cases (without
@@ -501,7 +512,8 @@ def pointcloud2_from_depth(points_xyz, rgb, header):
 
 
 def pointcloud2_to_xyz(msg, skip_nans=False):
-    """Read x, y, z of every point of a PointCloud2 as an (N, 3) float32 array.
+    """
+    Read x, y, z of every point of a PointCloud2 as an (N, 3) float32 array.
 
     The fields are located by name and offset, FLOAT32 and FLOAT64 are supported, and
     ``point_step``, ``row_step`` and ``is_bigendian`` are honoured, so LiDAR clouds with

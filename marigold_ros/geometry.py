@@ -1,4 +1,5 @@
-"""Camera geometry: CameraInfo model, scaling, distortion, unprojection and transforms.
+"""
+Camera geometry: CameraInfo model, scaling, distortion, unprojection and transforms.
 
 Pixel convention: integer pixel coordinates are pixel centres (OpenCV / ROS); pixel ``u``
 covers ``[u - 0.5, u + 0.5)``.
@@ -45,7 +46,8 @@ _UNDISTORT_TOLERANCE = 1e-9
 
 
 class CalibrationError(ValueError):
-    """A camera calibration that cannot be used.
+    """
+    A camera calibration that cannot be used.
 
     :param reason: short key: 'bad_size', 'uncalibrated', 'bad_focal_length',
         'bad_principal_point', 'bad_distortion', 'unknown_distortion_model',
@@ -77,7 +79,8 @@ def _frozen_array(value, shape):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CameraModel:
-    """Pinhole camera with optional lens distortion (the content of a CameraInfo).
+    """
+    Pinhole camera with optional lens distortion (the content of a CameraInfo).
 
     Arrays are stored as read-only float64.  Construction validates the calibration and
     raises :class:`CalibrationError`.  An all-zero (or missing) P is replaced by ``[K | 0]``
@@ -208,7 +211,8 @@ class CameraModel:
         return bool(np.any(self.D))
 
     def distortion_coefficients(self):
-        """Return D padded with zeros to the model's length (empty if no distortion).
+        """
+        Return D padded with zeros to the model's length (empty if no distortion).
 
         :return: float64 array of length 5 / 8 / 4 or 0.
         """
@@ -223,7 +227,8 @@ class CameraModel:
 
     @classmethod
     def from_msg(cls, msg):
-        """Build a validated model from a sensor_msgs/CameraInfo.
+        """
+        Build a validated model from a sensor_msgs/CameraInfo.
 
         :param msg: sensor_msgs/CameraInfo (rclpy or rosbags message).
         :return: CameraModel.
@@ -240,7 +245,8 @@ class CameraModel:
                    frame_id=msg.header.frame_id)
 
     def to_msg(self, header=None):
-        """Build a sensor_msgs/CameraInfo.
+        """
+        Build a sensor_msgs/CameraInfo.
 
         :param header: std_msgs/Header to use; default: a zero stamp and ``frame_id``.
         :return: sensor_msgs/CameraInfo.
@@ -269,7 +275,8 @@ class CameraModel:
     # ------------------------------------------------------------------ binning / ROI
 
     def effective(self):
-        """Return the model of the image actually published: ROI and binning folded in.
+        """
+        Return the model of the image actually published: ROI and binning folded in.
 
         K and P are mapped by the crop ``u - x_offset`` then the binning (pixel-centre
         convention, see the module docstring); width/height become the binned ROI size,
@@ -296,7 +303,8 @@ class CameraModel:
 
 
 def pixel_scale_matrix(sx, sy):
-    """Return the 3x3 pixel-coordinate map of a resize by (sx, sy) with pixel centres.
+    """
+    Return the 3x3 pixel-coordinate map of a resize by (sx, sy) with pixel centres.
 
     ``u' = (u + 0.5) * sx - 0.5``: the map of bilinear resizing with align_corners=False.
 
@@ -308,7 +316,8 @@ def pixel_scale_matrix(sx, sy):
 
 
 def scale_camera(model, new_width, new_height):
-    """Return the model of the published image after resizing to (new_width, new_height).
+    """
+    Return the model of the published image after resizing to (new_width, new_height).
 
     The model is first made :meth:`~CameraModel.effective` (ROI and binning folded into K
     and P), then rows 0 and 1 of K and P are scaled with the pixel-centre convention
@@ -337,7 +346,8 @@ def scale_camera(model, new_width, new_height):
 
 
 def distort_normalized(x, y, coeffs, distortion_model):
-    """Apply lens distortion to normalised image coordinates (OpenCV formulas).
+    """
+    Apply lens distortion to normalised image coordinates (OpenCV formulas).
 
     plumb_bob / rational_polynomial::
 
@@ -386,7 +396,8 @@ def _padded(coeffs, n):
 
 
 def undistort_normalized(xd, yd, coeffs, distortion_model):
-    """Invert :func:`distort_normalized` by Newton's method (vectorised).
+    """
+    Invert :func:`distort_normalized` by Newton's method (vectorised).
 
     Points where the iteration does not reach a residual below 1e-9 (outside the region
     where the distortion model is invertible) are NaN.
@@ -433,7 +444,8 @@ def undistort_normalized(xd, yd, coeffs, distortion_model):
 
 @functools.lru_cache(maxsize=32)
 def _monotonic_radius(coeffs_key, distortion_model):
-    """Return the radius (normalised) up to which radial distortion increases with r.
+    """
+    Return the radius (normalised) up to which radial distortion increases with r.
 
     Beyond it the polynomial folds back and far off-axis points land inside the image
     (the classic OpenCV projectPoints artefact); such points are rejected.
@@ -471,7 +483,8 @@ def _ray_grid(height, width, k_key, d_key, distortion_model):
 
 
 def pixel_rays(height, width, K, D=None, distortion_model=''):
-    """Return the rays (x / z, y / z) through every pixel centre, cached per camera.
+    """
+    Return the rays (x / z, y / z) through every pixel centre, cached per camera.
 
     :param height: image height.
     :param width: image width.
@@ -494,7 +507,8 @@ def pixel_rays(height, width, K, D=None, distortion_model=''):
 
 
 def unproject_depth(depth, K, D=None, distortion_model=''):
-    """Turn a depth image (z along the optical axis) into an HxWx3 point image.
+    """
+    Turn a depth image (z along the optical axis) into an HxWx3 point image.
 
     ``x = (u - cx) * z / fx``, ``y = (v - cy) * z / fy`` (with skew and, if D is given,
     undistortion of the pixel first).  Pixels with NaN, inf or ``<= 0`` depth give NaN
@@ -535,7 +549,8 @@ def unproject_depth(depth, K, D=None, distortion_model=''):
 
 
 def project_points(points_cam, model):
-    """Project 3-D points in the camera optical frame to pixels of the image ``model`` describes.
+    """
+    Project 3-D points in the camera optical frame to pixels of the image ``model`` describes.
 
     Uses K and D (the raw, unrectified image the depth is computed on), with ROI and binning
     folded in (:meth:`CameraModel.effective`), plumb_bob, rational_polynomial or
@@ -575,7 +590,8 @@ def project_points(points_cam, model):
 
 
 def quaternion_to_matrix(quaternion_xyzw):
-    """Return the 3x3 rotation matrix of a quaternion (x, y, z, w), normalised first.
+    """
+    Return the 3x3 rotation matrix of a quaternion (x, y, z, w), normalised first.
 
     :param quaternion_xyzw: 4 values in geometry_msgs order (x, y, z, w).
     :return: 3x3 float64 rotation matrix.
@@ -596,7 +612,8 @@ def quaternion_to_matrix(quaternion_xyzw):
 
 
 def transform_points(points, translation, quaternion_xyzw):
-    """Apply a rigid transform ``p' = R(q) p + t`` to points (REP 103 frames).
+    """
+    Apply a rigid transform ``p' = R(q) p + t`` to points (REP 103 frames).
 
     With (t, q) from a geometry_msgs/Transform returned by ``lookup_transform(target,
     source)``, this maps points from the source frame into the target frame.

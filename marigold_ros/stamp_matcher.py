@@ -1,4 +1,5 @@
-"""Match a secondary message stream (camera_info, sparse depth) to image stamps.
+"""
+Match a secondary message stream (camera_info, sparse depth) to image stamps.
 
 A small, bounded, thread-safe store: subscription callbacks call :meth:`StampMatcher.add`
 and the worker thread calls :meth:`StampMatcher.match` with the stamp of the image it
@@ -19,7 +20,8 @@ _NS_PER_S = 1_000_000_000
 
 
 def stamp_to_ns(stamp):
-    """Convert a builtin_interfaces/Time to integer nanoseconds.
+    """
+    Convert a builtin_interfaces/Time to integer nanoseconds.
 
     :param stamp: builtin_interfaces/Time (or anything with ``sec`` and ``nanosec``).
     :return: ``sec * 1e9 + nanosec`` as an int.
@@ -28,7 +30,8 @@ def stamp_to_ns(stamp):
 
 
 def ns_to_stamp(ns):
-    """Convert integer nanoseconds to a builtin_interfaces/Time.
+    """
+    Convert integer nanoseconds to a builtin_interfaces/Time.
 
     :param ns: non-negative nanoseconds.
     :return: builtin_interfaces/Time.
@@ -41,7 +44,8 @@ def ns_to_stamp(ns):
 
 
 class StampMatcher:
-    """Keep the recent messages of one stream and find the one closest to a stamp.
+    """
+    Keep the recent messages of one stream and find the one closest to a stamp.
 
     Memory is bounded by ``max_queue``: when full, the message received earliest is dropped
     (receive order, not stamp order, so a clock jump backwards, e.g. a looping bag, ages the
@@ -79,7 +83,8 @@ class StampMatcher:
         return self._max_queue
 
     def add(self, stamp_ns, msg):
-        """Store a message under its stamp.
+        """
+        Store a message under its stamp.
 
         :param stamp_ns: stamp in integer nanoseconds (see :func:`stamp_to_ns`).
         :param msg: the message (any object).
@@ -92,14 +97,16 @@ class StampMatcher:
                 del self._items[next(iter(self._items))]
 
     def add_msg(self, msg):
-        """Store a message with a ``header`` under its header stamp.
+        """
+        Store a message with a ``header`` under its header stamp.
 
         :param msg: message with ``header.stamp``.
         """
         self.add(stamp_to_ns(msg.header.stamp), msg)
 
     def match(self, stamp_ns):
-        """Return the stored message closest in time to ``stamp_ns`` within the tolerance.
+        """
+        Return the stored message closest in time to ``stamp_ns`` within the tolerance.
 
         Ties go to the earlier stamp.  The message stays stored (one camera_info may serve
         several images).
@@ -119,7 +126,8 @@ class StampMatcher:
             return self._items[best_key]
 
     def latest(self):
-        """Return the most recently received message whatever its stamp, or None.
+        """
+        Return the most recently received message whatever its stamp, or None.
 
         Meant for streams whose stamps do not follow the images (static camera_info
         publishers); combine with ``tolerance_s=math.inf``.

@@ -122,6 +122,14 @@ def test_robust_variants_recover(method, loss):
     assert fit.shift == pytest.approx(0.7, abs=0.04)
 
 
+def test_ransac_scores_a_subset_of_dense_input():
+    rel, depth = _outlier_data(4, n=50000, outlier_rate=0.3)
+    fit = fit_scale_shift_robust(rel, depth, score_points=500)
+    assert fit.n_points == 50000  # the refinement and the statistics use every point
+    assert fit.scale == pytest.approx(2.5, rel=0.005)
+    assert fit.inlier_ratio == pytest.approx(0.7, abs=0.005)
+
+
 def test_robust_exact_data_and_apply():
     rel = np.linspace(0.0, 1.0, 11)
     fit = fit_scale_shift_robust(rel, 4.0 * rel + 1.0)
@@ -182,7 +190,7 @@ def test_robust_too_few_inliers():
 
 
 @pytest.mark.parametrize('kwargs', [{'method': 'svd'}, {'loss': 'l3'}, {'threshold_rel': 0.0},
-                                    {'iterations': 0}, {'min_inliers': 1},
+                                    {'iterations': 0}, {'min_inliers': 1}, {'score_points': 1},
                                     {'threshold_rel': math.nan}])
 def test_robust_bad_arguments(kwargs):
     with pytest.raises(ValueError):

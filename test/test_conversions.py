@@ -155,12 +155,12 @@ def test_unknown_and_depth_encodings_rejected(encoding):
 
 
 @pytest.mark.parametrize('msg_kwargs, reason', [
-    (dict(height=0, width=4, step=12, data=b''), 'empty'),
-    (dict(height=4, width=0, step=0, data=bytes(4)), 'empty'),
-    (dict(height=2, width=2, step=6, data=b''), 'empty'),
-    (dict(height=2, width=2, step=6, data=bytes(11)), 'truncated'),
-    (dict(height=2, width=2, step=5, data=bytes(12)), 'bad_step'),
-    (dict(height=2, width=2, step=0, data=bytes(12)), 'bad_step'),
+    ({'height': 0, 'width': 4, 'step': 12, 'data': b''}, 'empty'),
+    ({'height': 4, 'width': 0, 'step': 0, 'data': bytes(4)}, 'empty'),
+    ({'height': 2, 'width': 2, 'step': 6, 'data': b''}, 'empty'),
+    ({'height': 2, 'width': 2, 'step': 6, 'data': bytes(11)}, 'truncated'),
+    ({'height': 2, 'width': 2, 'step': 5, 'data': bytes(12)}, 'bad_step'),
+    ({'height': 2, 'width': 2, 'step': 0, 'data': bytes(12)}, 'bad_step'),
 ])
 def test_bad_images_raise_with_reason(msg_kwargs, reason):
     with pytest.raises(ImageConversionError) as err:

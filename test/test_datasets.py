@@ -90,6 +90,7 @@ def test_hypersim_prefers_tonemap_jpg(tmp_path):
 
 def test_hypersim_tone_map_percentile():
     rgb = np.linspace(0.0, 2.0, 300).reshape(10, 10, 3)
+    rgb[9, 9] = 100.0  # a highlight, clipped to 1
     out = tone_map(rgb)
     brightness = 0.3 * rgb[..., 0] + 0.59 * rgb[..., 1] + 0.11 * rgb[..., 2]
     scale = 0.8 ** 2.2 / np.percentile(brightness, 90)
@@ -103,7 +104,9 @@ def test_hypersim_marigold_list_file(tmp_path):
     depth_mm[2, 3] = 0
     _save_png(tmp_path / 'ai_001_001' / 'depth_plane_cam_00_fr0000.png', depth_mm)
     listing = tmp_path / 'filename_list_train.txt'
-    listing.write_text('ai_001_001/rgb_cam_00_fr0000.png ai_001_001/depth_plane_cam_00_fr0000.png\n')
+    listing.write_text('rgb_path,depth_path\n'
+                       'ai_001_001/rgb_cam_00_fr0000.png,'
+                       'ai_001_001/depth_plane_cam_00_fr0000.png\n')
     s = HypersimDataset(tmp_path, list_file=listing)[0]
     assert s.depth[0, 0] == pytest.approx(2.5) and not s.valid[2, 3]
     assert s.K[0, 0] == pytest.approx(4.0 / np.tan(np.deg2rad(30.0)))
@@ -334,13 +337,13 @@ class _ConstDataset:
 
 
 def test_mixing_probabilities_and_determinism():
-    mixed = MixedDataset([_ConstDataset('a'), _ConstDataset('b')], [0.9, 0.1], length=3000,
+    mixed = MixedDataset([_ConstDataset('a'), _ConstDataset('b')], [0.9, 0.1], length=2000,
                          seed=5)
-    names = [mixed[i].name for i in range(3000)]
+    names = [mixed[i].name for i in range(2000)]
     share_a = np.mean([n.startswith('a') for n in names])
-    assert 0.88 < share_a < 0.92
+    assert 0.875 < share_a < 0.925  # 3.7 standard deviations
     assert len({n for n in names if n.startswith('b')}) == 10  # indices cover the dataset
-    assert MixedDataset([_ConstDataset('a'), _ConstDataset('b')], [9, 1], 3000, seed=5)[
+    assert MixedDataset([_ConstDataset('a'), _ConstDataset('b')], [9, 1], 2000, seed=5)[
         17].name == names[17]
     assert mixed.skipped == 0
 

@@ -109,17 +109,17 @@ def test_from_msg_to_msg_round_trip_and_zero_p():
 
 
 @pytest.mark.parametrize('overrides, reason', [
-    (dict(k=[0.0] * 9), 'uncalibrated'),
-    (dict(k=[0.0, 0, CX, 0, FY, CY, 0, 0, 1]), 'bad_focal_length'),
-    (dict(k=[FX, 0, CX, 0, 0.0, CY, 0, 0, 1]), 'bad_focal_length'),
-    (dict(k=[math.nan, 0, CX, 0, FY, CY, 0, 0, 1]), 'bad_focal_length'),
-    (dict(k=[math.inf, 0, CX, 0, FY, CY, 0, 0, 1]), 'bad_focal_length'),
-    (dict(k=[FX, 0, math.nan, 0, FY, CY, 0, 0, 1]), 'bad_principal_point'),
-    (dict(width=0), 'bad_size'),
-    (dict(height=0), 'bad_size'),
-    (dict(distortion_model='fancy', d=[0.1, 0.0]), 'unknown_distortion_model'),
-    (dict(d=[0.1, 0.0, 0.0, 0.0, 0.0, 0.3]), 'bad_distortion'),
-    (dict(d=[math.nan] * 5), 'bad_distortion'),
+    ({'k': [0.0] * 9}, 'uncalibrated'),
+    ({'k': [0.0, 0, CX, 0, FY, CY, 0, 0, 1]}, 'bad_focal_length'),
+    ({'k': [FX, 0, CX, 0, 0.0, CY, 0, 0, 1]}, 'bad_focal_length'),
+    ({'k': [math.nan, 0, CX, 0, FY, CY, 0, 0, 1]}, 'bad_focal_length'),
+    ({'k': [math.inf, 0, CX, 0, FY, CY, 0, 0, 1]}, 'bad_focal_length'),
+    ({'k': [FX, 0, math.nan, 0, FY, CY, 0, 0, 1]}, 'bad_principal_point'),
+    ({'width': 0}, 'bad_size'),
+    ({'height': 0}, 'bad_size'),
+    ({'distortion_model': 'fancy', 'd': [0.1, 0.0]}, 'unknown_distortion_model'),
+    ({'d': [0.1, 0.0, 0.0, 0.0, 0.0, 0.3]}, 'bad_distortion'),
+    ({'d': [math.nan] * 5}, 'bad_distortion'),
 ])
 def test_bad_calibration_rejected(overrides, reason):
     with pytest.raises(CalibrationError) as err:

@@ -78,8 +78,8 @@ def test_add_msg_uses_header_stamp():
     assert matcher.match(4_000_000_005) is info
 
 
-@pytest.mark.parametrize('kwargs', [dict(tolerance_s=-0.1), dict(tolerance_s=math.nan),
-                                    dict(max_queue=0)])
+@pytest.mark.parametrize('kwargs', [{'tolerance_s': -0.1}, {'tolerance_s': math.nan},
+                                    {'max_queue': 0}])
 def test_bad_settings_rejected(kwargs):
     with pytest.raises(ValueError):
         StampMatcher(**kwargs)

@@ -169,3 +169,7 @@ class VKITTI2Dataset(_Dataset):
         parts = rgb_path.parts
         name = '/'.join(parts[-6:-4] + parts[-2:-1] + (rgb_path.stem[4:],))
         return make_sample(rgb, depth, k, name)
+
+
+# Alternative spelling used by marigold_model.trainer.
+VirtualKitti2Dataset = VKITTI2Dataset

@@ -1,0 +1,508 @@
+"""
+Read ROS 1 / rosbag2 bags as rclpy messages and write rosbag2 bags atomically.
+
+Reading uses ``rosbags`` (pure Python): rosbag2 directories (sqlite3 or mcap), a bare
+``.db3`` / ``.mcap`` storage file, or a ROS 1 ``.bag``.  Every message is handed on as CDR
+bytes (ROS 1 bytes are converted on the byte level, dropping the ROS 1 header ``seq``), so
+``rclpy.serialization.deserialize_message`` turns it into exactly the message class the live
+node receives, and copying a topic through is a byte copy.
+
+Writing goes to a hidden staging folder next to the output and is moved into place only by
+:meth:`AtomicBagWriter.commit`; any exception (Ctrl-C included) removes the staging folder, so
+a half-written bag never appears under the output name.  The storage file inside is named
+after the final output (as ``ros2 bag record`` names it), and the writer records no wall-clock
+time, so the same messages give byte-identical files.
+"""
+
+import array
+from dataclasses import dataclass
+import importlib
+import os
+from pathlib import Path
+import shutil
+
+import numpy as np
+from rclpy.serialization import deserialize_message
+from rosbags.highlevel import AnyReader
+from rosbags.interfaces import ConnectionExtRosbag2
+from rosbags.interfaces import MessageDefinitionFormat
+from rosbags.interfaces import Nodetype
+from rosbags.rosbag2 import StoragePlugin
+from rosbags.rosbag2 import Writer
+from rosbags.typesys import get_typestore
+from rosbags.typesys import Stores
+
+IMAGE_TYPE = 'sensor_msgs/msg/Image'
+COMPRESSED_TYPE = 'sensor_msgs/msg/CompressedImage'
+CAMERA_INFO_TYPE = 'sensor_msgs/msg/CameraInfo'
+POINTCLOUD_TYPE = 'sensor_msgs/msg/PointCloud2'
+IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_TYPE)
+
+#: Output storage formats (the rosbag2 storage identifiers).
+STORAGES = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}
+
+# The message definitions of the ROS 2 release whose Python wheels run this package; used
+# for output topics and for input bags that carry no definitions.
+ROS2_STORE = Stores.ROS2_KILTED
+
+
+class BagError(ValueError):
+    """
+    A bag that cannot be read or written, or a topic that is not in it.
+
+    :param reason: short key: 'missing', 'unreadable', 'corrupt', 'no_topic', 'bad_topic',
+        'exists' or 'bad_output'.
+    :param message: human-readable description naming the bag / topic.
+    """
+
+    def __init__(self, reason, message):
+        """Store the reason key and the message."""
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TopicInfo:
+    """
+    One topic of an input bag.
+
+    :param name: topic name.
+    :param msgtype: rosbags type name, e.g. 'sensor_msgs/msg/Image'.
+    :param count: messages recorded (from the bag index / metadata).
+    """
+
+    name: str
+    msgtype: str
+    count: int
+
+
+@dataclass(frozen=True)
+class BagMessage:
+    """
+    One recorded message, CDR-serialized (ROS 2 wire format).
+
+    :param topic: topic name.
+    :param msgtype: rosbags type name.
+    :param log_time: receive time recorded in the bag, integer nanoseconds.
+    :param cdr: CDR bytes (converted from ROS 1 when the bag is a ROS 1 bag).
+    """
+
+    topic: str
+    msgtype: str
+    log_time: int
+    cdr: bytes
+
+
+_CLASSES = {}
+
+
+def message_class(msgtype):
+    """
+    Return the rclpy message class of a rosbags type name.
+
+    :param msgtype: e.g. 'sensor_msgs/msg/Image'.
+    :return: the generated Python class.
+    :raises BagError: 'bad_topic' when the package / message is not installed.
+    """
+    cls = _CLASSES.get(msgtype)
+    if cls is None:
+        package, kind, name = (msgtype.split('/') + ['', ''])[:3]
+        try:
+            cls = getattr(importlib.import_module(f'{package}.{kind}'), name)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise BagError('bad_topic', f'message type {msgtype!r} is not available in this '
+                                        f'Python environment: {exc}') from exc
+        _CLASSES[msgtype] = cls
+    return cls
+
+
+def to_rclpy(message):
+    """
+    Deserialize a :class:`BagMessage` into its rclpy message.
+
+    :param message: BagMessage.
+    :return: rclpy message instance.
+    :raises BagError: 'corrupt' when the bytes do not parse.
+    """
+    try:
+        return deserialize_message(message.cdr, message_class(message.msgtype))
+    except BagError:
+        raise
+    except Exception as exc:  # noqa: B902 - rclpy raises plain RuntimeError / TypeError
+        raise BagError('corrupt', f'cannot deserialize a {message.msgtype} message on '
+                                  f'{message.topic!r} at {message.log_time} ns: {exc}') from exc
+
+
+def _rosbags_value(value, desc, store):
+    """Convert one rclpy field value to what rosbags' serializer expects."""
+    kind, sub = desc
+    if kind == Nodetype.BASE:
+        return value
+    if kind == Nodetype.NAME:
+        return _rosbags_message(value, sub, store)
+    element_kind, element = sub[0]
+    if element_kind == Nodetype.NAME:
+        return [_rosbags_message(v, element, store) for v in value]
+    if element[0] == 'string':
+        return list(value)
+    dtype = {'bool': np.bool_, 'char': np.uint8}.get(element[0], element[0])
+    if isinstance(value, (array.array, bytes, bytearray, memoryview)):
+        return np.frombuffer(value, dtype=dtype)  # no copy of image / cloud buffers
+    return np.asarray(value, dtype=dtype)
+
+
+def _rosbags_message(msg, msgtype, store):
+    """Build the rosbags message equal to an rclpy message, field by field."""
+    values = {}
+    for name, desc in store.fielddefs[msgtype][1]:
+        if name == 'structure_needs_at_least_one_member':
+            values[name] = 0
+        else:
+            values[name] = _rosbags_value(getattr(msg, name), desc, store)
+    return store.types[msgtype](**values)
+
+
+def serialize_canonical(msg, msgtype, store=None):
+    """
+    Serialize an rclpy message to CDR with zeroed padding bytes.
+
+    ``rclpy.serialization.serialize_message`` (Fast DDS) leaves the CDR alignment padding
+    uninitialised, so the same message serializes to different bytes in different processes;
+    rosbags' serializer writes zeros, which makes output bags reproducible bit for bit.
+    The result deserializes (rclpy or rosbags) to the same message.
+
+    :param msg: rclpy message.
+    :param msgtype: its rosbags type name, e.g. 'sensor_msgs/msg/Image'.
+    :param store: rosbags typestore holding ``msgtype`` (default: the ROS 2 store).
+    :return: bytes-like CDR (little endian).
+    """
+    store = store or _ros2_store()
+    return store.serialize_cdr(_rosbags_message(msg, msgtype, store), msgtype)
+
+
+_STORES = {}
+
+
+def _ros2_store():
+    store = _STORES.get(ROS2_STORE)
+    if store is None:
+        store = _STORES[ROS2_STORE] = get_typestore(ROS2_STORE)
+    return store
+
+
+def _storage_files(path):
+    return sorted(path.glob('*.db3')) + sorted(path.glob('*.mcap'))
+
+
+class BagReader:
+    """
+    Read an input bag (rosbag2 directory, .db3 / .mcap file, or ROS 1 .bag), read-only.
+
+    Use as a context manager.  Topics are listed by :attr:`topics`; :meth:`messages` yields
+    :class:`BagMessage` in recording order.
+    """
+
+    def __init__(self, path):
+        """
+        Open the bag.
+
+        :param path: bag path.
+        :raises BagError: 'missing', 'unreadable' or 'corrupt' naming the path.
+        """
+        self.path = Path(path).expanduser()
+        if not self.path.exists():
+            raise BagError('missing', f'input bag {str(self.path)!r} does not exist')
+        self._reader = None
+        self._open(self.path)
+        if self.path.is_dir() and self._hides_messages():
+            # A QoS mismatch between metadata.yaml and the storage file makes rosbags match
+            # no connection; the storage file alone carries consistent connections.
+            files = _storage_files(self.path)
+            if len(files) == 1:
+                self.close()
+                self._open(files[0])
+
+    def _open(self, path):
+        try:
+            reader = AnyReader([path], default_typestore=get_typestore(ROS2_STORE))
+            reader.open()
+        except Exception as exc:  # noqa: B902 - rosbags raises many unrelated types
+            raise BagError('unreadable', f'cannot open bag {str(path)!r} (not a rosbag2 '
+                                         f'directory, .db3, .mcap or ROS 1 .bag, or damaged): '
+                                         f'{type(exc).__name__}: {exc}') from exc
+        self._reader = reader
+        self.source = path
+        self.is_ros1 = not reader.is2
+        self._ros1_store = None
+        if self.is_ros1:
+            # ROS 1 -> CDR at byte level needs the ROS 2 Header (no seq) in the typestore,
+            # as `rosbags-convert` does.
+            header = get_typestore(ROS2_STORE).fielddefs['std_msgs/msg/Header']
+            store = get_typestore(Stores.EMPTY)
+            store.register({**reader.typestore.fielddefs, 'std_msgs/msg/Header': header})
+            self._ros1_store = store
+        self.topics = {}
+        for name, info in reader.topics.items():
+            if info.msgtype is None:
+                continue
+            self.topics[name] = TopicInfo(name, info.msgtype, int(info.msgcount))
+
+    def _hides_messages(self):
+        if not any(t.count for t in self.topics.values()):
+            return False
+        try:
+            next(self._reader.messages())
+        except StopIteration:
+            return True
+        except Exception:  # noqa: B902 - a damaged file shows up properly on the real read
+            return False
+        return False
+
+    def close(self):
+        """Close the bag (idempotent)."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            try:
+                reader.close()
+            except Exception:  # noqa: B902 - closing a damaged bag must not mask the error
+                pass
+
+    def __enter__(self):
+        """Return self."""
+        return self
+
+    def __exit__(self, *exc):
+        """Close the bag."""
+        self.close()
+        return False
+
+    def topics_of_type(self, *msgtypes):
+        """
+        List the topic names carrying one of the given types.
+
+        :param msgtypes: rosbags type names.
+        :return: sorted list of topic names.
+        """
+        return sorted(t.name for t in self.topics.values() if t.msgtype in msgtypes)
+
+    def describe_topics(self, names=None):
+        """
+        Format topics as 'name (type, N msgs)' for error messages.
+
+        :param names: topic names, default all.
+        :return: str, one topic per line.
+        """
+        names = sorted(self.topics) if names is None else names
+        return '\n'.join(f'  {n} ({self.topics[n].msgtype}, {self.topics[n].count} msgs)'
+                         for n in names) or '  (none)'
+
+    def connection_info(self, topic):
+        """
+        Return what a writer needs to record a topic exactly as in this bag.
+
+        :param topic: topic name.
+        :return: dict with msgtype, msgdef, rihs01, serialization_format, qos (for
+            :meth:`AtomicBagWriter.add_topic`).
+        """
+        connections = [c for c in self._reader.connections if c.topic == topic]
+        if not connections:
+            raise BagError('no_topic', f'topic {topic!r} is not in {str(self.source)!r}')
+        conn = connections[0]
+        ext = conn.ext
+        info = {'msgtype': conn.msgtype, 'msgdef': None, 'rihs01': None, 'qos': ()}
+        if isinstance(ext, ConnectionExtRosbag2):
+            info['qos'] = tuple(ext.offered_qos_profiles)
+            if conn.digest and conn.msgdef.format != MessageDefinitionFormat.NONE:
+                info['msgdef'] = conn.msgdef.data
+                info['rihs01'] = conn.digest
+        if info['msgdef'] is None:
+            store = self._ros1_store or self._reader.typestore
+            if conn.msgtype not in store.fielddefs:
+                store = get_typestore(ROS2_STORE)
+            info['msgdef'] = store.generate_msgdef(conn.msgtype, ros_version=2)[0]
+            info['rihs01'] = store.hash_rihs01(conn.msgtype)
+        return info
+
+    def messages(self, topics=None):
+        """
+        Yield messages in recording order.
+
+        :param topics: topic names to read, default all.
+        :return: generator of :class:`BagMessage`.
+        :raises BagError: 'no_topic' for an unknown topic, 'corrupt' for damaged data.
+        """
+        if topics is not None:
+            missing = [t for t in topics if t not in self.topics]
+            if missing:
+                raise BagError('no_topic', f'topics {missing} are not in '
+                                           f'{str(self.path)!r}; it has:\n'
+                                           + self.describe_topics())
+            wanted = set(topics)
+            connections = [c for c in self._reader.connections if c.topic in wanted]
+        else:
+            connections = list(self._reader.connections)
+        if not connections:
+            return
+        iterator = self._reader.messages(connections=connections)
+        while True:
+            try:
+                conn, log_time, raw = next(iterator)
+                if self.is_ros1:
+                    raw = self._ros1_store.ros1_to_cdr(raw, conn.msgtype)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: B902 - rosbags raises many unrelated types
+                raise BagError('corrupt', f'bag {str(self.path)!r} is damaged or truncated: '
+                                          f'{type(exc).__name__}: {exc}') from exc
+            yield BagMessage(conn.topic, conn.msgtype, int(log_time), bytes(raw))
+
+
+def staging_path(final):
+    """
+    Return the hidden staging folder used while writing ``final``.
+
+    :param final: the output path.
+    :return: Path of a sibling folder unique to this process.
+    """
+    final = Path(final)
+    return final.parent / f'.{final.name}.partial-{os.getpid()}'
+
+
+class AtomicBagWriter:
+    """
+    Write a rosbag2 bag that appears under its name only when complete.
+
+    Use as a context manager: leaving the block normally does nothing by itself; call
+    :meth:`commit` to finish.  Leaving it by an exception (KeyboardInterrupt included) or
+    without commit removes everything written.
+    """
+
+    def __init__(self, path, storage='mcap', overwrite=False):
+        """
+        Prepare the writer (nothing is created yet).
+
+        :param path: output bag folder.
+        :param storage: 'mcap' or 'sqlite3'.
+        :param overwrite: replace an existing output on commit.
+        :raises BagError: 'exists' or 'bad_output'.
+        """
+        if storage not in STORAGES:
+            raise BagError('bad_output', f'unknown storage {storage!r}; use one of '
+                                         f'{sorted(STORAGES)}')
+        self.path = Path(path).expanduser().absolute()
+        if self.path.exists() and not overwrite:
+            raise BagError('exists', f'output {str(self.path)!r} already exists; choose '
+                                     'another name or pass --overwrite')
+        if not self.path.parent.is_dir():
+            raise BagError('bad_output', f'output folder {str(self.path.parent)!r} does not '
+                                         'exist')
+        self.storage = storage
+        self.overwrite = overwrite
+        self.stage = staging_path(self.path)
+        self._writer = None
+        self._connections = {}
+        self.counts = {}
+        self._store = _ros2_store()
+
+    def __enter__(self):
+        """Create the staging folder and open the storage."""
+        if self.stage.exists():
+            shutil.rmtree(self.stage)
+        self.stage.mkdir()
+        try:
+            # The bag folder inside the stage carries the final name, so the storage file and
+            # metadata.yaml reference '<name>.mcap' exactly as a direct write would.
+            self._writer = Writer(self.stage / self.path.name, version=Writer.VERSION_LATEST,
+                                  storage_plugin=STORAGES[self.storage])
+            self._writer.open()
+        except BaseException:
+            self.abort()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        """Remove the staging folder unless committed."""
+        self.abort()
+        return False
+
+    @property
+    def topics(self):
+        """Return the topic names added so far, in order."""
+        return list(self._connections)
+
+    def add_topic(self, topic, msgtype, msgdef=None, rihs01=None, qos=()):
+        """
+        Register a topic (once; later calls for the same topic are ignored).
+
+        :param topic: topic name.
+        :param msgtype: rosbags type name.
+        :param msgdef: message definition text (default: the ROS 2 store's).
+        :param rihs01: type hash matching ``msgdef``.
+        :param qos: offered QoS profiles (rosbags Qos objects) to record.
+        """
+        if topic in self._connections:
+            if self._connections[topic].msgtype != msgtype:
+                raise BagError('bad_output', f'topic {topic!r} written with two types: '
+                                             f'{self._connections[topic].msgtype} and '
+                                             f'{msgtype}')
+            return
+        if msgdef is None or rihs01 is None:
+            msgdef, _ = self._store.generate_msgdef(msgtype, ros_version=2)
+            rihs01 = self._store.hash_rihs01(msgtype)
+        self._connections[topic] = self._writer.add_connection(
+            topic, msgtype, msgdef=msgdef, rihs01=rihs01, serialization_format='cdr',
+            offered_qos_profiles=list(qos))
+        self.counts[topic] = 0
+
+    def write(self, topic, log_time, cdr):
+        """
+        Write serialized bytes on a registered topic.
+
+        :param topic: topic name (see :meth:`add_topic`).
+        :param log_time: bag time, integer nanoseconds.
+        :param cdr: CDR bytes.
+        """
+        self._writer.write(self._connections[topic], int(log_time), cdr)
+        self.counts[topic] += 1
+
+    def write_msg(self, topic, log_time, msg, msgtype):
+        """
+        Serialize an rclpy message (canonically) and write it, registering the topic first.
+
+        :param topic: topic name.
+        :param log_time: bag time, integer nanoseconds.
+        :param msg: rclpy message.
+        :param msgtype: rosbags type name of ``msg``.
+        """
+        self.add_topic(topic, msgtype)
+        self.write(topic, log_time, serialize_canonical(msg, msgtype, self._store))
+
+    def commit(self):
+        """
+        Close the bag and move it into place (replacing an old output when allowed).
+
+        :return: the final Path.
+        """
+        writer, self._writer = self._writer, None
+        writer.close()
+        built = self.stage / self.path.name
+        if self.path.exists():
+            if not self.overwrite:
+                raise BagError('exists', f'output {str(self.path)!r} appeared while writing; '
+                                         'the result is left in ' + str(built))
+            old = self.stage / '.replaced'
+            os.replace(self.path, old)
+        os.replace(built, self.path)
+        shutil.rmtree(self.stage, ignore_errors=True)
+        return self.path
+
+    def abort(self):
+        """Drop everything written (no-op after a commit)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.abort()
+            except Exception:  # noqa: B902 - cleaning up after another error
+                pass
+        if self.stage.exists():
+            shutil.rmtree(self.stage, ignore_errors=True)

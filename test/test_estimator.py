@@ -1,0 +1,162 @@
+"""DepthEstimator: equality with diffusers' MarigoldDepthPipeline, batching, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
+from marigold_model.estimator import DepthEstimator, processing_size
+
+
+def _estimator(model_dir, **inference):
+    return DepthEstimator(EstimatorConfig(ModelConfig(model=model_dir, device='cpu'),
+                                          InferenceConfig(**inference)))
+
+
+@pytest.fixture(scope='module')
+def reference_pipeline(random_model_dir):
+    from diffusers import MarigoldDepthPipeline
+    from safetensors.torch import load_file
+    pipe = MarigoldDepthPipeline.from_pretrained(random_model_dir, text_encoder=None,
+                                                 tokenizer=None)
+    embedding = load_file(f'{random_model_dir}/empty_text_embedding.safetensors')['embedding']
+    pipe.empty_text_embedding = embedding
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope='module')
+def frame():
+    return np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize('steps,resolution,match', [(1, 64, True), (4, 64, True),
+                                                    (2, 40, False), (1, 0, True)])
+def test_equals_diffusers_pipeline(random_model_dir, reference_pipeline, frame, steps,
+                                   resolution, match):
+    """Same weights, input and noise give the pipeline's depth within 1e-5 (fp32)."""
+    estimator = _estimator(random_model_dir, denoising_steps=steps, seed=7,
+                           processing_resolution=resolution, match_input_resolution=match)
+    ours = estimator.estimate(frame)
+    ref = reference_pipeline(frame, num_inference_steps=steps,
+                             processing_resolution=resolution or None,
+                             match_input_resolution=match,
+                             generator=torch.Generator().manual_seed(7))
+    expected = ref.prediction[0, :, :, 0]
+    assert ours.depth.shape == expected.shape
+    assert ours.depth.dtype == np.float32
+    assert np.abs(ours.depth - expected).max() <= 1e-5
+
+
+def test_ensemble_members_equal_pipeline_latents(random_model_dir, reference_pipeline, frame):
+    """With an ensemble, every member's final latent equals the pipeline's."""
+    estimator = _estimator(random_model_dir, denoising_steps=2, ensemble_size=3, seed=3,
+                           processing_resolution=48, match_input_resolution=False)
+    ours = estimator.estimate(frame)
+    ref = reference_pipeline(frame, num_inference_steps=2, ensemble_size=3,
+                             processing_resolution=48, batch_size=4, output_latent=True,
+                             match_input_resolution=False,
+                             generator=torch.Generator().manual_seed(3))
+    assert ours.latent.shape == ref.latent.shape
+    assert (ours.latent - ref.latent).abs().max().item() <= 1e-5
+    assert ours.uncertainty is not None and ours.uncertainty.shape == (34, 48)
+    assert np.all(ours.uncertainty >= 0)
+    assert ours.depth.min() == pytest.approx(0.0, abs=1e-6)
+    assert ours.depth.max() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_deterministic_for_a_seed(random_model_dir, frame):
+    """The same seed gives the same depth; another seed a different one."""
+    first = _estimator(random_model_dir, seed=1).estimate(frame).depth
+    again = _estimator(random_model_dir, seed=1).estimate(frame).depth
+    other = _estimator(random_model_dir, seed=2).estimate(frame).depth
+    assert np.array_equal(first, again)
+    assert not np.allclose(first, other)
+
+
+def test_batch_of_cameras_with_different_sizes(random_model_dir, frame):
+    """Frames of several sizes in one call equal the frames estimated one by one."""
+    estimator = _estimator(random_model_dir, processing_resolution=64, batch_size=4)
+    rng = np.random.default_rng(5)
+    frames = [frame, rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), frame[:, :60],
+              rng.integers(0, 256, (64, 48), dtype=np.uint8)]
+    batched = estimator.estimate(frames)
+    assert len(batched) == len(frames)
+    for image, result in zip(frames, batched):
+        single = estimator.estimate(image)
+        assert result.depth.shape == image.shape[:2]
+        assert np.abs(result.depth - single.depth).max() < 1e-4
+    assert set(batched[0].timings) >= {'preprocess', 'encode', 'unet', 'unet_per_step',
+                                       'decode', 'ensemble', 'postprocess', 'total'}
+
+
+def test_processing_size_matches_diffusers_rule():
+    """The longest side becomes the resolution, with integer division like diffusers."""
+    assert processing_size(480, 640, 768) == (576, 768)
+    assert processing_size(50, 70, 64) == (45, 64)
+    assert processing_size(50, 70, 0) == (50, 70)
+
+
+def test_runtime_settings_change(random_model_dir, frame):
+    """Steps, ensemble and resolution can change between calls; bad values are refused."""
+    estimator = _estimator(random_model_dir)
+    assert estimator.resolved_settings() == (2, 64)  # the model's defaults
+    estimator.set_inference(InferenceConfig(denoising_steps=1, ensemble_size=2,
+                                            processing_resolution=32,
+                                            match_input_resolution=False))
+    result = estimator.estimate(frame)
+    assert result.processing_size == (22, 32)
+    assert result.depth.shape == (22, 32)
+    assert result.uncertainty is not None
+    with pytest.raises(ValueError, match='ensemble_size'):
+        estimator.set_inference(InferenceConfig(ensemble_size=0))
+
+
+@pytest.mark.parametrize('bad,message', [
+    (np.zeros((0, 5, 3), np.uint8), 'empty'),
+    (np.zeros((5, 5, 4), np.uint8), 'shape'),
+    (np.zeros((5, 5, 3), np.int32), 'dtype'),
+    (np.full((5, 5, 3), np.nan, np.float32), 'NaN'),
+    (np.full((5, 5, 3), 2.0, np.float32), 'within'),
+    (np.zeros((300, 300, 3), np.uint8), 'exceeds'),
+    ([], 'no frames'),
+    ('image', 'numpy'),
+])
+def test_bad_input_names_the_problem(random_model_dir, bad, message):
+    """Bad frames raise ValueError that says what is wrong."""
+    estimator = DepthEstimator(EstimatorConfig(ModelConfig(model=random_model_dir,
+                                                           max_input_pixels=200 * 200)))
+    with pytest.raises(ValueError, match=message):
+        estimator.estimate(bad if not isinstance(bad, str) else [bad])
+
+
+def test_unsupported_device_and_dtype(random_model_dir):
+    """Devices that are not here and unknown dtypes are refused clearly."""
+    with pytest.raises(ValueError, match='device'):
+        DepthEstimator(EstimatorConfig(ModelConfig(model=random_model_dir, device='tpu')))
+    with pytest.raises(ValueError, match='dtype'):
+        DepthEstimator(EstimatorConfig(ModelConfig(model=random_model_dir, dtype='int8')))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='CUDA is not available'):
+            DepthEstimator(EstimatorConfig(ModelConfig(model=random_model_dir, device='cuda')))
+
+
+def test_warm_start_uses_previous_latent(random_model_dir, frame):
+    """With warm start the second frame of a stream starts from the first one's latent."""
+    estimator = _estimator(random_model_dir, denoising_steps=2, warm_start_strength=0.5)
+    first = estimator.estimate([frame], keys=['cam'])[0]
+    second = estimator.estimate([frame], keys=['cam'])[0]
+    cold = estimator.estimate([frame])[0]
+    assert np.array_equal(first.depth, cold.depth)  # nothing to start from yet
+    assert not np.allclose(second.depth, cold.depth)
+    estimator.reset_warm_start('cam')
+    assert np.array_equal(estimator.estimate([frame], keys=['cam'])[0].depth, cold.depth)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_fp16_path(random_model_dir, frame):
+    """On CUDA the default dtype is fp16, channels_last is applied and results stay close."""
+    gpu = DepthEstimator(EstimatorConfig(ModelConfig(model=random_model_dir, device='cuda')))
+    assert gpu.dtype == torch.float16
+    cpu = _estimator(random_model_dir)
+    assert np.abs(gpu.estimate(frame).depth - cpu.estimate(frame).depth).mean() < 0.05
