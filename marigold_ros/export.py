@@ -56,10 +56,8 @@ def write_png(path, array):
     """
     array = np.ascontiguousarray(array)
     if array.dtype == np.uint16:
-        image = PILImage.fromarray(array.astype('<u2'), mode='I;16')
-    else:
-        image = PILImage.fromarray(array)
-    image.save(path, format='PNG')
+        array = array.astype('<u2', copy=False)  # Pillow maps native uint16 to 'I;16'
+    PILImage.fromarray(array).save(path, format='PNG')
 
 
 def colorize(depth):

@@ -13,8 +13,7 @@ lives in :mod:`marigold_model.scale_tracking` without ROS. Here:
   :class:`ScaleTracker` per stream and returns the estimate (None: stay relative), and
   :meth:`~ScaleRecovery.attach` subscribes on a node.
 * :func:`apply_scale`: metric depth and metric uncertainty from an estimate (with the opt-in
-  local refinement), :func:`fixed_estimate` for a user-given scale, :func:`status_fields`
-  for diagnostics.
+  local refinement), :func:`status_fields` for diagnostics.
 
 Every input problem has a short ``reason`` (a diagnostics counter key) and a message naming
 it; a bad input never produces a scale: the previous estimate is kept, marked ``stale`` with
@@ -24,7 +23,6 @@ that reason, until it is older than ``max_stale_s``, and the depth then stays re
 from dataclasses import dataclass, fields, replace
 import math
 import threading
-import time
 
 from marigold_model.scale_tracking import refine_local, ScaleEstimate, ScaleTracker
 from marigold_model.scale_tracking import ScaleTrackerConfig, sparse_pixels, STATUS_NO_ESTIMATE
@@ -36,6 +34,7 @@ from sensor_msgs.msg import PointCloud2
 
 from .conversions import image_to_depth, ImageConversionError, PointCloudConversionError
 from .conversions import pointcloud2_to_xyz
+from .diagnostics import KeyedThrottle
 from .geometry import CalibrationError, MIN_DEPTH, project_points, quaternion_to_matrix
 from .geometry import scale_camera
 from .stamp_matcher import stamp_to_ns, StampMatcher
@@ -66,6 +65,10 @@ _ASPECT_TOLERANCE = 0.05
 # image_to_depth converts 16UC1 with this factor; other factors are applied on top.
 _CONVERTER_MM = 0.001
 
+#: Fields whose change needs a new ScaleRecovery (they shape subscriptions and tf setup).
+RESTART_FIELDS = ('source', 'use_tf')
+
+_IDENTITY = ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0))
 _TRACKER = ScaleTrackerConfig()
 _TRACKER_FIELDS = tuple(f.name for f in fields(ScaleTrackerConfig))
 
@@ -92,9 +95,13 @@ class ScaleRecoveryConfig:
     Settings of :class:`ScaleRecovery` (the node exposes every field as a ROS parameter).
 
     The tracker settings (``min_points`` to ``seed``) are those of
-    :class:`~marigold_model.scale_tracking.ScaleTrackerConfig`, whose defaults they reuse;
-    see its documentation. ``max_stale_s`` is how long an estimate is used without a new
-    accepted fit (sparse input missing or rejected) before the depth goes back to relative.
+    :class:`~marigold_model.scale_tracking.ScaleTrackerConfig`, whose defaults they reuse
+    (a test checks the mapping); see its documentation, e.g. with
+    ``params.field_descriptions(ScaleTrackerConfig)``. ``max_stale_s`` is how long an
+    estimate is used without a new accepted fit (sparse input missing or rejected) before
+    the depth goes back to relative. Changing a field of :data:`RESTART_FIELDS` needs a new
+    :class:`ScaleRecovery` (subscriptions and tf listener); the others can be changed at
+    runtime with :meth:`ScaleRecovery.reconfigure`.
 
     :param source: ``'none'``, ``'sparse_depth'`` (Image ``sparse_depth``) or ``'points'``
         (PointCloud2 ``points_in``)
@@ -105,7 +112,8 @@ class ScaleRecoveryConfig:
     :param use_tf: look the LiDAR pose up in tf2 (when ``tf2_ros`` is importable); otherwise
         the extrinsic parameters are used
     :param extrinsic_translation: (x, y, z) of the LiDAR frame in the camera optical frame
-        (meters, REP 103 / 105: ``p_optical = R p_lidar + t``)
+        (meters, REP 103 / 105: ``p_optical = R p_lidar + t``); the identity default is
+        only used for clouds in the camera's own frame (else ``no_transform``)
     :param extrinsic_rotation_xyzw: the rotation of that transform as a quaternion (x, y,
         z, w)
     :param transform_tolerance_s: largest gap between the cloud stamp and the newest tf2
@@ -125,7 +133,6 @@ class ScaleRecoveryConfig:
     transform_tolerance_s: float = 0.1
     local_refinement: bool = False
     error_throttle_s: float = 5.0
-    # Tracker settings: the defaults come from ScaleTrackerConfig (a test checks the mapping).
     min_points: int = _TRACKER.min_points
     inlier_threshold_rel: float = _TRACKER.inlier_threshold_rel
     min_inlier_ratio: float = _TRACKER.min_inlier_ratio
@@ -196,7 +203,7 @@ class RefinedScaleEstimate(ScaleEstimate):
         """
         Correct a globally aligned metric depth locally towards the sparse points.
 
-        :param metric_depth: ``ScaleEstimate.apply`` of the relative depth, H x W
+        :param metric_depth: globally aligned depth (``scale * rel + shift``), H x W
         :return: float32 refined depth (NaN kept)
         :raises ValueError: the depth is not on the grid the points were taken on
         """
@@ -208,44 +215,28 @@ class RefinedScaleEstimate(ScaleEstimate):
 
     def apply(self, rel_depth):
         """
-        Convert relative depth to metric depth, then refine locally.
+        Convert relative depth to metric depth, then refine locally (as :func:`apply_scale`).
 
         :param rel_depth: relative depth, H x W (the grid of the sparse points)
         :return: float32 metric depth, NaN where invalid (REP 118)
         """
-        return self.refine(ScaleEstimate.apply(self, rel_depth))
+        return apply_scale(self, rel_depth)[0]
 
 
-def fixed_estimate(scale, shift=0.0):
-    """
-    Return the estimate of a user-given scale and shift (``meters = scale * rel + shift``).
-
-    :param scale: meters per relative unit (finite, > 0)
-    :param shift: meters (finite)
-    :return: :class:`ScaleEstimate` with status ``'ok'``, no fit statistics (NaN)
-    :raises ValueError: non-positive or non-finite scale, non-finite shift
-    """
-    scale, shift = float(scale), float(shift)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f'fixed scale must be finite and > 0, got {scale}')
-    if not math.isfinite(shift):
-        raise ValueError(f'fixed shift must be finite, got {shift}')
-    return ScaleEstimate(scale=scale, shift=shift, inlier_ratio=math.nan, residual=math.nan,
-                         n_points=0, age_s=0.0, status=STATUS_OK)
-
-
-def apply_scale(estimate, relative_depth, uncertainty=None):
+def apply_scale(estimate, relative_depth, uncertainty=None, max_depth=0.0):
     """
     Turn relative depth (and its uncertainty) into meters with an estimate.
 
-    Metric depth is ``scale * rel + shift`` (NaN where not positive, REP 118), locally
-    refined when the estimate is a :class:`RefinedScaleEstimate`. The uncertainty, a spread
-    of relative depth, becomes ``scale * uncertainty`` meters (the shift cancels in a
-    spread), times the local correction factor when refined, NaN where the depth is NaN.
+    Metric depth is ``scale * rel + shift``, locally refined when the estimate is a
+    :class:`RefinedScaleEstimate`; depths that are not positive, or beyond ``max_depth``,
+    become NaN (REP 118). The uncertainty, a spread of relative depth, becomes ``scale *
+    uncertainty`` meters (the shift cancels in a spread), times the local correction factor
+    when refined, NaN where the depth is NaN. float32 throughout (the pipeline's hot path).
 
-    :param estimate: a usable :class:`ScaleEstimate`
+    :param estimate: a usable :class:`ScaleEstimate` (fixed, tracked or refined)
     :param relative_depth: H x W relative depth
     :param uncertainty: H x W relative uncertainty, or None
+    :param max_depth: meters; farther depths become NaN (0: no limit)
     :return: (float32 metric depth, float32 metric uncertainty or None)
     :raises ValueError: no usable estimate, or shapes that differ
     """
@@ -255,20 +246,27 @@ def apply_scale(estimate, relative_depth, uncertainty=None):
     rel = np.asarray(relative_depth)
     if rel.ndim != 2:
         raise ValueError(f'relative depth must be H x W, got shape {rel.shape}')
-    global_depth = ScaleEstimate.apply(estimate, rel)
+    metric = rel.astype(np.float32) * np.float32(estimate.scale) + np.float32(estimate.shift)
+    with np.errstate(invalid='ignore'):
+        metric[~(metric > 0)] = np.nan
     refined = isinstance(estimate, RefinedScaleEstimate) and estimate.sparse_uv is not None
-    metric = estimate.refine(global_depth) if refined else global_depth
+    global_depth = metric
+    if refined:
+        metric = estimate.refine(global_depth)
+    if max_depth > 0:
+        with np.errstate(invalid='ignore'):
+            metric[metric > max_depth] = np.nan
     if uncertainty is None:
         return metric, None
-    unc = np.asarray(uncertainty, dtype=np.float64)
+    unc = np.asarray(uncertainty)
     if unc.shape != rel.shape:
         raise ValueError(f'uncertainty shape {unc.shape} differs from the depth {rel.shape}')
-    metric_unc = estimate.scale * unc
+    metric_unc = unc.astype(np.float32) * np.float32(estimate.scale)
     if refined:
         with np.errstate(invalid='ignore', divide='ignore'):
-            metric_unc = metric_unc * (metric / global_depth)
-    metric_unc = np.where(np.isfinite(metric), metric_unc, np.nan)
-    return metric, metric_unc.astype(np.float32)
+            metric_unc *= metric / global_depth
+    metric_unc[np.isnan(metric)] = np.nan
+    return metric, metric_unc
 
 
 def _number(value, digits=4):
@@ -383,13 +381,15 @@ class _Reading:
 
 
 class _Stream:
-    """Per-stream state: the tracker, the buffered input and the latest outcome."""
+    """Per-stream state: tracker, buffered input, latest outcome and input problems."""
 
     def __init__(self, config):
         """Create an empty stream."""
         self.tracker = ScaleTracker(config.tracker_config())
         self.readings = StampMatcher(config.match_tolerance_s, config.queue_size)
         self.last = None  # latest ScaleEstimate (also unusable ones: they carry the reason)
+        self.errors = {}  # reason -> count
+        self.last_error = None
 
 
 class ScaleRecovery:
@@ -400,7 +400,8 @@ class ScaleRecovery:
 
     :param config: :class:`ScaleRecoveryConfig`
     :param transform_lookup: optional callable ``(target_frame, source_frame, stamp_ns) ->
-        (translation, quaternion_xyzw)`` raising :class:`ScaleInputError`; default: set by
+        (translation, quaternion_xyzw)`` raising :class:`ScaleInputError` (e.g. a
+        :class:`Tf2TransformLookup` on a Buffer the caller fills); default: set by
         :meth:`attach` to tf2 when available and ``use_tf``, else the extrinsic parameters
     """
 
@@ -414,17 +415,18 @@ class ScaleRecovery:
         self._last_error = None
         self._lock = threading.Lock()
         self._logger = None
-        self._logged = {}  # reason -> monotonic time of the last log line
+        self._throttle = KeyedThrottle(self.config.error_throttle_s)
         self._subscriptions = []
         self._node = None
         self._tf_listener = None
+        self._tf_ready = False
 
     # ------------------------------------------------------------------ state
 
     @property
     def errors(self):
         """
-        Count of input problems by reason since start (a copy).
+        Count of input problems by reason since start, all streams (a copy).
 
         :return: dict reason -> count
         """
@@ -434,7 +436,7 @@ class ScaleRecovery:
     @property
     def last_error(self):
         """
-        Return the latest input problem, or None.
+        Return the latest input problem of any stream, or None.
 
         :return: :class:`ScaleInputError` (``.reason``, ``.key``, ``str()``) or None
         """
@@ -463,28 +465,62 @@ class ScaleRecovery:
 
     def diagnostic_fields(self, key=''):
         """
-        Diagnostics of one stream: the estimate's fields plus source and input errors.
+        Diagnostics of one stream: the estimate's fields plus source and input problems.
 
         :param key: stream key
-        :return: list of (key, value) string pairs
+        :return: list of (key, value) string pairs (see :func:`status_fields`), then
+            ``scale_source``, ``scale_transform`` (points only), ``scale_input_errors``
+            (``reason=count, ...`` of this stream) and ``scale_last_error``
         """
-        last = self.last_estimate(key)
+        with self._lock:
+            stream = self._streams.get(key)
+            last = stream.last if stream else None
+            errors = dict(stream.errors) if stream else {}
+            last_error = stream.last_error if stream else None
         reason = REASON_NO_SPARSE_INPUT if self.config.source != 'none' else 'source_none'
         out = status_fields(last, reason=reason)
         out.append(('scale_source', self.config.source))
         if self.config.source == 'points':
             out.append(('scale_transform', self._transform_source))
-        errors = self.errors
         out.append(('scale_input_errors',
                     ', '.join(f'{k}={v}' for k, v in sorted(errors.items())) or 'none'))
-        last_error = self.last_error
         out.append(('scale_last_error',
                     f'{last_error.reason}: {last_error}' if last_error else ''))
         return out
 
+    def reconfigure(self, config):
+        """
+        Take new settings at runtime (e.g. from a parameter change).
+
+        Streams whose tracker settings changed start a new estimate; a new match tolerance
+        or queue size drops the buffered input.
+
+        :param config: new :class:`ScaleRecoveryConfig`
+        :raises ValueError: a field of :data:`RESTART_FIELDS` changed (needs a new
+            ScaleRecovery)
+        """
+        old = self.config
+        for name in RESTART_FIELDS:
+            if getattr(config, name) != getattr(old, name):
+                raise ValueError(f'{name} cannot change at runtime ({getattr(old, name)!r} -> '
+                                 f'{getattr(config, name)!r}): restart the node')
+        with self._lock:
+            self.config = config
+            self._throttle.period_s = config.error_throttle_s
+            if isinstance(self._lookup, Tf2TransformLookup):
+                self._lookup.tolerance_s = config.transform_tolerance_s
+            if config.tracker_config() != old.tracker_config():
+                for stream in self._streams.values():
+                    stream.tracker = ScaleTracker(config.tracker_config())
+                    stream.last = None
+            if (config.match_tolerance_s, config.queue_size) != \
+                    (old.match_tolerance_s, old.queue_size):
+                for stream in self._streams.values():
+                    stream.readings = StampMatcher(config.match_tolerance_s, config.queue_size)
+
     def reset(self, key=None):
         """
-        Forget the estimate and buffered input of one stream (None: all streams).
+        Forget the estimate, buffered input and counts of one stream (None: all streams).
 
         :param key: stream key or None
         """
@@ -502,23 +538,23 @@ class ScaleRecovery:
             return stream
 
     def _report(self, error):
-        """Count an input problem, remember it and log it (throttled per reason)."""
-        now = time.monotonic()
+        """Count an input problem, remember it and log it (throttled per stream and reason)."""
+        stream = self._stream(error.key)
         with self._lock:
             self._errors[error.reason] = self._errors.get(error.reason, 0) + 1
-            self._last_error = error
-            count = self._errors[error.reason]
+            stream.errors[error.reason] = stream.errors.get(error.reason, 0) + 1
+            self._last_error = stream.last_error = error
             logger = self._logger
-            last = self._logged.get(error.reason)
-            due = last is None or now - last >= self.config.error_throttle_s
-            if logger is not None and due:
-                self._logged[error.reason] = now
-        if logger is not None and due:
+        if logger is None:
+            return
+        # Throttled per (stream, reason): rclpy's throttle_duration_sec is per call site, so
+        # one frequent problem would hide every other one.
+        allowed, suppressed = self._throttle.allow((error.key, error.reason))
+        if allowed:
             where = f' [{error.key}]' if error.key else ''
-            # Own throttling per reason: rclpy's throttle_duration_sec is per call site, so
-            # one frequent problem would hide every other one.
-            logger.error(f'scale recovery{where}: {error.reason}: {error} ({count} so far; '
-                         'depth stays relative when no valid scale is left)')
+            more = f' ({suppressed} more since the last report)' if suppressed else ''
+            logger.error(f'scale recovery{where}: {error.reason}: {error}{more}; the depth '
+                         'stays relative when no valid scale is left')
 
     # ------------------------------------------------------------------ input
 
@@ -586,14 +622,12 @@ class ScaleRecovery:
             depth *= np.float32(self.config.sparse_depth_scale / _CONVERTER_MM)
         with np.errstate(invalid='ignore'):
             if not np.any(np.isfinite(depth) & (depth > 0)):
-                n_nan = int(np.isnan(depth).sum())
+                empty = int((np.isnan(depth) | (depth == 0)).sum())
                 n_inf = int(np.isinf(depth).sum())
-                n_zero = int((depth == 0).sum())
                 raise ScaleInputError(
                     REASON_SPARSE_NO_READINGS, f'sparse depth {msg.width}x{msg.height} '
-                    f'{msg.encoding} has no valid reading ({n_zero} zero, {n_nan} NaN or '
-                    f'no-reading, {n_inf} inf, {depth.size - n_zero - n_nan - n_inf} '
-                    'negative)')
+                    f'{msg.encoding} has no valid reading: {empty} pixels 0 or NaN (no '
+                    f'reading), {n_inf} inf, {depth.size - empty - n_inf} negative')
         return depth
 
     # ------------------------------------------------------------------ estimate
@@ -690,20 +724,34 @@ class ScaleRecovery:
         else:
             translation = self.config.extrinsic_translation
             rotation = self.config.extrinsic_rotation_xyzw
+            if (translation, rotation) == _IDENTITY and reading.frame_id and target and \
+                    reading.frame_id != target:
+                # The default is no calibration: a LiDAR frame (x forward, z up) taken as the
+                # optical frame (z forward) would pair points with the wrong pixels.
+                raise ScaleInputError(
+                    REASON_NO_TRANSFORM, f'no transform from the cloud frame '
+                    f'{reading.frame_id!r} to the camera frame {target!r}: tf2 is '
+                    f'{"off (use_tf false)" if not self.config.use_tf else "not available"} '
+                    'and the extrinsic parameters are the identity default; set '
+                    'extrinsic_translation / extrinsic_rotation_xyzw')
         rot = quaternion_to_matrix(rotation)
         points = reading.data.astype(np.float64) @ rot.T + np.asarray(translation, np.float64)
+        total = points.shape[0]
+        # A spinning LiDAR has most points beside or behind the camera: drop those before
+        # the (distortion) projection, which costs more than this test.
+        points = points[points[:, 2] > MIN_DEPTH]
+        if points.shape[0] == 0:
+            raise ScaleInputError(
+                REASON_POINTS_BEHIND, f'all {total} points of {reading.frame_id!r} are '
+                f'behind the camera {target!r}: check the extrinsic / tf')
         try:
             model = scale_camera(camera, width, height)
         except CalibrationError as error:
             raise ScaleInputError(f'camera_{error.reason}', str(error)) from None
         uv, z, inside = project_points(points, model)
-        if not np.any(z > MIN_DEPTH):
-            raise ScaleInputError(
-                REASON_POINTS_BEHIND, f'all {z.size} points of {reading.frame_id!r} are '
-                f'behind the camera {target!r}: check the extrinsic / tf')
         if not np.any(inside):
             raise ScaleInputError(
-                REASON_POINTS_OUTSIDE, f'none of the {z.size} points of {reading.frame_id!r} '
+                REASON_POINTS_OUTSIDE, f'none of the {total} points of {reading.frame_id!r} '
                 f'projects into the {width}x{height} image: check the extrinsic / tf')
         pixels = np.rint(uv[inside]).astype(np.int64)
         return pixels, z[inside]
@@ -734,9 +782,9 @@ class ScaleRecovery:
         self._logger = node.get_logger()
         if source == 'none':
             return []
-        if source == 'points' and self._transform_source != 'custom' and \
-                self._tf_listener is None:
+        if source == 'points' and self._transform_source != 'custom' and not self._tf_ready:
             self._setup_tf(node)
+            self._tf_ready = True
         msg_type = Image if source == 'sparse_depth' else PointCloud2
         add = self.add_sparse_depth if source == 'sparse_depth' else self.add_points
 
@@ -771,10 +819,14 @@ class ScaleRecovery:
         self._transform_source = 'tf2'
 
     def detach(self):
-        """Destroy the subscriptions created by :meth:`attach` (before the node goes)."""
+        """Destroy the subscriptions and tf listener made by :meth:`attach` (node still up)."""
         node, subscriptions = self._node, self._subscriptions
         self._subscriptions = []
         if node is not None:
             for subscription in subscriptions:
                 node.destroy_subscription(subscription)
+        if self._tf_listener is not None and hasattr(self._tf_listener, 'unregister'):
+            self._tf_listener.unregister()
+        self._tf_listener = None
+        self._tf_ready = False
         self._logger = None

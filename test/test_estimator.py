@@ -1,11 +1,10 @@
 """DepthEstimator: equality with diffusers' MarigoldDepthPipeline, batching, bad input."""
 
+from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
+from marigold_model.estimator import DepthEstimator, processing_size
 import numpy as np
 import pytest
 import torch
-
-from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
-from marigold_model.estimator import DepthEstimator, processing_size
 
 
 def _estimator(model_dir, **inference):

@@ -3,22 +3,21 @@
 import csv
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-
 from marigold_model.data.sample import UnreadableSample
 from marigold_model.noise import annealed_strength, pyramid_noise_like
 from marigold_model.trainer import (DataSpec, load_config, lr_factor, main, TrainConfig,
                                     Trainer, TrainingError, widen_unet_input)
+import numpy as np
+import pytest
+import torch
 
 
 def _config(tmp_path, base, **changes):
-    values = dict(output_dir=str(tmp_path / 'run'), base_model=base,
-                  data=(DataSpec('synthetic', '', 1.0, {'length': 64, 'seed': 3}),),
-                  height=32, width=32, max_steps=4, batch_size=2, grad_accumulation=2,
-                  lr=1e-4, warmup_steps=1, checkpoint_every=2, log_every=1, progress=False,
-                  export_steps=1, export_resolution=32)
+    values = {'output_dir': str(tmp_path / 'run'), 'base_model': base,
+              'data': (DataSpec('synthetic', '', 1.0, {'length': 64, 'seed': 3}),),
+              'height': 32, 'width': 32, 'max_steps': 4, 'batch_size': 2,
+              'grad_accumulation': 2, 'lr': 1e-4, 'warmup_steps': 1, 'checkpoint_every': 2,
+              'log_every': 1, 'progress': False, 'export_steps': 1, 'export_resolution': 32}
     values.update(changes)
     return TrainConfig(**values)
 

@@ -1,0 +1,828 @@
+"""
+Offline bag processing: every image frame of a recorded bag in, a new bag with depth out.
+
+``process_bag INPUT OUTPUT [options]`` (also ``ros2 run marigold_ros process_bag``) reads a
+rosbag2 (sqlite3 or mcap) or ROS 1 bag with ``rosbags`` and writes a rosbag2 bag (mcap by
+default) holding the live node's outputs for every frame, made by the same
+:class:`~marigold_ros.pipeline.DepthPipeline` the node runs, stamped with the input headers.
+
+How it differs from playing the bag into the node, and why:
+
+* Nothing is dropped: frames are read in recording order and processed in fixed batches of
+  consecutive frames, so the batch composition (and with it every output byte) is the same
+  on every run.  The estimator seeds each frame, and output messages are serialized with
+  zeroed CDR padding (see :func:`marigold_ros.bag_io.serialize_canonical`), so the same
+  input, parameters and seed give a bit-identical output bag.
+* Camera info, sparse depth and LiDAR are matched by stamp with the node's rules
+  (nearest stamp within the tolerance), after reading ``--lookahead`` seconds of recording
+  past the frame, so messages recorded slightly after their image still match.
+* Output messages are logged at the bag time of their input image, so the output plays back
+  in step with the input (copied through with ``--copy-inputs``).
+* The output is written to a hidden sibling folder and moved into place only when complete;
+  an error or Ctrl-C removes it, and the input is only ever opened read-only.
+"""
+
+import argparse
+from dataclasses import dataclass, field
+import math
+import os
+from pathlib import Path
+import shutil
+import signal
+import sys
+import time
+
+from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig, override
+import numpy as np
+import yaml
+
+from . import export
+from .bag_io import AtomicBagWriter, BagError, BagReader, CAMERA_INFO_TYPE
+from .bag_io import IMAGE_TYPE, IMAGE_TYPES, POINTCLOUD_TYPE, staging_path, STORAGES
+from .bag_io import to_rclpy
+from .conversions import image_to_depth, pointcloud2_to_xyz
+from .depth_node import NodeConfig, parameter_groups
+from .params import check_unique
+from .pipeline import DepthPipeline, FrameError, FrameInput, OutputConfig
+from .scale_recovery import ScaleInputError, ScaleRecovery, ScaleRecoveryConfig
+from .scale_recovery import TOPICS as SCALE_TOPICS
+from .stamp_matcher import stamp_to_ns, StampMatcher
+
+#: Node name whose section of a params file is read (besides '/**').
+NODE_NAME = 'marigold_depth'
+
+#: Output topics relative to the camera namespace, as the node publishes them.
+OUTPUT_TOPICS = {'relative': 'depth/relative', 'metric': 'depth/image',
+                 'uncertainty': 'depth/uncertainty', 'camera_info': 'depth/camera_info',
+                 'points': 'depth/points'}
+OUTPUT_TYPES = {'relative': IMAGE_TYPE, 'metric': IMAGE_TYPE, 'uncertainty': IMAGE_TYPE,
+                'camera_info': CAMERA_INFO_TYPE, 'points': POINTCLOUD_TYPE}
+
+# Camera info is matched like the node does; a bag has every message, so the buffers only
+# need to hold what the look-ahead window can bring in, and are made large for that.
+_OFFLINE_QUEUE = 1024
+_NS_PER_S = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class BagJob:
+    """
+    What to process and how (the command-line options).
+
+    :param input: input bag (rosbag2 directory, .db3 / .mcap file or ROS 1 .bag)
+    :param output: output rosbag2 folder (must not exist unless ``overwrite``)
+    :param image_topic: image topic (Image or CompressedImage); None: the only one in the bag
+    :param camera_info_topic: CameraInfo topic; None: '<camera>/camera_info' or the only
+        CameraInfo topic; '' for none
+    :param sparse_depth_topic: sparse depth Image topic for metric scale, or None
+    :param points_topic: LiDAR PointCloud2 topic for metric scale, or None
+    :param params: ROS 2 params file (the node's parameters), or None
+    :param model: model override (HF id, local folder or 'bundled:<name>'), or None
+    :param copy_inputs: copy every input topic into the output bag as well
+    :param no_points: do not write point clouds
+    :param export: folder for per-frame PNG / PLY files, or None
+    :param storage: output storage, 'mcap' or 'sqlite3'
+    :param overwrite: replace an existing output (and export folder)
+    :param batch: frames per estimator call; 0: the inference batch_size
+    :param output_namespace: namespace of the output topics; None: the image topic's
+    :param lookahead_s: seconds of recording read past a frame before it is processed
+    :param strict: a frame that cannot be processed aborts the run (no output)
+    :param quiet: no progress bar
+    """
+
+    input: str  # noqa: A003 - the command-line name
+    output: str
+    image_topic: str = None
+    camera_info_topic: str = None
+    sparse_depth_topic: str = None
+    points_topic: str = None
+    params: str = None
+    model: str = None
+    copy_inputs: bool = False
+    no_points: bool = False
+    export: str = None
+    storage: str = 'mcap'
+    overwrite: bool = False
+    batch: int = 0
+    output_namespace: str = None
+    lookahead_s: float = 1.0
+    strict: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class BagSummary:
+    """
+    What a run did.
+
+    :param output: the output bag path
+    :param image_topic: the processed image topic
+    :param frames_in: image messages read
+    :param frames_out: frames with outputs written
+    :param errors: FrameError reason -> count (frames without outputs)
+    :param problems: input problems that did not stop a frame (camera info, scale input)
+    :param notes: pipeline notes (missing outputs) -> count
+    :param topics_in: input topic -> messages read
+    :param topics_out: output topic -> messages written
+    :param seconds: wall time of the processing loop
+    :param estimator_seconds: time spent in estimator calls
+    :param scale_status: ScaleEstimate status -> frames ('relative' for no scale)
+    :param last_scale: the last usable ScaleEstimate, or None
+    :param batch: frames per estimator call used
+    """
+
+    output: str = ''
+    image_topic: str = ''
+    frames_in: int = 0
+    frames_out: int = 0
+    errors: dict = field(default_factory=dict)
+    problems: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
+    topics_in: dict = field(default_factory=dict)
+    topics_out: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    estimator_seconds: float = 0.0
+    scale_status: dict = field(default_factory=dict)
+    last_scale: object = None
+    batch: int = 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by SIGINT / SIGTERM; no output was left behind."""
+
+
+# ---------------------------------------------------------------------------- topics
+
+
+def camera_namespace(image_topic):
+    """
+    Return the camera namespace of an image topic (where the node's outputs go).
+
+    '/cam/image_raw' -> '/cam', '/cam/image_raw/compressed' -> '/cam', '/image' -> ''.
+
+    :param image_topic: topic name
+    :return: namespace without trailing slash ('' for the root)
+    """
+    parts = [p for p in image_topic.split('/') if p]
+    if len(parts) > 1 and parts[-1] == 'compressed':
+        parts = parts[:-1]
+    return '/' + '/'.join(parts[:-1]) if len(parts) > 1 else ''
+
+
+def _join(namespace, name):
+    return f'{namespace.rstrip("/")}/{name}' if namespace else f'/{name}'
+
+
+def output_topic_names(namespace):
+    """
+    Map each output to its topic under a namespace.
+
+    :param namespace: e.g. '/cam' ('' for the root)
+    :return: dict output name -> topic
+    """
+    return {key: _join(namespace, name) for key, name in OUTPUT_TOPICS.items()}
+
+
+def _require(reader, topic, types, what, option):
+    if topic not in reader.topics:
+        candidates = reader.topics_of_type(*types)
+        raise BagError('no_topic', f'{what} topic {topic!r} ({option}) is not in '
+                                   f'{str(reader.path)!r}; its {what} topics are:\n'
+                                   + reader.describe_topics(candidates))
+    msgtype = reader.topics[topic].msgtype
+    if msgtype not in types:
+        raise BagError('bad_topic', f'{what} topic {topic!r} ({option}) carries {msgtype}, '
+                                    f'expected {" or ".join(types)}')
+    return topic
+
+
+@dataclass(frozen=True)
+class Topics:
+    """
+    The input topics of a run and the output namespace.
+
+    :param image: image topic
+    :param camera_info: CameraInfo topic or None
+    :param sparse_depth: sparse depth topic or None
+    :param points: LiDAR topic or None
+    :param namespace: output namespace
+    """
+
+    image: str
+    camera_info: str = None
+    sparse_depth: str = None
+    points: str = None
+    namespace: str = ''
+
+
+def resolve_topics(reader, job, scale_source='none'):
+    """
+    Choose the input topics: given names are checked, missing ones found.
+
+    Without a scale topic option, a params file whose ``scale_recovery.source`` is
+    'sparse_depth' or 'points' selects the node's topic for it ('<camera>/sparse_depth' or
+    '<camera>/points_in'), which must then be in the bag.
+
+    :param reader: BagReader
+    :param job: BagJob
+    :param scale_source: ``scale_recovery.source`` from the parameters
+    :return: Topics
+    :raises BagError: 'no_topic' listing the candidates, or 'bad_topic' for a wrong type
+    """
+    images = reader.topics_of_type(*IMAGE_TYPES)
+    if job.image_topic:
+        image = _require(reader, job.image_topic, IMAGE_TYPES, 'image', '--image-topic')
+    elif len(images) == 1:
+        image = images[0]
+    elif not images:
+        raise BagError('no_topic', f'{str(reader.path)!r} has no Image or CompressedImage '
+                                   'topic; its topics are:\n' + reader.describe_topics())
+    else:
+        raise BagError('no_topic', f'{str(reader.path)!r} has {len(images)} image topics; '
+                                   'choose one with --image-topic:\n'
+                                   + reader.describe_topics(images))
+    namespace = camera_namespace(image)
+    if job.camera_info_topic:
+        info = _require(reader, job.camera_info_topic, (CAMERA_INFO_TYPE,), 'camera info',
+                        '--camera-info-topic')
+    elif job.camera_info_topic == '':
+        info = None
+    else:
+        infos = reader.topics_of_type(CAMERA_INFO_TYPE)
+        sibling = _join(namespace, 'camera_info')
+        info = sibling if sibling in infos else (infos[0] if len(infos) == 1 else None)
+    sparse = points = None
+    if job.sparse_depth_topic:
+        sparse = _require(reader, job.sparse_depth_topic, (IMAGE_TYPE,), 'sparse depth',
+                          '--sparse-depth-topic')
+    if job.points_topic:
+        points = _require(reader, job.points_topic, (POINTCLOUD_TYPE,), 'point cloud',
+                          '--points-topic')
+    if not (sparse or points) and scale_source != 'none':
+        wanted = _join(namespace, SCALE_TOPICS[scale_source])
+        types = (IMAGE_TYPE,) if scale_source == 'sparse_depth' else (POINTCLOUD_TYPE,)
+        option = '--sparse-depth-topic' if scale_source == 'sparse_depth' else '--points-topic'
+        if wanted not in reader.topics or reader.topics[wanted].msgtype not in types:
+            raise BagError('no_topic', f'the parameters set scale_recovery.source '
+                                       f'{scale_source!r} but the bag has no {wanted!r}; '
+                                       f'name the topic with {option}; candidates:\n'
+                                       + reader.describe_topics(reader.topics_of_type(*types)))
+        if scale_source == 'sparse_depth':
+            sparse = wanted
+        else:
+            points = wanted
+    if sparse and points:
+        raise BagError('bad_topic', 'give either --sparse-depth-topic or --points-topic, '
+                                    'not both (the node uses one scale source)')
+    if job.output_namespace is not None:
+        namespace = job.output_namespace.rstrip('/')
+        if namespace and not namespace.startswith('/'):
+            namespace = '/' + namespace
+    return Topics(image, info, sparse, points, namespace)
+
+
+# ---------------------------------------------------------------------------- parameters
+
+
+def read_params_file(path, node_name=NODE_NAME):
+    """
+    Read the parameters of a node from a ROS 2 params file as flat dotted names.
+
+    Sections '/**' and the node's name (with or without a leading '/') are merged in that
+    order; nested mappings become dotted names ('scale_recovery: {source: x}' ->
+    'scale_recovery.source').
+
+    :param path: YAML file
+    :param node_name: node name
+    :return: dict parameter name -> value
+    :raises ValueError: unreadable file or no ros__parameters section for the node
+    """
+    try:
+        with open(path, encoding='utf-8') as stream:
+            document = yaml.safe_load(stream) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f'cannot read params file {path!r}: {exc}') from exc
+    if not isinstance(document, dict):
+        raise ValueError(f'params file {path!r} is not a mapping of node names')
+    flat, found = {}, False
+    for key in ('/**', node_name, '/' + node_name):
+        section = document.get(key)
+        if isinstance(section, dict) and isinstance(section.get('ros__parameters'), dict):
+            found = True
+            _flatten(section['ros__parameters'], '', flat)
+    if not found:
+        raise ValueError(f'params file {path!r} has no "{node_name}: ros__parameters:" or '
+                         f'"/**: ros__parameters:" section (it has {sorted(document)})')
+    return flat
+
+
+def _flatten(mapping, prefix, out):
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            _flatten(value, f'{prefix}{key}.', out)
+        else:
+            out[f'{prefix}{key}'] = value
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """
+    The configs of a run, built from the node's parameters exactly as the node builds them.
+
+    :param estimator: EstimatorConfig (model max_input_pixels from the output settings)
+    :param output: OutputConfig
+    :param node: NodeConfig (camera info matching; the live-only fields are unused)
+    :param scale: ScaleRecoveryConfig (source set from the scale topics)
+    """
+
+    estimator: EstimatorConfig
+    output: OutputConfig
+    node: NodeConfig
+    scale: ScaleRecoveryConfig
+
+
+def configs_from_parameters(values):
+    """
+    Map flat parameter values onto the node's config dataclasses.
+
+    :param values: dict parameter name -> value (names as the node declares them)
+    :return: dict config class -> instance, for every parameter group of the node
+    :raises ValueError: unknown parameter names, or a bad value (naming it)
+    """
+    groups = parameter_groups()
+    check_unique(groups)
+    unknown = set(values)
+    configs = {}
+    for group in groups:
+        names = group.names()
+        mine = {names[name]: value for name, value in values.items() if name in names}
+        unknown -= set(names)
+        configs[group.cls] = group.build(mine)
+    if unknown:
+        raise ValueError(f'unknown parameters {sorted(unknown)} (the node '
+                         f'{NODE_NAME!r} has no such parameter)')
+    return configs
+
+
+def build_run_config(job, topics, configs):
+    """
+    Combine the parameter configs with the command line.
+
+    :param job: BagJob
+    :param topics: Topics (sets the scale source)
+    :param configs: from :func:`configs_from_parameters`
+    :return: RunConfig
+    """
+    model, output = configs[ModelConfig], configs[OutputConfig]
+    if job.model:
+        model = override(model, model=job.model)
+    if job.no_points:
+        output = override(output, publish_points=False)
+    # The node applies the output pixel limit to the model as well.
+    model = override(model, max_input_pixels=output.max_input_pixels)
+    source = 'sparse_depth' if topics.sparse_depth else 'points' if topics.points else 'none'
+    scale = override(configs[ScaleRecoveryConfig], source=source,
+                     queue_size=max(configs[ScaleRecoveryConfig].queue_size, _OFFLINE_QUEUE))
+    return RunConfig(EstimatorConfig(model, configs[InferenceConfig]), output,
+                     configs[NodeConfig], scale)
+
+
+# ---------------------------------------------------------------------------- export
+
+
+class _Exporter:
+    """Per-frame PNG / PLY files and an index, written aside and moved into place."""
+
+    def __init__(self, folder, overwrite):
+        self.folder = Path(folder).expanduser().absolute()
+        if self.folder.exists() and any(self.folder.iterdir()) and not overwrite:
+            raise BagError('exists', f'export folder {str(self.folder)!r} exists and is not '
+                                     'empty; choose another or pass --overwrite')
+        self.stage = staging_path(self.folder)
+        if self.stage.exists():
+            shutil.rmtree(self.stage)
+        self.stage.mkdir(parents=True)
+        self.rows = []
+
+    def write(self, index, log_time, output):
+        paths = export.frame_paths(str(self.stage), index)
+        relative = image_to_depth(output.relative)
+        export.write_png(paths['relative'], export.relative_to_png16(relative))
+        preview = relative
+        if output.metric is not None:
+            metric = image_to_depth(output.metric)
+            export.write_png(paths['metric'], export.metric_to_png16(metric))
+            preview = metric
+        export.write_png(paths['preview'], export.colorize(preview))
+        if output.points is not None:
+            xyz = pointcloud2_to_xyz(output.points)
+            export.write_ply(paths['cloud'], xyz, _cloud_rgb(output.points))
+        scale = output.scale
+        self.rows.append(
+            f'{index},{stamp_to_ns(output.header.stamp)},{log_time},'
+            f'{output.header.frame_id},{"metric" if output.metric is not None else "relative"},'
+            f'{scale.scale if scale is not None else ""},'
+            f'{scale.shift if scale is not None else ""},{" ".join(output.notes)}')
+
+    def error(self, index, log_time, stamp_ns, frame_id, error):
+        self.rows.append(f'{index},{stamp_ns},{log_time},{frame_id},error:{error.reason},,,')
+
+    def commit(self):
+        with open(self.stage / 'frames.csv', 'w', encoding='utf-8') as stream:
+            stream.write('index,stamp_ns,log_time_ns,frame_id,depth,scale,shift,notes\n')
+            stream.write(''.join(row + '\n' for row in self.rows))
+        if self.folder.exists():
+            old = self.stage.with_name(self.stage.name + '.old')
+            os.replace(self.folder, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(self.stage, self.folder)
+
+    def abort(self):
+        shutil.rmtree(self.stage, ignore_errors=True)
+
+
+def _cloud_rgb(cloud):
+    """RGB of an xyz+rgb cloud from pointcloud2_from_depth (rgb float32 at offset 12)."""
+    names = [f.name for f in cloud.fields]
+    if 'rgb' not in names:
+        return None
+    packed = np.frombuffer(bytes(cloud.data), dtype='<u4').reshape(-1, 4)[:, 3]
+    return np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255],
+                    axis=1).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------- processing
+
+
+class _Progress:
+    """A tqdm bar (frames, rate, ETA) or nothing."""
+
+    def __init__(self, total, enabled):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit='frame', dynamic_ncols=True, file=sys.stderr,
+                            desc='process_bag')
+
+    def update(self, count):
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class BagProcessor:
+    """
+    Feed a bag through the pipeline and write the outputs (one run).
+
+    :param job: BagJob
+    :param estimator: an already loaded DepthEstimator (tests, benchmarks) or None to load
+        the configured model
+    """
+
+    def __init__(self, job, estimator=None):
+        """Keep the job; nothing is opened before :meth:`run`."""
+        if job.storage not in STORAGES:
+            raise ValueError(f'unknown storage {job.storage!r}; use one of {sorted(STORAGES)}')
+        if job.batch < 0:
+            raise ValueError(f'batch must be >= 0 (0 = the inference batch_size), got '
+                             f'{job.batch}')
+        if not job.lookahead_s >= 0:
+            raise ValueError(f'lookahead must be >= 0 s, got {job.lookahead_s}')
+        self.job = job
+        self.estimator = estimator
+        self.summary = BagSummary()
+
+    def run(self):
+        """
+        Process the bag; the output appears only when complete.
+
+        :return: BagSummary
+        :raises BagError: unreadable / damaged bag, missing topic, existing output
+        :raises ValueError: bad parameters
+        :raises KeyboardInterrupt: interrupted (no output left behind)
+        """
+        job = self.job
+        input_path = Path(job.input).expanduser().absolute()
+        output_path = Path(job.output).expanduser().absolute()
+        if output_path == input_path or input_path in output_path.parents:
+            raise BagError('bad_output', f'output {str(output_path)!r} must not be the input '
+                                         'or inside it: the input is never modified')
+        # Parameters first: a typo fails before the bag is read or the model loaded.
+        configs = configs_from_parameters(read_params_file(job.params) if job.params else {})
+        with BagReader(input_path) as reader:
+            topics = resolve_topics(reader, job, configs[ScaleRecoveryConfig].source)
+            config = build_run_config(job, topics, configs)
+            writer = AtomicBagWriter(output_path, job.storage, job.overwrite)
+            exporter = None
+            if job.export:
+                exporter = _Exporter(job.export, job.overwrite)
+            try:
+                with writer:
+                    self._process(reader, topics, config, writer, exporter)
+                    if exporter is not None:
+                        exporter.commit()
+                        exporter = None
+                    self.summary.output = str(writer.commit())
+            finally:
+                if exporter is not None:
+                    exporter.abort()
+        return self.summary
+
+    def _setup(self, reader, topics, config, writer):
+        job = self.job
+        if self.estimator is None:
+            from marigold_model.estimator import DepthEstimator
+            self.estimator = DepthEstimator(config.estimator)
+        else:
+            self.estimator.set_inference(config.estimator.inference)
+        inference = config.estimator.inference
+        batch = job.batch or inference.batch_size
+        if inference.warm_start_strength > 0 and batch != 1:
+            # Warm start chains each frame to the one before it, as in the live node; a
+            # batch would start all its frames from the frame before the batch.
+            print('process_bag: warm start is on: processing one frame per call',
+                  file=sys.stderr)
+            batch = 1
+        self.batch = batch
+        self.summary.batch = batch
+        self.scale = None
+        if topics.sparse_depth or topics.points:
+            self.scale = ScaleRecovery(config.scale)
+        self.pipeline = DepthPipeline(self.estimator, config.output, self.scale)
+        self.camera_infos = StampMatcher(config.node.camera_info_tolerance, _OFFLINE_QUEUE)
+        self.use_latest_info = config.node.camera_info_use_latest
+        self.outputs = output_topic_names(topics.namespace)
+        if job.copy_inputs:
+            clash = sorted(set(self.outputs.values()) & set(reader.topics))
+            if clash:
+                raise BagError('bad_output', f'output topics {clash} already exist in the '
+                                             'input; with --copy-inputs choose another '
+                                             '--output-namespace')
+            for name in sorted(reader.topics):
+                info = reader.connection_info(name)
+                writer.add_topic(name, info['msgtype'], info['msgdef'], info['rihs01'],
+                                 info['qos'])
+
+    def _process(self, reader, topics, config, writer, exporter):
+        job = self.job
+        self._setup(reader, topics, config, writer)
+        summary = self.summary
+        summary.image_topic = topics.image
+        wanted = None if job.copy_inputs else [
+            t for t in (topics.image, topics.camera_info, topics.sparse_depth, topics.points)
+            if t]
+        lookahead = int(round(job.lookahead_s * _NS_PER_S))
+        pending = []
+        progress = _Progress(reader.topics[topics.image].count, not job.quiet)
+        self._index = 0
+        started = time.perf_counter()
+        try:
+            for message in reader.messages(wanted):
+                summary.topics_in[message.topic] = summary.topics_in.get(message.topic, 0) + 1
+                if job.copy_inputs:
+                    writer.write(message.topic, message.log_time, message.cdr)
+                if message.topic == topics.image:
+                    pending.append(message)
+                elif message.topic == topics.camera_info:
+                    self.camera_infos.add_msg(to_rclpy(message))
+                elif message.topic in (topics.sparse_depth, topics.points):
+                    self._add_scale_input(message, topics)
+                # A batch goes once the recording has moved `lookahead` past its last frame.
+                while len(pending) >= self.batch and \
+                        message.log_time - pending[self.batch - 1].log_time > lookahead:
+                    self._run_batch(pending[:self.batch], topics, writer, exporter, progress)
+                    del pending[:self.batch]
+            while pending:
+                self._run_batch(pending[:self.batch], topics, writer, exporter, progress)
+                del pending[:self.batch]
+        finally:
+            progress.close()
+        summary.seconds = time.perf_counter() - started
+        summary.topics_out = {t: n for t, n in writer.counts.items()
+                              if t in self.outputs.values()}
+        if summary.frames_in == 0:
+            raise BagError('no_topic', f'no message could be read from {topics.image!r} '
+                                       f'although the bag lists '
+                                       f'{reader.topics[topics.image].count}')
+
+    def _add_scale_input(self, message, topics):
+        msg = to_rclpy(message)
+        try:
+            if message.topic == topics.sparse_depth:
+                self.scale.add_sparse_depth(topics.image, msg)
+            else:
+                self.scale.add_points(topics.image, msg)
+        except ScaleInputError as error:
+            # Counted by ScaleRecovery and matched to its frame, which then reports why.
+            self._count(self.summary.problems, error.reason)
+
+    @staticmethod
+    def _count(table, key):
+        table[key] = table.get(key, 0) + 1
+
+    def _run_batch(self, messages, topics, writer, exporter, progress):
+        summary = self.summary
+        frames = []
+        for message in messages:
+            image = to_rclpy(message)
+            info = None
+            if topics.camera_info:
+                info = self.camera_infos.match(stamp_to_ns(image.header.stamp))
+                if info is None and self.use_latest_info:
+                    info = self.camera_infos.latest()
+            frames.append(FrameInput(image=image, camera_info=info, key=topics.image))
+        clock = time.perf_counter()
+        results = self.pipeline.process(frames)
+        summary.estimator_seconds += max(
+            [r.timings.get('estimator', 0.0) for r in results if not isinstance(r, Exception)]
+            or [time.perf_counter() - clock])
+        for message, frame, result in zip(messages, frames, results):
+            index = self._index
+            self._index += 1
+            summary.frames_in += 1
+            if isinstance(result, FrameError):
+                self._frame_error(index, message, frame, result, exporter)
+                continue
+            self._write_outputs(message.log_time, result, writer)
+            summary.frames_out += 1
+            for note in result.notes:
+                self._count(summary.notes, note)
+            for reason, _ in result.problems:
+                self._count(summary.problems, reason)
+            status = result.scale.status if result.scale is not None else 'relative'
+            self._count(summary.scale_status, status)
+            if result.scale is not None:
+                summary.last_scale = result.scale
+            if exporter is not None:
+                exporter.write(index, message.log_time, result)
+        progress.update(len(messages))
+
+    def _frame_error(self, index, message, frame, error, exporter):
+        self._count(self.summary.errors, error.reason)
+        header = frame.image.header
+        text = (f'frame {index} (stamp {stamp_to_ns(header.stamp)} ns, bag time '
+                f'{message.log_time} ns) on {message.topic!r}: {error.reason}: {error}')
+        if self.job.strict:
+            raise BagError('corrupt', text + ' (--strict: no output written)')
+        print(f'process_bag: skipped {text}', file=sys.stderr)
+        if exporter is not None:
+            exporter.error(index, message.log_time, stamp_to_ns(header.stamp),
+                           header.frame_id, error)
+
+    def _write_outputs(self, log_time, result, writer):
+        for key in ('relative', 'metric', 'uncertainty', 'camera_info', 'points'):
+            msg = getattr(result, key)
+            if msg is None or (key == 'points' and self.job.no_points):
+                continue
+            writer.write_msg(self.outputs[key], log_time, msg, OUTPUT_TYPES[key])
+
+
+def process_bag(job, estimator=None):
+    """
+    Process a bag (see :class:`BagJob`); the output appears only when complete.
+
+    :param job: BagJob
+    :param estimator: optional loaded DepthEstimator
+    :return: BagSummary
+    """
+    return BagProcessor(job, estimator).run()
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def format_summary(summary):
+    """
+    Describe a run for people: frames in / out per topic, time per frame, scale status.
+
+    :param summary: BagSummary
+    :return: multi-line str
+    """
+    lines = [f'output: {summary.output}',
+             f'frames: {summary.frames_in} in on {summary.image_topic}, '
+             f'{summary.frames_out} with depth, '
+             f'{summary.frames_in - summary.frames_out} failed (batch {summary.batch})']
+    per_frame = summary.seconds / summary.frames_in if summary.frames_in else math.nan
+    model = summary.estimator_seconds / summary.frames_in if summary.frames_in else math.nan
+    lines.append(f'time: {summary.seconds:.2f} s, {per_frame * 1e3:.1f} ms per frame '
+                 f'({model * 1e3:.1f} ms in the estimator)')
+    lines.append('topics in:')
+    lines += [f'  {t}: {n}' for t, n in sorted(summary.topics_in.items())]
+    lines.append('topics out:')
+    lines += [f'  {t}: {n}' for t, n in sorted(summary.topics_out.items())]
+    status = ', '.join(f'{k} {v}' for k, v in sorted(summary.scale_status.items()))
+    lines.append(f'scale: {status or "none"}')
+    if summary.last_scale is not None:
+        scale = summary.last_scale
+        lines.append(f'  last: scale {scale.scale:.6g}, shift {scale.shift:.6g} m '
+                     f'({scale.status}{", " + scale.reason if scale.reason else ""})')
+    tables = (('frame errors', summary.errors), ('input problems', summary.problems),
+              ('notes', summary.notes))
+    for title, table in tables:
+        if table:
+            lines.append(f'{title}: ' + ', '.join(f'{k} {v}' for k, v in sorted(
+                table.items())))
+    return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def build_parser():
+    """
+    Return the command-line parser of ``process_bag``.
+
+    :return: argparse.ArgumentParser
+    """
+    parser = argparse.ArgumentParser(
+        prog='process_bag', description='Run Marigold depth on every image frame of a bag '
+        '(rosbag2 sqlite3 / mcap or ROS 1) and write the node outputs to a new rosbag2.')
+    parser.add_argument('input', help='input bag: rosbag2 folder, .db3 / .mcap file or .bag')
+    parser.add_argument('output', help='output rosbag2 folder (must not exist)')
+    parser.add_argument('--image-topic', help='Image or CompressedImage topic (default: the '
+                        'only image topic of the bag)')
+    parser.add_argument('--camera-info-topic', help='CameraInfo topic (default: '
+                        "'<camera>/camera_info' or the only CameraInfo topic; '' for none)")
+    parser.add_argument('--sparse-depth-topic', help='sparse depth Image (16UC1 mm / 32FC1 m) '
+                        'registered to the camera, for metric scale')
+    parser.add_argument('--points-topic', help='LiDAR PointCloud2 for metric scale (extrinsic '
+                        'from the scale_recovery parameters)')
+    parser.add_argument('--params', help='ROS 2 params file with the node parameters, e.g. '
+                        'config/depth.yaml')
+    parser.add_argument('--model', help='model: HF id, local folder or bundled:<name> '
+                        '(overrides the params file)')
+    parser.add_argument('--copy-inputs', action='store_true',
+                        help='copy every input topic into the output bag')
+    parser.add_argument('--no-points', action='store_true', help='do not write point clouds')
+    parser.add_argument('--export', metavar='DIR', help='also write per-frame 16-bit PNG '
+                        'depth (mm when metric), colour previews and PLY clouds to DIR')
+    parser.add_argument('--storage', choices=sorted(STORAGES), default='mcap',
+                        help='output storage format (default mcap)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace an existing output bag / export folder')
+    parser.add_argument('--batch', type=int, default=0, help='frames per estimator call '
+                        '(default: the inference batch_size)')
+    parser.add_argument('--output-namespace', help='namespace of the output topics (default: '
+                        'that of the image topic)')
+    parser.add_argument('--lookahead', type=float, default=1.0, metavar='SECONDS',
+                        help='recording read past a frame before it is processed, so late '
+                        'camera info / sparse depth still match (default 1.0)')
+    parser.add_argument('--strict', action='store_true',
+                        help='stop without output when a frame cannot be processed')
+    parser.add_argument('--quiet', action='store_true', help='no progress bar')
+    return parser
+
+
+def job_from_args(args):
+    """
+    Turn parsed arguments into a BagJob.
+
+    :param args: argparse.Namespace from :func:`build_parser`
+    :return: BagJob
+    """
+    return BagJob(input=args.input, output=args.output, image_topic=args.image_topic,
+                  camera_info_topic=args.camera_info_topic,
+                  sparse_depth_topic=args.sparse_depth_topic, points_topic=args.points_topic,
+                  params=args.params, model=args.model, copy_inputs=args.copy_inputs,
+                  no_points=args.no_points, export=args.export, storage=args.storage,
+                  overwrite=args.overwrite, batch=args.batch,
+                  output_namespace=args.output_namespace, lookahead_s=args.lookahead,
+                  strict=args.strict, quiet=args.quiet)
+
+
+def _raise_interrupt(signum, frame):
+    raise Interrupted(f'signal {signum}')
+
+
+def main(argv=None):
+    """
+    Command line entry point of ``process_bag``.
+
+    :param argv: arguments (default sys.argv[1:]); ROS arguments are ignored
+    :return: exit status: 0 done, 1 error (nothing written), 130 interrupted
+    """
+    if argv is None:
+        argv = sys.argv[1:]
+    if '--ros-args' in argv:  # `ros2 run` may append ROS arguments
+        argv = argv[:argv.index('--ros-args')]
+    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        summary = process_bag(job_from_args(args))
+    except KeyboardInterrupt:
+        print('process_bag: interrupted; no output written', file=sys.stderr)
+        return 130
+    except (BagError, ValueError) as error:
+        print(f'process_bag: error: {error}\nno output written', file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,789 @@
+"""
+The live depth node ``marigold_depth``: camera in, depth and point clouds out.
+
+Topics per camera namespace ``<ns>`` (relative names, so namespaces and remapping place
+them; see the table in DESIGN.md): ``<ns>/image`` (or ``<ns>/image/compressed``) and
+``<ns>/camera_info`` in; ``<ns>/depth/relative``, ``<ns>/depth/image`` (meters, only with a
+metric scale), ``<ns>/depth/uncertainty``, ``<ns>/depth/camera_info`` and
+``<ns>/depth/points`` out, each reusing the image header; ``/diagnostics`` at 1 Hz.
+
+Never blocks: subscription callbacks only store the newest image per camera; one worker
+thread takes the newest image of every camera, matches camera_info by stamp and runs the
+shared :class:`~marigold_ros.pipeline.DepthPipeline` (one model call for all cameras).
+Images replaced before the worker took them are counted as dropped.  The model loads on a
+background thread (the plain node) or in ``configure`` (the lifecycle node); a failure is
+logged and reported on /diagnostics while the node keeps running.
+
+Two executables: ``depth_node`` (:func:`main`, :class:`DepthNode`) and
+``depth_lifecycle_node`` (:func:`lifecycle_main`, :class:`DepthLifecycleNode`: configure
+loads the model, activate starts the subscriptions and publishing).
+"""
+
+from dataclasses import dataclass, replace
+import math
+import sys
+import threading
+import time
+import traceback
+
+from diagnostic_msgs.msg import DiagnosticArray
+from marigold_model.config import DTYPES, EstimatorConfig, InferenceConfig, ModelConfig
+from marigold_model.config import VAE_CHOICES, validate_inference_config
+from marigold_model.config import validate_model_config
+from marigold_model.scale_tracking import ScaleTrackerConfig
+from rcl_interfaces.msg import SetParametersResult
+import rclpy
+from rclpy.clock import Clock, ClockType
+from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.exceptions import ParameterException
+from rclpy.executors import ExternalShutdownException
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo
+from sensor_msgs.msg import CompressedImage
+from sensor_msgs.msg import Image
+from sensor_msgs.msg import PointCloud2
+
+from .diagnostics import DiagnosticsCollector, KeyedThrottle, MODEL_ERROR, MODEL_LOADING
+from .diagnostics import MODEL_READY, MODEL_UNCONFIGURED
+from .params import ConfigGroup, declare_groups, yaml_document
+from .pipeline import DepthPipeline, FrameError, FrameInput, OutputConfig
+from .stamp_matcher import stamp_to_ns, StampMatcher
+
+try:  # scale recovery is optional: without it the node is relative unless fixed_scale is set
+    from . import scale_recovery
+except ImportError:  # pragma: no cover - the module ships with the package
+    scale_recovery = None
+
+NODE_NAME = 'marigold_depth'
+TRANSPORTS = ('raw', 'compressed')
+RELIABILITIES = ('best_effort', 'reliable')
+OUTPUTS = ('relative', 'metric', 'uncertainty', 'camera_info', 'points')
+
+# camera_info messages kept per camera for stamp matching (3 s at 10 Hz).
+_CAMERA_INFO_QUEUE = 30
+_NS_PER_S = 1e9
+
+_YAML_HEADER = '''\
+Parameters of the marigold_depth node (ros2 launch marigold_ros depth.launch.py).
+Every parameter is listed with its default (test/test_params.py keeps this file in sync with
+the config dataclasses; regenerate with marigold_ros.depth_node.default_params_yaml()).
+Float parameters accept integers.  '/**' applies the file to the node whatever its name
+and namespace.  Read-only parameters need a restart (or a lifecycle reconfigure); the
+others can be changed at runtime, e.g.
+  ros2 param set /marigold_depth ensemble_size 3'''
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """
+    Settings of the node itself (read-only at runtime: they shape the subscriptions).
+
+    :param cameras: camera namespaces served by this node, relative to the node namespace
+        ('' = the node namespace itself); each gets <ns>/image (or <ns>/image/compressed),
+        <ns>/camera_info and <ns>/depth/* topics, and all cameras share one model call
+    :param image_transport: 'raw' subscribes sensor_msgs/Image on image, 'compressed'
+        sensor_msgs/CompressedImage (jpeg or png) on image/compressed
+    :param input_reliability: QoS reliability of the image and camera_info subscriptions:
+        'best_effort' receives from every publisher (camera drivers publish best effort);
+        'reliable' only from reliable publishers, but avoids the loss of large images
+        (above about 0.5 MB) across processes on Fast DDS
+    :param input_depth: QoS history depth of the input subscriptions (the node keeps only
+        the newest image per camera anyway)
+    :param output_depth: QoS history depth of the outputs (which are reliable)
+    :param camera_info_tolerance: largest gap in seconds between the camera_info stamp and
+        the image stamp for a match
+    :param camera_info_use_latest: when no camera_info matches by stamp, use the newest one
+        whatever its stamp (for static camera_info publishers)
+    :param camera_info_wait: seconds the worker waits for a camera_info that has not
+        arrived yet (drivers often publish it just after the image)
+    :param diagnostics_period: seconds between two /diagnostics messages
+    :param error_log_period: at most one log line per camera and problem per this many
+        seconds (every occurrence is still counted in diagnostics)
+    :param shutdown_timeout: seconds to wait at shutdown for a model call in progress
+    """
+
+    cameras: tuple = ('',)
+    image_transport: str = 'raw'
+    input_reliability: str = 'best_effort'
+    input_depth: int = 2
+    output_depth: int = 5
+    camera_info_tolerance: float = 0.01
+    camera_info_use_latest: bool = False
+    camera_info_wait: float = 0.05
+    diagnostics_period: float = 1.0
+    error_log_period: float = 5.0
+    shutdown_timeout: float = 60.0
+
+    def __post_init__(self):
+        """
+        Normalise the camera namespaces and validate the settings.
+
+        :raises ValueError: a setting is not allowed, naming it
+        """
+        cameras = tuple(str(c).strip().strip('/') for c in self.cameras)
+        if not cameras:
+            raise ValueError("cameras must name at least one namespace ('' = the node's)")
+        if len(set(cameras)) != len(cameras):
+            raise ValueError(f'cameras has duplicate namespaces: {list(self.cameras)}')
+        object.__setattr__(self, 'cameras', cameras)
+        if self.image_transport not in TRANSPORTS:
+            raise ValueError(f'image_transport must be one of {TRANSPORTS}, got '
+                             f'{self.image_transport!r}')
+        if self.input_reliability not in RELIABILITIES:
+            raise ValueError(f'input_reliability must be one of {RELIABILITIES}, got '
+                             f'{self.input_reliability!r}')
+        if self.input_depth < 1 or self.output_depth < 1:
+            raise ValueError('input_depth and output_depth must be >= 1')
+        for name in ('camera_info_tolerance', 'camera_info_wait', 'error_log_period',
+                     'shutdown_timeout'):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+        if not self.diagnostics_period > 0:
+            raise ValueError(f'diagnostics_period must be > 0, got {self.diagnostics_period}')
+
+
+# Descriptions for fields whose comments in marigold_model.config are shared or missing.
+_MODEL_DESCRIPTIONS = {
+    'device': "torch device: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or "
+              "'cuda:N'",
+    'dtype': "weights and activations: 'auto' is float16 on CUDA and float32 on CPU",
+    'channels_last': 'channels-last memory layout on CUDA (faster convolutions); ignored '
+                     'on CPU',
+    'compile': 'torch.compile the U-Net on CUDA (slow first frames, faster afterwards); '
+               'ignored on CPU',
+    'cuda_graphs': 'record CUDA graphs per input size (helps at small resolutions); '
+                   'ignored on CPU',
+    'tiny_vae': "TAESD weights used when vae is 'tiny' (HF id from the local cache, or a "
+                'local folder)',
+}
+_INFERENCE_DESCRIPTIONS = {
+    'denoising_steps': "DDIM steps per prediction; 0 = the model's default (from "
+                       'model_index.json)',
+    'ensemble_size': 'predictions per frame, combined by affine-aligned median; > 1 also '
+                     'publishes depth/uncertainty; the cost grows linearly',
+    'seed': 'seed of the initial noise (the same for every frame: reproducible output)',
+    'ensemble_regularizer': 'ensembling: weight of the regulariser pulling the result to '
+                            '[0, 1]',
+    'ensemble_max_iter': 'ensembling: BFGS iterations of the affine alignment',
+    'ensemble_tol': 'ensembling: convergence tolerance of the affine alignment',
+    'ensemble_max_res': 'ensembling: resolution the affine alignment is solved at',
+}
+_INFERENCE_RANGES = {
+    'denoising_steps': (0, 1000), 'ensemble_size': (1, 64),
+    'processing_resolution': (-1, 8192), 'seed': (0, 2 ** 32 - 1), 'batch_size': (1, 256),
+    'warm_start_strength': (0.0, 1.0), 'ensemble_regularizer': (0.0, 1000.0),
+    'ensemble_max_iter': (1, 1000), 'ensemble_tol': (0.0, 1.0),
+    'ensemble_max_res': (16, 16384),
+}
+_OUTPUT_RANGES = {
+    'fixed_scale': (0.0, 1.0e6), 'fixed_shift': (-1.0e6, 1.0e6), 'max_depth': (0.0, 1.0e6),
+    'max_input_pixels': (1, 2 ** 31 - 1),
+}
+_NODE_RANGES = {
+    'input_depth': (1, 1000), 'output_depth': (1, 1000),
+    'camera_info_tolerance': (0.0, 3600.0), 'camera_info_wait': (0.0, 10.0),
+    'diagnostics_period': (0.01, 3600.0), 'error_log_period': (0.0, 3600.0),
+    'shutdown_timeout': (0.0, 3600.0),
+}
+
+
+def parameter_groups():
+    """
+    Return the parameter groups of the node, in declaration order.
+
+    ModelConfig (read-only: a change needs a reload), InferenceConfig (runtime), OutputConfig
+    (runtime except max_input_pixels, which also limits the model), NodeConfig (read-only)
+    and, when marigold_ros.scale_recovery is importable, its ScaleRecoveryConfig under the
+    'scale_recovery.' prefix (read-only: it shapes subscriptions).
+
+    :return: list of ConfigGroup
+    """
+    groups = [
+        ConfigGroup(ModelConfig, read_only=True, exclude=('max_input_pixels',),
+                    choices={'dtype': DTYPES, 'vae': VAE_CHOICES},
+                    validate=validate_model_config, descriptions=_MODEL_DESCRIPTIONS),
+        ConfigGroup(InferenceConfig, ranges=_INFERENCE_RANGES,
+                    validate=validate_inference_config, descriptions=_INFERENCE_DESCRIPTIONS),
+        ConfigGroup(OutputConfig, ranges=_OUTPUT_RANGES,
+                    read_only_fields=('max_input_pixels',)),
+        ConfigGroup(NodeConfig, read_only=True, ranges=_NODE_RANGES,
+                    choices={'image_transport': TRANSPORTS,
+                             'input_reliability': RELIABILITIES}),
+    ]
+    if scale_recovery is not None:
+        groups.append(ConfigGroup(scale_recovery.ScaleRecoveryConfig,
+                                  prefix='scale_recovery.', read_only=True,
+                                  choices={'source': scale_recovery.SOURCES},
+                                  doc_sources=(ScaleTrackerConfig,)))
+    return groups
+
+
+def default_params_yaml():
+    """
+    Render config/depth.yaml: every parameter of the node with its default and description.
+
+    :return: YAML text
+    """
+    return yaml_document(parameter_groups(), '/**', _YAML_HEADER)
+
+
+def camera_topic(camera, name):
+    """
+    Join a camera namespace and a relative topic name.
+
+    :param camera: camera namespace ('' = the node namespace)
+    :param name: topic name relative to the camera, e.g. 'depth/points'
+    :return: relative topic name
+    """
+    return f'{camera}/{name}' if camera else name
+
+
+def default_estimator_factory(config):
+    """
+    Load a DepthEstimator (imported here: torch is heavy and only the worker needs it).
+
+    :param config: EstimatorConfig
+    :return: marigold_model.estimator.DepthEstimator
+    """
+    from marigold_model.estimator import DepthEstimator
+    return DepthEstimator(config)
+
+
+class _DepthCore:
+    """
+    Everything the plain and the lifecycle node share; mixed into an rclpy Node.
+
+    Threads: the executor runs the subscription, timer and parameter callbacks; one worker
+    thread runs the model and publishes; one loader thread (plain node) loads the model.
+    """
+
+    def _core_init(self, estimator_factory):
+        """Declare the parameters and create the state, the diagnostics and its timer."""
+        self._groups = parameter_groups()
+        configs = declare_groups(self, self._groups)
+        self._model_config, self._inference, self._output, self._node_config = configs[:4]
+        self._scale_config = configs[4] if len(configs) > 4 else None
+        self._group_of = {group.cls: group for group in self._groups}
+        self._estimator_factory = estimator_factory or default_estimator_factory
+        cfg = self._node_config
+        self._cameras = cfg.cameras
+        self._diag = DiagnosticsCollector(self.get_name())
+        for camera in self._cameras:
+            self._diag.add_stream(camera)
+        self._throttle = KeyedThrottle(cfg.error_log_period)
+        self._matchers = {camera: StampMatcher(cfg.camera_info_tolerance, _CAMERA_INFO_QUEUE)
+                          for camera in self._cameras}
+        self._slots = {}
+        self._slot_lock = threading.Lock()
+        self._config_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._worker = None
+        self._loader = None
+        self._estimator = None
+        self._pipeline = None
+        self._applied_inference = None
+        self._inputs = []
+        self._outputs = {}
+        self._image_topics = {}
+        self._closed = False
+        self._scale_source = None
+        if scale_recovery is not None and self._scale_config is not None:
+            self._scale_source = scale_recovery.ScaleRecovery(self._scale_config)
+        self.add_on_set_parameters_callback(self._check_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
+        self._diag_publisher = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        # A steady clock: with use_sim_time and no /clock yet, diagnostics still flow.
+        self._diag_timer = self.create_timer(
+            cfg.diagnostics_period, self._publish_diagnostics,
+            clock=Clock(clock_type=ClockType.STEADY_TIME))
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def diagnostics(self):
+        """Return the DiagnosticsCollector (counters for tests and the demo)."""
+        return self._diag
+
+    @property
+    def estimator(self):
+        """Return the loaded estimator, or None while loading / after a failure."""
+        return self._estimator
+
+    @property
+    def cameras(self):
+        """Return the camera namespaces served."""
+        return self._cameras
+
+    def wait_until_ready(self, timeout=None):
+        """
+        Block until the model is loaded or failed (tests, demo; not from a callback).
+
+        :param timeout: seconds, None for no limit
+        :return: True when the model is ready
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._diag.model_state in (MODEL_LOADING, MODEL_UNCONFIGURED):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        return self._diag.model_state == MODEL_READY
+
+    # ------------------------------------------------------------------ model
+
+    def _estimator_config(self):
+        model = replace(self._model_config, max_input_pixels=self._output.max_input_pixels)
+        return EstimatorConfig(model, self._inference)
+
+    def _load_model(self):
+        """
+        Load the estimator and build the pipeline; report failure without raising.
+
+        :return: True on success
+        """
+        config = self._estimator_config()
+        name = config.model.model
+        self._diag.set_model_state(MODEL_LOADING, model=name, device=config.model.device,
+                                   dtype=config.model.dtype)
+        self.get_logger().info(f'loading model {name!r} (device {config.model.device}, '
+                               f'dtype {config.model.dtype})')
+        start = time.monotonic()
+        try:
+            estimator = self._estimator_factory(config)
+        except Exception as error:  # noqa: B902 - any load failure is reported, not raised
+            message = f'{type(error).__name__}: {error}'
+            self._diag.set_model_state(MODEL_ERROR, message)
+            if not self._stop.is_set():
+                self.get_logger().error(
+                    f'could not load model {name!r}: {message}\nThe node keeps running '
+                    'without publishing depth (see /diagnostics); fix the model parameter and '
+                    'restart it.')
+            return False
+        with self._config_lock:
+            self._estimator = estimator
+            self._applied_inference = None  # the worker applies the current settings
+            self._pipeline = DepthPipeline(estimator, self._output, self._scale_source)
+        seconds = time.monotonic() - start
+        device = str(getattr(estimator, 'device', config.model.device))
+        dtype = str(getattr(estimator, 'dtype', config.model.dtype)).replace('torch.', '')
+        self._diag.set_model_state(MODEL_READY, '', model=name, device=device, dtype=dtype,
+                                   load_time_s=f'{seconds:.2f}')
+        self._update_settings_info()
+        if not self._stop.is_set():
+            self.get_logger().info(f'model {name!r} ready on {device} ({dtype}) after '
+                                   f'{seconds:.1f} s')
+        self._wake.set()
+        return True
+
+    def _start_loading(self):
+        self._loader = threading.Thread(target=self._load_model, name='marigold_load',
+                                        daemon=True)
+        self._loader.start()
+
+    def _unload_model(self):
+        with self._config_lock:
+            self._pipeline = None
+            self._estimator = None
+        self._diag.set_model_state(MODEL_UNCONFIGURED)
+
+    def _update_settings_info(self):
+        estimator = self._estimator
+        inference = self._inference
+        info = {'ensemble_size': inference.ensemble_size}
+        if estimator is not None and hasattr(estimator, 'resolved_settings'):
+            steps, resolution = estimator.resolved_settings(inference)
+            info.update(denoising_steps=steps,
+                        processing_resolution=resolution or 'input size')
+        output = self._output
+        info['fixed_scale'] = output.fixed_scale if output.fixed_scale > 0 else 'off'
+        info['scale_recovery'] = self._scale_config.source if self._scale_config else \
+            'unavailable'
+        self._diag.set_model_state(self._diag.model_state, self._diag.model_message, **info)
+
+    # ------------------------------------------------------------------ parameters
+
+    def _candidate_configs(self, parameters):
+        inference, _ = self._group_of[InferenceConfig].apply(self._inference, parameters)
+        output, _ = self._group_of[OutputConfig].apply(self._output, parameters)
+        return inference, output
+
+    def _check_parameters(self, parameters):
+        """Reject runtime changes that the configs refuse (read-only / ranges: rclpy)."""
+        try:
+            self._candidate_configs(parameters)
+        except ValueError as error:
+            return SetParametersResult(successful=False, reason=str(error))
+        return SetParametersResult(successful=True)
+
+    def _apply_parameters(self, parameters):
+        """Apply accepted changes; the worker hands them to the model between calls."""
+        inference, output = self._candidate_configs(parameters)
+        with self._config_lock:
+            self._inference = inference
+            self._output = output
+            if self._pipeline is not None:
+                self._pipeline.output_config = output
+        self._update_settings_info()
+        self.get_logger().info('parameters changed: ' + ', '.join(
+            f'{p.name}={p.value}' for p in parameters))
+
+    # ------------------------------------------------------------------ topics
+
+    def _input_qos(self, depth):
+        reliability = ReliabilityPolicy.RELIABLE \
+            if self._node_config.input_reliability == 'reliable' else \
+            ReliabilityPolicy.BEST_EFFORT
+        return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
+                          reliability=reliability, durability=DurabilityPolicy.VOLATILE)
+
+    def _create_outputs(self, create):
+        """Create the publishers of every camera with ``create`` (plain or lifecycle)."""
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=self._node_config.output_depth,
+                         reliability=ReliabilityPolicy.RELIABLE)
+        for camera in self._cameras:
+            self._outputs[camera] = {
+                'relative': create(Image, camera_topic(camera, 'depth/relative'), qos),
+                'metric': create(Image, camera_topic(camera, 'depth/image'), qos),
+                'uncertainty': create(Image, camera_topic(camera, 'depth/uncertainty'), qos),
+                'camera_info': create(CameraInfo, camera_topic(camera, 'depth/camera_info'),
+                                      qos),
+                'points': create(PointCloud2, camera_topic(camera, 'depth/points'), qos),
+            }
+
+    def _destroy_outputs(self, destroy):
+        outputs, self._outputs = self._outputs, {}
+        for publishers in outputs.values():
+            for publisher in publishers.values():
+                destroy(publisher)
+
+    def _create_inputs(self):
+        """Subscribe to the images, camera_info and sparse inputs of every camera."""
+        cfg = self._node_config
+        image_qos = self._input_qos(cfg.input_depth)
+        info_qos = self._input_qos(max(cfg.input_depth, 10))
+        compressed = cfg.image_transport == 'compressed'
+        for camera in self._cameras:
+            events = SubscriptionEventCallbacks(
+                incompatible_qos=lambda event, camera=camera: self._incompatible_qos(camera))
+            topic = camera_topic(camera, 'image/compressed' if compressed else 'image')
+            subscription = self.create_subscription(
+                CompressedImage if compressed else Image, topic,
+                lambda msg, camera=camera: self._on_image(camera, msg), image_qos,
+                event_callbacks=events)
+            self._image_topics[camera] = subscription.topic_name
+            self._inputs.append(subscription)
+            self._inputs.append(self.create_subscription(
+                CameraInfo, camera_topic(camera, 'camera_info'),
+                lambda msg, camera=camera: self._matchers[camera].add_msg(msg), info_qos))
+            if self._scale_source is not None:
+                self._scale_source.attach(self, camera, info_qos)
+
+    def _destroy_inputs(self):
+        inputs, self._inputs = self._inputs, []
+        for subscription in inputs:
+            self.destroy_subscription(subscription)
+        if self._scale_source is not None:
+            self._scale_source.detach()
+
+    def _incompatible_qos(self, camera):
+        self._report(camera, 'incompatible_qos', 'a publisher on '
+                     f'{self._image_topics.get(camera, camera)} offers a QoS this '
+                     f'subscription ({self._node_config.input_reliability}) cannot receive; '
+                     "set input_reliability to 'best_effort'")
+
+    def _on_image(self, camera, msg):
+        """Keep only the newest image per camera; never block the executor."""
+        with self._slot_lock:
+            replaced = camera in self._slots
+            self._slots[camera] = msg
+        if replaced:
+            self._diag.frame_dropped(camera)
+        self._diag.image_received(camera)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ worker
+
+    def _start_worker(self):
+        if self._worker is not None and self._worker.is_alive():
+            return
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._worker_loop, name='marigold_worker',
+                                        daemon=True)
+        self._worker.start()
+
+    def _stop_worker(self):
+        """Stop and join the worker (a model call in progress is finished first)."""
+        self._stop.set()
+        self._wake.set()
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(self._node_config.shutdown_timeout)
+            if worker.is_alive():
+                self.get_logger().warning(
+                    f'worker still busy after {self._node_config.shutdown_timeout} s; '
+                    'leaving it behind')
+        self._worker = None
+        with self._slot_lock:
+            self._slots.clear()
+
+    def _worker_loop(self):
+        while not self._stop.is_set():
+            if not self._wake.wait(0.1):
+                continue
+            pipeline = self._pipeline
+            if pipeline is None:
+                # Model not loaded (yet): images wait in their slots, newer ones replace them.
+                self._stop.wait(0.02)
+                continue
+            self._wake.clear()
+            with self._slot_lock:
+                batch, self._slots = self._slots, {}
+            if not batch:
+                continue
+            try:
+                self._process(pipeline, batch)
+            except Exception:  # noqa: B902 - the worker must survive anything
+                if self._stop.is_set():
+                    break
+                self._report('', 'processing_error', traceback.format_exc())
+
+    def _apply_inference(self, estimator):
+        """Hand changed per-call settings to the model between calls, never during one."""
+        inference = self._inference
+        if inference is not self._applied_inference:
+            estimator.set_inference(inference)
+            self._applied_inference = inference
+
+    def _process(self, pipeline, batch):
+        self._apply_inference(pipeline.estimator)
+        frames = [FrameInput(msg, self._camera_info_for(camera, msg), camera)
+                  for camera, msg in batch.items()]
+        results = pipeline.process(frames)
+        for frame, result in zip(frames, results):
+            if self._stop.is_set():
+                return
+            if isinstance(result, FrameError):
+                self._report(frame.key, result.reason, str(result))
+                continue
+            for reason, message in result.problems:
+                self._report(frame.key, reason, message)
+            self._publish(result)
+
+    def _camera_info_for(self, camera, msg):
+        """Find the camera_info of an image by stamp, waiting briefly if it may follow."""
+        cfg = self._node_config
+        matcher = self._matchers[camera]
+        stamp = stamp_to_ns(msg.header.stamp)
+        info = matcher.match(stamp)
+        latest = matcher.latest()
+        if info is None and latest is not None and cfg.camera_info_wait > 0 and \
+                stamp_to_ns(latest.header.stamp) < stamp:
+            deadline = time.monotonic() + cfg.camera_info_wait
+            while info is None and time.monotonic() < deadline and not self._stop.is_set():
+                self._stop.wait(0.002)
+                info = matcher.match(stamp)
+        if info is None and cfg.camera_info_use_latest:
+            info = matcher.latest()
+        return info
+
+    def _publish(self, output):
+        publishers = self._outputs.get(output.key)
+        if publishers is None:
+            return  # deactivated meanwhile (lifecycle)
+        try:
+            for name in OUTPUTS:
+                message = getattr(output, name)
+                if message is not None:
+                    publishers[name].publish(message)
+        except Exception:  # noqa: B902 - a shutdown can invalidate publishers mid-way
+            if self._stop.is_set() or not self.context.ok():
+                return
+            raise
+        latency = (self.get_clock().now().nanoseconds - stamp_to_ns(output.header.stamp)) \
+            / _NS_PER_S
+        self._diag.frame_published(output.key, latency,
+                                   output.timings.get('estimator', math.nan), output.notes,
+                                   output.scale)
+        if self._scale_source is not None and self._output.fixed_scale <= 0:
+            self._diag.set_extra(output.key, self._scale_source.diagnostic_fields(output.key))
+
+    def _report(self, camera, reason, message):
+        """Count a problem in diagnostics and log it, at most once per period per reason."""
+        self._diag.bad_message(camera, reason)
+        allowed, suppressed = self._throttle.allow((camera, reason))
+        if allowed and not self._stop.is_set():
+            where = self._image_topics.get(camera, camera or 'node')
+            more = f' ({suppressed} more since the last report)' if suppressed else ''
+            self.get_logger().error(f'{where}: {reason}: {message}{more}')
+
+    def _publish_diagnostics(self):
+        msg = self._diag.to_msg(self.get_clock().now().to_msg(),
+                                hardware_id=self._diag.model_info.get('device', ''))
+        self._diag_publisher.publish(msg)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def shutdown(self):
+        """Stop the worker and the subscriptions (idempotent); call before destroy_node."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_worker()
+        if self._scale_source is not None:
+            self._scale_source.detach()
+
+    def destroy_node(self):
+        """Stop and join the worker, then destroy the node (no InvalidHandle on shutdown)."""
+        self.shutdown()
+        super().destroy_node()
+
+
+class DepthNode(_DepthCore, Node):
+    """
+    The live depth node: subscribes, loads the model in the background and publishes.
+
+    :param node_name: node name
+    :param estimator_factory: callable EstimatorConfig -> estimator (default: load a
+        DepthEstimator); tests inject wrappers here
+    :param load_async: load the model on a background thread (the executor keeps running
+        and diagnostics say 'loading'); False loads in the constructor
+    :param kwargs: passed to rclpy.node.Node (context, parameter_overrides, namespace, ...)
+    """
+
+    def __init__(self, node_name=NODE_NAME, *, estimator_factory=None, load_async=True,
+                 **kwargs):
+        """Declare parameters, create topics, start the worker and the model loading."""
+        Node.__init__(self, node_name, **kwargs)
+        self._core_init(estimator_factory)
+        self._create_outputs(self.create_publisher)
+        self._create_inputs()
+        self._start_worker()
+        if load_async:
+            self._start_loading()
+        else:
+            self._load_model()
+
+
+class DepthLifecycleNode(_DepthCore, LifecycleNode):
+    """
+    The depth node as a managed (lifecycle) node.
+
+    configure loads the model (failure: the transition fails and the error is logged),
+    activate subscribes and starts publishing, deactivate stops both, cleanup drops the
+    model and the publishers.  /diagnostics is published in every state.
+
+    :param node_name: node name
+    :param estimator_factory: as for DepthNode
+    :param kwargs: passed to rclpy.lifecycle.LifecycleNode
+    """
+
+    def __init__(self, node_name=NODE_NAME, *, estimator_factory=None, **kwargs):
+        """Declare parameters and diagnostics; everything else waits for the transitions."""
+        LifecycleNode.__init__(self, node_name, **kwargs)
+        self._core_init(estimator_factory)
+
+    def on_configure(self, state):
+        """
+        Load the model and create the (lifecycle) publishers.
+
+        :param state: previous state
+        :return: SUCCESS, or FAILURE when the model cannot be loaded
+        """
+        if not self._load_model():
+            return TransitionCallbackReturn.FAILURE
+        self._create_outputs(self.create_lifecycle_publisher)
+        return super().on_configure(state)
+
+    def on_activate(self, state):
+        """
+        Activate the publishers, then subscribe and start the worker.
+
+        :param state: previous state
+        :return: SUCCESS
+        """
+        result = super().on_activate(state)
+        if result == TransitionCallbackReturn.SUCCESS:
+            self._closed = False
+            self._start_worker()
+            self._create_inputs()
+        return result
+
+    def on_deactivate(self, state):
+        """
+        Unsubscribe and stop the worker, then deactivate the publishers.
+
+        :param state: previous state
+        :return: SUCCESS
+        """
+        self._destroy_inputs()
+        self._stop_worker()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state):
+        """
+        Drop the publishers and the model.
+
+        :param state: previous state
+        :return: SUCCESS
+        """
+        self._destroy_outputs(self.destroy_lifecycle_publisher)
+        self._unload_model()
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state):
+        """
+        Stop everything.
+
+        :param state: previous state
+        :return: SUCCESS
+        """
+        self._destroy_inputs()
+        self._stop_worker()
+        return super().on_shutdown(state)
+
+
+def _run(node_class, args):
+    """Spin a node until Ctrl-C / shutdown; return the process exit code."""
+    rclpy.init(args=args)
+    node = None
+    code = 0
+    try:
+        node = node_class()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except (ValueError, ParameterException) as error:
+        # Bad parameters: a clear message, not a traceback.
+        rclpy.logging.get_logger(NODE_NAME).fatal(f'cannot start: {error}')
+        code = 1
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return code
+
+
+def main(args=None):
+    """
+    Run the depth node (console script ``depth_node``).
+
+    :param args: command line arguments (default sys.argv), ``--ros-args`` included
+    :return: exit code
+    """
+    return _run(DepthNode, args)
+
+
+def lifecycle_main(args=None):
+    """
+    Run the lifecycle depth node (console script ``depth_lifecycle_node``).
+
+    :param args: command line arguments (default sys.argv)
+    :return: exit code
+    """
+    return _run(DepthLifecycleNode, args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

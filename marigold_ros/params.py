@@ -1,0 +1,467 @@
+"""
+Config dataclasses <-> ROS parameters, with descriptors, by one generic mechanism.
+
+The frozen dataclasses of marigold_model (ModelConfig, InferenceConfig) and of the node
+(OutputConfig, NodeConfig, ScaleRecoveryConfig) stay the one source of defaults.  A
+:class:`ConfigGroup` walks the fields of one dataclass and for each field declares a
+parameter whose
+
+* type follows the default value (bool, int, float, str and tuples of them),
+* description is the field's documentation: the ``:param name:`` entry of the class
+  docstring, else the comment lines above the field or the comment on its line,
+* range (IntegerRange / FloatingPointRange) comes from the group's ``ranges``,
+* allowed values (``choices``) are listed in ``additional_constraints``,
+* ``read_only`` is set when changing the field needs a reload (the whole ModelConfig, the
+  subscriptions) so that ``ros2 param set`` refuses it instead of silently ignoring it.
+
+The node turns parameter values back into configs with :meth:`ConfigGroup.from_node` and
+checks runtime changes with :meth:`ConfigGroup.apply` (the dataclass and the group's
+``validate`` raise ValueError naming the bad field).
+"""
+
+import ast
+from dataclasses import dataclass, field, fields, replace
+import functools
+import inspect
+import io
+import math
+import re
+import textwrap
+import tokenize
+
+from rcl_interfaces.msg import FloatingPointRange
+from rcl_interfaces.msg import IntegerRange
+from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import ParameterType
+
+# Limits of rcl_interfaces ranges: int64 and a float range must be finite.
+_INT_MIN, _INT_MAX = -2 ** 63, 2 ** 63 - 1
+_FLOAT_LIMIT = 1.0e300
+_NOQA = re.compile(r'\s*noqa(:\s*[A-Z]+\d+)?\s*(-\s*)?', re.IGNORECASE)
+_ROLE = re.compile(r':\w+:`~?([^`]+)`')
+
+
+def _param_type(value):
+    """Return the ParameterType of a default value, or raise TypeError."""
+    if isinstance(value, bool):
+        return ParameterType.PARAMETER_BOOL
+    if isinstance(value, int):
+        return ParameterType.PARAMETER_INTEGER
+    if isinstance(value, float):
+        return ParameterType.PARAMETER_DOUBLE
+    if isinstance(value, str):
+        return ParameterType.PARAMETER_STRING
+    if isinstance(value, (tuple, list)) and value:
+        if all(isinstance(v, bool) for v in value):
+            return ParameterType.PARAMETER_BOOL_ARRAY
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return ParameterType.PARAMETER_INTEGER_ARRAY
+        if all(isinstance(v, float) for v in value):
+            return ParameterType.PARAMETER_DOUBLE_ARRAY
+        if all(isinstance(v, str) for v in value):
+            return ParameterType.PARAMETER_STRING_ARRAY
+    raise TypeError(f'no ROS parameter type for default {value!r} ({type(value).__name__}); '
+                    'use bool, int, float, str or a non-empty tuple of one of them')
+
+
+def _clean_text(text):
+    """Strip '#', noqa markers and reST markup (``x``, :func:`~a.b.c`) from documentation."""
+    text = _ROLE.sub(lambda m: m.group(1).split('.')[-1], text.lstrip('#'))
+    return ' '.join(_NOQA.sub(' ', text).replace('``', '').split())
+
+
+@functools.lru_cache(maxsize=None)
+def field_descriptions(cls):
+    """
+    Return the documentation of each field of a dataclass.
+
+    Taken from the ``:param name:`` entries of the class docstring, else from the source:
+    the comment lines directly above the field and the comment on its own line.  Without
+    source (e.g. a zipped install) only the docstring is used.
+
+    :param cls: a dataclass type
+    :return: dict field name -> one-line description (missing fields are absent)
+    """
+    out = {}
+    doc = inspect.getdoc(cls) or ''
+    for match in re.finditer(r':param (\w+):(.*?)(?=\n\s*:|\Z)', doc, re.S):
+        out[match.group(1)] = _clean_text(match.group(2))
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return out
+    lines = source.splitlines()
+    comments = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string
+    classdef = ast.parse(source).body[0]
+    for node in classdef.body:
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+            continue
+        name = node.target.id
+        if name in out:
+            continue
+        above = []
+        line = node.lineno - 1
+        while line in comments and lines[line - 1].strip().startswith('#'):
+            above.insert(0, _clean_text(comments[line]))
+            line -= 1
+        parts = [text for text in above if text]
+        trailing = comments.get(node.end_lineno)
+        if trailing and not lines[node.end_lineno - 1].strip().startswith('#'):
+            parts.append(_clean_text(trailing))
+        text = ' '.join(p for p in parts if p)
+        if text:
+            out[name] = text
+    return out
+
+
+@dataclass(frozen=True)
+class ConfigGroup:
+    """
+    The ROS parameters of one frozen config dataclass.
+
+    :param cls: the dataclass type (frozen, every field with a default)
+    :param prefix: prepended to each field name to form the parameter name (e.g.
+        'scale_recovery.'); '' for flat names
+    :param read_only: every parameter of the group is read-only (a change needs a reload)
+    :param read_only_fields: field names that are read-only in an otherwise writable group
+    :param exclude: field names not exposed (the default value is used)
+    :param ranges: field name -> (low, high), inclusive, for numeric fields
+    :param choices: field name -> allowed values (listed in the descriptor; checked by the
+        dataclass or ``validate``)
+    :param validate: optional callable raising ValueError for a bad config instance
+    :param descriptions: field name -> description, for fields whose documentation in the
+        dataclass is missing or shared with other fields (takes precedence)
+    :param doc_sources: further dataclasses whose field documentation is used for fields
+        that ``cls`` does not document (e.g. a config that mirrors another one's fields)
+    """
+
+    cls: type
+    prefix: str = ''
+    read_only: bool = False
+    read_only_fields: tuple = ()
+    exclude: tuple = ()
+    ranges: dict = field(default_factory=dict, hash=False)
+    choices: dict = field(default_factory=dict, hash=False)
+    validate: object = None
+    descriptions: dict = field(default_factory=dict, hash=False)
+    doc_sources: tuple = ()
+
+    def __post_init__(self):
+        """Check that ranges, choices and exclusions name real fields."""
+        names = {f.name for f in fields(self.cls)}
+        for what, keys in (('ranges', self.ranges), ('choices', self.choices),
+                           ('exclude', self.exclude), ('descriptions', self.descriptions),
+                           ('read_only_fields', self.read_only_fields)):
+            unknown = set(keys) - names
+            if unknown:
+                raise ValueError(f'{what} of the {self.cls.__name__} parameters name unknown '
+                                 f'fields {sorted(unknown)}')
+
+    # ------------------------------------------------------------------ description
+
+    def fields(self):
+        """
+        Return the exposed dataclass fields.
+
+        :return: list of dataclasses.Field
+        """
+        return [f for f in fields(self.cls) if f.name not in self.exclude]
+
+    def parameter_name(self, field_name):
+        """
+        Return the parameter name of a field.
+
+        :param field_name: dataclass field name
+        :return: prefix + field name
+        """
+        return self.prefix + field_name
+
+    def names(self):
+        """
+        Map parameter names to field names.
+
+        :return: dict parameter name -> field name
+        """
+        return {self.parameter_name(f.name): f.name for f in self.fields()}
+
+    def defaults(self):
+        """
+        Return the default config (every field at its default).
+
+        :return: instance of ``cls``
+        """
+        return self.cls()
+
+    def description(self, field_name):
+        """
+        Return the documentation of one field.
+
+        :param field_name: dataclass field name
+        :return: text from ``descriptions``, the dataclass, ``doc_sources``, or the name
+        """
+        if field_name in self.descriptions:
+            return self.descriptions[field_name]
+        for source in (self.cls,) + tuple(self.doc_sources):
+            text = field_descriptions(source).get(field_name)
+            if text:
+                return text
+        return field_name.replace('_', ' ')
+
+    def constraints(self, field_name, with_read_only=True):
+        """
+        Describe the allowed values of one field.
+
+        :param field_name: dataclass field name
+        :param with_read_only: mention that the parameter is read-only
+        :return: text such as 'one of: a, b; range [0, 1]' ('' when unconstrained)
+        """
+        parts = []
+        if field_name in self.choices:
+            parts.append('one of: ' + ', '.join(str(c) for c in self.choices[field_name]))
+        if field_name in self.ranges:
+            low, high = self.ranges[field_name]
+            parts.append(f'range [{low}, {high}]')
+        if with_read_only and self.is_read_only(field_name):
+            parts.append('read-only at runtime: restart (or reconfigure) to change')
+        return '; '.join(parts)
+
+    def is_read_only(self, field_name):
+        """
+        Tell whether a field's parameter is read-only.
+
+        :param field_name: dataclass field name
+        :return: True when changing it needs a reload
+        """
+        return self.read_only or field_name in self.read_only_fields
+
+    def descriptor(self, field_name, default):
+        """
+        Build the ParameterDescriptor of one field.
+
+        :param field_name: dataclass field name
+        :param default: its default value (gives the type)
+        :return: rcl_interfaces/ParameterDescriptor
+        """
+        kind = _param_type(default)
+        descriptor = ParameterDescriptor(
+            name=self.parameter_name(field_name), type=kind,
+            description=f'{self.description(field_name)} (default: {_format_value(default)})',
+            read_only=self.is_read_only(field_name),
+            additional_constraints=self.constraints(field_name))
+        if kind == ParameterType.PARAMETER_DOUBLE:
+            # 'scale: 2' in YAML or '-p scale:=2' gives an integer; static typing would
+            # refuse it at startup, so doubles accept integers (converted in build()).
+            descriptor.dynamic_typing = True
+        if field_name in self.ranges:
+            low, high = self.ranges[field_name]
+            if kind == ParameterType.PARAMETER_INTEGER:
+                descriptor.integer_range = [IntegerRange(
+                    from_value=int(max(low, _INT_MIN)), to_value=int(min(high, _INT_MAX)),
+                    step=1)]
+            elif kind == ParameterType.PARAMETER_DOUBLE:
+                descriptor.floating_point_range = [FloatingPointRange(
+                    from_value=float(max(low, -_FLOAT_LIMIT)),
+                    to_value=float(min(high, _FLOAT_LIMIT)), step=0.0)]
+            else:
+                raise ValueError(f'range given for non-numeric field {field_name!r}')
+        return descriptor
+
+    # ------------------------------------------------------------------ ROS
+
+    def declare(self, node, defaults=None):
+        """
+        Declare the group's parameters on a node and return the resulting config.
+
+        Values given on the command line or in a params file override the defaults; the
+        config is validated (ValueError naming the bad field).
+
+        :param node: rclpy Node
+        :param defaults: instance of ``cls`` giving the defaults (default: ``cls()``)
+        :return: instance of ``cls`` from the parameter values
+        :raises ValueError: a value is out of range or not allowed
+        """
+        defaults = defaults if defaults is not None else self.defaults()
+        for f in self.fields():
+            value = _to_ros(getattr(defaults, f.name))
+            node.declare_parameter(self.parameter_name(f.name), value,
+                                   self.descriptor(f.name, value))
+        return self.from_node(node)
+
+    def from_node(self, node):
+        """
+        Build the config from the node's current parameter values.
+
+        :param node: rclpy Node with the group's parameters declared
+        :return: instance of ``cls``
+        :raises ValueError: invalid combination of values
+        """
+        values = {f.name: node.get_parameter(self.parameter_name(f.name)).value
+                  for f in self.fields()}
+        return self.build(values)
+
+    def build(self, values, base=None):
+        """
+        Make a validated config from field values (missing fields from ``base``).
+
+        :param values: dict field name -> value (ROS types: lists become tuples)
+        :param base: instance giving the other fields (default: ``cls()``)
+        :return: instance of ``cls``
+        :raises ValueError: a value is not allowed (the dataclass / ``validate`` says which)
+        """
+        base = base if base is not None else self.defaults()
+        known = {f.name: f for f in fields(self.cls)}
+        converted = {}
+        for name, value in values.items():
+            if name not in known:
+                raise ValueError(f'{self.cls.__name__} has no field {name!r}')
+            converted[name] = _from_ros(value, getattr(base, name), self.parameter_name(name))
+        for name, value in converted.items():
+            self._check(name, value)
+        try:
+            config = replace(base, **converted)
+        except TypeError as error:
+            raise ValueError(f'{self.cls.__name__}: {error}') from None
+        if self.validate is not None:
+            self.validate(config)
+        return config
+
+    def _check(self, name, value):
+        """Range and choice checks (rclpy enforces ranges too, but not in build())."""
+        if name in self.ranges and isinstance(value, (int, float)) and \
+                not isinstance(value, bool):
+            low, high = self.ranges[name]
+            if not (low <= value <= high):
+                raise ValueError(f'{self.parameter_name(name)} must be within [{low}, '
+                                 f'{high}], got {value}')
+        if name in self.choices and value not in self.choices[name]:
+            raise ValueError(f'{self.parameter_name(name)} must be one of '
+                             f'{tuple(self.choices[name])}, got {value!r}')
+
+    def apply(self, config, parameters):
+        """
+        Apply parameter changes to a config (for an on-set-parameters callback).
+
+        :param config: current instance of ``cls``
+        :param parameters: iterable of rclpy Parameter (other groups' names are ignored)
+        :return: (new config, True) when a parameter of this group changed, else
+            (config, False)
+        :raises ValueError: a new value is not allowed (naming the parameter)
+        """
+        names = self.names()
+        changes = {names[p.name]: p.value for p in parameters if p.name in names}
+        if not changes:
+            return config, False
+        return self.build(changes, base=config), True
+
+
+def _to_ros(value):
+    """Turn a default value into what declare_parameter takes (tuples -> lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _from_ros(value, default, name):
+    """Turn a parameter value back into the field's type (arrays -> tuples, int -> float)."""
+    if isinstance(default, tuple):
+        return tuple(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f'{name} must be a number, got {value!r}')
+        return float(value)
+    return value
+
+
+def _format_value(value):
+    if isinstance(value, float) and math.isinf(value):
+        return '.inf'
+    if isinstance(value, (tuple, list)):
+        return '[' + ', '.join(_format_value(v) for v in value) + ']'
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    return str(value)
+
+
+def declare_groups(node, groups):
+    """
+    Declare several groups and return their configs, refusing duplicate parameter names.
+
+    :param node: rclpy Node
+    :param groups: iterable of ConfigGroup
+    :return: list of config instances, one per group
+    :raises ValueError: two groups expose the same parameter name, or a bad value
+    """
+    groups = list(groups)
+    check_unique(groups)
+    return [group.declare(node) for group in groups]
+
+
+def check_unique(groups):
+    """
+    Raise ValueError if two groups would declare the same parameter name.
+
+    :param groups: iterable of ConfigGroup
+    """
+    seen = {}
+    for group in groups:
+        for name in group.names():
+            if name in seen:
+                raise ValueError(f'parameter {name!r} is exposed by both '
+                                 f'{seen[name].__name__} and {group.cls.__name__}; give one '
+                                 'of the groups a prefix or exclude the field')
+            seen[name] = group.cls
+
+
+def yaml_document(groups, node_name, header=''):
+    """
+    Render the parameters of the groups as a commented ROS 2 params file.
+
+    Dotted names ('scale_recovery.source') become nested mappings.  Each parameter is
+    preceded by its description and constraints as comments.
+
+    :param groups: iterable of ConfigGroup
+    :param node_name: node name key ('/**' matches any node)
+    :param header: comment text put at the top (lines without '#')
+    :return: YAML text
+    """
+    out = [f'# {line}'.rstrip() for line in header.splitlines()]
+    out += [f'{node_name}:', '  ros__parameters:']
+    for group in groups:
+        out.append('')
+        out.append(f'    # ---- {group.cls.__name__}' +
+                   (' (read-only at runtime)' if group.read_only else ''))
+        opened = None
+        for f in group.fields():
+            default = getattr(group.defaults(), f.name)
+            name = group.parameter_name(f.name)
+            indent = '    '
+            if '.' in name:
+                section, leaf = name.rsplit('.', 1)
+                if section != opened:
+                    out.append(f'{indent}{section}:')
+                    opened = section
+                indent += '  '
+                name = leaf
+            text = group.description(f.name)
+            constraints = group.constraints(f.name, with_read_only=not group.read_only)
+            if constraints:
+                text += f' [{constraints}]'
+            out += [f'{indent}# {line}' for line in textwrap.wrap(
+                text, 99 - len(indent) - 2, break_on_hyphens=False)]
+            out.append(f'{indent}{name}: {_yaml_value(default)}')
+    return '\n'.join(out) + '\n'
+
+
+def _yaml_value(value):
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, float):
+        return '.inf' if math.isinf(value) else repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, (tuple, list)):
+        return '[' + ', '.join(_yaml_value(v) for v in value) + ']'
+    return str(value)

@@ -1,0 +1,433 @@
+"""Tests of marigold_ros.pipeline: messages in, depth / camera info / cloud messages out."""
+
+import math
+
+from builtin_interfaces.msg import Time
+from marigold_model.estimator import DepthResult, EstimatorOutOfMemory
+from marigold_model.scale_tracking import ScaleEstimate
+from marigold_ros.conversions import image_to_depth, pointcloud2_to_xyz, rgb_to_compressed
+from marigold_ros.conversions import rgb_to_image
+from marigold_ros.geometry import CameraModel, Roi
+from marigold_ros.pipeline import apply_scale, DepthPipeline, FrameError, FrameInput
+from marigold_ros.pipeline import NOTE_BAD_CAMERA_INFO, NOTE_NO_CAMERA_INFO
+from marigold_ros.pipeline import NOTE_NO_METRIC_SCALE, OutputConfig
+import numpy as np
+import pytest
+from sensor_msgs.msg import Image
+from std_msgs.msg import Header
+
+H, W = 30, 40
+K = np.array([[35.0, 0.0, 19.25], [0.0, 36.0, 14.75], [0.0, 0.0, 1.0]])
+FRAME = 'camera_optical_frame'
+
+
+def _header(sec=10, nanosec=5, frame_id=FRAME):
+    return Header(stamp=Time(sec=sec, nanosec=nanosec), frame_id=frame_id)
+
+
+def _rgb(height=H, width=W, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _camera(width=W, height=H, k=K, **kwargs):
+    return CameraModel(width, height, k, frame_id=FRAME, **kwargs).to_msg(_header())
+
+
+class FakeEstimator:
+    """Return a given relative depth (function of the frame) and record the calls."""
+
+    def __init__(self, depth_fn=None, uncertainty=None, out_size=None, error=None):
+        """Keep the depth function and the options."""
+        self.depth_fn = depth_fn
+        self.uncertainty = uncertainty
+        self.out_size = out_size
+        self.error = error
+        self.calls = []
+
+    def estimate(self, frames, keys=None):
+        """Return one DepthResult per frame."""
+        self.calls.append(([f.copy() for f in frames], list(keys)))
+        if self.error is not None:
+            raise self.error
+        results = []
+        for frame in frames:
+            size = self.out_size or frame.shape[:2]
+            if self.depth_fn is not None:
+                depth = self.depth_fn(*size)
+            else:
+                depth = np.linspace(0.1, 0.9, size[0] * size[1], dtype=np.float32)
+                depth = depth.reshape(size)
+            unc = None if self.uncertainty is None else \
+                np.full(size, self.uncertainty, np.float32)
+            results.append(DepthResult(depth.astype(np.float32), unc, {'total': 0.001},
+                                       tuple(size)))
+        return results
+
+
+class ConstantScale:
+    """Scale source returning a fixed estimate (and recording its arguments)."""
+
+    def __init__(self, scale=None, error=None):
+        """Keep the estimate to return."""
+        self.scale = scale
+        self.error = error
+        self.calls = []
+
+    def estimate(self, key, header, relative_depth, camera):
+        """Return the stored estimate."""
+        self.calls.append((key, header, relative_depth.shape, camera))
+        if self.error is not None:
+            raise self.error
+        return self.scale
+
+
+def _estimate(scale, shift, status='ok'):
+    return ScaleEstimate(scale=scale, shift=shift, inlier_ratio=1.0, residual=0.0,
+                         n_points=100, age_s=0.0, status=status)
+
+
+def _one(pipeline, frame):
+    (result,) = pipeline.process([frame])
+    return result
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def _plane_depth(normal, distance, height, width, k):
+    """Depth z of the plane n . p = d seen through pixel centres of a pinhole camera."""
+    v, u = np.mgrid[0:height, 0:width].astype(np.float64)
+    rays = np.stack([(u - k[0, 2]) / k[0, 0], (v - k[1, 2]) / k[1, 1], np.ones_like(u)], -1)
+    return distance / (rays @ np.asarray(normal, np.float64)), rays
+
+
+def test_cloud_geometry_exact_on_a_plane():
+    """Every cloud point is the pixel's ray times its depth and lies on the true plane."""
+    normal = np.array([0.1, -0.4, 1.0]) / np.linalg.norm([0.1, -0.4, 1.0])
+    distance = 2.5
+    z, rays = _plane_depth(normal, distance, H, W, K)
+    scale, shift = 4.0, 0.5
+    relative = ((z - shift) / scale).astype(np.float32)
+    rgb = _rgb()
+    pipeline = DepthPipeline(FakeEstimator(lambda h, w: relative),
+                             OutputConfig(fixed_scale=scale, fixed_shift=shift))
+    out = _one(pipeline, FrameInput(rgb_to_image(rgb, _header()), _camera()))
+
+    cloud = out.points
+    assert (cloud.height, cloud.width, cloud.point_step, cloud.row_step) == (H, W, 16, 16 * W)
+    assert not cloud.is_dense
+    assert [f.name for f in cloud.fields] == ['x', 'y', 'z', 'rgb']
+    assert cloud.header.frame_id == FRAME and cloud.header.stamp == _header().stamp
+    xyz = pointcloud2_to_xyz(cloud).reshape(H, W, 3).astype(np.float64)
+    expected = rays * (scale * relative.astype(np.float64) + shift)[..., None]
+    np.testing.assert_allclose(xyz, expected, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(xyz @ normal, distance, rtol=1e-5)
+    packed = np.frombuffer(bytes(cloud.data), '<u4').reshape(H, W, 4)[:, :, 3]
+    colours = np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255], -1)
+    np.testing.assert_array_equal(colours, rgb)
+    metric = image_to_depth(out.metric)
+    np.testing.assert_allclose(metric, z, rtol=1e-5)
+    assert out.scale.scale == scale and out.scale.reason == 'fixed'
+
+
+def test_invalid_metric_depth_is_nan_in_image_and_cloud():
+    """Non-positive and too far depths become NaN points (is_dense false)."""
+    relative = np.full((H, W), 0.5, np.float32)
+    relative[0, :5] = 0.0   # -> 0 m: no reading
+    relative[1, :5] = 1.0   # -> 20 m: beyond max_depth
+    pipeline = DepthPipeline(FakeEstimator(lambda h, w: relative),
+                             OutputConfig(fixed_scale=20.0, max_depth=15.0))
+    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), _camera()))
+    metric = image_to_depth(out.metric)
+    assert np.isnan(metric[:2, :5]).all() and np.isfinite(metric[2:]).all()
+    xyz = pointcloud2_to_xyz(out.points).reshape(H, W, 3)
+    assert np.isnan(xyz[:2, :5]).all() and np.isfinite(xyz[2:]).all()
+
+
+def test_apply_scale_float32_matches_scale_estimate():
+    """The fast float32 path equals ScaleEstimate.apply within float32 rounding."""
+    rel = np.random.default_rng(1).uniform(-0.1, 1.0, (20, 30)).astype(np.float32)
+    fast = apply_scale(rel, 3.0, -0.2)
+    slow = _estimate(3.0, -0.2).apply(rel)
+    np.testing.assert_array_equal(np.isnan(fast), np.isnan(slow))
+    np.testing.assert_allclose(fast[np.isfinite(fast)], slow[np.isfinite(slow)], rtol=1e-6)
+
+
+# ---------------------------------------------------------------- camera info scaling
+
+
+def test_camera_info_scaled_to_depth_resolution():
+    """K, P, size follow the depth resolution with the pixel-centre convention."""
+    out_h, out_w = 15, 20
+    pipeline = DepthPipeline(FakeEstimator(out_size=(out_h, out_w)),
+                             OutputConfig(fixed_scale=1.0, fixed_shift=1.0))
+    rgb = _rgb()
+    out = _one(pipeline, FrameInput(rgb_to_image(rgb, _header()), _camera()))
+    info = out.camera_info
+    assert (info.width, info.height) == (out_w, out_h)
+    s = 0.5
+    k = np.array(info.k).reshape(3, 3)
+    np.testing.assert_allclose(k, [[K[0, 0] * s, 0, (K[0, 2] + 0.5) * s - 0.5],
+                                   [0, K[1, 1] * s, (K[1, 2] + 0.5) * s - 0.5], [0, 0, 1]])
+    np.testing.assert_allclose(np.array(info.p).reshape(3, 4)[:, :3], k)
+    assert info.header.frame_id == FRAME
+    # The depth image, the camera info and the cloud share the published resolution.
+    assert (out.relative.width, out.relative.height) == (out_w, out_h)
+    assert (out.points.width, out.points.height) == (out_w, out_h)
+
+
+def test_binning_and_roi_folded_into_published_camera_info():
+    """A binned ROI camera_info matches its smaller image; the output has binning 0."""
+    full = CameraModel(160, 120, K * [[4, 1, 4], [1, 4, 4], [1, 1, 1]], frame_id=FRAME,
+                       binning_x=2, binning_y=2, roi=Roi(20, 10, 80, 60))
+    pipeline = DepthPipeline(FakeEstimator(), OutputConfig(fixed_scale=1.0))
+    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), full.to_msg(_header())))
+    assert out.problems == ()
+    info = out.camera_info
+    assert (info.width, info.height, info.binning_x, info.binning_y) == (W, H, 0, 0)
+    assert (info.roi.width, info.roi.height) == (0, 0)
+    k = np.array(info.k).reshape(3, 3)
+    np.testing.assert_allclose(k[0, 0], K[0, 0] * 2)
+    np.testing.assert_allclose(k[0, 2], (K[0, 2] * 4 - 20 + 0.5) * 0.5 - 0.5)
+
+
+# ---------------------------------------------------------------- encodings
+
+
+@pytest.mark.parametrize('encoding', ['rgb8', 'bgr8', 'rgba8', 'bgra8'])
+def test_colour_encodings_reach_the_estimator_as_rgb(encoding):
+    """Colour encodings arrive at the model as the same RGB."""
+    rgb = _rgb()
+    estimator = FakeEstimator()
+    out = _one(DepthPipeline(estimator), FrameInput(rgb_to_image(rgb, _header(), encoding)))
+    np.testing.assert_array_equal(estimator.calls[0][0][0], rgb)
+    assert out.relative.encoding == '32FC1'
+
+
+@pytest.mark.parametrize('encoding', ['mono8', 'mono16'])
+def test_mono_encodings_replicated_to_three_channels(encoding):
+    """mono8 / mono16 become grey RGB."""
+    grey = np.arange(H * W, dtype=np.uint8).reshape(H, W)
+    arr = grey if encoding == 'mono8' else grey.astype(np.uint16) * 257
+    estimator = FakeEstimator()
+    _one(DepthPipeline(estimator), FrameInput(rgb_to_image(arr, _header(), encoding)))
+    seen = estimator.calls[0][0][0]
+    np.testing.assert_array_equal(seen, np.repeat(grey[:, :, None], 3, axis=2))
+
+
+@pytest.mark.parametrize('encoding', ['yuv422', 'yuv422_yuy2'])
+def test_yuv_encodings(encoding):
+    """UYVY and YUYV of a mid-grey frame decode to mid-grey."""
+    macro = [128, 126, 128, 126] if encoding == 'yuv422' else [126, 128, 126, 128]
+    data = np.tile(np.array(macro, np.uint8), H * W // 2)
+    msg = Image(header=_header(), height=H, width=W, encoding=encoding, step=2 * W,
+                data=data.tobytes())
+    estimator = FakeEstimator()
+    out = _one(DepthPipeline(estimator), FrameInput(msg))
+    assert not isinstance(out, FrameError)
+    assert np.abs(estimator.calls[0][0][0].astype(int) - 128).max() <= 2
+
+
+@pytest.mark.parametrize('fmt', ['png', 'jpeg'])
+def test_compressed_images(fmt):
+    """PNG is exact, JPEG close."""
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[:, :W // 2] = (200, 30, 60)
+    estimator = FakeEstimator()
+    out = _one(DepthPipeline(estimator), FrameInput(rgb_to_compressed(rgb, _header(), fmt)))
+    assert out.header.frame_id == FRAME
+    seen = estimator.calls[0][0][0].astype(int)
+    assert np.abs(seen - rgb).max() <= (0 if fmt == 'png' else 40)
+
+
+def test_row_padding_honoured():
+    """A step larger than width * 3 is read row by row."""
+    rgb = _rgb()
+    rows = np.zeros((H, W * 3 + 8), np.uint8)
+    rows[:, :W * 3] = rgb.reshape(H, -1)
+    msg = Image(header=_header(), height=H, width=W, encoding='rgb8', step=W * 3 + 8,
+                data=rows.tobytes())
+    estimator = FakeEstimator()
+    _one(DepthPipeline(estimator), FrameInput(msg))
+    np.testing.assert_array_equal(estimator.calls[0][0][0], rgb)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _image(**changes):
+    msg = rgb_to_image(_rgb(), _header())
+    for name, value in changes.items():
+        setattr(msg, name, value)
+    return msg
+
+
+@pytest.mark.parametrize('msg, reason', [
+    (_image(width=0, height=0, data=b''), 'empty'),
+    (_image(data=bytes(10)), 'truncated'),
+    (_image(step=W * 3 - 1), 'bad_step'),
+    (_image(encoding='16UC1'), 'unknown_encoding'),
+    (_image(encoding='hsv8'), 'unknown_encoding'),
+    (_image(header=_header(frame_id='')), 'empty_frame_id'),
+    (_image(header=_header(sec=0, nanosec=0)), 'zero_stamp'),
+])
+def test_bad_images_become_frame_errors(msg, reason):
+    """Each bad image gives a FrameError with its reason; the other frames go on."""
+    estimator = FakeEstimator()
+    good = FrameInput(rgb_to_image(_rgb(), _header()), key='b')
+    bad, ok = DepthPipeline(estimator).process([FrameInput(msg, key='a'), good])
+    assert isinstance(bad, FrameError) and bad.reason == reason and bad.key == 'a'
+    assert str(bad)
+    assert ok.relative is not None and len(estimator.calls[0][0]) == 1
+
+
+def test_corrupt_compressed_and_size_limit():
+    """Corrupt JPEG bytes and images above max_input_pixels are refused."""
+    corrupt = rgb_to_compressed(_rgb(), _header(), 'jpeg')
+    corrupt.data = bytes(corrupt.data)[:20] + b'garbage'
+    pipeline = DepthPipeline(FakeEstimator(), OutputConfig(max_input_pixels=W * H - 1))
+    big = rgb_to_image(_rgb(), _header())
+    errors = pipeline.process([FrameInput(corrupt), FrameInput(big)])
+    assert [e.reason for e in errors] == ['corrupt_compressed', 'too_large']
+    assert 'max_pixels' in str(errors[1])
+
+
+def _camera_with_k(k):
+    msg = _camera()
+    msg.k = [float(v) for v in np.ravel(k)]
+    return msg
+
+
+@pytest.mark.parametrize('camera_info, reason', [
+    (_camera_with_k(np.zeros(9)), 'camera_info_uncalibrated'),
+    (_camera_with_k([math.nan, 0, 10, 0, 30, 10, 0, 0, 1]), 'camera_info_bad_focal_length'),
+    (_camera(width=W + 2), 'camera_info_size_mismatch'),
+])
+def test_bad_camera_info_keeps_relative_depth(camera_info, reason):
+    """An unusable camera_info is a problem with a reason; relative depth still comes."""
+    pipeline = DepthPipeline(FakeEstimator(), OutputConfig(fixed_scale=2.0))
+    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), camera_info))
+    assert [p[0] for p in out.problems] == [reason]
+    assert NOTE_BAD_CAMERA_INFO in out.notes
+    assert out.relative is not None and out.metric is not None
+    assert out.points is None and out.camera_info is None
+
+
+# ---------------------------------------------------------------- what is (not) published
+
+
+def test_without_camera_info_or_scale_only_relative_depth():
+    """No camera_info and no scale: relative depth only, notes say why."""
+    out = _one(DepthPipeline(FakeEstimator(uncertainty=0.1)),
+               FrameInput(rgb_to_image(_rgb(), _header())))
+    assert out.notes == (NOTE_NO_CAMERA_INFO, NOTE_NO_METRIC_SCALE)
+    assert out.metric is None and out.points is None and out.camera_info is None
+    relative = image_to_depth(out.relative)
+    assert relative.min() >= 0.0 and relative.max() <= 1.0
+    # Uncertainty in relative units when no scale is known.
+    np.testing.assert_allclose(image_to_depth(out.uncertainty), 0.1)
+    assert out.header is out.relative.header
+
+
+def test_relative_depth_never_published_as_meters():
+    """With camera info but no scale: camera info yes, metric depth and cloud no."""
+    out = _one(DepthPipeline(FakeEstimator()),
+               FrameInput(rgb_to_image(_rgb(), _header()), _camera()))
+    assert out.camera_info is not None
+    assert out.metric is None and out.points is None
+    assert out.notes == (NOTE_NO_METRIC_SCALE,)
+
+
+def test_uncertainty_in_meters_with_a_scale_and_switches():
+    """Uncertainty scales with the metric scale; publish switches drop outputs."""
+    pipeline = DepthPipeline(FakeEstimator(uncertainty=0.1),
+                             OutputConfig(fixed_scale=3.0, fixed_shift=1.0))
+    frame = FrameInput(rgb_to_image(_rgb(), _header()), _camera())
+    np.testing.assert_allclose(image_to_depth(_one(pipeline, frame).uncertainty), 0.3,
+                               rtol=1e-6)
+    pipeline.output_config = OutputConfig(fixed_scale=3.0, publish_points=False,
+                                          publish_uncertainty=False)
+    out = _one(pipeline, frame)
+    assert out.points is None and out.uncertainty is None and out.metric is not None
+
+
+def test_scale_source_hook():
+    """The scale source gets key, header, depth and the scaled camera; its scale is used."""
+    source = ConstantScale(_estimate(2.0, 0.5))
+    pipeline = DepthPipeline(FakeEstimator(lambda h, w: np.full((h, w), 0.25, np.float32)),
+                             scale_source=source)
+    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), _camera(), key='cam1'))
+    key, header, shape, camera = source.calls[0]
+    assert (key, shape, camera.width, camera.height) == ('cam1', (H, W), W, H)
+    assert header.frame_id == FRAME
+    np.testing.assert_allclose(image_to_depth(out.metric), 1.0)
+    assert out.points is not None and out.scale.scale == 2.0
+    # A fixed scale wins over the source; an unusable estimate stays relative.
+    pipeline.output_config = OutputConfig(fixed_scale=4.0)
+    np.testing.assert_allclose(image_to_depth(_one(pipeline, FrameInput(
+        rgb_to_image(_rgb(), _header()), _camera())).metric), 1.0)
+    pipeline.output_config = OutputConfig()
+    source.scale = _estimate(math.nan, math.nan, status='no_estimate')
+    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), _camera()))
+    assert out.metric is None and NOTE_NO_METRIC_SCALE in out.notes
+
+
+def test_scale_source_failure_is_a_problem_not_a_crash():
+    """An exception in the scale source leaves the frame relative with a problem."""
+    pipeline = DepthPipeline(FakeEstimator(), scale_source=ConstantScale(
+        error=RuntimeError('boom')))
+    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), _camera()))
+    assert out.problems[0][0] == 'scale_source_error' and 'boom' in out.problems[0][1]
+    assert out.relative is not None and out.metric is None
+
+
+# ---------------------------------------------------------------- batching and errors
+
+
+def test_one_estimator_call_per_batch_with_keys():
+    """Frames of several cameras (any sizes) go to the model in one call, keyed."""
+    estimator = FakeEstimator()
+    frames = [FrameInput(rgb_to_image(_rgb(), _header()), key='left'),
+              FrameInput(rgb_to_image(_rgb(20, 24), _header()), key='right')]
+    outputs = DepthPipeline(estimator).process(frames)
+    assert len(estimator.calls) == 1 and estimator.calls[0][1] == ['left', 'right']
+    assert [(o.key, o.relative.width) for o in outputs] == [('left', W), ('right', 24)]
+    assert all(o.timings['estimator'] >= 0 and 'decode' in o.timings for o in outputs)
+
+
+@pytest.mark.parametrize('error, reason', [
+    (EstimatorOutOfMemory('cuda ran out of memory'), 'out_of_memory'),
+    (ValueError('frame too large'), 'estimator_rejected'),
+])
+def test_estimator_failures_become_frame_errors(error, reason):
+    """Out of memory and rejected frames are reported per frame."""
+    results = DepthPipeline(FakeEstimator(error=error)).process(
+        [FrameInput(rgb_to_image(_rgb(), _header()), key='k')])
+    assert results[0].reason == reason and results[0].key == 'k'
+
+
+def test_output_config_validation():
+    """Bad output settings raise ValueError naming the field."""
+    for kwargs, name in [({'fixed_scale': -1.0}, 'fixed_scale'),
+                         ({'fixed_shift': math.inf}, 'fixed_shift'),
+                         ({'max_depth': -2.0}, 'max_depth'),
+                         ({'max_input_pixels': 0}, 'max_input_pixels')]:
+        with pytest.raises(ValueError, match=name):
+            OutputConfig(**kwargs)
+
+
+def test_with_the_tiny_model(random_model_dir):
+    """The real estimator through the pipeline: shapes, range, batch of two sizes."""
+    from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
+    from marigold_model.estimator import DepthEstimator
+    estimator = DepthEstimator(EstimatorConfig(
+        ModelConfig(model=random_model_dir, device='cpu'),
+        InferenceConfig(processing_resolution=32, ensemble_size=2)))
+    frames = [FrameInput(rgb_to_image(_rgb(), _header()), _camera(), key='a'),
+              FrameInput(rgb_to_image(_rgb(24, 32), _header()), key='b')]
+    first, second = DepthPipeline(estimator, OutputConfig(fixed_scale=2.0)).process(frames)
+    relative = image_to_depth(first.relative)
+    assert relative.shape == (H, W) and 0.0 <= relative.min() <= relative.max() <= 1.0
+    assert first.points.height == H and first.uncertainty is not None
+    assert (second.relative.height, second.relative.width) == (24, 32)
+    assert second.points is None and NOTE_NO_CAMERA_INFO in second.notes
