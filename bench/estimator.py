@@ -1,4 +1,5 @@
-"""Benchmark DepthEstimator against diffusers' MarigoldDepthPipeline, measured in one run.
+"""
+Benchmark DepthEstimator against diffusers' MarigoldDepthPipeline, measured in one run.
 
 Prints per-stage times, peak memory, the time ratio ours / diffusers on the same model, input
 and settings (calls interleaved so machine noise hits both alike), and the video flicker of
@@ -50,7 +51,8 @@ def _sync(device):
 
 
 def compare(estimator, pipe, frame, inference, repeats):
-    """Median seconds per call of ours and of diffusers, interleaved.
+    """
+    Median seconds per call of ours and of diffusers, interleaved.
 
     :param estimator: DepthEstimator
     :param pipe: MarigoldDepthPipeline on the same weights
@@ -81,7 +83,8 @@ def compare(estimator, pipe, frame, inference, repeats):
 
 
 def flicker(estimator, frames, warm_strength):
-    """Mean absolute frame-to-frame change of depth on a static noisy sequence.
+    """
+    Mean absolute frame-to-frame change of depth on a static noisy sequence.
 
     Each frame gets its own seed, as a live stream would; warm start re-noises the previous
     frame's latent instead of starting from pure noise.
@@ -102,7 +105,8 @@ def flicker(estimator, frames, warm_strength):
 
 
 def main(argv=None):
-    """Run the benchmark and print a report.
+    """
+    Run the benchmark and print a report.
 
     :param argv: arguments
     """

@@ -1,4 +1,5 @@
-"""Estimate depth for image files: ``marigold-estimate IMAGE [IMAGE ...] --output DIR``.
+"""
+Estimate depth for image files: ``marigold-estimate IMAGE [IMAGE ...] --output DIR``.
 
 Writes, per image, the relative depth as a normalised 16-bit PNG, a colour-mapped preview
 and (with an ensemble) the uncertainty; the numbers are relative, not meters.
@@ -17,7 +18,8 @@ from .loading import WeightsNotFoundError
 
 
 def write_outputs(folder, stem, rgb, result):
-    """Write depth PNG (16-bit), preview (RGB | colour depth) and uncertainty.
+    """
+    Write depth PNG (16-bit), preview (RGB | colour depth) and uncertainty.
 
     :param folder: output folder
     :param stem: file name stem
@@ -42,7 +44,8 @@ def write_outputs(folder, stem, rgb, result):
 
 
 def main(argv=None):
-    """Command line entry point.
+    """
+    Command line entry point.
 
     :param argv: arguments
     :return: exit code

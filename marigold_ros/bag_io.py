@@ -323,6 +323,17 @@ class BagReader:
             info['rihs01'] = store.hash_rihs01(conn.msgtype)
         return info
 
+    def first_message(self, topic):
+        """
+        Return the first recorded message of a topic, or None when it has none.
+
+        :param topic: topic name
+        :return: BagMessage or None
+        """
+        for message in self.messages([topic]):
+            return message
+        return None
+
     def messages(self, topics=None):
         """
         Yield messages in recording order.

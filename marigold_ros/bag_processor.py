@@ -40,7 +40,7 @@ from . import export
 from .bag_io import AtomicBagWriter, BagError, BagReader, CAMERA_INFO_TYPE
 from .bag_io import IMAGE_TYPE, IMAGE_TYPES, POINTCLOUD_TYPE, staging_path, STORAGES
 from .bag_io import to_rclpy
-from .conversions import image_to_depth, pointcloud2_to_xyz
+from .conversions import DEPTH_ENCODINGS, image_to_depth, pointcloud2_to_xyz
 from .depth_node import NodeConfig, parameter_groups
 from .params import check_unique
 from .pipeline import DepthPipeline, FrameError, FrameInput, OutputConfig
@@ -196,6 +196,30 @@ def _require(reader, topic, types, what, option):
     return topic
 
 
+def colour_image_topics(reader, exclude=()):
+    """
+    List the image topics that can be depth inputs: not depth images (16UC1 / 32FC1).
+
+    The encoding is read from each Image topic's first message, so a sparse depth or depth
+    camera topic is never taken for the colour camera.
+
+    :param reader: BagReader
+    :param exclude: topic names to leave out
+    :return: sorted topic names
+    """
+    out = []
+    for topic in reader.topics_of_type(*IMAGE_TYPES):
+        if topic in exclude:
+            continue
+        if reader.topics[topic].msgtype == IMAGE_TYPE:
+            first = reader.first_message(topic)
+            if first is not None and \
+                    str(to_rclpy(first).encoding).strip().upper() in DEPTH_ENCODINGS:
+                continue
+        out.append(topic)
+    return out
+
+
 @dataclass(frozen=True)
 class Topics:
     """
@@ -229,14 +253,15 @@ def resolve_topics(reader, job, scale_source='none'):
     :return: Topics
     :raises BagError: 'no_topic' listing the candidates, or 'bad_topic' for a wrong type
     """
-    images = reader.topics_of_type(*IMAGE_TYPES)
+    images = colour_image_topics(reader, exclude=(job.sparse_depth_topic,))
     if job.image_topic:
         image = _require(reader, job.image_topic, IMAGE_TYPES, 'image', '--image-topic')
     elif len(images) == 1:
         image = images[0]
     elif not images:
-        raise BagError('no_topic', f'{str(reader.path)!r} has no Image or CompressedImage '
-                                   'topic; its topics are:\n' + reader.describe_topics())
+        raise BagError('no_topic', f'{str(reader.path)!r} has no colour Image or '
+                                   'CompressedImage topic; its topics are:\n'
+                                   + reader.describe_topics())
     else:
         raise BagError('no_topic', f'{str(reader.path)!r} has {len(images)} image topics; '
                                    'choose one with --image-topic:\n'
@@ -250,7 +275,10 @@ def resolve_topics(reader, job, scale_source='none'):
     else:
         infos = reader.topics_of_type(CAMERA_INFO_TYPE)
         sibling = _join(namespace, 'camera_info')
-        info = sibling if sibling in infos else (infos[0] if len(infos) == 1 else None)
+        # The only CameraInfo of a one-camera bag is that camera's; with several cameras
+        # only the image's own namespace is trusted.
+        info = sibling if sibling in infos else \
+            (infos[0] if len(infos) == 1 and len(images) == 1 else None)
     sparse = points = None
     if job.sparse_depth_topic:
         sparse = _require(reader, job.sparse_depth_topic, (IMAGE_TYPE,), 'sparse depth',

@@ -1,0 +1,641 @@
+"""
+The depth node in a ROS graph: in-process publisher -> node -> subscribers, plus one test
+that runs the console script in its own process as a user would.
+
+The model is the bundled tiny model when it exists, else a random one (the node's behaviour
+does not depend on the weights).  Images are 64x48 at processing resolution 32 so that a
+model call stays well below a second on a busy CPU.
+"""
+
+from collections import defaultdict
+import itertools
+import math
+import os
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
+from marigold_ros.conversions import image_to_depth, pointcloud2_to_xyz, rgb_to_compressed
+from marigold_ros.conversions import rgb_to_image
+from marigold_ros.depth_node import DepthLifecycleNode, DepthNode
+from marigold_ros.diagnostics import DiagnosticsCollector, KeyedThrottle, Percentiles
+from marigold_ros.diagnostics import RateMeter
+from marigold_ros.geometry import CameraModel
+import numpy as np
+import pytest
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from std_msgs.msg import Header
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / 'marigold_model' / 'models' / 'marigold-tiny' / 'model_index.json'
+H, W = 48, 64
+K = [[60.0, 0.0, 31.5], [0.0, 60.0, 23.5], [0.0, 0.0, 1.0]]
+FRAME = 'test_camera_optical'
+TIMEOUT = 60.0
+_names = itertools.count()
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope='module')
+def model_path(random_model_dir):
+    """Return the bundled tiny model when present, else the random test model."""
+    return 'bundled:marigold-tiny' if BUNDLED.is_file() else random_model_dir
+
+
+@pytest.fixture(scope='module')
+def estimator(model_path):
+    """Load the model once for the module (the node gets it through a factory)."""
+    from marigold_model.estimator import DepthEstimator
+    return DepthEstimator(EstimatorConfig(ModelConfig(model=model_path, device='cpu'),
+                                          InferenceConfig(processing_resolution=32)))
+
+
+@pytest.fixture(scope='module')
+def context():
+    """Return an rclpy context of its own for this module."""
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    yield ctx
+    rclpy.shutdown(context=ctx)
+
+
+class Spy:
+    """Wrap the shared estimator: record every call and its settings, optionally slow."""
+
+    def __init__(self, inner, config, delay=0.0):
+        """Keep the estimator, the config the node asked for and the delay."""
+        self.inner = inner
+        self.config = config
+        self.delay = delay
+        self.inference = config.inference
+        self.calls = []
+        self.device = inner.device
+        self.dtype = inner.dtype
+
+    def set_inference(self, inference):
+        """Remember the per-call settings (applied to the shared model at each call)."""
+        self.inference = inference
+
+    def resolved_settings(self, inference=None):
+        """Delegate to the wrapped estimator."""
+        return self.inner.resolved_settings(inference or self.inference)
+
+    def estimate(self, frames, keys=None):
+        """Record the call, wait, then estimate with this node's settings."""
+        self.calls.append({'frames': len(frames), 'keys': list(keys or []),
+                           'inference': self.inference,
+                           'thread': threading.current_thread().name})
+        if self.delay:
+            time.sleep(self.delay)
+        self.inner.set_inference(self.inference)
+        return self.inner.estimate(frames, keys=keys)
+
+
+class Graph:
+    """A depth node plus a test node with publishers and subscribers, on one executor."""
+
+    def __init__(self, context, estimator, parameters=(), delay=0.0, node_class=DepthNode,
+                 factory=None):
+        """Create the nodes; ``parameters`` are (name, value) overrides."""
+        self.context = context
+        self.namespace = f'/t{next(_names)}_{os.getpid()}'
+        self.spies = []
+        overrides = [Parameter('model', value='injected'), Parameter('device', value='cpu'),
+                     Parameter('processing_resolution', value=32),
+                     Parameter('denoising_steps', value=1),
+                     Parameter('diagnostics_period', value=0.2)]
+        overrides += [Parameter(name, value=value) for name, value in parameters]
+
+        def make_spy(config):
+            spy = Spy(estimator, config, delay)
+            self.spies.append(spy)
+            return spy
+
+        self.node = node_class(context=context, namespace=self.namespace,
+                               parameter_overrides=overrides,
+                               estimator_factory=factory or make_spy)
+        self.io = Node(f'test_io_{next(_names)}', context=context, namespace=self.namespace)
+        self.executor = SingleThreadedExecutor(context=context)
+        self.executor.add_node(self.node)
+        self.executor.add_node(self.io)
+        self.received = defaultdict(list)
+        self.publishers = {}
+        self.clock = self.io.get_clock()
+
+    def subscribe(self, msg_type, topic):
+        """Collect messages of a topic in ``received[topic]``."""
+        self.io.create_subscription(msg_type, topic, self.received[topic].append,
+                                    QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE))
+
+    def subscribe_outputs(self, camera=''):
+        """Subscribe to every output of one camera and to /diagnostics."""
+        prefix = f'{camera}/' if camera else ''
+        for name, msg_type in (('depth/relative', Image), ('depth/image', Image),
+                               ('depth/uncertainty', Image), ('depth/camera_info', CameraInfo),
+                               ('depth/points', PointCloud2)):
+            self.subscribe(msg_type, prefix + name)
+        self.subscribe(DiagnosticArray, '/diagnostics')
+
+    def publish(self, topic, msg):
+        """Publish on a topic (publisher created on first use)."""
+        if topic not in self.publishers:
+            self.publishers[topic] = self.io.create_publisher(type(msg), topic, 10)
+        self.publishers[topic].publish(msg)
+
+    def header(self, frame_id=FRAME):
+        """Return a header stamped now."""
+        return Header(stamp=self.clock.now().to_msg(), frame_id=frame_id)
+
+    def send(self, camera='', rgb=None, info=True, header=None, compressed=False):
+        """Publish camera_info then an image of one camera; return the header used."""
+        prefix = f'{camera}/' if camera else ''
+        header = header or self.header()
+        if info:
+            self.publish(prefix + 'camera_info', camera_info(header))
+        rgb = image(0) if rgb is None else rgb
+        if compressed:
+            self.publish(prefix + 'image/compressed', rgb_to_compressed(rgb, header, 'png'))
+        else:
+            self.publish(prefix + 'image', rgb_to_image(rgb, header))
+        return header
+
+    def spin_until(self, predicate, timeout=TIMEOUT):
+        """Spin until ``predicate()`` is true; return its last value."""
+        deadline = time.monotonic() + timeout
+        while not predicate() and time.monotonic() < deadline:
+            self.executor.spin_once(timeout_sec=0.02)
+        return predicate()
+
+    def spin_for(self, seconds):
+        """Spin for a while."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.executor.spin_once(timeout_sec=0.02)
+
+    def count(self, topic):
+        """Return the number of messages received on a topic."""
+        return len(self.received[topic])
+
+    def status(self, part='camera'):
+        """Return the newest diagnostics status of this node whose name contains ``part``."""
+        for array in reversed(self.received['/diagnostics']):
+            for status in array.status:
+                if status.name.startswith(self.node.get_name()) and part in status.name:
+                    return status
+        return None
+
+    def snapshot(self, camera=''):
+        """Return the node's counters of one camera."""
+        return self.node.diagnostics.snapshot(camera)
+
+    def close(self):
+        """Destroy both nodes (the depth node stops and joins its worker first)."""
+        self.executor.remove_node(self.node)
+        self.executor.remove_node(self.io)
+        self.node.destroy_node()
+        self.io.destroy_node()
+        self.executor.shutdown(timeout_sec=1.0)
+
+
+def image(seed, height=H, width=W):
+    """Return a random RGB test image."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def camera_info(header, width=W, height=H):
+    """Return the CameraInfo of the test camera."""
+    return CameraModel(width, height, K, frame_id=FRAME).to_msg(header)
+
+
+def values(status):
+    """Return the key/values of a DiagnosticStatus as a dict."""
+    return {kv.key: kv.value for kv in status.values}
+
+
+@pytest.fixture
+def graph_factory(context, estimator):
+    """Build graphs and close them after the test."""
+    graphs = []
+
+    def make(**kwargs):
+        graph = Graph(context, estimator, **kwargs)
+        graphs.append(graph)
+        return graph
+
+    yield make
+    for graph in graphs:
+        graph.close()
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def test_every_output_with_a_fixed_scale(graph_factory):
+    """Relative, metric, uncertainty, camera info, cloud and diagnostics; same header."""
+    graph = graph_factory(parameters=[('fixed_scale', 2.0), ('fixed_shift', 0.5),
+                                      ('ensemble_size', 2)])
+    graph.subscribe_outputs()
+    assert graph.node.wait_until_ready(TIMEOUT)
+    header = graph.send()
+    outputs = ('depth/relative', 'depth/image', 'depth/uncertainty', 'depth/camera_info',
+               'depth/points')
+    assert graph.spin_until(lambda: all(graph.count(t) for t in outputs))
+    relative = graph.received['depth/relative'][0]
+    metric = graph.received['depth/image'][0]
+    for topic in outputs:
+        msg = graph.received[topic][0]
+        assert msg.header.stamp == header.stamp and msg.header.frame_id == FRAME, topic
+    rel = image_to_depth(relative)
+    assert relative.encoding == '32FC1' and rel.shape == (H, W)
+    assert 0.0 <= rel.min() <= rel.max() <= 1.0
+    np.testing.assert_allclose(image_to_depth(metric), 2.0 * rel + 0.5, rtol=1e-5)
+    assert image_to_depth(graph.received['depth/uncertainty'][0]).shape == (H, W)
+    info = graph.received['depth/camera_info'][0]
+    assert (info.width, info.height) == (W, H)
+    np.testing.assert_allclose(np.reshape(info.k, (3, 3)), K)
+    cloud = graph.received['depth/points'][0]
+    assert (cloud.height, cloud.width, cloud.point_step, cloud.is_dense) == (H, W, 16, False)
+    xyz = pointcloud2_to_xyz(cloud).reshape(H, W, 3)
+    np.testing.assert_allclose(xyz[..., 2], image_to_depth(metric), rtol=1e-6)
+    assert graph.spies[0].calls[0]['inference'].ensemble_size == 2
+    assert graph.spies[0].calls[0]['thread'] == 'marigold_worker'
+    assert graph.spin_until(lambda: graph.status() is not None and
+                            values(graph.status())['frames published'] == '1')
+    camera = values(graph.status())
+    assert camera['metric scale'].startswith('fixed: 2')
+    assert float(camera['latency p50 (ms)']) > 0 and camera['bad messages'] == '0'
+    model = graph.status('model')
+    assert model.level == DiagnosticStatus.OK and values(model)['state'] == 'ready'
+    assert values(model)['device'] == 'cpu' and values(model)['dtype'] == 'float32'
+
+
+def test_compressed_input_without_camera_info(graph_factory):
+    """CompressedImage input; without camera info only relative depth, and diagnostics say
+    why there is no cloud; corrupt compressed data is counted and skipped."""
+    graph = graph_factory(parameters=[('image_transport', 'compressed')])
+    graph.subscribe_outputs()
+    assert graph.node.wait_until_ready(TIMEOUT)
+    corrupt = rgb_to_compressed(image(1), graph.header(), 'jpeg')
+    corrupt.data = bytes(corrupt.data)[:30] + b'not a jpeg'
+    graph.publish('image/compressed', corrupt)
+    assert graph.spin_until(lambda: graph.snapshot()['bad'].get('corrupt_compressed'))
+    graph.send(info=False, compressed=True)
+    assert graph.spin_until(lambda: graph.count('depth/relative') == 1)
+    graph.spin_for(0.3)
+    assert graph.count('depth/points') == 0 and graph.count('depth/camera_info') == 0
+    assert graph.count('depth/image') == 0  # relative depth is never published as meters
+    assert graph.spin_until(lambda: graph.status() is not None and
+                            'no camera_info' in graph.status().message)
+    status = graph.status()
+    assert status.level == DiagnosticStatus.WARN
+    assert 'no_camera_info' in values(status)['missing outputs']
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _raw(header, **changes):
+    msg = rgb_to_image(image(2), header)
+    for name, value in changes.items():
+        setattr(msg, name, value)
+    return msg
+
+
+def test_bad_input_counted_logged_and_the_node_keeps_serving(graph_factory):
+    """Each bad message gives its diagnostics counter; a good frame still comes through."""
+    graph = graph_factory(parameters=[('fixed_scale', 1.0), ('max_input_pixels', 5000)])
+    graph.subscribe_outputs()
+    assert graph.node.wait_until_ready(TIMEOUT)
+    zero = Header(stamp=Time(), frame_id=FRAME)
+    cases = [
+        ('empty', lambda h: _raw(h, width=0, height=0, data=b'')),
+        ('truncated', lambda h: _raw(h, data=bytes(100))),
+        ('bad_step', lambda h: _raw(h, step=W * 3 - 2)),
+        ('unknown_encoding', lambda h: _raw(h, encoding='hsv8')),
+        ('too_large', lambda h: rgb_to_image(image(3, 100, 100), h)),
+        ('empty_frame_id', lambda h: _raw(graph.header(frame_id=''))),
+        ('zero_stamp', lambda h: _raw(zero)),
+    ]
+    for reason, make in cases:
+        graph.publish('image', make(graph.header()))
+        assert graph.spin_until(lambda: graph.snapshot()['bad'].get(reason)), reason
+    depth16 = _raw(graph.header(), encoding='16UC1')
+    graph.publish('image', depth16)
+    assert graph.spin_until(lambda: graph.snapshot()['bad'].get('unknown_encoding') == 2)
+    bad_infos = [('camera_info_uncalibrated', [0.0] * 9),
+                 ('camera_info_bad_focal_length', [math.nan, 0, 31.5, 0, 60, 23.5, 0, 0, 1]),
+                 ('camera_info_size_mismatch', None)]
+    for reason, k in bad_infos:
+        header = graph.header()
+        info = camera_info(header, width=W * 2) if k is None else camera_info(header)
+        if k is not None:
+            info.k = [float(v) for v in k]
+        graph.publish('camera_info', info)
+        graph.publish('image', rgb_to_image(image(4), header))
+        assert graph.spin_until(lambda: graph.snapshot()['bad'].get(reason)), reason
+    # Every bad camera_info still gave relative (and metric) depth, but never a cloud.
+    assert graph.spin_until(lambda: graph.count('depth/relative') == 3)
+    assert graph.count('depth/points') == 0
+    graph.send()
+    assert graph.spin_until(lambda: graph.count('depth/points') == 1)
+    snapshot = graph.snapshot()
+    assert sum(snapshot['bad'].values()) == len(cases) + 1 + len(bad_infos)
+    assert graph.spin_until(lambda: graph.status() is not None and
+                            'bad: too_large' in values(graph.status()))
+
+
+# ---------------------------------------------------------------- threading
+
+
+def test_several_cameras_share_one_model_call(graph_factory):
+    """Two camera namespaces: both frames in one estimator call, outputs per camera."""
+    graph = graph_factory(parameters=[('cameras', ['left', 'right']), ('fixed_scale', 1.0)],
+                          delay=0.3)
+    graph.subscribe_outputs('left')
+    graph.subscribe_outputs('right')
+    assert graph.node.wait_until_ready(TIMEOUT)
+    # Keep the worker busy so that both cameras' frames wait in their slots together.
+    graph.send('left', rgb=image(5))
+    assert graph.spin_until(lambda: graph.spies[0].calls)
+    graph.send('left', rgb=image(6))
+    graph.send('right', rgb=image(7, 40, 56), info=False)
+    assert graph.spin_until(lambda: graph.count('right/depth/relative') == 1)
+    assert graph.spin_until(lambda: graph.count('left/depth/relative') == 2)
+    assert any(c['frames'] == 2 and sorted(c['keys']) == ['left', 'right']
+               for c in graph.spies[0].calls)
+    assert graph.received['right/depth/relative'][0].width == 56
+    assert graph.count('left/depth/points') == 2 and graph.count('right/depth/points') == 0
+
+
+def test_frames_arriving_while_busy_are_dropped_not_queued(graph_factory):
+    """A slow model: callbacks keep only the newest frame and count the others."""
+    graph = graph_factory(delay=0.3)
+    graph.subscribe_outputs()
+    assert graph.node.wait_until_ready(TIMEOUT)
+    sent = 5
+    for index in range(sent):
+        graph.send(rgb=image(index), info=False)
+        graph.spin_for(0.05)
+    assert graph.spin_until(lambda: graph.snapshot()['received'] == sent)
+    assert graph.spin_until(lambda: graph.snapshot()['published'] +
+                            graph.snapshot()['dropped'] == sent)
+    snapshot = graph.snapshot()
+    assert snapshot['dropped'] >= 1 and snapshot['published'] < sent
+    assert graph.count('depth/relative') == snapshot['published']
+    # The last frame sent is never the one dropped: the newest always wins.
+    last = graph.received['depth/relative'][-1].header.stamp
+    assert graph.spin_until(lambda: graph.received['depth/relative'][-1].header.stamp == last)
+
+
+def test_model_loading_does_not_block_and_failure_is_reported(context, estimator):
+    """Diagnostics say 'loading' while the model loads; a missing model is an ERROR."""
+    release = threading.Event()
+
+    def slow_factory(config):
+        release.wait(TIMEOUT)
+        return Spy(estimator, config)
+
+    graph = Graph(context, estimator, factory=slow_factory)
+    failing = Graph(context, estimator, parameters=[('model', '/nonexistent/marigold')],
+                    factory=_default_factory)
+    try:
+        graph.subscribe(DiagnosticArray, '/diagnostics')
+        failing.subscribe(DiagnosticArray, '/diagnostics')
+        assert graph.spin_until(lambda: graph.status('model') is not None)
+        assert values(graph.status('model'))['state'] == 'loading'
+        graph.send(info=False)
+        graph.send(info=False)
+        assert graph.spin_until(lambda: graph.snapshot()['received'] == 2)
+        release.set()
+        assert graph.node.wait_until_ready(TIMEOUT)
+        assert failing.spin_until(lambda: failing.status('model') is not None and
+                                  failing.status('model').level == DiagnosticStatus.ERROR)
+        message = failing.status('model').message
+        assert 'nonexistent' in message and 'not found' in message
+        failing.send(info=False)
+        assert failing.spin_until(lambda: failing.snapshot()['received'] == 1)
+    finally:
+        release.set()
+        graph.close()
+        failing.close()
+
+
+def _default_factory(config):
+    from marigold_ros.depth_node import default_estimator_factory
+    return default_estimator_factory(config)
+
+
+def test_shutdown_under_load_joins_the_worker(graph_factory):
+    """Destroying the node while frames pour in and the model runs ends cleanly."""
+    graph = graph_factory(delay=0.4)
+    graph.subscribe_outputs()
+    assert graph.node.wait_until_ready(TIMEOUT)
+    for index in range(4):
+        graph.send(rgb=image(index), info=False)
+        graph.spin_for(0.05)
+    assert graph.spin_until(lambda: graph.spies[0].calls)
+    worker = graph.node._worker
+    assert worker is not None and worker.is_alive()
+    graph.node.destroy_node()  # while the model call is in progress
+    assert not worker.is_alive()
+    graph.io.destroy_node()
+    graph.close = lambda: None
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def test_runtime_parameter_changes(graph_factory):
+    """Steps, ensemble and resolution apply to the next call; bad and read-only refused."""
+    graph = graph_factory()
+    graph.subscribe_outputs()
+    assert graph.node.wait_until_ready(TIMEOUT)
+    node = graph.node
+    results = node.set_parameters([Parameter('ensemble_size', value=2),
+                                   Parameter('denoising_steps', value=1),
+                                   Parameter('processing_resolution', value=48),
+                                   Parameter('fixed_scale', value=3)])
+    assert all(r.successful for r in results)
+    assert not node.set_parameters([Parameter('ensemble_size', value=0)])[0].successful
+    assert not node.set_parameters([Parameter('model', value='other')])[0].successful
+    assert not node.set_parameters([Parameter('cameras', value=['x'])])[0].successful
+    assert not node.set_parameters([Parameter('fixed_scale', value='big')])[0].successful
+    graph.send()
+    assert graph.spin_until(lambda: graph.count('depth/points') == 1)
+    used = graph.spies[0].calls[-1]['inference']
+    assert (used.ensemble_size, used.denoising_steps, used.processing_resolution) == (2, 1, 48)
+    assert graph.count('depth/uncertainty') == 1
+    rel = image_to_depth(graph.received['depth/relative'][0])
+    np.testing.assert_allclose(image_to_depth(graph.received['depth/image'][0]), 3.0 * rel,
+                               rtol=1e-5)
+    assert node.get_parameter('fixed_scale').value == 3
+
+
+def test_camera_info_matched_by_stamp(graph_factory):
+    """A camera_info within the tolerance (even arriving late) matches; others do not."""
+    graph = graph_factory(parameters=[('fixed_scale', 1.0), ('camera_info_tolerance', 0.005),
+                                      ('camera_info_wait', 0.5)])
+    graph.subscribe_outputs()
+    assert graph.node.wait_until_ready(TIMEOUT)
+    header = graph.send()
+    assert graph.spin_until(lambda: graph.count('depth/points') == 1)
+    # The camera_info follows its image: the worker waits for it (camera_info_wait).
+    header = graph.header()
+    graph.publish('image', rgb_to_image(image(8), header))
+    graph.spin_for(0.02)
+    graph.publish('camera_info', camera_info(header))
+    assert graph.spin_until(lambda: graph.count('depth/points') == 2)
+    # Off by 20 ms > tolerance: relative depth only.
+    header = graph.header()
+    off = Header(frame_id=FRAME, stamp=Time(sec=header.stamp.sec,
+                                            nanosec=header.stamp.nanosec))
+    off_ns = header.stamp.sec * 10 ** 9 + header.stamp.nanosec + 20_000_000
+    off.stamp = Time(sec=off_ns // 10 ** 9, nanosec=off_ns % 10 ** 9)
+    graph.publish('camera_info', camera_info(off))
+    graph.publish('image', rgb_to_image(image(9), header))
+    assert graph.spin_until(lambda: graph.count('depth/relative') == 3)
+    graph.spin_for(0.3)
+    assert graph.count('depth/points') == 2
+    assert 'no_camera_info' in graph.snapshot()['notes']
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+def test_lifecycle_node(context, estimator):
+    """configure loads, activate publishes, deactivate stops, a bad model fails configure."""
+    graph = Graph(context, estimator, node_class=DepthLifecycleNode,
+                  parameters=[('fixed_scale', 1.0)])
+    failing = Graph(context, estimator, node_class=DepthLifecycleNode,
+                    parameters=[('model', '/nonexistent/marigold')], factory=_default_factory)
+    try:
+        graph.subscribe_outputs()
+        node = graph.node
+        graph.send()
+        graph.spin_for(0.3)
+        assert graph.count('depth/relative') == 0 and not graph.spies
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        graph.spin_for(0.2)
+        graph.send()
+        assert graph.spin_until(lambda: graph.count('depth/points') == 1)
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        graph.send()
+        graph.spin_for(0.5)
+        assert graph.count('depth/relative') == 1
+        assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+        assert failing.node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert failing.node.diagnostics.model_state == 'error'
+    finally:
+        graph.close()
+        failing.close()
+
+
+# ---------------------------------------------------------------- diagnostics pieces
+
+
+def test_diagnostics_building_blocks():
+    """Rates over a window, percentiles, the per-key throttle and the array layout."""
+    meter = RateMeter(window_s=2.0)
+    for step in range(11):
+        meter.add(100.0 + 0.1 * step)
+    assert meter.rate(now=101.0) == pytest.approx(10.0)
+    assert meter.rate(now=110.0) == 0.0
+    window = Percentiles(size=100)
+    for value in range(1, 201):
+        window.add(value)
+    window.add(math.nan)
+    assert len(window) == 100 and window.percentile(50) == pytest.approx(150.5)
+    throttle = KeyedThrottle(period_s=5.0)
+    assert throttle.allow('a', now=0.0) == (True, 0)
+    assert throttle.allow('a', now=1.0) == (False, 0)
+    assert throttle.allow('b', now=1.0) == (True, 0)  # other problems are not hidden
+    assert throttle.allow('a', now=6.0) == (True, 1)
+    collector = DiagnosticsCollector('n')
+    collector.set_model_state('error', 'boom', device='cpu')
+    collector.bad_message('cam', 'truncated')
+    array = collector.to_msg()
+    assert [s.name for s in array.status] == ['n: model', 'n: camera cam']
+    assert array.status[0].level == DiagnosticStatus.ERROR and 'boom' in array.status[0].message
+    assert array.status[1].level == DiagnosticStatus.WARN
+    assert values(array.status[1])['bad: truncated'] == '1'
+    assert collector.to_msg().status[1].level == DiagnosticStatus.OK  # no new bad message
+
+
+# ---------------------------------------------------------------- as a user runs it
+
+
+def test_console_script_in_its_own_process(model_path, context, tmp_path):
+    """Run depth_node as a separate process, get depth across processes, stop with SIGINT."""
+    script = ROOT / '.venv' / 'bin' / 'depth_node'
+    command = [str(script)] if script.exists() else \
+        [sys.executable, '-m', 'marigold_ros.depth_node']
+    namespace = f'/xproc_{os.getpid()}'
+    domain = 1 + os.getpid() % 100
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
+               ROS_DOMAIN_ID=str(domain), PYTHONUNBUFFERED='1')
+    command += ['--ros-args', '-r', f'__ns:={namespace}', '-p', f'model:={model_path}',
+                '-p', 'device:=cpu', '-p', 'processing_resolution:=32',
+                '-p', 'denoising_steps:=1',
+                '-p', 'fixed_scale:=2', '-p', 'input_reliability:=reliable']
+    stderr_path = tmp_path / 'stderr.txt'
+    with open(stderr_path, 'w') as stderr:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    # This process joins the same domain with localhost discovery in a context of its own.
+    saved = os.environ.get('ROS_AUTOMATIC_DISCOVERY_RANGE')
+    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    peer = rclpy.Context()
+    try:
+        rclpy.init(context=peer, domain_id=domain)
+    finally:
+        if saved is None:
+            del os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE']
+        else:
+            os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = saved
+    node = Node('xproc_test', context=peer, namespace=namespace)
+    executor = SingleThreadedExecutor(context=peer)
+    executor.add_node(node)
+    received = []
+    node.create_subscription(PointCloud2, 'depth/points', received.append, 10)
+    image_pub = node.create_publisher(Image, 'image', 10)
+    info_pub = node.create_publisher(CameraInfo, 'camera_info', 10)
+    try:
+        deadline = time.monotonic() + 120.0
+        while not received and time.monotonic() < deadline and process.poll() is None:
+            header = Header(stamp=node.get_clock().now().to_msg(), frame_id=FRAME)
+            info_pub.publish(camera_info(header))
+            image_pub.publish(rgb_to_image(image(10), header))
+            end = time.monotonic() + 0.25
+            while time.monotonic() < end:
+                executor.spin_once(timeout_sec=0.02)
+        assert received, 'no point cloud from the node process: ' + stderr_path.read_text()
+        assert (received[0].height, received[0].width) == (H, W)
+        for _ in range(5):  # keep it busy while it is asked to stop
+            image_pub.publish(rgb_to_image(image(11), Header(
+                stamp=node.get_clock().now().to_msg(), frame_id=FRAME)))
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        executor.shutdown(timeout_sec=1.0)
+        node.destroy_node()
+        rclpy.shutdown(context=peer)
+    errors = stderr_path.read_text()
+    assert code == 0, errors
+    assert 'Traceback' not in errors and 'InvalidHandle' not in errors, errors
