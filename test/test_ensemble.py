@@ -14,8 +14,8 @@ def _base():
 def test_affine_copies_merge_to_the_normalised_base():
     """Members that are affine copies of one map ensemble back to it, with zero spread."""
     base = _base()
-    members = torch.cat([base * s + t for s, t in [(1.0, 0.0), (0.5, 0.2), (2.0, -0.3),
-                                                    (0.8, 0.1)]])
+    affine = [(1.0, 0.0), (0.5, 0.2), (2.0, -0.3), (0.8, 0.1)]
+    members = torch.cat([base * s + t for s, t in affine])
     merged, spread = ensemble_depth(members, max_iter=50, regularizer=0.0)
     expected = (base - base.min()) / (base.max() - base.min())
     assert merged.shape == (1, 1, 24, 32)

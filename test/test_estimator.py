@@ -159,3 +159,32 @@ def test_cuda_fp16_path(random_model_dir, frame):
     assert gpu.dtype == torch.float16
     cpu = _estimator(random_model_dir)
     assert np.abs(gpu.estimate(frame).depth - cpu.estimate(frame).depth).mean() < 0.05
+
+
+def test_tiny_vae_option(tmp_path, random_model_dir, frame):
+    """vae='tiny' swaps in an AutoencoderTiny (TAESD-style) from a local folder."""
+    from diffusers import AutoencoderTiny
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(16, 16, 16), decoder_block_out_channels=(
+        16, 16, 16), num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1),
+        latent_channels=4).save_pretrained(tmp_path / 'taesd')
+    estimator = DepthEstimator(EstimatorConfig(
+        ModelConfig(model=random_model_dir, vae='tiny', tiny_vae=str(tmp_path / 'taesd')),
+        InferenceConfig(processing_resolution=64)))
+    assert type(estimator.vae).__name__ == 'AutoencoderTiny'
+    result = estimator.estimate(frame)
+    assert result.depth.shape == frame.shape[:2] and np.isfinite(result.depth).all()
+    with pytest.raises(FileNotFoundError, match='not found'):
+        DepthEstimator(EstimatorConfig(ModelConfig(model=random_model_dir, vae='tiny',
+                                                   tiny_vae=str(tmp_path / 'none'))))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_out_of_memory_is_explained(random_model_dir):
+    """Running out of GPU memory raises an error that suggests what to lower."""
+    from marigold_model.estimator import EstimatorOutOfMemory
+    estimator = DepthEstimator(EstimatorConfig(
+        ModelConfig(model=random_model_dir, device='cuda', max_input_pixels=10 ** 9),
+        InferenceConfig(processing_resolution=-1, ensemble_size=64, batch_size=64)))
+    with pytest.raises(EstimatorOutOfMemory, match='processing_resolution'):
+        estimator.estimate(np.zeros((16384, 16384, 3), np.uint8))
