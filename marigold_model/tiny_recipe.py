@@ -45,7 +45,7 @@ class TinyRecipe:
     vae_steps: int = 400
     vae_batch: int = 16
     vae_lr: float = 1e-3
-    unet_steps: int = 1800
+    unet_steps: int = 1500
     unet_batch: int = 32
     unet_lr: float = 5e-4
     warmup_steps: int = 50
@@ -169,7 +169,8 @@ def run(recipe, work, output, log=print):
         grad_accumulation=1, lr=recipe.unet_lr, optimizer='adamw',
         warmup_steps=recipe.warmup_steps,
         lr_schedule='cosine', lr_final_ratio=0.02, ema_decay=recipe.ema_decay, seed=recipe.seed,
-        checkpoint_every=200, log_every=20, cache_latents=True, export_fp16=True,
+        checkpoint_every=100, log_every=20, cache_latents=True, prefill_cache=True,
+        export_fp16=True,
         export_steps=1, export_resolution=recipe.resolution)
     clock = time.perf_counter()
     trainer = Trainer(config, dataset=dataset)

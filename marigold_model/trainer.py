@@ -95,6 +95,9 @@ class TrainConfig:
     # the same sample for an index every time (all readers here do); saves two VAE encodes
     # per sample per step, which dominate small-model training on a CPU.
     cache_latents: bool = False
+    # With cache_latents, encode the whole dataset before the first step (in order, batched):
+    # for small datasets this is cheaper than discovering indices step by step.
+    prefill_cache: bool = False
     # Exported model defaults (for users of the resulting model).
     export_steps: int = 1
     export_resolution: int = 768
@@ -397,7 +400,6 @@ class Trainer:
         self.alphas = self.scheduler.alphas_cumprod.to(device)
         self.latent_cache = {} if config.cache_latents else None
         self.step = 0
-        self.skipped_reported = 0
         self.losses = []
 
     # -- one step ---------------------------------------------------------------------------
@@ -431,6 +433,15 @@ class Trainer:
                 cache.update(fresh)
         rows = [fresh[i] if i in fresh else cache[i] for i in indices]
         return tuple(torch.stack(part) for part in zip(*rows))
+
+    def prefill_latent_cache(self, batch=64):
+        """Encode every dataset index into the latent cache, in order.
+
+        :param batch: samples per VAE call
+        """
+        total = len(self.dataset)
+        for start in range(0, total, batch):
+            self.encode_samples(list(range(start, min(start + batch, total))))
 
     def compute_loss(self, rgb_latent, depth_latent, valid_latent, generator):
         """
@@ -598,6 +609,8 @@ class Trainer:
         log = RunLog(self.output, config.logger, self.accelerator.is_main_process)
         progress = _progress(config, self.step, self.accelerator.is_main_process)
         samples = config.batch_size * config.grad_accumulation * self.accelerator.num_processes
+        if self.latent_cache is not None and config.prefill_cache and not self.latent_cache:
+            self.prefill_latent_cache()
         clock = time.perf_counter()
         while self.step < config.max_steps:
             loss = self.train_step()

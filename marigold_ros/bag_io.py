@@ -23,6 +23,7 @@ import shutil
 
 import numpy as np
 from rclpy.serialization import deserialize_message
+from rosbags.convert.converter import is_same_wireformat
 from rosbags.highlevel import AnyReader
 from rosbags.interfaces import ConnectionExtRosbag2
 from rosbags.interfaces import MessageDefinitionFormat
@@ -216,7 +217,7 @@ class BagReader:
         self._open(self.path)
         if self.path.is_dir() and self._hides_messages():
             # A QoS mismatch between metadata.yaml and the storage file makes rosbags match
-            # no connection; the storage file alone carries consistent connections.
+            # no connection for that topic; the storage file alone is consistent.
             files = _storage_files(self.path)
             if len(files) == 1:
                 self.close()
@@ -248,14 +249,17 @@ class BagReader:
             self.topics[name] = TopicInfo(name, info.msgtype, int(info.msgcount))
 
     def _hides_messages(self):
-        if not any(t.count for t in self.topics.values()):
-            return False
-        try:
-            next(self._reader.messages())
-        except StopIteration:
-            return True
-        except Exception:  # noqa: B902 - a damaged file shows up properly on the real read
-            return False
+        """Tell whether a listed topic yields no message (a metadata / storage mismatch)."""
+        for topic, info in self.topics.items():
+            if not info.count:
+                continue
+            connections = [c for c in self._reader.connections if c.topic == topic]
+            try:
+                next(self._reader.messages(connections=connections))
+            except StopIteration:
+                return True
+            except Exception:  # noqa: B902 - a damaged file shows up properly on the real read
+                return False
         return False
 
     def close(self):
@@ -317,11 +321,35 @@ class BagReader:
                 info['rihs01'] = conn.digest
         if info['msgdef'] is None:
             store = self._ros1_store or self._reader.typestore
-            if conn.msgtype not in store.fielddefs:
-                store = get_typestore(ROS2_STORE)
+            ros2 = _ros2_store()
+            # A ROS 1 type known to ROS 2 with the same wire format (sensor_msgs etc.) is
+            # recorded with its ROS 2 definition and hash, as ROS 2 tools expect.
+            if conn.msgtype not in store.fielddefs or (
+                    conn.msgtype in ros2.fielddefs
+                    and is_same_wireformat(store, ros2, conn.msgtype, conn.msgtype)):
+                store = ros2
             info['msgdef'] = store.generate_msgdef(conn.msgtype, ros_version=2)[0]
             info['rihs01'] = store.hash_rihs01(conn.msgtype)
         return info
+
+    def deserialize(self, message):
+        """
+        Deserialize a :class:`BagMessage` into a rosbags message object.
+
+        For types without rclpy classes in this environment (e.g. tf2_msgs/TFMessage).
+
+        :param message: BagMessage
+        :return: rosbags message (dataclass)
+        :raises BagError: 'corrupt' when the bytes do not parse
+        """
+        store = self._ros1_store or self._reader.typestore
+        if message.msgtype not in store.fielddefs:
+            store = _ros2_store()
+        try:
+            return store.deserialize_cdr(message.cdr, message.msgtype)
+        except Exception as exc:  # noqa: B902 - rosbags raises several types
+            raise BagError('corrupt', f'cannot deserialize a {message.msgtype} message on '
+                                      f'{message.topic!r}: {exc}') from exc
 
     def first_message(self, topic):
         """
@@ -383,9 +411,11 @@ class AtomicBagWriter:
     """
     Write a rosbag2 bag that appears under its name only when complete.
 
-    Use as a context manager: leaving the block normally does nothing by itself; call
-    :meth:`commit` to finish.  Leaving it by an exception (KeyboardInterrupt included) or
-    without commit removes everything written.
+    Use as a context manager (or :meth:`open` ... :meth:`commit`, :meth:`abort` in a
+    ``finally``): leaving the block normally does nothing by itself; call :meth:`commit` to
+    finish.  Leaving it by an exception (KeyboardInterrupt included) or without commit
+    removes everything written.  Every call must come from the thread that opened it (a
+    sqlite3 connection is bound to its thread).
     """
 
     def __init__(self, path, storage='mcap', overwrite=False):
@@ -416,7 +446,17 @@ class AtomicBagWriter:
         self._store = _ros2_store()
 
     def __enter__(self):
-        """Create the staging folder and open the storage."""
+        """Open (see :meth:`open`)."""
+        return self.open()
+
+    def open(self):  # noqa: A003 - the usual name, as rosbags Writer.open
+        """
+        Create the staging folder and open the storage.
+
+        The sqlite3 storage must then be used from this thread only.
+
+        :return: self
+        """
         if self.stage.exists():
             shutil.rmtree(self.stage)
         self.stage.mkdir()

@@ -25,28 +25,27 @@ How it differs from playing the bag into the node, and why:
 import argparse
 from dataclasses import dataclass, field
 import math
-import os
 from pathlib import Path
-import shutil
 import signal
 import sys
 import time
 
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig, override
-import numpy as np
 import yaml
 
 from . import export
 from .bag_io import AtomicBagWriter, BagError, BagReader, CAMERA_INFO_TYPE
-from .bag_io import IMAGE_TYPE, IMAGE_TYPES, POINTCLOUD_TYPE, staging_path, STORAGES
+from .bag_io import IMAGE_TYPE, IMAGE_TYPES, POINTCLOUD_TYPE, STORAGES
 from .bag_io import to_rclpy
-from .conversions import DEPTH_ENCODINGS, image_to_depth, pointcloud2_to_xyz
+from .bag_overlap import deserialized, ModelAhead, OrderedWorker, prefetch
+from .conversions import DEPTH_ENCODINGS
 from .depth_node import NodeConfig, parameter_groups
 from .params import check_unique
 from .pipeline import DepthPipeline, FrameError, FrameInput, OutputConfig
 from .scale_recovery import ScaleInputError, ScaleRecovery, ScaleRecoveryConfig
 from .scale_recovery import TOPICS as SCALE_TOPICS
 from .stamp_matcher import stamp_to_ns, StampMatcher
+from .static_tf import StaticTransforms, TF_STATIC_TOPIC
 
 #: Node name whose section of a params file is read (besides '/**').
 NODE_NAME = 'marigold_depth'
@@ -129,6 +128,7 @@ class BagSummary:
     :param scale_status: ScaleEstimate status -> frames ('relative' for no scale)
     :param last_scale: the last usable ScaleEstimate, or None
     :param batch: frames per estimator call used
+    :param extrinsic: where the LiDAR extrinsic came from ('' without LiDAR)
     """
 
     output: str = ''
@@ -145,6 +145,7 @@ class BagSummary:
     scale_status: dict = field(default_factory=dict)
     last_scale: object = None
     batch: int = 0
+    extrinsic: str = ''
 
 
 class Interrupted(KeyboardInterrupt):
@@ -418,67 +419,6 @@ def build_run_config(job, topics, configs):
 # ---------------------------------------------------------------------------- export
 
 
-class _Exporter:
-    """Per-frame PNG / PLY files and an index, written aside and moved into place."""
-
-    def __init__(self, folder, overwrite):
-        self.folder = Path(folder).expanduser().absolute()
-        if self.folder.exists() and any(self.folder.iterdir()) and not overwrite:
-            raise BagError('exists', f'export folder {str(self.folder)!r} exists and is not '
-                                     'empty; choose another or pass --overwrite')
-        self.stage = staging_path(self.folder)
-        if self.stage.exists():
-            shutil.rmtree(self.stage)
-        self.stage.mkdir(parents=True)
-        self.rows = []
-
-    def write(self, index, log_time, output):
-        paths = export.frame_paths(str(self.stage), index)
-        relative = image_to_depth(output.relative)
-        export.write_png(paths['relative'], export.relative_to_png16(relative))
-        preview = relative
-        if output.metric is not None:
-            metric = image_to_depth(output.metric)
-            export.write_png(paths['metric'], export.metric_to_png16(metric))
-            preview = metric
-        export.write_png(paths['preview'], export.colorize(preview))
-        if output.points is not None:
-            xyz = pointcloud2_to_xyz(output.points)
-            export.write_ply(paths['cloud'], xyz, _cloud_rgb(output.points))
-        scale = output.scale
-        self.rows.append(
-            f'{index},{stamp_to_ns(output.header.stamp)},{log_time},'
-            f'{output.header.frame_id},{"metric" if output.metric is not None else "relative"},'
-            f'{scale.scale if scale is not None else ""},'
-            f'{scale.shift if scale is not None else ""},{" ".join(output.notes)}')
-
-    def error(self, index, log_time, stamp_ns, frame_id, error):
-        self.rows.append(f'{index},{stamp_ns},{log_time},{frame_id},error:{error.reason},,,')
-
-    def commit(self):
-        with open(self.stage / 'frames.csv', 'w', encoding='utf-8') as stream:
-            stream.write('index,stamp_ns,log_time_ns,frame_id,depth,scale,shift,notes\n')
-            stream.write(''.join(row + '\n' for row in self.rows))
-        if self.folder.exists():
-            old = self.stage.with_name(self.stage.name + '.old')
-            os.replace(self.folder, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(self.stage, self.folder)
-
-    def abort(self):
-        shutil.rmtree(self.stage, ignore_errors=True)
-
-
-def _cloud_rgb(cloud):
-    """RGB of an xyz+rgb cloud from pointcloud2_from_depth (rgb float32 at offset 12)."""
-    names = [f.name for f in cloud.fields]
-    if 'rgb' not in names:
-        return None
-    packed = np.frombuffer(bytes(cloud.data), dtype='<u4').reshape(-1, 4)[:, 3]
-    return np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255],
-                    axis=1).astype(np.uint8)
-
-
 # ---------------------------------------------------------------------------- processing
 
 
@@ -545,27 +485,37 @@ class BagProcessor:
             config = build_run_config(job, topics, configs)
             writer = AtomicBagWriter(output_path, job.storage, job.overwrite)
             exporter = None
-            if job.export:
-                exporter = _Exporter(job.export, job.overwrite)
+            # Serializing and writing run on one background thread (the writer is used from
+            # that thread only), in submission order, so the output bytes do not depend on
+            # timing, while the model works on the next batch.
+            self._load_model(config)  # before anything is created: a failure leaves nothing
+            background = OrderedWorker()
             try:
-                with writer:
-                    self._process(reader, topics, config, writer, exporter)
-                    if exporter is not None:
-                        exporter.commit()
-                        exporter = None
-                    self.summary.output = str(writer.commit())
+                if job.export:
+                    exporter = export.FrameExporter(job.export, job.overwrite)
+                background.call(writer.open)
+                self._process(reader, topics, config, writer, exporter, background)
+                if exporter is not None:
+                    background.call(exporter.commit)
+                    exporter = None
+                self.summary.output = str(background.call(writer.commit))
             finally:
+                background.discard()
+                background.call(writer.abort, check=False)
+                background.close()
                 if exporter is not None:
                     exporter.abort()
         return self.summary
 
-    def _setup(self, reader, topics, config, writer):
-        job = self.job
+    def _load_model(self, config):
         if self.estimator is None:
             from marigold_model.estimator import DepthEstimator
             self.estimator = DepthEstimator(config.estimator)
         else:
             self.estimator.set_inference(config.estimator.inference)
+
+    def _setup(self, reader, topics, config, writer, background):
+        job = self.job
         inference = config.estimator.inference
         batch = job.batch or inference.batch_size
         if inference.warm_start_strength > 0 and batch != 1:
@@ -577,9 +527,13 @@ class BagProcessor:
         self.batch = batch
         self.summary.batch = batch
         self.scale = None
-        if topics.sparse_depth or topics.points:
+        if topics.sparse_depth:
             self.scale = ScaleRecovery(config.scale)
-        self.pipeline = DepthPipeline(self.estimator, config.output, self.scale)
+        elif topics.points:
+            self.scale = ScaleRecovery(config.scale, self._transforms(reader, config.scale))
+        self.model = ModelAhead(self.estimator)
+        self.pipeline = DepthPipeline(self.model, config.output, self.scale)
+        self.model.pipeline = self.pipeline
         self.camera_infos = StampMatcher(config.node.camera_info_tolerance, _OFFLINE_QUEUE)
         self.use_latest_info = config.node.camera_info_use_latest
         self.outputs = output_topic_names(topics.namespace)
@@ -591,43 +545,68 @@ class BagProcessor:
                                              '--output-namespace')
             for name in sorted(reader.topics):
                 info = reader.connection_info(name)
-                writer.add_topic(name, info['msgtype'], info['msgdef'], info['rihs01'],
-                                 info['qos'])
+                background.call(writer.add_topic, name, info['msgtype'], info['msgdef'],
+                                info['rihs01'], info['qos'])
 
-    def _process(self, reader, topics, config, writer, exporter):
+    def _transforms(self, reader, scale):
+        """Return the LiDAR extrinsic lookup: /tf_static when use_tf, else the parameters."""
+        fallback = (scale.extrinsic_translation, scale.extrinsic_rotation_xyzw)
+        if not scale.use_tf or TF_STATIC_TOPIC not in reader.topics:
+            self.summary.extrinsic = 'parameters'
+            return None
+        transforms = StaticTransforms.from_messages(
+            (reader.deserialize(m) for m in reader.messages([TF_STATIC_TOPIC])), fallback)
+        self.summary.extrinsic = (f'{TF_STATIC_TOPIC} ({len(transforms.frames)} frames), '
+                                  'else the parameters')
+        return transforms
+
+    def _process(self, reader, topics, config, writer, exporter, background):
         job = self.job
-        self._setup(reader, topics, config, writer)
+        self._setup(reader, topics, config, writer, background)
         summary = self.summary
         summary.image_topic = topics.image
         wanted = None if job.copy_inputs else [
             t for t in (topics.image, topics.camera_info, topics.sparse_depth, topics.points)
             if t]
         lookahead = int(round(job.lookahead_s * _NS_PER_S))
-        pending = []
+        pending, ready = [], None
         progress = _Progress(reader.topics[topics.image].count, not job.quiet)
         self._index = 0
         started = time.perf_counter()
+        used = {t for t in (topics.image, topics.camera_info, topics.sparse_depth,
+                            topics.points) if t}
+        # Reading and deserializing run ahead on their own thread, like the writing.
+        stream = prefetch(deserialized(reader.messages(wanted), used))
         try:
-            for message in reader.messages(wanted):
+            for message, msg in stream:
                 summary.topics_in[message.topic] = summary.topics_in.get(message.topic, 0) + 1
                 if job.copy_inputs:
-                    writer.write(message.topic, message.log_time, message.cdr)
+                    background.submit(writer.write, message.topic, message.log_time,
+                                      message.cdr)
                 if message.topic == topics.image:
-                    pending.append(message)
+                    pending.append((message, msg))
                 elif message.topic == topics.camera_info:
-                    self.camera_infos.add_msg(to_rclpy(message))
+                    self.camera_infos.add_msg(msg)
                 elif message.topic in (topics.sparse_depth, topics.points):
-                    self._add_scale_input(message, topics)
+                    self._add_scale_input(message, msg, topics)
                 # A batch goes once the recording has moved `lookahead` past its last frame.
                 while len(pending) >= self.batch and \
-                        message.log_time - pending[self.batch - 1].log_time > lookahead:
-                    self._run_batch(pending[:self.batch], topics, writer, exporter, progress)
+                        message.log_time - pending[self.batch - 1][0].log_time > lookahead:
+                    ready = self._advance(ready, pending[:self.batch], topics, writer,
+                                          exporter, background, progress)
                     del pending[:self.batch]
             while pending:
-                self._run_batch(pending[:self.batch], topics, writer, exporter, progress)
-                del pending[:self.batch]
+                count = min(self.batch, len(pending))
+                ready = self._advance(ready, pending[:count], topics, writer, exporter,
+                                      background, progress)
+                del pending[:count]
+            self._advance(ready, None, topics, writer, exporter, background, progress)
+            background.call(lambda: None)  # wait for every write
         finally:
+            stream.close()
+            self.model.close()
             progress.close()
+        summary.estimator_seconds = self.model.seconds
         summary.seconds = time.perf_counter() - started
         summary.topics_out = {t: n for t, n in writer.counts.items()
                               if t in self.outputs.values()}
@@ -636,8 +615,7 @@ class BagProcessor:
                                        f'although the bag lists '
                                        f'{reader.topics[topics.image].count}')
 
-    def _add_scale_input(self, message, topics):
-        msg = to_rclpy(message)
+    def _add_scale_input(self, message, msg, topics):
         try:
             if message.topic == topics.sparse_depth:
                 self.scale.add_sparse_depth(topics.image, msg)
@@ -651,30 +629,48 @@ class BagProcessor:
     def _count(table, key):
         table[key] = table.get(key, 0) + 1
 
-    def _run_batch(self, messages, topics, writer, exporter, progress):
+    def _advance(self, ready, batch, topics, writer, exporter, background, progress):
+        """
+        Start the model on ``batch`` and finish the batch started before (``ready``).
+
+        The pipeline finishes one batch (outputs, scale) on this thread while the model
+        already runs on the next one; batches still go through the pipeline one at a time
+        and in order.
+
+        :return: the started batch, or None
+        """
+        started = None
+        if batch is not None:
+            # Decoding needs only the images; camera info and the scale inputs are matched
+            # when the pipeline processes the batch, with everything read up to then.
+            self.model.start([FrameInput(image=image, key=topics.image) for _, image in batch])
+            started = batch
+        if ready is not None:
+            self._finish_batch(ready, topics, writer, exporter, background)
+            progress.update(len(ready))
+        return started
+
+    def _finish_batch(self, batch, topics, writer, exporter, background):
         summary = self.summary
-        frames = []
-        for message in messages:
-            image = to_rclpy(message)
+        messages, frames = [], []
+        for message, image in batch:
+            messages.append(message)
             info = None
             if topics.camera_info:
                 info = self.camera_infos.match(stamp_to_ns(image.header.stamp))
                 if info is None and self.use_latest_info:
                     info = self.camera_infos.latest()
             frames.append(FrameInput(image=image, camera_info=info, key=topics.image))
-        clock = time.perf_counter()
         results = self.pipeline.process(frames)
-        summary.estimator_seconds += max(
-            [r.timings.get('estimator', 0.0) for r in results if not isinstance(r, Exception)]
-            or [time.perf_counter() - clock])
+        done = []
         for message, frame, result in zip(messages, frames, results):
             index = self._index
             self._index += 1
             summary.frames_in += 1
             if isinstance(result, FrameError):
-                self._frame_error(index, message, frame, result, exporter)
+                self._frame_error(index, message, frame, result)
+                done.append((index, message.log_time, result, frame.image.header))
                 continue
-            self._write_outputs(message.log_time, result, writer)
             summary.frames_out += 1
             for note in result.notes:
                 self._count(summary.notes, note)
@@ -684,11 +680,10 @@ class BagProcessor:
             self._count(summary.scale_status, status)
             if result.scale is not None:
                 summary.last_scale = result.scale
-            if exporter is not None:
-                exporter.write(index, message.log_time, result)
-        progress.update(len(messages))
+            done.append((index, message.log_time, result, None))
+        background.submit(self._write_outputs, done, writer, exporter)
 
-    def _frame_error(self, index, message, frame, error, exporter):
+    def _frame_error(self, index, message, frame, error):
         self._count(self.summary.errors, error.reason)
         header = frame.image.header
         text = (f'frame {index} (stamp {stamp_to_ns(header.stamp)} ns, bag time '
@@ -696,16 +691,21 @@ class BagProcessor:
         if self.job.strict:
             raise BagError('corrupt', text + ' (--strict: no output written)')
         print(f'process_bag: skipped {text}', file=sys.stderr)
-        if exporter is not None:
-            exporter.error(index, message.log_time, stamp_to_ns(header.stamp),
-                           header.frame_id, error)
 
-    def _write_outputs(self, log_time, result, writer):
-        for key in ('relative', 'metric', 'uncertainty', 'camera_info', 'points'):
-            msg = getattr(result, key)
-            if msg is None or (key == 'points' and self.job.no_points):
+    def _write_outputs(self, done, writer, exporter):
+        """Write the outputs of a batch (on the background thread)."""
+        for index, log_time, result, header in done:
+            if isinstance(result, FrameError):
+                if exporter is not None:
+                    exporter.error(index, log_time, header, result.reason)
                 continue
-            writer.write_msg(self.outputs[key], log_time, msg, OUTPUT_TYPES[key])
+            for key in ('relative', 'metric', 'uncertainty', 'camera_info', 'points'):
+                msg = getattr(result, key)
+                if msg is None or (key == 'points' and self.job.no_points):
+                    continue
+                writer.write_msg(self.outputs[key], log_time, msg, OUTPUT_TYPES[key])
+            if exporter is not None:
+                exporter.write(index, log_time, result)
 
 
 def process_bag(job, estimator=None):
@@ -743,6 +743,8 @@ def format_summary(summary):
     lines += [f'  {t}: {n}' for t, n in sorted(summary.topics_out.items())]
     status = ', '.join(f'{k} {v}' for k, v in sorted(summary.scale_status.items()))
     lines.append(f'scale: {status or "none"}')
+    if summary.extrinsic:
+        lines.append(f'  LiDAR extrinsic: {summary.extrinsic}')
     if summary.last_scale is not None:
         scale = summary.last_scale
         lines.append(f'  last: scale {scale.scale:.6g}, shift {scale.shift:.6g} m '
@@ -777,7 +779,7 @@ def build_parser():
     parser.add_argument('--sparse-depth-topic', help='sparse depth Image (16UC1 mm / 32FC1 m) '
                         'registered to the camera, for metric scale')
     parser.add_argument('--points-topic', help='LiDAR PointCloud2 for metric scale (extrinsic '
-                        'from the scale_recovery parameters)')
+                        "from the bag's /tf_static, else the scale_recovery parameters)")
     parser.add_argument('--params', help='ROS 2 params file with the node parameters, e.g. '
                         'config/depth.yaml')
     parser.add_argument('--model', help='model: HF id, local folder or bundled:<name> '
@@ -843,7 +845,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print('process_bag: interrupted; no output written', file=sys.stderr)
         return 130
-    except (BagError, ValueError) as error:
+    except (BagError, ValueError, OSError) as error:
+        # OSError: model weights not found (WeightsNotFoundError), disk full, permissions.
         print(f'process_bag: error: {error}\nno output written', file=sys.stderr)
         return 1
     finally:

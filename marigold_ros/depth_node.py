@@ -317,6 +317,11 @@ class _DepthCore:
         """Return the camera namespaces served."""
         return self._cameras
 
+    @property
+    def scale_source(self):
+        """Return the ScaleRecovery of the node (None without scale_recovery)."""
+        return self._scale_source
+
     def wait_until_ready(self, timeout=None):
         """
         Block until the model is loaded or failed (tests, demo; not from a callback).
@@ -747,22 +752,24 @@ class DepthLifecycleNode(_DepthCore, LifecycleNode):
 def _run(node_class, args):
     """Spin a node until Ctrl-C / shutdown; return the process exit code."""
     rclpy.init(args=args)
-    node = None
-    code = 0
     try:
-        node = node_class()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except (ValueError, ParameterException) as error:
-        # Bad parameters: a clear message, not a traceback.
-        rclpy.logging.get_logger(NODE_NAME).fatal(f'cannot start: {error}')
-        code = 1
-    finally:
-        if node is not None:
+        try:
+            node = node_class()
+        except (ValueError, ParameterException) as error:
+            # Bad parameters: a clear message, not a traceback.
+            rclpy.logging.get_logger(NODE_NAME).fatal(f'cannot start: {error}')
+            return 1
+        try:
+            rclpy.spin(node)
+        except (KeyboardInterrupt, ExternalShutdownException):
+            pass
+        finally:
             node.destroy_node()
+    except KeyboardInterrupt:  # Ctrl-C while the node was being created
+        pass
+    finally:
         rclpy.try_shutdown()
-    return code
+    return 0
 
 
 def main(args=None):

@@ -101,6 +101,14 @@ class Percentiles:
         """Return the number of values in the window."""
         return len(self._values)
 
+    def values(self):
+        """
+        Return the values in the window, oldest first.
+
+        :return: list of floats
+        """
+        return list(self._values)
+
     def percentile(self, q):
         """
         Return a percentile of the window.
@@ -298,6 +306,18 @@ class DiagnosticsCollector:
                 'input_rate_hz': stream.input_rate.rate(),
                 'output_rate_hz': stream.output_rate.rate(),
             }
+
+    def recent(self, key):
+        """
+        Return the recent per-frame values of one camera, oldest first, paired by frame.
+
+        :param key: camera namespace
+        :return: dict with lists 'latency_s' and 'estimator_s'
+        """
+        with self._lock:
+            stream = self._stream(key)
+            return {'latency_s': stream.latency.values(),
+                    'estimator_s': stream.estimator.values()}
 
     # ------------------------------------------------------------------ message
 

@@ -8,13 +8,24 @@ Per-frame files for people who look at depth outside ROS: 16-bit PNG, colour pre
 * Previews map depth to colour (near = yellow, far = dark purple, invalid = black).
 * PLY clouds are binary little endian with x y z float and red green blue uchar, valid
   points only; they are written only from metric clouds.
+* ``frames.csv`` lists every frame: index, stamps, frame id, metric or relative (or the
+  error), scale, shift and the notes.
+
+:class:`FrameExporter` writes a folder of these aside and moves it into place when complete.
 """
 
+import csv
 import os
+from pathlib import Path
+import shutil
 
 from marigold_model.data.synthetic import colorize_depth
 import numpy as np
 from PIL import Image as PILImage
+
+from .bag_io import BagError, staging_path
+from .conversions import image_to_depth, pointcloud2_to_xyz
+from .stamp_matcher import stamp_to_ns
 
 MM_PER_M = 1000.0
 UINT16_MAX = 65535
@@ -142,3 +153,104 @@ def frame_paths(folder, index):
 
     return {'metric': name('depth', 'png'), 'relative': name('relative', 'png'),
             'preview': name('preview', 'png'), 'cloud': name('cloud', 'ply')}
+
+
+def cloud_colors(cloud):
+    """
+    Read the RGB of an organized x y z rgb PointCloud2 (rgb float32 bits at offset 12).
+
+    :param cloud: sensor_msgs/PointCloud2 with point_step 16
+    :return: (N, 3) uint8 RGB, or None without an 'rgb' field
+    """
+    if 'rgb' not in [f.name for f in cloud.fields]:
+        return None
+    packed = np.frombuffer(cloud.data, dtype='<u4').reshape(-1, int(cloud.point_step) // 4)
+    packed = packed[:, 3]
+    return np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255],
+                    axis=1).astype(np.uint8)
+
+
+class FrameExporter:
+    """
+    Per-frame files of a run in a folder that appears only when complete.
+
+    :param folder: export folder (must not exist, or be empty, unless ``overwrite``)
+    :param overwrite: replace an existing folder on commit
+    :raises BagError: 'exists' for a non-empty folder without ``overwrite``
+    """
+
+    COLUMNS = ('index', 'stamp_ns', 'log_time_ns', 'frame_id', 'depth', 'scale', 'shift',
+               'notes')
+
+    def __init__(self, folder, overwrite=False):
+        """Create the staging folder next to ``folder``."""
+        self.folder = Path(folder).expanduser().absolute()
+        if self.folder.exists() and any(self.folder.iterdir()) and not overwrite:
+            raise BagError('exists', f'export folder {str(self.folder)!r} exists and is not '
+                                     'empty; choose another or pass --overwrite')
+        self.stage = staging_path(self.folder)
+        if self.stage.exists():
+            shutil.rmtree(self.stage)
+        self.stage.mkdir(parents=True)
+        self.rows = []
+
+    def write(self, index, log_time, output):
+        """
+        Write the files of one processed frame.
+
+        :param index: frame number in the bag (0-based)
+        :param log_time: bag time of the input image (ns)
+        :param output: pipeline FrameOutput
+        """
+        paths = frame_paths(str(self.stage), index)
+        relative = image_to_depth(output.relative)
+        write_png(paths['relative'], relative_to_png16(relative))
+        preview = relative
+        if output.metric is not None:
+            metric = image_to_depth(output.metric)
+            write_png(paths['metric'], metric_to_png16(metric))
+            preview = metric
+        write_png(paths['preview'], colorize(preview))
+        if output.points is not None:
+            write_ply(paths['cloud'], pointcloud2_to_xyz(output.points),
+                      cloud_colors(output.points))
+        scale = output.scale
+        self.rows.append((index, stamp_to_ns(output.header.stamp), log_time,
+                          output.header.frame_id,
+                          'metric' if output.metric is not None else 'relative',
+                          '' if scale is None else repr(float(scale.scale)),
+                          '' if scale is None else repr(float(scale.shift)),
+                          ' '.join(output.notes)))
+
+    def error(self, index, log_time, header, reason):
+        """
+        Record a frame that could not be processed.
+
+        :param index: frame number in the bag
+        :param log_time: bag time (ns)
+        :param header: the image header
+        :param reason: the FrameError reason
+        """
+        self.rows.append((index, stamp_to_ns(header.stamp), log_time, header.frame_id,
+                          f'error:{reason}', '', '', ''))
+
+    def commit(self):
+        """
+        Write frames.csv and move the folder into place.
+
+        :return: the folder Path
+        """
+        with open(self.stage / 'frames.csv', 'w', encoding='utf-8', newline='') as stream:
+            table = csv.writer(stream)
+            table.writerow(self.COLUMNS)
+            table.writerows(self.rows)
+        if self.folder.exists():
+            old = self.stage.with_name(self.stage.name + '.old')
+            os.replace(self.folder, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(self.stage, self.folder)
+        return self.folder
+
+    def abort(self):
+        """Remove everything written (no-op after a commit)."""
+        shutil.rmtree(self.stage, ignore_errors=True)

@@ -16,6 +16,7 @@ Nothing here blocks on ROS or spins: the caller feeds frames and publishes or wr
 comes back.
 """
 
+import array
 from dataclasses import dataclass, field
 import math
 import time
@@ -25,10 +26,11 @@ from marigold_model.estimator import EstimatorOutOfMemory
 from marigold_model.scale_tracking import ScaleEstimate, STATUS_OK
 import numpy as np
 from PIL import Image as PILImage
+from sensor_msgs.msg import PointCloud2
+from sensor_msgs.msg import PointField
 
 from .conversions import compressed_to_rgb, depth_to_image, image_to_rgb, ImageConversionError
-from .conversions import pointcloud2_from_depth
-from .geometry import CalibrationError, CameraModel, scale_camera, unproject_depth
+from .geometry import CalibrationError, CameraModel, pixel_rays, scale_camera
 from .stamp_matcher import stamp_to_ns
 
 #: Notes saying why an output is missing (diagnostics keys).
@@ -225,6 +227,53 @@ def apply_scale(relative, scale, shift, max_depth=0.0):
     return metric
 
 
+def organized_cloud(depth, camera, rgb, header):
+    """
+    Build the organized x y z rgb PointCloud2 of a metric depth image in one pass.
+
+    The same message as ``pointcloud2_from_depth(unproject_depth(depth, camera), rgb,
+    header)`` (a test checks byte equality), written straight into the message's buffer:
+    the cached per-pixel rays times z, and 0x00RRGGBB read from the RGB bytes as big-endian
+    uint32 at a 3-byte stride (R G B + the next byte) shifted right by 8, which is several
+    times faster than packing the channels one by one.  The cloud is most of the node's own
+    cost per frame.
+
+    :param depth: HxW float32 meters, NaN where invalid
+    :param camera: CameraModel of the depth image (same size; distortion honoured)
+    :param rgb: HxWx3 uint8 colours of the same size
+    :param header: std_msgs/Header
+    :return: sensor_msgs/PointCloud2 (point_step 16, is_dense False)
+    """
+    height, width = depth.shape
+    eff = camera.effective()
+    rx, ry, ray_ok = pixel_rays(height, width, eff.K, eff.distortion_coefficients(),
+                                eff.distortion_model)
+    with np.errstate(invalid='ignore'):
+        valid = (depth > 0) & ray_ok  # False for NaN
+    z = depth if valid.all() else np.where(valid, depth, np.float32(np.nan))
+    data = array.array('B', [0]) * (16 * height * width)
+    points = np.frombuffer(data, dtype='<f4').reshape(height, width, 4)
+    np.multiply(rx, z, out=points[:, :, 0])
+    np.multiply(ry, z, out=points[:, :, 1])
+    points[:, :, 2] = z
+    padded = np.empty(rgb.size + 1, np.uint8)  # one spare byte for the last point's read
+    padded[:-1] = rgb.reshape(-1)
+    packed = np.ndarray((height, width), dtype='>u4', buffer=padded,
+                        strides=(3 * width, 3))
+    np.right_shift(packed, 8, out=points.view('<u4')[:, :, 3], casting='unsafe')
+    msg = PointCloud2()
+    msg.header = header
+    msg.height, msg.width = height, width
+    msg.fields = [PointField(name=name, offset=4 * i, datatype=PointField.FLOAT32, count=1)
+                  for i, name in enumerate(('x', 'y', 'z', 'rgb'))]
+    msg.is_bigendian = False
+    msg.point_step = 16
+    msg.row_step = 16 * width
+    msg.is_dense = False
+    msg.data = data
+    return msg
+
+
 class DepthPipeline:
     """
     Process batches of frames: decode, one estimator call, then outputs per frame.
@@ -345,6 +394,24 @@ class DepthPipeline:
             problems.append(('scale_source_error', f'scale recovery failed: {error!r}'))
             return None
 
+    @staticmethod
+    def _metric(scale, depth, spread, max_depth):
+        """Metric depth and uncertainty (meters) from a usable scale estimate."""
+        if getattr(scale, 'sparse_uv', None) is not None and hasattr(scale, 'refine'):
+            # Scale recovery's locally refined estimate: its own apply (global fit, then a
+            # correction towards the sparse points) for the depth and the uncertainty.
+            from .scale_recovery import apply_scale as apply_refined
+            metric, spread = apply_refined(scale, depth, spread)
+            metric = np.asarray(metric, np.float32)
+            if max_depth > 0:
+                with np.errstate(invalid='ignore'):
+                    metric[metric > max_depth] = np.nan
+            return metric, spread
+        metric = apply_scale(depth, scale.scale, scale.shift, max_depth)
+        if spread is not None:
+            spread = spread * np.float32(abs(scale.scale))
+        return metric, spread
+
     def _outputs(self, frame, rgb, estimate, config):
         header = frame.image.header
         depth = np.asarray(estimate.depth, dtype=np.float32)
@@ -368,23 +435,21 @@ class DepthPipeline:
 
         scale = self._scale(frame, header, depth, camera, config, problems)
         metric = None
+        spread = None if estimate.uncertainty is None else \
+            np.asarray(estimate.uncertainty, dtype=np.float32)
         if scale is None or not scale.usable:
             notes.append(NOTE_NO_METRIC_SCALE)
         else:
             output.scale = scale
-            metric = apply_scale(depth, scale.scale, scale.shift, config.max_depth)
+            metric, spread = self._metric(scale, depth, spread, config.max_depth)
             output.metric = depth_to_image(metric, header)
 
-        if config.publish_uncertainty and estimate.uncertainty is not None:
-            spread = np.asarray(estimate.uncertainty, dtype=np.float32)
-            if metric is not None:
-                spread = spread * np.float32(abs(scale.scale))
+        if config.publish_uncertainty and spread is not None:
             output.uncertainty = depth_to_image(spread, header)
 
         if config.publish_points and metric is not None and camera is not None:
-            points = unproject_depth(metric, camera)
-            output.points = pointcloud2_from_depth(points, resize_rgb(rgb, width, height),
-                                                   header)
+            output.points = organized_cloud(metric, camera, resize_rgb(rgb, width, height),
+                                            header)
         output.notes = tuple(notes)
         output.problems = tuple(problems)
         return output

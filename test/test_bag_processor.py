@@ -22,8 +22,10 @@ from marigold_ros.bag_processor import main, process_bag, read_params_file
 from marigold_ros.conversions import image_to_depth, pointcloud2_from_depth
 from marigold_ros.conversions import rgb_to_compressed, rgb_to_image
 from marigold_ros.export import read_ply
+from marigold_ros.geometry import quaternion_to_matrix
 from marigold_ros.pipeline import OutputConfig
 from marigold_ros.scale_recovery import ScaleRecoveryConfig
+from marigold_ros.static_tf import matrix_to_quaternion, StaticTransforms
 import numpy as np
 from PIL import Image as PILImage
 import pytest
@@ -33,6 +35,7 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import get_typestore, Stores
 from sensor_msgs.msg import CameraInfo
 from std_msgs.msg import Header
+import torch
 
 N_FRAMES, HEIGHT, WIDTH = 6, 48, 64
 FRAME_ID = 'cam_optical'
@@ -57,20 +60,34 @@ marigold_depth:
 
 @pytest.fixture(scope='module')
 def scenes():
-    """Six frames of one synthetic scene seen from an orbiting camera."""
+    """Render six frames of one synthetic scene seen from an orbiting camera."""
     return render_sequence(np.random.default_rng(7), N_FRAMES, height=HEIGHT, width=WIDTH,
                            motion='orbit')
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_torch_thread():
+    """
+    Run this module's tiny models on one thread (restored afterwards).
+
+    On the shared 2-core test machine two torch threads contending with other jobs made the
+    tiny model 5-30x slower than one thread; the results checked here do not depend on it.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='module')
 def estimator(random_model_dir):
-    """The random tiny model, loaded once for the module."""
+    """Load the random tiny model once for the module."""
     return DepthEstimator(EstimatorConfig(ModelConfig(model=random_model_dir, device='cpu')))
 
 
 @pytest.fixture()
 def params(tmp_path):
-    """A params file in the node's format (both '/**' and node sections)."""
+    """Write a params file in the node's format (both '/**' and node sections)."""
     path = tmp_path / 'depth.yaml'
     path.write_text(PARAMS)
     return str(path)
@@ -269,9 +286,9 @@ def test_two_runs_are_bit_identical(tmp_path, scenes, estimator, params):
 
 
 def test_canonical_serialization_zeroes_rclpy_padding(scenes):
-    """rclpy leaves CDR padding uninitialised; output bytes must not depend on it."""
+    """Output bytes do not depend on the CDR padding rclpy leaves uninitialised."""
     sample = scenes[0]
-    points = np.dstack(np.meshgrid(np.arange(WIDTH), np.arange(HEIGHT)) + [sample.depth])
+    points = np.dstack(list(np.meshgrid(np.arange(WIDTH), np.arange(HEIGHT))) + [sample.depth])
     messages = {'sensor_msgs/msg/Image': rgb_to_image(sample.rgb, _header(0)),
                 'sensor_msgs/msg/CameraInfo': _camera_info(sample, 0),
                 'sensor_msgs/msg/PointCloud2': pointcloud2_from_depth(
@@ -303,10 +320,21 @@ def test_compressed_images_and_ros1_bags(tmp_path, scenes, estimator, params):
     process_bag(_job(ros1, tmp_path / 'ros1' / 'ref', params), estimator=estimator)
     assert _read(tmp_path / 'ros1' / 'ref') == expected
 
+    # ROS 1 inputs copied through become ROS 2 messages (no header seq), ROS 2 type hashes.
+    process_bag(_job(ros1, tmp_path / 'copied', params, copy_inputs=True),
+                estimator=OracleEstimator(scenes))
+    copied = _by_topic(tmp_path / 'copied')
+    original = _by_topic(_write_bag(tmp_path / 'in2', 'sqlite3', _messages(scenes)))
+    for topic in ('/cam/image_raw', '/cam/camera_info'):
+        assert copied[topic] == original[topic]
+    with BagReader(tmp_path / 'copied') as reader:
+        assert reader.connection_info('/cam/camera_info')['rihs01'] == \
+            STORE.hash_rihs01('sensor_msgs/msg/CameraInfo')
+
 
 def test_sparse_depth_gives_metric_depth_clouds_and_export(tmp_path, scenes, params):
     """Sparse depth recorded late still matches; metric depth, clouds and files come out."""
-    bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes, sparse=True, late_s=0.3))
+    bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes, sparse=True, late_s=0.8))
     export = tmp_path / 'export'
     summary = process_bag(_job(bag, tmp_path / 'out', params, export=str(export),
                                sparse_depth_topic='/cam/sparse_depth'),
@@ -341,6 +369,74 @@ def test_sparse_depth_gives_metric_depth_clouds_and_export(tmp_path, scenes, par
     np.testing.assert_allclose(np.sort(points[:, 2]), np.sort(metric[finite]), rtol=1e-6)
     assert not _leftovers(tmp_path)
 
+    # Without enough look-ahead the first batch is processed before its late sparse depth
+    # and camera info are read: those frames stay relative, without clouds.
+    summary = process_bag(_job(bag, tmp_path / 'short', params, lookahead_s=0.05,
+                               sparse_depth_topic='/cam/sparse_depth'),
+                          estimator=OracleEstimator(scenes))
+    assert summary.scale_status['relative'] >= 2
+    assert summary.notes['no_camera_info'] >= 2
+    assert summary.topics_out['/cam/depth/points'] <= N_FRAMES - 2
+
+
+def _tf_message(parent, child, translation, rotation):
+    types = STORE.types
+    t = types['geometry_msgs/msg/TransformStamped'](
+        header=types['std_msgs/msg/Header'](
+            stamp=types['builtin_interfaces/msg/Time'](sec=0, nanosec=0), frame_id=parent),
+        child_frame_id=child,
+        transform=types['geometry_msgs/msg/Transform'](
+            translation=types['geometry_msgs/msg/Vector3'](*translation),
+            rotation=types['geometry_msgs/msg/Quaternion'](*rotation)))
+    return bytes(STORE.serialize_cdr(types['tf2_msgs/msg/TFMessage'](transforms=[t]),
+                                     'tf2_msgs/msg/TFMessage'))
+
+
+def test_lidar_with_recorded_static_transforms(tmp_path, scenes, params):
+    """A LiDAR in another frame, placed by the bag's /tf_static chain, gives metric depth."""
+    # base_link -> cam_optical and base_link -> lidar; the lidar frame is rotated 90 degrees
+    # about z and shifted, so a wrong extrinsic cannot give the right scale.
+    half = np.sqrt(0.5)
+    cam_in_base = ((0.1, 0.0, 1.0), (0.0, 0.0, 0.0, 1.0))
+    lidar_in_base = ((0.3, -0.2, 1.1), (0.0, 0.0, half, half))
+    rot = quaternion_to_matrix(lidar_in_base[1])
+    lidar_to_cam = np.asarray(lidar_in_base[0]) - np.asarray(cam_in_base[0])
+    messages = _messages(scenes)
+    messages.insert(0, ('/tf_static', 'tf2_msgs/msg/TFMessage', T0 - 1,
+                        _tf_message('base_link', 'cam_optical', *cam_in_base)))
+    messages.insert(1, ('/tf_static', 'tf2_msgs/msg/TFMessage', T0 - 1,
+                        _tf_message('base_link', 'lidar', *lidar_in_base)))
+    for i, sample in enumerate(scenes):
+        fx, fy, cx, cy = sample.K[0, 0], sample.K[1, 1], sample.K[0, 2], sample.K[1, 2]
+        v, u = np.mgrid[0:HEIGHT:4, 0:WIDTH:4]
+        z = sample.depth[v, u]
+        camera = np.stack([(u - cx) * z / fx, (v - cy) * z / fy, z], axis=-1).reshape(-1, 3)
+        lidar = (camera - lidar_to_cam) @ rot  # p_lidar = R^T (p_cam - t)
+        cloud = pointcloud2_from_depth(lidar.reshape(1, -1, 3).astype(np.float32), None,
+                                       Header(frame_id='lidar', stamp=_header(i).stamp))
+        messages.append(('/lidar/points', 'sensor_msgs/msg/PointCloud2', _stamp(i) + 9000,
+                         serialize_message(cloud)))
+    bag = _write_bag(tmp_path / 'in', 'mcap', sorted(messages, key=lambda m: m[2]))
+    summary = process_bag(_job(bag, tmp_path / 'out', params, points_topic='/lidar/points'),
+                          estimator=OracleEstimator(scenes))
+    assert summary.scale_status == {'ok': N_FRAMES}
+    assert summary.extrinsic.startswith('/tf_static (3 frames)')
+    for msg, sample in zip(_by_topic(tmp_path / 'out')['/cam/depth/image'], scenes):
+        metric = image_to_depth(msg)
+        valid = sample.valid & np.isfinite(metric)
+        assert np.mean(np.abs(metric[valid] - sample.depth[valid]) / sample.depth[valid]) < 0.01
+    # The lookup itself: chained both ways, and quaternions round-trip.
+    transforms = StaticTransforms([('base_link', 'cam_optical', *cam_in_base),
+                                   ('base_link', 'lidar', *lidar_in_base)])
+    translation, rotation = transforms('cam_optical', '/lidar', 0)
+    np.testing.assert_allclose(translation, lidar_to_cam, atol=1e-12)
+    np.testing.assert_allclose(quaternion_to_matrix(rotation), rot, atol=1e-12)
+    for q in np.random.default_rng(0).normal(size=(20, 4)):
+        back = matrix_to_quaternion(quaternion_to_matrix(q))
+        np.testing.assert_allclose(back, q / np.linalg.norm(q) * np.sign(q[3]), atol=1e-9)
+    with pytest.raises(ValueError, match='no static transform'):
+        transforms('cam_optical', 'radar', 0)
+
 
 def test_topic_choice_and_errors_leave_no_output(tmp_path, scenes, params):
     """Several or missing image topics: the error lists the image topics; nothing written."""
@@ -366,6 +462,56 @@ def test_topic_choice_and_errors_leave_no_output(tmp_path, scenes, params):
     assert camera_namespace('/a/b/image/compressed') == '/a/b'
 
 
+def test_bad_frames_are_reported_and_strict_stops(tmp_path, scenes, params, capsys):
+    """An undecodable image is skipped with a message naming it; --strict writes nothing."""
+    messages = _messages(scenes)
+    broken = rgb_to_image(scenes[2].rgb, _header(2))
+    broken.data = broken.data[:100]  # shorter than step * height
+    images = [i for i, m in enumerate(messages) if m[0] == '/cam/image_raw']
+    messages[images[2]] = messages[images[2]][:3] + (serialize_message(broken),)
+    bag = _write_bag(tmp_path / 'in', 'mcap', messages)
+    summary = process_bag(_job(bag, tmp_path / 'out', params, export=str(tmp_path / 'x')),
+                          estimator=OracleEstimator(scenes))
+    assert summary.frames_in == N_FRAMES and summary.frames_out == N_FRAMES - 1
+    assert summary.errors == {'truncated': 1}
+    assert 'frame 2' in capsys.readouterr().err
+    stamps = [m.header.stamp for m in _by_topic(tmp_path / 'out')['/cam/depth/relative']]
+    assert stamps == [_header(i).stamp for i in range(N_FRAMES) if i != 2]
+    rows = (tmp_path / 'x' / 'frames.csv').read_text().splitlines()
+    assert rows[3].startswith('2,') and 'error:truncated' in rows[3]
+    with pytest.raises(BagError, match='truncated'):
+        process_bag(_job(bag, tmp_path / 'strict', params, strict=True),
+                    estimator=OracleEstimator(scenes))
+    assert not (tmp_path / 'strict').exists() and not _leftovers(tmp_path)
+
+
+QOS_PROFILE = """
+      - history: keep_last
+        depth: 10
+        reliability: best_effort
+        durability: volatile
+        deadline: {sec: 9223372036, nsec: 854775807}
+        lifespan: {sec: 9223372036, nsec: 854775807}
+        liveliness: automatic
+        liveliness_lease_duration: {sec: 9223372036, nsec: 854775807}
+        avoid_ros_namespace_conventions: false"""
+
+
+def test_metadata_hiding_a_topic_falls_back_to_the_storage_file(tmp_path, scenes, params):
+    """QoS in metadata.yaml that differs from the storage hides a topic; it is still read."""
+    bag = Path(_write_bag(tmp_path / 'in', 'mcap', _messages(scenes)))
+    metadata = (bag / 'metadata.yaml').read_text()
+    hidden = metadata.replace(
+        'offered_qos_profiles: []\n      serialization_format: cdr\n      type: '
+        'sensor_msgs/msg/Image', 'offered_qos_profiles:' + QOS_PROFILE + '\n      '
+        'serialization_format: cdr\n      type: sensor_msgs/msg/Image')
+    assert hidden != metadata
+    (bag / 'metadata.yaml').write_text(hidden)
+    summary = process_bag(_job(str(bag), tmp_path / 'out', params),
+                          estimator=OracleEstimator(scenes))
+    assert summary.frames_out == N_FRAMES
+
+
 def test_corrupt_and_truncated_bags_give_clear_errors(tmp_path, scenes, params):
     """Garbage, a cut storage file and a missing bag raise BagError; nothing is written."""
     good = Path(_write_bag(tmp_path / 'good', 'mcap', _messages(scenes)))
@@ -379,14 +525,21 @@ def test_corrupt_and_truncated_bags_give_clear_errors(tmp_path, scenes, params):
     (cut / 'cut.mcap').write_bytes(data[:len(data) // 2])
     sqlite = Path(_write_bag(tmp_path / 'sql', 'sqlite3', _messages(scenes)))
     (sqlite / 'sql.db3').write_bytes((sqlite / 'sql.db3').read_bytes()[:3000])
-    cases = {garbage: 'garbage.mcap', cut: 'cut', sqlite: 'sql',
+    # A readable bag whose fifth image message is cut short: found after a batch was written.
+    messages = _messages(scenes)
+    images = [i for i, m in enumerate(messages) if m[0] == '/cam/image_raw']
+    messages[images[4]] = messages[images[4]][:3] + (messages[images[4]][3][:60],)
+    damaged = _write_bag(tmp_path / 'damaged', 'mcap', messages)
+    cases = {garbage: 'garbage.mcap', cut: 'cut', sqlite: 'sql', damaged: '/cam/image_raw',
              tmp_path / 'missing': 'does not exist'}
     out = tmp_path / 'out'
     for bag, name in cases.items():
+        oracle = OracleEstimator(scenes)
         with pytest.raises(BagError, match=name) as error:
-            process_bag(_job(str(bag), out, params), estimator=OracleEstimator(scenes))
+            process_bag(_job(str(bag), out, params), estimator=oracle)
         assert error.value.reason in ('unreadable', 'corrupt', 'missing'), bag
         assert not out.exists() and not _leftovers(tmp_path), bag
+    assert oracle.calls == 0  # the missing bag: refused before any work
 
 
 def test_interrupt_and_existing_output_leave_no_half_bag(tmp_path, scenes, params):

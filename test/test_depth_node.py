@@ -1,6 +1,8 @@
 """
-The depth node in a ROS graph: in-process publisher -> node -> subscribers, plus one test
-that runs the console script in its own process as a user would.
+The depth node in a ROS graph, in-process and as a separate process.
+
+In-process: publisher -> node -> subscribers on one executor.  One test runs the console
+script in its own process as a user would.
 
 The model is the bundled tiny model when it exists, else a random one (the node's behaviour
 does not depend on the weights).  Images are 64x48 at processing resolution 32 so that a
@@ -284,8 +286,11 @@ def test_every_output_with_a_fixed_scale(graph_factory):
 
 
 def test_compressed_input_without_camera_info(graph_factory):
-    """CompressedImage input; without camera info only relative depth, and diagnostics say
-    why there is no cloud; corrupt compressed data is counted and skipped."""
+    """
+    Compressed input without camera info: relative depth only, diagnostics say why.
+
+    Corrupt compressed data is counted and skipped.
+    """
     graph = graph_factory(parameters=[('image_transport', 'compressed')])
     graph.subscribe_outputs()
     assert graph.node.wait_until_ready(TIMEOUT)
@@ -517,7 +522,7 @@ def test_camera_info_matched_by_stamp(graph_factory):
 
 
 def test_lifecycle_node(context, estimator):
-    """configure loads, activate publishes, deactivate stops, a bad model fails configure."""
+    """Lifecycle: configure loads, activate publishes, deactivate stops, bad model fails."""
     graph = Graph(context, estimator, node_class=DepthLifecycleNode,
                   parameters=[('fixed_scale', 1.0)])
     failing = Graph(context, estimator, node_class=DepthLifecycleNode,

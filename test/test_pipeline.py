@@ -5,12 +5,12 @@ import math
 from builtin_interfaces.msg import Time
 from marigold_model.estimator import DepthResult, EstimatorOutOfMemory
 from marigold_model.scale_tracking import ScaleEstimate
-from marigold_ros.conversions import image_to_depth, pointcloud2_to_xyz, rgb_to_compressed
-from marigold_ros.conversions import rgb_to_image
-from marigold_ros.geometry import CameraModel, Roi
+from marigold_ros.conversions import image_to_depth, pointcloud2_from_depth, pointcloud2_to_xyz
+from marigold_ros.conversions import rgb_to_compressed, rgb_to_image
+from marigold_ros.geometry import CameraModel, Roi, unproject_depth
 from marigold_ros.pipeline import apply_scale, DepthPipeline, FrameError, FrameInput
 from marigold_ros.pipeline import NOTE_BAD_CAMERA_INFO, NOTE_NO_CAMERA_INFO
-from marigold_ros.pipeline import NOTE_NO_METRIC_SCALE, OutputConfig
+from marigold_ros.pipeline import NOTE_NO_METRIC_SCALE, organized_cloud, OutputConfig
 import numpy as np
 import pytest
 from sensor_msgs.msg import Image
@@ -142,6 +142,21 @@ def test_invalid_metric_depth_is_nan_in_image_and_cloud():
     assert np.isnan(metric[:2, :5]).all() and np.isfinite(metric[2:]).all()
     xyz = pointcloud2_to_xyz(out.points).reshape(H, W, 3)
     assert np.isnan(xyz[:2, :5]).all() and np.isfinite(xyz[2:]).all()
+
+
+def test_fast_cloud_is_byte_identical_to_the_reference_builder():
+    """organized_cloud == pointcloud2_from_depth(unproject_depth(...)), with distortion."""
+    camera = CameraModel(W, H, K, D=[0.1, -0.05, 0.001, 0.002, 0.0],
+                         distortion_model='plumb_bob', frame_id=FRAME)
+    depth = np.random.default_rng(2).uniform(0.5, 4.0, (H, W)).astype(np.float32)
+    depth[0, :7] = np.nan
+    depth[3, 2:5] = 0.0
+    rgb = _rgb(seed=3)
+    fast = organized_cloud(depth, camera, rgb, _header())
+    reference = pointcloud2_from_depth(unproject_depth(depth, camera), rgb, _header())
+    assert bytes(fast.data) == bytes(reference.data)
+    assert (fast.fields, fast.point_step, fast.row_step, fast.is_dense) == (
+        reference.fields, reference.point_step, reference.row_step, reference.is_dense)
 
 
 def test_apply_scale_float32_matches_scale_estimate():
@@ -370,6 +385,25 @@ def test_scale_source_hook():
     source.scale = _estimate(math.nan, math.nan, status='no_estimate')
     out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), _camera()))
     assert out.metric is None and NOTE_NO_METRIC_SCALE in out.notes
+
+
+def test_locally_refined_scale_uses_scale_recovery_apply():
+    """A RefinedScaleEstimate is applied with scale recovery's own (refining) apply."""
+    from marigold_ros.scale_recovery import apply_scale as apply_refined
+    from marigold_ros.scale_recovery import RefinedScaleEstimate
+    relative = np.tile(np.linspace(0.2, 0.8, W, dtype=np.float32), (H, 1))
+    uv = np.array([[5, 5], [30, 20], [20, 10]])
+    refined = RefinedScaleEstimate(
+        scale=2.0, shift=0.5, inlier_ratio=1.0, residual=0.0, n_points=3, age_s=0.0,
+        status='ok', sparse_uv=uv, sparse_metric=np.array([1.2, 2.4, 1.6]),
+        grid_shape=(H, W))
+    pipeline = DepthPipeline(FakeEstimator(lambda h, w: relative, uncertainty=0.1),
+                             scale_source=ConstantScale(refined))
+    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), _camera()))
+    expected, spread = apply_refined(refined, relative, np.full((H, W), 0.1, np.float32))
+    np.testing.assert_allclose(image_to_depth(out.metric), expected, rtol=1e-6)
+    np.testing.assert_allclose(image_to_depth(out.uncertainty), spread, rtol=1e-6)
+    assert not np.allclose(expected, 2.0 * relative + 0.5)  # the refinement did something
 
 
 def test_scale_source_failure_is_a_problem_not_a_crash():

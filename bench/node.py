@@ -1,0 +1,302 @@
+"""
+Benchmark of the live depth node at 640x480 with the tiny model on CPU, in one run.
+
+1. Node overhead = (image stamp -> publish latency - estimator time) / estimator time, per
+   frame, in steady state: a closed loop in one process (publisher -> node -> subscriber,
+   the next frame is sent when the previous cloud arrived), all outputs on (relative and
+   metric depth from a fixed scale, camera info, organized RGB cloud).  Target <= 0.05.
+2. The node's own work per frame without the model: image conversion plus depth images,
+   camera info, metric depth and the organized cloud (DepthPipeline with an instant
+   estimator), in ms, against a naive per-point cloud builder (struct.pack per point, as a
+   straightforward port of sensor_msgs_py.create_cloud does).
+3. Memory: resident set size over ``--frames`` frames (1000 by default) through the node;
+   flat means no growth after the warm-up.
+
+The bundled tiny model is used when it exists; otherwise a randomly initialised model of
+the same kind (the timings do not depend on the weights, the run says which it used).
+No assertion on time: the machine is shared, the figures are printed as measured.
+
+Run: .venv/bin/python bench/node.py [--frames 1000] [--model MODEL]
+"""
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+import struct
+import tempfile
+import time
+
+from marigold_model.estimator import DepthResult
+from marigold_ros.conversions import image_to_rgb, rgb_to_image
+from marigold_ros.demo import load_sequence
+from marigold_ros.depth_node import DepthNode
+from marigold_ros.geometry import CameraModel
+from marigold_ros.pipeline import DepthPipeline, FrameInput, OutputConfig
+import numpy as np
+from PIL import Image as PILImage
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from std_msgs.msg import Header
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / 'marigold_model' / 'models' / 'marigold-tiny' / 'model_index.json'
+WIDTH, HEIGHT = 640, 480
+FRAME = 'camera_optical_frame'
+
+
+def rss_mb():
+    """
+    Return the resident set size of this process.
+
+    :return: megabytes
+    """
+    with open('/proc/self/status') as stream:
+        for line in stream:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) / 1024.0
+    return math.nan
+
+
+def test_image():
+    """
+    Return a 640x480 camera image and its CameraModel (the demo sequence, upscaled).
+
+    :return: (HxWx3 uint8, CameraModel)
+    """
+    sequence = load_sequence()
+    rgb = np.asarray(PILImage.fromarray(sequence.rgb[0]).resize((WIDTH, HEIGHT),
+                                                                PILImage.BILINEAR))
+    scale = WIDTH / sequence.meta['width']
+    k = np.array(sequence.meta['K'])
+    k[:2] *= scale
+    k[0, 2] = (sequence.meta['K'][0][2] + 0.5) * scale - 0.5
+    k[1, 2] = (sequence.meta['K'][1][2] + 0.5) * scale - 0.5
+    return rgb, CameraModel(WIDTH, HEIGHT, k, frame_id=FRAME)
+
+
+def resolve_model(requested):
+    """
+    Pick the model: the requested one, the bundled tiny model, or a random stand-in.
+
+    :param requested: model name or None
+    :return: (model name, description)
+    """
+    if requested:
+        return requested, requested
+    if BUNDLED.is_file():
+        return 'bundled:marigold-tiny', 'bundled tiny trained model'
+    from marigold_model.architecture import build_random_marigold, TinyArchitecture
+    folder = tempfile.mkdtemp(prefix='bench_node_model_')
+    build_random_marigold(folder, TinyArchitecture(), seed=0)
+    return folder, 'random weights, tiny architecture (bundled model not trained yet)'
+
+
+# ------------------------------------------------------------------ 1 and 3: the node
+
+
+def run_node(model, frames, log=print):
+    """
+    Run frames through the node in a closed loop: overhead ratio and memory.
+
+    :param model: model name
+    :param frames: number of frames
+    :param log: progress printer
+    :return: dict of figures
+    """
+    rgb, camera = test_image()
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    overrides = [Parameter('model', value=model), Parameter('device', value='cpu'),
+                 Parameter('fixed_scale', value=2.0), Parameter('fixed_shift', value=0.5),
+                 Parameter('input_reliability', value='reliable')]
+    node = DepthNode(context=context, namespace='/bench', parameter_overrides=overrides)
+    io = Node('bench_io', context=context, namespace='/bench')
+    clouds = []
+    io.create_subscription(PointCloud2, 'depth/points', clouds.append,
+                           QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
+    image_pub = io.create_publisher(Image, 'image', 5)
+    info_pub = io.create_publisher(CameraInfo, 'camera_info', 5)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    executor.add_node(io)
+    memory = []
+    try:
+        while node.diagnostics.model_state == 'loading':
+            executor.spin_once(timeout_sec=0.05)
+        if node.diagnostics.model_state != 'ready':
+            raise RuntimeError(node.diagnostics.model_message)
+        start = time.monotonic()
+        for index in range(frames):
+            header = Header(stamp=io.get_clock().now().to_msg(), frame_id=FRAME)
+            info_pub.publish(camera.to_msg(header))
+            image_pub.publish(rgb_to_image(rgb, header))
+            deadline = time.monotonic() + 120.0
+            while len(clouds) <= index and time.monotonic() < deadline:
+                executor.spin_once(timeout_sec=0.01)
+            if len(clouds) <= index:
+                raise RuntimeError(f'no cloud for frame {index}')
+            clouds.clear()
+            clouds.extend([None] * (index + 1))  # keep the count, drop the messages
+            if index % 50 == 0 or index == frames - 1:
+                memory.append((index + 1, rss_mb()))
+                log(f'  frame {index + 1}/{frames}  rss {memory[-1][1]:.1f} MB  '
+                    f'{(time.monotonic() - start) / (index + 1):.3f} s/frame')
+        recent = node.diagnostics.recent('')
+        snapshot = node.diagnostics.snapshot('')
+        info = dict(node.diagnostics.model_info)
+    finally:
+        executor.remove_node(node)
+        executor.remove_node(io)
+        node.destroy_node()
+        io.destroy_node()
+        executor.shutdown(timeout_sec=1.0)
+        rclpy.shutdown(context=context)
+    latency = np.array(recent['latency_s'])
+    estimator = np.array(recent['estimator_s'])
+    count = min(latency.size, estimator.size)
+    latency, estimator = latency[-count:], estimator[-count:]
+    overhead = (latency - estimator) / estimator
+    after_warmup = [(i, m) for i, m in memory if i > 100] or memory
+    slope = np.polyfit([i for i, _ in after_warmup], [m for _, m in after_warmup], 1)[0] \
+        if len(after_warmup) > 1 else math.nan
+    return {
+        'frames': frames, 'frames_in_window': int(count), 'dropped': snapshot['dropped'],
+        'processing_resolution': info.get('processing_resolution'),
+        'denoising_steps': info.get('denoising_steps'),
+        'latency_p50_ms': 1000 * float(np.median(latency)),
+        'estimator_p50_ms': 1000 * float(np.median(estimator)),
+        'overhead_p50': float(np.median(overhead)),
+        'overhead_p95': float(np.percentile(overhead, 95)),
+        'overhead_of_means': float((latency - estimator).sum() / estimator.sum()),
+        'node_ms_p50': 1000 * float(np.median(latency - estimator)),
+        'rss_mb': memory,
+        'rss_growth_mb_after_warmup': after_warmup[-1][1] - after_warmup[0][1],
+        'rss_slope_kb_per_frame': 1024 * float(slope),
+    }
+
+
+# ------------------------------------------------------------------ 2: conversion and cloud
+
+
+class InstantEstimator:
+    """Return a fixed relative depth at once (only the node's own work is timed)."""
+
+    def __init__(self, depth):
+        """Keep the depth to return."""
+        self.depth = depth
+
+    def estimate(self, frames, keys=None):
+        """Return the fixed depth for every frame."""
+        return [DepthResult(self.depth, None, {'total': 0.0}, self.depth.shape)
+                for _ in frames]
+
+
+def naive_cloud(image_msg, depth, k):
+    """
+    Per-point Python cloud: x, y, z from the depth and struct.pack per point.
+
+    :param image_msg: sensor_msgs/Image (converted with image_to_rgb first)
+    :param depth: HxW meters
+    :param k: 3x3 intrinsics
+    :return: PointCloud2 data bytes
+    """
+    rgb = image_to_rgb(image_msg).tolist()
+    fx, fy, cx, cy = k[0, 0], k[1, 1], k[0, 2], k[1, 2]
+    rows = depth.tolist()
+    pack = struct.Struct('<fffI').pack
+    out = []
+    for v, row in enumerate(rows):
+        colours = rgb[v]
+        for u, z in enumerate(row):
+            r, g, b = colours[u]
+            if z > 0:
+                out.append(pack((u - cx) * z / fx, (v - cy) * z / fy, z,
+                                (r << 16) | (g << 8) | b))
+            else:
+                nan = float('nan')
+                out.append(pack(nan, nan, nan, (r << 16) | (g << 8) | b))
+    return b''.join(out)
+
+
+def run_conversions(repeats=30):
+    """
+    Time the node's own per-frame work and the naive per-point builder.
+
+    :param repeats: frames timed for the fast path
+    :return: dict of figures
+    """
+    rgb, camera = test_image()
+    v, u = np.mgrid[0:HEIGHT, 0:WIDTH]
+    relative = (0.3 + 0.0005 * u + 0.0003 * v).astype(np.float32)
+    header = Header(stamp=rclpy.time.Time(seconds=1).to_msg(), frame_id=FRAME)
+    frame = FrameInput(rgb_to_image(rgb, header), camera.to_msg(header))
+    pipeline = DepthPipeline(InstantEstimator(relative), OutputConfig(fixed_scale=2.0))
+    for _ in range(3):
+        pipeline.process([frame])
+    times, decode, outputs = [], [], []
+    for _ in range(repeats):
+        clock = time.perf_counter()
+        (result,) = pipeline.process([frame])
+        times.append(time.perf_counter() - clock)
+        decode.append(result.timings['decode'])
+        outputs.append(result.timings['outputs'])
+    assert result.points is not None and result.metric is not None
+    clock = time.perf_counter()
+    naive = naive_cloud(frame.image, 2.0 * relative, camera.K)
+    naive_s = time.perf_counter() - clock
+    assert len(naive) == len(result.points.data)
+    fast_ms = 1000 * float(np.median(times))
+    return {
+        'node_work_ms': fast_ms, 'decode_ms': 1000 * float(np.median(decode)),
+        'outputs_ms': 1000 * float(np.median(outputs)),
+        'naive_cloud_ms': 1000 * naive_s, 'speedup': 1000 * naive_s / fast_ms,
+    }
+
+
+def main(argv=None):
+    """
+    Run the three measurements and print them.
+
+    :param argv: argument list (default sys.argv)
+    :return: exit code
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--frames', type=int, default=1000)
+    parser.add_argument('--model', default=None,
+                        help='model (default: bundled tiny model, else random weights)')
+    parser.add_argument('--json', default=None, help='also write the figures here')
+    args = parser.parse_args(argv)
+    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'OFF')
+    model, description = resolve_model(args.model)
+    print(f'model: {description}\nimage {WIDTH}x{HEIGHT}, CPU, {args.frames} frames')
+    conversions = run_conversions()
+    print(f"node's own work per frame (decode + all outputs incl. cloud): "
+          f"{conversions['node_work_ms']:.2f} ms (decode {conversions['decode_ms']:.2f}, "
+          f"outputs {conversions['outputs_ms']:.2f}); naive per-point cloud "
+          f"{conversions['naive_cloud_ms']:.0f} ms: {conversions['speedup']:.0f}x")
+    node = run_node(model, args.frames)
+    verdict = 'OK' if node['overhead_p50'] <= 0.05 else 'ABOVE TARGET'
+    print(f"processing resolution {node['processing_resolution']}, "
+          f"{node['denoising_steps']} steps; last {node['frames_in_window']} frames:")
+    print(f"  latency p50 {node['latency_p50_ms']:.1f} ms, estimator p50 "
+          f"{node['estimator_p50_ms']:.1f} ms, node share p50 {node['node_ms_p50']:.1f} ms")
+    print(f"  node overhead p50 {node['overhead_p50']:.4f} (p95 {node['overhead_p95']:.4f}, "
+          f"of means {node['overhead_of_means']:.4f}); target <= 0.05: {verdict}")
+    print(f"  memory: {node['rss_mb'][0][1]:.1f} MB after frame 1, "
+          f"{node['rss_mb'][-1][1]:.1f} MB after frame {node['rss_mb'][-1][0]}; "
+          f"growth after warm-up {node['rss_growth_mb_after_warmup']:+.1f} MB "
+          f"({node['rss_slope_kb_per_frame']:+.2f} KB/frame)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({'model': description, 'conversions':
+                                               conversions, 'node': node}, indent=2))
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

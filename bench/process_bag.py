@@ -1,0 +1,219 @@
+"""
+Benchmark: frames per second of process_bag against the bare estimator on the same frames.
+
+A bag of synthetic frames (Image rgb8 + CameraInfo) is written to a temporary folder, then,
+alternating in one process with one loaded model:
+
+* bare: ``DepthEstimator.estimate`` on the already decoded RGB frames, in the same batches
+  process_bag uses (the model alone: no decoding, no outputs, no bag);
+* process_bag: the whole run (open the bag, read and deserialize, decode, the same model
+  calls, depth / camera info / metric depth / point cloud messages, canonical serialization,
+  writing and moving the output bag into place).
+
+The ratio fps(process_bag) / fps(bare) is the share of the model's speed the offline tool
+keeps (target: at least 0.95).  Medians over the repeats (bare and process_bag alternate,
+so drifting machine load hits both); no assertions (the machine is shared).  A fixed
+metric scale is set so every output, the point cloud included, is made.  process_bag's
+fixed costs (opening the bag, writing its metadata) are included, so few frames understate
+its rate.
+
+Run: .venv/bin/python bench/process_bag.py [--frames 64 --height 240 --width 320
+     --model bundled:marigold-tiny --repeats 3 --threads 1]
+"""
+
+import argparse
+from pathlib import Path
+import shutil
+import statistics
+import tempfile
+import time
+
+from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
+from marigold_model.data.synthetic import render_sequence
+from marigold_model.estimator import DepthEstimator
+from marigold_model.loading import BUNDLED_DIR
+from marigold_ros.bag_processor import BagJob, format_summary, process_bag
+from marigold_ros.conversions import rgb_to_image
+import numpy as np
+from rclpy.serialization import serialize_message
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.typesys import get_typestore, Stores
+from sensor_msgs.msg import CameraInfo
+from std_msgs.msg import Header
+import torch
+
+
+def _model(requested, folder):
+    if requested:
+        return requested
+    if (BUNDLED_DIR / 'marigold-tiny' / 'model_index.json').is_file():
+        return 'bundled:marigold-tiny'
+    from marigold_model.architecture import build_random_marigold
+    build_random_marigold(folder)
+    print('(bundled tiny model missing: using a random model of the same architecture)')
+    return str(folder)
+
+
+def write_bag(path, frames, height, width):
+    """
+    Write a bag of synthetic frames with camera info at 10 Hz.
+
+    :param path: output bag folder
+    :param frames: number of frames
+    :param height: image height
+    :param width: image width
+    :return: list of the RGB frames
+    """
+    from builtin_interfaces.msg import Time
+    store = get_typestore(Stores.ROS2_KILTED)
+    samples = render_sequence(np.random.default_rng(0), frames, height=height, width=width,
+                              motion='orbit', noise=True)
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        image_conn = writer.add_connection('/cam/image_raw', 'sensor_msgs/msg/Image',
+                                           typestore=store)
+        info_conn = writer.add_connection('/cam/camera_info', 'sensor_msgs/msg/CameraInfo',
+                                          typestore=store)
+        for i, sample in enumerate(samples):
+            stamp = 10 ** 9 * 100 + i * 10 ** 8
+            header = Header(frame_id='cam_optical',
+                            stamp=Time(sec=stamp // 10 ** 9, nanosec=stamp % 10 ** 9))
+            info = CameraInfo(header=header, width=width, height=height,
+                              distortion_model='plumb_bob', d=[0.0] * 5)
+            info.k = sample.K.reshape(-1).tolist()
+            info.r = np.eye(3).reshape(-1).tolist()
+            info.p = np.hstack([sample.K, np.zeros((3, 1))]).reshape(-1).tolist()
+            writer.write(image_conn, stamp + 1000,
+                         serialize_message(rgb_to_image(sample.rgb, header)))
+            writer.write(info_conn, stamp + 2000, serialize_message(info))
+    return [s.rgb for s in samples]
+
+
+def _clocks():
+    """Wall time, CPU time of this thread and CPU time of the whole process."""
+    return np.array([time.perf_counter(), time.thread_time(), time.process_time()])
+
+
+def bare(estimator, frames, batch):
+    """
+    Time the model alone on the frames, in process_bag's batches.
+
+    :param estimator: DepthEstimator
+    :param frames: RGB frames
+    :param batch: frames per call
+    :return: seconds as [wall, CPU of this thread, CPU of the process]
+    """
+    start = _clocks()
+    for first in range(0, len(frames), batch):
+        estimator.estimate(frames[first:first + batch])
+    return _clocks() - start
+
+
+class _Metered:
+    """The estimator, counting the CPU time of the threads that call it."""
+
+    def __init__(self, estimator):
+        self.estimator = estimator
+        self.cpu = 0.0
+
+    def set_inference(self, inference):
+        self.estimator.set_inference(inference)
+
+    def estimate(self, frames, keys=None):
+        start = time.thread_time()
+        try:
+            return self.estimator.estimate(frames, keys=keys)
+        finally:
+            self.cpu += time.thread_time() - start
+
+
+def offline(estimator, bag, folder, params, run):
+    """
+    Time a whole process_bag run (output removed afterwards).
+
+    :param estimator: DepthEstimator
+    :param bag: input bag
+    :param folder: scratch folder
+    :param params: params file
+    :param run: run number (output name)
+    :return: (seconds as [wall, CPU of this thread, CPU of the process, CPU in the
+        estimator], BagSummary)
+    """
+    out = Path(folder) / f'out{run}'
+    metered = _Metered(estimator)
+    start = _clocks()
+    summary = process_bag(BagJob(input=bag, output=str(out), params=params, quiet=True),
+                          estimator=metered)
+    seconds = np.append(_clocks() - start, metered.cpu)
+    shutil.rmtree(out)
+    return seconds, summary
+
+
+def main(argv=None):
+    """
+    Run the benchmark and print the figures.
+
+    :param argv: arguments (default sys.argv)
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--frames', type=int, default=64)
+    parser.add_argument('--height', type=int, default=240)
+    parser.add_argument('--width', type=int, default=320)
+    parser.add_argument('--model', default=None, help='default: bundled:marigold-tiny')
+    parser.add_argument('--processing-resolution', type=int, default=0)
+    parser.add_argument('--batch', type=int, default=4)
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--threads', type=int, default=0,
+                        help='torch threads (0: the torch default)')
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix='bench_process_bag_') as folder:
+        model = _model(args.model, Path(folder) / 'model')
+        bag = str(Path(folder) / 'in')
+        frames = write_bag(bag, args.frames, args.height, args.width)
+        inference = InferenceConfig(processing_resolution=args.processing_resolution,
+                                    batch_size=args.batch)
+        params = Path(folder) / 'depth.yaml'
+        params.write_text('marigold_depth:\n  ros__parameters:\n'
+                          f'    model: {model!r}\n    device: cpu\n'
+                          f'    processing_resolution: {args.processing_resolution}\n'
+                          f'    batch_size: {args.batch}\n    fixed_scale: 4.0\n'
+                          '    fixed_shift: 0.5\n')
+        estimator = DepthEstimator(EstimatorConfig(ModelConfig(model=model, device='cpu'),
+                                                   inference))
+        bare(estimator, frames[:args.batch], args.batch)  # warm-up
+        bare_times, bag_times = [], []
+        for run in range(args.repeats):
+            bare_times.append(bare(estimator, frames, args.batch))
+            seconds, summary = offline(estimator, bag, folder, str(params), run)
+            bag_times.append(seconds)
+            print(f'repeat {run}: bare {args.frames / bare_times[-1][0]:.2f} fps, '
+                  f'process_bag {args.frames / seconds[0]:.2f} fps, '
+                  f'ratio {bare_times[-1][0] / seconds[0]:.3f}')
+        bare_t = np.median(bare_times, axis=0)
+        bag_t = np.median(bag_times, axis=0)
+        paired = statistics.median(b[0] / p[0] for b, p in zip(bare_times, bag_times))
+        steps, resolution = estimator.resolved_settings()
+        threads = torch.get_num_threads()
+        print(f'\nmodel {model}, {args.frames} frames {args.width}x{args.height}, processing '
+              f'resolution {resolution}, {steps} steps, batch {args.batch}, torch threads '
+              f'{threads}, outputs: {sorted(summary.topics_out)}')
+        print(f'wall clock: bare estimator {args.frames / bare_t[0]:.2f} fps, process_bag '
+              f'{args.frames / bag_t[0]:.2f} fps: ratio {bare_t[0] / bag_t[0]:.3f} (medians '
+              f'of {args.repeats}; median of the paired ratios {paired:.3f}; target >= 0.95)')
+        per_frame = 1e3 / args.frames
+        model_cpu = bag_t[3] * per_frame
+        main_cpu = bag_t[1] * per_frame
+        print(f'CPU ms per frame: bare estimator {bare_t[2] * per_frame:.1f}; process_bag '
+              f'{bag_t[2] * per_frame:.1f} in all threads = estimator {model_cpu:.1f} + '
+              f'pipeline outputs and matching (main thread) {main_cpu:.1f} + reading, '
+              f'decoding ahead and writing (other threads) '
+              f'{bag_t[2] * per_frame - model_cpu - main_cpu:.1f}')
+        print(f'CPU-time ratio {bare_t[2] / bag_t[2]:.3f}: the wall-clock ratio when no core '
+              'is free for the threads that overlap the model (this shared machine); with '
+              'free cores (or the model on a GPU) only the model thread limits the rate')
+        print('\nlast run summary:\n' + format_summary(summary))
+
+
+if __name__ == '__main__':
+    main()
