@@ -54,10 +54,10 @@ def _missing_weights_message(model, looked_in):
         'Provide them in one of these ways:\n'
         f'  - download once (needs network): hf download {model}'
         ' (or: huggingface-cli download ...), then run again; the local cache is used offline\n'
-        '  - point the `model` parameter at a local diffusers folder (model_index.json,'
-        ' unet/, vae/, scheduler/)\n'
-        "  - use the bundled tiny model: model:='bundled:marigold-tiny' (a small demo model,"
-        ' not for real use)')
+        '  - set the model (ROS parameter `model`, or --model) to a local diffusers folder'
+        ' (model_index.json, unet/, vae/, scheduler/)\n'
+        '  - or to the bundled tiny model, bundled:marigold-tiny (a small demo model, not for'
+        ' real use)')
 
 
 def resolve_model_path(model, marker='model_index.json'):

@@ -20,6 +20,13 @@ How it differs from playing the bag into the node, and why:
   in step with the input (copied through with ``--copy-inputs``).
 * The output is written to a hidden sibling folder and moved into place only when complete;
   an error or Ctrl-C removes it, and the input is only ever opened read-only.
+* Reading, the model and writing overlap on three threads (:mod:`marigold_ros.bag_overlap`),
+  each keeping bag order, so the model sets the pace wherever a core (or a GPU) is free.
+
+Bit-identical means: every message (topic, bag time, bytes) and the storage files, for the
+same input, parameters (``--batch`` included), seed, software and machine.  Exit status:
+0 done (frames that could not be decoded are reported and skipped unless ``--strict``),
+1 error (nothing written), 130 interrupted (nothing written).
 """
 
 import argparse
@@ -129,6 +136,7 @@ class BagSummary:
     :param last_scale: the last usable ScaleEstimate, or None
     :param batch: frames per estimator call used
     :param extrinsic: where the LiDAR extrinsic came from ('' without LiDAR)
+    :param camera_info_topic: the CameraInfo topic used ('' for none)
     """
 
     output: str = ''
@@ -146,6 +154,7 @@ class BagSummary:
     last_scale: object = None
     batch: int = 0
     extrinsic: str = ''
+    camera_info_topic: str = ''
 
 
 class Interrupted(KeyboardInterrupt):
@@ -565,6 +574,7 @@ class BagProcessor:
         self._setup(reader, topics, config, writer, background)
         summary = self.summary
         summary.image_topic = topics.image
+        summary.camera_info_topic = topics.camera_info or ''
         wanted = None if job.copy_inputs else [
             t for t in (topics.image, topics.camera_info, topics.sparse_depth, topics.points)
             if t]
@@ -755,6 +765,15 @@ def format_summary(summary):
         if table:
             lines.append(f'{title}: ' + ', '.join(f'{k} {v}' for k, v in sorted(
                 table.items())))
+    unmatched = summary.notes.get('no_camera_info', 0)
+    if unmatched and summary.camera_info_topic:
+        lines.append(f'hint: {summary.camera_info_topic} matched no camera info to {unmatched} '
+                     'frames by stamp: raise camera_info_tolerance, or set '
+                     'camera_info_use_latest: true for a static camera_info publisher '
+                     '(--params)')
+    elif unmatched:
+        lines.append('hint: no CameraInfo topic was found or given (--camera-info-topic): '
+                     'no clouds')
     return '\n'.join(lines)
 
 

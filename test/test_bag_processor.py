@@ -18,7 +18,7 @@ from marigold_model.estimator import DepthEstimator, DepthResult
 from marigold_ros.bag_io import BagError, BagMessage, BagReader, serialize_canonical
 from marigold_ros.bag_io import to_rclpy
 from marigold_ros.bag_processor import BagJob, camera_namespace, configs_from_parameters
-from marigold_ros.bag_processor import main, process_bag, read_params_file
+from marigold_ros.bag_processor import format_summary, main, process_bag, read_params_file
 from marigold_ros.conversions import image_to_depth, pointcloud2_from_depth
 from marigold_ros.conversions import rgb_to_compressed, rgb_to_image
 from marigold_ros.export import read_ply
@@ -29,11 +29,11 @@ from marigold_ros.static_tf import matrix_to_quaternion, StaticTransforms
 import numpy as np
 from PIL import Image as PILImage
 import pytest
-from rclpy.serialization import serialize_message
+from rclpy.serialization import deserialize_message, serialize_message
 from rosbags.rosbag1 import Writer as Writer1
-from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import get_typestore, Stores
-from sensor_msgs.msg import CameraInfo
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from std_msgs.msg import Header
 import torch
 
@@ -171,17 +171,20 @@ def _write_ros1_bag(path, messages):
 
 
 def _read(path):
-    """Every message of a bag: list of (topic, bag time, raw CDR bytes), in bag order."""
-    with BagReader(path) as reader:
-        return [(m.topic, m.log_time, m.cdr) for m in reader.messages()]
+    """Every message of a rosbag2 (rosbags directly): (topic, bag time, raw CDR), in order."""
+    with Reader(path) as reader:
+        return [(c.topic, t, bytes(raw)) for c, t, raw in reader.messages()]
 
 
 def _by_topic(path):
-    """Deserialized messages per topic."""
+    """Messages per topic, deserialized by rclpy into the classes the node uses."""
+    classes = {'sensor_msgs/msg/Image': Image, 'sensor_msgs/msg/CameraInfo': CameraInfo,
+               'sensor_msgs/msg/PointCloud2': PointCloud2}
     out = {}
-    with BagReader(path) as reader:
-        for message in reader.messages():
-            out.setdefault(message.topic, []).append(to_rclpy(message))
+    with Reader(path) as reader:
+        for connection, _, raw in reader.messages():
+            out.setdefault(connection.topic, []).append(
+                deserialize_message(bytes(raw), classes[connection.msgtype]))
     return out
 
 
@@ -438,6 +441,25 @@ def test_lidar_with_recorded_static_transforms(tmp_path, scenes, params):
         transforms('cam_optical', 'radar', 0)
 
 
+def test_static_camera_info_needs_use_latest(tmp_path, scenes, params):
+    """One camera_info with an unrelated stamp: matched only with camera_info_use_latest."""
+    messages = [m for m in _messages(scenes) if m[0] != '/cam/camera_info']
+    info = _camera_info(scenes[0], 0)
+    info.header.stamp = Time(sec=1)
+    messages.insert(0, ('/cam/camera_info', 'sensor_msgs/msg/CameraInfo', T0 - 1,
+                        serialize_message(info)))
+    bag = _write_bag(tmp_path / 'in', 'mcap', messages)
+    summary = process_bag(_job(bag, tmp_path / 'a', params), estimator=OracleEstimator(scenes))
+    assert summary.notes['no_camera_info'] == N_FRAMES
+    assert 'camera_info_use_latest' in format_summary(summary)
+    latest = tmp_path / 'latest.yaml'
+    latest.write_text(PARAMS + '    camera_info_use_latest: true\n')
+    summary = process_bag(_job(bag, tmp_path / 'b', str(latest)),
+                          estimator=OracleEstimator(scenes))
+    assert summary.topics_out['/cam/depth/camera_info'] == N_FRAMES
+    assert 'no_camera_info' not in summary.notes
+
+
 def test_topic_choice_and_errors_leave_no_output(tmp_path, scenes, params):
     """Several or missing image topics: the error lists the image topics; nothing written."""
     bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes, second_camera=True))
@@ -498,7 +520,7 @@ QOS_PROFILE = """
 
 
 def test_metadata_hiding_a_topic_falls_back_to_the_storage_file(tmp_path, scenes, params):
-    """QoS in metadata.yaml that differs from the storage hides a topic; it is still read."""
+    """Read a topic that metadata.yaml hides (its QoS differs from the storage file)."""
     bag = Path(_write_bag(tmp_path / 'in', 'mcap', _messages(scenes)))
     metadata = (bag / 'metadata.yaml').read_text()
     hidden = metadata.replace(
