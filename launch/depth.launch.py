@@ -38,7 +38,7 @@ ARGUMENTS = (
     ('params_file', DEFAULT_PARAMS, 'ROS 2 parameters file of the node'),
     ('model', '', "model override: HF id, local folder or 'bundled:marigold-tiny' "
                   '(empty: the value in params_file)'),
-    ('device', '', "device override: auto, cpu, cuda or cuda:N (empty: params_file)"),
+    ('device', '', 'device override: auto, cpu, cuda or cuda:N (empty: params_file)'),
     ('use_sim_time', 'false', 'use /clock (bag replay, simulation)'),
     ('rviz', 'false', 'also start rviz2 with the depth view'),
     ('rviz_config', DEFAULT_RVIZ, 'RViz configuration file'),

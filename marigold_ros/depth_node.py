@@ -31,6 +31,7 @@ from marigold_model.config import DTYPES, EstimatorConfig, InferenceConfig, Mode
 from marigold_model.config import VAE_CHOICES, validate_inference_config
 from marigold_model.config import validate_model_config
 from marigold_model.scale_tracking import ScaleTrackerConfig
+import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
 from rclpy.clock import Clock, ClockType
@@ -65,14 +66,14 @@ OUTPUTS = ('relative', 'metric', 'uncertainty', 'camera_info', 'points')
 _CAMERA_INFO_QUEUE = 30
 _NS_PER_S = 1e9
 
-_YAML_HEADER = '''\
+_YAML_HEADER = """\
 Parameters of the marigold_depth node (ros2 launch marigold_ros depth.launch.py).
 Every parameter is listed with its default (test/test_params.py keeps this file in sync with
 the config dataclasses; regenerate with marigold_ros.depth_node.default_params_yaml()).
 Float parameters accept integers.  '/**' applies the file to the node whatever its name
 and namespace.  Read-only parameters need a restart (or a lifecycle reconfigure); the
 others can be changed at runtime, e.g.
-  ros2 param set /marigold_depth ensemble_size 3'''
+  ros2 param set /marigold_depth ensemble_size 3"""
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,9 @@ class NodeConfig:
     :param error_log_period: at most one log line per camera and problem per this many
         seconds (every occurrence is still counted in diagnostics)
     :param shutdown_timeout: seconds to wait at shutdown for a model call in progress
+    :param warmup: run the model once on a blank 640x480 frame after loading, before
+        reporting ready, so that the first camera frame does not pay for one-time
+        initialisation (CUDA context, cuDNN autotuning, torch.compile, CPU kernels)
     """
 
     cameras: tuple = ('',)
@@ -115,6 +119,7 @@ class NodeConfig:
     diagnostics_period: float = 1.0
     error_log_period: float = 5.0
     shutdown_timeout: float = 60.0
+    warmup: bool = True
 
     def __post_init__(self):
         """
@@ -357,6 +362,10 @@ class _DepthCore:
         start = time.monotonic()
         try:
             estimator = self._estimator_factory(config)
+            if self._node_config.warmup:
+                self._diag.set_model_state(MODEL_LOADING, 'warming up')
+                estimator.set_inference(self._inference)
+                estimator.estimate([np.full((480, 640, 3), 128, np.uint8)])
         except Exception as error:  # noqa: B902 - any load failure is reported, not raised
             message = f'{type(error).__name__}: {error}'
             self._diag.set_model_state(MODEL_ERROR, message)

@@ -119,6 +119,7 @@ class Graph:
         overrides = [Parameter('model', value='injected'), Parameter('device', value='cpu'),
                      Parameter('processing_resolution', value=32),
                      Parameter('denoising_steps', value=1),
+                     Parameter('warmup', value=False),
                      Parameter('diagnostics_period', value=0.2)]
         overrides += [Parameter(name, value=value) for name, value in parameters]
 
@@ -249,7 +250,7 @@ def graph_factory(context, estimator):
 def test_every_output_with_a_fixed_scale(graph_factory):
     """Relative, metric, uncertainty, camera info, cloud and diagnostics; same header."""
     graph = graph_factory(parameters=[('fixed_scale', 2.0), ('fixed_shift', 0.5),
-                                      ('ensemble_size', 2)])
+                                      ('ensemble_size', 2), ('warmup', True)])
     graph.subscribe_outputs()
     assert graph.node.wait_until_ready(TIMEOUT)
     header = graph.send()
@@ -273,8 +274,9 @@ def test_every_output_with_a_fixed_scale(graph_factory):
     assert (cloud.height, cloud.width, cloud.point_step, cloud.is_dense) == (H, W, 16, False)
     xyz = pointcloud2_to_xyz(cloud).reshape(H, W, 3)
     np.testing.assert_allclose(xyz[..., 2], image_to_depth(metric), rtol=1e-6)
-    assert graph.spies[0].calls[0]['inference'].ensemble_size == 2
-    assert graph.spies[0].calls[0]['thread'] == 'marigold_worker'
+    warmup, first = graph.spies[0].calls[:2]
+    assert warmup['thread'] == 'marigold_load'  # one blank frame before 'ready'
+    assert first['thread'] == 'marigold_worker' and first['inference'].ensemble_size == 2
     assert graph.spin_until(lambda: graph.status() is not None and
                             values(graph.status())['frames published'] == '1')
     camera = values(graph.status())

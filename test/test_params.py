@@ -5,8 +5,8 @@ from pathlib import Path
 
 from marigold_ros.depth_node import parameter_groups
 from marigold_ros.params import check_unique, ConfigGroup, field_descriptions
-from rcl_interfaces.msg import ParameterType
 import pytest
+from rcl_interfaces.msg import ParameterType
 import rclpy
 from rclpy.node import Node
 from rclpy.parameter import Parameter
