@@ -140,8 +140,8 @@ def run(recipe, work, output, log=print):
 
     arch = TinyArchitecture(vae_channels=recipe.vae_channels, unet_channels=recipe.unet_channels,
                             processing_resolution=recipe.resolution, denoising_steps=1)
-    base = work / 'base'
-    if not (base / 'model_index.json').is_file():
+    vae_dir = work / 'vae'
+    if not (vae_dir / 'config.json').is_file():
         clock = time.perf_counter()
         torch.manual_seed(recipe.seed)
         vae = build_vae(arch)
@@ -152,10 +152,15 @@ def run(recipe, work, output, log=print):
         factor = fit_scaling_factor(vae, rgb, depth)
         error = reconstruction_error(vae, depth)
         log(f'vae: scaling factor {factor:.4f}, depth round-trip error {error:.4f}')
-        save_marigold(base, build_unet(arch), vae, empty_text_embedding(arch, recipe.seed), 1,
-                      recipe.resolution, extra={'architecture': asdict(arch)})
+        vae.save_pretrained(vae_dir)
         figures.update(vae_s=time.perf_counter() - clock, vae_final_loss=losses[-1],
                        vae_depth_roundtrip_error=error)
+    # The starting point of the U-Net training: a random U-Net around the trained VAE.
+    from diffusers import AutoencoderKL
+    torch.manual_seed(recipe.seed)
+    base = save_marigold(work / 'base', build_unet(arch), AutoencoderKL.from_pretrained(vae_dir),
+                         empty_text_embedding(arch, recipe.seed), 1, recipe.resolution,
+                         extra={'architecture': asdict(arch)})
 
     from .data.mixing import MixedDataset, TrainTransform
     # Twice the scenes as indices, so each scene is also seen flipped.
