@@ -435,7 +435,8 @@ class Trainer:
         return tuple(torch.stack(part) for part in zip(*rows))
 
     def prefill_latent_cache(self, batch=64):
-        """Encode every dataset index into the latent cache, in order.
+        """
+        Encode every dataset index into the latent cache, in order.
 
         :param batch: samples per VAE call
         """
