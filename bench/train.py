@@ -1,0 +1,69 @@
+"""
+Training throughput: optimiser steps and samples per second, and peak memory.
+
+Runs the real Trainer for a few steps on procedural scenes: the bundled tiny model on the CPU,
+and on CUDA (when present) also a full-size model given with --full-model (e.g. a local copy
+of prs-eth/marigold-depth-v1-1) in fp16 with gradient checkpointing.
+
+    python bench/train.py [--steps 6] [--full-model PATH]
+"""
+
+import argparse
+import resource
+import tempfile
+import time
+
+from marigold_model.trainer import DataSpec, TrainConfig, Trainer
+import torch
+
+
+def measure(base, steps, size, batch, **changes):
+    """
+    Time ``steps`` optimiser steps after one warm-up step.
+
+    :param base: model to start from
+    :param steps: timed steps
+    :param size: square training resolution
+    :param batch: batch size
+    :param changes: extra TrainConfig settings
+    :return: (steps per second, samples per second)
+    """
+    config = TrainConfig(output_dir=tempfile.mkdtemp(prefix='bench_train_'), base_model=base,
+                         data=(DataSpec('synthetic', '', 1.0, {'length': 256}),),
+                         height=size, width=size, batch_size=batch, grad_accumulation=1,
+                         max_steps=steps + 1, warmup_steps=1, progress=False, **changes)
+    trainer = Trainer(config)
+    trainer.train_step()
+    clock = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    elapsed = time.perf_counter() - clock
+    return steps / elapsed, steps * batch / elapsed
+
+
+def main(argv=None):
+    """
+    Print the throughput table.
+
+    :param argv: arguments
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--steps', type=int, default=6)
+    parser.add_argument('--full-model', default='')
+    args = parser.parse_args(argv)
+    print('| model | device | resolution | batch | steps/s | samples/s |')
+    print('|---|---|---|---|---|---|')
+    rate, samples = measure('bundled:marigold-tiny', args.steps, 64, 32)
+    print(f'| tiny | cpu | 64 | 32 | {rate:.2f} | {samples:.1f} |')
+    print(f'peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}'
+          ' MiB')
+    if torch.cuda.is_available() and args.full_model:
+        torch.cuda.reset_peak_memory_stats()
+        rate, samples = measure(args.full_model, args.steps, 512, 2, mixed_precision='fp16',
+                                gradient_checkpointing=True)
+        print(f'| full | cuda | 512 | 2 | {rate:.2f} | {samples:.1f} |')
+        print(f'peak CUDA memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB')
+
+
+if __name__ == '__main__':
+    main()
