@@ -2,8 +2,7 @@
 Benchmark: metric scale recovery from sparse depth, AbsRel against sparsity and outliers.
 
 Ground truth comes from ``marigold_model.data.synthetic.render_scene`` (rooms with boxes and
-spheres, exact z depth) when that module is importable, else from analytic scenes (a tilted
-plane with blobs). The "relative prediction" imitates Marigold: the ground truth normalised
+spheres, exact z depth). The "relative prediction" imitates Marigold: the ground truth normalised
 to [0, 1], softened at edges (Gaussian blur) and distorted by a smooth low-frequency error of
 a few percent, renormalised to [0, 1].
 
@@ -26,6 +25,7 @@ import argparse
 import time
 
 from marigold_model.alignment import abs_rel, AlignmentError, fit_scale_shift
+from marigold_model.data.synthetic import render_scene
 from marigold_model.scale_tracking import refine_local, sample_sparse_pairs, ScaleTracker
 from marigold_model.scale_tracking import sparse_pixels
 import numpy as np
@@ -35,26 +35,8 @@ SPARSITIES = (0.0005, 0.001, 0.005, 0.01, 0.05)
 OUTLIER_RATES = (0.0, 0.05, 0.2)
 
 
-def _analytic_scene(rng, height, width):
-    """Tilted plane with Gaussian blobs, depth 1-6 m."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    yy /= height
-    xx /= width
-    gt = 6.0 - 4.0 * yy + 0.8 * xx * rng.uniform(-1.0, 1.0)
-    for _ in range(4):
-        cy, cx = rng.uniform(0.2, 0.8, 2)
-        radius = rng.uniform(0.05, 0.15)
-        gt -= rng.uniform(0.3, 1.2) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2)
-                                             / (2.0 * radius ** 2))
-    return gt, np.ones(gt.shape, dtype=bool)
-
-
 def _ground_truth(rng, height, width):
-    """Ground-truth depth and validity, from the synthetic renderer if available."""
-    try:
-        from marigold_model.data.synthetic import render_scene
-    except ImportError:
-        return _analytic_scene(rng, height, width), 'analytic'
+    """Ground-truth depth and validity of one procedural scene."""
     sample = render_scene(rng, height=height, width=width)
     valid = sample.valid & np.isfinite(sample.depth) & (sample.depth > 0)
     return (sample.depth.astype(np.float64), valid), 'render_scene'
