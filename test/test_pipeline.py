@@ -8,7 +8,7 @@ from marigold_model.scale_tracking import ScaleEstimate
 from marigold_ros.conversions import image_to_depth, pointcloud2_from_depth, pointcloud2_to_xyz
 from marigold_ros.conversions import rgb_to_compressed, rgb_to_image
 from marigold_ros.geometry import CameraModel, Roi, unproject_depth
-from marigold_ros.pipeline import apply_scale, DepthPipeline, FrameError, FrameInput
+from marigold_ros.pipeline import DepthPipeline, FrameError, FrameInput
 from marigold_ros.pipeline import NOTE_BAD_CAMERA_INFO, NOTE_NO_CAMERA_INFO
 from marigold_ros.pipeline import NOTE_NO_METRIC_SCALE, organized_cloud, OutputConfig
 import numpy as np
@@ -160,9 +160,10 @@ def test_fast_cloud_is_byte_identical_to_the_reference_builder():
 
 
 def test_apply_scale_float32_matches_scale_estimate():
-    """The fast float32 path equals ScaleEstimate.apply within float32 rounding."""
+    """The pipeline's float32 conversion equals ScaleEstimate.apply within float32 rounding."""
+    from marigold_ros.scale_recovery import apply_scale
     rel = np.random.default_rng(1).uniform(-0.1, 1.0, (20, 30)).astype(np.float32)
-    fast = apply_scale(rel, 3.0, -0.2)
+    fast, _ = apply_scale(_estimate(3.0, -0.2), rel)
     slow = _estimate(3.0, -0.2).apply(rel)
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(slow))
     np.testing.assert_allclose(fast[np.isfinite(fast)], slow[np.isfinite(slow)], rtol=1e-6)
