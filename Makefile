@@ -24,7 +24,7 @@ test: $(STAMP)
 	ROS_AUTOMATIC_DISCOVERY_RANGE=OFF $(PY) -m pytest -q test
 
 train-tiny: $(STAMP)
-	$(PY) -m marigold_model.tiny_recipe --output models/marigold-tiny
+	$(PY) -m marigold_model.tiny_recipe
 
 bench: $(STAMP)
 	$(PY) bench/estimator.py
