@@ -3,8 +3,9 @@ Benchmark of the live depth node at 640x480 with the tiny model on CPU, in one r
 
 1. Node overhead = (image stamp -> publish latency - estimator time) / estimator time, per
    frame, in steady state: a closed loop in one process (publisher -> node -> subscriber,
-   the next frame is sent when the previous cloud arrived), all outputs on (relative and
-   metric depth from a fixed scale, camera info, organized RGB cloud).  Target <= 0.05.
+   the next frame is sent when the previous cloud arrived), all outputs on and subscribed
+   (relative and metric depth from a fixed scale, camera info, organized RGB cloud).
+   Target <= 0.05.
 2. The node's own work per frame without the model: image conversion plus depth images,
    camera info, metric depth and the organized cloud (DepthPipeline with an instant
    estimator), in ms, against a naive per-point cloud builder (struct.pack per point, as a
@@ -32,6 +33,7 @@ from marigold_model.estimator import DepthResult
 from marigold_ros.conversions import image_to_rgb, rgb_to_image
 from marigold_ros.demo import load_sequence
 from marigold_ros.depth_node import DepthNode
+from marigold_ros.diagnostics import STAGES
 from marigold_ros.geometry import CameraModel
 from marigold_ros.pipeline import DepthPipeline, FrameInput, OutputConfig
 import numpy as np
@@ -118,8 +120,13 @@ def run_node(model, frames, log=print):
     node = DepthNode(context=context, namespace='/bench', parameter_overrides=overrides)
     io = Node('bench_io', context=context, namespace='/bench')
     clouds = []
-    io.create_subscription(PointCloud2, 'depth/points', clouds.append,
-                           QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
+    qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+    io.create_subscription(PointCloud2, 'depth/points', clouds.append, qos)
+    # Every output has a subscriber, so the node builds and publishes all of them (it skips
+    # outputs nobody listens to).
+    for kind, topic in ((Image, 'depth/relative'), (Image, 'depth/image'),
+                        (CameraInfo, 'depth/camera_info')):
+        io.create_subscription(kind, topic, lambda msg: None, qos)
     image_pub = io.create_publisher(Image, 'image', 5)
     info_pub = io.create_publisher(CameraInfo, 'camera_info', 5)
     executor = SingleThreadedExecutor(context=context)
@@ -165,8 +172,11 @@ def run_node(model, frames, log=print):
     after_warmup = [(i, m) for i, m in memory if i > 100] or memory
     slope = np.polyfit([i for i, _ in after_warmup], [m for _, m in after_warmup], 1)[0] \
         if len(after_warmup) > 1 else math.nan
+    stages = {name: 1000 * float(np.median(recent[f'{name}_s']))
+              for name in STAGES if recent[f'{name}_s']}
     return {
         'frames': frames, 'frames_in_window': int(count), 'dropped': snapshot['dropped'],
+        'stages_p50_ms': stages,
         'processing_resolution': info.get('processing_resolution'),
         'denoising_steps': info.get('denoising_steps'),
         'latency_p50_ms': 1000 * float(np.median(latency)),
@@ -286,6 +296,8 @@ def main(argv=None):
           f"{node['denoising_steps']} steps; last {node['frames_in_window']} frames:")
     print(f"  latency p50 {node['latency_p50_ms']:.1f} ms, estimator p50 "
           f"{node['estimator_p50_ms']:.1f} ms, node share p50 {node['node_ms_p50']:.1f} ms")
+    print('  stages p50 (ms): ' + ', '.join(
+        f'{name} {ms:.2f}' for name, ms in node['stages_p50_ms'].items()))
     print(f"  node overhead p50 {node['overhead_p50']:.4f} (p95 {node['overhead_p95']:.4f}, "
           f"of means {node['overhead_of_means']:.4f}); target <= 0.05: {verdict}")
     print(f"  memory: {node['rss_mb'][0][1]:.1f} MB after frame 1, "

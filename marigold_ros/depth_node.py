@@ -49,7 +49,7 @@ from sensor_msgs.msg import PointCloud2
 from .diagnostics import DiagnosticsCollector, KeyedThrottle, MODEL_ERROR, MODEL_LOADING
 from .diagnostics import MODEL_READY, MODEL_UNCONFIGURED
 from .params import ConfigGroup, declare_groups, yaml_document
-from .pipeline import DepthPipeline, FrameError, FrameInput, OutputConfig
+from .pipeline import DepthPipeline, FrameError, FrameInput, OUTPUT_NAMES, OutputConfig
 from .stamp_matcher import stamp_to_ns, StampMatcher
 
 try:  # scale recovery is optional: without it the node is relative unless fixed_scale is set
@@ -60,7 +60,6 @@ except ImportError:  # pragma: no cover - the module ships with the package
 NODE_NAME = 'marigold_depth'
 TRANSPORTS = ('raw', 'compressed')
 RELIABILITIES = ('best_effort', 'reliable')
-OUTPUTS = ('relative', 'metric', 'uncertainty', 'camera_info', 'points')
 
 # camera_info messages kept per camera for stamp matching (3 s at 10 Hz).
 _CAMERA_INFO_QUEUE = 30
@@ -103,6 +102,9 @@ class NodeConfig:
     :param error_log_period: at most one log line per camera and problem per this many
         seconds (every occurrence is still counted in diagnostics)
     :param shutdown_timeout: seconds to wait at shutdown for a model call in progress
+    :param lazy_outputs: build and publish only the outputs that have subscribers, as
+        image_pipeline's nodes do (the cloud is most of the node's own work per frame);
+        false builds every output every frame
     :param warmup: run the model once on a blank 640x480 frame after loading, before
         reporting ready, so that the first camera frame does not pay for one-time
         initialisation (CUDA context, cuDNN autotuning, torch.compile, CPU kernels)
@@ -119,6 +121,7 @@ class NodeConfig:
     diagnostics_period: float = 1.0
     error_log_period: float = 5.0
     shutdown_timeout: float = 60.0
+    lazy_outputs: bool = True
     warmup: bool = True
 
     def __post_init__(self):
@@ -479,6 +482,14 @@ class _DepthCore:
         info_qos = self._input_qos(max(cfg.input_depth, 10))
         compressed = cfg.image_transport == 'compressed'
         for camera in self._cameras:
+            # camera_info and the sparse inputs are subscribed before the image: the executor
+            # serves ready subscriptions in creation order, so a camera_info that arrived with
+            # its image is stored before the worker looks for it (no wait for a match).
+            self._inputs.append(self.create_subscription(
+                CameraInfo, camera_topic(camera, 'camera_info'),
+                lambda msg, camera=camera: self._matchers[camera].add_msg(msg), info_qos))
+            if self._scale_source is not None:
+                self._scale_source.attach(self, camera, info_qos)
             events = SubscriptionEventCallbacks(
                 incompatible_qos=lambda event, camera=camera: self._incompatible_qos(camera))
             topic = camera_topic(camera, 'image/compressed' if compressed else 'image')
@@ -488,11 +499,6 @@ class _DepthCore:
                 event_callbacks=events)
             self._image_topics[camera] = subscription.topic_name
             self._inputs.append(subscription)
-            self._inputs.append(self.create_subscription(
-                CameraInfo, camera_topic(camera, 'camera_info'),
-                lambda msg, camera=camera: self._matchers[camera].add_msg(msg), info_qos))
-            if self._scale_source is not None:
-                self._scale_source.attach(self, camera, info_qos)
 
     def _destroy_inputs(self):
         inputs, self._inputs = self._inputs, []
@@ -509,9 +515,10 @@ class _DepthCore:
 
     def _on_image(self, camera, msg):
         """Keep only the newest image per camera; never block the executor."""
+        received = self.get_clock().now().nanoseconds
         with self._slot_lock:
             replaced = camera in self._slots
-            self._slots[camera] = msg
+            self._slots[camera] = (msg, received)
         if replaced:
             self._diag.frame_dropped(camera)
         self._diag.image_received(camera)
@@ -571,9 +578,12 @@ class _DepthCore:
             self._applied_inference = inference
 
     def _process(self, pipeline, batch):
+        """Run one batch (camera -> (image, receive time in ns)) and publish its outputs."""
         self._apply_inference(pipeline.estimator)
-        frames = [FrameInput(msg, self._camera_info_for(camera, msg), camera)
-                  for camera, msg in batch.items()]
+        started = self.get_clock().now().nanoseconds
+        frames = [FrameInput(msg, self._camera_info_for(camera, msg), camera,
+                             self._wanted_outputs(camera))
+                  for camera, (msg, _) in batch.items()]
         results = pipeline.process(frames)
         for frame, result in zip(frames, results):
             if self._stop.is_set():
@@ -583,7 +593,19 @@ class _DepthCore:
                 continue
             for reason, message in result.problems:
                 self._report(frame.key, reason, message)
+            received = batch[frame.key][1]
+            result.timings.update(
+                transport=(received - stamp_to_ns(result.header.stamp)) / _NS_PER_S,
+                queue=(started - received) / _NS_PER_S)
             self._publish(result)
+
+    def _wanted_outputs(self, camera):
+        """Names of the outputs of a camera worth building now (None: all of them)."""
+        publishers = self._outputs.get(camera)
+        if not self._node_config.lazy_outputs or publishers is None:
+            return None
+        return frozenset(name for name, publisher in publishers.items()
+                         if publisher.get_subscription_count() > 0)
 
     def _camera_info_for(self, camera, msg):
         """Find the camera_info of an image by stamp, waiting briefly if it may follow."""
@@ -606,8 +628,9 @@ class _DepthCore:
         publishers = self._outputs.get(output.key)
         if publishers is None:
             return  # deactivated meanwhile (lifecycle)
+        clock = time.perf_counter()
         try:
-            for name in OUTPUTS:
+            for name in OUTPUT_NAMES:
                 message = getattr(output, name)
                 if message is not None:
                     publishers[name].publish(message)
@@ -615,11 +638,12 @@ class _DepthCore:
             if self._stop.is_set() or not self.context.ok():
                 return
             raise
+        output.timings['publish'] = time.perf_counter() - clock
         latency = (self.get_clock().now().nanoseconds - stamp_to_ns(output.header.stamp)) \
             / _NS_PER_S
         self._diag.frame_published(output.key, latency,
                                    output.timings.get('estimator', math.nan), output.notes,
-                                   output.scale)
+                                   output.scale, stages=output.timings)
         if self._scale_source is not None and self._output.fixed_scale <= 0:
             self._diag.set_extra(output.key, self._scale_source.diagnostic_fields(output.key))
 

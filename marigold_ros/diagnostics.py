@@ -153,6 +153,12 @@ class KeyedThrottle:
             return True, self._suppressed.pop(key, 0)
 
 
+#: Where the stamp-to-publish latency of a frame goes, in order (seconds each): the image
+#: reaching the node, waiting for the worker, decoding, the estimator call, building the
+#: outputs, publishing them.
+STAGES = ('transport', 'queue', 'decode', 'estimator', 'outputs', 'publish')
+
+
 def _ms(seconds):
     return 'n/a' if not math.isfinite(seconds) else f'{1000.0 * seconds:.1f}'
 
@@ -166,6 +172,7 @@ class StreamStats:
         self.output_rate = RateMeter(window_s)
         self.latency = Percentiles(size)
         self.estimator = Percentiles(size)
+        self.stages = {name: Percentiles(size) for name in STAGES}
         self.received = 0
         self.published = 0
         self.dropped = 0
@@ -257,7 +264,7 @@ class DiagnosticsCollector:
             self._stream(key).bad[reason] += 1
 
     def frame_published(self, key, latency_s, estimator_s, notes=(), scale=None,
-                        now=None):
+                        now=None, stages=None):
         """
         Record a published frame.
 
@@ -267,6 +274,7 @@ class DiagnosticsCollector:
         :param notes: pipeline notes (why outputs are missing)
         :param scale: ScaleEstimate applied, or None
         :param now: monotonic time (default now)
+        :param stages: seconds per stage of :data:`STAGES` (missing ones are not recorded)
         """
         with self._lock:
             stream = self._stream(key)
@@ -274,6 +282,9 @@ class DiagnosticsCollector:
             stream.output_rate.add(now)
             stream.latency.add(latency_s)
             stream.estimator.add(estimator_s)
+            for name, seconds in (stages or {}).items():
+                if name in stream.stages:
+                    stream.stages[name].add(seconds)
             stream.notes = tuple(notes)
             stream.scale = scale
 
@@ -312,12 +323,15 @@ class DiagnosticsCollector:
         Return the recent per-frame values of one camera, oldest first, paired by frame.
 
         :param key: camera namespace
-        :return: dict with lists 'latency_s' and 'estimator_s'
+        :return: dict with lists 'latency_s' and 'estimator_s', and '<stage>_s' for each of
+            :data:`STAGES` (empty when not recorded)
         """
         with self._lock:
             stream = self._stream(key)
-            return {'latency_s': stream.latency.values(),
-                    'estimator_s': stream.estimator.values()}
+            recent = {f'{name}_s': values.values() for name, values in stream.stages.items()}
+            recent.update(latency_s=stream.latency.values(),
+                          estimator_s=stream.estimator.values())
+            return recent
 
     # ------------------------------------------------------------------ message
 
@@ -373,6 +387,10 @@ class DiagnosticsCollector:
             ('latency p50 (ms)', _ms(stream.latency.percentile(50))),
             ('latency p95 (ms)', _ms(stream.latency.percentile(95))),
             ('estimator p50 (ms)', _ms(stream.estimator.percentile(50))),
+        ]
+        values += [(f'{name} p50 (ms)', _ms(stream.stages[name].percentile(50)))
+                   for name in STAGES if name != 'estimator' and len(stream.stages[name])]
+        values += [
             ('frames received', str(stream.received)),
             ('frames published', str(stream.published)),
             ('frames dropped', str(stream.dropped)),

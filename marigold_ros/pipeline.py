@@ -85,6 +85,10 @@ class OutputConfig:
             raise ValueError(f'max_input_pixels must be > 0, got {self.max_input_pixels}')
 
 
+#: The messages a frame can produce, in publishing order (FrameOutput attributes).
+OUTPUT_NAMES = ('relative', 'metric', 'uncertainty', 'camera_info', 'points')
+
+
 @dataclass
 class FrameInput:
     """
@@ -93,11 +97,16 @@ class FrameInput:
     :param image: sensor_msgs/Image or CompressedImage (rclpy or rosbags message)
     :param camera_info: sensor_msgs/CameraInfo matched to the image, or None
     :param key: camera namespace / stream id (warm start and scale state are kept per key)
+    :param outputs: names of the FrameOutput messages to build (a subset of
+        :data:`OUTPUT_NAMES`), or None for all.  The live node passes the topics that have
+        subscribers, as image_pipeline's nodes do; the scale is estimated either way, so
+        its tracking never misses a frame.
     """
 
     image: object
     camera_info: object = None
     key: str = ''
+    outputs: frozenset = None
 
 
 @dataclass
@@ -106,7 +115,8 @@ class FrameOutput:
     The messages made from one frame; None where an output is not available.
 
     :param header: the input image header, reused by every output
-    :param relative: Image 32FC1, relative depth in [0, 1] (NOT meters)
+    :param relative: Image 32FC1, relative depth in [0, 1] (NOT meters); None only when not
+        asked for (FrameInput.outputs)
     :param metric: Image 32FC1 in meters (REP 118, NaN = invalid) when a scale is known
     :param uncertainty: Image 32FC1 ensemble spread, meters when ``metric`` exists, else
         relative units
@@ -121,7 +131,7 @@ class FrameOutput:
     """
 
     header: object
-    relative: object
+    relative: object = None
     metric: object = None
     uncertainty: object = None
     camera_info: object = None
@@ -387,11 +397,13 @@ class DepthPipeline:
 
     def _outputs(self, frame, rgb, estimate, config):
         header = frame.image.header
+        wanted = OUTPUT_NAMES if frame.outputs is None else frame.outputs
         depth = np.asarray(estimate.depth, dtype=np.float32)
         height, width = depth.shape
         notes, problems = [], []
-        output = FrameOutput(header=header, relative=depth_to_image(depth, header),
-                             key=frame.key, timings=dict(estimate.timings))
+        output = FrameOutput(header=header, key=frame.key, timings=dict(estimate.timings))
+        if 'relative' in wanted:
+            output.relative = depth_to_image(depth, header)
 
         camera = None
         if frame.camera_info is None:
@@ -403,7 +415,7 @@ class DepthPipeline:
             except CalibrationError as error:
                 notes.append(NOTE_BAD_CAMERA_INFO)
                 problems.append(('camera_info_' + error.reason, str(error)))
-        if camera is not None:
+        if camera is not None and 'camera_info' in wanted:
             output.camera_info = camera.to_msg(header)
 
         scale = self._scale(frame, header, depth, camera, config, problems)
@@ -414,13 +426,16 @@ class DepthPipeline:
             notes.append(NOTE_NO_METRIC_SCALE)
         else:
             output.scale = scale
-            metric, spread = self._metric(scale, depth, spread, config.max_depth)
-            output.metric = depth_to_image(metric, header)
+            if wanted is OUTPUT_NAMES or {'metric', 'uncertainty', 'points'} & wanted:
+                metric, spread = self._metric(scale, depth, spread, config.max_depth)
+            if metric is not None and 'metric' in wanted:
+                output.metric = depth_to_image(metric, header)
 
-        if config.publish_uncertainty and spread is not None:
+        if config.publish_uncertainty and spread is not None and 'uncertainty' in wanted:
             output.uncertainty = depth_to_image(spread, header)
 
-        if config.publish_points and metric is not None and camera is not None:
+        if config.publish_points and metric is not None and camera is not None \
+                and 'points' in wanted:
             output.points = organized_cloud(metric, camera, resize_rgb(rgb, width, height),
                                             header)
         output.notes = tuple(notes)

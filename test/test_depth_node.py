@@ -282,9 +282,28 @@ def test_every_output_with_a_fixed_scale(graph_factory):
     camera = values(graph.status())
     assert camera['metric scale'].startswith('fixed: 2')
     assert float(camera['latency p50 (ms)']) > 0 and camera['bad messages'] == '0'
+    # Where the latency goes, stage by stage.
+    stages = [float(camera[f'{name} p50 (ms)'])
+              for name in ('transport', 'queue', 'decode', 'outputs', 'publish')]
+    assert all(ms >= 0 for ms in stages) and stages[-1] > 0
     model = graph.status('model')
     assert model.level == DiagnosticStatus.OK and values(model)['state'] == 'ready'
     assert values(model)['device'] == 'cpu' and values(model)['dtype'] == 'float32'
+
+
+@pytest.mark.parametrize('lazy', [True, False])
+def test_outputs_nobody_subscribes_to_are_not_built(graph_factory, lazy):
+    """With lazy_outputs the pipeline is asked only for the subscribed outputs."""
+    graph = graph_factory(parameters=[('fixed_scale', 2.0), ('lazy_outputs', lazy)])
+    graph.subscribe(Image, 'depth/relative')
+    assert graph.node.wait_until_ready(TIMEOUT)
+    pipeline = graph.node._pipeline
+    asked, process = [], pipeline.process
+    pipeline.process = lambda frames: asked.append([f.outputs for f in frames]) or \
+        process(frames)
+    graph.send()
+    assert graph.spin_until(lambda: graph.count('depth/relative') == 1)
+    assert asked == [[frozenset({'relative'}) if lazy else None]]
 
 
 def test_compressed_input_without_camera_info(graph_factory):

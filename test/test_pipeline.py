@@ -10,7 +10,8 @@ from marigold_ros.conversions import rgb_to_compressed, rgb_to_image
 from marigold_ros.geometry import CameraModel, Roi, unproject_depth
 from marigold_ros.pipeline import DepthPipeline, FrameError, FrameInput
 from marigold_ros.pipeline import NOTE_BAD_CAMERA_INFO, NOTE_NO_CAMERA_INFO
-from marigold_ros.pipeline import NOTE_NO_METRIC_SCALE, organized_cloud, OutputConfig
+from marigold_ros.pipeline import NOTE_NO_METRIC_SCALE, organized_cloud, OUTPUT_NAMES
+from marigold_ros.pipeline import OutputConfig
 import numpy as np
 import pytest
 from sensor_msgs.msg import Image
@@ -352,6 +353,33 @@ def test_relative_depth_never_published_as_meters():
     assert out.camera_info is not None
     assert out.metric is None and out.points is None
     assert out.notes == (NOTE_NO_METRIC_SCALE,)
+
+
+def _payload(msg):
+    """Bytes that identify a message: the data, or K of a CameraInfo."""
+    return bytes(np.asarray(msg.k)) if hasattr(msg, 'k') else bytes(msg.data)
+
+
+@pytest.mark.parametrize('wanted', [frozenset(), frozenset({'points'}),
+                                    frozenset({'relative', 'camera_info'}),
+                                    frozenset({'uncertainty'})])
+def test_only_the_outputs_asked_for_are_built(wanted):
+    """FrameInput.outputs limits the messages; the scale is estimated whatever is asked."""
+    source = ConstantScale(_estimate(2.0, 0.5))
+    pipeline = DepthPipeline(FakeEstimator(uncertainty=0.1), scale_source=source)
+    rgb = rgb_to_image(_rgb(), _header())
+    full = _one(pipeline, FrameInput(rgb, _camera()))
+    part = _one(pipeline, FrameInput(rgb, _camera(), outputs=wanted))
+    assert len(source.calls) == 2 and part.scale is full.scale
+    for name in OUTPUT_NAMES:
+        built = getattr(part, name)
+        if name in wanted:
+            assert _payload(built) == _payload(getattr(full, name)), name
+        else:
+            assert built is None, name
+    # Uncertainty alone is still in meters (the metric conversion runs for it).
+    if 'uncertainty' in wanted:
+        np.testing.assert_allclose(image_to_depth(part.uncertainty), 0.2, rtol=1e-6)
 
 
 def test_uncertainty_in_meters_with_a_scale_and_switches():
