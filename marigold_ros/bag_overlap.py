@@ -56,17 +56,24 @@ class ModelAhead:
         """
         Begin the model call of a batch.
 
-        :param frames: list of FrameInput (only image and key are used)
+        :param frames: list of FrameInput (image and key are used; ``rgb`` is set to the
+            decoded image of each good frame, see :meth:`wait_decoded`)
         """
         self._ahead.append(self._pool.submit(self._run, frames))
+
+    def wait_decoded(self):
+        """Wait until the oldest batch started is decoded (its frames' ``rgb`` are set)."""
+        if self._ahead:
+            self._ahead[0].result()
 
     def _run(self, frames):
         rgbs, keys = [], []
         for frame in frames:
             try:
-                rgbs.append(self.pipeline.decode(frame))
+                frame.rgb = self.pipeline.decode(frame)
             except FrameError:
-                continue  # the pipeline leaves it out of the model call too
+                continue  # the pipeline decodes it again, fails the same way, leaves it out
+            rgbs.append(frame.rgb)
             keys.append(frame.key)
         if not rgbs:
             return rgbs, keys, None, None
@@ -91,7 +98,7 @@ class ModelAhead:
         while self._ahead:
             rgbs, ahead_keys, results, error = self._ahead.popleft().result()
             if ahead_keys == keys and len(rgbs) == len(frames) and all(
-                    np.array_equal(a, b) for a, b in zip(rgbs, frames)):
+                    a is b or np.array_equal(a, b) for a, b in zip(rgbs, frames)):
                 if error is not None:
                     raise error
                 return results

@@ -653,8 +653,9 @@ class BagProcessor:
         if batch is not None:
             # Decoding needs only the images; camera info and the scale inputs are matched
             # when the pipeline processes the batch, with everything read up to then.
-            self.model.start([FrameInput(image=image, key=topics.image) for _, image in batch])
-            started = batch
+            frames = [FrameInput(image=image, key=topics.image) for _, image in batch]
+            self.model.start(frames)
+            started = list(zip(batch, frames))
         if ready is not None:
             self._finish_batch(ready, topics, writer, exporter, background)
             progress.update(len(ready))
@@ -663,14 +664,15 @@ class BagProcessor:
     def _finish_batch(self, batch, topics, writer, exporter, background):
         summary = self.summary
         messages, frames = [], []
-        for message, image in batch:
+        # The model thread decodes the batch first; the pipeline then reuses those images.
+        self.model.wait_decoded()
+        for (message, image), frame in batch:
             messages.append(message)
-            info = None
             if topics.camera_info:
-                info = self.camera_infos.match(stamp_to_ns(image.header.stamp))
-                if info is None and self.use_latest_info:
-                    info = self.camera_infos.latest()
-            frames.append(FrameInput(image=image, camera_info=info, key=topics.image))
+                frame.camera_info = self.camera_infos.match(stamp_to_ns(image.header.stamp))
+                if frame.camera_info is None and self.use_latest_info:
+                    frame.camera_info = self.camera_infos.latest()
+            frames.append(frame)
         results = self.pipeline.process(frames)
         done = []
         for message, frame, result in zip(messages, frames, results):

@@ -101,12 +101,16 @@ class FrameInput:
         :data:`OUTPUT_NAMES`), or None for all.  The live node passes the topics that have
         subscribers, as image_pipeline's nodes do; the scale is estimated either way, so
         its tracking never misses a frame.
+    :param rgb: the image already decoded by :meth:`DepthPipeline.decode` (HxWx3 uint8), so
+        that a caller which decoded it ahead (the bag processor) does not pay twice; None:
+        decoded by :meth:`DepthPipeline.process`
     """
 
     image: object
     camera_info: object = None
     key: str = ''
     outputs: frozenset = None
+    rgb: object = None
 
 
 @dataclass
@@ -342,11 +346,13 @@ class DepthPipeline:
         rgbs, positions, decode_times = [], [], []
         for index, frame in enumerate(frames):
             clock = time.perf_counter()
-            try:
-                rgb = self.decode(frame, config.max_input_pixels)
-            except FrameError as error:
-                results[index] = error
-                continue
+            rgb = frame.rgb
+            if rgb is None:
+                try:
+                    rgb = self.decode(frame, config.max_input_pixels)
+                except FrameError as error:
+                    results[index] = error
+                    continue
             rgbs.append(rgb)
             positions.append(index)
             decode_times.append(time.perf_counter() - clock)
