@@ -38,7 +38,6 @@ import sys
 import time
 
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig, override
-import yaml
 
 from . import export
 from .bag_io import AtomicBagWriter, BagError, BagReader, CAMERA_INFO_TYPE
@@ -46,16 +45,13 @@ from .bag_io import IMAGE_TYPE, IMAGE_TYPES, POINTCLOUD_TYPE, STORAGES
 from .bag_io import to_rclpy
 from .bag_overlap import deserialized, ModelAhead, OrderedWorker, prefetch
 from .conversions import DEPTH_ENCODINGS
-from .depth_node import NodeConfig, parameter_groups
-from .params import check_unique
-from .pipeline import DepthPipeline, FrameError, FrameInput, OutputConfig
+from .depth_node import NODE_NAME, NodeConfig, parameter_groups
+from .params import configs_from_values, read_params_file
+from .pipeline import DepthPipeline, FrameError, FrameInput, OUTPUT_NAMES, OutputConfig
 from .scale_recovery import ScaleInputError, ScaleRecovery, ScaleRecoveryConfig
 from .scale_recovery import TOPICS as SCALE_TOPICS
 from .stamp_matcher import stamp_to_ns, StampMatcher
 from .static_tf import StaticTransforms, TF_STATIC_TOPIC
-
-#: Node name whose section of a params file is read (besides '/**').
-NODE_NAME = 'marigold_depth'
 
 #: Output topics relative to the camera namespace, as the node publishes them.
 OUTPUT_TOPICS = {'relative': 'depth/relative', 'metric': 'depth/image',
@@ -322,46 +318,6 @@ def resolve_topics(reader, job, scale_source='none'):
 # ---------------------------------------------------------------------------- parameters
 
 
-def read_params_file(path, node_name=NODE_NAME):
-    """
-    Read the parameters of a node from a ROS 2 params file as flat dotted names.
-
-    Sections '/**' and the node's name (with or without a leading '/') are merged in that
-    order; nested mappings become dotted names ('scale_recovery: {source: x}' ->
-    'scale_recovery.source').
-
-    :param path: YAML file
-    :param node_name: node name
-    :return: dict parameter name -> value
-    :raises ValueError: unreadable file or no ros__parameters section for the node
-    """
-    try:
-        with open(path, encoding='utf-8') as stream:
-            document = yaml.safe_load(stream) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f'cannot read params file {path!r}: {exc}') from exc
-    if not isinstance(document, dict):
-        raise ValueError(f'params file {path!r} is not a mapping of node names')
-    flat, found = {}, False
-    for key in ('/**', node_name, '/' + node_name):
-        section = document.get(key)
-        if isinstance(section, dict) and isinstance(section.get('ros__parameters'), dict):
-            found = True
-            _flatten(section['ros__parameters'], '', flat)
-    if not found:
-        raise ValueError(f'params file {path!r} has no "{node_name}: ros__parameters:" or '
-                         f'"/**: ros__parameters:" section (it has {sorted(document)})')
-    return flat
-
-
-def _flatten(mapping, prefix, out):
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            _flatten(value, f'{prefix}{key}.', out)
-        else:
-            out[f'{prefix}{key}'] = value
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """
@@ -387,19 +343,7 @@ def configs_from_parameters(values):
     :return: dict config class -> instance, for every parameter group of the node
     :raises ValueError: unknown parameter names, or a bad value (naming it)
     """
-    groups = parameter_groups()
-    check_unique(groups)
-    unknown = set(values)
-    configs = {}
-    for group in groups:
-        names = group.names()
-        mine = {names[name]: value for name, value in values.items() if name in names}
-        unknown -= set(names)
-        configs[group.cls] = group.build(mine)
-    if unknown:
-        raise ValueError(f'unknown parameters {sorted(unknown)} (the node '
-                         f'{NODE_NAME!r} has no such parameter)')
-    return configs
+    return configs_from_values(parameter_groups(), values, NODE_NAME)
 
 
 def build_run_config(job, topics, configs):
@@ -488,7 +432,8 @@ class BagProcessor:
             raise BagError('bad_output', f'output {str(output_path)!r} must not be the input '
                                          'or inside it: the input is never modified')
         # Parameters first: a typo fails before the bag is read or the model loaded.
-        configs = configs_from_parameters(read_params_file(job.params) if job.params else {})
+        configs = configs_from_parameters(
+            read_params_file(job.params, NODE_NAME) if job.params else {})
         with BagReader(input_path) as reader:
             topics = resolve_topics(reader, job, configs[ScaleRecoveryConfig].source)
             config = build_run_config(job, topics, configs)
@@ -711,7 +656,7 @@ class BagProcessor:
                 if exporter is not None:
                     exporter.error(index, log_time, header, result.reason)
                 continue
-            for key in ('relative', 'metric', 'uncertainty', 'camera_info', 'points'):
+            for key in OUTPUT_NAMES:
                 msg = getattr(result, key)
                 if msg is None or (key == 'points' and self.job.no_points):
                     continue

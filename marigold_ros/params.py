@@ -33,6 +33,7 @@ from rcl_interfaces.msg import FloatingPointRange
 from rcl_interfaces.msg import IntegerRange
 from rcl_interfaces.msg import ParameterDescriptor
 from rcl_interfaces.msg import ParameterType
+import yaml
 
 # Limits of rcl_interfaces ranges: int64 and a float range must be finite.
 _INT_MIN, _INT_MAX = -2 ** 63, 2 ** 63 - 1
@@ -465,3 +466,67 @@ def _yaml_value(value):
     if isinstance(value, (tuple, list)):
         return '[' + ', '.join(_yaml_value(v) for v in value) + ']'
     return str(value)
+
+
+def read_params_file(path, node_name):
+    """
+    Read the parameters of a node from a ROS 2 params file as flat dotted names.
+
+    Sections '/**' and the node's name (with or without a leading '/') are merged in that
+    order; nested mappings become dotted names ('scale_recovery: {source: x}' ->
+    'scale_recovery.source').
+
+    :param path: YAML file
+    :param node_name: node name
+    :return: dict parameter name -> value
+    :raises ValueError: unreadable file or no ros__parameters section for the node
+    """
+    try:
+        with open(path, encoding='utf-8') as stream:
+            document = yaml.safe_load(stream) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f'cannot read params file {path!r}: {exc}') from exc
+    if not isinstance(document, dict):
+        raise ValueError(f'params file {path!r} is not a mapping of node names')
+    flat, found = {}, False
+    for key in ('/**', node_name, '/' + node_name):
+        section = document.get(key)
+        if isinstance(section, dict) and isinstance(section.get('ros__parameters'), dict):
+            found = True
+            _flatten(section['ros__parameters'], '', flat)
+    if not found:
+        raise ValueError(f'params file {path!r} has no "{node_name}: ros__parameters:" or '
+                         f'"/**: ros__parameters:" section (it has {sorted(document)})')
+    return flat
+
+
+def _flatten(mapping, prefix, out):
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            _flatten(value, f'{prefix}{key}.', out)
+        else:
+            out[f'{prefix}{key}'] = value
+
+
+def configs_from_values(groups, values, node_name):
+    """
+    Map flat parameter values onto the config dataclasses of parameter groups.
+
+    :param groups: list of ConfigGroup (a node's parameters)
+    :param values: dict parameter name -> value (names as the node declares them)
+    :param node_name: node name, for the error message
+    :return: dict config class -> instance, for every group
+    :raises ValueError: unknown parameter names, or a bad value (naming it)
+    """
+    check_unique(groups)
+    unknown = set(values)
+    configs = {}
+    for group in groups:
+        names = group.names()
+        mine = {names[name]: value for name, value in values.items() if name in names}
+        unknown -= set(names)
+        configs[group.cls] = group.build(mine)
+    if unknown:
+        raise ValueError(f'unknown parameters {sorted(unknown)} (the node '
+                         f'{node_name!r} has no such parameter)')
+    return configs

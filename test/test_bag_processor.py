@@ -18,11 +18,13 @@ from marigold_model.estimator import DepthEstimator, DepthResult
 from marigold_ros.bag_io import BagError, BagMessage, BagReader, serialize_canonical
 from marigold_ros.bag_io import to_rclpy
 from marigold_ros.bag_processor import BagJob, camera_namespace, configs_from_parameters
-from marigold_ros.bag_processor import format_summary, main, process_bag, read_params_file
+from marigold_ros.bag_processor import format_summary, main, process_bag
 from marigold_ros.conversions import image_to_depth, pointcloud2_from_depth
 from marigold_ros.conversions import rgb_to_compressed, rgb_to_image
+from marigold_ros.depth_node import NODE_NAME
 from marigold_ros.export import read_ply
 from marigold_ros.geometry import quaternion_to_matrix
+from marigold_ros.params import read_params_file
 from marigold_ros.pipeline import OutputConfig
 from marigold_ros.scale_recovery import ScaleRecoveryConfig
 from marigold_ros.static_tf import matrix_to_quaternion, StaticTransforms
@@ -607,7 +609,7 @@ def test_command_line(tmp_path, scenes, params, random_model_dir, capsys):
 
 def test_params_file_maps_onto_the_node_configs(tmp_path, params):
     """Node sections merge over '/**', nested names are dotted, unknown names are refused."""
-    values = read_params_file(params)
+    values = read_params_file(params, NODE_NAME)
     assert values == {'device': 'cpu', 'batch_size': 3, 'seed': 5,
                       'processing_resolution': 64}
     configs = configs_from_parameters({**values, 'scale_recovery.min_points': 30,
@@ -623,7 +625,7 @@ def test_params_file_maps_onto_the_node_configs(tmp_path, params):
     nested = tmp_path / 'nested.yaml'
     nested.write_text('marigold_depth:\n  ros__parameters:\n    scale_recovery:\n'
                       '      source: points\n')
-    assert read_params_file(str(nested)) == {'scale_recovery.source': 'points'}
+    assert read_params_file(str(nested), NODE_NAME) == {'scale_recovery.source': 'points'}
     nested.write_text('other_node:\n  ros__parameters: {}\n')
     with pytest.raises(ValueError, match='marigold_depth'):
-        read_params_file(str(nested))
+        read_params_file(str(nested), NODE_NAME)
