@@ -121,12 +121,14 @@ def run_node(model, frames, log=print):
     io = Node('bench_io', context=context, namespace='/bench')
     clouds = []
     qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
-    io.create_subscription(PointCloud2, 'depth/points', clouds.append, qos)
     # Every output has a subscriber, so the node builds and publishes all of them (it skips
-    # outputs nobody listens to).
+    # outputs nobody listens to).  The subscriptions take the serialized bytes (raw): turning
+    # 7 MB per frame back into Python messages is the subscribers' cost (RViz, a recorder,
+    # in their own processes), not the node's, and here it would share the GIL with it.
+    io.create_subscription(PointCloud2, 'depth/points', clouds.append, qos, raw=True)
     for kind, topic in ((Image, 'depth/relative'), (Image, 'depth/image'),
                         (CameraInfo, 'depth/camera_info')):
-        io.create_subscription(kind, topic, lambda msg: None, qos)
+        io.create_subscription(kind, topic, lambda msg: None, qos, raw=True)
     image_pub = io.create_publisher(Image, 'image', 5)
     info_pub = io.create_publisher(CameraInfo, 'camera_info', 5)
     executor = SingleThreadedExecutor(context=context)

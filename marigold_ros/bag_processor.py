@@ -46,6 +46,7 @@ from .bag_io import to_rclpy
 from .bag_overlap import deserialized, ModelAhead, OrderedWorker, prefetch
 from .conversions import DEPTH_ENCODINGS
 from .depth_node import NODE_NAME, NodeConfig, parameter_groups
+from .heap import keep_large_buffers_in_heap
 from .params import configs_from_values, read_params_file
 from .pipeline import DepthPipeline, FrameError, FrameInput, OUTPUT_NAMES, OutputConfig
 from .scale_recovery import ScaleInputError, ScaleRecovery, ScaleRecoveryConfig
@@ -434,6 +435,8 @@ class BagProcessor:
         # Parameters first: a typo fails before the bag is read or the model loaded.
         configs = configs_from_parameters(
             read_params_file(job.params, NODE_NAME) if job.params else {})
+        if configs[NodeConfig].keep_buffers_in_heap:
+            keep_large_buffers_in_heap()  # the same setting as the node's
         with BagReader(input_path) as reader:
             topics = resolve_topics(reader, job, configs[ScaleRecoveryConfig].source)
             config = build_run_config(job, topics, configs)

@@ -48,6 +48,7 @@ from sensor_msgs.msg import PointCloud2
 
 from .diagnostics import DiagnosticsCollector, KeyedThrottle, MODEL_ERROR, MODEL_LOADING
 from .diagnostics import MODEL_READY, MODEL_UNCONFIGURED
+from .heap import keep_large_buffers_in_heap
 from .params import ConfigGroup, declare_groups, yaml_document
 from .pipeline import DepthPipeline, FrameError, FrameInput, OUTPUT_NAMES, OutputConfig
 from .stamp_matcher import stamp_to_ns, StampMatcher
@@ -105,6 +106,10 @@ class NodeConfig:
     :param lazy_outputs: build and publish only the outputs that have subscribers, as
         image_pipeline's nodes do (the cloud is most of the node's own work per frame);
         false builds every output every frame
+    :param keep_buffers_in_heap: raise glibc's malloc mmap and trim thresholds at start so
+        that multi-megabyte images and clouds reuse heap memory instead of fresh pages
+        (serializing a 640x480 depth image: 2.4 ms -> 0.2 ms); process-wide, so freed memory
+        stays in the process
     :param warmup: run the model once on a blank 640x480 frame after loading, before
         reporting ready, so that the first camera frame does not pay for one-time
         initialisation (CUDA context, cuDNN autotuning, torch.compile, CPU kernels)
@@ -122,6 +127,7 @@ class NodeConfig:
     error_log_period: float = 5.0
     shutdown_timeout: float = 60.0
     lazy_outputs: bool = True
+    keep_buffers_in_heap: bool = True
     warmup: bool = True
 
     def __post_init__(self):
@@ -276,6 +282,8 @@ class _DepthCore:
         self._group_of = {group.cls: group for group in self._groups}
         self._estimator_factory = estimator_factory or default_estimator_factory
         cfg = self._node_config
+        if cfg.keep_buffers_in_heap:
+            keep_large_buffers_in_heap()
         self._cameras = cfg.cameras
         self._diag = DiagnosticsCollector(self.get_name())
         for camera in self._cameras:
