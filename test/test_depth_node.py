@@ -306,6 +306,51 @@ def test_outputs_nobody_subscribes_to_are_not_built(graph_factory, lazy):
     assert asked == [[frozenset({'relative'}) if lazy else None]]
 
 
+def test_metric_depth_from_sparse_depth_through_the_graph(graph_factory):
+    """
+    Sparse depth on its topic gives meters: depth/image, cloud and uncertainty, diagnostics.
+
+    The sparse readings are 3 * relative + 0.7 m (the relative depth the node published for
+    the same image), 16UC1 millimeters at 3 % of the pixels.
+    """
+    graph = graph_factory(parameters=[('scale_recovery.source', 'sparse_depth'),
+                                      ('ensemble_size', 2)])
+    graph.subscribe_outputs()
+    assert graph.node.wait_until_ready(TIMEOUT)
+    rgb = image(5)
+    graph.send(rgb=rgb)
+    assert graph.spin_until(lambda: graph.count('depth/relative') == 1 and
+                            graph.count('depth/uncertainty') == 1)
+    assert graph.count('depth/image') == 0  # no scale yet: relative only
+    relative = image_to_depth(graph.received['depth/relative'][0])
+    spread = image_to_depth(graph.received['depth/uncertainty'][0])
+    truth = 3.0 * relative + 0.7
+    sparse = np.zeros((H, W), np.uint16)
+    picked = np.random.default_rng(0).random((H, W)) < 0.03
+    sparse[picked] = np.round(1000 * truth[picked]).astype(np.uint16)
+    header = graph.header()
+    graph.publish('sparse_depth', Image(header=header, height=H, width=W, encoding='16UC1',
+                                        step=2 * W, data=sparse.astype('<u2').tobytes()))
+    graph.send(rgb=rgb, header=header)
+    assert graph.spin_until(lambda: graph.count('depth/image') == 1)
+    metric = graph.received['depth/image'][-1]
+    assert metric.header.stamp == header.stamp and metric.encoding == '32FC1'
+    np.testing.assert_allclose(image_to_depth(metric), truth, rtol=0.01, atol=0.005)
+    assert graph.spin_until(lambda: graph.count('depth/points') == 1)
+    xyz = pointcloud2_to_xyz(graph.received['depth/points'][-1]).reshape(H, W, 3)
+    np.testing.assert_allclose(xyz[..., 2], image_to_depth(metric), rtol=1e-6)
+    # The spread of the second frame is in meters: about 3 times the relative spread.
+    assert graph.spin_until(lambda: graph.count('depth/uncertainty') == 2)
+    np.testing.assert_allclose(image_to_depth(graph.received['depth/uncertainty'][-1]),
+                               3.0 * spread, rtol=0.02, atol=1e-4)
+    assert graph.spin_until(lambda: graph.status() is not None and
+                            values(graph.status()).get('scale_status') == 'ok')
+    camera = values(graph.status())
+    assert abs(float(camera['scale']) - 3.0) < 0.03
+    assert abs(float(camera['scale_shift']) - 0.7) < 0.02
+    assert int(camera['scale_points']) >= 20 and float(camera['scale_inlier_ratio']) > 0.9
+
+
 def test_compressed_input_without_camera_info(graph_factory):
     """
     Compressed input without camera info: relative depth only, diagnostics say why.
