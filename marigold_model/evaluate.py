@@ -592,7 +592,8 @@ def evaluate(predictor, dataset, min_depth=None, max_depth=None, crop=None, *, b
     :param name: label of the predictor in the result
     :return: dict with ``predictor``, ``images`` (scored), ``skipped`` (no valid pixels) and
         the mean of every metric (``abs_rel``, ``delta1``, ``delta2``, ``delta3``, ``rmse``,
-        ``sq_rel``)
+        ``sq_rel``), and ``abs_rel_per_image`` (the scored images' AbsRel, in order, for
+        paired comparisons)
     :raises ValueError: bad arguments, a prediction of the wrong shape, or no image scored
     """
     if isinstance(dataset, EvalDataset):
@@ -610,7 +611,7 @@ def evaluate(predictor, dataset, min_depth=None, max_depth=None, crop=None, *, b
         raise ValueError(f'limit must be >= 1, got {limit}')
     predict, label = resolve_predictor(predictor, name)
     total = len(samples) if limit is None else min(limit, len(samples))
-    sums, scored, skipped = {}, 0, 0
+    sums, scored, skipped, per_image = {}, 0, 0, []
     bar = _progress(total, label, progress)
     try:
         for start in range(0, total, batch_size):
@@ -631,6 +632,7 @@ def evaluate(predictor, dataset, min_depth=None, max_depth=None, crop=None, *, b
                     skipped += 1  # no (or one) valid pixel: nothing to align or score
                     continue
                 scored += 1
+                per_image.append(metrics['abs_rel'])
                 for key, value in metrics.items():
                     if key not in _FIT_KEYS:
                         sums[key] = sums.get(key, 0.0) + value
@@ -644,6 +646,7 @@ def evaluate(predictor, dataset, min_depth=None, max_depth=None, crop=None, *, b
                          f'{min_depth}..{max_depth} m inside the crop')
     result = {'predictor': label, 'images': scored, 'skipped': skipped}
     result.update({key: value / scored for key, value in sorted(sums.items())})
+    result['abs_rel_per_image'] = per_image
     return result
 
 

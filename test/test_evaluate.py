@@ -48,6 +48,21 @@ def test_two_images_hand_computed():
     assert result['delta1'] == pytest.approx((1.0 + 0.75) / 2)
     assert result['delta2'] == pytest.approx(1.0)
     assert result['rmse'] == pytest.approx(np.sqrt(0.305) / 2, abs=1e-6)
+    assert result['abs_rel_per_image'] == pytest.approx([0.0, abs_rel_b], abs=1e-6)
+
+
+def test_paired_comparison_by_hand():
+    """Wins 2 of 3 images, mean difference -0.1; the bootstrap interval contains it."""
+    from marigold_model.tiny_recipe import paired_comparison
+    model = {'predictor': 'model', 'abs_rel_per_image': [0.1, 0.2, 0.2]}
+    ramp = {'predictor': 'ramp', 'abs_rel_per_image': [0.2, 0.2, 0.4]}
+    text = paired_comparison(model, ramp, resamples=2000)
+    assert text.startswith('model has a lower AbsRel than ramp on 67% of the 3 images')
+    assert 'mean AbsRel difference -0.1000' in text
+    low, high = (float(v) for v in text.split('interval ')[1].rstrip(').').split(' to '))
+    assert -0.2 <= low <= -0.1 <= high <= 0.0
+    with pytest.raises(ValueError, match='same scored images'):
+        paired_comparison(model, {'predictor': 'x', 'abs_rel_per_image': [0.1]})
 
 
 def test_depth_range_and_crop_restrict_pixels():
