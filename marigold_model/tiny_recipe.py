@@ -268,6 +268,8 @@ def write_model_card(output, recipe, figures, results):
     timing = ', '.join(f'{name} {seconds / 60:.1f} min' if seconds is not None else
                        f'{name} reused from an earlier run of the same stage (not timed here)'
                        for name, seconds in stages)
+    if figures.get('timing_note'):
+        timing += f' ({figures["timing_note"]})'
     card = f"""# marigold-tiny
 
 A tiny Marigold-architecture depth model (8-channel U-Net {list(recipe.unet_channels)},
