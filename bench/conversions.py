@@ -17,14 +17,12 @@ import math
 import struct
 import time
 
-from marigold_ros.conversions import image_to_rgb
+from marigold_ros.conversions import image_to_rgb, organized_cloud_msg
 from marigold_ros.conversions import pointcloud2_from_depth
 from marigold_ros.conversions import pointcloud2_to_xyz
 from marigold_ros.conversions import rgb_to_image
 from marigold_ros.geometry import unproject_depth
 import numpy as np
-from sensor_msgs.msg import PointCloud2
-from sensor_msgs.msg import PointField
 from std_msgs.msg import Header
 
 
@@ -72,16 +70,7 @@ def naive_frame(image_msg, depth, k, header):
                 y = (v - cy) * z / fy
             r, g, b = rgb[v][u]
             data.extend(struct.pack('<fffI', x, y, z, (r << 16) | (g << 8) | b))
-    msg = PointCloud2()
-    msg.header = header
-    msg.height, msg.width = height, width
-    msg.fields = [PointField(name=n, offset=4 * i, datatype=PointField.FLOAT32, count=1)
-                  for i, n in enumerate(('x', 'y', 'z', 'rgb'))]
-    msg.is_bigendian = False
-    msg.point_step, msg.row_step = 16, 16 * width
-    msg.is_dense = False
-    msg.data = data
-    return msg
+    return organized_cloud_msg(header, height, width, data)
 
 
 def _time(func, repeats):
