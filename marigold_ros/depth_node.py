@@ -21,6 +21,7 @@ loads the model, activate starts the subscriptions and publishing).
 
 from dataclasses import dataclass, replace
 import math
+import signal
 import sys
 import threading
 import time
@@ -792,6 +793,14 @@ class DepthLifecycleNode(_DepthCore, LifecycleNode):
 
 def _run(node_class, args):
     """Spin a node until Ctrl-C / shutdown; return the process exit code."""
+    interrupted = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # Installed before rclpy.init, whose SIGINT handler shuts the context down (ending
+        # spin with ExternalShutdownException) and then chains to this one.  Not raising
+        # KeyboardInterrupt keeps Ctrl-C from landing on an arbitrary line: inside rclpy's
+        # executor it can leave a half-built Task whose __del__ prints a traceback at exit.
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
     rclpy.init(args=args)
     try:
         try:
@@ -800,16 +809,27 @@ def _run(node_class, args):
             # Bad parameters: a clear message, not a traceback.
             rclpy.logging.get_logger(NODE_NAME).fatal(f'cannot start: {error}')
             return 1
+        except Exception:  # noqa: B902 - only a shutdown during construction is expected
+            if interrupted.is_set():
+                return 0  # Ctrl-C while the node was being created
+            raise
         try:
             rclpy.spin(node)
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
+        except Exception:  # noqa: B902 - see below
+            # A shutdown between two executor iterations surfaces as an RCLError ('context
+            # is not valid') from the next wait set: also a clean stop, anything else is not.
+            if not interrupted.is_set() and rclpy.ok():
+                raise
         finally:
             node.destroy_node()
-    except KeyboardInterrupt:  # Ctrl-C while the node was being created
+    except KeyboardInterrupt:  # Ctrl-C while the node was being created (no handler here)
         pass
     finally:
         rclpy.try_shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return 0
 
 
