@@ -15,6 +15,7 @@ time, so the same messages give byte-identical files.
 """
 
 import array
+import dataclasses
 from dataclasses import dataclass
 import importlib
 import os
@@ -29,9 +30,10 @@ from rosbags.interfaces import ConnectionExtRosbag2
 from rosbags.interfaces import MessageDefinitionFormat
 from rosbags.interfaces import Nodetype
 from rosbags.rosbag2 import StoragePlugin
-from rosbags.rosbag2 import Writer
 from rosbags.typesys import get_typestore
 from rosbags.typesys import Stores
+
+from .mcap_pieces import as_bytes, CdrPieces, PiecewiseWriter
 
 IMAGE_TYPE = 'sensor_msgs/msg/Image'
 COMPRESSED_TYPE = 'sensor_msgs/msg/CompressedImage'
@@ -179,6 +181,43 @@ def serialize_canonical(msg, msgtype, store=None):
     """
     store = store or _ros2_store()
     return store.serialize_cdr(_rosbags_message(msg, msgtype, store), msgtype)
+
+
+# Types whose bulk is the uint8[] field ``data``, with the number of serialized bytes after
+# it: only 1-byte-aligned fields follow (PointCloud2's bool is_dense), so those bytes do
+# not depend on the data's length and the message can be cut around the data.
+_DATA_TAIL_BYTES = {IMAGE_TYPE: 0, POINTCLOUD_TYPE: 1}
+
+
+def serialize_canonical_pieces(msg, msgtype, store=None):
+    """
+    Serialize like :func:`serialize_canonical`, leaving the data buffer where it is.
+
+    For Image and PointCloud2 the result is (head, data, tail): the message serialized
+    with an empty ``data`` (its length field then set), the message's own data buffer (not
+    copied) and the bytes after it; other types are one piece.  The pieces' concatenation
+    equals :func:`serialize_canonical` (tested); :class:`marigold_ros.mcap_pieces.
+    PiecewiseMcapWriter` writes them without joining.
+
+    :param msg: rclpy message (its data must not change until written).
+    :param msgtype: rosbags type name.
+    :param store: rosbags typestore (default: the ROS 2 store).
+    :return: CdrPieces.
+    """
+    store = store or _ros2_store()
+    tail = _DATA_TAIL_BYTES.get(msgtype)
+    if tail is None:
+        return CdrPieces((serialize_canonical(msg, msgtype, store),))
+    data = memoryview(msg.data).cast('B')
+    hollow = dataclasses.replace(_rosbags_message(msg, msgtype, store),
+                                 data=np.empty(0, np.uint8))
+    cdr = store.serialize_cdr(hollow, msgtype)
+    length = len(cdr) - tail - 4  # where the data's u32 length sits
+    head = bytearray(cdr[:length + 4])
+    if head[length:] != bytes(4):
+        raise AssertionError(f'{msgtype} does not serialize as expected around its data')
+    head[length:] = len(data).to_bytes(4, 'little')
+    return CdrPieces((head, data, cdr[len(cdr) - tail:]))
 
 
 _STORES = {}
@@ -463,8 +502,9 @@ class AtomicBagWriter:
         try:
             # The bag folder inside the stage carries the final name, so the storage file and
             # metadata.yaml reference '<name>.mcap' exactly as a direct write would.
-            self._writer = Writer(self.stage / self.path.name, version=Writer.VERSION_LATEST,
-                                  storage_plugin=STORAGES[self.storage])
+            self._writer = PiecewiseWriter(self.stage / self.path.name,
+                                           version=PiecewiseWriter.VERSION_LATEST,
+                                           storage_plugin=STORAGES[self.storage])
             self._writer.open()
         except BaseException:
             self.abort()
@@ -511,8 +551,10 @@ class AtomicBagWriter:
 
         :param topic: topic name (see :meth:`add_topic`).
         :param log_time: bag time, integer nanoseconds.
-        :param cdr: CDR bytes.
+        :param cdr: CDR bytes, or CdrPieces (joined for sqlite3).
         """
+        if self.storage != 'mcap':
+            cdr = as_bytes(cdr)
         self._writer.write(self._connections[topic], int(log_time), cdr)
         self.counts[topic] += 1
 
@@ -526,7 +568,7 @@ class AtomicBagWriter:
         :param msgtype: rosbags type name of ``msg``.
         """
         self.add_topic(topic, msgtype)
-        self.write(topic, log_time, serialize_canonical(msg, msgtype, self._store))
+        self.write(topic, log_time, serialize_canonical_pieces(msg, msgtype, self._store))
 
     def commit(self):
         """
