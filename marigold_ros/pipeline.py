@@ -248,11 +248,17 @@ def organized_cloud(depth, camera, rgb, header):
     np.multiply(rx, z, out=points[:, :, 0])
     np.multiply(ry, z, out=points[:, :, 1])
     points[:, :, 2] = z
-    padded = np.empty(rgb.size + 1, np.uint8)  # one spare byte for the last point's read
-    padded[:-1] = rgb.reshape(-1)
-    packed = np.ndarray((height, width), dtype='>u4', buffer=padded,
-                        strides=(3 * width, 3))
-    np.right_shift(packed, 8, out=points.view('<u4')[:, :, 3], casting='unsafe')
+    flat = np.ascontiguousarray(rgb, dtype=np.uint8).reshape(-1)
+    colours = points.view('<u4').reshape(-1, 4)[:, 3]
+    if colours.size > 1:
+        # The last pixel has no next byte to read, so it is packed on its own below.  The
+        # byte swap goes to a contiguous copy first: faster than a strided big-endian ufunc.
+        words = np.ndarray((colours.size - 1,), dtype='>u4', buffer=flat,
+                           strides=(3,)).astype('<u4')
+        words >>= 8
+        colours[:-1] = words
+    red, green, blue = (int(c) for c in flat[-3:])
+    colours[-1] = (red << 16) | (green << 8) | blue
     return organized_cloud_msg(header, height, width, data)
 
 

@@ -160,6 +160,19 @@ def test_fast_cloud_is_byte_identical_to_the_reference_builder():
         reference.fields, reference.point_step, reference.row_step, reference.is_dense)
 
 
+@pytest.mark.parametrize('height, width', [(1, 1), (1, 2), (3, 5)])
+def test_fast_cloud_colours_at_tiny_sizes(height, width):
+    """The last pixel's colour is packed on its own (no byte after it): tiny images too."""
+    k = np.array([[2.0, 0.0, width / 2], [0.0, 2.0, height / 2], [0.0, 0.0, 1.0]])
+    camera = CameraModel(width, height, k, frame_id=FRAME)
+    depth = np.full((height, width), 2.0, np.float32)
+    rgb = np.random.default_rng(height * 10 + width).integers(
+        0, 256, (height, width, 3), dtype=np.uint8)
+    fast = organized_cloud(depth, camera, rgb, _header())
+    reference = pointcloud2_from_depth(unproject_depth(depth, camera), rgb, _header())
+    assert bytes(fast.data) == bytes(reference.data)
+
+
 def test_apply_scale_float32_matches_scale_estimate():
     """The pipeline's float32 conversion equals ScaleEstimate.apply within float32 rounding."""
     from marigold_ros.scale_recovery import apply_scale
