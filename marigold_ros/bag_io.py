@@ -33,7 +33,7 @@ from rosbags.rosbag2 import StoragePlugin
 from rosbags.typesys import get_typestore
 from rosbags.typesys import Stores
 
-from .mcap_pieces import as_bytes, CdrPieces, PiecewiseWriter
+from .mcap_pieces import CdrPieces, PiecewiseWriter
 
 IMAGE_TYPE = 'sensor_msgs/msg/Image'
 COMPRESSED_TYPE = 'sensor_msgs/msg/CompressedImage'
@@ -215,7 +215,7 @@ def serialize_canonical_pieces(msg, msgtype, store=None):
     length = len(cdr) - tail - 4  # where the data's u32 length sits
     head = bytearray(cdr[:length + 4])
     if head[length:] != bytes(4):
-        raise AssertionError(f'{msgtype} does not serialize as expected around its data')
+        raise RuntimeError(f'{msgtype} does not serialize as expected around its data')
     head[length:] = len(data).to_bytes(4, 'little')
     return CdrPieces((head, data, cdr[len(cdr) - tail:]))
 
@@ -551,10 +551,9 @@ class AtomicBagWriter:
 
         :param topic: topic name (see :meth:`add_topic`).
         :param log_time: bag time, integer nanoseconds.
-        :param cdr: CDR bytes, or CdrPieces (joined for sqlite3).
+        :param cdr: CDR bytes, or CdrPieces (their buffers must not change until the bag
+            is committed).
         """
-        if self.storage != 'mcap':
-            cdr = as_bytes(cdr)
         self._writer.write(self._connections[topic], int(log_time), cdr)
         self.counts[topic] += 1
 

@@ -11,14 +11,16 @@ pieces, and closing the chunk writes each piece straight to the file (one copy, 
 kernel, with the GIL released).
 
 The file is byte for byte the one rosbags' own :class:`McapWriter` writes for the same
-messages (a test compares them), so readers see no difference.  Only uncompressed storage
-takes this path; rosbags is pinned (requirements.txt) because this builds on its internals.
+messages (a test compares them), so readers see no difference.  Only uncompressed mcap
+takes this path (sqlite3 and compressed bags get the pieces joined); rosbags is pinned
+(requirements.txt) because this builds on its internals.
 """
 
 from collections import defaultdict
 from io import BytesIO
 import struct
 
+from rosbags.rosbag2 import CompressionMode
 from rosbags.rosbag2 import StoragePlugin
 from rosbags.rosbag2 import Writer
 from rosbags.rosbag2.storage_mcap import McapWriter, PendingChunk
@@ -32,7 +34,12 @@ _CHUNK_LIMIT = 2 ** 20  # rosbags closes a chunk once it holds more than this
 
 
 class CdrPieces(tuple):
-    """A serialized message as consecutive byte buffers (their concatenation is the CDR)."""
+    """
+    A serialized message as consecutive byte buffers (their concatenation is the CDR).
+
+    The buffers are referenced, not copied: they must not change until the chunk holding
+    the message is written (at the latest when the bag is closed).
+    """
 
     __slots__ = ()
 
@@ -93,7 +100,10 @@ class PiecewiseMcapWriter(McapWriter):
         if self.compression:
             super().write(connection, timestamp, as_bytes(data))
             return
-        pieces = data if isinstance(data, CdrPieces) else CdrPieces((data,))
+        if not isinstance(data, CdrPieces):
+            # Only pieces are kept by reference; anything else is copied now, as rosbags
+            # does, since the caller may reuse its buffer.
+            data = CdrPieces((bytes(data),))
         self._take_records()
         self.message_start_time = min(timestamp, self.message_start_time)
         self.message_end_time = max(timestamp, self.message_end_time)
@@ -101,10 +111,10 @@ class PiecewiseMcapWriter(McapWriter):
         self.chunk.message_start_time = min(timestamp, self.chunk.message_start_time)
         self.chunk.message_end_time = max(timestamp, self.chunk.message_end_time)
         self.chunk.msgs[connection.id].append((timestamp, self._size))
-        size = pieces.nbytes
+        size = data.nbytes
         self._pieces.append(_MESSAGE_HEAD.pack(_OP_MESSAGE, _MESSAGE_FIELDS + size,
                                                connection.id, 0, timestamp, timestamp))
-        self._pieces.extend(pieces)
+        self._pieces.extend(data)
         self._size += _MESSAGE_HEAD.size + size
         if self._size > _CHUNK_LIMIT:
             self.close_chunk()
@@ -156,3 +166,16 @@ class PiecewiseWriter(Writer):
     """rosbags' rosbag2 Writer with the piecewise mcap storage (sqlite3 unchanged)."""
 
     STORAGE_PLUGINS = {**Writer.STORAGE_PLUGINS, StoragePlugin.MCAP: PiecewiseMcapWriter}
+
+    def write(self, connection, timestamp, data):
+        """
+        Write a message; CdrPieces are joined where the storage or compression needs bytes.
+
+        :param connection: rosbags Connection
+        :param timestamp: log time, nanoseconds
+        :param data: serialized message, bytes-like or CdrPieces
+        """
+        if self.storage_plugin != StoragePlugin.MCAP or \
+                self.compression_mode != CompressionMode.NONE:
+            data = as_bytes(data)
+        super().write(connection, timestamp, data)

@@ -7,7 +7,7 @@ from marigold_ros.mcap_pieces import CdrPieces, PiecewiseWriter
 import numpy as np
 import pytest
 from rosbags.highlevel import AnyReader
-from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.rosbag2 import CompressionFormat, CompressionMode, StoragePlugin, Writer
 from rosbags.typesys import get_typestore, Stores
 from sensor_msgs.msg import CameraInfo
 from std_msgs.msg import Header
@@ -32,7 +32,9 @@ def _messages(rng):
         out.append((IMAGE, depth_to_image(rng.random((height, width), np.float32), header)))
         points = rng.random((height, width, 3)).astype(np.float32)
         points[0, 0] = np.nan
-        out.append((CLOUD, pointcloud2_from_depth(points, rgb, header)))
+        cloud = pointcloud2_from_depth(points, rgb, header)
+        cloud.is_dense = index % 2 == 1  # the byte after the data: both values
+        out.append((CLOUD, cloud))
         info = CameraInfo(header=header, width=width, height=height)
         info.k = [float(width), 0.0, width / 2, 0.0, float(width), height / 2, 0.0, 0.0, 1.0]
         out.append((INFO, info))
@@ -51,13 +53,16 @@ def test_pieces_concatenate_to_the_canonical_serialization():
                                     np.frombuffer(msg.data, np.uint8))
 
 
-def _write(writer_class, path, messages, pieces):
-    with writer_class(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+def _write(writer_class, path, messages, pieces, compression=None):
+    writer = writer_class(path, version=9, storage_plugin=StoragePlugin.MCAP)
+    if compression is not None:
+        writer.set_compression(compression, CompressionFormat.ZSTD)
+    with writer:
         connections = {}
         for index, (msgtype, msg) in enumerate(messages):
-            # A topic per (type, index % 2), added while messages are already written, so
-            # schema and channel records land inside chunks between messages.
-            topic = f'/t{index % 2}/{msgtype.rsplit("/", 1)[1].lower()}'
+            # Topics are added as messages come (some only after the first chunks closed),
+            # so schema and channel records land inside chunks between messages.
+            topic = f'/t{index // 9}/{msgtype.rsplit("/", 1)[1].lower()}'
             if topic not in connections:
                 connections[topic] = writer.add_connection(topic, msgtype, typestore=STORE)
             cdr = serialize_canonical_pieces(msg, msgtype) if pieces else \
@@ -66,16 +71,33 @@ def _write(writer_class, path, messages, pieces):
     return (path / f'{path.name}.mcap').read_bytes()
 
 
-def test_file_is_byte_identical_to_rosbags_writer(tmp_path):
-    messages = _messages(np.random.default_rng(1)) * 3
+@pytest.mark.parametrize('count, compression', [
+    (48, None), (0, None), (48, CompressionMode.STORAGE), (20, CompressionMode.MESSAGE)])
+def test_file_is_byte_identical_to_rosbags_writer(tmp_path, count, compression):
+    messages = (_messages(np.random.default_rng(1)) * 3)[:count]
     # The same bag name: the file's metadata record names its storage file.
     folders = [tmp_path / name for name in ('rosbags', 'pieces', 'bytes')]
     for folder in folders:
         folder.mkdir()
-    expected = _write(Writer, folders[0] / 'bag', messages, pieces=False)
-    assert len(expected) > 3 * 2 ** 20  # several chunks
-    assert _write(PiecewiseWriter, folders[1] / 'bag', messages, pieces=True) == expected
-    assert _write(PiecewiseWriter, folders[2] / 'bag', messages, pieces=False) == expected
+    expected = _write(Writer, folders[0] / 'bag', messages, False, compression)
+    if count == 48 and compression is None:
+        assert len(expected) > 3 * 2 ** 20  # several chunks
+    assert _write(PiecewiseWriter, folders[1] / 'bag', messages, True, compression) == expected
+    assert _write(PiecewiseWriter, folders[2] / 'bag', messages, False, compression) == expected
+
+
+def test_plain_buffers_are_copied_when_written(tmp_path):
+    """Only CdrPieces are kept by reference: a caller may reuse any other buffer."""
+    info = CameraInfo(header=_header(0), width=4, height=3)
+    cdr = bytearray(serialize_canonical(info, INFO))
+    with PiecewiseWriter(tmp_path / 'bag', version=9,
+                         storage_plugin=StoragePlugin.MCAP) as writer:
+        connection = writer.add_connection('/info', INFO, typestore=STORE)
+        writer.write(connection, 1, cdr)
+        cdr[:] = bytes(len(cdr))
+    with AnyReader([tmp_path / 'bag'], default_typestore=STORE) as reader:
+        (raw,) = [bytes(raw) for _, _, raw in reader.messages()]
+    assert raw == bytes(serialize_canonical(info, INFO))
 
 
 def test_read_back_with_rosbags(tmp_path):
