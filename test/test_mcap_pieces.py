@@ -105,8 +105,8 @@ def test_read_back_with_rosbags(tmp_path):
     _write(PiecewiseWriter, tmp_path / 'bag', messages, pieces=True)
     with AnyReader([tmp_path / 'bag'], default_typestore=STORE) as reader:
         read = [(c.msgtype, t, bytes(raw)) for c, t, raw in reader.messages()]
-    assert [(m, t) for m, t, _ in read] == [(m, 1000 + i) for i, (m, _) in
-                                             enumerate(messages)]
+    expected = [(msgtype, 1000 + index) for index, (msgtype, _) in enumerate(messages)]
+    assert [(msgtype, stamp) for msgtype, stamp, _ in read] == expected
     for (_, _, raw), (msgtype, msg) in zip(read, messages):
         assert raw == bytes(serialize_canonical(msg, msgtype))
 
