@@ -158,6 +158,37 @@ class Interrupted(KeyboardInterrupt):
     """The run was stopped by SIGINT / SIGTERM; no output was left behind."""
 
 
+def _overlap(first, second):
+    """Tell whether two paths are the same or one contains the other (links resolved)."""
+    first, second = first.resolve(), second.resolve()
+    return first == second or first in second.parents or second in first.parents
+
+
+def check_output_paths(input_path, output_path, export_path=None):
+    """
+    Refuse outputs that could touch the input or each other.
+
+    With --overwrite an existing output (or export) folder is replaced, so an output that
+    contains the input would delete it; an export inside the output (or the other way
+    round) would be moved away with it.
+
+    :param input_path: the input bag
+    :param output_path: the output bag folder
+    :param export_path: the --export folder, or None
+    :raises BagError: 'bad_output' naming the two paths
+    """
+    outputs = [('output', output_path)] + ([('export folder', export_path)]
+                                           if export_path is not None else [])
+    for what, path in outputs:
+        if _overlap(path, input_path):
+            raise BagError('bad_output', f'{what} {str(path)!r} must not be the input '
+                                         f'{str(input_path)!r}, inside it or contain it: '
+                                         'the input is never modified')
+    if export_path is not None and _overlap(output_path, export_path):
+        raise BagError('bad_output', f'export folder {str(export_path)!r} and output '
+                                     f'{str(output_path)!r} must be separate folders')
+
+
 # ---------------------------------------------------------------------------- topics
 
 
@@ -429,9 +460,8 @@ class BagProcessor:
         job = self.job
         input_path = Path(job.input).expanduser().absolute()
         output_path = Path(job.output).expanduser().absolute()
-        if output_path == input_path or input_path in output_path.parents:
-            raise BagError('bad_output', f'output {str(output_path)!r} must not be the input '
-                                         'or inside it: the input is never modified')
+        check_output_paths(input_path, output_path,
+                           Path(job.export).expanduser().absolute() if job.export else None)
         # Parameters first: a typo fails before the bag is read or the model loaded.
         configs = configs_from_parameters(
             read_params_file(job.params, NODE_NAME) if job.params else {})

@@ -97,9 +97,10 @@ class NodeConfig:
     :param camera_info_tolerance: largest gap in seconds between the camera_info stamp and
         the image stamp for a match
     :param camera_info_use_latest: when no camera_info matches by stamp, use the newest one
-        whatever its stamp (for static camera_info publishers)
+        whatever its stamp, without waiting (for static camera_info publishers)
     :param camera_info_wait: seconds the worker waits for a camera_info that has not
-        arrived yet (drivers often publish it just after the image)
+        arrived yet (drivers often publish it just after the image); not with
+        camera_info_use_latest
     :param diagnostics_period: seconds between two /diagnostics messages
     :param error_log_period: at most one log line per camera and problem per this many
         seconds (every occurrence is still counted in diagnostics)
@@ -244,6 +245,20 @@ def default_params_yaml():
     return yaml_document(parameter_groups(), '/**', _YAML_HEADER)
 
 
+def warmup_frame(max_pixels):
+    """
+    Return the blank frame the model is warmed up with: 640x480, smaller under a pixel limit.
+
+    :param max_pixels: the input pixel limit (0 or None: no limit)
+    :return: HxWx3 uint8 grey image
+    """
+    height, width = 480, 640
+    if max_pixels and height * width > max_pixels:
+        factor = math.sqrt(max_pixels / (height * width))
+        height, width = max(1, int(height * factor)), max(1, int(width * factor))
+    return np.full((height, width, 3), 128, np.uint8)
+
+
 def camera_topic(camera, name):
     """
     Join a camera namespace and a relative topic name.
@@ -377,7 +392,7 @@ class _DepthCore:
             if self._node_config.warmup:
                 self._diag.set_model_state(MODEL_LOADING, 'warming up')
                 estimator.set_inference(self._inference)
-                estimator.estimate([np.full((480, 640, 3), 128, np.uint8)])
+                estimator.estimate([warmup_frame(self._output.max_input_pixels)])
         except Exception as error:  # noqa: B902 - any load failure is reported, not raised
             message = f'{type(error).__name__}: {error}'
             self._diag.set_model_state(MODEL_ERROR, message)
@@ -623,8 +638,10 @@ class _DepthCore:
         stamp = stamp_to_ns(msg.header.stamp)
         info = matcher.match(stamp)
         latest = matcher.latest()
+        # With use_latest the newest camera_info will do, so there is no waiting for one
+        # that matches (a static publisher's never would: 50 ms lost on every frame).
         if info is None and latest is not None and cfg.camera_info_wait > 0 and \
-                stamp_to_ns(latest.header.stamp) < stamp:
+                not cfg.camera_info_use_latest and stamp_to_ns(latest.header.stamp) < stamp:
             deadline = time.monotonic() + cfg.camera_info_wait
             while info is None and time.monotonic() < deadline and not self._stop.is_set():
                 self._stop.wait(0.002)

@@ -591,6 +591,24 @@ def test_interrupt_and_existing_output_leave_no_half_bag(tmp_path, scenes, param
     assert not (out / 'keep').exists() and len(_read(out)) == 2 * N_FRAMES
 
 
+def test_outputs_that_would_touch_the_input_are_refused(tmp_path, scenes, params):
+    """--overwrite replaces an output folder: one holding the input (or the export) is refused."""
+    folder = tmp_path / 'drive'
+    folder.mkdir()
+    bag = Path(_write_bag(folder / 'in', 'mcap', _messages(scenes)))
+    before = _files(folder)
+    for output, export in ((folder, None), (bag, None), (bag / 'sub', None),
+                           (tmp_path / 'out', folder), (tmp_path / 'out', bag / 'x'),
+                           (tmp_path / 'out', tmp_path / 'out' / 'frames'),
+                           (tmp_path / 'both', tmp_path / 'both')):
+        job = _job(str(bag), output, params, overwrite=True,
+                   export=None if export is None else str(export))
+        with pytest.raises(BagError, match='must not be the input|must be separate'):
+            process_bag(job, estimator=OracleEstimator(scenes))
+        assert _files(folder) == before
+    assert not (tmp_path / 'out').exists() and not _leftovers(tmp_path)
+
+
 def test_command_line(tmp_path, scenes, params, random_model_dir, capsys):
     """The console script: summary on success, exit 1 and a clear message on errors."""
     bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes))

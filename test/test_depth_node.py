@@ -25,7 +25,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
 from marigold_ros.conversions import image_to_depth, pointcloud2_to_xyz, rgb_to_compressed
 from marigold_ros.conversions import rgb_to_image
-from marigold_ros.depth_node import DepthLifecycleNode, DepthNode
+from marigold_ros.depth_node import DepthLifecycleNode, DepthNode, warmup_frame
 from marigold_ros.diagnostics import DiagnosticsCollector, KeyedThrottle, Percentiles
 from marigold_ros.diagnostics import RateMeter
 from marigold_ros.geometry import CameraModel
@@ -582,6 +582,32 @@ def test_camera_info_matched_by_stamp(graph_factory):
     graph.spin_for(0.3)
     assert graph.count('depth/points') == 2
     assert 'no_camera_info' in graph.snapshot()['notes']
+
+
+def test_static_camera_info_with_use_latest_is_not_waited_for(graph_factory):
+    """use_latest takes the newest camera_info at once instead of waiting for a match."""
+    graph = graph_factory(parameters=[('fixed_scale', 1.0), ('camera_info_use_latest', True),
+                                      ('camera_info_wait', 5.0)])
+    graph.subscribe_outputs()
+    assert graph.node.wait_until_ready(TIMEOUT)
+    graph.publish('camera_info', camera_info(graph.header()))  # once, like a static driver
+    graph.spin_for(0.05)
+    for count in (1, 2):
+        header = graph.header()
+        graph.publish('image', rgb_to_image(image(count), header))
+        start = time.monotonic()
+        assert graph.spin_until(lambda: graph.count('depth/points') == count)
+        # Waiting for a match would take camera_info_wait (5 s) per frame.
+        assert time.monotonic() - start < 2.5
+
+
+def test_warmup_frame_fits_the_pixel_limit():
+    """The warm-up frame is 640x480 unless max_input_pixels is smaller."""
+    assert warmup_frame(0).shape == (480, 640, 3)
+    assert warmup_frame(10 ** 7).shape == (480, 640, 3)
+    for limit in (76800, 1000, 1):
+        height, width, _ = warmup_frame(limit).shape
+        assert 0 < height * width <= limit
 
 
 # ---------------------------------------------------------------- lifecycle
