@@ -252,9 +252,10 @@ class ConfigGroup:
             description=f'{self.description(field_name)} (default: {_format_value(default)})',
             read_only=self.is_read_only(field_name),
             additional_constraints=self.constraints(field_name))
-        if kind == ParameterType.PARAMETER_DOUBLE:
-            # 'scale: 2' in YAML or '-p scale:=2' gives an integer; static typing would
-            # refuse it at startup, so doubles accept integers (converted in build()).
+        if kind in (ParameterType.PARAMETER_DOUBLE, ParameterType.PARAMETER_DOUBLE_ARRAY):
+            # 'scale: 2' in YAML or '-p scale:=2' (and '[0, 0, 1]' for an array) gives
+            # integers; static typing would refuse them at startup, so doubles accept
+            # integers (converted in build()).
             descriptor.dynamic_typing = True
         if field_name in self.ranges:
             low, high = self.ranges[field_name]
@@ -366,6 +367,8 @@ def _to_ros(value):
 def _from_ros(value, default, name):
     """Turn a parameter value back into the field's type (arrays -> tuples, int -> float)."""
     if isinstance(default, tuple):
+        if default and all(isinstance(v, float) for v in default):
+            return tuple(_from_ros(v, 0.0, name) for v in value)
         return tuple(value)
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -516,10 +519,14 @@ def configs_from_values(groups, values, node_name):
     :param values: dict parameter name -> value (names as the node declares them)
     :param node_name: node name, for the error message
     :return: dict config class -> instance, for every group
-    :raises ValueError: unknown parameter names, or a bad value (naming it)
+    :raises ValueError: unknown parameter names (rclpy's own, use_sim_time and
+        qos_overrides.*, are accepted and ignored), or a bad value (naming it)
     """
     check_unique(groups)
-    unknown = set(values)
+    # Parameters rclpy declares on every node (a params file shared with the live node
+    # may set them); they do not shape the configs.
+    unknown = {name for name in values
+               if name != 'use_sim_time' and not name.startswith('qos_overrides.')}
     configs = {}
     for group in groups:
         names = group.names()

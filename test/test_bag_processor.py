@@ -638,6 +638,10 @@ def test_params_file_maps_onto_the_node_configs(tmp_path, params):
     assert configs[ScaleRecoveryConfig].min_points == 30
     with pytest.raises(ValueError, match='batch_sise'):
         configs_from_parameters({'batch_sise': 3})
+    # rclpy's own parameters, which a launch file's params may set for the live node.
+    shared = configs_from_parameters({'use_sim_time': True, 'batch_size': 2,
+                                      'qos_overrides./tf.subscription.depth': 5})
+    assert shared[InferenceConfig].batch_size == 2
     with pytest.raises(ValueError, match='ensemble_size'):
         configs_from_parameters({'ensemble_size': 0})
     nested = tmp_path / 'nested.yaml'

@@ -105,13 +105,15 @@ def test_unknown_names_and_duplicates_refused():
 def test_declare_on_a_node_with_overrides_and_runtime_changes(context):
     """Overrides reach the config; rclpy enforces ranges and read-only at runtime."""
     overrides = [Parameter('documented', value=7), Parameter('ex.above', value=1),
-                 Parameter('ex.names', value=['u', 'v'])]
+                 Parameter('ex.names', value=['u', 'v']),
+                 Parameter('ex.sizes', value=[0, 3])]  # '-p ex.sizes:=[0,3]': integers
     node = Node('params_test', context=context, parameter_overrides=overrides)
     try:
         flat = _group(read_only_fields=('flag',)).declare(node)
         prefixed = _group(prefix='ex.', read_only=True).declare(node)
         assert flat.documented == 7 and prefixed.above == 1.0
         assert prefixed.names == ('u', 'v')
+        assert prefixed.sizes == (0.0, 3.0) and all(type(v) is float for v in prefixed.sizes)
         assert not node.set_parameters([Parameter('documented', value=11)])[0].successful
         assert not node.set_parameters([Parameter('flag', value=False)])[0].successful
         assert not node.set_parameters([Parameter('ex.documented', value=1)])[0].successful
