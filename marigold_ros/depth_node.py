@@ -441,7 +441,9 @@ class _DepthCore:
         info['fixed_scale'] = output.fixed_scale if output.fixed_scale > 0 else 'off'
         info['scale_recovery'] = self._scale_config.source if self._scale_config else \
             'unavailable'
-        self._diag.set_model_state(self._diag.model_state, self._diag.model_message, **info)
+        # Only the details: reading the state and writing it back could undo the loader's
+        # 'ready' set in between (a parameter change during loading).
+        self._diag.update_model_info(**info)
 
     # ------------------------------------------------------------------ parameters
 

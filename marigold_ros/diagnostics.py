@@ -231,6 +231,15 @@ class DiagnosticsCollector:
             self.model_message = message
             self.model_info.update({k: str(v) for k, v in info.items()})
 
+    def update_model_info(self, **info):
+        """
+        Add or replace details of the model status, leaving its state and message as they are.
+
+        :param info: key/values (e.g. the current inference settings)
+        """
+        with self._lock:
+            self.model_info.update({k: str(v) for k, v in info.items()})
+
     def image_received(self, key, now=None):
         """
         Count an incoming image.

@@ -671,6 +671,9 @@ def test_diagnostics_building_blocks():
     assert array.status[1].level == DiagnosticStatus.WARN
     assert values(array.status[1])['bad: truncated'] == '1'
     assert collector.to_msg().status[1].level == DiagnosticStatus.OK  # no new bad message
+    collector.set_model_state('ready', '', device='cpu')
+    collector.update_model_info(denoising_steps=2)  # settings only: the state stays
+    assert collector.model_state == 'ready' and collector.model_info['denoising_steps'] == '2'
 
 
 # ---------------------------------------------------------------- as a user runs it
