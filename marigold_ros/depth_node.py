@@ -312,6 +312,7 @@ class _DepthCore:
         self._config_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._worker_stop = threading.Event()
         self._worker = None
         self._loader = None
         self._estimator = None
@@ -556,13 +557,18 @@ class _DepthCore:
         if self._worker is not None and self._worker.is_alive():
             return
         self._stop.clear()
-        self._worker = threading.Thread(target=self._worker_loop, name='marigold_worker',
-                                        daemon=True)
+        # Each worker has its own stop event: one left behind by _stop_worker (a model call
+        # longer than shutdown_timeout) is not revived by clearing the node's _stop, so
+        # two workers never take frames at the same time.
+        self._worker_stop = threading.Event()
+        self._worker = threading.Thread(target=self._worker_loop, args=(self._worker_stop,),
+                                        name='marigold_worker', daemon=True)
         self._worker.start()
 
     def _stop_worker(self):
         """Stop and join the worker (a model call in progress is finished first)."""
         self._stop.set()
+        self._worker_stop.set()
         self._wake.set()
         worker = self._worker
         if worker is not None and worker is not threading.current_thread():
@@ -575,14 +581,14 @@ class _DepthCore:
         with self._slot_lock:
             self._slots.clear()
 
-    def _worker_loop(self):
-        while not self._stop.is_set():
+    def _worker_loop(self, stop):
+        while not stop.is_set():
             if not self._wake.wait(0.1):
                 continue
             pipeline = self._pipeline
             if pipeline is None:
                 # Model not loaded (yet): images wait in their slots, newer ones replace them.
-                self._stop.wait(0.02)
+                stop.wait(0.02)
                 continue
             self._wake.clear()
             with self._slot_lock:
@@ -592,7 +598,7 @@ class _DepthCore:
             try:
                 self._process(pipeline, batch)
             except Exception:  # noqa: B902 - the worker must survive anything
-                if self._stop.is_set():
+                if stop.is_set():
                     break
                 self._report('', 'processing_error', traceback.format_exc())
 
@@ -757,6 +763,7 @@ class DepthLifecycleNode(_DepthCore, LifecycleNode):
         :param state: previous state
         :return: SUCCESS, or FAILURE when the model cannot be loaded
         """
+        self._stop.clear()  # set by an earlier deactivate; a load failure must be logged
         if not self._load_model():
             return TransitionCallbackReturn.FAILURE
         self._create_outputs(self.create_lifecycle_publisher)

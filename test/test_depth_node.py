@@ -642,6 +642,30 @@ def test_lifecycle_node(context, estimator):
         failing.close()
 
 
+def test_reactivation_never_runs_two_workers(context, estimator):
+    """A worker left behind by a deactivate (call longer than shutdown_timeout) stops."""
+    graph = Graph(context, estimator, node_class=DepthLifecycleNode, delay=1.0,
+                  parameters=[('fixed_scale', 1.0), ('shutdown_timeout', 0.0)])
+    try:
+        graph.subscribe_outputs()
+        node = graph.node
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        graph.spin_for(0.2)
+        graph.send()
+        assert graph.spin_until(lambda: graph.spies[0].calls)  # a 1 s call is running
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS  # does not wait
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        graph.spin_for(1.5)  # the old call ends
+        workers = [t for t in threading.enumerate() if t.name == 'marigold_worker']
+        assert len(workers) == 1
+        calls = len(graph.spies[0].calls)
+        graph.send()
+        assert graph.spin_until(lambda: len(graph.spies[0].calls) == calls + 1)
+    finally:
+        graph.close()
+
+
 # ---------------------------------------------------------------- diagnostics pieces
 
 
