@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from .bag_io import to_rclpy
+from .bag_io import BagError, to_rclpy
 from .pipeline import FrameError
 
 
@@ -117,12 +117,21 @@ def deserialized(messages, topics):
     """
     Pair each BagMessage with its rclpy message (None for topics that are only copied).
 
+    A message that does not deserialize is paired with its BagError instead, so that one
+    damaged message costs its frame, not the run.
+
     :param messages: iterable of BagMessage
     :param topics: names of the topics to deserialize
-    :return: generator of (BagMessage, rclpy message or None)
+    :return: generator of (BagMessage, rclpy message or BagError or None)
     """
     for message in messages:
-        yield message, to_rclpy(message) if message.topic in topics else None
+        if message.topic not in topics:
+            yield message, None
+            continue
+        try:
+            yield message, to_rclpy(message)
+        except BagError as error:
+            yield message, error
 
 
 def prefetch(iterable, depth=32):

@@ -38,6 +38,7 @@ import sys
 import time
 
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig, override
+from std_msgs.msg import Header
 
 from . import export
 from .bag_io import AtomicBagWriter, BagError, BagReader, CAMERA_INFO_TYPE
@@ -571,8 +572,10 @@ class BagProcessor:
                 if job.copy_inputs:
                     background.submit(writer.write, message.topic, message.log_time,
                                       message.cdr)
-                if message.topic == topics.image:
-                    pending.append((message, msg))
+                if isinstance(msg, BagError) and message.topic != topics.image:
+                    self._bad_message(message, msg)
+                elif message.topic == topics.image:
+                    pending.append((message, msg))  # a BagError fails its frame, in order
                 elif message.topic == topics.camera_info:
                     self.camera_infos.add_msg(msg)
                 elif message.topic in (topics.sparse_depth, topics.points):
@@ -613,6 +616,13 @@ class BagProcessor:
             # Counted by ScaleRecovery and matched to its frame, which then reports why.
             self._count(self.summary.problems, error.reason)
 
+    def _bad_message(self, message, error):
+        """A camera info / scale message that does not deserialize: reported and skipped."""
+        if self.job.strict:
+            raise BagError('corrupt', f'{error} (--strict: no output written)')
+        self._count(self.summary.problems, f'corrupt_{message.topic}')
+        print(f'process_bag: skipped a message: {error}', file=sys.stderr)
+
     @staticmethod
     def _count(table, key):
         table[key] = table.get(key, 0) + 1
@@ -632,7 +642,9 @@ class BagProcessor:
             # Decoding needs only the images; camera info and the scale inputs are matched
             # when the pipeline processes the batch, with everything read up to then.
             frames = [FrameInput(image=image, key=topics.image) for _, image in batch]
-            self.model.start(frames)
+            good = [frame for frame in frames if not isinstance(frame.image, BagError)]
+            if good:  # a batch of damaged messages only has nothing for the model
+                self.model.start(good)
             started = list(zip(batch, frames))
         if ready is not None:
             self._finish_batch(ready, topics, writer, exporter, background)
@@ -642,16 +654,21 @@ class BagProcessor:
     def _finish_batch(self, batch, topics, writer, exporter, background):
         summary = self.summary
         messages, frames = [], []
-        # The model thread decodes the batch first; the pipeline then reuses those images.
-        self.model.wait_decoded()
+        good = [frame for _, frame in batch if not isinstance(frame.image, BagError)]
+        if good:
+            # The model thread decodes the batch first; the pipeline then reuses those images.
+            self.model.wait_decoded()
         for (message, image), frame in batch:
             messages.append(message)
-            if topics.camera_info:
+            if topics.camera_info and not isinstance(image, BagError):
                 frame.camera_info = self.camera_infos.match(stamp_to_ns(image.header.stamp))
                 if frame.camera_info is None and self.use_latest_info:
                     frame.camera_info = self.camera_infos.latest()
             frames.append(frame)
-        results = self.pipeline.process(frames)
+        processed = iter(self.pipeline.process(good) if good else ())
+        results = [FrameError('corrupt', str(frame.image), frame.key)
+                   if isinstance(frame.image, BagError) else next(processed)
+                   for frame in frames]
         done = []
         for message, frame, result in zip(messages, frames, results):
             index = self._index
@@ -659,7 +676,7 @@ class BagProcessor:
             summary.frames_in += 1
             if isinstance(result, FrameError):
                 self._frame_error(index, message, frame, result)
-                done.append((index, message.log_time, result, frame.image.header))
+                done.append((index, message.log_time, result, _header_of(frame)))
                 continue
             summary.frames_out += 1
             for note in result.notes:
@@ -675,7 +692,7 @@ class BagProcessor:
 
     def _frame_error(self, index, message, frame, error):
         self._count(self.summary.errors, error.reason)
-        header = frame.image.header
+        header = _header_of(frame)
         text = (f'frame {index} (stamp {stamp_to_ns(header.stamp)} ns, bag time '
                 f'{message.log_time} ns) on {message.topic!r}: {error.reason}: {error}')
         if self.job.strict:
@@ -696,6 +713,11 @@ class BagProcessor:
                 writer.write_msg(self.outputs[key], log_time, msg, OUTPUT_TYPES[key])
             if exporter is not None:
                 exporter.write(index, log_time, result)
+
+
+def _header_of(frame):
+    """The image header of a frame (an empty one when the message did not deserialize)."""
+    return Header() if isinstance(frame.image, BagError) else frame.image.header
 
 
 def process_bag(job, estimator=None):

@@ -509,6 +509,33 @@ def test_bad_frames_are_reported_and_strict_stops(tmp_path, scenes, params, caps
     assert not (tmp_path / 'strict').exists() and not _leftovers(tmp_path)
 
 
+def test_messages_that_do_not_deserialize_cost_their_frame_only(tmp_path, scenes, params,
+                                                                 capsys):
+    """A cut CDR message: its frame fails (in order), a bad camera info is skipped."""
+    messages = _messages(scenes)
+    images = [i for i, m in enumerate(messages) if m[0] == '/cam/image_raw']
+    infos = [i for i, m in enumerate(messages) if m[0] == '/cam/camera_info']
+    for position in (images[1], infos[3]):
+        messages[position] = messages[position][:3] + (messages[position][3][:40],)
+    bag = _write_bag(tmp_path / 'in', 'mcap', messages)
+    summary = process_bag(_job(bag, tmp_path / 'out', params, export=str(tmp_path / 'x')),
+                          estimator=OracleEstimator(scenes))
+    assert summary.frames_in == N_FRAMES and summary.frames_out == N_FRAMES - 1
+    assert summary.errors == {'corrupt': 1}
+    assert summary.problems == {'corrupt_/cam/camera_info': 1}
+    assert 'frame 1' in capsys.readouterr().err
+    stamps = [m.header.stamp for m in _by_topic(tmp_path / 'out')['/cam/depth/relative']]
+    assert stamps == [_header(i).stamp for i in range(N_FRAMES) if i != 1]
+    clouds = _by_topic(tmp_path / 'out')['/cam/depth/camera_info']
+    assert len(clouds) == N_FRAMES - 2  # frame 3 has no camera info, frame 1 no depth
+    rows = (tmp_path / 'x' / 'frames.csv').read_text().splitlines()
+    assert rows[2].startswith('1,') and 'error:corrupt' in rows[2]
+    with pytest.raises(BagError, match='corrupt|cannot deserialize'):
+        process_bag(_job(bag, tmp_path / 'strict', params, strict=True),
+                    estimator=OracleEstimator(scenes))
+    assert not (tmp_path / 'strict').exists() and not _leftovers(tmp_path)
+
+
 QOS_PROFILE = """
       - history: keep_last
         depth: 10
@@ -549,7 +576,8 @@ def test_corrupt_and_truncated_bags_give_clear_errors(tmp_path, scenes, params):
     (cut / 'cut.mcap').write_bytes(data[:len(data) // 2])
     sqlite = Path(_write_bag(tmp_path / 'sql', 'sqlite3', _messages(scenes)))
     (sqlite / 'sql.db3').write_bytes((sqlite / 'sql.db3').read_bytes()[:3000])
-    # A readable bag whose fifth image message is cut short: found after a batch was written.
+    # A readable bag whose fifth image message is cut short: found after a batch was
+    # written; without --strict only that frame fails (see the test above).
     messages = _messages(scenes)
     images = [i for i, m in enumerate(messages) if m[0] == '/cam/image_raw']
     messages[images[4]] = messages[images[4]][:3] + (messages[images[4]][3][:60],)
@@ -560,7 +588,7 @@ def test_corrupt_and_truncated_bags_give_clear_errors(tmp_path, scenes, params):
     for bag, name in cases.items():
         oracle = OracleEstimator(scenes)
         with pytest.raises(BagError, match=name) as error:
-            process_bag(_job(str(bag), out, params), estimator=oracle)
+            process_bag(_job(str(bag), out, params, strict=bag == damaged), estimator=oracle)
         assert error.value.reason in ('unreadable', 'corrupt', 'missing'), bag
         assert not out.exists() and not _leftovers(tmp_path), bag
     assert oracle.calls == 0  # the missing bag: refused before any work
