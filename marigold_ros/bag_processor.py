@@ -617,7 +617,7 @@ class BagProcessor:
             self._count(self.summary.problems, error.reason)
 
     def _bad_message(self, message, error):
-        """A camera info / scale message that does not deserialize: reported and skipped."""
+        """Report and skip a camera info / scale message that does not deserialize."""
         if self.job.strict:
             raise BagError('corrupt', f'{error} (--strict: no output written)')
         self._count(self.summary.problems, f'corrupt_{message.topic}')
@@ -716,7 +716,7 @@ class BagProcessor:
 
 
 def _header_of(frame):
-    """The image header of a frame (an empty one when the message did not deserialize)."""
+    """Return the image header of a frame (empty when the message did not deserialize)."""
     return Header() if isinstance(frame.image, BagError) else frame.image.header
 
 

@@ -509,8 +509,7 @@ def test_bad_frames_are_reported_and_strict_stops(tmp_path, scenes, params, caps
     assert not (tmp_path / 'strict').exists() and not _leftovers(tmp_path)
 
 
-def test_messages_that_do_not_deserialize_cost_their_frame_only(tmp_path, scenes, params,
-                                                                 capsys):
+def test_undeserializable_messages_cost_their_frame_only(tmp_path, scenes, params, capsys):
     """A cut CDR message: its frame fails (in order), a bad camera info is skipped."""
     messages = _messages(scenes)
     images = [i for i, m in enumerate(messages) if m[0] == '/cam/image_raw']
