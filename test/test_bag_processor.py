@@ -499,11 +499,16 @@ def test_bad_frames_are_reported_and_strict_stops(tmp_path, scenes, params, caps
     assert summary.frames_in == N_FRAMES and summary.frames_out == N_FRAMES - 1
     assert summary.errors == {'truncated': 1}
     assert 'frame 2' in capsys.readouterr().err
+    _check_failed_frame(tmp_path, bag, params, scenes, 2, 'truncated')
+
+
+def _check_failed_frame(tmp_path, bag, params, scenes, failed, reason, strict_error=None):
+    """Check the output lacks the failed frame, frames.csv names it, --strict writes nothing."""
     stamps = [m.header.stamp for m in _by_topic(tmp_path / 'out')['/cam/depth/relative']]
-    assert stamps == [_header(i).stamp for i in range(N_FRAMES) if i != 2]
+    assert stamps == [_header(i).stamp for i in range(N_FRAMES) if i != failed]
     rows = (tmp_path / 'x' / 'frames.csv').read_text().splitlines()
-    assert rows[3].startswith('2,') and 'error:truncated' in rows[3]
-    with pytest.raises(BagError, match='truncated'):
+    assert rows[failed + 1].startswith(f'{failed},') and f'error:{reason}' in rows[failed + 1]
+    with pytest.raises(BagError, match=strict_error or reason):
         process_bag(_job(bag, tmp_path / 'strict', params, strict=True),
                     estimator=OracleEstimator(scenes))
     assert not (tmp_path / 'strict').exists() and not _leftovers(tmp_path)
@@ -523,16 +528,9 @@ def test_undeserializable_messages_cost_their_frame_only(tmp_path, scenes, param
     assert summary.errors == {'corrupt': 1}
     assert summary.problems == {'corrupt_/cam/camera_info': 1}
     assert 'frame 1' in capsys.readouterr().err
-    stamps = [m.header.stamp for m in _by_topic(tmp_path / 'out')['/cam/depth/relative']]
-    assert stamps == [_header(i).stamp for i in range(N_FRAMES) if i != 1]
-    clouds = _by_topic(tmp_path / 'out')['/cam/depth/camera_info']
-    assert len(clouds) == N_FRAMES - 2  # frame 3 has no camera info, frame 1 no depth
-    rows = (tmp_path / 'x' / 'frames.csv').read_text().splitlines()
-    assert rows[2].startswith('1,') and 'error:corrupt' in rows[2]
-    with pytest.raises(BagError, match='corrupt|cannot deserialize'):
-        process_bag(_job(bag, tmp_path / 'strict', params, strict=True),
-                    estimator=OracleEstimator(scenes))
-    assert not (tmp_path / 'strict').exists() and not _leftovers(tmp_path)
+    infos = _by_topic(tmp_path / 'out')['/cam/depth/camera_info']
+    assert len(infos) == N_FRAMES - 2  # frame 3 has no camera info, frame 1 no depth
+    _check_failed_frame(tmp_path, bag, params, scenes, 1, 'corrupt', 'cannot deserialize')
 
 
 QOS_PROFILE = """
