@@ -569,22 +569,29 @@ class AtomicBagWriter:
         self.add_topic(topic, msgtype)
         self.write(topic, log_time, serialize_canonical_pieces(msg, msgtype, self._store))
 
+    def finish(self):
+        """
+        Close the bag in the staging folder (the step that can fail on a full disk).
+
+        :raises BagError: 'exists' when the output appeared meanwhile and may not be replaced
+        """
+        if self._writer is not None:
+            self._writer.close()  # on failure it stays set, for abort() to drop
+            self._writer = None
+        if self.path.exists() and not self.overwrite:
+            raise BagError('exists', f'output {str(self.path)!r} appeared while writing; '
+                                     'nothing was written')
+
     def commit(self):
         """
-        Close the bag and move it into place (replacing an old output when allowed).
+        Close the bag (see :meth:`finish`) and move it into place, replacing an old output.
 
         :return: the final Path.
         """
-        writer, self._writer = self._writer, None
-        writer.close()
-        built = self.stage / self.path.name
+        self.finish()
         if self.path.exists():
-            if not self.overwrite:
-                raise BagError('exists', f'output {str(self.path)!r} appeared while writing; '
-                                         'the result is left in ' + str(built))
-            old = self.stage / '.replaced'
-            os.replace(self.path, old)
-        os.replace(built, self.path)
+            os.replace(self.path, self.stage / '.replaced')
+        os.replace(self.stage / self.path.name, self.path)
         shutil.rmtree(self.stage, ignore_errors=True)
         return self.path
 

@@ -483,6 +483,9 @@ class BagProcessor:
                     exporter = export.FrameExporter(job.export, job.overwrite)
                 background.call(writer.open)
                 self._process(reader, topics, config, writer, exporter, background)
+                # The bag is closed first (what can fail: a full disk), then both folders
+                # are moved into place, so a failure leaves neither behind.
+                background.call(writer.finish)
                 if exporter is not None:
                     background.call(exporter.commit)
                     exporter = None

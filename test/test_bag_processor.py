@@ -634,6 +634,23 @@ def test_outputs_that_would_touch_the_input_are_refused(tmp_path, scenes, params
     assert not (tmp_path / 'out').exists() and not _leftovers(tmp_path)
 
 
+def test_failing_bag_close_leaves_neither_bag_nor_export(tmp_path, scenes, params,
+                                                         monkeypatch):
+    """The bag is closed before anything moves into place: a full disk leaves nothing."""
+    from marigold_ros.mcap_pieces import PiecewiseWriter
+
+    def full_disk(self):
+        raise OSError(28, 'No space left on device')
+
+    bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes))
+    monkeypatch.setattr(PiecewiseWriter, 'close', full_disk)
+    with pytest.raises(OSError, match='No space'):
+        process_bag(_job(bag, tmp_path / 'out', params, export=str(tmp_path / 'x')),
+                    estimator=OracleEstimator(scenes))
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'x').exists()
+    assert not _leftovers(tmp_path)
+
+
 def test_command_line(tmp_path, scenes, params, random_model_dir, capsys):
     """The console script: summary on success, exit 1 and a clear message on errors."""
     bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes))
