@@ -578,7 +578,10 @@ class BagProcessor:
                 if isinstance(msg, BagError) and message.topic != topics.image:
                     self._bad_message(message, msg)
                 elif message.topic == topics.image:
-                    pending.append((message, msg))  # a BagError fails its frame, in order
+                    # A BagError fails its frame, in order.  The newest camera info read so
+                    # far is what the live node would fall back to (camera_info_use_latest):
+                    # one recorded after the image must not be used.
+                    pending.append((message, msg, self.camera_infos.latest()))
                 elif message.topic == topics.camera_info:
                     self.camera_infos.add_msg(msg)
                 elif message.topic in (topics.sparse_depth, topics.points):
@@ -644,7 +647,7 @@ class BagProcessor:
         if batch is not None:
             # Decoding needs only the images; camera info and the scale inputs are matched
             # when the pipeline processes the batch, with everything read up to then.
-            frames = [FrameInput(image=image, key=topics.image) for _, image in batch]
+            frames = [FrameInput(image=image, key=topics.image) for _, image, _ in batch]
             good = [frame for frame in frames if not isinstance(frame.image, BagError)]
             if good:  # a batch of damaged messages only has nothing for the model
                 self.model.start(good)
@@ -661,12 +664,12 @@ class BagProcessor:
         if good:
             # The model thread decodes the batch first; the pipeline then reuses those images.
             self.model.wait_decoded()
-        for (message, image), frame in batch:
+        for (message, image, info_before), frame in batch:
             messages.append(message)
             if topics.camera_info and not isinstance(image, BagError):
                 frame.camera_info = self.camera_infos.match(stamp_to_ns(image.header.stamp))
                 if frame.camera_info is None and self.use_latest_info:
-                    frame.camera_info = self.camera_infos.latest()
+                    frame.camera_info = info_before
             frames.append(frame)
         processed = iter(self.pipeline.process(good) if good else ())
         results = [FrameError('corrupt', str(frame.image), frame.key)

@@ -460,6 +460,17 @@ def test_static_camera_info_needs_use_latest(tmp_path, scenes, params):
                           estimator=OracleEstimator(scenes))
     assert summary.topics_out['/cam/depth/camera_info'] == N_FRAMES
     assert 'no_camera_info' not in summary.notes
+    # A new static camera_info recorded after frame 2 serves the frames after it only (the
+    # live node can only fall back to one received before the image).
+    refocused = _camera_info(scenes[0], 0)
+    refocused.header.stamp = Time(sec=2)
+    refocused.k[0] *= 2
+    messages.insert(0, ('/cam/camera_info', 'sensor_msgs/msg/CameraInfo', _stamp(2) + 5500,
+                        serialize_message(refocused)))
+    bag = _write_bag(tmp_path / 'in2', 'mcap', sorted(messages, key=lambda m: m[2]))
+    process_bag(_job(bag, tmp_path / 'c', str(latest)), estimator=OracleEstimator(scenes))
+    focal = [m.k[0] for m in _by_topic(tmp_path / 'c')['/cam/depth/camera_info']]
+    assert focal == [focal[0]] * 3 + [2 * focal[0]] * (N_FRAMES - 3)
 
 
 def test_topic_choice_and_errors_leave_no_output(tmp_path, scenes, params):
