@@ -12,6 +12,8 @@ Benchmark of the live depth node at 640x480 with the tiny model on CPU, in one r
    straightforward port of sensor_msgs_py.create_cloud does).
 3. Memory: resident set size over ``--frames`` frames (1000 by default) through the node;
    flat means no growth after the warm-up.
+4. The floor: rclpy alone publishing one frame's prebuilt outputs and bringing one image
+   in, with no node work (what no change inside the node can remove).
 
 The bundled tiny model is used when it exists; otherwise a randomly initialised model of
 the same kind (the timings do not depend on the weights, the run says which it used).
@@ -273,9 +275,79 @@ def run_conversions(repeats=30):
     }
 
 
+# ------------------------------------------------------------------ 4: what rclpy alone costs
+
+
+def run_transfer_floor(repeats=100):
+    """
+    Time rclpy moving one frame's messages, with no node work at all.
+
+    The prebuilt outputs of a 640x480 frame (relative and metric depth, camera info, cloud)
+    are published to raw subscribers in this process, and the camera image is published,
+    taken and deserialized by a plain subscription, as the node's would be: the part of
+    the node overhead that no change inside the node can remove.
+
+    :param repeats: frames timed
+    :return: dict of figures (ms, medians)
+    """
+    rgb, camera = test_image()
+    v, u = np.mgrid[0:HEIGHT, 0:WIDTH]
+    depth = (1.0 + 0.001 * u + 0.001 * v).astype(np.float32)
+    header = Header(stamp=rclpy.time.Time(seconds=1).to_msg(), frame_id=FRAME)
+    pipeline = DepthPipeline(InstantEstimator(depth), OutputConfig(fixed_scale=1.0))
+    (result,) = pipeline.process([FrameInput(rgb_to_image(rgb, header), camera.to_msg(header))])
+    outputs = {'depth/relative': result.relative, 'depth/image': result.metric,
+               'depth/camera_info': result.camera_info, 'depth/points': result.points}
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    source = Node('floor_out', context=context, namespace='/floor')
+    sink = Node('floor_in', context=context, namespace='/floor')
+    qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+    taken = []
+    publishers = {}
+    for topic, msg in outputs.items():
+        sink.create_subscription(type(msg), topic, taken.append, qos, raw=True)
+        publishers[topic] = source.create_publisher(type(msg), topic, qos)
+    sink.create_subscription(Image, 'image', taken.append, qos)
+    image_pub = source.create_publisher(Image, 'image', qos)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(source)
+    executor.add_node(sink)
+    publish, image_in = [], []
+    try:
+        for _ in range(10):
+            executor.spin_once(timeout_sec=0.05)
+        for index in range(repeats + 5):
+            clock = time.perf_counter()
+            for topic, msg in outputs.items():
+                publishers[topic].publish(msg)
+            published = time.perf_counter() - clock
+            while len(taken) < len(outputs):
+                executor.spin_once(timeout_sec=0.05)
+            taken.clear()
+            clock = time.perf_counter()
+            image_pub.publish(rgb_to_image(rgb, header))
+            while not taken:
+                executor.spin_once(timeout_sec=0.05)
+            arrived = time.perf_counter() - clock
+            taken.clear()
+            if index >= 5:
+                publish.append(published)
+                image_in.append(arrived)
+    finally:
+        executor.shutdown(timeout_sec=1.0)
+        source.destroy_node()
+        sink.destroy_node()
+        rclpy.shutdown(context=context)
+    return {'publish_outputs_ms': 1000 * float(np.median(publish)),
+            'image_in_ms': 1000 * float(np.median(image_in)),
+            'output_mb': sum(len(m.data) for m in outputs.values()
+                             if hasattr(m, 'data')) / 1e6}
+
+
 def main(argv=None):
     """
-    Run the three measurements and print them.
+    Run the four measurements and print them.
 
     :param argv: argument list (default sys.argv)
     :return: exit code
@@ -294,6 +366,10 @@ def main(argv=None):
           f"{conversions['node_work_ms']:.2f} ms (decode {conversions['decode_ms']:.2f}, "
           f"outputs {conversions['outputs_ms']:.2f}); naive per-point cloud "
           f"{conversions['naive_cloud_ms']:.0f} ms: {conversions['speedup']:.0f}x")
+    floor = run_transfer_floor()
+    print(f"rclpy alone, no node work: publishing one frame's outputs "
+          f"({floor['output_mb']:.1f} MB) {floor['publish_outputs_ms']:.2f} ms, an image in "
+          f"(build, publish, take, deserialize) {floor['image_in_ms']:.2f} ms")
     node = run_node(model, args.frames)
     verdict = 'OK' if node['overhead_p50'] <= 0.05 else 'ABOVE TARGET'
     print(f"processing resolution {node['processing_resolution']}, "
@@ -310,7 +386,8 @@ def main(argv=None):
           f"({node['rss_slope_kb_per_frame']:+.2f} KB/frame)")
     if args.json:
         Path(args.json).write_text(json.dumps({'model': description, 'conversions':
-                                               conversions, 'node': node}, indent=2))
+                                               conversions, 'transfer_floor': floor,
+                                               'node': node}, indent=2))
     return 0
 
 
