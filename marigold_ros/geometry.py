@@ -272,6 +272,24 @@ class CameraModel:
                                    do_rectify=self.roi.do_rectify)
         return msg
 
+    def rectified(self):
+        """
+        Return the camera of the rectified image: K from P, no distortion, R identity.
+
+        A rectified image (image_rect) comes with its raw camera's camera_info; as in
+        image_geometry and depth_image_proc, its pinhole camera is P's left 3x3 (P itself,
+        with a stereo camera's baseline column, is kept for the published camera_info).
+
+        :return: CameraModel
+        :raises CalibrationError: P's left 3x3 is not a valid camera matrix
+        """
+        try:
+            return dataclasses.replace(self, K=self.P[:, :3].copy(), D=np.zeros(0),
+                                       distortion_model='plumb_bob', R=None)
+        except CalibrationError as error:
+            raise CalibrationError(error.reason, f'rectified input: the camera comes from P, '
+                                                 f'which is not usable: {error}') from None
+
     # ------------------------------------------------------------------ binning / ROI
 
     def effective(self):

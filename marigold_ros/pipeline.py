@@ -57,6 +57,9 @@ class OutputConfig:
         depth image and the cloud; 0 means no limit
     :param max_input_pixels: refuse images with more pixels (width * height) than this before
         decoding them
+    :param rectified_input: the images are rectified (image_rect): the camera is the
+        camera_info's P with no distortion, as depth_image_proc assumes; false: raw images,
+        whose rays are undistorted with K and D
     """
 
     publish_points: bool = True
@@ -65,6 +68,7 @@ class OutputConfig:
     fixed_shift: float = 0.0
     max_depth: float = 0.0
     max_input_pixels: int = ModelConfig.max_input_pixels
+    rectified_input: bool = False
 
     def __post_init__(self):
         """
@@ -186,18 +190,22 @@ def fixed_scale_estimate(scale, shift):
                          reason=REASON_FIXED_SCALE)
 
 
-def camera_for_image(camera_info, width, height):
+def camera_for_image(camera_info, width, height, rectified=False):
     """
     Validate a CameraInfo against the image it was matched to.
 
     :param camera_info: sensor_msgs/CameraInfo
     :param width: image width
     :param height: image height
+    :param rectified: the image is rectified: the camera is P, without distortion
     :return: CameraModel of the image (binning and ROI folded in)
     :raises CalibrationError: unusable calibration, or reason 'size_mismatch' when the
         camera (after binning / ROI) is not the image's size
     """
-    model = CameraModel.from_msg(camera_info).effective()
+    model = CameraModel.from_msg(camera_info)
+    if rectified:
+        model = model.rectified()
+    model = model.effective()
     if (model.width, model.height) != (width, height):
         raise CalibrationError(
             'size_mismatch', f'camera_info describes a {model.width}x{model.height} image '
@@ -406,7 +414,8 @@ class DepthPipeline:
             notes.append(NOTE_NO_CAMERA_INFO)
         else:
             try:
-                model = camera_for_image(frame.camera_info, rgb.shape[1], rgb.shape[0])
+                model = camera_for_image(frame.camera_info, rgb.shape[1], rgb.shape[0],
+                                         config.rectified_input)
                 camera = scale_camera(model, width, height)
             except CalibrationError as error:
                 notes.append(NOTE_BAD_CAMERA_INFO)

@@ -173,6 +173,27 @@ def test_fast_cloud_colours_at_tiny_sizes(height, width):
     assert bytes(fast.data) == bytes(reference.data)
 
 
+@pytest.mark.parametrize('rectified', [False, True])
+def test_rectified_input_takes_the_camera_from_p(rectified):
+    """image_rect + its raw camera_info: rays and depth/camera_info from P, no distortion."""
+    p = np.array([[30.0, 0.0, 20.5, 0.0], [0.0, 31.0, 15.5, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    info = _camera(D=[-0.2, 0.05, 0.001, 0.0, 0.0], distortion_model='plumb_bob', P=p)
+    pipeline = DepthPipeline(FakeEstimator(), OutputConfig(fixed_scale=2.0,
+                                                           rectified_input=rectified))
+    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), info))
+    metric = image_to_depth(out.metric)
+    if rectified:
+        camera = CameraModel(W, H, p[:, :3], frame_id=FRAME)
+        assert not any(out.camera_info.d) and list(out.camera_info.k) == p[:, :3].ravel().tolist()
+    else:
+        camera = CameraModel.from_msg(info)
+        assert list(out.camera_info.d) == list(info.d)
+    assert list(out.camera_info.p) == p.ravel().tolist()
+    expected = unproject_depth(metric, camera)
+    np.testing.assert_allclose(pointcloud2_to_xyz(out.points).reshape(H, W, 3), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_apply_scale_float32_matches_scale_estimate():
     """The pipeline's float32 conversion equals ScaleEstimate.apply within float32 rounding."""
     from marigold_ros.scale_recovery import apply_scale
