@@ -281,9 +281,15 @@ class BagReader:
             store = get_typestore(Stores.EMPTY)
             store.register({**reader.typestore.fielddefs, 'std_msgs/msg/Header': header})
             self._ros1_store = store
+        types = {}
+        for connection in reader.connections:
+            types.setdefault(connection.topic, set()).add(connection.msgtype)
         self.topics = {}
+        #: Topics recorded with several message types (rosbags lists them with one of them):
+        #: not listed, never read.
+        self.mixed_type_topics = sorted(name for name, kinds in types.items() if len(kinds) > 1)
         for name, info in reader.topics.items():
-            if info.msgtype is None:
+            if info.msgtype is None or name in self.mixed_type_topics:
                 continue
             self.topics[name] = TopicInfo(name, info.msgtype, int(info.msgcount))
 
@@ -405,7 +411,7 @@ class BagReader:
         """
         Yield messages in recording order.
 
-        :param topics: topic names to read, default all.
+        :param topics: topic names to read, default all in :attr:`topics`.
         :return: generator of :class:`BagMessage`.
         :raises BagError: 'no_topic' for an unknown topic, 'corrupt' for damaged data.
         """
@@ -418,7 +424,7 @@ class BagReader:
             wanted = set(topics)
             connections = [c for c in self._reader.connections if c.topic in wanted]
         else:
-            connections = list(self._reader.connections)
+            connections = [c for c in self._reader.connections if c.topic in self.topics]
         if not connections:
             return
         iterator = self._reader.messages(connections=connections)

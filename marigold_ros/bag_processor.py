@@ -534,6 +534,9 @@ class BagProcessor:
                 raise BagError('bad_output', f'output topics {clash} already exist in the '
                                              'input; with --copy-inputs choose another '
                                              '--output-namespace')
+            if reader.mixed_type_topics:
+                print(f'process_bag: not copied (recorded with several message types): '
+                      f'{sorted(reader.mixed_type_topics)}', file=sys.stderr)
             for name in sorted(reader.topics):
                 info = reader.connection_info(name)
                 background.call(writer.add_topic, name, info['msgtype'], info['msgdef'],

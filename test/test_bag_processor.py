@@ -290,6 +290,29 @@ def test_two_runs_are_bit_identical(tmp_path, scenes, estimator, params):
     assert sorted(copied) == sorted(_read(bag))
 
 
+def test_copy_inputs_skips_a_topic_recorded_with_two_types(tmp_path, scenes, params, capsys):
+    """A topic with two message types is not copied (and said so), the rest is."""
+    messages = _messages(scenes)
+    bag = tmp_path / 'in'
+    with Writer(bag, version=9, storage_plugin=PLUGINS['mcap']) as writer:
+        connections = {}
+        for topic, msgtype, log_time, raw in messages:
+            for name in (topic, '/mixed'):  # '/mixed' gets a connection per type
+                if (name, msgtype) not in connections:
+                    connections[name, msgtype] = writer.add_connection(name, msgtype,
+                                                                       typestore=STORE)
+            writer.write(connections[topic, msgtype], log_time, raw)
+            writer.write(connections['/mixed', msgtype], log_time + 1, raw)
+    bag = str(bag)
+    summary = process_bag(_job(bag, tmp_path / 'out', params, copy_inputs=True),
+                          estimator=OracleEstimator(scenes))
+    assert summary.frames_out == N_FRAMES
+    assert "not copied (recorded with several message types): ['/mixed']" in \
+        capsys.readouterr().err
+    topics = _by_topic(tmp_path / 'out')
+    assert '/mixed' not in topics and len(topics['/cam/image_raw']) == N_FRAMES
+
+
 def test_canonical_serialization_zeroes_rclpy_padding(scenes):
     """Output bytes do not depend on the CDR padding rclpy leaves uninitialised."""
     sample = scenes[0]
