@@ -21,6 +21,7 @@ import importlib
 import os
 from pathlib import Path
 import shutil
+import socket
 
 import numpy as np
 from rclpy.serialization import deserialize_message
@@ -441,15 +442,57 @@ class BagReader:
             yield BagMessage(conn.topic, conn.msgtype, int(log_time), bytes(raw))
 
 
+def _stage_prefix(final):
+    # The host name keeps a shared (network) folder's stages of other machines, whose
+    # process ids mean nothing here, out of remove_stale_stages' reach.
+    return f'.{final.name}.partial-{socket.gethostname()}-'
+
+
 def staging_path(final):
     """
     Return the hidden staging folder used while writing ``final``.
 
     :param final: the output path.
-    :return: Path of a sibling folder unique to this process.
+    :return: Path of a sibling folder unique to this process (host name and process id).
     """
     final = Path(final)
-    return final.parent / f'.{final.name}.partial-{os.getpid()}'
+    return final.parent / f'{_stage_prefix(final)}{os.getpid()}'
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_stages(final):
+    """
+    Remove the staging folders of ``final`` left by processes of this host that are gone.
+
+    A run killed outright (SIGKILL, out of memory, power loss) cannot clean up after
+    itself; the next run for the same output does it.  Stages of live processes (another
+    run writing the same output) and of other hosts are left alone.
+
+    :param final: the output path.
+    :return: list of the removed Paths.
+    """
+    final = Path(final)
+    prefix = _stage_prefix(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for path in final.parent.iterdir():
+        if not path.name.startswith(prefix):
+            continue
+        pid = path.name[len(prefix):].split('.', 1)[0]  # exports add '.old' while replacing
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 class AtomicBagWriter:
@@ -502,6 +545,7 @@ class AtomicBagWriter:
 
         :return: self
         """
+        remove_stale_stages(self.path)
         if self.stage.exists():
             shutil.rmtree(self.stage)
         self.stage.mkdir()

@@ -23,7 +23,7 @@ from marigold_model.data.synthetic import colorize_depth
 import numpy as np
 from PIL import Image as PILImage
 
-from .bag_io import BagError, staging_path
+from .bag_io import BagError, remove_stale_stages, staging_path
 from .conversions import image_to_depth, pointcloud2_to_xyz
 from .stamp_matcher import stamp_to_ns
 
@@ -189,6 +189,7 @@ class FrameExporter:
             raise BagError('exists', f'export folder {str(self.folder)!r} exists and is not '
                                      'empty; choose another or pass --overwrite')
         self.stage = staging_path(self.folder)
+        remove_stale_stages(self.folder)
         if self.stage.exists():
             shutil.rmtree(self.stage)
         self.stage.mkdir(parents=True)

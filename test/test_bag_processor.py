@@ -9,6 +9,7 @@ input leaves nothing behind.
 """
 
 import hashlib
+import os
 from pathlib import Path
 
 from builtin_interfaces.msg import Time
@@ -683,6 +684,28 @@ def test_failing_bag_close_leaves_neither_bag_nor_export(tmp_path, scenes, param
                     estimator=OracleEstimator(scenes))
     assert not (tmp_path / 'out').exists() and not (tmp_path / 'x').exists()
     assert not _leftovers(tmp_path)
+
+
+def test_stages_of_killed_runs_are_removed_by_the_next_run(tmp_path, scenes, params):
+    """A SIGKILLed run's staging folders go with the next run; a live process's stay."""
+    import subprocess
+    from marigold_ros.bag_io import staging_path
+    bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes))
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    stages = {}
+    for folder in ('out', 'x'):
+        ours = staging_path(tmp_path / folder)
+        for who, pid in (('dead', dead.pid), ('live', os.getppid())):
+            stages[folder, who] = ours.with_name(ours.name.rsplit('-', 1)[0] + f'-{pid}')
+            stages[folder, who].mkdir()
+    old_export = stages['x', 'dead'].with_name(stages['x', 'dead'].name + '.old')
+    old_export.mkdir()
+    process_bag(_job(bag, tmp_path / 'out', params, export=str(tmp_path / 'x')),
+                estimator=OracleEstimator(scenes))
+    assert not old_export.exists()
+    assert {key for key, path in stages.items() if path.exists()} == {('out', 'live'),
+                                                                      ('x', 'live')}
 
 
 def test_command_line(tmp_path, scenes, params, random_model_dir, capsys):
