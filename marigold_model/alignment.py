@@ -369,7 +369,8 @@ def fit_scale_shift_robust(pred, target, mask=None, *, method='ransac', threshol
     :param min_inliers: minimum number of inliers for a valid fit (>= 2)
     :param loss: ``None``, ``'huber'`` or ``'cauchy'`` for the IRLS stage
     :param irls_iterations: maximum IRLS reweighting steps
-    :param min_span: minimum ``max(pred) - min(pred)`` over the valid points
+    :param min_span: minimum ``max(pred) - min(pred)`` over the valid points, and minimum
+        10th-to-90th percentile range of ``pred`` over the final inliers
     :param score_points: RANSAC draws and scores hypotheses on at most this many points
     :param rng: ``numpy.random.Generator``, int seed, or ``None`` (seed 0: deterministic)
     :return: :class:`FitResult`
@@ -424,6 +425,15 @@ def fit_scale_shift_robust(pred, target, mask=None, *, method='ransac', threshol
         raise AlignmentError(REASON_TOO_FEW_INLIERS,
                              f'{n_inliers} inlier(s) of {n} points at threshold '
                              f'{threshold_rel}, at least {min_inliers} needed')
+    # The span of all points can come from outliers alone: points on one wall plus some
+    # clutter let a line through the wall and whichever clutter points happen to lie near
+    # it win, with a wild scale.  So the inliers must spread too, and not through a few
+    # of them only: their 10th to 90th percentile range must exceed min_span.
+    low, high = np.percentile(p[inliers], [10.0, 90.0])
+    if not high - low > min_span:
+        raise AlignmentError(REASON_DEGENERATE_RANGE,
+                             f'prediction range {high - low:.3g} (10th to 90th percentile) '
+                             f'over the {n_inliers} inliers is not above {min_span:.3g}')
     residual = float(np.sqrt(np.mean(e[inliers] ** 2)))
     return FitResult(scale=float(s), shift=float(t), inlier_ratio=n_inliers / n,
                      residual=residual, n_points=int(n), n_inliers=n_inliers)

@@ -173,6 +173,20 @@ def test_robust_errors(rel, depth, kwargs, reason):
     assert info.value.reason == reason
 
 
+@pytest.mark.parametrize('seed', range(5))
+def test_robust_refuses_a_scale_pinned_by_one_wall_and_clutter(seed):
+    """Points on one wall plus clutter: the span is the clutter's, no scale is pinned."""
+    rng = np.random.default_rng(seed)
+    wall_rel = 0.5 + rng.uniform(-0.002, 0.002, 60)
+    wall_depth = 4.0 + rng.normal(0.0, 0.01, 60)
+    clutter_rel, clutter_depth = rng.uniform(0.0, 1.0, 15), rng.uniform(1.0, 10.0, 15)
+    with pytest.raises(AlignmentError) as error:
+        fit_scale_shift_robust(np.concatenate([wall_rel, clutter_rel]),
+                               np.concatenate([wall_depth, clutter_depth]),
+                               threshold_rel=0.1, min_span=0.05, rng=seed)
+    assert error.value.reason == 'degenerate_range'
+
+
 def test_robust_negative_scale_after_irls():
     rel = np.linspace(0.0, 1.0, 30)
     with pytest.raises(AlignmentError) as info:
