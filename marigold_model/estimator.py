@@ -156,6 +156,7 @@ class DepthEstimator:
         self._warm_latents = {}
         self._lock = threading.Lock()
         self._unet_forward = self.unet
+        self._check_warm_start(config.inference)
         self._prepare_for_speed()
 
     # ---- settings -------------------------------------------------------------------------
@@ -172,7 +173,16 @@ class DepthEstimator:
         :param inference: InferenceConfig
         """
         validate_inference_config(inference)
+        self._check_warm_start(inference)
         self.config = EstimatorConfig(self.config.model, inference)
+
+    def _check_warm_start(self, inference):
+        """Refuse warm start for schedulers other than DDIM (their steps use own timesteps)."""
+        if inference.warm_start_strength > 0 and not self._closed_form_ddim():
+            raise ValueError(
+                f'warm_start_strength needs a DDIM scheduler; the model has a '
+                f'{type(self.scheduler).__name__}, whose steps only take its own timesteps: '
+                'set warm_start_strength to 0')
 
     @property
     def default_steps(self):
@@ -255,8 +265,15 @@ class DepthEstimator:
             timesteps = [int(t) for t in self.scheduler.timesteps]
             span = total
         else:
-            span = max(int(round(strength * total)), 1)
+            # At least one timestep per step, and each step ends where the next begins, the
+            # last at the final alpha: a span shorter than the steps gave repeated and
+            # negative timesteps (alphas_cumprod[-1]: the noisiest entry).
+            span = max(int(round(strength * total)), steps)
             timesteps = [int(t) for t in np.round(np.arange(span, 0, -span / steps)) - 1]
+            cached = (timesteps, timesteps[1:] + [-1],
+                      [torch.tensor(t, device=self.device) for t in timesteps])
+            self._timestep_cache[key] = cached
+            return cached
         previous = [t - span // steps for t in timesteps]
         cached = (timesteps, previous,
                   [torch.tensor(t, device=self.device) for t in timesteps])
@@ -330,15 +347,16 @@ class DepthEstimator:
     def _preprocess(self, frame, resolution):
         """uint8 [H, W, 3] -> padded [1, 3, PH, PW] in [-1, 1] on the device."""
         tensor = torch.from_numpy(np.ascontiguousarray(frame).transpose(2, 0, 1)[None])
-        tensor = tensor.to(self.device)
+        # float32 until the resize: antialiased resizing has no float16 / bfloat16 kernel on
+        # the CPU (and the image is small next to what the model does in self.dtype).
+        tensor = tensor.to(self.device, torch.float32)
         if frame.dtype == np.uint8:
-            tensor = tensor.to(self.dtype) / 255
-        else:
-            tensor = tensor.to(self.dtype)
+            tensor = tensor / 255
         tensor = tensor * 2.0 - 1.0
         size = processing_size(frame.shape[0], frame.shape[1], resolution)
         if size != tuple(frame.shape[:2]):
             tensor = F.interpolate(tensor, size, mode='bilinear', antialias=True)
+        tensor = tensor.to(self.dtype)
         pad_h, pad_w = -size[0] % self.vae_scale_factor, -size[1] % self.vae_scale_factor
         tensor = F.pad(tensor, (0, pad_w, 0, pad_h), mode='replicate')
         return tensor, size

@@ -152,6 +152,36 @@ def test_warm_start_uses_previous_latent(random_model_dir, frame):
     assert np.array_equal(estimator.estimate([frame], keys=['cam'])[0].depth, cold.depth)
 
 
+@pytest.mark.parametrize('strength, steps', [(0.5, 2), (0.35, 4), (0.002, 4), (0.5, 3)])
+def test_warm_start_schedule_chains_its_steps(random_model_dir, strength, steps):
+    """Distinct decreasing timesteps >= 0, each step ending where the next begins."""
+    estimator = _estimator(random_model_dir, denoising_steps=steps)
+    timesteps, previous, _ = estimator._schedule(steps, strength)
+    assert len(timesteps) == steps and timesteps[-1] >= 0
+    assert all(a > b for a, b in zip(timesteps, timesteps[1:]))
+    assert previous == timesteps[1:] + [-1]  # -1: the scheduler's final alpha
+
+
+def test_warm_start_needs_a_ddim_scheduler(random_model_dir):
+    """Other schedulers only step through their own timesteps: warm start is refused."""
+    from diffusers import LCMScheduler
+    estimator = _estimator(random_model_dir)
+    estimator.scheduler = LCMScheduler.from_config(estimator.scheduler.config)
+    with pytest.raises(ValueError, match='DDIM scheduler'):
+        estimator.set_inference(InferenceConfig(warm_start_strength=0.5))
+    estimator.set_inference(InferenceConfig(denoising_steps=2))  # without warm start: fine
+
+
+@pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
+def test_low_precision_on_cpu_resizes_in_float32(random_model_dir, frame, dtype):
+    """Antialiased resizing has no half-precision CPU kernel: it runs in float32."""
+    estimator = DepthEstimator(EstimatorConfig(
+        ModelConfig(model=random_model_dir, device='cpu', dtype=dtype),
+        InferenceConfig(processing_resolution=32, denoising_steps=1)))
+    result = estimator.estimate([frame])[0]
+    assert result.depth.shape == frame.shape[:2] and np.isfinite(result.depth).all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_fp16_path(random_model_dir, frame):
     """On CUDA the default dtype is fp16, channels_last is applied and results stay close."""
