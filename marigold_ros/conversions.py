@@ -153,12 +153,22 @@ def _normalise_encoding(encoding):
 # --------------------------------------------------------------------------- colour images
 
 
+def mono16_to_mono8(values):
+    """
+    Scale 16-bit grey to 8 bits as cv_bridge does (``convertTo(CV_8U, 255 / 65535)``, rounded).
+
+    :param values: integer array in [0, 65535]
+    :return: uint8 array of the same shape
+    """
+    return np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
+
+
 def image_to_rgb(msg, max_pixels=DEFAULT_MAX_PIXELS):
     """
     Convert a sensor_msgs/Image to an HxWx3 uint8 RGB array (cv_bridge semantics).
 
     Supported encodings: rgb8, bgr8, rgba8, bgra8 (alpha dropped), mono8 (replicated to three
-    channels), mono16 (scaled to 8 bit by ``>> 8``, i.e. the high byte, so 65535 -> 255),
+    channels), mono16 (scaled to 8 bit as cv_bridge does: v * 255 / 65535 rounded),
     yuv422 (= UYVY, as in ROS image_encodings) and yuv422_yuy2 (= YUYV), both converted with
     BT.601 video-range coefficients exactly as OpenCV/cv_bridge do.  ``step`` (row padding)
     and ``is_bigendian`` (mono16) are honoured.
@@ -189,8 +199,7 @@ def image_to_rgb(msg, max_pixels=DEFAULT_MAX_PIXELS):
     if encoding == 'mono16':
         dtype = np.dtype(_byte_order(msg.is_bigendian) + 'u2')
         view = _strided_view(msg, buf, 1, dtype, bpp, max_pixels)[..., 0]
-        mono = (view >> 8).astype(np.uint8)
-        return np.repeat(mono[:, :, None], 3, axis=2)
+        return np.repeat(mono16_to_mono8(view)[:, :, None], 3, axis=2)
     if encoding in ('yuv422', 'yuv422_yuy2'):
         if int(msg.width) % 2:
             raise ImageConversionError(
@@ -303,7 +312,7 @@ def compressed_to_rgb(msg, max_pixels=DEFAULT_MAX_PIXELS):
     The ``format`` string is only used to reject compressedDepth images; the codec is
     detected from the bytes (PIL), so 'jpeg', 'png', 'rgb8; jpeg compressed bgr8' etc. all
     work.  The image size is read from the header before the full decode, so oversized
-    images are refused cheaply.  16-bit grey PNGs are scaled like mono16 (``>> 8``).
+    images are refused cheaply.  16-bit grey PNGs are scaled like mono16.
 
     :param msg: sensor_msgs/CompressedImage.
     :param max_pixels: refuse images with more than this many pixels (None: no limit).
@@ -338,7 +347,7 @@ def compressed_to_rgb(msg, max_pixels=DEFAULT_MAX_PIXELS):
         try:
             pil.load()
             if pil.mode in ('I;16', 'I;16L', 'I;16B', 'I'):
-                mono = (np.asarray(pil).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+                mono = mono16_to_mono8(np.asarray(pil).clip(0, 65535))
                 return np.repeat(mono[:, :, None], 3, axis=2)
             rgb = pil if pil.mode == 'RGB' else pil.convert('RGB')
             return np.array(rgb, dtype=np.uint8)

@@ -93,11 +93,14 @@ def test_mono8_replicated(padding):
 
 @pytest.mark.parametrize('is_bigendian', [0, 1])
 @pytest.mark.parametrize('padding', [0, 4])
-def test_mono16_high_byte_both_endiannesses(is_bigendian, padding):
-    values = np.array([[0, 255, 256, 0x1234, 0xFF00, 0xFFFF, 511]] * H, np.uint16)
+def test_mono16_scaled_like_cv_bridge_both_endiannesses(is_bigendian, padding):
+    values = np.array([[0, 128, 129, 200, 0x1234, 0xFF00, 0xFFFF]] * H, np.uint16)
     raw = values.astype('>u2' if is_bigendian else '<u2').view(np.uint8).reshape(H, -1)
     out = image_to_rgb(_raw_image('mono16', raw, padding, is_bigendian))
-    expected_row = [0, 0, 1, 0x12, 0xFF, 0xFF, 1]  # hand-computed high bytes
+    # cv_bridge: convertTo(CV_8U, 255 / 65535) rounds v / 257: 128 / 257 = 0.498 -> 0,
+    # 129 / 257 = 0.502 -> 1, 200 / 257 = 0.78 -> 1, 4660 / 257 = 18.13 -> 18,
+    # 65280 / 257 = 254.0 -> 254, 65535 / 257 = 255.
+    expected_row = [0, 0, 1, 1, 18, 254, 255]
     for channel in range(3):
         np.testing.assert_array_equal(out[:, :, channel], np.array([expected_row] * H))
 
@@ -220,7 +223,7 @@ def test_png_mono16_scaled_like_mono16():
     out = compressed_to_rgb(msg)
     assert out.shape == (4, 5, 3)
     assert out[0, 0].tolist() == [255, 255, 255]
-    assert out[1, 1].tolist() == [0x12, 0x12, 0x12]
+    assert out[1, 1].tolist() == [18, 18, 18]  # 0x1234 / 257 = 18.13, as the raw mono16
 
 
 def test_corrupt_compressed():
