@@ -50,7 +50,8 @@ from .depth_node import NODE_NAME, NodeConfig, parameter_groups
 from .heap import keep_large_buffers_in_heap
 from .params import configs_from_values, read_params_file
 from .pipeline import DepthPipeline, FrameError, FrameInput, OUTPUT_NAMES, OutputConfig
-from .scale_recovery import ScaleInputError, ScaleRecovery, ScaleRecoveryConfig
+from .scale_recovery import IDENTITY_EXTRINSIC, ScaleInputError, ScaleRecovery
+from .scale_recovery import ScaleRecoveryConfig
 from .scale_recovery import TOPICS as SCALE_TOPICS
 from .stamp_matcher import stamp_to_ns, StampMatcher
 from .static_tf import StaticTransforms, TF_STATIC_TOPIC
@@ -544,7 +545,11 @@ class BagProcessor:
 
     def _transforms(self, reader, scale):
         """Return the LiDAR extrinsic lookup: /tf_static when use_tf, else the parameters."""
-        fallback = (scale.extrinsic_translation, scale.extrinsic_rotation_xyzw)
+        fallback = (tuple(scale.extrinsic_translation), tuple(scale.extrinsic_rotation_xyzw))
+        if fallback == IDENTITY_EXTRINSIC:
+            # The default means 'not calibrated': frames /tf_static does not connect give
+            # no_transform, as without /tf_static, instead of an identity extrinsic.
+            fallback = None
         if not scale.use_tf or TF_STATIC_TOPIC not in reader.topics:
             self.summary.extrinsic = 'parameters'
             return None

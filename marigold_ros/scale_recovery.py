@@ -68,7 +68,8 @@ _CONVERTER_MM = 0.001
 #: Fields whose change needs a new ScaleRecovery (they shape subscriptions and tf setup).
 RESTART_FIELDS = ('source', 'use_tf')
 
-_IDENTITY = ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0))
+#: The extrinsic parameters' default: no calibration given (never used between two frames).
+IDENTITY_EXTRINSIC = ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0))
 _TRACKER = ScaleTrackerConfig()
 _TRACKER_FIELDS = tuple(f.name for f in fields(ScaleTrackerConfig))
 
@@ -724,7 +725,7 @@ class ScaleRecovery:
         else:
             translation = self.config.extrinsic_translation
             rotation = self.config.extrinsic_rotation_xyzw
-            if (translation, rotation) == _IDENTITY and reading.frame_id and target and \
+            if (translation, rotation) == IDENTITY_EXTRINSIC and reading.frame_id and target and \
                     reading.frame_id != target:
                 # The default is no calibration: a LiDAR frame (x forward, z up) taken as the
                 # optical frame (z forward) would pair points with the wrong pixels.

@@ -18,8 +18,8 @@ from marigold_model.data.synthetic import render_sequence
 from marigold_model.estimator import DepthEstimator, DepthResult
 from marigold_ros.bag_io import BagError, BagMessage, BagReader, serialize_canonical
 from marigold_ros.bag_io import to_rclpy
-from marigold_ros.bag_processor import BagJob, camera_namespace, configs_from_parameters
-from marigold_ros.bag_processor import format_summary, main, process_bag
+from marigold_ros.bag_processor import BagJob, BagProcessor, camera_namespace
+from marigold_ros.bag_processor import configs_from_parameters, format_summary, main, process_bag
 from marigold_ros.conversions import image_to_depth, pointcloud2_from_depth
 from marigold_ros.conversions import rgb_to_compressed, rgb_to_image
 from marigold_ros.depth_node import NODE_NAME
@@ -27,7 +27,7 @@ from marigold_ros.export import read_ply
 from marigold_ros.geometry import quaternion_to_matrix
 from marigold_ros.params import read_params_file
 from marigold_ros.pipeline import OutputConfig
-from marigold_ros.scale_recovery import ScaleRecoveryConfig
+from marigold_ros.scale_recovery import ScaleInputError, ScaleRecoveryConfig
 from marigold_ros.static_tf import matrix_to_quaternion, StaticTransforms
 import numpy as np
 from PIL import Image as PILImage
@@ -465,6 +465,19 @@ def test_lidar_with_recorded_static_transforms(tmp_path, scenes, params):
         np.testing.assert_allclose(back, q / np.linalg.norm(q) * np.sign(q[3]), atol=1e-9)
     with pytest.raises(ValueError, match='no static transform'):
         transforms('cam_optical', 'radar', 0)
+    # Without the lidar's edge in /tf_static, the identity default of the extrinsic
+    # parameters is not taken for a calibration: no transform (and no wrong scale).
+    unlinked = [m for m in messages if m[3] != messages[1][3]]
+    bag = _write_bag(tmp_path / 'unlinked', 'mcap', sorted(unlinked, key=lambda m: m[2]))
+    processor = BagProcessor(_job(bag, tmp_path / 'out2', params))
+    with BagReader(bag) as reader:
+        lookup = processor._transforms(reader, ScaleRecoveryConfig())
+    with pytest.raises(ScaleInputError, match='no static transform'):
+        lookup('cam_optical', 'lidar', 0)
+    calibrated = ScaleRecoveryConfig(extrinsic_translation=(0.0, 0.0, 0.1))
+    with BagReader(bag) as reader:
+        lookup = processor._transforms(reader, calibrated)
+    assert tuple(lookup('cam_optical', 'lidar', 0)[0]) == (0.0, 0.0, 0.1)  # given: used
 
 
 def test_static_camera_info_needs_use_latest(tmp_path, scenes, params):
