@@ -6,6 +6,7 @@ mirrors them, so a default changes here and nowhere else.
 """
 
 from dataclasses import dataclass, fields, replace
+import math
 
 DEFAULT_MODEL = 'prs-eth/marigold-depth-v1-1'
 # The tiny Marigold-architecture model trained by this project and shipped with the package.
@@ -111,6 +112,14 @@ def validate_inference_config(config):
         raise ValueError('batch_size must be >= 1')
     if not 0.0 <= config.warm_start_strength <= 1.0:
         raise ValueError('warm_start_strength must be within [0, 1]')
+    if not (math.isfinite(config.ensemble_regularizer) and config.ensemble_regularizer >= 0):
+        raise ValueError('ensemble_regularizer must be finite and >= 0')
+    if config.ensemble_max_iter < 1:
+        raise ValueError('ensemble_max_iter must be >= 1')
+    if not config.ensemble_tol > 0:
+        raise ValueError('ensemble_tol must be > 0')
+    if config.ensemble_max_res < 1:
+        raise ValueError('ensemble_max_res must be >= 1 (pixels of the longest edge)')
     return config
 
 

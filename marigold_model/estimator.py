@@ -474,7 +474,9 @@ class DepthEstimator:
                 self._warm_latents[keys[index]] = member_latents
             results[index] = self._finish(frames[index], prepared[index][1], decoded[rows],
                                           dict(timings))
-            results[index].latent = member_latents
+            # A copy on the CPU: results kept by the caller (a video's worth) must not hold
+            # device memory; the warm start keeps its own device copy.
+            results[index].latent = member_latents.cpu()
 
     def _finish(self, frame, size, decoded, timings):
         inference = self.config.inference

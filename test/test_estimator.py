@@ -109,6 +109,10 @@ def test_runtime_settings_change(random_model_dir, frame):
     assert result.uncertainty is not None
     with pytest.raises(ValueError, match='ensemble_size'):
         estimator.set_inference(InferenceConfig(ensemble_size=0))
+    for name, value in (('ensemble_max_res', 0), ('ensemble_max_iter', 0),
+                        ('ensemble_tol', 0.0), ('ensemble_regularizer', float('nan'))):
+        with pytest.raises(ValueError, match=name):
+            estimator.set_inference(InferenceConfig(**{name: value}))
 
 
 @pytest.mark.parametrize('bad,message', [
@@ -187,6 +191,8 @@ def test_cuda_fp16_path(random_model_dir, frame):
     """On CUDA the default dtype is fp16, channels_last is applied and results stay close."""
     gpu = DepthEstimator(EstimatorConfig(ModelConfig(model=random_model_dir, device='cuda')))
     assert gpu.dtype == torch.float16
+    # The result's latent is a CPU copy: results kept by a caller hold no device memory.
+    assert gpu.estimate(frame).latent.device.type == 'cpu'
     cpu = _estimator(random_model_dir)
     assert np.abs(gpu.estimate(frame).depth - cpu.estimate(frame).depth).mean() < 0.05
 
