@@ -389,6 +389,7 @@ class _Stream:
         self.tracker = ScaleTracker(config.tracker_config())
         self.readings = StampMatcher(config.match_tolerance_s, config.queue_size)
         self.last = None  # latest ScaleEstimate (also unusable ones: they carry the reason)
+        self.fused = None  # the reading that last updated the tracker
         self.errors = {}  # reason -> count
         self.last_error = None
 
@@ -514,6 +515,7 @@ class ScaleRecovery:
                 for stream in self._streams.values():
                     stream.tracker = ScaleTracker(config.tracker_config())
                     stream.last = None
+                    stream.fused = None  # the new tracker has fused nothing yet
             if (config.match_tolerance_s, config.queue_size) != \
                     (old.match_tolerance_s, old.queue_size):
                 for stream in self._streams.values():
@@ -674,8 +676,17 @@ class ScaleRecovery:
                 self._report(error)
                 result = self._hold(stream, stamp_s, error.reason)
             else:
-                samples = rel[uv[:, 1], uv[:, 0]]
-                result = stream.tracker.update(samples, metric, stamp_s)
+                if reading is stream.fused:
+                    # A sensor slower than the camera: its reading already updated the
+                    # tracker; fusing it again would weigh it once per camera frame (the
+                    # smoothing would then depend on the frame rates).
+                    result = stream.tracker.current(stamp_s) or self._hold(
+                        stream, stamp_s, getattr(stream.last, 'reason', None)
+                        or REASON_NO_SPARSE_INPUT)
+                else:
+                    samples = rel[uv[:, 1], uv[:, 0]]
+                    result = stream.tracker.update(samples, metric, stamp_s)
+                    stream.fused = reading
                 if self.config.local_refinement and result.status == STATUS_OK:
                     result = RefinedScaleEstimate(
                         **{f.name: getattr(result, f.name) for f in fields(ScaleEstimate)},

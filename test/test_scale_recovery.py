@@ -492,6 +492,26 @@ def test_sequence_converges_holds_through_dropout_then_expires():
     assert recovery.estimate(KEY, header(2.5), rel).status == 'ok'
 
 
+def test_a_reading_is_fused_once_however_many_frames_it_matches():
+    """A 10 Hz sensor and a 30 Hz camera: each reading updates the tracker once."""
+    rng = np.random.default_rng(4)
+    gt, rel = synthetic_scene(rng)
+    # The scene's scale changes at the second reading.
+    readings = [(factor * sparse_image(rng, gt)).astype(np.float32) for factor in (1.0, 1.3)]
+    results = {}
+    for frames_per_reading in (1, 3):
+        recovery = ScaleRecovery(sparse_config(smoothing=0.3))
+        for k, sparse in enumerate(readings):
+            stamp = 0.1 * k
+            recovery.add_sparse_depth(KEY, depth_to_image(sparse, header(stamp)))
+            for j in range(frames_per_reading):  # frames 0, 10, 20 ms after the reading
+                estimate = recovery.estimate(KEY, header(stamp + 0.01 * j), rel)
+        results[frames_per_reading] = estimate
+    assert results[3].status == 'ok'
+    # Fusing the second reading three times would move the smoothed scale further.
+    assert results[3].scale == pytest.approx(results[1].scale, rel=1e-9)
+
+
 def test_source_none_never_estimates():
     recovery = ScaleRecovery()
     assert recovery.estimate(KEY, header(0.0), np.zeros((4, 4))) is None
