@@ -259,22 +259,19 @@ class DepthEstimator:
         cached = self._timestep_cache.get(key)
         if cached is not None:
             return cached
-        total = self.scheduler.config.num_train_timesteps
         if strength >= 1.0:
+            # The scheduler's own steps and predecessors, as diffusers' DDIM computes them.
             self.scheduler.set_timesteps(steps, device='cpu')
             timesteps = [int(t) for t in self.scheduler.timesteps]
-            span = total
+            span = self.scheduler.config.num_train_timesteps
+            previous = [t - span // steps for t in timesteps]
         else:
             # At least one timestep per step, and each step ends where the next begins, the
             # last at the final alpha: a span shorter than the steps gave repeated and
             # negative timesteps (alphas_cumprod[-1]: the noisiest entry).
-            span = max(int(round(strength * total)), steps)
+            span = max(int(round(strength * self.scheduler.config.num_train_timesteps)), steps)
             timesteps = [int(t) for t in np.round(np.arange(span, 0, -span / steps)) - 1]
-            cached = (timesteps, timesteps[1:] + [-1],
-                      [torch.tensor(t, device=self.device) for t in timesteps])
-            self._timestep_cache[key] = cached
-            return cached
-        previous = [t - span // steps for t in timesteps]
+            previous = timesteps[1:] + [-1]
         cached = (timesteps, previous,
                   [torch.tensor(t, device=self.device) for t in timesteps])
         self._timestep_cache[key] = cached

@@ -589,7 +589,8 @@ class BagProcessor:
                     # A BagError fails its frame, in order.  The newest camera info read so
                     # far is what the live node would fall back to (camera_info_use_latest):
                     # one recorded after the image must not be used.
-                    pending.append((message, msg, self.camera_infos.latest()))
+                    pending.append((message, msg, self.camera_infos.latest()
+                                    if self.use_latest_info else None))
                 elif message.topic == topics.camera_info:
                     self.camera_infos.add_msg(msg)
                 elif message.topic in (topics.sparse_depth, topics.points):

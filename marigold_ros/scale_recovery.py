@@ -668,6 +668,11 @@ class ScaleRecovery:
             result = self._hold(stream, stamp_s, REASON_NO_SPARSE_INPUT)
         elif reading.error is not None:
             result = self._hold(stream, stamp_s, reading.error.reason)
+        elif reading is stream.fused and not self.config.local_refinement:
+            # A sensor slower than the camera: its reading already updated the tracker, and
+            # fusing it again would weigh it once per camera frame (the smoothing would then
+            # depend on the frame rates); without refinement its pairs are not needed either.
+            result = self._current(stream, stamp_s)
         else:
             try:
                 uv, metric = self._pairs(reading, header, rel, camera)
@@ -676,13 +681,8 @@ class ScaleRecovery:
                 self._report(error)
                 result = self._hold(stream, stamp_s, error.reason)
             else:
-                if reading is stream.fused:
-                    # A sensor slower than the camera: its reading already updated the
-                    # tracker; fusing it again would weigh it once per camera frame (the
-                    # smoothing would then depend on the frame rates).
-                    result = stream.tracker.current(stamp_s) or self._hold(
-                        stream, stamp_s, getattr(stream.last, 'reason', None)
-                        or REASON_NO_SPARSE_INPUT)
+                if reading is stream.fused:  # fused already: pairs only for the refinement
+                    result = self._current(stream, stamp_s)
                 else:
                     samples = rel[uv[:, 1], uv[:, 0]]
                     result = stream.tracker.update(samples, metric, stamp_s)
@@ -693,6 +693,11 @@ class ScaleRecovery:
                         sparse_uv=uv, sparse_metric=metric, grid_shape=rel.shape)
         stream.last = result
         return result if result.usable else None
+
+    def _current(self, stream, stamp_s):
+        """Return the tracker's estimate without a new fit, or unusable with the last reason."""
+        return stream.tracker.current(stamp_s) or self._hold(
+            stream, stamp_s, getattr(stream.last, 'reason', None) or REASON_NO_SPARSE_INPUT)
 
     def _hold(self, stream, stamp_s, reason):
         """Previous estimate without a new fit: stale with ``reason``, or unusable."""
