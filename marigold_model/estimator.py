@@ -122,6 +122,21 @@ def processing_size(height, width, resolution):
     return size
 
 
+def _step_noise_generator(seed, member):
+    """
+    Return the generator of the noise a stochastic scheduler (LCM) adds between steps.
+
+    One per ensemble member, seeded from the seed and the member only, so a frame's result
+    never depends on the other frames of its batch or on the batch size.
+
+    :param seed: inference seed
+    :param member: ensemble member index
+    :return: torch.Generator on the CPU
+    """
+    state = np.random.SeedSequence([seed, member]).generate_state(2, np.uint32)
+    return torch.Generator('cpu').manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 class DepthEstimator:
     """
     Marigold depth for batches of RGB frames.
@@ -301,7 +316,7 @@ class DepthEstimator:
             epsilon = (sample - alpha_t ** 0.5 * original) / beta_t ** 0.5
         return alpha_prev ** 0.5 * original + (1 - alpha_prev) ** 0.5 * epsilon
 
-    def _denoise(self, image_latent, latent, steps, strength, generator):
+    def _denoise(self, image_latent, latent, steps, strength, generators):
         timesteps, previous, tensors = self._schedule(steps, strength)
         text = self._text_batch(latent.shape[0])
         closed_form = self._closed_form_ddim()
@@ -315,7 +330,7 @@ class DepthEstimator:
                 latent = self._ddim_step(output, t, prev_t, latent)
             else:
                 latent = self.scheduler.step(output, t_tensor, latent,
-                                             generator=generator).prev_sample
+                                             generator=generators).prev_sample
         return latent
 
     def encode(self, images):
@@ -387,21 +402,28 @@ class DepthEstimator:
         latents = list(latents) if latents is not None else [None] * len(frames)
         if len(keys) != len(frames) or len(latents) != len(frames):
             raise ValueError('keys and latents must have one entry per frame')
+        # One snapshot of the settings for the whole call: set_inference may run meanwhile.
+        inference = self.config.inference
+        out_of_memory = None
         try:
             with self._lock, torch.inference_mode():
-                results = self._estimate(frames, keys, latents)
+                results = self._estimate(frames, keys, latents, inference)
         except torch.cuda.OutOfMemoryError as error:
+            # Only the text is kept: the traceback holds the frames of the failed call and
+            # their tensors, which the cache cannot release while it lives.
+            out_of_memory = str(error).strip().splitlines()[0] if str(error).strip() else ''
+        if out_of_memory is not None:
             torch.cuda.empty_cache()
-            steps, resolution = self.resolved_settings()
+            steps, resolution = self.resolved_settings(inference)
             raise EstimatorOutOfMemory(
                 f'{self.device} ran out of memory at processing resolution {resolution} with '
-                f'ensemble {self.config.inference.ensemble_size} and batch '
-                f'{self.config.inference.batch_size}: lower processing_resolution, ensemble_size'
-                " or batch_size, or use the tiny VAE (vae: 'tiny')") from error
+                f'ensemble {inference.ensemble_size} and batch '
+                f'{inference.batch_size}: lower processing_resolution, ensemble_size'
+                " or batch_size, or use the tiny VAE (vae: 'tiny')"
+                + (f' ({out_of_memory})' if out_of_memory else ''))
         return results[0] if single else results
 
-    def _estimate(self, frames, keys, latents):
-        inference = self.config.inference
+    def _estimate(self, frames, keys, latents, inference):
         steps, resolution = self.resolved_settings(inference)
         results = [None] * len(frames)
         groups = {}
@@ -414,12 +436,12 @@ class DepthEstimator:
         self._sync()
         shared = {'preprocess': time.perf_counter() - clock}
         for indices in groups.values():
-            self._estimate_group(frames, indices, prepared, keys, latents, steps, results,
-                                 shared)
+            self._estimate_group(frames, indices, prepared, keys, latents, inference, steps,
+                                 results, shared)
         return results
 
-    def _estimate_group(self, frames, indices, prepared, keys, latents, steps, results, shared):
-        inference = self.config.inference
+    def _estimate_group(self, frames, indices, prepared, keys, latents, inference, steps,
+                        results, shared):
         members, batch = inference.ensemble_size, inference.batch_size
         timings = dict(shared)
         clock = time.perf_counter()
@@ -442,7 +464,6 @@ class DepthEstimator:
                                                    inference.warm_start_strength or 1.0)
             starts.append(start)
             strengths.append(strength)
-        generator = torch.Generator('cpu').manual_seed(inference.seed)
         latent = torch.empty_like(image_latent)
         # Warm-started frames run a shortened schedule; frames without a previous latent run
         # the full one, so rows are denoised per strength.
@@ -451,9 +472,12 @@ class DepthEstimator:
                               for p, s in enumerate(strengths) if s == strength])
             chosen = torch.cat([starts[p] for p, s in enumerate(strengths) if s == strength])
             for i in range(0, rows.numel(), batch):
-                part = rows[i:i + batch].to(self.device)
+                part = rows[i:i + batch]
+                generators = [_step_noise_generator(inference.seed, int(row) % members)
+                              for row in part]
+                part = part.to(self.device)
                 latent[part] = self._denoise(image_latent[part], chosen[i:i + batch], steps,
-                                             strength, generator)
+                                             strength, generators)
         self._sync()
         timings['unet'] = time.perf_counter() - clock
         timings['unet_per_step'] = timings['unet'] / steps
@@ -470,13 +494,12 @@ class DepthEstimator:
             if keys[index] is not None:
                 self._warm_latents[keys[index]] = member_latents
             results[index] = self._finish(frames[index], prepared[index][1], decoded[rows],
-                                          dict(timings))
+                                          inference, dict(timings))
             # A copy on the CPU: results kept by the caller (a video's worth) must not hold
             # device memory; the warm start keeps its own device copy.
             results[index].latent = member_latents.cpu()
 
-    def _finish(self, frame, size, decoded, timings):
-        inference = self.config.inference
+    def _finish(self, frame, size, decoded, inference, timings):
         clock = time.perf_counter()
         prediction = decoded[:, :, :size[0], :size[1]]
         uncertainty = None

@@ -89,10 +89,58 @@ def resolve_model_path(model, marker='model_index.json'):
         raise WeightsNotFoundError(_missing_weights_message(model, [local]))
     from huggingface_hub import constants, snapshot_download
     try:
-        return Path(snapshot_download(model, local_files_only=True))
+        path = Path(snapshot_download(model, local_files_only=True))
     except Exception as error:  # noqa: B902 - every hub failure means "not in the cache"
         raise WeightsNotFoundError(
             _missing_weights_message(model, [local, Path(constants.HF_HUB_CACHE)])) from error
+    if not (path / marker).is_file():
+        raise _incomplete(model, f'the cached snapshot {path} has no {marker}')
+    return path
+
+
+_WEIGHTS_NAME = 'diffusion_pytorch_model'
+_WEIGHTS_SUFFIXES = ('.safetensors.index.json', '.bin.index.json', '.safetensors', '.bin')
+
+
+def _incomplete(model, what):
+    return WeightsNotFoundError(
+        f'the weights of {model!r} are incomplete: {what}.\n'
+        'An interrupted or partial download leaves this; download the whole model again '
+        f'(hf download {model}) or point the model at a complete diffusers folder')
+
+
+def weights_variant(folder, model='', weights_name=_WEIGHTS_NAME):
+    """
+    Tell which weights a component folder (unet/, vae/) holds.
+
+    A Hugging Face download with ``variant='fp16'`` (or ``--include '*fp16*'``) brings only
+    ``diffusion_pytorch_model.fp16.safetensors``; diffusers loads those only when asked
+    for the variant, and otherwise fails with an OSError about a missing file.
+
+    :param folder: component folder
+    :param model: model name for the error message
+    :param weights_name: the weights file's stem (transformers' text encoder: 'model')
+    :return: None for the standard weights, else the variant name (e.g. 'fp16')
+    :raises WeightsNotFoundError: no config.json or no weights file, naming the folder
+    """
+    folder = Path(folder)
+    if not (folder / 'config.json').is_file():
+        raise _incomplete(model, f'{folder} has no config.json')
+    variants = set()
+    for name in (p.name for p in folder.iterdir()):
+        if not name.startswith(weights_name + '.'):
+            continue
+        rest = name[len(weights_name):]
+        for suffix in _WEIGHTS_SUFFIXES:
+            if rest == suffix:
+                return None
+            if rest.endswith(suffix):
+                variants.add(rest[1:-len(suffix)])
+                break
+    if not variants:
+        raise _incomplete(model, f'{folder} holds no {weights_name}.safetensors (nor .bin, '
+                                 'nor a variant such as .fp16.safetensors)')
+    return 'fp16' if 'fp16' in variants else sorted(variants)[0]
 
 
 def _load_empty_text_embedding(path, device, dtype):
@@ -117,7 +165,9 @@ def _load_empty_text_embedding(path, device, dtype):
             'Marigold needs the empty-prompt embedding')
     from transformers import CLIPTextModel, CLIPTokenizer
     tokenizer = CLIPTokenizer.from_pretrained(path / 'tokenizer', local_files_only=True)
-    encoder = CLIPTextModel.from_pretrained(path / 'text_encoder', local_files_only=True)
+    encoder = CLIPTextModel.from_pretrained(
+        path / 'text_encoder', local_files_only=True,
+        variant=weights_variant(path / 'text_encoder', str(path), 'model'))
     ids = tokenizer('', padding='do_not_pad', max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors='pt').input_ids
     with torch.inference_mode():
@@ -142,9 +192,12 @@ def read_pipeline_config(path):
         return json.load(stream)
 
 
-def _scheduler_class(path):
+def _scheduler_class(path, model=''):
     import diffusers
-    with open(Path(path) / 'scheduler' / 'scheduler_config.json') as stream:
+    config = Path(path) / 'scheduler' / 'scheduler_config.json'
+    if not config.is_file():
+        raise _incomplete(model, f'{config} is missing')
+    with open(config) as stream:
         name = json.load(stream).get('_class_name', 'DDIMScheduler')
     if not hasattr(diffusers, name):
         raise ValueError(f'unknown scheduler class {name!r} in {path}/scheduler')
@@ -165,17 +218,20 @@ def load_components(model, device, dtype, tiny_vae=None):
     path = resolve_model_path(model)
     config = read_pipeline_config(path)
     kwargs = {'torch_dtype': dtype, 'local_files_only': True}
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder='unet', **kwargs)
+    unet = UNet2DConditionModel.from_pretrained(
+        path, subfolder='unet', variant=weights_variant(path / 'unet', model), **kwargs)
     if unet.config.in_channels != 2 * unet.config.out_channels:
         raise ValueError(f'{path} is not a Marigold model: the U-Net takes '
                          f'{unet.config.in_channels} channels, expected 2 x '
                          f'{unet.config.out_channels}')
     if tiny_vae:
         tiny_path = resolve_model_path(tiny_vae, 'config.json')
-        vae = AutoencoderTiny.from_pretrained(tiny_path, **kwargs)
+        vae = AutoencoderTiny.from_pretrained(
+            tiny_path, variant=weights_variant(tiny_path, tiny_vae), **kwargs)
     else:
-        vae = AutoencoderKL.from_pretrained(path, subfolder='vae', **kwargs)
-    scheduler = _scheduler_class(path).from_pretrained(path, subfolder='scheduler')
+        vae = AutoencoderKL.from_pretrained(
+            path, subfolder='vae', variant=weights_variant(path / 'vae', model), **kwargs)
+    scheduler = _scheduler_class(path, model).from_pretrained(path, subfolder='scheduler')
     embedding = _load_empty_text_embedding(path, device, dtype)
     unet.to(device).eval().requires_grad_(False)
     vae.to(device).eval().requires_grad_(False)

@@ -542,9 +542,9 @@ def pointcloud2_from_depth(points_xyz, rgb, header):
                                colour=rgb is not None)
 
 
-def pointcloud2_to_xyz(msg, skip_nans=False):
+def pointcloud2_to_xyz(msg, skip_nans=False, dtype=np.float32):
     """
-    Read x, y, z of every point of a PointCloud2 as an (N, 3) float32 array.
+    Read x, y, z of every point of a PointCloud2 as an (N, 3) array.
 
     The fields are located by name and offset, FLOAT32 and FLOAT64 are supported, and
     ``point_step``, ``row_step`` and ``is_bigendian`` are honoured, so LiDAR clouds with
@@ -552,7 +552,10 @@ def pointcloud2_to_xyz(msg, skip_nans=False):
 
     :param msg: sensor_msgs/PointCloud2 (rclpy or rosbags message).
     :param skip_nans: drop points with a non-finite coordinate.
-    :return: (height * width, 3) float32 array in row-major order (fewer with skip_nans).
+    :param dtype: the array's dtype, or None for the fields' own precision: float64 when a
+        coordinate is FLOAT64 (clouds in map / UTM frames, where float32 steps are 0.25-0.5 m
+        at millions of meters), else float32.
+    :return: (height * width, 3) array in row-major order (fewer with skip_nans).
     :raises PointCloudConversionError: ('missing_field', 'unsupported_datatype',
         'bad_layout' or 'truncated') naming the field or the layout problem.
     """
@@ -570,15 +573,18 @@ def pointcloud2_to_xyz(msg, skip_nans=False):
             raise PointCloudConversionError(
                 'unsupported_datatype', f'field {name!r} has datatype {field.datatype}; '
                 'only FLOAT32 (7) and FLOAT64 (8) are supported')
-        dtype = np.dtype(_byte_order(msg.is_bigendian) + _POINTFIELD_DTYPES[field.datatype])
-        if field.offset + dtype.itemsize > point_step:
+        field_dtype = np.dtype(_byte_order(msg.is_bigendian)
+                               + _POINTFIELD_DTYPES[field.datatype])
+        if field.offset + field_dtype.itemsize > point_step:
             raise PointCloudConversionError(
-                'bad_layout', f'field {name!r} (offset {field.offset}, {dtype.itemsize} bytes) '
-                f'does not fit in point_step {point_step}')
-        layouts.append((int(field.offset), dtype))
+                'bad_layout', f'field {name!r} (offset {field.offset}, '
+                f'{field_dtype.itemsize} bytes) does not fit in point_step {point_step}')
+        layouts.append((int(field.offset), field_dtype))
+    if dtype is None:
+        dtype = np.result_type(np.float32, *(np.dtype(d.char) for _, d in layouts))
     npoints = height * width
     if npoints == 0:
-        return np.empty((0, 3), np.float32)
+        return np.empty((0, 3), dtype)
     if row_step < width * point_step:
         raise PointCloudConversionError(
             'bad_layout', f'row_step {row_step} < width {width} * point_step {point_step}')
@@ -588,11 +594,11 @@ def pointcloud2_to_xyz(msg, skip_nans=False):
         raise PointCloudConversionError(
             'truncated', f'PointCloud2 data has {buf.size} bytes, {needed} needed for '
             f'{height}x{width} points')
-    out = np.empty((height, width, 3), np.float32)
-    for axis, (offset, dtype) in enumerate(layouts):
+    out = np.empty((height, width, 3), dtype)
+    for axis, (offset, field_dtype) in enumerate(layouts):
         # A strided view per field: no copy of the cloud, no per-point Python.
-        out[:, :, axis] = np.ndarray((height, width), dtype=dtype, buffer=buf, offset=offset,
-                                     strides=(row_step, point_step))
+        out[:, :, axis] = np.ndarray((height, width), dtype=field_dtype, buffer=buf,
+                                     offset=offset, strides=(row_step, point_step))
     out = out.reshape(npoints, 3)
     if skip_nans:
         out = out[np.isfinite(out).all(axis=1)]

@@ -207,8 +207,8 @@ class CameraModel:
 
     @property
     def has_distortion(self):
-        """Return True if any distortion coefficient is non-zero."""
-        return bool(np.any(self.D))
+        """Return True unless the camera is a plain pinhole (see :func:`distorts`)."""
+        return distorts(self.D, self.distortion_model)
 
     def distortion_coefficients(self):
         """
@@ -363,6 +363,20 @@ def scale_camera(model, new_width, new_height):
 # --------------------------------------------------------------------------- distortion
 
 
+def distorts(coeffs, distortion_model):
+    """
+    Return True unless the coefficients make the model a plain pinhole.
+
+    plumb_bob and rational_polynomial with all-zero coefficients are the pinhole;
+    equidistant (fisheye) maps by angle (``theta = atan(r)``) even with k1..k4 = 0.
+
+    :param coeffs: coefficients in ROS order (any length, may be empty)
+    :param distortion_model: distortion model name
+    :return: bool
+    """
+    return distortion_model == 'equidistant' or bool(np.any(coeffs))
+
+
 def distort_normalized(x, y, coeffs, distortion_model):
     """
     Apply lens distortion to normalised image coordinates (OpenCV formulas).
@@ -388,7 +402,7 @@ def distort_normalized(x, y, coeffs, distortion_model):
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
     coeffs = np.asarray(coeffs, np.float64)
-    if coeffs.size == 0 or not np.any(coeffs):
+    if not distorts(coeffs, distortion_model):
         return x.copy(), y.copy()
     if distortion_model == 'equidistant':
         k1, k2, k3, k4 = _padded(coeffs, 4)
@@ -429,7 +443,7 @@ def undistort_normalized(xd, yd, coeffs, distortion_model):
     xd = np.asarray(xd, np.float64)
     yd = np.asarray(yd, np.float64)
     coeffs = np.asarray(coeffs, np.float64)
-    if coeffs.size == 0 or not np.any(coeffs):
+    if not distorts(coeffs, distortion_model):
         return xd.copy(), yd.copy()
     x, y = xd.copy(), yd.copy()
     step = 1e-6
@@ -491,7 +505,7 @@ def _ray_grid(height, width, k_key, d_key, distortion_model):
     v, u = np.mgrid[0:height, 0:width].astype(np.float64)
     ry = (v - k[1, 2]) / k[1, 1]
     rx = (u - k[0, 2] - k[0, 1] * ry) / k[0, 0]
-    if d_key:
+    if distorts(d_key, distortion_model):
         rx, ry = undistort_normalized(rx, ry, np.array(d_key), distortion_model)
     valid = np.isfinite(rx) & np.isfinite(ry)
     rx32, ry32 = rx.astype(np.float32), ry.astype(np.float32)
@@ -516,7 +530,7 @@ def pixel_rays(height, width, K, D=None, distortion_model=''):
     if len(k_key) != 9:
         raise ValueError(f'K must have 9 elements, got {len(k_key)}')
     d = np.zeros(0) if D is None else np.asarray(D, np.float64).ravel()
-    d_key = tuple(float(v) for v in d) if np.any(d) else ()
+    d_key = tuple(float(v) for v in d) if distorts(d, distortion_model) else ()
     if d_key and distortion_model not in DISTORTION_MODELS:
         raise CalibrationError(
             'unknown_distortion_model', f'distortion model {distortion_model!r} is not '
@@ -591,7 +605,7 @@ def project_points(points_cam, model):
     y = pts[:, 1] / safe_z
     coeffs = eff.distortion_coefficients()
     xd, yd = distort_normalized(x, y, coeffs, eff.distortion_model)
-    if coeffs.size:
+    if distorts(coeffs, eff.distortion_model):
         with np.errstate(invalid='ignore'):
             front &= ~_beyond_monotonic(np.hypot(x, y), coeffs, eff.distortion_model)
     k = eff.K

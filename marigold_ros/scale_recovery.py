@@ -598,7 +598,8 @@ class ScaleRecovery:
         frame_id = str(msg.header.frame_id)
         try:
             try:
-                xyz = pointcloud2_to_xyz(msg, skip_nans=True)
+                # FLOAT64 stays float64: clouds in map / UTM frames need it.
+                xyz = pointcloud2_to_xyz(msg, skip_nans=True, dtype=None)
             except PointCloudConversionError as error:
                 raise ScaleInputError(f'points_{error.reason}', str(error), key) from None
             if xyz.shape[0] == 0:

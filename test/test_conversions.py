@@ -383,6 +383,20 @@ def test_pointcloud_to_xyz_float64_offsets_steps_endianness(is_bigendian):
     np.testing.assert_array_equal(xyz, np.array(points, np.float32).reshape(-1, 3))
 
 
+def test_pointcloud_to_xyz_keeps_float64_when_asked():
+    # UTM-like coordinates: float32 steps are 0.5 m at five million meters.
+    points = [[(412345.678, 5012345.678, 101.25), (412345.679, 5012345.679, 101.5)]]
+    precise = pointcloud2_to_xyz(_lidar_cloud(points, 1), dtype=None)
+    assert precise.dtype == np.float64
+    np.testing.assert_array_equal(precise, np.array(points).reshape(-1, 3))
+    assert np.abs(pointcloud2_to_xyz(_lidar_cloud(points, 0)) - precise).max() > 0.1
+    single = _lidar_cloud([[(1.0, 2.0, 3.0)]], 0)
+    for field in single.fields[1:4]:
+        field.datatype = PointField.FLOAT32
+    single.point_step, single.row_step = 40, 48
+    assert pointcloud2_to_xyz(single, dtype=None).dtype == np.float32
+
+
 def test_pointcloud_to_xyz_errors_name_the_field():
     cloud = _lidar_cloud([[(1.0, 2.0, 3.0)]], 0)
     cloud.fields = [f for f in cloud.fields if f.name != 'y']

@@ -1,5 +1,7 @@
 """DepthEstimator: equality with diffusers' MarigoldDepthPipeline, batching, bad input."""
 
+import dataclasses
+
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
 from marigold_model.estimator import DepthEstimator, processing_size
 import numpy as np
@@ -176,6 +178,19 @@ def test_warm_start_needs_a_ddim_scheduler(random_model_dir):
     estimator.set_inference(InferenceConfig(denoising_steps=2))  # without warm start: fine
 
 
+def test_stochastic_scheduler_results_do_not_depend_on_the_batch(random_model_dir, frame):
+    """LCM adds noise between steps: a frame's result is the same alone or in any batch."""
+    from diffusers import LCMScheduler
+    results = []
+    for batch_size, frames in ((4, [frame[::-1], frame]), (1, [frame])):
+        estimator = _estimator(random_model_dir, denoising_steps=3, ensemble_size=2,
+                               batch_size=batch_size)
+        estimator.scheduler = LCMScheduler.from_config(estimator.scheduler.config)
+        results.append(estimator.estimate(frames)[-1].depth)
+    # Batched convolutions differ in the last bits only; other noise differs by far more.
+    np.testing.assert_allclose(results[0], results[1], atol=1e-4)
+
+
 @pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
 def test_low_precision_on_cpu_resizes_in_float32(random_model_dir, frame, dtype):
     """Antialiased resizing has no half-precision CPU kernel: it runs in float32."""
@@ -213,6 +228,47 @@ def test_tiny_vae_option(tmp_path, random_model_dir, frame):
     with pytest.raises(FileNotFoundError, match='not found'):
         DepthEstimator(EstimatorConfig(ModelConfig(model=random_model_dir, vae='tiny',
                                                    tiny_vae=str(tmp_path / 'none'))))
+
+
+def test_settings_changed_during_a_call_apply_from_the_next(random_model_dir, frame,
+                                                            monkeypatch):
+    """set_inference from another thread (the node's parameter callback) mid-call is safe."""
+    estimator = _estimator(random_model_dir)
+    before = estimator.config.inference
+    after = dataclasses.replace(before, match_input_resolution=False, ensemble_size=2)
+    denoise = estimator._denoise
+
+    def changed_meanwhile(*args):
+        estimator.set_inference(after)
+        return denoise(*args)
+
+    monkeypatch.setattr(estimator, '_denoise', changed_meanwhile)
+    result = estimator.estimate(frame)
+    assert result.depth.shape == frame.shape[:2] and result.uncertainty is None
+    monkeypatch.setattr(estimator, '_denoise', denoise)
+    result = estimator.estimate(frame)
+    assert result.depth.shape != frame.shape[:2] and result.uncertainty is not None
+
+
+def test_out_of_memory_keeps_nothing_of_the_failed_call(random_model_dir, frame, monkeypatch):
+    """The error holds no traceback of the failed call, so its tensors can be freed."""
+    import weakref
+
+    from marigold_model.estimator import EstimatorOutOfMemory
+    estimator = _estimator(random_model_dir)
+    allocated = []
+
+    def runs_out(*args):
+        activations = torch.ones(1000)
+        allocated.append(weakref.ref(activations))
+        raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB\n'
+                                          'details')
+
+    monkeypatch.setattr(estimator, '_estimate', runs_out)
+    expected = r'batch_size.*Tried to allocate 2\.00 GiB\)$'
+    with pytest.raises(EstimatorOutOfMemory, match=expected) as error:
+        estimator.estimate(frame)
+    assert error.value.__cause__ is None and allocated[0]() is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')

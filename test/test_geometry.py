@@ -281,6 +281,26 @@ def test_unproject_project_round_trip_with_distortion(model_name, coeffs):
     assert (float(x), float(y)) == pytest.approx((0.2, -0.15), abs=1e-9)
 
 
+def test_equidistant_with_zero_coefficients_maps_by_angle():
+    # A fisheye calibrated as k1..k4 = 0 is not a pinhole: the image radius is the angle.
+    for d in ([0.0] * 4, []):
+        model = CameraModel.from_msg(_info(distortion_model='equidistant', d=d))
+        assert model.has_distortion
+        points = unproject_depth(np.full((H, W), 2.0, np.float32), model)
+        u = W - 1
+        theta = (u - CX) / FX  # normalised image radius on the row through the centre
+        row = int(CY)
+        ray = points[row, u, 0] / points[row, u, 2]
+        assert ray == pytest.approx(math.tan(theta), rel=1e-5)
+        uv, _, mask = project_points(points.reshape(-1, 3), model)
+        assert mask.all()
+        v, u_grid = np.mgrid[0:H, 0:W]
+        np.testing.assert_allclose(uv[:, 0], u_grid.ravel(), atol=1e-3)
+        np.testing.assert_allclose(uv[:, 1], v.ravel(), atol=1e-3)
+    # plumb_bob with zero coefficients stays the pinhole.
+    assert not CameraModel.from_msg(_info()).has_distortion
+
+
 def test_projection_masks_behind_outside_and_folded_points():
     model = CameraModel.from_msg(_info())
     pts = np.array([[0.0, 0.0, 1.0],        # principal point: inside

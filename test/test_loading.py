@@ -17,6 +17,19 @@ def test_missing_hub_weights_say_where_and_how(tmp_path, monkeypatch):
     assert 'hf download' in message and 'local diffusers folder' in message
 
 
+def test_incomplete_hub_snapshot_is_named(tmp_path, monkeypatch):
+    """A cached snapshot without model_index.json (download cut short) says so."""
+    hub = tmp_path / 'hub'
+    monkeypatch.setenv('HF_HUB_CACHE', str(hub))
+    monkeypatch.setattr('huggingface_hub.constants.HF_HUB_CACHE', str(hub))
+    repo = hub / 'models--prs-eth--marigold-depth-v1-1'
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text('0' * 40)
+    (repo / 'snapshots' / ('0' * 40) / 'unet').mkdir(parents=True)
+    with pytest.raises(WeightsNotFoundError, match='incomplete.*has no model_index.json'):
+        resolve_model_path('prs-eth/marigold-depth-v1-1')
+
+
 def test_local_paths(tmp_path, random_model_dir):
     """A diffusers folder resolves; a missing path or a non-model folder is refused clearly."""
     assert str(resolve_model_path(random_model_dir)) == random_model_dir
@@ -49,3 +62,54 @@ def test_not_a_marigold_unet(tmp_path, random_model_dir):
     narrow.save_pretrained(copy / 'unet')
     with pytest.raises(ValueError, match='not a Marigold model'):
         load_components(str(copy), torch.device('cpu'), torch.float32)
+
+
+def test_partial_downloads_name_what_is_missing(tmp_path, random_model_dir):
+    """An fp16-only download loads; a missing weights file or scheduler is named clearly."""
+    import shutil
+
+    copy = tmp_path / 'fp16_only'
+    shutil.copytree(random_model_dir, copy)
+    for part in ('unet', 'vae'):
+        weights = copy / part / 'diffusion_pytorch_model.safetensors'
+        weights.rename(weights.with_suffix('.fp16.safetensors'))
+    parts = load_components(str(copy), torch.device('cpu'), torch.float32)
+    reference = load_components(random_model_dir, torch.device('cpu'), torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(parts.unet.state_dict().values(),
+                                                 reference.unet.state_dict().values()))
+    (copy / 'vae' / 'diffusion_pytorch_model.fp16.safetensors').unlink()
+    with pytest.raises(WeightsNotFoundError, match='incomplete.*vae holds no'):
+        load_components(str(copy), torch.device('cpu'), torch.float32)
+    shutil.copytree(random_model_dir, tmp_path / 'no_scheduler')
+    shutil.rmtree(tmp_path / 'no_scheduler' / 'scheduler')
+    with pytest.raises(WeightsNotFoundError, match='scheduler_config.json is missing'):
+        load_components(str(tmp_path / 'no_scheduler'), torch.device('cpu'), torch.float32)
+
+
+def test_empty_prompt_from_an_fp16_only_text_encoder(tmp_path, random_model_dir, monkeypatch):
+    """Without the cached embedding, an fp16-only text encoder download computes it."""
+    import json
+    import shutil
+
+    from marigold_model import loading
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    monkeypatch.setattr(loading, 'CACHE_DIR', tmp_path / 'cache')
+    copy = tmp_path / 'with_text_encoder'
+    shutil.copytree(random_model_dir, copy)
+    (copy / loading.EMPTY_TEXT_FILE).unlink()
+    tokens = copy / 'tokenizer'
+    tokens.mkdir()
+    (tokens / 'vocab.json').write_text(json.dumps({'<|startoftext|>': 0, '<|endoftext|>': 1}))
+    (tokens / 'merges.txt').write_text('#version: 0.2\n')
+    CLIPTokenizer(str(tokens / 'vocab.json'), str(tokens / 'merges.txt'),
+                  model_max_length=8).save_pretrained(tokens)
+    encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=2, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+        num_attention_heads=4, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1)).eval()
+    encoder.save_pretrained(copy / 'text_encoder', variant='fp16')
+    parts = load_components(str(copy), torch.device('cpu'), torch.float32)
+    with torch.inference_mode():
+        expected = encoder(torch.tensor([[0, 1]]))[0]
+    torch.testing.assert_close(parts.empty_text_embedding, expected)
+    assert len(list((tmp_path / 'cache').iterdir())) == 1  # computed once, then cached

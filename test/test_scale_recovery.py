@@ -260,6 +260,20 @@ def test_lidar_points_through_extrinsic_parameters_and_distorted_camera(model, c
     assert unmodelled is None or unmodelled.residual > 2.0 * estimate.residual
 
 
+def test_float64_clouds_in_a_utm_frame_keep_their_precision():
+    # A cloud in a map frame at UTM coordinates: float32 would round its points to 0.25-0.5 m.
+    rel, camera, points, scale, shift = lidar_scene()
+    origin = np.array([412345.25, 5012345.75, 120.0])
+    translation = tuple(np.asarray(TRANSLATION) - ROTATION @ origin)
+    recovery = ScaleRecovery(dataclasses.replace(points_config(),
+                                                 extrinsic_translation=translation))
+    recovery.add_points(KEY, cloud(to_lidar(points) + origin, header(3.0, LIDAR), dtype='<f8'))
+    estimate = recovery.estimate(KEY, header(3.0), rel, camera)
+    assert estimate.status == 'ok' and estimate.inlier_ratio > 0.95
+    assert estimate.scale == pytest.approx(scale, rel=0.02)
+    assert estimate.shift == pytest.approx(shift, abs=0.02 * scale)
+
+
 class LookupException(Exception):
     """Stand-in for tf2_ros.LookupException (tf2_ros is optional)."""
 
