@@ -550,6 +550,10 @@ class BagProcessor:
             # The default means 'not calibrated': frames /tf_static does not connect give
             # no_transform, as without /tf_static, instead of an identity extrinsic.
             fallback = None
+        if scale.fixed_frame:
+            print(f'process_bag: scale_recovery.fixed_frame {scale.fixed_frame!r} is not '
+                  f'used offline: the LiDAR extrinsic comes from {TF_STATIC_TOPIC} or the '
+                  'parameters, without motion compensation', file=sys.stderr)
         if not scale.use_tf or TF_STATIC_TOPIC not in reader.topics:
             self.summary.extrinsic = 'parameters'
             return None

@@ -119,6 +119,10 @@ class ScaleRecoveryConfig:
         z, w)
     :param transform_tolerance_s: largest gap between the cloud stamp and the newest tf2
         transform when tf2 cannot interpolate at the cloud stamp (else ``stale_transform``)
+    :param fixed_frame: a world-fixed tf2 frame (e.g. 'odom') to carry the cloud from its
+        stamp to the image stamp (tf2 lookup_transform_full), so the robot's motion between
+        the two (up to match_tolerance_s) does not shift the points; '' = the extrinsic at the
+        cloud stamp only (live tf2; process_bag reads /tf_static only)
     :param local_refinement: opt-in: correct the global affine fit locally towards the
         sparse points of the frame (:func:`~marigold_model.scale_tracking.refine_local`)
     :param error_throttle_s: at most one log line per problem (reason) per this period
@@ -132,6 +136,7 @@ class ScaleRecoveryConfig:
     extrinsic_translation: tuple = (0.0, 0.0, 0.0)
     extrinsic_rotation_xyzw: tuple = (0.0, 0.0, 0.0, 1.0)
     transform_tolerance_s: float = 0.1
+    fixed_frame: str = ''
     local_refinement: bool = False
     error_throttle_s: float = 5.0
     min_points: int = _TRACKER.min_points
@@ -314,28 +319,34 @@ class Tf2TransformLookup:
     """
     Extrinsic of a cloud from a tf2 Buffer, with a time tolerance.
 
-    The transform is looked up at the cloud stamp (tf2 interpolates). If tf2 cannot reach
-    that stamp (``ExtrapolationException``: the tf data ends before or starts after it), the
+    The transform is looked up at the cloud stamp (tf2 interpolates); with a
+    ``fixed_frame``, from the cloud at its stamp to the camera at the image stamp through
+    that frame, which takes out the robot's motion in between. If tf2 cannot reach the
+    stamps (``ExtrapolationException``: the tf data ends before or starts after them), the
     newest transform is used when its stamp is within ``tolerance_s`` of the cloud stamp,
     else the lookup fails with ``stale_transform``; any other failure (unknown frame, no
     connection) is ``no_transform``.
 
-    :param buffer: a ``tf2_ros.Buffer`` (or anything with the same ``lookup_transform``)
+    :param buffer: a ``tf2_ros.Buffer`` (or anything with the same ``lookup_transform`` and
+        ``lookup_transform_full``)
     :param tolerance_s: largest accepted gap between the newest transform and the cloud
+    :param fixed_frame: world-fixed frame for motion compensation, '' for none
     """
 
-    def __init__(self, buffer, tolerance_s):
-        """Keep the buffer and the tolerance."""
+    def __init__(self, buffer, tolerance_s, fixed_frame=''):
+        """Keep the buffer, the tolerance and the fixed frame."""
         self.buffer = buffer
         self.tolerance_s = float(tolerance_s)
+        self.fixed_frame = fixed_frame
 
-    def __call__(self, target_frame, source_frame, stamp_ns):
+    def __call__(self, target_frame, source_frame, stamp_ns, image_stamp_ns=None):
         """
         Return the transform mapping points of ``source_frame`` into ``target_frame``.
 
         :param target_frame: camera optical frame
         :param source_frame: cloud frame
         :param stamp_ns: cloud stamp in nanoseconds
+        :param image_stamp_ns: image stamp in nanoseconds (used with a fixed frame)
         :return: (translation (3,), quaternion xyzw (4,))
         :raises ScaleInputError: ``no_transform`` or ``stale_transform``
         """
@@ -343,9 +354,14 @@ class Tf2TransformLookup:
             raise ScaleInputError(REASON_NO_TRANSFORM, 'cannot look up a transform with an '
                                   f'empty frame_id (camera {target_frame!r}, cloud '
                                   f'{source_frame!r})')
+        cloud_time = Time(nanoseconds=int(stamp_ns))
         try:
-            stamped = self.buffer.lookup_transform(target_frame, source_frame,
-                                                   Time(nanoseconds=int(stamp_ns)))
+            if self.fixed_frame and image_stamp_ns is not None:
+                stamped = self.buffer.lookup_transform_full(
+                    target_frame, Time(nanoseconds=int(image_stamp_ns)), source_frame,
+                    cloud_time, self.fixed_frame)
+            else:
+                stamped = self.buffer.lookup_transform(target_frame, source_frame, cloud_time)
         except Exception as error:  # tf2 exceptions do not share a base importable here
             if not _is_extrapolation(error):
                 raise ScaleInputError(REASON_NO_TRANSFORM, f'no transform from '
@@ -401,8 +417,8 @@ class ScaleRecovery:
     Thread-safe: subscription callbacks add input while the worker thread estimates.
 
     :param config: :class:`ScaleRecoveryConfig`
-    :param transform_lookup: optional callable ``(target_frame, source_frame, stamp_ns) ->
-        (translation, quaternion_xyzw)`` raising :class:`ScaleInputError` (e.g. a
+    :param transform_lookup: optional callable ``(target_frame, source_frame, stamp_ns,
+        image_stamp_ns) -> (translation, quaternion_xyzw)`` raising :class:`ScaleInputError` (e.g. a
         :class:`Tf2TransformLookup` on a Buffer the caller fills); default: set by
         :meth:`attach` to tf2 when available and ``use_tf``, else the extrinsic parameters
     """
@@ -511,6 +527,7 @@ class ScaleRecovery:
             self._throttle.period_s = config.error_throttle_s
             if isinstance(self._lookup, Tf2TransformLookup):
                 self._lookup.tolerance_s = config.transform_tolerance_s
+                self._lookup.fixed_frame = config.fixed_frame
             if config.tracker_config() != old.tracker_config():
                 for stream in self._streams.values():
                     stream.tracker = ScaleTracker(config.tracker_config())
@@ -738,7 +755,8 @@ class ScaleRecovery:
                                   'intrinsics: no camera_info for this frame')
         target = str(header.frame_id) or camera.frame_id
         if self._lookup is not None:
-            translation, rotation = self._lookup(target, reading.frame_id, reading.stamp_ns)
+            translation, rotation = self._lookup(target, reading.frame_id, reading.stamp_ns,
+                                                 stamp_to_ns(header.stamp))
         else:
             translation = self.config.extrinsic_translation
             rotation = self.config.extrinsic_rotation_xyzw
@@ -833,7 +851,8 @@ class ScaleRecovery:
             return
         buffer = tf2_ros.Buffer()
         self._tf_listener = tf2_ros.TransformListener(buffer, node)
-        self._lookup = Tf2TransformLookup(buffer, self.config.transform_tolerance_s)
+        self._lookup = Tf2TransformLookup(buffer, self.config.transform_tolerance_s,
+                                          self.config.fixed_frame)
         self._transform_source = 'tf2'
 
     def detach(self):

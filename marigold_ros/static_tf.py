@@ -116,13 +116,14 @@ class StaticTransforms:
                     todo.append(other)
         return None
 
-    def __call__(self, target_frame, source_frame, stamp_ns):
+    def __call__(self, target_frame, source_frame, stamp_ns, image_stamp_ns=None):
         """
         Look a transform up (the ScaleRecovery ``transform_lookup`` interface).
 
         :param target_frame: camera optical frame
         :param source_frame: LiDAR frame
-        :param stamp_ns: stamp (static transforms do not depend on it)
+        :param stamp_ns: cloud stamp (static transforms do not depend on it)
+        :param image_stamp_ns: image stamp (likewise)
         :return: (translation (3), quaternion (x, y, z, w))
         :raises ScaleInputError: 'no_transform' when not connected and no fallback
         """

@@ -421,7 +421,7 @@ def _tf_message(parent, child, translation, rotation):
                                      'tf2_msgs/msg/TFMessage'))
 
 
-def test_lidar_with_recorded_static_transforms(tmp_path, scenes, params):
+def test_lidar_with_recorded_static_transforms(tmp_path, scenes, params, capsys):
     """A LiDAR in another frame, placed by the bag's /tf_static chain, gives metric depth."""
     # base_link -> cam_optical and base_link -> lidar; the lidar frame is rotated 90 degrees
     # about z and shifted, so a wrong extrinsic cannot give the right scale.
@@ -478,6 +478,11 @@ def test_lidar_with_recorded_static_transforms(tmp_path, scenes, params):
     with BagReader(bag) as reader:
         lookup = processor._transforms(reader, calibrated)
     assert tuple(lookup('cam_optical', 'lidar', 0)[0]) == (0.0, 0.0, 0.1)  # given: used
+    # Motion compensation needs live tf2: offline it is refused aloud, not silently.
+    capsys.readouterr()
+    with BagReader(bag) as reader:
+        processor._transforms(reader, ScaleRecoveryConfig(fixed_frame='odom'))
+    assert "fixed_frame 'odom' is not used offline" in capsys.readouterr().err
 
 
 def test_static_camera_info_needs_use_latest(tmp_path, scenes, params):

@@ -322,6 +322,45 @@ def test_lidar_points_through_tf2_lookup_at_the_cloud_stamp():
     assert recovery.estimate(KEY, header(3.0), rel, camera).status == 'ok'
 
 
+class MovingBuffer(FakeBuffer):
+    """A rig moving along the camera's optical axis at ``speed`` m/s through 'odom'."""
+
+    def __init__(self, speed):
+        """Keep the speed; the extrinsic is the test one."""
+        super().__init__()
+        self.speed = speed
+
+    def lookup_transform_full(self, target, target_time, source, source_time, fixed):
+        """Camera at target_time <- LiDAR at source_time, through the fixed frame."""
+        self.calls.append((target, target_time.nanoseconds, source, source_time.nanoseconds,
+                           fixed))
+        if (target, source, fixed) != (FRAME, LIDAR, 'odom'):
+            raise LookupException(f'no path from {source!r} to {target!r} via {fixed!r}')
+        msg = self.lookup_transform(target, source, source_time)
+        # Where the camera was at the cloud stamp, seen from where it is at the image stamp.
+        travel = self.speed * (source_time.nanoseconds - target_time.nanoseconds) / 1e9
+        msg.transform.translation.z += travel
+        return msg
+
+
+def test_fixed_frame_takes_out_the_motion_between_cloud_and_image():
+    rel, camera, points, scale, shift = lidar_scene(seed=3)
+    speed, image_s, cloud_s = 15.0, 3.0, 2.96  # 15 m/s, cloud 40 ms before the image
+    # The LiDAR saw the scene from 0.6 m further back: every point 0.6 m deeper.
+    seen_earlier = points + np.array([0.0, 0.0, speed * (image_s - cloud_s)])
+    estimates = {}
+    for fixed_frame in ('', 'odom'):
+        buffer = MovingBuffer(speed)
+        recovery = ScaleRecovery(points_config(use_tf=True, fixed_frame=fixed_frame),
+                                 transform_lookup=Tf2TransformLookup(buffer, 0.1, fixed_frame))
+        recovery.add_points(KEY, cloud(to_lidar(seen_earlier), header(cloud_s, LIDAR)))
+        estimates[fixed_frame] = recovery.estimate(KEY, header(image_s), rel, camera)
+    assert buffer.calls[0] == (FRAME, 3_000_000_000, LIDAR, 2_960_000_000, 'odom')
+    assert estimates['odom'].shift == pytest.approx(shift, abs=0.02 * scale)
+    assert estimates['odom'].scale == pytest.approx(scale, rel=0.02)
+    assert abs(estimates[''].shift - shift) > 0.4  # uncompensated: off by the travel
+
+
 @pytest.mark.parametrize('buffer, reason', [
     (FakeBuffer(end_ns=2_500_000_000), 'stale_transform'),
     (FakeBuffer(frames=(FRAME, 'base_link')), 'no_transform'),
