@@ -418,8 +418,9 @@ class ScaleRecovery:
 
     :param config: :class:`ScaleRecoveryConfig`
     :param transform_lookup: optional callable ``(target_frame, source_frame, stamp_ns,
-        image_stamp_ns) -> (translation, quaternion_xyzw)`` raising :class:`ScaleInputError` (e.g. a
-        :class:`Tf2TransformLookup` on a Buffer the caller fills); default: set by
+        image_stamp_ns) -> (translation, quaternion_xyzw)`` raising
+        :class:`ScaleInputError` (e.g. a :class:`Tf2TransformLookup` on a Buffer the caller
+        fills); default: set by
         :meth:`attach` to tf2 when available and ``use_tf``, else the extrinsic parameters
     """
 
