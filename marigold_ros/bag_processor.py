@@ -30,11 +30,13 @@ same input, parameters (``--batch`` included), seed, software and machine.  Exit
 """
 
 import argparse
+import contextlib
 from dataclasses import dataclass, field
 import math
 from pathlib import Path
 import signal
 import sys
+import threading
 import time
 
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig, override
@@ -485,12 +487,18 @@ class BagProcessor:
                 background.call(writer.open)
                 self._process(reader, topics, config, writer, exporter, background)
                 # The bag is closed first (what can fail: a full disk), then both folders
-                # are moved into place, so a failure leaves neither behind.
+                # are moved into place, so a failure leaves neither behind.  An interrupt
+                # while they move would leave one without the other: it waits until both
+                # are in place (a few renames).
                 background.call(writer.finish)
-                if exporter is not None:
-                    background.call(exporter.commit)
-                    exporter = None
-                self.summary.output = str(background.call(writer.commit))
+                with deferred_interrupts() as received:
+                    if exporter is not None:
+                        background.call(exporter.commit)
+                        exporter = None
+                    self.summary.output = str(background.call(writer.commit))
+                if received:
+                    print('process_bag: interrupt received while the finished output was '
+                          'moved into place: the output is complete', file=sys.stderr)
             finally:
                 background.discard()
                 background.call(writer.abort, check=False)
@@ -861,6 +869,27 @@ def job_from_args(args):
                   overwrite=args.overwrite, batch=args.batch,
                   output_namespace=args.output_namespace, lookahead_s=args.lookahead,
                   strict=args.strict, quiet=args.quiet)
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """
+    Hold SIGINT and SIGTERM back while the block runs (from the main thread; else no-op).
+
+    :return: context manager yielding the list of signals received meanwhile
+    """
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.signal(number, lambda number, frame: received.append(number))
+                for number in signals]
+    try:
+        yield received
+    finally:
+        for number, handler in zip(signals, previous):
+            signal.signal(number, handler)
 
 
 def _raise_interrupt(signum, frame):

@@ -11,6 +11,8 @@ input leaves nothing behind.
 import hashlib
 import os
 from pathlib import Path
+import signal
+import time
 
 from builtin_interfaces.msg import Time
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
@@ -667,6 +669,28 @@ def test_interrupt_and_existing_output_leave_no_half_bag(tmp_path, scenes, param
     assert (out / 'keep').read_text() == 'mine'
     process_bag(_job(bag, out, params, overwrite=True), estimator=OracleEstimator(scenes))
     assert not (out / 'keep').exists() and len(_read(out)) == 2 * N_FRAMES
+
+
+def test_interrupt_while_moving_the_output_into_place_waits(tmp_path, scenes, params,
+                                                            monkeypatch, capsys):
+    """Ctrl-C between moving the export and the bag into place cannot leave only one."""
+    from marigold_ros.bag_io import AtomicBagWriter
+    bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes))
+    commit = AtomicBagWriter.commit
+
+    def interrupted_commit(writer):
+        os.kill(os.getpid(), signal.SIGINT)  # the export is already in place
+        time.sleep(0.2)  # the main thread would take the interrupt now
+        return commit(writer)
+
+    monkeypatch.setattr(AtomicBagWriter, 'commit', interrupted_commit)
+    out = tmp_path / 'out'
+    summary = process_bag(_job(bag, out, params, export=str(tmp_path / 'x')),
+                          estimator=OracleEstimator(scenes))
+    assert summary.output == str(out) and len(_read(out)) == 2 * N_FRAMES
+    assert (tmp_path / 'x').is_dir() and not _leftovers(tmp_path)
+    assert 'the output is complete' in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_outputs_that_would_touch_the_input_are_refused(tmp_path, scenes, params):
