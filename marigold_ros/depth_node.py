@@ -301,7 +301,10 @@ class _DepthCore:
         if cfg.keep_buffers_in_heap:
             keep_large_buffers_in_heap()
         self._cameras = cfg.cameras
-        self._diag = DiagnosticsCollector(self.get_name())
+        self._diag = DiagnosticsCollector(self.get_fully_qualified_name())
+        # Relative depth only is what the user asked for unless a scale source is set.
+        self._diag.metric_expected = self._scale_config is not None and \
+            self._scale_config.source != 'none'
         for camera in self._cameras:
             self._diag.add_stream(camera)
         self._throttle = KeyedThrottle(cfg.error_log_period)

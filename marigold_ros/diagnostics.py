@@ -168,6 +168,8 @@ class StreamStats:
 
     def __init__(self, window_s, size):
         """Create empty statistics."""
+        self.created = time.monotonic()
+        self.last_received = None
         self.input_rate = RateMeter(window_s)
         self.output_rate = RateMeter(window_s)
         self.latency = Percentiles(size)
@@ -187,16 +189,23 @@ class DiagnosticsCollector:
     """
     Thread-safe store of everything /diagnostics reports.
 
-    :param name: status name prefix (the node name)
+    A camera is a WARN when no image has come for ``silence_s`` (once the model is ready),
+    and when ``metric_expected`` (scale recovery configured) but a frame had no metric scale.
+
+    :param name: status name prefix (the node's fully qualified name, so two nodes in
+        different namespaces are told apart by aggregators)
     :param window_s: window of the rate meters in seconds
     :param size: values kept for latency percentiles
+    :param silence_s: seconds without an image after which a camera is a WARN
     """
 
-    def __init__(self, name='marigold_depth', window_s=5.0, size=200):
+    def __init__(self, name='marigold_depth', window_s=5.0, size=200, silence_s=5.0):
         """Create an empty collector."""
         self.name = name
         self.window_s = float(window_s)
         self.size = int(size)
+        self.silence_s = float(silence_s)
+        self.metric_expected = False
         self._lock = threading.Lock()
         self._streams = {}
         self.model_state = MODEL_UNCONFIGURED
@@ -247,9 +256,11 @@ class DiagnosticsCollector:
         :param key: camera namespace
         :param now: monotonic time (default now)
         """
+        now = time.monotonic() if now is None else now
         with self._lock:
             stream = self._stream(key)
             stream.received += 1
+            stream.last_received = now
             stream.input_rate.add(now)
 
     def frame_dropped(self, key, count=1):
@@ -344,21 +355,24 @@ class DiagnosticsCollector:
 
     # ------------------------------------------------------------------ message
 
-    def to_msg(self, stamp=None, hardware_id=''):
+    def to_msg(self, stamp=None, hardware_id='', now=None):
         """
         Build the DiagnosticArray: the model status, then one status per camera.
 
         :param stamp: builtin_interfaces/Time for the header (None: zero)
         :param hardware_id: hardware_id of every status (e.g. the device)
+        :param now: monotonic time in seconds (default now)
         :return: diagnostic_msgs/DiagnosticArray
         """
+        now = time.monotonic() if now is None else now
         msg = DiagnosticArray()
         if stamp is not None:
             msg.header.stamp = stamp
         with self._lock:
             msg.status.append(self._model_status(hardware_id))
             for key in sorted(self._streams):
-                msg.status.append(self._stream_status(key, self._streams[key], hardware_id))
+                msg.status.append(self._stream_status(key, self._streams[key], hardware_id,
+                                                      now))
         return msg
 
     def _model_status(self, hardware_id):
@@ -374,25 +388,32 @@ class DiagnosticsCollector:
                                 hardware_id=hardware_id,
                                 values=[KeyValue(key=k, value=v) for k, v in values])
 
-    def _stream_status(self, key, stream, hardware_id):
+    def _stream_status(self, key, stream, hardware_id, now):
         bad_total = sum(stream.bad.values())
         new_bad = bad_total - stream.bad_at_last_report
         stream.bad_at_last_report = bad_total
         level, parts = DiagnosticStatus.OK, []
-        if stream.received == 0:
+        if stream.received:
+            parts.append(f'{stream.output_rate.rate(now):.1f} Hz out')
+        # A camera that stopped (or never started once the model is ready) is a problem a
+        # robot's monitor must see; while the model loads, waiting is normal.
+        silent = now - (stream.last_received if stream.received else stream.created)
+        if silent > self.silence_s and (stream.received or self.model_state == MODEL_READY):
+            level = DiagnosticStatus.WARN
+            parts.append(f'no images for {silent:.0f} s')
+        elif not stream.received:
             parts.append('waiting for images')
-        else:
-            parts.append(f'{stream.output_rate.rate():.1f} Hz out')
         missing = [n for n in stream.notes if n in _NOTE_TEXT]
-        if 'no_camera_info' in missing or 'bad_camera_info' in missing:
+        if 'no_camera_info' in missing or 'bad_camera_info' in missing or \
+                ('no_metric_scale' in missing and self.metric_expected):
             level = DiagnosticStatus.WARN
         parts += [_NOTE_TEXT[n] for n in missing]
         if new_bad:
             level = DiagnosticStatus.WARN
             parts.append(f'{new_bad} bad messages since the last report')
         values = [
-            ('input rate (Hz)', f'{stream.input_rate.rate():.2f}'),
-            ('output rate (Hz)', f'{stream.output_rate.rate():.2f}'),
+            ('input rate (Hz)', f'{stream.input_rate.rate(now):.2f}'),
+            ('output rate (Hz)', f'{stream.output_rate.rate(now):.2f}'),
             ('latency p50 (ms)', _ms(stream.latency.percentile(50))),
             ('latency p95 (ms)', _ms(stream.latency.percentile(95))),
             ('estimator p50 (ms)', _ms(stream.estimator.percentile(50))),

@@ -197,7 +197,8 @@ class Graph:
         """Return the newest diagnostics status of this node whose name contains ``part``."""
         for array in reversed(self.received['/diagnostics']):
             for status in array.status:
-                if status.name.startswith(self.node.get_name()) and part in status.name:
+                if status.name.startswith(self.node.get_fully_qualified_name() + ':') and \
+                        part in status.name:
                     return status
         return None
 
@@ -695,6 +696,22 @@ def test_diagnostics_building_blocks():
     assert array.status[1].level == DiagnosticStatus.WARN
     assert values(array.status[1])['bad: truncated'] == '1'
     assert collector.to_msg().status[1].level == DiagnosticStatus.OK  # no new bad message
+    # A camera that stopped, or never started once the model is ready, is a WARN.
+    quiet = DiagnosticsCollector('n', silence_s=5.0)
+    quiet.add_stream('cam')
+    start = time.monotonic()
+    assert quiet.to_msg(now=start + 60).status[1].message == 'waiting for images'  # loading
+    quiet.set_model_state('ready')
+    status = quiet.to_msg(now=start + 60).status[1]
+    assert status.level == DiagnosticStatus.WARN and 'no images for 60 s' in status.message
+    quiet.image_received('cam', now=start + 61)
+    assert quiet.to_msg(now=start + 62).status[1].level == DiagnosticStatus.OK
+    assert 'no images for 9 s' in quiet.to_msg(now=start + 70).status[1].message
+    # No metric scale is a WARN only where one was asked for (scale recovery configured).
+    quiet.frame_published('cam', 0.1, 0.05, notes=('no_metric_scale',), now=start + 61)
+    assert quiet.to_msg(now=start + 62).status[1].level == DiagnosticStatus.OK
+    quiet.metric_expected = True
+    assert quiet.to_msg(now=start + 62).status[1].level == DiagnosticStatus.WARN
     collector.set_model_state('ready', '', device='cpu')
     collector.update_model_info(denoising_steps=2)  # settings only: the state stays
     assert collector.model_state == 'ready' and collector.model_info['denoising_steps'] == '2'
