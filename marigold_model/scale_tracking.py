@@ -7,10 +7,18 @@ calls these functions.
 * :func:`sample_sparse_pairs` pairs a sparse depth image of any resolution with the relative
   depth map (nearest pixel, never interpolating the sparse image).
 * :class:`ScaleTracker` fits ``metric ~= scale * rel + shift`` robustly per update, gates
-  outlier fits, smooths over time and ages the estimate out after ``max_stale_s``.
+  outlier fits, optionally smooths over time and ages the estimate out after
+  ``max_stale_s``.
 * :func:`refine_local` is an opt-in correction beyond the global affine fit: the residual at
   the sparse points is spread over the image with a Gaussian kernel and fades to zero away
   from them.
+
+Per frame by default: Marigold normalises every prediction to its own [0, 1] range (the
+nearest and farthest point of the frame), so the scale and shift of one frame do not carry
+over to the next when the depth range of the view changes (a near object entering it).  Each
+accepted fit is therefore applied as it is (``smoothing`` 1.0), and a fit that disagrees with
+the held estimate is not gated when the held estimate no longer explains the frame's own
+samples.  Smoothing is for predictions whose normalisation is stable over time.
 
 Smoothing: the state is the metric depth implied at two fixed relative depths (the
 ``anchors``, 0.25 and 0.75), smoothed exponentially in log space. Scale and shift are strongly
@@ -56,10 +64,12 @@ class ScaleTrackerConfig:
     :param min_rel_span: smallest relative-depth span of the samples (else
         ``degenerate_range``: e.g. all points on one wall pin no scale)
     :param ransac_iterations: RANSAC hypotheses per fit
-    :param smoothing: weight of a new fit in the exponential average (1.0 = no smoothing)
+    :param smoothing: weight of a new fit in the exponential average (1.0 = none: Marigold
+        normalises each frame's depth on its own, so one frame's scale does not carry over)
     :param anchors: the two relative depths whose implied metric depth is smoothed and gated
     :param gate_factor: reject a fit whose anchor depth differs from the current estimate by
-        more than this factor (``gated_outlier``)
+        more than this factor (``gated_outlier``), unless the current estimate explains
+        fewer than ``min_inlier_ratio`` of the new samples (the view changed)
     :param reinit_after: after this many consecutive gated fits that agree with each other,
         the next such fit re-initialises the estimate (the scene really changed)
     :param stale_after_s: the estimate is reported ``stale`` when older than this
@@ -72,7 +82,7 @@ class ScaleTrackerConfig:
     min_inlier_ratio: float = 0.4
     min_rel_span: float = 0.05
     ransac_iterations: int = 200
-    smoothing: float = 0.3
+    smoothing: float = 1.0
     anchors: tuple = (0.25, 0.75)
     gate_factor: float = 1.5
     reinit_after: int = 3
@@ -244,7 +254,10 @@ class ScaleTracker:
             return self._reject(error.reason, stamp)
 
         new_depth = self._to_anchor_depth(fit.scale, fit.shift)
-        if self.current(stamp) is None:
+        held = self.current(stamp)
+        if held is None or self._explains_poorly(held, rel, metric):
+            # No estimate, or the held one does not fit this frame's samples (the view and
+            # so the prediction's normalisation changed): the new fit is taken as it is.
             self._accept(fit, new_depth, stamp, smooth=False)
         elif self._outside_gate(self._anchor_depth, new_depth):
             if self._candidate is not None and not self._outside_gate(self._candidate,
@@ -306,6 +319,22 @@ class ScaleTracker:
                                  f'inlier ratio {fit.inlier_ratio:.2f} below '
                                  f'{cfg.min_inlier_ratio:.2f}')
         return fit
+
+    def _explains_poorly(self, estimate, rel, metric):
+        """
+        Whether an estimate's inliers among the samples are fewer than ``min_inlier_ratio``.
+
+        :param estimate: held :class:`ScaleEstimate`
+        :param rel: flat relative depth samples
+        :param metric: flat metric depth samples
+        :return: bool
+        """
+        with np.errstate(invalid='ignore', divide='ignore'):
+            valid = np.isfinite(rel) & np.isfinite(metric) & (metric > 0)
+            error = np.abs(estimate.scale * rel[valid] + estimate.shift - metric[valid]) / \
+                metric[valid]
+        inliers = np.count_nonzero(error < self.config.inlier_threshold_rel)
+        return inliers < self.config.min_inlier_ratio * max(int(valid.sum()), 1)
 
     def _to_anchor_depth(self, scale, shift):
         """

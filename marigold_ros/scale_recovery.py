@@ -687,10 +687,12 @@ class ScaleRecovery:
             result = self._hold(stream, stamp_s, REASON_NO_SPARSE_INPUT)
         elif reading.error is not None:
             result = self._hold(stream, stamp_s, reading.error.reason)
-        elif reading is stream.fused and not self.config.local_refinement:
-            # A sensor slower than the camera: its reading already updated the tracker, and
-            # fusing it again would weigh it once per camera frame (the smoothing would then
-            # depend on the frame rates); without refinement its pairs are not needed either.
+        elif reading is stream.fused and self.config.smoothing < 1.0 and \
+                not self.config.local_refinement:
+            # A sensor slower than the camera, with smoothing: its reading already updated
+            # the tracker, and fusing it again would weigh it once per camera frame (the
+            # smoothing would then depend on the frame rates).  Without smoothing the
+            # reading is fitted again against this frame's own relative depth (below).
             result = self._current(stream, stamp_s)
         else:
             try:
@@ -700,8 +702,8 @@ class ScaleRecovery:
                 self._report(error)
                 result = self._hold(stream, stamp_s, error.reason)
             else:
-                if reading is stream.fused:  # fused already: pairs only for the refinement
-                    result = self._current(stream, stamp_s)
+                if reading is stream.fused and self.config.smoothing < 1.0:
+                    result = self._current(stream, stamp_s)  # pairs for the refinement only
                 else:
                     samples = rel[uv[:, 1], uv[:, 0]]
                     result = stream.tracker.update(samples, metric, stamp_s)

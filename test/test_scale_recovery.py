@@ -565,6 +565,22 @@ def test_a_reading_is_fused_once_however_many_frames_it_matches():
     assert results[3].scale == pytest.approx(results[1].scale, rel=1e-9)
 
 
+def test_a_slow_reading_is_fitted_to_each_frame_it_matches():
+    """Without smoothing, a reading matched by several frames is fitted to each one's depth."""
+    rng = np.random.default_rng(5)
+    gt, rel = synthetic_scene(rng)
+    recovery = ScaleRecovery(sparse_config())
+    sparse = sparse_image(rng, gt).astype(np.float32)
+    recovery.add_sparse_depth(KEY, depth_to_image(sparse, header(0.0)))
+    first = recovery.estimate(KEY, header(0.0), rel)
+    # The next frame's prediction is normalised differently (its view's range changed).
+    second = recovery.estimate(KEY, header(0.02), 0.5 * rel + 0.2)
+    assert first.status == second.status == 'ok'
+    assert second.scale == pytest.approx(2.0 * first.scale, rel=0.02)
+    assert second.shift == pytest.approx(first.shift - 0.4 * first.scale,
+                                         abs=0.02 * first.scale)
+
+
 def test_source_none_never_estimates():
     recovery = ScaleRecovery()
     assert recovery.estimate(KEY, header(0.0), np.zeros((4, 4))) is None

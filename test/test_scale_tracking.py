@@ -107,7 +107,8 @@ def test_sequence_converges_smooths_holds_and_expires():
     rng = np.random.default_rng(7)
     gt, rel = synthetic_scene(rng)
     s_true, t_true = fit_scale_shift(rel, gt)
-    tracker = ScaleTracker(ScaleTrackerConfig(stale_after_s=0.5, max_stale_s=2.0))
+    tracker = ScaleTracker(ScaleTrackerConfig(smoothing=0.3, stale_after_s=0.5,
+                                              max_stale_s=2.0))
     assert tracker.current(0.0) is None
     tracked, raw = [], []
     for k in range(15):
@@ -160,13 +161,23 @@ def test_smoothing_is_exponential_in_log_scale():
     tracker = ScaleTracker(ScaleTrackerConfig(smoothing=0.3))
     rel = np.linspace(0.1, 1.0, 50)
     assert tracker.update(rel, 2.0 * rel, 0.0).scale == pytest.approx(2.0)
-    estimate = tracker.update(rel, 2.4 * rel, 0.1)
-    assert estimate.scale == pytest.approx(math.exp(0.7 * math.log(2.0) + 0.3 * math.log(2.4)))
+    estimate = tracker.update(rel, 2.1 * rel, 0.1)
+    assert estimate.scale == pytest.approx(math.exp(0.7 * math.log(2.0) + 0.3 * math.log(2.1)))
     assert estimate.shift == pytest.approx(0.0, abs=1e-9)
+    # A change the held estimate does not explain (the view changed): taken as it is.
+    assert tracker.update(rel, 2.6 * rel, 0.2).scale == pytest.approx(2.6)
     # No smoothing: the new fit replaces the old one.
     tracker = ScaleTracker(ScaleTrackerConfig(smoothing=1.0))
     tracker.update(rel, 2.0 * rel + 1.0, 0.0)
     assert tracker.update(rel, 2.4 * rel + 0.5, 0.1).scale == pytest.approx(2.4)
+
+
+def _mixed(rel, factor, share=0.55):
+    """Return samples of which ``share`` follow ``factor`` times the held line."""
+    metric = 3.0 * rel + 1.0
+    moved = np.arange(rel.size) % 20 < round(20 * share)
+    metric[moved] *= factor
+    return metric
 
 
 def test_gating_rejects_single_outlier_frame_and_reinitialises_on_persistent_change():
@@ -176,8 +187,9 @@ def test_gating_rejects_single_outlier_frame_and_reinitialises_on_persistent_cha
     for k in range(3):
         tracker.update(rel, 3.0 * rel + 1.0, 0.1 * k)
     good = tracker.current(0.2)
-    # One frame whose readings are all consistent but twice as far: gated.
-    rejected = tracker.update(rel, 2.0 * (3.0 * rel + 1.0), 0.3)
+    # One frame where most readings are twice as far, while the held estimate still explains
+    # 45 % of them (above min_inlier_ratio): gated.
+    rejected = tracker.update(rel, _mixed(rel, 2.0), 0.3)
     assert rejected.status == 'stale' and rejected.reason == 'gated_outlier'
     assert (rejected.scale, rejected.shift) == (good.scale, good.shift)
     after = tracker.update(rel, 3.0 * rel + 1.0, 0.4)
@@ -185,16 +197,34 @@ def test_gating_rejects_single_outlier_frame_and_reinitialises_on_persistent_cha
     # Alternating inconsistent outliers never re-initialise.
     for k in range(7):  # ends with 0.4
         factor = 2.0 if k % 2 else 0.4
-        estimate = tracker.update(rel, factor * (3.0 * rel + 1.0), 0.5 + 0.01 * k)
+        estimate = tracker.update(rel, _mixed(rel, factor), 0.5 + 0.01 * k)
         assert estimate.reason == 'gated_outlier'
         assert estimate.scale == pytest.approx(3.0)
     # A persistent change: rejected reinit_after times, then taken without smoothing.
     for k in range(config.reinit_after):
-        estimate = tracker.update(rel, 2.0 * (3.0 * rel + 1.0), 1.0 + 0.1 * k)
+        estimate = tracker.update(rel, _mixed(rel, 2.0), 1.0 + 0.1 * k)
         assert estimate.reason == 'gated_outlier'
-    estimate = tracker.update(rel, 2.0 * (3.0 * rel + 1.0), 1.5)
+    estimate = tracker.update(rel, _mixed(rel, 2.0), 1.5)
     assert estimate.status == 'ok'
     assert (estimate.scale, estimate.shift) == pytest.approx((6.0, 2.0))
+
+
+def test_a_new_view_renormalising_the_prediction_is_followed_at_once():
+    """A near object enters: the prediction's [0, 1] range changes, the fit must follow."""
+    rng = np.random.default_rng(11)
+    yy = np.mgrid[0:HEIGHT, 0:WIDTH][0] / HEIGHT
+    floor = 15.0 - 12.0 * yy  # 15 m at the top to 3 m at the bottom
+    tracker = ScaleTracker()
+    for k in range(8):
+        gt = floor.copy()
+        if k >= 3:
+            gt[60:100, 100:140] = 0.4  # an object at 0.4 m from frame 3 on
+        rel = (gt - gt.min()) / (gt.max() - gt.min())  # normalised per frame, as Marigold
+        pick = rng.choice(gt.size, 400, replace=False)
+        metric = gt.ravel()[pick] * (1.0 + 0.01 * rng.standard_normal(400))
+        estimate = tracker.update(rel.ravel()[pick], metric, 0.1 * k)
+        assert estimate.status == 'ok', k
+        assert abs_rel(estimate.apply(rel), gt) < 0.02, k
 
 
 @pytest.mark.parametrize('rel, metric, reason', [
