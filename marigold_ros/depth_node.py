@@ -72,8 +72,8 @@ Parameters of the marigold_depth node (ros2 launch marigold_ros depth.launch.py)
 Every parameter is listed with its default (test/test_params.py keeps this file in sync with
 the config dataclasses; regenerate with marigold_ros.depth_node.default_params_yaml()).
 Float parameters accept integers.  '/**' applies the file to the node whatever its name
-and namespace.  Read-only parameters need a restart (or a lifecycle reconfigure); the
-others can be changed at runtime, e.g.
+and namespace.  Read-only parameters need a restart of the node; the others can be
+changed at runtime, e.g.
   ros2 param set /marigold_depth ensemble_size 3"""
 
 

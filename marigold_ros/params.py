@@ -226,7 +226,7 @@ class ConfigGroup:
             low, high = self.ranges[field_name]
             parts.append(f'range [{low}, {high}]')
         if with_read_only and self.is_read_only(field_name):
-            parts.append('read-only at runtime: restart (or reconfigure) to change')
+            parts.append('read-only at runtime: restart the node to change')
         return '; '.join(parts)
 
     def is_read_only(self, field_name):
@@ -471,35 +471,73 @@ def _yaml_value(value):
     return str(value)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading floats as YAML 1.2 and rcl do ('1e-4' is a float)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    'tag:yaml.org,2002:float',
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list('-+0123456789.'))
+
+
+def _node_sections(mapping, namespace=''):
+    """Yield (fully qualified key, ros__parameters) of a params document, nesting included."""
+    for key, value in mapping.items():
+        if not isinstance(value, dict):
+            continue
+        name = f'{namespace}/{str(key).strip("/")}'
+        if isinstance(value.get('ros__parameters'), dict):
+            yield name, value['ros__parameters']
+        else:  # a namespace level: 'camera: {marigold_depth: {ros__parameters: ...}}'
+            yield from _node_sections(value, name)
+
+
 def read_params_file(path, node_name):
     """
     Read the parameters of a node from a ROS 2 params file as flat dotted names.
 
-    Sections '/**' and the node's name (with or without a leading '/') are merged in that
-    order; nested mappings become dotted names ('scale_recovery: {source: x}' ->
-    'scale_recovery.source').
+    Sections apply as rcl applies them to a node of that name in any namespace ('/**',
+    '/**/name', 'name', '/ns/name', nested namespace levels; '*' wildcards), the wildcard
+    ones first, then those naming the node; nested parameter mappings become dotted names
+    ('scale_recovery: {source: x}' -> 'scale_recovery.source').  Floats read as rcl reads
+    them (YAML 1.2: '1e-4' is a number).
 
     :param path: YAML file
     :param node_name: node name
     :return: dict parameter name -> value
-    :raises ValueError: unreadable file or no ros__parameters section for the node
+    :raises ValueError: unreadable file, no ros__parameters section for the node, or
+        sections for the node in several namespaces (which one is meant is ambiguous)
     """
     try:
         with open(path, encoding='utf-8') as stream:
-            document = yaml.safe_load(stream) or {}
+            document = yaml.load(stream, Loader=_Yaml12Loader) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f'cannot read params file {path!r}: {exc}') from exc
     if not isinstance(document, dict):
         raise ValueError(f'params file {path!r} is not a mapping of node names')
-    flat, found = {}, False
-    for key in ('/**', node_name, '/' + node_name):
-        section = document.get(key)
-        if isinstance(section, dict) and isinstance(section.get('ros__parameters'), dict):
-            found = True
-            _flatten(section['ros__parameters'], '', flat)
-    if not found:
+    general, named = [], []
+    for key, parameters in _node_sections(document):
+        last = key.rsplit('/', 1)[-1]
+        if last == node_name:
+            named.append((key, parameters))
+        elif '*' in last and re.fullmatch(last.replace('**', '*').replace('*', '.*'),
+                                          node_name):
+            general.append((key, parameters))
+    namespaces = sorted({key.rsplit('/', 1)[0] for key, _ in named} - {'', '/**'})
+    if len(namespaces) > 1:
+        raise ValueError(f'params file {path!r} has sections for {node_name!r} in several '
+                         f'namespaces ({", ".join(namespaces)}): pass one camera\'s file')
+    if not general and not named:
         raise ValueError(f'params file {path!r} has no "{node_name}: ros__parameters:" or '
                          f'"/**: ros__parameters:" section (it has {sorted(document)})')
+    flat = {}
+    for _, parameters in general + named:
+        _flatten(parameters, '', flat)
     return flat
 
 

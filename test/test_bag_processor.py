@@ -12,6 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 import signal
+import textwrap
 import time
 
 from builtin_interfaces.msg import Time
@@ -791,4 +792,20 @@ def test_params_file_maps_onto_the_node_configs(tmp_path, params):
     assert read_params_file(str(nested), NODE_NAME) == {'scale_recovery.source': 'points'}
     nested.write_text('other_node:\n  ros__parameters: {}\n')
     with pytest.raises(ValueError, match='marigold_depth'):
+        read_params_file(str(nested), NODE_NAME)
+    # Keys as rcl takes them for the live node, and floats as rcl reads them.
+    section = 'ros__parameters:\n  ensemble_tol: 1e-4\n  fixed_scale: 2\n'
+    for key in ('/camera/marigold_depth', '/**/marigold_depth', 'camera:\n  marigold_depth',
+                '/camera/marigold_*'):
+        depth = key.count('\n') + 1
+        nested.write_text(f'{key}:\n' + textwrap.indent(section, '  ' * depth))
+        values = read_params_file(str(nested), NODE_NAME)
+        assert values == {'ensemble_tol': 1e-4, 'fixed_scale': 2}, key
+        assert configs_from_parameters(values)[InferenceConfig].ensemble_tol == 1e-4
+    nested.write_text('/**:\n  ros__parameters:\n    seed: 1\n    batch_size: 2\n'
+                      '/camera/marigold_depth:\n  ros__parameters:\n    seed: 2\n')
+    assert read_params_file(str(nested), NODE_NAME) == {'seed': 2, 'batch_size': 2}
+    nested.write_text('/left/marigold_depth:\n  ros__parameters: {seed: 1}\n'
+                      '/right/marigold_depth:\n  ros__parameters: {seed: 2}\n')
+    with pytest.raises(ValueError, match='several namespaces'):
         read_params_file(str(nested), NODE_NAME)
