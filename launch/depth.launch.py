@@ -8,13 +8,21 @@ Examples::
         image:=/camera/color/image_raw camera_info:=/camera/color/camera_info \
         rviz:=true fixed_frame:=camera_color_optical_frame
 
-The node runs in the ``camera`` namespace, so its outputs are ``<camera>/depth/relative``,
-``<camera>/depth/points`` etc.; ``image`` and ``camera_info`` remap its inputs (relative
-names resolve inside the camera namespace).  Every other setting comes from ``params_file``
-(default: the installed config/depth.yaml); ``model`` and ``device`` override it when given.
+    ros2 launch marigold_ros depth.launch.py camera:=/camera image:=image_raw \
+        points_in:=/velodyne_points scale_source:=points
+
+The node runs in the ``camera`` namespace (inside a namespace pushed by an including launch
+file when ``camera`` is relative), so its outputs are ``<camera>/depth/relative``,
+``<camera>/depth/points`` etc.; ``image``, ``camera_info``, ``sparse_depth`` and
+``points_in`` remap its inputs (relative names resolve inside the camera namespace).  Every
+other setting comes from ``params_file`` (default: the installed config/depth.yaml);
+``model``, ``device`` and ``scale_source`` override it when given.  The remappings apply to
+the default single camera (``cameras: ['']``); a params file serving several cameras names
+their topics by namespace instead.
 """
 
 import os
+import re
 import tempfile
 
 from launch import LaunchDescription
@@ -35,6 +43,12 @@ ARGUMENTS = (
     ('image', 'image', 'input image topic (sensor_msgs/Image; <image>/compressed for '
                        "image_transport 'compressed')"),
     ('camera_info', 'camera_info', 'camera_info topic matched to the images by stamp'),
+    ('sparse_depth', 'sparse_depth', 'sparse metric depth Image (16UC1 mm / 32FC1 m) for the '
+                                     'metric scale (scale_source sparse_depth)'),
+    ('points_in', 'points_in', 'LiDAR PointCloud2 for the metric scale (scale_source '
+                               'points; extrinsic from tf2)'),
+    ('scale_source', '', 'override of scale_recovery.source: none, sparse_depth or points '
+                         '(empty: params_file)'),
     ('params_file', DEFAULT_PARAMS, 'ROS 2 parameters file of the node'),
     ('model', '', "model override: HF id, local folder or 'bundled:marigold-tiny' "
                   '(empty: the value in params_file)'),
@@ -51,16 +65,31 @@ def _is_true(text):
     return text.strip().lower() in ('true', '1', 'yes', 'on')
 
 
-def _rviz_config_for(path, camera):
-    """Return an RViz config whose /depth/... topics are moved into the camera namespace."""
-    namespace = '/' + camera.strip('/') if camera.strip('/') else ''
+def node_namespace(camera, pushed=''):
+    """
+    Return the namespace the node ends up in, as launch_ros resolves it.
+
+    :param camera: the ``camera`` argument
+    :param pushed: the namespace pushed by an including launch file (``ros_namespace``)
+    :return: absolute namespace ('' for the root)
+    """
+    if not camera.startswith('/'):
+        camera = f'{pushed.rstrip("/")}/{camera}'
+    return '/' + '/'.join(part for part in camera.split('/') if part) if camera.strip('/') \
+        else ''
+
+
+def _rviz_config_for(path, namespace):
+    """Return an RViz config whose /depth/... topics are moved into the node's namespace."""
     if not namespace:
         return path
     with open(path) as stream:
         text = stream.read()
     text = text.replace('Value: /depth/', f'Value: {namespace}/depth/')
-    handle, rewritten = tempfile.mkstemp(prefix='marigold_depth_', suffix='.rviz')
-    with os.fdopen(handle, 'w') as stream:
+    # One file per namespace, rewritten by each launch (not one more file per launch).
+    name = re.sub(r'[^A-Za-z0-9_]+', '_', namespace).strip('_')
+    rewritten = os.path.join(tempfile.gettempdir(), f'marigold_depth_{name}.rviz')
+    with open(rewritten, 'w') as stream:
         stream.write(text)
     return rewritten
 
@@ -77,14 +106,19 @@ def _launch_setup(context):
     for name in ('model', 'device'):
         if arg(name):
             overrides[name] = arg(name)
+    if arg('scale_source'):
+        overrides['scale_recovery.source'] = arg('scale_source')
     actions = [Node(
         package='marigold_ros', executable='depth_node', name='marigold_depth',
         namespace=camera, output='screen', emulate_tty=True,
         parameters=[arg('params_file'), overrides],
         remappings=[('image', image), ('image/compressed', image + '/compressed'),
-                    ('camera_info', arg('camera_info'))])]
+                    ('camera_info', arg('camera_info')),
+                    ('sparse_depth', arg('sparse_depth')), ('points_in', arg('points_in'))])]
     if _is_true(arg('rviz')):
-        rviz_args = ['-d', _rviz_config_for(arg('rviz_config'), camera)]
+        namespace = node_namespace(camera, context.launch_configurations.get('ros_namespace',
+                                                                             ''))
+        rviz_args = ['-d', _rviz_config_for(arg('rviz_config'), namespace)]
         if arg('fixed_frame'):
             rviz_args += ['-f', arg('fixed_frame')]
         actions.append(Node(package='rviz2', executable='rviz2', name='marigold_rviz',

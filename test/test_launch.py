@@ -15,8 +15,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = ROOT / 'launch' / 'depth.launch.py'
 RVIZ_FILE = ROOT / 'rviz' / 'depth.rviz'
-REQUIRED = {'camera', 'image', 'camera_info', 'params_file', 'model', 'device',
-            'use_sim_time', 'rviz'}
+REQUIRED = {'camera', 'image', 'camera_info', 'sparse_depth', 'points_in', 'scale_source',
+            'params_file', 'model', 'device', 'use_sim_time', 'rviz'}
 
 
 def _arguments_from_source():
@@ -53,6 +53,32 @@ def test_rviz_view_shows_depth_and_rgb_cloud_in_the_camera_frame():
     assert cloud['Color Transformer'] == 'RGB8'
     assert cloud['Topic']['Reliability Policy'] == 'Reliable'
     assert manager['Global Options']['Fixed Frame'].endswith('optical_frame')
+
+
+def _launch_functions():
+    """Load the launch file's plain functions without launch / launch_ros."""
+    tree = ast.parse(LAUNCH_FILE.read_text(), str(LAUNCH_FILE))
+    wanted = [node for node in tree.body if isinstance(node, ast.FunctionDef)
+              and node.name in ('node_namespace', '_rviz_config_for')]
+    imports = ast.parse('import os\nimport re\nimport tempfile').body
+    module = ast.Module(body=imports + wanted, type_ignores=[])
+    namespace = {}
+    exec(compile(module, str(LAUNCH_FILE), 'exec'), namespace)  # noqa: S102 - our own file
+    return namespace
+
+
+def test_rviz_follows_the_node_namespace():
+    """The RViz topics follow the node: camera argument, inside a pushed namespace or not."""
+    functions = _launch_functions()
+    node_namespace, config_for = functions['node_namespace'], functions['_rviz_config_for']
+    assert node_namespace('', '') == ''
+    assert node_namespace('/camera', '/robot') == '/camera'  # absolute: as given
+    assert node_namespace('camera', '/robot') == '/robot/camera'
+    assert node_namespace('', '/robot/') == '/robot'
+    first = config_for(str(RVIZ_FILE), '/robot/camera')
+    assert 'Value: /robot/camera/depth/points' in Path(first).read_text()
+    assert config_for(str(RVIZ_FILE), '/robot/camera') == first  # rewritten, not one more
+    assert config_for(str(RVIZ_FILE), '') == str(RVIZ_FILE)
 
 
 def _load_launch_module():
