@@ -420,7 +420,8 @@ def write_outputs(folder, sequence, messages, sent, counters, info, settings, mo
         gt = sequence.depth[index]
         relative = image_to_depth(outputs['depth/relative'])
         panels = [('camera image', sequence.rgb[index]),
-                  ('relative depth (not meters)', colorize_depth(relative))]
+                  ('relative depth (not meters)',
+                   colorize_depth(relative, np.isfinite(relative)))]
         if 'depth/image' in outputs:
             metric = image_to_depth(outputs['depth/image'])
             panels.append((f'metric depth {low:.1f}-{high:.1f} m',

@@ -3,8 +3,9 @@ Per-frame files for people who look at depth outside ROS: 16-bit PNG, colour pre
 
 * Metric depth -> ``depth_NNNNNN.png``, 16-bit millimeters (0 = no reading), the format of
   RGB-D data sets.
-* Relative depth -> ``relative_NNNNNN.png``, the [0, 1] values times 65535 (NOT a unit), under
-  its own name so the two can never be mistaken for each other.
+* Relative depth -> ``relative_NNNNNN.png``, ``1 + round(value * 65534)`` for the [0, 1]
+  values (NOT a unit; 0 = no depth, as in the metric files, so the nearest point is not
+  mistaken for a hole), under its own name so the two can never be mistaken for each other.
 * Previews map depth to colour (near = yellow, far = dark purple, invalid = black).
 * PLY clouds are binary little endian with x y z float and red green blue uchar, valid
   points only; they are written only from metric clouds.
@@ -48,14 +49,16 @@ def metric_to_png16(depth_m):
 
 def relative_to_png16(relative):
     """
-    Convert relative depth in [0, 1] to uint16 (value * 65535, NaN -> 0).
+    Convert relative depth in [0, 1] to uint16: ``1 + round(value * 65534)``, non-finite -> 0.
 
     :param relative: HxW float in [0, 1].
     :return: HxW uint16.
     """
     rel = np.asarray(relative, dtype=np.float64)
-    scaled = np.rint(np.clip(np.nan_to_num(rel, nan=0.0), 0.0, 1.0) * UINT16_MAX)
-    return scaled.astype(np.uint16)
+    valid = np.isfinite(rel)
+    out = np.zeros(rel.shape, np.uint16)
+    out[valid] = 1 + np.rint(np.clip(rel[valid], 0.0, 1.0) * (UINT16_MAX - 1)).astype(np.uint16)
+    return out
 
 
 def write_png(path, array):
@@ -71,14 +74,15 @@ def write_png(path, array):
     PILImage.fromarray(array).save(path, format='PNG')
 
 
-def colorize(depth):
+def colorize(depth, relative=False):
     """
     Colour-map depth for previews (percentile-stretched, invalid = black).
 
     :param depth: HxW float depth (meters or relative).
+    :param relative: relative depth, where 0 is the nearest point, not a missing one
     :return: HxWx3 uint8.
     """
-    return colorize_depth(depth)
+    return colorize_depth(depth, np.isfinite(depth) if relative else None)
 
 
 def write_ply(path, points, colors=None):
@@ -206,12 +210,12 @@ class FrameExporter:
         paths = frame_paths(str(self.stage), index)
         relative = image_to_depth(output.relative)
         write_png(paths['relative'], relative_to_png16(relative))
-        preview = relative
         if output.metric is not None:
             metric = image_to_depth(output.metric)
             write_png(paths['metric'], metric_to_png16(metric))
-            preview = metric
-        write_png(paths['preview'], colorize(preview))
+            write_png(paths['preview'], colorize(metric))
+        else:
+            write_png(paths['preview'], colorize(relative, relative=True))
         if output.points is not None:
             write_ply(paths['cloud'], pointcloud2_to_xyz(output.points),
                       cloud_colors(output.points))

@@ -393,7 +393,7 @@ def test_sparse_depth_gives_metric_depth_clouds_and_export(tmp_path, scenes, par
     np.testing.assert_allclose(depth_mm[finite], np.rint(metric[finite] * 1000), atol=1)
     relative = np.asarray(PILImage.open(export / 'relative_000002.png'))
     np.testing.assert_allclose(
-        relative, np.rint(image_to_depth(topics['/cam/depth/relative'][2]) * 65535), atol=1)
+        relative, 1 + np.rint(image_to_depth(topics['/cam/depth/relative'][2]) * 65534), atol=1)
     assert np.asarray(PILImage.open(export / 'preview_000002.png')).shape == \
         (HEIGHT, WIDTH, 3)
     points, colors = read_ply(export / 'cloud_000002.ply')
@@ -710,6 +710,15 @@ def test_outputs_that_would_touch_the_input_are_refused(tmp_path, scenes, params
             process_bag(job, estimator=OracleEstimator(scenes))
         assert _files(folder) == before
     assert not (tmp_path / 'out').exists() and not _leftovers(tmp_path)
+
+
+def test_exported_relative_depth_keeps_the_nearest_point_apart_from_holes():
+    """Relative 0 is the nearest point: 1 in the PNG and coloured; only NaN is 0 / black."""
+    from marigold_ros.export import colorize, relative_to_png16
+    relative = np.array([[0.0, 0.5, 1.0, np.nan]])
+    assert relative_to_png16(relative).tolist() == [[1, 32768, 65535, 0]]
+    colours = colorize(relative, relative=True)
+    assert colours[0, 0].any() and not colours[0, 3].any()
 
 
 def test_failing_bag_close_leaves_neither_bag_nor_export(tmp_path, scenes, params,
