@@ -20,7 +20,8 @@ import torch.nn.functional as F
 def _resize_to_max_edge(depth, max_edge):
     height, width = depth.shape[-2:]
     longest = max(height, width)
-    size = (height * max_edge // longest, width * max_edge // longest)
+    # At least one pixel a side: a tiny max_edge with an extreme aspect ratio gave 0.
+    size = (max(1, height * max_edge // longest), max(1, width * max_edge // longest))
     return F.interpolate(depth, size, mode='nearest-exact')
 
 
@@ -84,6 +85,11 @@ def ensemble_depth(depth, with_uncertainty=True, regularizer=0.02, max_iter=2, t
     """
     if depth.dim() != 4 or depth.shape[1] != 1:
         raise ValueError(f'expected [E, 1, H, W] ensemble members, got {tuple(depth.shape)}')
+    # A member with a non-finite pixel (an fp16 overflow in the VAE) would make every scale,
+    # shift and median NaN: it is left out while others remain.
+    finite = torch.isfinite(depth).flatten(1).all(dim=1)
+    if 0 < int(finite.sum()) < depth.shape[0]:
+        depth = depth[finite]
     members = depth.shape[0]
     if members == 1:
         return depth, (torch.zeros_like(depth) if with_uncertainty else None)

@@ -706,8 +706,13 @@ class ScaleRecovery:
                     result = self._current(stream, stamp_s)  # pairs for the refinement only
                 else:
                     samples = rel[uv[:, 1], uv[:, 0]]
-                    result = stream.tracker.update(samples, metric, stamp_s)
-                    stream.fused = reading
+                    tracker = stream.tracker
+                    result = tracker.update(samples, metric, stamp_s)
+                    with self._lock:
+                        # reconfigure() may have replaced the tracker meanwhile: the new
+                        # one has not fused this reading.
+                        if stream.tracker is tracker:
+                            stream.fused = reading
                 if self.config.local_refinement and result.status == STATUS_OK:
                     result = RefinedScaleEstimate(
                         **{f.name: getattr(result, f.name) for f in fields(ScaleEstimate)},

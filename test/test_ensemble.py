@@ -46,3 +46,17 @@ def test_single_member_and_bad_shape():
     assert torch.equal(merged, base) and spread.abs().max().item() == 0
     with pytest.raises(ValueError, match='E, 1, H, W'):
         ensemble_depth(base[0])
+
+
+def test_a_member_with_nan_is_left_out_and_tiny_max_res_works():
+    """One overflowing member does not blank the frame; a 1-pixel solve size still works."""
+    base = _base()
+    members = torch.cat([base, 0.5 * base + 0.2, 2.0 * base, base.clone()])
+    members[3, 0, 5, 7] = float('nan')
+    merged, spread = ensemble_depth(members, max_iter=50, regularizer=0.0)
+    expected = (base - base.min()) / (base.max() - base.min())
+    assert torch.isfinite(merged).all() and torch.isfinite(spread).all()
+    assert torch.allclose(merged, expected, atol=2e-3)
+    wide = torch.cat([base, 0.5 * base + 0.2]).repeat(1, 1, 1, 8)  # 24 x 256
+    merged, _ = ensemble_depth(wide, max_res=1)
+    assert merged.shape == (1, 1, 24, 256) and torch.isfinite(merged).all()

@@ -565,6 +565,26 @@ def test_a_reading_is_fused_once_however_many_frames_it_matches():
     assert results[3].scale == pytest.approx(results[1].scale, rel=1e-9)
 
 
+def test_reconfigure_during_an_update_leaves_the_reading_to_the_new_tracker(monkeypatch):
+    """A parameter change while a frame fuses a reading: the new tracker still gets it."""
+    rng = np.random.default_rng(6)
+    gt, rel = synthetic_scene(rng)
+    recovery = ScaleRecovery(sparse_config(smoothing=0.5))
+    recovery.add_sparse_depth(KEY, depth_to_image(sparse_image(rng, gt).astype(np.float32),
+                                                  header(0.0)))
+    stream = recovery._stream(KEY)
+    update = stream.tracker.update
+
+    def reconfigured_meanwhile(*args):
+        recovery.reconfigure(sparse_config(smoothing=0.5, min_points=25))
+        return update(*args)
+
+    monkeypatch.setattr(stream.tracker, 'update', reconfigured_meanwhile)
+    recovery.estimate(KEY, header(0.0), rel)
+    # The next frame matches the same reading: the new tracker must fuse it.
+    assert recovery.estimate(KEY, header(0.02), rel).status == 'ok'
+
+
 def test_a_slow_reading_is_fitted_to_each_frame_it_matches():
     """Without smoothing, a reading matched by several frames is fitted to each one's depth."""
     rng = np.random.default_rng(5)
