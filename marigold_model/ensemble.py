@@ -3,7 +3,9 @@ Test-time ensembling of affine-invariant depth maps, as in the Marigold paper.
 
 Each member gets its own scale and shift, found jointly by minimising the pairwise RMS
 difference of the aligned members plus a small regulariser that pulls the result to [0, 1];
-the per-pixel median is the depth and the median absolute deviation its uncertainty. The
+the per-pixel median is the depth and the median absolute deviation its uncertainty (for an
+even number of members the mean of the two middle values, where diffusers takes the lower
+one: with two members that gave a zero uncertainty everywhere). The
 objective and solver settings follow diffusers' ``MarigoldDepthPipeline.ensemble_depth``;
 the cost is evaluated for all member pairs at once instead of pair by pair, and in float64:
 BFGS differentiates it by finite differences (steps of ~1e-8), which a float32 cost turns into
@@ -25,11 +27,24 @@ def _resize_to_max_edge(depth, max_edge):
     return F.interpolate(depth, size, mode='nearest-exact')
 
 
+def _median(values):
+    """
+    Return the median over dim 0, the mean of the two middle values for an even count.
+
+    torch.median (and so diffusers) takes the lower middle value: with two members the depth
+    was the nearer of the two at every pixel and the absolute deviation from it, the
+    uncertainty, was zero everywhere.
+    """
+    ordered = values.sort(dim=0).values
+    middle = values.shape[0] // 2
+    if values.shape[0] % 2:
+        return ordered[middle:middle + 1]
+    return (ordered[middle - 1:middle] + ordered[middle:middle + 1]) / 2
+
+
 def _median_and_mad(aligned, with_uncertainty):
-    median = torch.median(aligned, dim=0, keepdim=True).values
-    mad = None
-    if with_uncertainty:
-        mad = torch.median(torch.abs(aligned - median), dim=0, keepdim=True).values
+    median = _median(aligned)
+    mad = _median(torch.abs(aligned - median)) if with_uncertainty else None
     return median, mad
 
 

@@ -60,3 +60,13 @@ def test_a_member_with_nan_is_left_out_and_tiny_max_res_works():
     wide = torch.cat([base, 0.5 * base + 0.2]).repeat(1, 1, 1, 8)  # 24 x 256
     merged, _ = ensemble_depth(wide, max_res=1)
     assert merged.shape == (1, 1, 24, 256) and torch.isfinite(merged).all()
+
+
+def test_two_members_give_their_midpoint_and_a_spread():
+    """Two members: the uncertainty is half their difference, not zero."""
+    generator = torch.Generator().manual_seed(1)
+    base = _base()
+    pair = base + 0.05 * torch.randn((2, 1, 24, 32), generator=generator)
+    merged, spread = ensemble_depth(pair, max_iter=50, regularizer=0.0)
+    assert spread.mean().item() > 0.005  # half the members' difference, not 0
+    assert torch.isfinite(merged).all() and merged.min() >= 0 and merged.max() <= 1
