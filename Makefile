@@ -8,11 +8,16 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# torch goes first and pinned: an unpinned torch would pull several GB of CUDA packages.
+# torch goes first and pinned, so the requirements' range installs nothing more.  Where pip
+# finds the CPU wheel (this project's machines) that is all; elsewhere PyPI's torch for Linux
+# is the CUDA build (GBs): choose the build with its index, e.g. for the CPU one
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 $(STAMP): requirements.txt requirements-dev.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet 'torch==2.13.0'
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH)'
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
