@@ -102,10 +102,47 @@ def empty_text_embedding(arch, seed=0):
     return torch.randn(1, arch.text_tokens, arch.text_dim, generator=generator)
 
 
+def _detached_copy(module, dtype):
+    """
+    Independent copy of a diffusers model (same class, config and weights) in ``dtype``.
+
+    Built from the config and the state dict, so hooks or wrappers on the original (training,
+    accelerate) are not carried over and the original's weights are never touched.
+
+    :param module: diffusers ModelMixin (UNet2DConditionModel, AutoencoderKL, ...)
+    :param dtype: torch dtype of the copy
+    :return: the copy, in eval mode
+    """
+    copy = type(module).from_config(module.config)
+    copy.load_state_dict(module.state_dict())
+    return torch.nn.Module.to(copy, dtype=dtype).eval()  # every weight, as asked
+
+
+def _replace_folder(new, target):
+    """
+    Move the finished folder ``new`` to ``target``, replacing a previous model there.
+
+    :param new: complete folder (a sibling of target)
+    :param target: final path
+    """
+    import shutil
+    old = target.with_name(f'.{target.name}.old')
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)  # until the next rename the previous model waits here, complete
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_marigold(path, unet, vae, embedding, default_steps, default_resolution, fp16=False,
-                  extra=None):
+                  extra=None, scheduler_config=None):
     """
     Save a Marigold model as a diffusers pipeline folder plus the empty-text embedding.
+
+    The models given are not changed: the weights written are copies (cast to fp16 or fp32).
+    The folder is written beside ``path`` and renamed into place when complete, so ``path``
+    never holds a half-written model; a previous model there is replaced. A folder at
+    ``path`` that is not a model folder (no model_index.json) is refused, not overwritten.
 
     :param path: output folder (created)
     :param unet: UNet2DConditionModel
@@ -115,27 +152,40 @@ def save_marigold(path, unet, vae, embedding, default_steps, default_resolution,
     :param default_resolution: processing resolution users get by default
     :param fp16: store weights in half precision (halves the size; loaders upcast on CPU)
     :param extra: optional dict written as marigold_ros.json (training provenance)
+    :param scheduler_config: DDIM settings (default :func:`marigold_scheduler_config`); give
+        the noise schedule the model was trained with
     :return: Path of the folder
     """
     import json
+    import shutil
 
     from diffusers import DDIMScheduler, MarigoldDepthPipeline
     from safetensors.torch import save_file
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    pipe = MarigoldDepthPipeline(
-        unet=unet, vae=vae, scheduler=DDIMScheduler(**marigold_scheduler_config()),
-        text_encoder=None, tokenizer=None, prediction_type='depth', scale_invariant=True,
-        shift_invariant=True, default_denoising_steps=default_steps,
-        default_processing_resolution=default_resolution)
-    if fp16:
-        pipe.to(torch.float16)
-    pipe.save_pretrained(path, safe_serialization=True)
-    if fp16:
-        pipe.to(torch.float32)
-    save_file({'embedding': embedding.detach().float().contiguous()}, path / EMPTY_TEXT_FILE)
-    with open(path / 'marigold_ros.json', 'w') as stream:
-        json.dump(extra or {}, stream, indent=2, default=str)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir())
+                                                and not (path / 'model_index.json').exists())):
+        raise FileExistsError(f'{path} exists and is not a model folder; not overwriting it '
+                              '(choose a new or empty folder)')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f'.{path.name}.partial')
+    shutil.rmtree(partial, ignore_errors=True)
+    dtype = torch.float16 if fp16 else torch.float32
+    try:
+        pipe = MarigoldDepthPipeline(
+            unet=_detached_copy(unet, dtype), vae=_detached_copy(vae, dtype),
+            scheduler=DDIMScheduler(**(scheduler_config or marigold_scheduler_config())),
+            text_encoder=None, tokenizer=None, prediction_type='depth', scale_invariant=True,
+            shift_invariant=True, default_denoising_steps=default_steps,
+            default_processing_resolution=default_resolution)
+        pipe.save_pretrained(partial, safe_serialization=True)
+        save_file({'embedding': embedding.detach().float().cpu().contiguous()},
+                  partial / EMPTY_TEXT_FILE)
+        with open(partial / 'marigold_ros.json', 'w') as stream:
+            json.dump(extra or {}, stream, indent=2, default=str)
+        _replace_folder(partial, path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return path
 
 

@@ -11,34 +11,37 @@ import torch.nn.functional as F
 
 def pyramid_noise_like(latent, strength=0.9, generator=None, levels=10):
     """
-    Gaussian noise plus upsampled coarser noise weighted by strength ** level.
+    Gaussian noise plus noise at compounding coarser sizes, level ``i`` weighted strength ** i.
 
-    Follows Marigold's ``multi_res_noise_like`` ('original' strategy): each level shrinks the
-    size by a random factor in [2, 4) compounded per level, noise is upsampled bilinearly and
-    the sum is renormalised to unit standard deviation over the batch.
+    Marigold's ``multi_res_noise_like`` ('original' strategy), draw for draw: a full-size
+    ``randn``; then per level ``i = 0, 1, ...``: ``r = 2 + 2 * rand``, the size shrinks by
+    ``r ** i`` (so level 0 is another full-size noise of weight 1), a ``randn`` at that size is
+    upsampled bilinearly and added; stop after a side reaches 1; divide by the standard
+    deviation of the whole batch.
 
-    :param latent: tensor whose shape, device and dtype the noise takes ([B, C, H, W])
+    :param latent: tensor whose shape and device the noise takes ([B, C, H, W]); the noise is
+        drawn in float32 and returned in the latent's dtype
     :param strength: float or [B] tensor of per-sample strengths (0 gives white noise)
     :param generator: torch.Generator on the latent's device, for reproducibility
-    :param levels: maximum number of coarser levels
+    :param levels: maximum number of levels (10 in Marigold)
     :return: noise tensor like ``latent``
     """
     batch, channels, height, width = latent.shape
+    device = latent.device
     if torch.is_tensor(strength):
-        strength = strength.reshape(-1, 1, 1, 1).to(latent)
-    noise = torch.randn(latent.shape, generator=generator, device=latent.device,
-                        dtype=latent.dtype)
+        strength = strength.reshape(-1, 1, 1, 1).to(device)
+    noise = torch.randn(latent.shape, generator=generator, device=device)
     low_h, low_w = height, width
-    for level in range(1, levels):
-        factor = torch.rand(1, generator=generator, device=latent.device).item() * 2 + 2
+    for level in range(levels):
+        factor = torch.rand(1, generator=generator, device=device) * 2 + 2
         low_h = max(1, int(low_h / factor ** level))
         low_w = max(1, int(low_w / factor ** level))
-        coarse = torch.randn((batch, channels, low_h, low_w), generator=generator,
-                             device=latent.device, dtype=latent.dtype)
-        noise = noise + F.interpolate(coarse, (height, width), mode='bilinear') * strength ** level
+        coarse = torch.randn(batch, channels, low_h, low_w, generator=generator, device=device)
+        noise += F.interpolate(coarse.to(latent), (height, width), mode='bilinear') \
+            * strength ** level
         if low_h == 1 or low_w == 1:
             break
-    return noise / noise.std()
+    return (noise / noise.std()).to(latent.dtype)
 
 
 def annealed_strength(strength, timesteps, num_train_timesteps):

@@ -25,7 +25,7 @@ import yaml
 from .alignment import normalize_percentile
 from .architecture import build_unet, build_vae, empty_text_embedding, save_marigold
 from .architecture import TinyArchitecture
-from .trainer import DataSpec, TrainConfig, Trainer
+from .trainer import build_training_data, DataSpec, TrainConfig, Trainer
 from .vae_training import fit_scaling_factor, reconstruction_error, train_vae, VaeTrainConfig
 
 RECIPE_FILE = Path(__file__).resolve().parent / 'recipes' / 'tiny.yaml'
@@ -121,6 +121,65 @@ def _stack(samples):
     return rgb, depth
 
 
+VAE_WEIGHTS = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
+
+
+def vae_complete(folder):
+    """
+    Tell whether the VAE stage finished: config and weights are both there.
+
+    save_pretrained writes config.json before the weights, so config.json alone can be the
+    trace of an interrupted save.
+
+    :param folder: the stage's output folder
+    :return: bool
+    """
+    folder = Path(folder)
+    weights = any((folder / name).is_file() for name in VAE_WEIGHTS)
+    return (folder / 'config.json').is_file() and weights
+
+
+def save_vae(vae, folder):
+    """
+    Save the trained VAE beside ``folder``, then rename it into place (never half-written).
+
+    :param vae: AutoencoderKL
+    :param folder: final folder
+    """
+    import shutil
+    folder = Path(folder)
+    partial = folder.with_name(f'.{folder.name}.partial')
+    shutil.rmtree(partial, ignore_errors=True)
+    vae.save_pretrained(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+
+
+def unet_config(recipe, work, base):
+    """
+    Training settings of the U-Net stage; ``data`` names the rendered scenes exactly.
+
+    :param recipe: TinyRecipe
+    :param work: folder for intermediate results
+    :param base: starting model folder
+    :return: TrainConfig
+    """
+    # The same stream render_set draws the training scenes from (SceneConfig at the training
+    # resolution), so config.yaml and the model card describe the data trained on.
+    scenes = DataSpec('synthetic', '', 1.0, {'length': recipe.train_scenes,
+                                             'seed': recipe.train_seed})
+    return TrainConfig(
+        output_dir=str(Path(work) / 'unet'), base_model=str(base), data=(scenes,),
+        height=recipe.resolution, width=recipe.resolution, hflip=True,
+        max_steps=recipe.unet_steps, batch_size=recipe.unet_batch,
+        grad_accumulation=1, lr=recipe.unet_lr, optimizer='adamw',
+        warmup_steps=recipe.warmup_steps,
+        lr_schedule='cosine', lr_final_ratio=0.02, ema_decay=recipe.ema_decay, seed=recipe.seed,
+        checkpoint_every=100, log_every=20, cache_latents=True, prefill_cache=True,
+        export_fp16=True,
+        export_steps=1, export_resolution=recipe.resolution)
+
+
 def run(recipe, work, output, log=print):
     """
     Run every stage, skipping those whose output is already in ``work``.
@@ -141,7 +200,7 @@ def run(recipe, work, output, log=print):
     arch = TinyArchitecture(vae_channels=recipe.vae_channels, unet_channels=recipe.unet_channels,
                             processing_resolution=recipe.resolution, denoising_steps=1)
     vae_dir = work / 'vae'
-    if not (vae_dir / 'config.json').is_file():
+    if not vae_complete(vae_dir):
         clock = time.perf_counter()
         torch.manual_seed(recipe.seed)
         vae = build_vae(arch)
@@ -152,7 +211,7 @@ def run(recipe, work, output, log=print):
         factor = fit_scaling_factor(vae, rgb, depth)
         error = reconstruction_error(vae, depth)
         log(f'vae: scaling factor {factor:.4f}, depth round-trip error {error:.4f}')
-        vae.save_pretrained(vae_dir)
+        save_vae(vae, vae_dir)
         figures.update(vae_s=time.perf_counter() - clock, vae_final_loss=losses[-1],
                        vae_depth_roundtrip_error=error)
     # The starting point of the U-Net training: a random U-Net around the trained VAE.
@@ -162,21 +221,10 @@ def run(recipe, work, output, log=print):
                          empty_text_embedding(arch, recipe.seed), 1, recipe.resolution,
                          extra={'architecture': asdict(arch)})
 
-    from .data.mixing import MixedDataset, TrainTransform
-    # Twice the scenes as indices, so each scene is also seen flipped.
-    dataset = MixedDataset([SampleBank(train)], [1.0], length=2 * len(train),
-                           seed=recipe.seed,
-                           transform=TrainTransform(recipe.resolution, recipe.resolution))
-    config = TrainConfig(
-        output_dir=str(work / 'unet'), base_model=str(base),
-        data=(DataSpec('synthetic', '', 1.0, {}),), height=recipe.resolution,
-        width=recipe.resolution, max_steps=recipe.unet_steps, batch_size=recipe.unet_batch,
-        grad_accumulation=1, lr=recipe.unet_lr, optimizer='adamw',
-        warmup_steps=recipe.warmup_steps,
-        lr_schedule='cosine', lr_final_ratio=0.02, ema_decay=recipe.ema_decay, seed=recipe.seed,
-        checkpoint_every=100, log_every=20, cache_latents=True, prefill_cache=True,
-        export_fp16=True,
-        export_steps=1, export_resolution=recipe.resolution)
+    config = unet_config(recipe, work, base)
+    # The scenes config.data names, already rendered: drawn, cropped and flipped as the
+    # trainer would draw them from config.data itself.
+    dataset = build_training_data(config, sources=[SampleBank(train)])
     clock = time.perf_counter()
     trainer = Trainer(config, dataset=dataset)
     if sorted((work / 'unet' / 'checkpoints').glob('step_*')):
@@ -268,6 +316,7 @@ def write_model_card(output, recipe, figures, results):
     timing = ', '.join(f'{name} {seconds / 60:.1f} min' if seconds is not None else
                        f'{name} reused from an earlier run of the same stage (not timed here)'
                        for name, seconds in stages)
+    passes = recipe.unet_steps * recipe.unet_batch / max(recipe.train_scenes, 1)
     if figures.get('timing_note'):
         timing += f' ({figures["timing_note"]})'
     card = f"""# marigold-tiny
@@ -282,7 +331,9 @@ NOT a substitute for prs-eth/marigold-depth-v1-1: it has seen only procedural ro
 ## Data
 {recipe.train_scenes} procedural synthetic scenes (marigold_model.data.synthetic: rooms of
 3-8 m with boxes and spheres, checker / stripe / sine textures, a point light with shadows,
-fov 45-80 degrees, exact planar depth), each also seen mirrored.
+fov 45-80 degrees, exact planar depth; `synthetic` with length {recipe.train_scenes} and seed
+{recipe.train_seed}), each used once per pass, about {passes:.1f} passes, mirrored at random
+in half of the draws.
 
 ## Recipe
 `make train-tiny` (marigold_model/tiny_recipe.py with marigold_model/recipes/tiny.yaml):

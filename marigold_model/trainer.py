@@ -8,14 +8,18 @@ Usage::
 
 The U-Net learns v-prediction on DDPM (1000 steps) with annealed multi-resolution noise; the
 VAE is frozen and the empty-prompt embedding is computed once. Every step draws its samples,
-timesteps and noise from generators seeded by (seed, step, micro-step, process), so a resumed
-run repeats an uninterrupted one exactly; the checkpoint still holds the full state (U-Net,
-optimiser, schedule, step, RNG states, EMA, skipped-sample count).
+crops, flips, timesteps and noise from generators seeded by (seed, step, micro-step, process):
+the data is a stream in which every frame of a source is used once per pass over it, so a
+resumed run repeats an uninterrupted one exactly. The learning rate is a function of the step.
+The checkpoint still holds the full state (U-Net, optimiser, step, learning rate, RNG states,
+EMA, counts of skipped samples).
 """
 
 import contextlib
 import csv
 from dataclasses import asdict, dataclass, field, fields
+import importlib
+import inspect
 import json
 import math
 from pathlib import Path
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 import yaml
 
 from .alignment import normalize_percentile
-from .architecture import save_marigold
+from .architecture import marigold_scheduler_config, save_marigold
 from .loading import _load_empty_text_embedding, read_pipeline_config, resolve_model_path
 from .noise import annealed_strength, pyramid_noise_like
 
@@ -91,66 +95,275 @@ class TrainConfig:
     keep_checkpoints: int = 2
     export_fp16: bool = False
     progress: bool = True
-    # Keep the VAE latents of each dataset index after first use. Only for datasets that give
-    # the same sample for an index every time (all readers here do); saves two VAE encodes
-    # per sample per step, which dominate small-model training on a CPU.
+    # Keep the VAE latents of each (frame, crop, flip) after first use; only exact repeats are
+    # served from it (readers are deterministic). Pays off when frames are at the training
+    # resolution, so a frame has only two variants (flipped or not); saves two VAE encodes per
+    # sample per step, which dominate small-model training on a CPU.
     cache_latents: bool = False
-    # With cache_latents, encode the whole dataset before the first step (in order, batched):
-    # for small datasets this is cheaper than discovering indices step by step.
+    # With cache_latents, encode every frame (both flips) before the first step, batched: for
+    # small datasets at the training resolution this is cheaper than finding them step by step.
     prefill_cache: bool = False
     # Exported model defaults (for users of the resulting model).
     export_steps: int = 1
     export_resolution: int = 768
 
 
+# ---- configuration -----------------------------------------------------------------------------
+
+_SETTING_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+_DATA_KEYS = tuple(f.name for f in fields(DataSpec))
+
+
+def _coerce(name, value, kind):
+    """
+    Convert one setting read from YAML to its declared type.
+
+    PyYAML reads ``3e-5`` (no dot) as a string and ``no`` as false; both are taken here.
+
+    :param name: setting name, for the message
+    :param value: value as read
+    :param kind: declared type (bool, int, float or str)
+    :return: the value as ``kind``
+    :raises TrainingError: the value does not fit, naming the setting
+    """
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise TrainingError(f'{name} must be true or false, got {value!r}')
+    if kind in (int, float) and not isinstance(value, bool):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if isinstance(number, (int, float)):
+            if kind is float:
+                return float(number)
+            if isinstance(number, int):
+                return number
+            if math.isfinite(number) and float(number).is_integer():
+                return int(number)
+        what = 'an integer' if kind is int else 'a number'
+        raise TrainingError(f'{name} must be {what}, got {value!r}')
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if name == 'mixed_precision' and value is False:
+            return 'no'  # YAML reads an unquoted no as false
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise TrainingError(f'{name} must be a string, got {value!r}')
+    return value
+
+
+def _coerce_data(value):
+    """
+    Turn the ``data`` setting (a list of mappings) into DataSpec objects.
+
+    :param value: list of dicts (or DataSpec)
+    :return: tuple of DataSpec
+    :raises TrainingError: not a list, unknown or badly typed keys, naming them
+    """
+    if isinstance(value, (dict, DataSpec)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise TrainingError(f'data must be a list of sources ({", ".join(_DATA_KEYS)}), '
+                            f'got {value!r}')
+    specs = []
+    for index, entry in enumerate(value):
+        if isinstance(entry, DataSpec):
+            specs.append(entry)
+            continue
+        if not isinstance(entry, dict):
+            raise TrainingError(f'data[{index}] must be a mapping with keys '
+                                f'{", ".join(_DATA_KEYS)}, got {entry!r}')
+        unknown = sorted(set(entry) - set(_DATA_KEYS), key=str)
+        if unknown:
+            raise TrainingError(f'data[{index}]: unknown key(s) {unknown}; a source takes '
+                                f'{", ".join(_DATA_KEYS)}')
+        values = dict(entry)
+        for key, kind in (('kind', str), ('root', str), ('probability', float)):
+            if key in values:
+                values[key] = _coerce(f'data[{index}].{key}', values[key], kind)
+        if values.get('options') is None:
+            values['options'] = {}
+        if not isinstance(values['options'], dict):
+            raise TrainingError(f'data[{index}].options must be a mapping, got '
+                                f'{values["options"]!r}')
+        specs.append(DataSpec(**values))
+    return tuple(specs)
+
+
 def load_config(path=None, overrides=()):
     """
     Read a YAML config and apply ``key=value`` overrides (values parsed as YAML).
 
+    Every value is converted to its setting's type (``lr: 3e-5`` is a number) and checked
+    before anything is loaded.
+
     :param path: YAML file or None for the defaults
     :param overrides: iterable of 'key=value' strings
     :return: TrainConfig
+    :raises TrainingError: unreadable file, unknown keys or bad values, naming them
     """
     values = {}
     if path is not None:
         if not Path(path).is_file():
             raise TrainingError(f'config file {path} does not exist')
-        with open(path) as stream:
-            values = yaml.safe_load(stream) or {}
+        try:
+            with open(path) as stream:
+                values = yaml.safe_load(stream) or {}
+        except yaml.YAMLError as error:
+            raise TrainingError(f'config file {path} is not valid YAML: {error}') from None
+        if not isinstance(values, dict):
+            raise TrainingError(f'config file {path} must hold a mapping of settings')
     for item in overrides:
         if '=' not in item:
             raise TrainingError(f'override {item!r} is not key=value')
         key, value = item.split('=', 1)
-        values[key] = yaml.safe_load(value)
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = set(values) - known
+        try:
+            values[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise TrainingError(f'override {item!r}: value is not valid YAML: {error}') from None
+    unknown = set(values) - set(_SETTING_TYPES)
     if unknown:
-        raise TrainingError(f'unknown training settings: {sorted(unknown)}')
-    if 'data' in values:
-        values['data'] = tuple(DataSpec(**spec) for spec in values['data'])
+        raise TrainingError(f'unknown training settings: {sorted(unknown, key=str)}')
+    for key, value in values.items():
+        if key == 'data':
+            values[key] = _coerce_data(value)
+        else:
+            values[key] = _coerce(key, value, _SETTING_TYPES[key])
     config = TrainConfig(**values)
     validate_config(config)
     return config
 
 
+# Readers by data kind: module, class, arguments set by the trainer (not options).
+_READERS = {
+    'synthetic': ('.data.synthetic', 'SyntheticDataset',
+                  ('config', 'height', 'width', 'transform')),
+    'hypersim': ('.data.hypersim', 'HypersimDataset', ('root',)),
+    'vkitti': ('.data.vkitti', 'VirtualKitti2Dataset', ('root',)),
+    'folder': ('.data.rgbd_folder', 'RGBDFolderDataset', ('root',)),
+    'bag': ('.data.bag_rgbd', 'BagRGBDDataset', ('path',)),
+}
+
+
+def _reader_options(kind):
+    """Return the allowed and the required option names of a reader (its signature)."""
+    module, name, fixed = _READERS[kind]
+    reader = getattr(importlib.import_module(module, __package__), name)
+    parameters = list(inspect.signature(reader.__init__).parameters.values())[1:]
+    allowed = {p.name for p in parameters if p.name not in fixed}
+    required = {p.name for p in parameters
+                if p.name not in fixed and p.default is inspect.Parameter.empty}
+    if kind == 'synthetic':
+        allowed.add('scene')
+    return allowed, required
+
+
+def _check_data_spec(index, spec):
+    """Reject a data source the reader would not accept, naming the key."""
+    where = f'data[{index}]'
+    if not isinstance(spec, DataSpec):
+        raise TrainingError(f'{where} must be a DataSpec, got {spec!r}')
+    if spec.kind not in _READERS:
+        raise TrainingError(f'{where}: unknown data kind {spec.kind!r}; known: '
+                            f'{", ".join(_READERS)}')
+    if not isinstance(spec.root, str):
+        raise TrainingError(f'{where}.root must be a string, got {spec.root!r}')
+    if spec.kind != 'synthetic' and not spec.root:
+        raise TrainingError(f'{where} ({spec.kind}): root is empty; give the folder or file')
+    probability = spec.probability
+    if (isinstance(probability, bool) or not isinstance(probability, (int, float))
+            or not math.isfinite(probability) or probability < 0):
+        raise TrainingError(f'{where}.probability must be a number >= 0, got {probability!r}')
+    if not isinstance(spec.options, dict):
+        raise TrainingError(f'{where}.options must be a mapping, got {spec.options!r}')
+    allowed, required = _reader_options(spec.kind)
+    unknown = sorted(set(spec.options) - allowed, key=str)
+    if unknown:
+        raise TrainingError(f'{where} ({spec.kind}): unknown option(s) {unknown}; the reader '
+                            f'takes {sorted(allowed)}')
+    missing = sorted(required - set(spec.options))
+    if missing:
+        raise TrainingError(f'{where} ({spec.kind}): missing option(s) {missing}')
+    if spec.kind == 'synthetic' and 'scene' in spec.options:
+        from .data.synthetic import SceneConfig
+        scene = spec.options['scene']
+        known = {f.name for f in fields(SceneConfig)} - {'height', 'width'}
+        if not isinstance(scene, dict):
+            raise TrainingError(f'{where}.options.scene must be a mapping, got {scene!r}')
+        unknown = sorted(set(scene) - known, key=str)
+        if unknown:
+            raise TrainingError(f'{where}.options.scene: unknown key(s) {unknown} (height and '
+                                'width come from the training resolution)')
+
+
 def validate_config(config):
     """
-    Reject settings that cannot work, before anything is loaded.
+    Reject settings that cannot work, before anything is loaded; messages name the setting.
 
     :param config: TrainConfig
+    :raises TrainingError: the first bad setting
     """
-    if config.height % 8 or config.width % 8:
-        raise TrainingError('height and width must be multiples of 8')
-    if min(config.batch_size, config.grad_accumulation, config.max_steps) < 1:
-        raise TrainingError('batch_size, grad_accumulation and max_steps must be >= 1')
-    if config.lr_schedule not in ('exponential', 'cosine', 'constant'):
-        raise TrainingError(f'unknown lr_schedule {config.lr_schedule!r}')
-    if config.optimizer not in ('adam', 'adamw'):
-        raise TrainingError(f'unknown optimizer {config.optimizer!r}')
-    if config.logger not in ('csv', 'tensorboard'):
-        raise TrainingError(f'unknown logger {config.logger!r}')
-    if not config.data or sum(spec.probability for spec in config.data) <= 0:
-        raise TrainingError('data needs at least one source with a positive probability')
+    for name, kind in _SETTING_TYPES.items():
+        value = getattr(config, name)
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value))
+        elif kind is str:
+            ok = isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            raise TrainingError(f'{name} must be of type {kind.__name__}, got {value!r}')
+
+    def require(condition, message):
+        if not condition:
+            raise TrainingError(message)
+
+    require(config.height >= 8 and config.width >= 8 and not config.height % 8
+            and not config.width % 8, 'height and width must be positive multiples of 8, got '
+            f'{config.height}x{config.width}')
+    for name in ('batch_size', 'grad_accumulation', 'max_steps', 'log_every',
+                 'checkpoint_every', 'keep_checkpoints', 'export_steps', 'export_resolution'):
+        require(getattr(config, name) >= 1, f'{name} must be >= 1, got {getattr(config, name)}')
+    for name in ('warmup_steps', 'seed', 'weight_decay', 'max_grad_norm', 'pyramid_strength'):
+        require(getattr(config, name) >= 0, f'{name} must be >= 0, got {getattr(config, name)}')
+    require(config.lr > 0, f'lr must be > 0, got {config.lr}')
+    require(config.lr_schedule in ('exponential', 'cosine', 'constant'),
+            f'unknown lr_schedule {config.lr_schedule!r} (exponential, cosine or constant)')
+    if config.lr_schedule == 'exponential':
+        require(config.lr_final_ratio > 0, 'lr_final_ratio must be > 0 with the exponential '
+                f'lr_schedule (it decays to lr * lr_final_ratio), got {config.lr_final_ratio}')
+    else:
+        require(config.lr_final_ratio >= 0,
+                f'lr_final_ratio must be >= 0, got {config.lr_final_ratio}')
+    require(config.optimizer in ('adam', 'adamw'),
+            f'unknown optimizer {config.optimizer!r} (adam or adamw)')
+    require(config.logger in ('csv', 'tensorboard'),
+            f'unknown logger {config.logger!r} (csv or tensorboard)')
+    require(config.mixed_precision in ('no', 'fp16', 'bf16'),
+            f'unknown mixed_precision {config.mixed_precision!r} (no, fp16 or bf16)')
+    require(0 <= config.ema_decay < 1,
+            f'ema_decay must be in [0, 1) (0 turns EMA off), got {config.ema_decay}')
+    low, high = config.depth_low_percentile, config.depth_high_percentile
+    require(low <= 1 and high <= 1, 'depth_low_percentile and depth_high_percentile are '
+            f'fractions in [0, 1] (0.02 and 0.98 for 2 % and 98 %), got {low} and {high}')
+    require(0 <= low < high, 'need 0 <= depth_low_percentile < depth_high_percentile, got '
+            f'{low} and {high}')
+    require(isinstance(config.data, (tuple, list)) and len(config.data) > 0,
+            'data needs at least one source')
+    for index, spec in enumerate(config.data):
+        _check_data_spec(index, spec)
+    require(sum(spec.probability for spec in config.data) > 0,
+            'data needs at least one source with a positive probability')
 
 
 def config_to_dict(config):
@@ -196,71 +409,79 @@ def build_source(spec, config):
     :param config: TrainConfig (for the resolution of synthetic scenes)
     :return: a Dataset yielding Sample objects
     """
+    if spec.kind not in _READERS:
+        raise TrainingError(f'unknown data kind {spec.kind!r}')
     options = dict(spec.options)
+    module, name, _ = _READERS[spec.kind]
+    reader = getattr(importlib.import_module(module, __package__), name)
     if spec.kind == 'synthetic':
-        from .data.synthetic import SceneConfig, SyntheticDataset
+        from .data.synthetic import SceneConfig
+        scene = dict(options.pop('scene', None) or {})
         scene = SceneConfig(height=config.height, width=config.width,
-                            **options.pop('scene', {}))
-        return SyntheticDataset(config=scene, **options)
-    if spec.kind == 'hypersim':
-        from .data.hypersim import HypersimDataset
-        return HypersimDataset(spec.root, **options)
-    if spec.kind == 'vkitti':
-        from .data.vkitti import VirtualKitti2Dataset
-        return VirtualKitti2Dataset(spec.root, **options)
-    if spec.kind == 'folder':
-        from .data.rgbd_folder import RGBDFolderDataset
-        return RGBDFolderDataset(spec.root, **options)
-    if spec.kind == 'bag':
-        from .data.bag_rgbd import BagRGBDDataset
-        return BagRGBDDataset(spec.root, **options)
-    raise TrainingError(f'unknown data kind {spec.kind!r}')
+                            **{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in scene.items()})
+        return reader(config=scene, **options)
+    return reader(spec.root, **options)
 
 
-def build_training_data(config):
+def build_training_data(config, sources=None):
     """
-    Build the mixed training set: sources drawn by probability, resized, flipped.
+    Build the mixed training set: sources drawn by probability, resized, cropped, flipped.
 
     :param config: TrainConfig
+    :param sources: optional datasets standing in for ``config.data`` (one per entry, e.g.
+        frames already in memory); the probabilities still come from ``config.data``
     :return: MixedDataset
     """
     from .data.mixing import MixedDataset, TrainTransform
-    sources = [build_source(spec, config) for spec in config.data]
+    if sources is None:
+        sources = [build_source(spec, config) for spec in config.data]
+    elif len(sources) != len(config.data):
+        raise TrainingError(f'{len(sources)} sources given for {len(config.data)} data entries')
     probabilities = [spec.probability for spec in config.data]
     transform = TrainTransform(config.height, config.width, hflip=config.hflip)
-    return MixedDataset(sources, probabilities, length=max(len(s) for s in sources),
-                        seed=config.seed, transform=transform)
+    return MixedDataset(sources, probabilities, seed=config.seed, transform=transform)
 
 
 def sample_to_tensors(sample, config):
     """
     Turn one Sample into model inputs: RGB and normalised depth in [-1, 1], valid mask.
 
+    A sample without any valid depth pixel gets depth 0 and an all-False mask: it teaches
+    nothing (the loss is masked) but does not stop training.
+
     :param sample: Sample at the training resolution
     :param config: TrainConfig
     :return: (rgb [3, H, W], depth [1, H, W], valid [1, H, W]) tensors
     """
     rgb = torch.from_numpy(sample.rgb.transpose(2, 0, 1).copy()).float() / 127.5 - 1.0
-    depth = normalize_percentile(sample.depth, sample.valid, config.depth_low_percentile,
-                                 config.depth_high_percentile)
+    valid = np.asarray(sample.valid, dtype=bool) & np.isfinite(sample.depth)
+    if valid.any():
+        depth = normalize_percentile(sample.depth, valid, config.depth_low_percentile,
+                                     config.depth_high_percentile)
+    else:
+        depth = np.zeros(valid.shape, np.float32)
     depth = torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))[None]
-    valid = torch.from_numpy(np.ascontiguousarray(sample.valid))[None]
+    valid = torch.from_numpy(np.ascontiguousarray(valid))[None]
     return rgb, depth, valid
 
 
-def batch_indices(dataset, config, step, micro, process):
+def draw_numbers(config, step, micro, process, processes):
     """
-    Dataset indices of a given (step, micro-step, process): the same every time asked.
+    Positions in the data stream of one (step, micro-step, process): the same every time.
 
-    :param dataset: the training dataset
+    Draws are numbered step by step, micro-step by micro-step, process by process, so all
+    processes together walk the stream once (each frame once per pass over its source).
+
     :param config: TrainConfig
     :param step: optimiser step
     :param micro: micro-step within gradient accumulation
-    :param process: process index (multi-GPU shards draw different samples)
-    :return: list of int indices
+    :param process: process index
+    :param processes: number of processes
+    :return: list of int draw numbers
     """
-    rng = np.random.default_rng([config.seed, step, micro, process])
-    return [int(i) for i in rng.integers(0, len(dataset), size=config.batch_size)]
+    first = ((step * config.grad_accumulation + micro) * processes + process) * config.batch_size
+    return list(range(first, first + config.batch_size))
 
 
 # ---- model -----------------------------------------------------------------------------------
@@ -309,6 +530,11 @@ def load_base(model):
     return unet, vae, scheduler_config, embedding, read_pipeline_config(path)
 
 
+# The entries of a scheduler config that define the noise schedule the model is trained on.
+SCHEDULE_KEYS = ('num_train_timesteps', 'beta_start', 'beta_end', 'beta_schedule',
+                 'trained_betas', 'rescale_betas_zero_snr')
+
+
 def training_scheduler(scheduler_config):
     """
     DDPM with 1000 steps and v-prediction, keeping the base model's beta schedule.
@@ -317,10 +543,32 @@ def training_scheduler(scheduler_config):
     :return: DDPMScheduler
     """
     from diffusers import DDPMScheduler
-    keep = ('num_train_timesteps', 'beta_start', 'beta_end', 'beta_schedule',
-            'rescale_betas_zero_snr')
-    values = {k: scheduler_config[k] for k in keep if k in scheduler_config}
+    values = {k: scheduler_config[k] for k in SCHEDULE_KEYS
+              if scheduler_config.get(k) is not None}
     return DDPMScheduler(prediction_type='v_prediction', clip_sample=False, **values)
+
+
+def export_scheduler_config(scheduler):
+    """
+    Inference (DDIM) scheduler settings for a model trained with ``scheduler``.
+
+    The noise schedule (betas, zero-SNR rescaling, length) and the prediction type are those
+    of training; the sampling settings are Marigold v1-1's (trailing timesteps, so one step
+    starts from the noisiest timestep).
+
+    :param scheduler: the training DDPMScheduler
+    :return: dict for DDIMScheduler
+    """
+    values = marigold_scheduler_config()
+    for key in SCHEDULE_KEYS:
+        value = scheduler.config.get(key)
+        if key == 'trained_betas':
+            if value is not None:
+                values[key] = list(np.asarray(value, dtype=np.float64).tolist())
+            continue
+        values[key] = value
+    values['prediction_type'] = scheduler.config.prediction_type
+    return values
 
 
 class ExponentialAverage:
@@ -357,6 +605,27 @@ class ExponentialAverage:
             param.copy_(shadow)
 
 
+def find_checkpoint(output_dir, checkpoint='latest'):
+    """
+    Folder of a training checkpoint: a given one, or the latest of a run.
+
+    :param output_dir: the run's output folder
+    :param checkpoint: folder path or 'latest'
+    :return: Path
+    :raises TrainingError: no such checkpoint
+    """
+    folder = Path(output_dir) / 'checkpoints'
+    if checkpoint == 'latest':
+        found = sorted(folder.glob('step_*'))
+        if not found:
+            raise TrainingError(f'no checkpoint to resume from in {folder}')
+        checkpoint = found[-1]
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / 'trainer_state.json').is_file():
+        raise TrainingError(f'{checkpoint} is not a training checkpoint')
+    return checkpoint
+
+
 # ---- the run ---------------------------------------------------------------------------------
 
 
@@ -365,20 +634,28 @@ class Trainer:
 
     def __init__(self, config, dataset=None):
         """
-        Load the base model and data, prepare accelerate.
+        Load the data and the base model, prepare accelerate.
 
         :param config: TrainConfig
-        :param dataset: optional dataset yielding Sample objects (tests, recipes)
+        :param dataset: optional dataset yielding Sample objects at the training resolution
+            (tests, recipes); anything but a MixedDataset is drawn from as its only source
         """
         from accelerate import Accelerator
+
+        from .data.mixing import MixedDataset
         validate_config(config)
         self.config = config
         self.output = Path(config.output_dir)
+        base_path = resolve_model_path(config.base_model)  # cheap checks first: model, data
+        if dataset is None:
+            dataset = build_training_data(config)
+        elif not isinstance(dataset, MixedDataset):
+            dataset = MixedDataset([dataset], [1.0], seed=config.seed)
+        self.dataset = dataset
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
-        unet, vae, scheduler_config, embedding, base_index = load_base(config.base_model)
+        unet, vae, scheduler_config, embedding, base_index = load_base(str(base_path))
         self.base_index = base_index
         self.scheduler = training_scheduler(scheduler_config)
-        self.dataset = dataset if dataset is not None else build_training_data(config)
         device = self.accelerator.device
         weight_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(
             config.mixed_precision, torch.float32)
@@ -391,16 +668,37 @@ class Trainer:
         optimizer_class = torch.optim.AdamW if config.optimizer == 'adamw' else torch.optim.Adam
         optimizer = optimizer_class(unet.parameters(), lr=config.lr,
                                     weight_decay=config.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                     lambda step: lr_factor(step, config))
-        self.unet, self.optimizer, self.lr_schedule = self.accelerator.prepare(
-            unet, optimizer, schedule)
+        # The learning rate is set from self.step before every optimiser step (set_lr), not by
+        # an accelerate-prepared scheduler: that one steps once per process per optimiser step
+        # and not at all on skipped fp16 steps, so it drifts from the step count.
+        self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
         self.ema = (ExponentialAverage(self.unet.parameters(), config.ema_decay)
                     if config.ema_decay > 0 else None)
         self.alphas = self.scheduler.alphas_cumprod.to(device)
         self.latent_cache = {} if config.cache_latents else None
         self.step = 0
         self.losses = []
+        self.no_depth = 0  # drawn samples without any valid depth pixel (taught nothing)
+        self.last_lr = self.lr_at(0)
+        self.set_lr()
+
+    # -- learning rate ----------------------------------------------------------------------
+
+    def lr_at(self, step):
+        """
+        Learning rate of an optimiser step.
+
+        :param step: optimiser step (0 for the first)
+        :return: float
+        """
+        return self.config.lr * lr_factor(step, self.config)
+
+    def set_lr(self):
+        """Set the optimiser's learning rate for the coming step, ``self.step``."""
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
+        return lr
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -408,41 +706,67 @@ class Trainer:
         return self.vae.encode(images).latent_dist.mode() * self.vae.config.scaling_factor
 
     @torch.no_grad()
-    def encode_samples(self, indices):
-        """
-        Latents of dataset samples: RGB latent, depth latent and latent validity.
-
-        :param indices: dataset indices
-        :return: ([B, C, h, w], [B, C, h, w], [B, C, h, w] bool) tensors on the device
-        """
+    def _encode_samples(self, samples):
+        """Latent rows (rgb, depth, valid, no-depth flag) of samples, encoded in one batch."""
         device, dtype = self.accelerator.device, self.vae.dtype
+        rgb, depth, valid = (torch.stack(part) for part in zip(
+            *[sample_to_tensors(sample, self.config) for sample in samples]))
+        rgb_latent = self._encode(rgb.to(device, dtype))
+        depth_latent = self._encode(depth.to(device, dtype).repeat(1, 3, 1, 1))
+        # A latent pixel teaches the model only if every image pixel under it is valid.
+        valid_latent = ~F.max_pool2d((~valid.to(device)).float(), self.latent_factor).bool()
+        valid_latent = valid_latent.expand_as(depth_latent)
+        empty = ~valid.flatten(1).any(1)
+        return [(rgb_latent[row], depth_latent[row], valid_latent[row], empty[row])
+                for row in range(len(samples))]
+
+    @torch.no_grad()
+    def encode_samples(self, numbers):
+        """
+        Latents of draws of the data stream: RGB latent, depth latent, latent validity.
+
+        With ``cache_latents``, a draw whose (frame, crop, flip) was encoded before is served
+        from the cache; nothing else is cached.
+
+        :param numbers: draw numbers (see :func:`draw_numbers`)
+        :return: ([B, C, h, w], [B, C, h, w], [B, C, h, w] bool, [B] bool no valid depth)
+        """
         cache = self.latent_cache
-        missing = [i for i in dict.fromkeys(indices) if cache is None or i not in cache]
-        fresh = {}
+        keys = [self.dataset.cache_key(n) if cache is not None else None for n in numbers]
+        rows = [cache.get(key) if key is not None else None for key in keys]
+        missing = [i for i, row in enumerate(rows) if row is None]
         if missing:
-            rgb, depth, valid = (torch.stack(part) for part in zip(
-                *[sample_to_tensors(self.dataset[i], self.config) for i in missing]))
-            rgb_latent = self._encode(rgb.to(device, dtype))
-            depth_latent = self._encode(depth.to(device, dtype).repeat(1, 3, 1, 1))
-            # A latent pixel teaches the model only if every image pixel under it is valid.
-            valid_latent = ~F.max_pool2d((~valid.to(device)).float(), self.latent_factor).bool()
-            valid_latent = valid_latent.expand_as(depth_latent)
-            for row, index in enumerate(missing):
-                fresh[index] = (rgb_latent[row], depth_latent[row], valid_latent[row])
-            if cache is not None:
-                cache.update(fresh)
-        rows = [fresh[i] if i in fresh else cache[i] for i in indices]
+            samples = [self.dataset.sample(numbers[i]) for i in missing]
+            for i, row in zip(missing, self._encode_samples(samples)):
+                rows[i] = row
+                if cache is not None:
+                    key = self.dataset.cache_key(numbers[i])  # known now the frame was read
+                    if key is not None:
+                        cache[key] = row
         return tuple(torch.stack(part) for part in zip(*rows))
 
     def prefill_latent_cache(self, batch=64):
         """
-        Encode every dataset index into the latent cache, in order.
+        Encode every frame's variants (both flips of frames at the training size), batched.
 
         :param batch: samples per VAE call
         """
-        total = len(self.dataset)
-        for start in range(0, total, batch):
-            self.encode_samples(list(range(start, min(start + batch, total))))
+        if self.latent_cache is None:
+            return
+        pending = []
+
+        def flush():
+            rows = self._encode_samples([sample for _, sample in pending])
+            self.latent_cache.update((key, row) for (key, _), row in zip(pending, rows))
+            pending.clear()
+
+        for key, sample in self.dataset.variants():
+            if key not in self.latent_cache:
+                pending.append((key, sample))
+            if len(pending) >= batch:
+                flush()
+        if pending:
+            flush()
 
     def compute_loss(self, rgb_latent, depth_latent, valid_latent, generator):
         """
@@ -462,10 +786,10 @@ class Trainer:
         if config.pyramid_noise:
             strength = config.pyramid_strength
             if config.pyramid_anneal:
-                strength = annealed_strength(strength, timesteps,
+                strength = annealed_strength(strength, timesteps.cpu(),
                                              self.scheduler.config.num_train_timesteps)
-            noise = pyramid_noise_like(depth_latent.cpu(), strength if not torch.is_tensor(
-                strength) else strength.cpu(), generator=generator).to(device)
+            noise = pyramid_noise_like(depth_latent.cpu().float(), strength,
+                                       generator=generator).to(device)
         else:
             noise = torch.randn(depth_latent.shape, generator=generator).to(device)
         noise = noise.to(depth_latent.dtype)
@@ -488,13 +812,16 @@ class Trainer:
         """
         config = self.config
         process = self.accelerator.process_index
+        processes = self.accelerator.num_processes
+        self.last_lr = self.set_lr()
         total = 0.0
         for micro in range(config.grad_accumulation):
             generator = torch.Generator('cpu').manual_seed(
                 int(np.random.default_rng([config.seed, self.step, micro, process, 1])
                     .integers(2 ** 62)))
-            latents = self.encode_samples(
-                batch_indices(self.dataset, config, self.step, micro, process))
+            *latents, empty = self.encode_samples(
+                draw_numbers(config, self.step, micro, process, processes))
+            self._count_no_depth(int(empty.sum()))
             last = micro == config.grad_accumulation - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet)
             with sync:
@@ -509,12 +836,18 @@ class Trainer:
         if config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
         self.optimizer.step()
-        self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.unet.parameters())
         self.step += 1
         return total / config.grad_accumulation
+
+    def _count_no_depth(self, count):
+        if count and not self.no_depth:
+            print(f'marigold-train: step {self.step} drew a sample without any valid depth; '
+                  'such samples are masked out of the loss and counted (no_depth in log.csv)',
+                  file=sys.stderr)
+        self.no_depth += count
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -536,7 +869,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(partial))
         if self.accelerator.is_main_process:
-            state = {'step': self.step, 'skipped': self._skipped(), 'losses': self.losses}
+            state = {'step': self.step, 'lr': self.lr_at(self.step), 'skipped': self._skipped(),
+                     'no_depth': self.no_depth, 'losses': self.losses}
             (partial / 'trainer_state.json').write_text(json.dumps(state))
             if self.ema is not None:
                 torch.save(self.ema.shadow, partial / 'ema.pt')
@@ -555,20 +889,18 @@ class Trainer:
         :param checkpoint: folder path or 'latest'
         :return: Path restored from
         """
-        if checkpoint == 'latest':
-            found = sorted(self.checkpoint_dir().glob('step_*'))
-            if not found:
-                raise TrainingError(f'no checkpoint to resume from in {self.checkpoint_dir()}')
-            checkpoint = found[-1]
-        checkpoint = Path(checkpoint)
-        if not (checkpoint / 'trainer_state.json').is_file():
-            raise TrainingError(f'{checkpoint} is not a training checkpoint')
+        checkpoint = find_checkpoint(self.output, checkpoint)
         self.accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / 'trainer_state.json').read_text())
         self.step = state['step']
         self.losses = state.get('losses', [])
+        self.no_depth = int(state.get('no_depth', 0))
+        if hasattr(type(self.dataset), 'skipped'):
+            self.dataset.skipped = int(state.get('skipped', 0))
         if self.ema is not None:
             self.ema.shadow = torch.load(checkpoint / 'ema.pt')
+        self.last_lr = self.lr_at(max(self.step - 1, 0))
+        self.set_lr()
         return checkpoint
 
     def _skipped(self):
@@ -580,6 +912,9 @@ class Trainer:
         """
         Save the trained model in diffusers format (EMA weights when enabled).
 
+        The live model is not touched (the export works on copies) and the folder appears
+        complete or not at all (written aside, then renamed into place).
+
         :param path: output folder, default <output_dir>/model
         :return: Path of the model
         """
@@ -590,9 +925,10 @@ class Trainer:
             unet = UNet2DConditionModel.from_config(unet.config)
             self.ema.copy_to(unet.parameters())
         config = self.config
-        save_marigold(path, unet, self.vae.float(), self.embedding.float(),
-                      config.export_steps, config.export_resolution, fp16=config.export_fp16,
-                      extra={'training': config_to_dict(config), 'steps_trained': self.step})
+        save_marigold(path, unet, self.vae, self.embedding, config.export_steps,
+                      config.export_resolution, fp16=config.export_fp16,
+                      extra={'training': config_to_dict(config), 'steps_trained': self.step},
+                      scheduler_config=export_scheduler_config(self.scheduler))
         return path
 
     # -- the loop ---------------------------------------------------------------------------
@@ -607,12 +943,14 @@ class Trainer:
         self.output.mkdir(parents=True, exist_ok=True)
         with open(self.output / 'config.yaml', 'w') as stream:
             yaml.safe_dump(config_to_dict(config), stream, sort_keys=False)
-        log = RunLog(self.output, config.logger, self.accelerator.is_main_process)
+        log = RunLog(self.output, config.logger, self.accelerator.is_main_process,
+                     start=self.step)
         progress = _progress(config, self.step, self.accelerator.is_main_process)
         samples = config.batch_size * config.grad_accumulation * self.accelerator.num_processes
         if self.latent_cache is not None and config.prefill_cache and not self.latent_cache:
             self.prefill_latent_cache()
         clock = time.perf_counter()
+        logged = self.step
         while self.step < config.max_steps:
             loss = self.train_step()
             self.losses.append(loss)
@@ -620,63 +958,88 @@ class Trainer:
             progress.set_postfix(loss=f'{loss:.4f}')
             if self.step % config.log_every == 0 or self.step == config.max_steps:
                 elapsed = time.perf_counter() - clock
-                log.write(self.step, loss, self.lr_schedule.get_last_lr()[0],
-                          samples * config.log_every / max(elapsed, 1e-9), self._skipped())
-                clock = time.perf_counter()
-            if self.step % config.checkpoint_every == 0:
+                log.write(self.step, loss, self.last_lr,
+                          samples * (self.step - logged) / max(elapsed, 1e-9), self._skipped(),
+                          self.no_depth)
+                clock, logged = time.perf_counter(), self.step
+            if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
                 self.save_checkpoint()
         progress.close()
         log.close()
         skipped = self._skipped()
         if skipped:
             print(f'{skipped} unreadable samples were skipped', file=sys.stderr)
+        if self.no_depth:
+            print(f'{self.no_depth} drawn samples had no valid depth and taught nothing',
+                  file=sys.stderr)
         if self.accelerator.is_main_process:
             return self.export()
         return None
 
 
+LOG_COLUMNS = ('step', 'loss', 'lr', 'samples_per_s', 'skipped', 'no_depth')
+
+
 class RunLog:
     """Loss and learning rate to CSV (always) and TensorBoard (when chosen)."""
 
-    def __init__(self, output, logger, active):
+    def __init__(self, output, logger, active, start=0):
         """
-        Open the log files.
+        Open the log files; rows after ``start`` (left by an interrupted run) are dropped.
 
         :param output: run folder
         :param logger: 'csv' or 'tensorboard'
         :param active: False on non-main processes
+        :param start: step the run starts (or resumes) from
         """
         self.active = active
         self.writer = None
         if not active:
             return
         path = Path(output) / 'log.csv'
-        new = not path.exists()
+        self.columns = list(LOG_COLUMNS)
+        rows = []
+        if path.exists():
+            with open(path, newline='') as stream:
+                rows = list(csv.reader(stream))
+        if rows and 'step' in rows[0]:
+            self.columns = rows[0]
+            kept = [row for row in rows[1:] if _row_step(row, self.columns) <= start]
+            if len(kept) != len(rows) - 1:
+                partial = path.with_name('.log.csv.partial')
+                with open(partial, 'w', newline='') as stream:
+                    csv.writer(stream).writerows([self.columns] + kept)
+                partial.replace(path)
+        else:
+            with open(path, 'w', newline='') as stream:
+                csv.writer(stream).writerow(self.columns)
         self.stream = open(path, 'a', newline='')
-        self.csv = csv.writer(self.stream)
-        if new:
-            self.csv.writerow(['step', 'loss', 'lr', 'samples_per_s', 'skipped'])
+        self.csv = csv.DictWriter(self.stream, self.columns, extrasaction='ignore')
         if logger == 'tensorboard':
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as error:
                 raise TrainingError('logger tensorboard needs the tensorboard package '
                                     '(pip install tensorboard)') from error
-            self.writer = SummaryWriter(str(Path(output) / 'tensorboard'))
+            self.writer = SummaryWriter(str(Path(output) / 'tensorboard'),
+                                        purge_step=start + 1 if start else None)
 
-    def write(self, step, loss, lr, rate, skipped):
+    def write(self, step, loss, lr, rate, skipped, no_depth=0):
         """
         Record one line.
 
         :param step: optimiser step
         :param loss: loss value
-        :param lr: learning rate
+        :param lr: learning rate of the step
         :param rate: samples per second
         :param skipped: unreadable samples so far
+        :param no_depth: drawn samples without valid depth so far
         """
         if not self.active:
             return
-        self.csv.writerow([step, f'{loss:.6f}', f'{lr:.3e}', f'{rate:.2f}', skipped])
+        self.csv.writerow({'step': step, 'loss': f'{loss:.6f}', 'lr': f'{lr:.3e}',
+                           'samples_per_s': f'{rate:.2f}', 'skipped': skipped,
+                           'no_depth': no_depth})
         self.stream.flush()
         if self.writer is not None:
             self.writer.add_scalar('loss', loss, step)
@@ -688,6 +1051,13 @@ class RunLog:
             self.stream.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def _row_step(row, columns):
+    try:
+        return int(row[columns.index('step')])
+    except (ValueError, IndexError):
+        return math.inf  # a torn or malformed row: drop it
 
 
 def _progress(config, start, active):
@@ -710,15 +1080,23 @@ def main(argv=None):
     parser.add_argument('--resume', nargs='?', const='latest', default=None,
                         help="resume from a checkpoint folder, or the run's latest")
     parser.add_argument('--export-only', action='store_true',
-                        help='export the model of the resumed checkpoint and stop')
+                        help='export the model of a checkpoint (--resume, default the latest '
+                             'of the run) and stop')
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        resume = args.resume or ('latest' if args.export_only else None)
+        if resume:
+            resume = find_checkpoint(config.output_dir, resume)  # before loading any model
         trainer = Trainer(config)
-        if args.resume:
-            trainer.resume(args.resume)
-        path = trainer.export() if args.export_only else trainer.run()
-    except (TrainingError, FileNotFoundError, ValueError) as error:
+        if resume:
+            trainer.resume(resume)
+        if args.export_only:
+            print(f'exporting {resume} (step {trainer.step})')
+            path = trainer.export()
+        else:
+            path = trainer.run()
+    except (TrainingError, OSError, ValueError) as error:
         print(f'marigold-train: {error}', file=sys.stderr)
         return 2
     if path is not None:

@@ -370,6 +370,94 @@ def test_mixing_bad_arguments():
         MixedDataset([_ConstDataset('a', n=0)], [1.0], 10)
 
 
+def _passes(names, tag, size):
+    """Split the frames drawn from one source into consecutive passes of ``size`` draws."""
+    frames = [int(n.split(':')[1]) for n in names if n.startswith(tag + ':')]
+    return [frames[i:i + size] for i in range(0, len(frames) - size + 1, size)]
+
+
+def test_mixing_uses_every_frame_once_per_pass():
+    """Each pass over a source draws each of its frames exactly once, in a fresh order."""
+    mixed = MixedDataset([_ConstDataset('a', n=7), _ConstDataset('b', n=3)], [0.7, 0.3],
+                         length=300, seed=2)
+    names = [mixed[i].name for i in range(300)]
+    for tag, size in (('a', 7), ('b', 3)):
+        passes = _passes(names, tag, size)
+        assert len(passes) >= 20
+        for frames in passes:
+            assert sorted(frames) == list(range(size))
+    assert len({tuple(p) for p in _passes(names, 'a', 7)}) > 1  # reshuffled per pass
+    share_a = np.mean([n.startswith('a') for n in names])
+    assert 0.6 < share_a < 0.8
+
+
+def _gradient_frame(name, height=20, width=30):
+    """Frame whose depth grows to the right and down, so crops and flips are visible."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    depth = 1.0 + cols + 0.01 * rows
+    rgb = np.stack([cols * 8, rows * 12, cols * 0], axis=-1).astype(np.uint8)
+    return make_sample(rgb, depth, intrinsics_from_hfov(width, height, 60.0), name)
+
+
+class _Frames:
+    def __init__(self, n):
+        self.frames = [_gradient_frame(f'f:{i}') for i in range(n)]
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __getitem__(self, i):
+        return self.frames[i]
+
+
+def test_mixing_crops_and_flips_change_between_passes_and_follow_the_seed():
+    """A frame drawn in several passes gets different crops / flips; the seed fixes them."""
+    def draws(seed, count=60):
+        mixed = MixedDataset([_Frames(3)], [1.0], length=3, seed=seed,
+                             transform=TrainTransform(16, 16))
+        return [mixed.sample(i) for i in range(count)]
+
+    first = draws(7)
+    for frame in range(3):
+        seen = [s for s in first if s.name == f'f:{frame}']
+        assert len(seen) == 20  # once per pass of 3 draws
+        variants = {s.depth.tobytes() for s in seen}
+        assert len(variants) > 5
+        flipped = [s.depth[0, 0] > s.depth[0, -1] for s in seen]
+        assert any(flipped) and not all(flipped)
+    again = draws(7)
+    assert all(a.name == b.name and np.array_equal(a.depth, b.depth) and np.array_equal(
+        a.rgb, b.rgb) and np.array_equal(a.K, b.K) for a, b in zip(first, again))
+    other = draws(8)
+    assert any(not np.array_equal(a.depth, b.depth) for a, b in zip(first, other))
+    # A draw is a function of its number alone: asked out of order, it is the same.
+    mixed = MixedDataset([_Frames(3)], [1.0], length=3, seed=7, transform=TrainTransform(16, 16))
+    for i in (41, 3, 59, 0):
+        assert np.array_equal(mixed.sample(i).depth, first[i].depth)
+
+
+def test_mixing_cache_key_names_exactly_one_sample():
+    """Draws with equal cache keys are equal samples; unknown frames have no key yet."""
+    mixed = MixedDataset([_Frames(4)], [1.0], seed=1, transform=TrainTransform(20, 30))
+    assert mixed.cache_key(0) is None  # frame never read: its crops are unknown
+    samples, keys = {}, {}
+    for i in range(40):
+        sample = mixed.sample(i)
+        key = mixed.cache_key(i)
+        assert key is not None
+        if key in samples:
+            assert np.array_equal(samples[key].depth, sample.depth)
+        samples[key], keys[i] = sample, key
+    assert len(set(keys.values())) == 8  # 4 frames at the output size x 2 flips
+    listed = dict(mixed.variants())
+    assert set(listed) == set(keys.values())
+    for key, sample in listed.items():
+        assert np.array_equal(sample.depth, samples[key].depth)
+    crops = MixedDataset([_Frames(4)], [1.0], seed=1, transform=TrainTransform(16, 16))
+    crops.sample(0)
+    assert crops.cache_key(0) is not None and list(crops.variants()) == []  # too many crops
+
+
 def test_transform_keeps_geometry_consistent():
     # Render a scene at 96x128, transform to 48x48 (resize by 0.5, crop), and compare with a
     # direct render of the same scene through the transformed K.

@@ -156,3 +156,339 @@ def test_wrong_paths_and_settings_fail_at_start(tmp_path, random_model_dir, caps
     assert main([str(config_file), f'base_model={tmp_path / "no_model"}']) == 2
     assert 'no_model' in capsys.readouterr().err
     assert not Path(tmp_path / 'out' / 'checkpoints').exists()
+
+
+# ---- data stream -------------------------------------------------------------------------------
+
+
+class _Frames(torch.utils.data.Dataset):
+    """Frames larger than the training size, depth growing to the right (flips are visible)."""
+
+    def __init__(self, n, size=40, empty=(), broken=()):
+        rows, cols = np.mgrid[0:size, 0:size]
+        self.n, self.empty, self.broken = n, set(empty), set(broken)
+        self.depth = 1.0 + cols + 0.01 * rows
+        self.rgb = np.stack([cols * 6, rows * 6, cols * 0], axis=-1).astype(np.uint8)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        from marigold_model.data.sample import intrinsics_from_hfov, make_sample
+        if i in self.broken:
+            raise UnreadableSample(f'frame {i} is corrupt')
+        depth = np.zeros_like(self.depth) if i in self.empty else self.depth * (1 + i)
+        return make_sample(self.rgb, depth, intrinsics_from_hfov(40, 40, 60.0), f'frame:{i}')
+
+
+def _stream(source, seed=0, size=32):
+    from marigold_model.data.mixing import MixedDataset, TrainTransform
+    return MixedDataset([source], [1.0], length=len(source), seed=seed,
+                        transform=TrainTransform(size, size))
+
+
+def _record_samples(monkeypatch):
+    import marigold_model.trainer as trainer_module
+    seen = []
+    original = trainer_module.sample_to_tensors
+
+    def recording(sample, config):
+        seen.append((sample.name, sample.depth.tobytes()))
+        return original(sample, config)
+    monkeypatch.setattr(trainer_module, 'sample_to_tensors', recording)
+    return seen
+
+
+def test_training_draws_every_frame_once_per_pass_with_new_crops(tmp_path, random_model_dir,
+                                                                 monkeypatch):
+    """Each step (4 draws) is one pass over 4 frames; crops / flips differ between passes."""
+    seen = _record_samples(monkeypatch)
+    trainer = Trainer(_config(tmp_path / 'a', random_model_dir, max_steps=6),
+                      dataset=_stream(_Frames(4)))
+    for _ in range(6):
+        trainer.train_step()
+    assert len(seen) == 24
+    for step in range(6):
+        names = sorted(name for name, _ in seen[4 * step:4 * step + 4])
+        assert names == [f'frame:{i}' for i in range(4)]
+    for frame in range(4):
+        variants = [data for name, data in seen if name == f'frame:{frame}']
+        assert len(set(variants)) > 1  # not the same crop and flip every pass
+    # The same seed draws the same sequence (what makes a resumed run exact).
+    first = list(seen)
+    seen.clear()
+    twin = Trainer(_config(tmp_path / 'b', random_model_dir, max_steps=6),
+                   dataset=_stream(_Frames(4)))
+    for _ in range(6):
+        twin.train_step()
+    assert seen == first
+
+
+def test_latent_cache_serves_only_exact_repeats(tmp_path, random_model_dir):
+    """Cached (and prefilled) latents give the losses of a run that encodes every draw."""
+    def losses(**changes):
+        trainer = Trainer(_config(tmp_path / str(len(changes)), random_model_dir, max_steps=4,
+                                  **changes), dataset=_stream(_Frames(3, size=32)))
+        if changes.get('prefill_cache'):
+            trainer.prefill_latent_cache()
+            assert len(trainer.latent_cache) == 6  # 3 frames x 2 flips
+        return [trainer.train_step() for _ in range(4)]
+    plain = losses()
+    assert np.allclose(losses(cache_latents=True), plain, rtol=1e-4)
+    assert np.allclose(losses(cache_latents=True, prefill_cache=True), plain, rtol=1e-4)
+
+
+# ---- learning rate -----------------------------------------------------------------------------
+
+
+def test_lr_follows_the_step_on_many_processes_and_skipped_steps(tmp_path, random_model_dir,
+                                                                 monkeypatch):
+    """Every optimiser step uses lr * lr_factor(step): 4 processes or skipped fp16 steps."""
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState, PartialState
+    config = _config(tmp_path, random_model_dir, max_steps=8, warmup_steps=2,
+                     lr_schedule='exponential', lr_final_ratio=0.01, grad_accumulation=1)
+    trainer = Trainer(config)
+    used = []
+    inner = trainer.optimizer.optimizer
+    original = inner.step
+
+    def recording_step(*args, **kwargs):
+        used.append(inner.param_groups[0]['lr'])
+        return original(*args, **kwargs)
+    monkeypatch.setattr(inner, 'step', recording_step)
+    for state in (PartialState, AcceleratorState):  # AcceleratorState() copies PartialState
+        monkeypatch.setitem(state._shared_state, 'num_processes', 4)
+    assert trainer.accelerator.num_processes == 4
+    for _ in range(3):
+        trainer.train_step()
+    # fp16 loss scaling skips optimiser steps on overflow; the step count still moves on.
+    monkeypatch.setattr(AcceleratedOptimizer, 'step_was_skipped', property(lambda self: True))
+    for _ in range(3):
+        trainer.train_step()
+    assert trainer.step == 6
+    assert used == pytest.approx([config.lr * lr_factor(step, config) for step in range(6)])
+    assert trainer.optimizer.param_groups[0]['lr'] == pytest.approx(
+        config.lr * lr_factor(5, config))
+
+
+# ---- exported scheduler ------------------------------------------------------------------------
+
+
+def test_export_keeps_the_training_noise_schedule(tmp_path, random_model_dir):
+    """A base without zero-SNR rescaling exports a scheduler with the trained alphas."""
+    import json
+    import shutil
+
+    from diffusers import DDIMScheduler
+    base = tmp_path / 'base'
+    shutil.copytree(random_model_dir, base)
+    config_file = base / 'scheduler' / 'scheduler_config.json'
+    values = json.loads(config_file.read_text())
+    values.update(rescale_betas_zero_snr=False, beta_schedule='linear', beta_start=0.0001,
+                  beta_end=0.02, prediction_type='epsilon')
+    config_file.write_text(json.dumps(values))
+    trainer = Trainer(_config(tmp_path, str(base), max_steps=1))
+    path = trainer.run()
+    exported = DDIMScheduler.from_pretrained(path, subfolder='scheduler')
+    assert not exported.config.rescale_betas_zero_snr
+    assert exported.config.prediction_type == 'v_prediction'  # what the trainer taught
+    assert torch.allclose(exported.alphas_cumprod, trainer.scheduler.alphas_cumprod)
+    assert exported.alphas_cumprod[-1] > 1e-5  # not the zero-SNR schedule (about 0)
+
+
+# ---- samples without depth ---------------------------------------------------------------------
+
+
+def test_samples_without_valid_depth_are_counted_not_fatal(tmp_path, random_model_dir):
+    """All-invalid frames are masked out and counted; the count survives a resume."""
+    trainer = Trainer(_config(tmp_path, random_model_dir, max_steps=2),
+                      dataset=_stream(_Frames(4, empty=(1, 3))))
+    trainer.run()
+    assert trainer.no_depth == 4  # two passes over four frames, two of them empty
+    rows = list(csv.DictReader(open(tmp_path / 'run' / 'log.csv')))
+    assert [int(r['no_depth']) for r in rows] == [2, 4]
+    resumed = Trainer(_config(tmp_path, random_model_dir, max_steps=2),
+                      dataset=_stream(_Frames(4, empty=(1, 3))))
+    resumed.resume('latest')
+    assert resumed.no_depth == 4
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+def test_config_values_get_their_types_and_bad_keys_are_named(tmp_path, capsys):
+    """YAML 3e-5 is a number; misspelt data keys and reader options fail by name, early."""
+    config_file = tmp_path / 'train.yaml'
+    config_file.write_text('lr: 3e-5\nmax_steps: 1e3\nmixed_precision: no\nheight: 64\n')
+    config = load_config(config_file)
+    assert isinstance(config.lr, float) and config.lr == pytest.approx(3e-5)
+    assert config.max_steps == 1000 and isinstance(config.max_steps, int)
+    assert config.mixed_precision == 'no'
+    with pytest.raises(TrainingError, match='lr'):
+        load_config(None, ['lr=fast'])
+    with pytest.raises(TrainingError, match='max_steps'):
+        load_config(None, ['max_steps=2.5'])
+    with pytest.raises(TrainingError, match="'path'"):
+        load_config(None, ['data=[{kind: folder, path: /data}]'])
+    with pytest.raises(TrainingError, match='depth_scal'):
+        load_config(None, ['data=[{kind: folder, root: /data, options: {depth_scal: 0.001}}]'])
+    with pytest.raises(TrainingError, match='rgb_topic'):
+        load_config(None, ['data=[{kind: bag, root: /data.bag, options: {depth_topic: d}}]'])
+    with pytest.raises(TrainingError, match='fov'):
+        load_config(None, ['data=[{kind: synthetic, options: {scene: {fov: [40, 50]}}}]'])
+    # Reported by the command line before any model is looked at (this one does not exist).
+    config_file.write_text(f'base_model: {tmp_path / "no_model"}\n'
+                           'data:\n  - kind: folder\n    path: /data\n')
+    assert main([str(config_file)]) == 2
+    error = capsys.readouterr().err
+    assert "'path'" in error and 'no_model' not in error
+
+
+@pytest.mark.parametrize('setting, value', [
+    ('checkpoint_every', 0), ('log_every', 0), ('keep_checkpoints', 0), ('ema_decay', 1.0),
+    ('ema_decay', 1.5), ('lr_final_ratio', 0), ('lr_final_ratio', -0.5),
+    ('depth_high_percentile', 98), ('depth_low_percentile', 2), ('lr', 0), ('height', 36)])
+def test_settings_that_cannot_work_are_refused_by_name(setting, value):
+    """Zero intervals, EMA decay >= 1, a zero final ratio, percentages: refused up front."""
+    with pytest.raises(TrainingError, match=setting):
+        load_config(None, [f'{setting}={value}'])
+
+
+# ---- noise -------------------------------------------------------------------------------------
+
+
+def _reference_multi_res_noise(x, strength, generator):
+    """Marigold's multi_res_noise_like ('original'), transcribed loop for loop."""
+    if torch.is_tensor(strength):
+        strength = strength.reshape((-1, 1, 1, 1))
+    b, c, w, h = x.shape
+    up_sampler = torch.nn.Upsample(size=(w, h), mode='bilinear')
+    noise = torch.randn(x.shape, device=x.device, generator=generator)
+    for i in range(10):
+        r = torch.rand(1, generator=generator, device=x.device) * 2 + 2
+        w, h = max(1, int(w / (r ** i))), max(1, int(h / (r ** i)))
+        noise += up_sampler(torch.randn(b, c, w, h, generator=generator).to(x)) * strength ** i
+        if w == 1 or h == 1:
+            break
+    return noise / noise.std()
+
+
+@pytest.mark.parametrize('shape', [(2, 4, 32, 32), (3, 4, 12, 20), (1, 4, 96, 64)])
+def test_pyramid_noise_matches_marigold_draw_for_draw(shape):
+    """Same generator, same noise as the reference, including its full-size level 0."""
+    latent = torch.zeros(shape)
+    for strength in (0.9, torch.linspace(0.0, 0.9, shape[0]), 0.0):
+        ours = pyramid_noise_like(latent, strength, generator=torch.Generator().manual_seed(5))
+        reference = _reference_multi_res_noise(latent, strength,
+                                               torch.Generator().manual_seed(5))
+        assert torch.equal(ours, reference)
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+
+def test_export_leaves_the_live_model_alone_and_replaces_the_folder_whole(
+        tmp_path, random_model_dir, monkeypatch):
+    """fp16 export does not round the training weights; a failed export keeps the old one."""
+    import safetensors.torch
+
+    from marigold_model.loading import EMPTY_TEXT_FILE
+    trainer = Trainer(_config(tmp_path, random_model_dir, max_steps=3, export_fp16=True))
+    trainer.train_step()
+    live = [p.detach().clone() for p in list(trainer.unet.parameters())
+            + list(trainer.vae.parameters())]
+    path = trainer.export(tmp_path / 'model')
+    after = list(trainer.unet.parameters()) + list(trainer.vae.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(live, after))
+    assert trainer.vae.dtype == torch.float32
+    weights = safetensors.torch.load_file(path / 'unet' / 'diffusion_pytorch_model.safetensors')
+    assert all(t.dtype == torch.float16 for t in weights.values())
+    for part in ('model_index.json', 'unet/config.json', 'vae/config.json',
+                 'scheduler/scheduler_config.json', EMPTY_TEXT_FILE, 'marigold_ros.json'):
+        assert (path / part).is_file()
+    before = {f: f.read_bytes() for f in path.rglob('*') if f.is_file()}
+    # Train on, then an export that dies while writing (disk full, Ctrl-C, ...).
+    trainer.train_step()
+    original = safetensors.torch.save_file
+
+    def failing(tensors, filename, *args, **kwargs):
+        if str(filename).endswith(EMPTY_TEXT_FILE):
+            raise OSError('no space left on device')
+        return original(tensors, filename, *args, **kwargs)
+    monkeypatch.setattr(safetensors.torch, 'save_file', failing)
+    with pytest.raises(OSError, match='no space'):
+        trainer.export(path)
+    assert {f: f.read_bytes() for f in path.rglob('*') if f.is_file()} == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith('.')]
+    monkeypatch.undo()
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'notes.txt').write_text('mine')
+    with pytest.raises(FileExistsError):
+        trainer.export(tmp_path / 'other')
+    assert (tmp_path / 'other' / 'notes.txt').read_text() == 'mine'
+
+
+# ---- resume and export-only --------------------------------------------------------------------
+
+
+def test_resume_restores_counts_without_repeating_log_rows(tmp_path, random_model_dir):
+    """Skipped count restored, no duplicate log rows, and a checkpoint at max_steps."""
+    def trainer(folder):
+        return Trainer(_config(tmp_path / folder, random_model_dir, max_steps=5,
+                               checkpoint_every=2, keep_checkpoints=3),
+                       dataset=_stream(_Frames(6, broken=(0, 4))))
+
+    straight = trainer('a')
+    straight.run()
+    crashing = trainer('b')
+    original = crashing.train_step
+
+    def crash_in_step_four():
+        if crashing.step == 3:
+            raise KeyboardInterrupt
+        return original()
+    crashing.train_step = crash_in_step_four
+    with pytest.raises(KeyboardInterrupt):
+        crashing.run()  # logged step 3, last checkpoint at step 2
+    resumed = trainer('b')
+    resumed.resume('latest')
+    assert resumed.step == 2
+    assert resumed._skipped() > 0
+    resumed.run()
+
+    def log(folder):
+        return list(csv.DictReader(open(tmp_path / folder / 'run' / 'log.csv')))
+    rows_a, rows_b = log('a'), log('b')
+    assert [int(r['step']) for r in rows_b] == [1, 2, 3, 4, 5]
+    for a, b in zip(rows_a, rows_b):
+        assert (a['step'], a['loss'], a['skipped']) == (b['step'], b['loss'], b['skipped'])
+    assert resumed.losses == straight.losses
+    kept = sorted(p.name for p in (tmp_path / 'b' / 'run' / 'checkpoints').glob('step_*'))
+    assert kept == ['step_0000002', 'step_0000004', 'step_0000005']
+
+
+def test_export_only_exports_the_trained_checkpoint(tmp_path, random_model_dir, capsys):
+    """--export-only needs a checkpoint (the latest by default), never the untrained base."""
+    import safetensors.torch
+    config_file = tmp_path / 'train.yaml'
+    config_file.write_text(f'base_model: {random_model_dir}\nheight: 32\nwidth: 32\n'
+                           f'output_dir: {tmp_path / "run"}\nmax_steps: 2\nbatch_size: 2\n'
+                           'grad_accumulation: 1\nlr: 0.001\nwarmup_steps: 0\nprogress: false\n'
+                           'checkpoint_every: 2\nexport_resolution: 32\n'
+                           'data:\n  - kind: synthetic\n    options: {length: 8}\n')
+    assert main([str(config_file), '--export-only']) == 2
+    assert 'no checkpoint' in capsys.readouterr().err
+    assert not (tmp_path / 'run' / 'model').exists()
+    trainer = Trainer(load_config(config_file))
+    for _ in range(2):
+        trainer.train_step()
+    trainer.save_checkpoint()
+    assert main([str(config_file), '--export-only']) == 0
+    exported = safetensors.torch.load_file(
+        tmp_path / 'run' / 'model' / 'unet' / 'diffusion_pytorch_model.safetensors')
+    base = safetensors.torch.load_file(
+        Path(random_model_dir) / 'unet' / 'diffusion_pytorch_model.safetensors')
+    trained = trainer.accelerator.unwrap_model(trainer.unet).state_dict()
+    assert all(torch.equal(exported[k], trained[k]) for k in exported)
+    assert not all(torch.equal(exported[k], base[k]) for k in exported)
