@@ -736,7 +736,8 @@ def colorize_depth(depth, valid=None):
     if not valid.any():
         return out
     lo, hi = np.percentile(depth[valid], [1, 99])
-    x = np.clip((depth - lo) / max(hi - lo, 1e-9), 0.0, 1.0)
+    # Invalid pixels (NaN, inf) are painted black below; 0 keeps the arithmetic quiet.
+    x = np.clip(np.nan_to_num((depth - lo) / max(hi - lo, 1e-9), nan=0.0), 0.0, 1.0)
     stops = np.array([[252, 255, 164], [250, 140, 10], [188, 55, 84], [87, 16, 110],
                       [10, 7, 40]], dtype=np.float64)
     pos = x * (len(stops) - 1)
