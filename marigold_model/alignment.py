@@ -19,6 +19,7 @@ REASON_DEGENERATE_RANGE = 'degenerate_range'
 REASON_NEGATIVE_SCALE = 'negative_scale'
 REASON_TOO_FEW_INLIERS = 'too_few_inliers'
 REASON_EMPTY_MASK = 'empty_mask'
+REASON_NONFINITE_PREDICTION = 'nonfinite_prediction'
 
 METHODS = ('ransac', 'irls')
 LOSSES = ('huber', 'cauchy')
@@ -581,8 +582,9 @@ def evaluate_affine_invariant(pred_rel, gt, valid=None, min_depth=1e-3, max_dept
     """
     Evaluate affine-invariant depth with the standard protocol, for one image.
 
-    Valid pixels are those in ``valid`` with finite values and ``min_depth < gt <
-    max_depth``. On them the prediction is aligned to ``gt`` by least squares (scale and
+    Valid pixels are those in ``valid`` with a finite ``min_depth < gt < max_depth``, as in
+    Marigold's evaluation: the ground truth decides, so a prediction with holes cannot score
+    as if it were complete.  On them the prediction is aligned to ``gt`` by least squares (scale and
     shift), clipped to ``[min_depth, max_depth]``, and the metrics computed. Average the
     returned values over images for a data set score.
 
@@ -592,7 +594,8 @@ def evaluate_affine_invariant(pred_rel, gt, valid=None, min_depth=1e-3, max_dept
     :param min_depth: lower depth bound of the data set (e.g. 1e-3 m)
     :param max_depth: upper depth bound of the data set (e.g. 10 m NYUv2, 80 m KITTI)
     :return: dict of :func:`depth_metrics` plus ``scale``, ``shift`` and ``n_valid``
-    :raises AlignmentError: ``empty_mask`` if no pixel is valid, or a fit failure
+    :raises AlignmentError: ``empty_mask`` if no pixel is valid, ``nonfinite_prediction`` if
+        the prediction is NaN or inf on a valid pixel, or a fit failure
     :raises ValueError: ``min_depth >= max_depth`` or shapes differ
     """
     if not min_depth < max_depth:
@@ -602,7 +605,7 @@ def evaluate_affine_invariant(pred_rel, gt, valid=None, min_depth=1e-3, max_dept
     if p.shape != g.shape:
         raise ValueError(f'pred_rel shape {p.shape} differs from gt shape {g.shape}')
     with np.errstate(invalid='ignore'):
-        m = np.isfinite(p) & np.isfinite(g) & (g > min_depth) & (g < max_depth)
+        m = np.isfinite(g) & (g > min_depth) & (g < max_depth)
     if valid is not None:
         v = np.asarray(valid)
         if v.shape != p.shape:
@@ -611,6 +614,11 @@ def evaluate_affine_invariant(pred_rel, gt, valid=None, min_depth=1e-3, max_dept
     if not np.any(m):
         raise AlignmentError(REASON_EMPTY_MASK,
                              f'no valid pixel with {min_depth} < gt < {max_depth}')
+    holes = int(np.count_nonzero(m & ~np.isfinite(p)))
+    if holes:
+        raise AlignmentError(REASON_NONFINITE_PREDICTION,
+                             f'the prediction is NaN or inf on {holes} of the {int(m.sum())} '
+                             'pixels with ground truth')
     s, t = fit_scale_shift(p, g, m)
     aligned = np.clip(s * p + t, min_depth, max_depth)
     result = depth_metrics(aligned, g, m)

@@ -33,7 +33,7 @@ import sys
 import numpy as np
 
 from .alignment import (AlignmentError, depth_metrics, evaluate_affine_invariant,
-                        REASON_DEGENERATE_RANGE)
+                        REASON_DEGENERATE_RANGE, REASON_NONFINITE_PREDICTION)
 from .config import (EstimatorConfig, InferenceConfig, ModelConfig, override,
                      validate_inference_config, validate_model_config)
 from .data.image_io import read_png16, read_rgb
@@ -628,7 +628,11 @@ def evaluate(predictor, dataset, min_depth=None, max_depth=None, crop=None, *, b
                 valid = sample.valid & crop_mask(crop, *sample.depth.shape)
                 try:
                     metrics = score_image(prediction, sample.depth, valid, min_depth, max_depth)
-                except AlignmentError:
+                except AlignmentError as error:
+                    if error.reason == REASON_NONFINITE_PREDICTION:
+                        # Leaving the image out would score a failing predictor as if it
+                        # had not failed.
+                        raise ValueError(f'{label}: {sample.name}: {error}') from None
                     skipped += 1  # no (or one) valid pixel: nothing to align or score
                     continue
                 scored += 1

@@ -299,6 +299,14 @@ def test_evaluate_affine_invariant_errors():
     assert info.value.reason == 'empty_mask'
     with pytest.raises(ValueError, match='min_depth'):
         evaluate_affine_invariant(np.ones(3), np.ones(3), None, 10.0, 1.0)
+    # Holes in the prediction where there is ground truth are a failure, not fewer pixels.
+    rel = np.array([0.0, 0.5, np.nan, 1.0])
+    with pytest.raises(AlignmentError, match='1 of the 4') as info:
+        evaluate_affine_invariant(rel, np.array([1.0, 2.0, 2.5, 3.0]), None, 0.5, 10.0)
+    assert info.value.reason == 'nonfinite_prediction'
+    # Where the ground truth is missing, the prediction is not looked at.
+    result = evaluate_affine_invariant(rel, np.array([1.0, 2.0, np.nan, 3.0]), None, 0.5, 10.0)
+    assert result['n_valid'] == 3 and result['abs_rel'] == pytest.approx(0.0, abs=1e-12)
 
 
 # Percentile normalisation

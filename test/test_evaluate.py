@@ -80,6 +80,17 @@ def test_evaluate_rejects_wrong_prediction_shape():
         evaluate(lambda rgb: np.zeros((3, 3)), [_sample(np.ones((2, 2)), 'x')], 1e-3, 10.0)
 
 
+def test_evaluate_stops_on_a_prediction_with_holes():
+    """A NaN prediction is the predictor failing: it is not left out of the mean."""
+    def holes(rgb):
+        out = np.ones(rgb.shape[:2])
+        out[0, 0] = np.nan
+        return out
+
+    with pytest.raises(ValueError, match='x: .*NaN or inf on 1 of'):
+        evaluate(holes, [_sample(np.full((2, 2), 2.0), 'x')], 1e-3, 10.0)
+
+
 def test_evaluate_raises_when_nothing_scored():
     with pytest.raises(ValueError, match='none of 1 images'):
         evaluate('ramp', [_sample(np.zeros((4, 4)), 'x')], 1e-3, 10.0)
