@@ -584,9 +584,9 @@ def evaluate_affine_invariant(pred_rel, gt, valid=None, min_depth=1e-3, max_dept
 
     Valid pixels are those in ``valid`` with a finite ``min_depth < gt < max_depth``, as in
     Marigold's evaluation: the ground truth decides, so a prediction with holes cannot score
-    as if it were complete.  On them the prediction is aligned to ``gt`` by least squares (scale and
-    shift), clipped to ``[min_depth, max_depth]``, and the metrics computed. Average the
-    returned values over images for a data set score.
+    as if it were complete.  On them the prediction is aligned to ``gt`` by least squares
+    (scale and shift), clipped to ``[min_depth, max_depth]``, and the metrics computed.
+    Average the returned values over images for a data set score.
 
     :param pred_rel: affine-invariant prediction, any shape
     :param gt: ground-truth metric depth, same shape
