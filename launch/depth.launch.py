@@ -53,7 +53,8 @@ ARGUMENTS = (
     ('model', '', "model override: HF id, local folder or 'bundled:marigold-tiny' "
                   '(empty: the value in params_file)'),
     ('device', '', 'device override: auto, cpu, cuda or cuda:N (empty: params_file)'),
-    ('use_sim_time', 'false', 'use /clock (bag replay, simulation)'),
+    ('use_sim_time', '', 'use /clock (bag replay, simulation): true or false (empty: '
+                         'params_file, else false)'),
     ('rviz', 'false', 'also start rviz2 with the depth view'),
     ('rviz_config', DEFAULT_RVIZ, 'RViz configuration file'),
     ('fixed_frame', '', 'RViz fixed frame: the optical frame_id of your images (empty: '
@@ -101,8 +102,10 @@ def _launch_setup(context):
 
     camera = arg('camera')
     image = arg('image')
-    sim_time = _is_true(arg('use_sim_time'))
-    overrides = {'use_sim_time': sim_time}
+    overrides = {}
+    if arg('use_sim_time'):  # else params_file's own use_sim_time stands
+        overrides['use_sim_time'] = _is_true(arg('use_sim_time'))
+    sim_time = overrides.get('use_sim_time', False)
     for name in ('model', 'device'):
         if arg(name):
             overrides[name] = arg(name)

@@ -345,7 +345,10 @@ def run_graph(sequence, model, device='auto', processing_resolution=0, log=print
         executor.add_node(node)
         executor.add_node(recorder)
         log(f'loading {model} ...')
+        deadline = time.monotonic() + timeout
         while node.diagnostics.model_state in ('loading', 'unconfigured'):
+            if time.monotonic() > deadline:
+                raise DemoError(f'the model did not load within {timeout:.0f} s')
             executor.spin_once(timeout_sec=0.05)
         if node.diagnostics.model_state != 'ready':
             raise DemoError(f'the model did not load: {node.diagnostics.model_message}')
@@ -408,6 +411,8 @@ def write_outputs(folder, sequence, messages, sent, counters, info, settings, mo
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob('frame_*.png'):  # an earlier run's pictures are not this run's
+        old.unlink()
     valid_gt = np.concatenate([d[np.isfinite(d)] for d in sequence.depth])
     low, high = np.percentile(valid_gt, [1, 99])
     files, metric_scores, aligned_scores, last_cloud = [], [], [], None

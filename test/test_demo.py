@@ -11,7 +11,9 @@ import pytest
                     reason='the bundled tiny model is not there')
 def test_demo_publishes_every_frame_and_beats_a_constant_depth(tmp_path):
     """Every frame is published, and the metric depth is better than a constant depth."""
+    (tmp_path / 'frame_0099.png').write_bytes(b'an earlier run')
     assert main(['--output', str(tmp_path), '--device', 'cpu']) == 0
+    assert not (tmp_path / 'frame_0099.png').exists()
     summary = json.loads((tmp_path / 'summary.json').read_text())
     frames, accuracy = summary['frames'], summary['accuracy']
     assert frames['published'] == frames['sent'] == accuracy['frames'] > 0

@@ -30,10 +30,11 @@ def _arguments_from_source():
 
 
 def test_launch_file_declares_the_arguments_with_defaults():
-    """Every documented argument exists; rviz is off and use_sim_time false by default."""
+    """Every documented argument exists; rviz is off and use_sim_time left to params_file."""
     arguments = _arguments_from_source()
     assert REQUIRED <= set(arguments)
-    assert arguments['rviz'].value == 'false' and arguments['use_sim_time'].value == 'false'
+    # use_sim_time is empty by default: a params file's own setting is not overridden.
+    assert arguments['rviz'].value == 'false' and arguments['use_sim_time'].value == ''
     assert arguments['model'].value == '' and arguments['camera'].value == ''
     # The defaults point at files that exist next to the launch folder (installed: share/).
     assert (LAUNCH_FILE.parent.parent / 'config' / 'depth.yaml').is_file()
