@@ -44,6 +44,10 @@ from .alignment import (AlignmentError, fit_scale_shift_robust, REASON_TOO_FEW_I
 
 REASON_GATED_OUTLIER = 'gated_outlier'
 REASON_LOW_INLIER_RATIO = 'low_inlier_ratio'
+REASON_FLAT_FIT = 'flat_fit'
+
+#: Smallest share of the sparse depths' spread (10th to 90th percentile) a fit must explain.
+MIN_EXPLAINED_SPREAD = 0.5
 
 STATUS_OK = 'ok'
 STATUS_STALE = 'stale'
@@ -305,15 +309,22 @@ class ScaleTracker:
         if n < cfg.min_points:
             raise AlignmentError(REASON_TOO_FEW_POINTS,
                                  f'{n} valid sample(s), at least {cfg.min_points} needed')
-        try:
-            fit = fit_scale_shift_robust(rel[valid], metric[valid],
-                                         threshold_rel=cfg.inlier_threshold_rel,
-                                         iterations=cfg.ransac_iterations,
-                                         min_span=cfg.min_rel_span, rng=self._rng)
-        except AlignmentError as error:
-            if error.reason == REASON_TOO_FEW_INLIERS:
-                raise AlignmentError(REASON_LOW_INLIER_RATIO, str(error)) from error
-            raise
+        rel, metric = rel[valid], metric[valid]
+        fit = self._robust_fit(rel, metric, 'ransac')
+        if self._explained_spread(fit, rel, metric) < MIN_EXPLAINED_SPREAD:
+            # RANSAC counts points near a line: with a weak prediction, a flat line through
+            # the densest band of depths can collect the most of them, and the 'metric'
+            # depth becomes a constant.  A robust least-squares fit uses every point's
+            # residual instead; if it too leaves the depths' spread unexplained, the
+            # relative depth does not follow them and no scale is given.
+            fit = self._robust_fit(rel, metric, 'irls')
+            explained = self._explained_spread(fit, rel, metric)
+            if explained < MIN_EXPLAINED_SPREAD:
+                raise AlignmentError(
+                    REASON_FLAT_FIT, f'the fit explains {100 * explained:.0f} % of the sparse '
+                    f"depths' spread (10th to 90th percentile), below "
+                    f'{100 * MIN_EXPLAINED_SPREAD:.0f} %: the relative depth does not follow '
+                    'them (a model too weak for the scene, or input not registered)')
         if fit.inlier_ratio < cfg.min_inlier_ratio:
             raise AlignmentError(REASON_LOW_INLIER_RATIO,
                                  f'inlier ratio {fit.inlier_ratio:.2f} below '
@@ -335,6 +346,42 @@ class ScaleTracker:
                 metric[valid]
         inliers = np.count_nonzero(error < self.config.inlier_threshold_rel)
         return inliers < self.config.min_inlier_ratio * max(int(valid.sum()), 1)
+
+    def _robust_fit(self, rel, metric, method):
+        cfg = self.config
+        try:
+            return fit_scale_shift_robust(rel, metric, method=method,
+                                          threshold_rel=cfg.inlier_threshold_rel,
+                                          iterations=cfg.ransac_iterations,
+                                          min_span=cfg.min_rel_span, rng=self._rng)
+        except AlignmentError as error:
+            if error.reason == REASON_TOO_FEW_INLIERS:
+                raise AlignmentError(REASON_LOW_INLIER_RATIO, str(error)) from error
+            raise
+
+    def _explained_spread(self, fit, rel, metric):
+        """
+        Return the fitted depths' spread over the sparse depths' on the fit's inliers.
+
+        Spreads are 10th to 90th percentiles. A fit that follows its inliers reproduces their
+        spread (a real Marigold prediction about all of it); a flat line through a band of
+        depths reproduces none of it, however many points the band holds.  Outliers are left
+        out so that a few wild readings do not widen the spread the fit is held to.
+
+        :param fit: FitResult
+        :param rel: relative depth samples
+        :param metric: metric depth samples
+        :return: ratio (>= 0; 1 when the inliers have no spread)
+        """
+        fitted = fit.scale * rel + fit.shift
+        inliers = np.abs(fitted - metric) < self.config.inlier_threshold_rel * metric
+        if np.count_nonzero(inliers) < 2:
+            return 0.0
+        low, high = np.percentile(metric[inliers], [10.0, 90.0])
+        if not high - low > 0:
+            return 1.0
+        fitted_low, fitted_high = np.percentile(fitted[inliers], [10.0, 90.0])
+        return float((fitted_high - fitted_low) / (high - low))
 
     def _to_anchor_depth(self, scale, shift):
         """

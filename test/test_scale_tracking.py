@@ -2,7 +2,7 @@
 
 import math
 
-from marigold_model.alignment import abs_rel, fit_scale_shift
+from marigold_model.alignment import abs_rel, fit_scale_shift, FitResult
 from marigold_model.scale_tracking import refine_local, sample_sparse_pairs, ScaleEstimate
 from marigold_model.scale_tracking import ScaleTracker, ScaleTrackerConfig, sparse_pixels
 import numpy as np
@@ -239,6 +239,29 @@ def test_failure_reasons_without_prior_estimate(rel, metric, reason):
     assert estimate.status == 'no_estimate' and estimate.reason == reason
     assert tracker.current(0.0) is None
     assert np.isnan(estimate.apply(np.ones(3))).all()
+
+
+def test_a_flat_line_through_a_band_of_depths_is_not_taken_for_the_scale():
+    """A weak prediction: most points on a wall it gets wrong, the rest following it."""
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        # 60 % on a wall at 3 m that the prediction spreads over 0.2-0.8; 40 % follow it.
+        wall_rel, line_rel = rng.uniform(0.2, 0.8, 240), rng.uniform(0.0, 1.0, 160)
+        metric = np.r_[3.0 * (1 + 0.01 * rng.standard_normal(240)), 1.0 + 4.0 * line_rel]
+        estimate = ScaleTracker().update(np.r_[wall_rel, line_rel], metric, 0.0)
+        # RANSAC alone took the flat line (scale about 0.02: a constant 3 m 'metric' depth).
+        assert estimate.status == 'ok' and estimate.scale > 2.0, seed
+    # Depths that the relative depth does not follow at all give no scale.
+    tracker = ScaleTracker()
+    assert tracker._explained_spread(FitResult(0.0, 3.0, 1.0, 0.0, 4, 4), np.arange(4.0),
+                                     np.array([2.8, 2.9, 3.1, 3.2])) == 0.0
+    # Depths that do follow it, with a third of them in one band, are fitted as before.
+    rng = np.random.default_rng(2)
+    rel = rng.uniform(0.0, 1.0, 200)
+    metric = 2.0 + 4.0 * rel
+    metric[:70] = rng.uniform(2.9, 3.1, 70)
+    estimate = ScaleTracker().update(rel, metric, 0.0)
+    assert estimate.status == 'ok' and estimate.scale == pytest.approx(4.0, rel=0.02)
 
 
 def test_update_rejects_mismatched_samples():
