@@ -72,8 +72,8 @@ class ScaleTrackerConfig:
         normalises each frame's depth on its own, so one frame's scale does not carry over)
     :param anchors: the two relative depths whose implied metric depth is smoothed and gated
     :param gate_factor: reject a fit whose anchor depth differs from the current estimate by
-        more than this factor (``gated_outlier``), unless the current estimate explains
-        fewer than ``min_inlier_ratio`` of the new samples (the view changed)
+        more than this factor (``gated_outlier``); without smoothing, not when the current
+        estimate explains fewer than ``min_inlier_ratio`` of the new samples (a new view)
     :param reinit_after: after this many consecutive gated fits that agree with each other,
         the next such fit re-initialises the estimate (the scene really changed)
     :param stale_after_s: the estimate is reported ``stale`` when older than this
@@ -259,9 +259,13 @@ class ScaleTracker:
 
         new_depth = self._to_anchor_depth(fit.scale, fit.shift)
         held = self.current(stamp)
-        if held is None or self._explains_poorly(held, rel, metric):
-            # No estimate, or the held one does not fit this frame's samples (the view and
-            # so the prediction's normalisation changed): the new fit is taken as it is.
+        per_frame = cfg.smoothing >= 1.0
+        if held is None or (per_frame and self._explains_poorly(held, rel, metric)):
+            # No estimate, or per-frame fits and the held one does not fit this frame's
+            # samples (the view and so the prediction's normalisation changed): the new fit
+            # is taken as it is.  With smoothing (a prediction whose normalisation is
+            # stable) a jump must persist for reinit_after frames, as a sensor glitch
+            # looks the same as a new view from one frame's samples.
             self._accept(fit, new_depth, stamp, smooth=False)
         elif self._outside_gate(self._anchor_depth, new_depth):
             if self._candidate is not None and not self._outside_gate(self._candidate,

@@ -355,8 +355,9 @@ class Tf2TransformLookup:
                                   f'empty frame_id (camera {target_frame!r}, cloud '
                                   f'{source_frame!r})')
         cloud_time = Time(nanoseconds=int(stamp_ns))
+        moving = bool(self.fixed_frame) and image_stamp_ns is not None
         try:
-            if self.fixed_frame and image_stamp_ns is not None:
+            if moving:
                 stamped = self.buffer.lookup_transform_full(
                     target_frame, Time(nanoseconds=int(image_stamp_ns)), source_frame,
                     cloud_time, self.fixed_frame)
@@ -366,7 +367,11 @@ class Tf2TransformLookup:
             if not _is_extrapolation(error):
                 raise ScaleInputError(REASON_NO_TRANSFORM, f'no transform from '
                                       f'{source_frame!r} to {target_frame!r}: {error}') from None
-            stamped = self._latest(target_frame, source_frame, stamp_ns, error)
+            if moving:  # odometry a little behind the image: its newest pose, if close
+                stamped = self._latest_full(target_frame, source_frame, cloud_time,
+                                            image_stamp_ns, error)
+            else:
+                stamped = self._latest(target_frame, source_frame, stamp_ns, error)
         tf = stamped.transform
         return ((tf.translation.x, tf.translation.y, tf.translation.z),
                 (tf.rotation.x, tf.rotation.y, tf.rotation.z, tf.rotation.w))
@@ -378,10 +383,28 @@ class Tf2TransformLookup:
         except Exception as error:  # as above
             raise ScaleInputError(REASON_NO_TRANSFORM, f'no transform from {source_frame!r} '
                                   f'to {target_frame!r}: {error}') from None
-        gap_s = abs(stamp_to_ns(stamped.header.stamp) - int(stamp_ns)) / _NS_PER_S
-        if gap_s > self.tolerance_s:
+        return self._check_gap(stamped, stamp_ns, 'cloud', source_frame, target_frame, cause)
+
+    def _latest_full(self, target_frame, source_frame, cloud_time, image_stamp_ns, cause):
+        """Return the camera at the newest fixed-frame pose, if close enough to the image."""
+        try:
+            stamped = self.buffer.lookup_transform_full(target_frame, Time(), source_frame,
+                                                        cloud_time, self.fixed_frame)
+        except Exception as error:  # as above
+            reason = REASON_STALE_TRANSFORM if _is_extrapolation(error) else REASON_NO_TRANSFORM
+            raise ScaleInputError(reason, f'no transform from {source_frame!r} at the cloud '
+                                  f'stamp to {target_frame!r} through {self.fixed_frame!r}: '
+                                  f'{cause}; newest: {error}') from None
+        return self._check_gap(stamped, image_stamp_ns, 'image', source_frame, target_frame,
+                               cause)
+
+    def _check_gap(self, stamped, stamp_ns, what, source_frame, target_frame, cause):
+        """Refuse a transform further than the tolerance from a stamp (0: a static chain)."""
+        found_ns = stamp_to_ns(stamped.header.stamp)
+        gap_s = abs(found_ns - int(stamp_ns)) / _NS_PER_S
+        if found_ns and gap_s > self.tolerance_s:
             raise ScaleInputError(REASON_STALE_TRANSFORM, f'transform {source_frame!r} -> '
-                                  f'{target_frame!r} is {gap_s:.3f} s away from the cloud '
+                                  f'{target_frame!r} is {gap_s:.3f} s away from the {what} '
                                   f'stamp (tolerance {self.tolerance_s} s): {cause}')
         return stamped
 

@@ -15,6 +15,7 @@ from marigold_ros.scale_recovery import status_fields, Tf2TransformLookup
 from marigold_ros.stamp_matcher import ns_to_stamp
 import numpy as np
 import pytest
+from rclpy.time import Time
 from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import Image, PointCloud2, PointField
 from std_msgs.msg import Header
@@ -325,10 +326,10 @@ def test_lidar_points_through_tf2_lookup_at_the_cloud_stamp():
 class MovingBuffer(FakeBuffer):
     """A rig moving along the camera's optical axis at ``speed`` m/s through 'odom'."""
 
-    def __init__(self, speed):
-        """Keep the speed; the extrinsic is the test one."""
+    def __init__(self, speed, odom_end_ns=10**19):
+        """Keep the speed and where the odometry ends; the extrinsic is the test one."""
         super().__init__()
-        self.speed = speed
+        self.speed, self.odom_end_ns = speed, odom_end_ns
 
     def lookup_transform_full(self, target, target_time, source, source_time, fixed):
         """Camera at target_time <- LiDAR at source_time, through the fixed frame."""
@@ -336,7 +337,11 @@ class MovingBuffer(FakeBuffer):
                            fixed))
         if (target, source, fixed) != (FRAME, LIDAR, 'odom'):
             raise LookupException(f'no path from {source!r} to {target!r} via {fixed!r}')
+        target_time = Time(nanoseconds=target_time.nanoseconds or self.odom_end_ns)
+        if max(target_time.nanoseconds, source_time.nanoseconds) > self.odom_end_ns:
+            raise ExtrapolationException('Lookup would require extrapolation into the future')
         msg = self.lookup_transform(target, source, source_time)
+        msg.header.stamp = ns_to_stamp(target_time.nanoseconds)
         # Where the camera was at the cloud stamp, seen from where it is at the image stamp.
         travel = self.speed * (source_time.nanoseconds - target_time.nanoseconds) / 1e9
         msg.transform.translation.z += travel
@@ -359,6 +364,16 @@ def test_fixed_frame_takes_out_the_motion_between_cloud_and_image():
     assert estimates['odom'].shift == pytest.approx(shift, abs=0.02 * scale)
     assert estimates['odom'].scale == pytest.approx(scale, rel=0.02)
     assert abs(estimates[''].shift - shift) > 0.4  # uncompensated: off by the travel
+    # Odometry 10 ms behind the image: its newest pose; 0.3 s behind: stale.
+    for odom_end_ns, status in ((2_990_000_000, 'ok'), (2_700_000_000, None)):
+        recovery = ScaleRecovery(points_config(use_tf=True, fixed_frame='odom'),
+                                 transform_lookup=Tf2TransformLookup(
+                                     MovingBuffer(speed, odom_end_ns), 0.1, 'odom'))
+        recovery.add_points(KEY, cloud(to_lidar(seen_earlier), header(cloud_s, LIDAR)))
+        estimate = recovery.estimate(KEY, header(image_s), rel, camera)
+        assert (estimate.status if estimate else None) == status, odom_end_ns
+        if estimate is None:
+            assert recovery.last_estimate(KEY).reason == 'stale_transform'
 
 
 @pytest.mark.parametrize('buffer, reason', [

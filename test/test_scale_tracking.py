@@ -164,8 +164,12 @@ def test_smoothing_is_exponential_in_log_scale():
     estimate = tracker.update(rel, 2.1 * rel, 0.1)
     assert estimate.scale == pytest.approx(math.exp(0.7 * math.log(2.0) + 0.3 * math.log(2.1)))
     assert estimate.shift == pytest.approx(0.0, abs=1e-9)
-    # A change the held estimate does not explain (the view changed): taken as it is.
-    assert tracker.update(rel, 2.6 * rel, 0.2).scale == pytest.approx(2.6)
+    # With smoothing a jump is gated, as before; without it (per-frame fits, the default) a
+    # change the held estimate does not explain (a new view) is taken as it is.
+    assert tracker.update(rel, 4.0 * rel, 0.2).reason == 'gated_outlier'
+    per_frame = ScaleTracker()
+    per_frame.update(rel, 2.0 * rel, 0.0)
+    assert per_frame.update(rel, 4.0 * rel, 0.1).scale == pytest.approx(4.0)
     # No smoothing: the new fit replaces the old one.
     tracker = ScaleTracker(ScaleTrackerConfig(smoothing=1.0))
     tracker.update(rel, 2.0 * rel + 1.0, 0.0)
