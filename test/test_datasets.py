@@ -455,7 +455,8 @@ def test_mixing_cache_key_names_exactly_one_sample():
         assert np.array_equal(sample.depth, samples[key].depth)
     crops = MixedDataset([_Frames(4)], [1.0], seed=1, transform=TrainTransform(16, 16))
     crops.sample(0)
-    assert crops.cache_key(0) is not None and list(crops.variants()) == []  # too many crops
+    # Too many crops: not listed, and no key, so a latent cache cannot grow with the crops.
+    assert crops.cache_key(0) is None and list(crops.variants()) == []
 
 
 def test_transform_keeps_geometry_consistent():

@@ -335,7 +335,9 @@ class MixedDataset(_Dataset):
         Key naming exactly the sample of draw ``number``, when known without reading it.
 
         The key is (source, frame, crop): the frame must have been read successfully before
-        (its size decides the crop) and the transform must be a TrainTransform (or None).
+        (its size decides the crop), the transform must be a TrainTransform (or None) and
+        leave the frame at most two variants (both flips of a frame at the output size), so
+        a cache of keyed latents stays bounded by twice the frame count.
         Readers are deterministic, so equal keys give equal samples.
 
         :param number: draw number.
@@ -349,6 +351,8 @@ class MixedDataset(_Dataset):
             return (source, frame, None)
         if not isinstance(self.transform, TrainTransform):
             return None  # its randomness is unknown: never cache
+        if self.transform.plans(*size) is None:
+            return None  # a frame larger than the output: too many crops to keep them all
         return (source, frame, self.transform.plan(*size, self._transform_rng(number)))
 
     def variants(self, limit=2):
