@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 from .config import EstimatorConfig, InferenceConfig, ModelConfig
+from .data.image_io import relative_to_uint16
 from .data.synthetic import colorize_depth
 from .estimator import DepthEstimator
 from .loading import WeightsNotFoundError
@@ -19,7 +20,7 @@ from .loading import WeightsNotFoundError
 
 def write_outputs(folder, stem, rgb, result):
     """
-    Write depth PNG (16-bit), preview (RGB | colour depth) and uncertainty.
+    Write depth PNG (16-bit, ``1 + round(relative * 65534)``, 0 = none), preview and uncertainty.
 
     :param folder: output folder
     :param stem: file name stem
@@ -31,8 +32,8 @@ def write_outputs(folder, stem, rgb, result):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / f'{stem}_depth16.png', folder / f'{stem}_preview.png']
-    Image.fromarray(np.round(result.depth * 65535).astype(np.uint16)).save(written[0])
-    colour = colorize_depth(result.depth)
+    Image.fromarray(relative_to_uint16(result.depth)).save(written[0])
+    colour = colorize_depth(result.depth, np.isfinite(result.depth))  # 0 is the nearest
     if colour.shape[:2] != rgb.shape[:2]:
         colour = np.asarray(Image.fromarray(colour).resize(rgb.shape[1::-1]))
     Image.fromarray(np.concatenate([rgb, colour], axis=1)).save(written[1])

@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 import torch
-import yaml
 
+from . import yaml12
 from .alignment import normalize_percentile
 from .architecture import build_unet, build_vae, empty_text_embedding, save_marigold
 from .architecture import TinyArchitecture
@@ -61,10 +61,10 @@ def load_recipe(path=RECIPE_FILE, overrides=()):
     :param overrides: iterable of 'key=value'
     :return: TinyRecipe
     """
-    values = yaml.safe_load(Path(path).read_text()) or {}
+    values = yaml12.load(Path(path).read_text()) or {}
     for item in overrides:
         key, value = item.split('=', 1)
-        values[key] = yaml.safe_load(value)
+        values[key] = yaml12.load(value)
     for key in ('unet_channels', 'vae_channels'):
         if key in values:
             values[key] = tuple(values[key])

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from . import yaml12
 from .alignment import normalize_percentile
 from .architecture import marigold_scheduler_config, save_marigold
 from .loading import _load_empty_text_embedding, read_pipeline_config, resolve_model_path
@@ -213,7 +214,7 @@ def load_config(path=None, overrides=()):
             raise TrainingError(f'config file {path} does not exist')
         try:
             with open(path) as stream:
-                values = yaml.safe_load(stream) or {}
+                values = yaml12.load(stream) or {}
         except yaml.YAMLError as error:
             raise TrainingError(f'config file {path} is not valid YAML: {error}') from None
         if not isinstance(values, dict):
@@ -223,7 +224,7 @@ def load_config(path=None, overrides=()):
             raise TrainingError(f'override {item!r} is not key=value')
         key, value = item.split('=', 1)
         try:
-            values[key.strip()] = yaml.safe_load(value)
+            values[key.strip()] = yaml12.load(value)
         except yaml.YAMLError as error:
             raise TrainingError(f'override {item!r}: value is not valid YAML: {error}') from None
     unknown = set(values) - set(_SETTING_TYPES)

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 import shutil
 
+from marigold_model.data.image_io import relative_to_uint16
 from marigold_model.data.synthetic import colorize_depth
 import numpy as np
 from PIL import Image as PILImage
@@ -47,18 +48,8 @@ def metric_to_png16(depth_m):
     return out
 
 
-def relative_to_png16(relative):
-    """
-    Convert relative depth in [0, 1] to uint16: ``1 + round(value * 65534)``, non-finite -> 0.
-
-    :param relative: HxW float in [0, 1].
-    :return: HxW uint16.
-    """
-    rel = np.asarray(relative, dtype=np.float64)
-    valid = np.isfinite(rel)
-    out = np.zeros(rel.shape, np.uint16)
-    out[valid] = 1 + np.rint(np.clip(rel[valid], 0.0, 1.0) * (UINT16_MAX - 1)).astype(np.uint16)
-    return out
+#: Relative depth in [0, 1] to uint16, ``1 + round(value * 65534)`` (0 = no depth).
+relative_to_png16 = relative_to_uint16
 
 
 def write_png(path, array):

@@ -29,6 +29,7 @@ import re
 import textwrap
 import tokenize
 
+from marigold_model import yaml12
 from rcl_interfaces.msg import FloatingPointRange
 from rcl_interfaces.msg import IntegerRange
 from rcl_interfaces.msg import ParameterDescriptor
@@ -471,20 +472,6 @@ def _yaml_value(value):
     return str(value)
 
 
-class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader reading floats as YAML 1.2 and rcl do ('1e-4' is a float)."""
-
-
-_Yaml12Loader.add_implicit_resolver(
-    'tag:yaml.org,2002:float',
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                |[-+]?\.(?:inf|Inf|INF)
-                |\.(?:nan|NaN|NAN))$""", re.X),
-    list('-+0123456789.'))
-
-
 def _node_sections(mapping, namespace=''):
     """Yield (fully qualified key, ros__parameters) of a params document, nesting included."""
     for key, value in mapping.items():
@@ -515,7 +502,7 @@ def read_params_file(path, node_name):
     """
     try:
         with open(path, encoding='utf-8') as stream:
-            document = yaml.load(stream, Loader=_Yaml12Loader) or {}
+            document = yaml12.load(stream) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f'cannot read params file {path!r}: {exc}') from exc
     if not isinstance(document, dict):

@@ -280,3 +280,16 @@ def test_cuda_out_of_memory_is_explained(random_model_dir):
         InferenceConfig(processing_resolution=-1, ensemble_size=64, batch_size=64)))
     with pytest.raises(EstimatorOutOfMemory, match='processing_resolution'):
         estimator.estimate(np.zeros((16384, 16384, 3), np.uint8))
+
+
+def test_command_line_depth_png_keeps_the_nearest_point_apart_from_holes(tmp_path):
+    """The CLI's 16-bit PNG: relative 0 (nearest) is 1, only a hole is 0."""
+    from marigold_model.cli import write_outputs
+    from marigold_model.estimator import DepthResult
+    from PIL import Image
+    depth = np.array([[0.0, 0.5], [1.0, np.nan]], np.float32)
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    paths = write_outputs(tmp_path, 'x', rgb, DepthResult(depth, None, {}, (2, 2)))
+    assert np.asarray(Image.open(paths[0])).tolist() == [[1, 32768], [65535, 0]]
+    preview = np.asarray(Image.open(paths[1]))[:, 2:]
+    assert preview[0, 0].any() and not preview[1, 1].any()  # nearest coloured, hole black

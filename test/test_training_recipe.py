@@ -52,3 +52,9 @@ def test_recipe_redoes_a_vae_stage_cut_short(tmp_path, captured):
         tiny_recipe.run(RECIPE, tmp_path / 'work', tmp_path / 'model', log=lambda _: None)
     assert (vae_dir / 'diffusion_pytorch_model.safetensors').is_file()
     assert tiny_recipe.vae_complete(vae_dir)
+
+
+def test_recipe_overrides_read_floats_as_yaml_1_2():
+    """'unet_lr=5e-4' is a number (PyYAML alone reads it as a string)."""
+    recipe = tiny_recipe.load_recipe(overrides=['unet_lr=5e-4', 'unet_steps=3'])
+    assert recipe.unet_lr == 5e-4 and recipe.unet_steps == 3

@@ -68,6 +68,23 @@ def read_png16(path):
     return data
 
 
+def relative_to_uint16(relative):
+    """
+    Store relative depth in [0, 1] as uint16: ``1 + round(value * 65534)``, non-finite -> 0.
+
+    0 means no depth, as in 16-bit metric depth files, so the nearest point (relative 0)
+    is never mistaken for a hole.
+
+    :param relative: float array in [0, 1] (values outside are clipped)
+    :return: uint16 array of the same shape
+    """
+    rel = np.asarray(relative, dtype=np.float64)
+    valid = np.isfinite(rel)
+    out = np.zeros(rel.shape, np.uint16)
+    out[valid] = 1 + np.rint(np.clip(rel[valid], 0.0, 1.0) * 65534.0).astype(np.uint16)
+    return out
+
+
 def read_npy(path):
     """
     Read a 2-D array from a .npy file (HxW or HxWx1).
