@@ -87,10 +87,11 @@ def _rviz_config_for(path, namespace):
     with open(path) as stream:
         text = stream.read()
     text = text.replace('Value: /depth/', f'Value: {namespace}/depth/')
-    # One file per namespace, rewritten by each launch (not one more file per launch).
+    # A new private file (mkstemp): a fixed name in the shared temp folder could belong to
+    # another user or be rewritten by a second launch at the same time.
     name = re.sub(r'[^A-Za-z0-9_]+', '_', namespace).strip('_')
-    rewritten = os.path.join(tempfile.gettempdir(), f'marigold_depth_{name}.rviz')
-    with open(rewritten, 'w') as stream:
+    handle, rewritten = tempfile.mkstemp(prefix=f'marigold_depth_{name}_', suffix='.rviz')
+    with os.fdopen(handle, 'w') as stream:
         stream.write(text)
     return rewritten
 
@@ -105,7 +106,6 @@ def _launch_setup(context):
     overrides = {}
     if arg('use_sim_time'):  # else params_file's own use_sim_time stands
         overrides['use_sim_time'] = _is_true(arg('use_sim_time'))
-    sim_time = overrides.get('use_sim_time', False)
     for name in ('model', 'device'):
         if arg(name):
             overrides[name] = arg(name)
@@ -126,7 +126,8 @@ def _launch_setup(context):
             rviz_args += ['-f', arg('fixed_frame')]
         actions.append(Node(package='rviz2', executable='rviz2', name='marigold_rviz',
                             arguments=rviz_args, output='screen',
-                            parameters=[{'use_sim_time': sim_time}]))
+                            parameters=[{'use_sim_time': overrides['use_sim_time']}]
+                            if 'use_sim_time' in overrides else []))
     return actions
 
 

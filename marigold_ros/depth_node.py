@@ -529,8 +529,10 @@ class _DepthCore:
                 event_callbacks=events)
             self._image_topics[camera] = subscription.topic_name
             self._inputs.append(subscription)
+        self._diag.set_listening(True)
 
     def _destroy_inputs(self):
+        self._diag.set_listening(False)  # an inactive lifecycle node is not missing images
         inputs, self._inputs = self._inputs, []
         for subscription in inputs:
             self.destroy_subscription(subscription)

@@ -189,8 +189,9 @@ class DiagnosticsCollector:
     """
     Thread-safe store of everything /diagnostics reports.
 
-    A camera is a WARN when no image has come for ``silence_s`` (once the model is ready),
-    and when ``metric_expected`` (scale recovery configured) but a frame had no metric scale.
+    A camera is a WARN when no image has come for ``silence_s`` while the node listens
+    (:meth:`set_listening`) and the model is ready, and when ``metric_expected`` (scale
+    recovery configured) but a frame had no metric scale.
 
     :param name: status name prefix (the node's fully qualified name, so two nodes in
         different namespaces are told apart by aggregators)
@@ -206,6 +207,7 @@ class DiagnosticsCollector:
         self.size = int(size)
         self.silence_s = float(silence_s)
         self.metric_expected = False
+        self._listening_since = time.monotonic()  # a plain node listens from the start
         self._lock = threading.Lock()
         self._streams = {}
         self.model_state = MODEL_UNCONFIGURED
@@ -226,6 +228,20 @@ class DiagnosticsCollector:
         """
         with self._lock:
             self._stream(key)
+
+    def set_listening(self, listening, now=None):
+        """
+        Say whether the image subscriptions exist (a lifecycle node's active state).
+
+        Silence is counted from the moment the node listens, and not at all while it does
+        not (inactive on purpose).
+
+        :param listening: True once subscribed, False once unsubscribed
+        :param now: monotonic time (default now)
+        """
+        with self._lock:
+            self._listening_since = (time.monotonic() if now is None else now) \
+                if listening else None
 
     def set_model_state(self, state, message='', **info):
         """
@@ -397,8 +413,11 @@ class DiagnosticsCollector:
             parts.append(f'{stream.output_rate.rate(now):.1f} Hz out')
         # A camera that stopped (or never started once the model is ready) is a problem a
         # robot's monitor must see; while the model loads, waiting is normal.
-        silent = now - (stream.last_received if stream.received else stream.created)
-        if silent > self.silence_s and (stream.received or self.model_state == MODEL_READY):
+        since = self._listening_since
+        silent = now - max(stream.last_received if stream.received else stream.created,
+                           since if since is not None else now)
+        if since is not None and silent > self.silence_s and \
+                (stream.received or self.model_state == MODEL_READY):
             level = DiagnosticStatus.WARN
             parts.append(f'no images for {silent:.0f} s')
         elif not stream.received:

@@ -707,6 +707,12 @@ def test_diagnostics_building_blocks():
     quiet.image_received('cam', now=start + 61)
     assert quiet.to_msg(now=start + 62).status[1].level == DiagnosticStatus.OK
     assert 'no images for 9 s' in quiet.to_msg(now=start + 70).status[1].message
+    # Not listening (an inactive lifecycle node): no silence; listening again counts anew.
+    quiet.set_listening(False)
+    assert quiet.to_msg(now=start + 70).status[1].level == DiagnosticStatus.OK
+    quiet.set_listening(True, now=start + 80)
+    assert quiet.to_msg(now=start + 82).status[1].level == DiagnosticStatus.OK
+    assert 'no images for 6 s' in quiet.to_msg(now=start + 86).status[1].message
     # No metric scale is a WARN only where one was asked for (scale recovery configured).
     quiet.frame_published('cam', 0.1, 0.05, notes=('no_metric_scale',), now=start + 61)
     assert quiet.to_msg(now=start + 62).status[1].level == DiagnosticStatus.OK
