@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+import re
 
 import torch
 
@@ -99,7 +100,14 @@ def resolve_model_path(model, marker='model_index.json'):
 
 
 _WEIGHTS_NAME = 'diffusion_pytorch_model'
-_WEIGHTS_SUFFIXES = ('.safetensors.index.json', '.bin.index.json', '.safetensors', '.bin')
+# The weights file names diffusers / transformers write, without and with a variant:
+# NAME.safetensors, NAME-00001-of-00002.safetensors (shards), NAME.safetensors.index.json,
+# NAME.fp16.safetensors, NAME.fp16-00001-of-00002.safetensors,
+# NAME.safetensors.index.fp16.json (and the same with .bin).
+_STANDARD_WEIGHTS = (r'{name}(?:-\d+-of-\d+)?\.(?:safetensors|bin)'
+                     r'|{name}\.(?:safetensors|bin)\.index\.json')
+_VARIANT_WEIGHTS = (r'{name}\.(?P<a>\w+?)(?:-\d+-of-\d+)?\.(?:safetensors|bin)'
+                    r'|{name}\.(?:safetensors|bin)\.index\.(?P<b>\w+)\.json')
 
 
 def _incomplete(model, what):
@@ -126,17 +134,16 @@ def weights_variant(folder, model='', weights_name=_WEIGHTS_NAME):
     folder = Path(folder)
     if not (folder / 'config.json').is_file():
         raise _incomplete(model, f'{folder} has no config.json')
+    stem = re.escape(weights_name)
+    standard = re.compile(_STANDARD_WEIGHTS.format(name=stem))
+    variant = re.compile(_VARIANT_WEIGHTS.format(name=stem))
     variants = set()
     for name in (p.name for p in folder.iterdir()):
-        if not name.startswith(weights_name + '.'):
-            continue
-        rest = name[len(weights_name):]
-        for suffix in _WEIGHTS_SUFFIXES:
-            if rest == suffix:
-                return None
-            if rest.endswith(suffix):
-                variants.add(rest[1:-len(suffix)])
-                break
+        if standard.fullmatch(name):
+            return None
+        found = variant.fullmatch(name)
+        if found:
+            variants.add(found.group('a') or found.group('b'))
     if not variants:
         raise _incomplete(model, f'{folder} holds no {weights_name}.safetensors (nor .bin, '
                                  'nor a variant such as .fp16.safetensors)')

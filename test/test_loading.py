@@ -113,3 +113,21 @@ def test_empty_prompt_from_an_fp16_only_text_encoder(tmp_path, random_model_dir,
         expected = encoder(torch.tensor([[0, 1]]))[0]
     torch.testing.assert_close(parts.empty_text_embedding, expected)
     assert len(list((tmp_path / 'cache').iterdir())) == 1  # computed once, then cached
+
+
+@pytest.mark.parametrize('names, variant', [
+    (['diffusion_pytorch_model.safetensors'], None),
+    (['diffusion_pytorch_model-00001-of-00002.safetensors',
+      'diffusion_pytorch_model.safetensors.index.json'], None),
+    (['diffusion_pytorch_model.fp16.safetensors'], 'fp16'),
+    (['diffusion_pytorch_model.fp16-00001-of-00002.safetensors',
+      'diffusion_pytorch_model.safetensors.index.fp16.json'], 'fp16'),
+    (['diffusion_pytorch_model.bf16.bin'], 'bf16'),
+])
+def test_weights_variant_reads_diffusers_file_names(tmp_path, names, variant):
+    """Plain, sharded and variant weights files give the variant diffusers must be asked for."""
+    from marigold_model.loading import weights_variant
+    (tmp_path / 'config.json').write_text('{}')
+    for name in names:
+        (tmp_path / name).write_text('')
+    assert weights_variant(tmp_path) == variant
