@@ -488,9 +488,9 @@ def read_params_file(path, node_name):
     """
     Read the parameters of a node from a ROS 2 params file as flat dotted names.
 
-    Sections apply as rcl applies them to a node of that name in any namespace ('/**',
-    '/**/name', 'name', '/ns/name', nested namespace levels; '*' wildcards), the wildcard
-    ones first, then those naming the node; nested parameter mappings become dotted names
+    Sections apply as rcl applies them to a node of that name ('/**', '/**/name', 'name',
+    '/ns/name', nested namespace levels; '*' wildcards): those for any namespace first, then
+    those for one namespace, each with wildcard names before the node's own name; nested parameter mappings become dotted names
     ('scale_recovery: {source: x}' -> 'scale_recovery.source').  Floats read as rcl reads
     them (YAML 1.2: '1e-4' is a number).
 
@@ -507,23 +507,30 @@ def read_params_file(path, node_name):
         raise ValueError(f'cannot read params file {path!r}: {exc}') from exc
     if not isinstance(document, dict):
         raise ValueError(f'params file {path!r} is not a mapping of node names')
-    general, named = [], []
+    # The node's namespace is not known here (process_bag has none): a section for a
+    # concrete namespace may be the one meant, but sections for two concrete namespaces
+    # are ambiguous.  Order: any-namespace sections, then wildcard names, then the name.
+    ranked = []
     for key, parameters in _node_sections(document):
-        last = key.rsplit('/', 1)[-1]
+        namespace, last = key.rsplit('/', 1)
         if last == node_name:
-            named.append((key, parameters))
+            rank = 2
         elif '*' in last and re.fullmatch(last.replace('**', '*').replace('*', '.*'),
                                           node_name):
-            general.append((key, parameters))
-    namespaces = sorted({key.rsplit('/', 1)[0] for key, _ in named} - {'', '/**'})
+            rank = 1
+        else:
+            continue
+        specific = '*' not in namespace and namespace != ''
+        ranked.append((rank + (3 if specific else 0), namespace if specific else '', parameters))
+    namespaces = sorted({namespace for _, namespace, _ in ranked if namespace})
     if len(namespaces) > 1:
         raise ValueError(f'params file {path!r} has sections for {node_name!r} in several '
                          f'namespaces ({", ".join(namespaces)}): pass one camera\'s file')
-    if not general and not named:
+    if not ranked:
         raise ValueError(f'params file {path!r} has no "{node_name}: ros__parameters:" or '
                          f'"/**: ros__parameters:" section (it has {sorted(document)})')
     flat = {}
-    for _, parameters in general + named:
+    for _, _, parameters in sorted(ranked, key=lambda item: item[0]):  # stable: file order
         _flatten(parameters, '', flat)
     return flat
 

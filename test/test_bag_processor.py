@@ -814,7 +814,12 @@ def test_params_file_maps_onto_the_node_configs(tmp_path, params):
     nested.write_text('/**:\n  ros__parameters:\n    seed: 1\n    batch_size: 2\n'
                       '/camera/marigold_depth:\n  ros__parameters:\n    seed: 2\n')
     assert read_params_file(str(nested), NODE_NAME) == {'seed': 2, 'batch_size': 2}
-    nested.write_text('/left/marigold_depth:\n  ros__parameters: {seed: 1}\n'
-                      '/right/marigold_depth:\n  ros__parameters: {seed: 2}\n')
-    with pytest.raises(ValueError, match='several namespaces'):
-        read_params_file(str(nested), NODE_NAME)
+    for other in ('/right/marigold_depth', '/right/*'):
+        nested.write_text('/left/marigold_depth:\n  ros__parameters: {seed: 1}\n'
+                          f'{other}:\n  ros__parameters: {{seed: 2}}\n')
+        with pytest.raises(ValueError, match='several namespaces'):
+            read_params_file(str(nested), NODE_NAME)
+    # A namespace wildcard applies to every namespace, before the concrete one.
+    nested.write_text('/a/marigold_depth:\n  ros__parameters: {seed: 1}\n'
+                      '/*/marigold_depth:\n  ros__parameters: {seed: 2, batch_size: 4}\n')
+    assert read_params_file(str(nested), NODE_NAME) == {'seed': 1, 'batch_size': 4}
