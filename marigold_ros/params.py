@@ -490,9 +490,10 @@ def read_params_file(path, node_name):
 
     Sections apply as rcl applies them to a node of that name ('/**', '/**/name', 'name',
     '/ns/name', nested namespace levels; '*' wildcards): those for any namespace first, then
-    those for one namespace, each with wildcard names before the node's own name; nested parameter mappings become dotted names
-    ('scale_recovery: {source: x}' -> 'scale_recovery.source').  Floats read as rcl reads
-    them (YAML 1.2: '1e-4' is a number).
+    those for one namespace, each with wildcard names before the node's own name.  Nested
+    parameter mappings become dotted names ('scale_recovery: {source: x}' ->
+    'scale_recovery.source').  Floats read as rcl reads them (YAML 1.2: '1e-4' is a
+    number).
 
     :param path: YAML file
     :param node_name: node name
