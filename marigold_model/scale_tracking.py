@@ -411,7 +411,12 @@ class ScaleTracker:
         r_ref = self._anchor_rel[1] - self._anchor_rel[0]
         scale_ref = (reference[1] - reference[0]) / r_ref
         scale_new = (candidate[1] - candidate[0]) / r_ref
-        return bool(abs(math.log(scale_new / scale_ref)) > limit)
+        # The scale ratio misses a moved shift: the anchors must also agree within the gate,
+        # relative to the larger anchor depth.
+        span = max(float(np.max(np.abs(reference))), float(np.max(np.abs(candidate))), 1e-9)
+        moved = float(np.max(np.abs(candidate - reference))) / span
+        return bool(abs(math.log(scale_new / scale_ref)) > limit or
+                    moved > self.config.gate_factor - 1.0)
 
     def _accept(self, fit, new_depth, stamp, smooth):
         """

@@ -21,6 +21,7 @@ that reason, until it is older than ``max_stale_s``, and the depth then stays re
 """
 
 from dataclasses import dataclass, fields, replace
+import inspect
 import math
 import threading
 
@@ -315,6 +316,25 @@ def _is_extrapolation(error):
     return any(cls.__name__ == 'ExtrapolationException' for cls in type(error).__mro__)
 
 
+def _call_lookup(lookup, target_frame, source_frame, stamp_ns, image_stamp_ns):
+    """
+    Call a transform lookup, with the image stamp if it takes one.
+
+    Lookups written for the first interface take (target, source, cloud stamp) only.
+
+    :return: (translation, quaternion xyzw)
+    """
+    try:
+        parameters = inspect.signature(lookup).parameters.values()
+    except (TypeError, ValueError):  # no signature (a builtin): the full interface
+        return lookup(target_frame, source_frame, stamp_ns, image_stamp_ns)
+    positional = [p for p in parameters
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 4 and not any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return lookup(target_frame, source_frame, stamp_ns)
+    return lookup(target_frame, source_frame, stamp_ns, image_stamp_ns)
+
+
 class Tf2TransformLookup:
     """
     Extrinsic of a cloud from a tf2 Buffer, with a time tolerance.
@@ -441,7 +461,8 @@ class ScaleRecovery:
 
     :param config: :class:`ScaleRecoveryConfig`
     :param transform_lookup: optional callable ``(target_frame, source_frame, stamp_ns,
-        image_stamp_ns) -> (translation, quaternion_xyzw)`` raising
+        image_stamp_ns) -> (translation, quaternion_xyzw)`` (or without ``image_stamp_ns``)
+        raising
         :class:`ScaleInputError` (e.g. a :class:`Tf2TransformLookup` on a Buffer the caller
         fills); default: set by
         :meth:`attach` to tf2 when available and ``use_tf``, else the extrinsic parameters
@@ -786,8 +807,8 @@ class ScaleRecovery:
                                   'intrinsics: no camera_info for this frame')
         target = str(header.frame_id) or camera.frame_id
         if self._lookup is not None:
-            translation, rotation = self._lookup(target, reading.frame_id, reading.stamp_ns,
-                                                 stamp_to_ns(header.stamp))
+            translation, rotation = _call_lookup(self._lookup, target, reading.frame_id,
+                                                 reading.stamp_ns, stamp_to_ns(header.stamp))
         else:
             translation = self.config.extrinsic_translation
             rotation = self.config.extrinsic_rotation_xyzw

@@ -308,6 +308,22 @@ class FakeBuffer:
         return msg
 
 
+def test_a_lookup_of_the_first_interface_still_works():
+    """A custom transform lookup taking (target, source, cloud stamp) only is still called."""
+    rel, camera, points, scale, _ = lidar_scene(seed=1)
+    calls = []
+
+    def lookup(target, source, stamp_ns):
+        calls.append((target, source, stamp_ns))
+        return TRANSLATION, QUATERNION
+
+    recovery = ScaleRecovery(points_config(), transform_lookup=lookup)
+    recovery.add_points(KEY, cloud(to_lidar(points), header(3.0, LIDAR)))
+    estimate = recovery.estimate(KEY, header(3.0), rel, camera)
+    assert estimate.scale == pytest.approx(scale, rel=0.02)
+    assert calls == [(FRAME, LIDAR, 3_000_000_000)]
+
+
 def test_lidar_points_through_tf2_lookup_at_the_cloud_stamp():
     rel, camera, points, scale, _ = lidar_scene(seed=1)
     buffer = FakeBuffer()

@@ -213,6 +213,15 @@ def test_gating_rejects_single_outlier_frame_and_reinitialises_on_persistent_cha
     assert (estimate.scale, estimate.shift) == pytest.approx((6.0, 2.0))
 
 
+def test_gate_sees_a_moved_shift_when_an_anchor_depth_is_not_positive():
+    """Held 10 r + 1, new 10 r - 4 (its low anchor is negative): same scale, gated anyway."""
+    tracker = ScaleTracker(ScaleTrackerConfig(smoothing=0.5, min_rel_span=0.01))
+    rel = np.linspace(0.0, 1.0, 60)
+    tracker.update(rel, 10.0 * rel + 1.0, 0.0)
+    far = np.linspace(0.5, 1.0, 60)
+    assert tracker.update(far, 10.0 * far - 4.0, 0.1).reason == 'gated_outlier'
+
+
 def test_a_new_view_renormalising_the_prediction_is_followed_at_once():
     """A near object enters: the prediction's [0, 1] range changes, the fit must follow."""
     rng = np.random.default_rng(11)
