@@ -131,7 +131,8 @@ class ScaleEstimate:
     ``stale_after_s``), ``'stale'`` (a previous estimate, still usable, see ``reason``) or
     ``'no_estimate'`` (scale and shift are NaN: stay relative). ``reason`` names the latest
     rejection since the last accepted fit: ``'too_few_points'``, ``'degenerate_range'``,
-    ``'negative_scale'``, ``'low_inlier_ratio'``, ``'gated_outlier'`` (None if none).
+    ``'negative_scale'``, ``'low_inlier_ratio'``, ``'flat_fit'``, ``'gated_outlier'`` (None
+    if none).
 
     :param scale: metric units per relative unit (NaN without estimate)
     :param shift: metric offset (NaN without estimate)
