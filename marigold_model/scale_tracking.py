@@ -336,6 +336,19 @@ class ScaleTracker:
                                  f'{cfg.min_inlier_ratio:.2f}')
         return fit
 
+    def _inliers(self, scale, shift, rel, metric):
+        """
+        Mask of the samples within ``inlier_threshold_rel`` of ``scale * rel + shift``.
+
+        :param scale: scale
+        :param shift: shift
+        :param rel: relative depth samples
+        :param metric: metric depth samples (invalid ones, NaN or <= 0, are never inliers)
+        :return: bool array
+        """
+        with np.errstate(invalid='ignore'):
+            return np.abs(scale * rel + shift - metric) < self.config.inlier_threshold_rel * metric
+
     def _explains_poorly(self, estimate, rel, metric):
         """
         Whether an estimate's inliers among the samples are fewer than ``min_inlier_ratio``.
@@ -345,11 +358,10 @@ class ScaleTracker:
         :param metric: flat metric depth samples
         :return: bool
         """
-        with np.errstate(invalid='ignore', divide='ignore'):
+        with np.errstate(invalid='ignore'):
             valid = np.isfinite(rel) & np.isfinite(metric) & (metric > 0)
-            error = np.abs(estimate.scale * rel[valid] + estimate.shift - metric[valid]) / \
-                metric[valid]
-        inliers = np.count_nonzero(error < self.config.inlier_threshold_rel)
+        inliers = np.count_nonzero(self._inliers(estimate.scale, estimate.shift, rel[valid],
+                                                 metric[valid]))
         return inliers < self.config.min_inlier_ratio * max(int(valid.sum()), 1)
 
     def _robust_fit(self, rel, metric, method):
@@ -379,7 +391,7 @@ class ScaleTracker:
         :return: ratio (>= 0; 1 when the inliers have no spread)
         """
         fitted = fit.scale * rel + fit.shift
-        inliers = np.abs(fitted - metric) < self.config.inlier_threshold_rel * metric
+        inliers = self._inliers(fit.scale, fit.shift, rel, metric)
         if np.count_nonzero(inliers) < 2:
             return 0.0
         low, high = np.percentile(metric[inliers], [10.0, 90.0])

@@ -316,23 +316,27 @@ def _is_extrapolation(error):
     return any(cls.__name__ == 'ExtrapolationException' for cls in type(error).__mro__)
 
 
-def _call_lookup(lookup, target_frame, source_frame, stamp_ns, image_stamp_ns):
+def _with_image_stamp(lookup):
     """
-    Call a transform lookup, with the image stamp if it takes one.
+    Return a transform lookup that takes the image stamp, adapting one that does not.
 
-    Lookups written for the first interface take (target, source, cloud stamp) only.
+    Lookups written for the first interface take (target, source, cloud stamp) only; the
+    signature is read once here, not on every frame.
 
-    :return: (translation, quaternion xyzw)
+    :param lookup: callable or None
+    :return: callable ``(target, source, stamp_ns, image_stamp_ns)``, or None
     """
+    if lookup is None:
+        return None
     try:
         parameters = inspect.signature(lookup).parameters.values()
     except (TypeError, ValueError):  # no signature (a builtin): the full interface
-        return lookup(target_frame, source_frame, stamp_ns, image_stamp_ns)
+        return lookup
     positional = [p for p in parameters
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) < 4 and not any(p.kind == p.VAR_POSITIONAL for p in parameters):
-        return lookup(target_frame, source_frame, stamp_ns)
-    return lookup(target_frame, source_frame, stamp_ns, image_stamp_ns)
+    if len(positional) >= 4 or any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return lookup
+    return lambda target, source, stamp_ns, image_stamp_ns: lookup(target, source, stamp_ns)
 
 
 class Tf2TransformLookup:
@@ -462,16 +466,15 @@ class ScaleRecovery:
     :param config: :class:`ScaleRecoveryConfig`
     :param transform_lookup: optional callable ``(target_frame, source_frame, stamp_ns,
         image_stamp_ns) -> (translation, quaternion_xyzw)`` (or without ``image_stamp_ns``)
-        raising
-        :class:`ScaleInputError` (e.g. a :class:`Tf2TransformLookup` on a Buffer the caller
-        fills); default: set by
-        :meth:`attach` to tf2 when available and ``use_tf``, else the extrinsic parameters
+        raising :class:`ScaleInputError` (e.g. a :class:`Tf2TransformLookup` on a Buffer the
+        caller fills); default: set by :meth:`attach` to tf2 when available and ``use_tf``,
+        else the extrinsic parameters
     """
 
     def __init__(self, config=None, transform_lookup=None):
         """Create the scale source (no ROS node needed until :meth:`attach`)."""
         self.config = config if config is not None else ScaleRecoveryConfig()
-        self._lookup = transform_lookup
+        self._lookup = _with_image_stamp(transform_lookup)
         self._transform_source = 'custom' if transform_lookup is not None else 'parameters'
         self._streams = {}
         self._errors = {}
@@ -727,12 +730,13 @@ class ScaleRecovery:
         stamp_s = stamp_ns / _NS_PER_S
         stream = self._stream(key)
         reading = stream.readings.match(stamp_ns)
+        fused_already = reading is not None and reading is stream.fused and \
+            self.config.smoothing < 1.0
         if reading is None:
             result = self._hold(stream, stamp_s, REASON_NO_SPARSE_INPUT)
         elif reading.error is not None:
             result = self._hold(stream, stamp_s, reading.error.reason)
-        elif reading is stream.fused and self.config.smoothing < 1.0 and \
-                not self.config.local_refinement:
+        elif fused_already and not self.config.local_refinement:
             # A sensor slower than the camera, with smoothing: its reading already updated
             # the tracker, and fusing it again would weigh it once per camera frame (the
             # smoothing would then depend on the frame rates).  Without smoothing the
@@ -746,7 +750,7 @@ class ScaleRecovery:
                 self._report(error)
                 result = self._hold(stream, stamp_s, error.reason)
             else:
-                if reading is stream.fused and self.config.smoothing < 1.0:
+                if fused_already:
                     result = self._current(stream, stamp_s)  # pairs for the refinement only
                 else:
                     samples = rel[uv[:, 1], uv[:, 0]]
@@ -807,8 +811,8 @@ class ScaleRecovery:
                                   'intrinsics: no camera_info for this frame')
         target = str(header.frame_id) or camera.frame_id
         if self._lookup is not None:
-            translation, rotation = _call_lookup(self._lookup, target, reading.frame_id,
-                                                 reading.stamp_ns, stamp_to_ns(header.stamp))
+            translation, rotation = self._lookup(target, reading.frame_id, reading.stamp_ns,
+                                                 stamp_to_ns(header.stamp))
         else:
             translation = self.config.extrinsic_translation
             rotation = self.config.extrinsic_rotation_xyzw
