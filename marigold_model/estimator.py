@@ -411,7 +411,8 @@ class DepthEstimator:
         except torch.cuda.OutOfMemoryError as error:
             # Only the text is kept: the traceback holds the frames of the failed call and
             # their tensors, which the cache cannot release while it lives.
-            out_of_memory = str(error).strip().splitlines()[0] if str(error).strip() else ''
+            text = str(error).strip()
+            out_of_memory = text.splitlines()[0] if text else ''
         if out_of_memory is not None:
             torch.cuda.empty_cache()
             steps, resolution = self.resolved_settings(inference)
@@ -465,6 +466,7 @@ class DepthEstimator:
             starts.append(start)
             strengths.append(strength)
         latent = torch.empty_like(image_latent)
+        stochastic = not self._closed_form_ddim()  # only such schedulers draw step noise
         # Warm-started frames run a shortened schedule; frames without a previous latent run
         # the full one, so rows are denoised per strength.
         for strength in sorted(set(strengths)):
@@ -474,7 +476,7 @@ class DepthEstimator:
             for i in range(0, rows.numel(), batch):
                 part = rows[i:i + batch]
                 generators = [_step_noise_generator(inference.seed, int(row) % members)
-                              for row in part]
+                              for row in part] if stochastic else None
                 part = part.to(self.device)
                 latent[part] = self._denoise(image_latent[part], chosen[i:i + batch], steps,
                                              strength, generators)
