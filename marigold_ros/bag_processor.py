@@ -545,7 +545,7 @@ class BagProcessor:
                                              '--output-namespace')
             if reader.mixed_type_topics:
                 print(f'process_bag: not copied (recorded with several message types): '
-                      f'{sorted(reader.mixed_type_topics)}', file=sys.stderr)
+                      f'{reader.mixed_type_topics}', file=sys.stderr)
             for name in sorted(reader.topics):
                 info = reader.connection_info(name)
                 background.call(writer.add_topic, name, info['msgtype'], info['msgdef'],
@@ -662,7 +662,8 @@ class BagProcessor:
         already runs on the next one; batches still go through the pipeline one at a time
         and in order.
 
-        :return: the started batch, or None
+        :return: the started batch as (list of ((message, image, camera info), frame), the
+            frames the model got), or None
         """
         started = None
         if batch is not None:
@@ -672,16 +673,15 @@ class BagProcessor:
             good = [frame for frame in frames if not isinstance(frame.image, BagError)]
             if good:  # a batch of damaged messages only has nothing for the model
                 self.model.start(good)
-            started = list(zip(batch, frames))
+            started = (list(zip(batch, frames)), good)
         if ready is not None:
-            self._finish_batch(ready, topics, writer, exporter, background)
-            progress.update(len(ready))
+            self._finish_batch(*ready, topics, writer, exporter, background)
+            progress.update(len(ready[0]))
         return started
 
-    def _finish_batch(self, batch, topics, writer, exporter, background):
+    def _finish_batch(self, batch, good, topics, writer, exporter, background):
         summary = self.summary
         messages, frames = [], []
-        good = [frame for _, frame in batch if not isinstance(frame.image, BagError)]
         if good:
             # The model thread decodes the batch first; the pipeline then reuses those images.
             self.model.wait_decoded()
