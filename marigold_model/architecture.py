@@ -10,6 +10,7 @@ encoder and tokenizer; the empty-prompt embedding sits beside the weights in
 from dataclasses import asdict, dataclass
 import math
 from pathlib import Path
+import shutil
 
 import torch
 
@@ -118,14 +119,14 @@ def _detached_copy(module, dtype):
     return torch.nn.Module.to(copy, dtype=dtype).eval()  # every weight, as asked
 
 
-def _replace_folder(new, target):
+def replace_folder(new, target):
     """
-    Move the finished folder ``new`` to ``target``, replacing a previous model there.
+    Move the finished folder ``new`` to ``target``, replacing a previous one there.
 
     :param new: complete folder (a sibling of target)
     :param target: final path
     """
-    import shutil
+    target = Path(target)
     old = target.with_name(f'.{target.name}.old')
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
@@ -157,7 +158,6 @@ def save_marigold(path, unet, vae, embedding, default_steps, default_resolution,
     :return: Path of the folder
     """
     import json
-    import shutil
 
     from diffusers import DDIMScheduler, MarigoldDepthPipeline
     from safetensors.torch import save_file
@@ -182,7 +182,7 @@ def save_marigold(path, unet, vae, embedding, default_steps, default_resolution,
                   partial / EMPTY_TEXT_FILE)
         with open(partial / 'marigold_ros.json', 'w') as stream:
             json.dump(extra or {}, stream, indent=2, default=str)
-        _replace_folder(partial, path)
+        replace_folder(partial, path)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

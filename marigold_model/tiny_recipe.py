@@ -15,6 +15,7 @@ import argparse
 from dataclasses import asdict, dataclass
 import json
 from pathlib import Path
+import shutil
 import sys
 import time
 
@@ -24,7 +25,7 @@ import torch
 from . import yaml12
 from .alignment import normalize_percentile
 from .architecture import build_unet, build_vae, empty_text_embedding, save_marigold
-from .architecture import TinyArchitecture
+from .architecture import replace_folder, TinyArchitecture
 from .trainer import build_training_data, DataSpec, TrainConfig, Trainer
 from .vae_training import fit_scaling_factor, reconstruction_error, train_vae, VaeTrainConfig
 
@@ -146,13 +147,11 @@ def save_vae(vae, folder):
     :param vae: AutoencoderKL
     :param folder: final folder
     """
-    import shutil
     folder = Path(folder)
     partial = folder.with_name(f'.{folder.name}.partial')
     shutil.rmtree(partial, ignore_errors=True)
     vae.save_pretrained(partial)
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
+    replace_folder(partial, folder)
 
 
 def unet_config(recipe, work, base):

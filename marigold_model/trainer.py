@@ -119,7 +119,8 @@ def _coerce(name, value, kind):
     """
     Convert one setting read from YAML to its declared type.
 
-    PyYAML reads ``3e-5`` (no dot) as a string and ``no`` as false; both are taken here.
+    Numbers given as strings (quoted, or ``3e-5`` read by a YAML 1.1 loader) and ``no``
+    (false to YAML) for mixed_precision are taken here.
 
     :param name: setting name, for the message
     :param value: value as read
@@ -680,8 +681,7 @@ class Trainer:
         self.step = 0
         self.losses = []
         self.no_depth = 0  # drawn samples without any valid depth pixel (taught nothing)
-        self.last_lr = self.lr_at(0)
-        self.set_lr()
+        self.last_lr = self.set_lr()
 
     # -- learning rate ----------------------------------------------------------------------
 
