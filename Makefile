@@ -1,8 +1,17 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
 SHELL := /bin/bash
-VENV := .venv
+# The ROS 2 distribution whose PyPI wheels the venv gets: kilted (.venv) or jazzy (.venv-jazzy).
+# Humble is not supported: the node needs rclpy's event handlers and post-set parameter
+# callbacks (Jazzy and newer).
+ROS_DISTRO ?= kilted
+ROS_DISTROS := kilted jazzy
+ifeq ($(filter $(ROS_DISTRO),$(ROS_DISTROS)),)
+$(error ROS_DISTRO=$(ROS_DISTRO): the venv is built for one of: $(ROS_DISTROS))
+endif
+VENV := $(if $(filter kilted,$(ROS_DISTRO)),.venv,.venv-$(ROS_DISTRO))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+ROS_REQUIREMENTS := requirements-ros-$(ROS_DISTRO).txt
 
 .PHONY: demo test venv train-tiny bench clean
 
@@ -14,11 +23,12 @@ venv: $(STAMP)
 #   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
-$(STAMP): requirements.txt requirements-dev.txt setup.py
+$(STAMP): requirements.txt requirements-dev.txt $(ROS_REQUIREMENTS) setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH)'
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt \
+		-r $(ROS_REQUIREMENTS)
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
@@ -35,4 +45,4 @@ bench: $(STAMP)
 	$(PY) bench/estimator.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo_output
+	rm -rf .venv .venv-jazzy build *.egg-info demo_output
