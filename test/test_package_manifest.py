@@ -42,7 +42,7 @@ def _imported_modules():
 
 
 def _declared_keys():
-    """The exec_depend keys of package.xml."""
+    """Return the exec_depend keys of package.xml."""
     tree = ElementTree.parse(ROOT / 'package.xml')
     return {element.text.strip() for element in tree.getroot().iter('exec_depend')}
 
