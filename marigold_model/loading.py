@@ -26,6 +26,23 @@ class WeightsNotFoundError(FileNotFoundError):
     """The requested weights are not on this machine."""
 
 
+class WeightsDamagedError(WeightsNotFoundError):
+    """A weights or config file is here but cannot be read (damaged or cut short)."""
+
+
+def is_hub_id(model):
+    """Tell whether a model name can only mean a Hugging Face hub id (``owner/name``)."""
+    return (not model.startswith(BUNDLED_PREFIX) and not model.startswith(('.', '/', '~'))
+            and re.fullmatch(r'[\w.-]+/[\w.-]+', model) is not None)
+
+
+def _download_hint(model):
+    """Return how to get the whole model again: ``hf download`` only for a hub id."""
+    if is_hub_id(model):
+        return f'download the whole model again (hf download {model})'
+    return 'copy or export the whole model folder again'
+
+
 @dataclass
 class MarigoldComponents:
     """
@@ -49,15 +66,18 @@ class MarigoldComponents:
 
 def _missing_weights_message(model, looked_in):
     where = '\n  '.join(str(p) for p in looked_in)
+    download = ''
+    if is_hub_id(model):
+        download = (f'  - download once (needs network): hf download {model}'
+                    ' (or: huggingface-cli download ...), then run again; the local cache is'
+                    ' used offline\n')
     return (
         f'Marigold weights {model!r} were not found on this machine.\n'
         f'Looked in:\n  {where}\n'
         'Provide them in one of these ways:\n'
-        f'  - download once (needs network): hf download {model}'
-        ' (or: huggingface-cli download ...), then run again; the local cache is used offline\n'
-        '  - set the model (ROS parameter `model`, or --model) to a local diffusers folder'
-        ' (model_index.json, unet/, vae/, scheduler/)\n'
-        '  - or to the bundled tiny model, bundled:marigold-tiny (a small demo model, not for'
+        f'{download}'
+        '  - name a local diffusers folder (model_index.json, unet/, vae/, scheduler/)\n'
+        '  - or the bundled tiny model, bundled:marigold-tiny (a small demo model, not for'
         ' real use)')
 
 
@@ -113,8 +133,63 @@ _VARIANT_WEIGHTS = (r'{name}\.(?P<a>\w+?)(?:-\d+-of-\d+)?\.(?:safetensors|bin)'
 def _incomplete(model, what):
     return WeightsNotFoundError(
         f'the weights of {model!r} are incomplete: {what}.\n'
-        'An interrupted or partial download leaves this; download the whole model again '
-        f'(hf download {model}) or point the model at a complete diffusers folder')
+        f'An interrupted or partial download leaves this; {_download_hint(model)} '
+        'or point the model at a complete diffusers folder')
+
+
+def _damaged(model, path, what):
+    return WeightsDamagedError(
+        f'{path} of {model!r} is {what}.\n'
+        f'An interrupted download or copy leaves this; {_download_hint(model)}')
+
+
+def check_safetensors(path):
+    """
+    Return why a .safetensors file cannot be read, or '' when its header and size agree.
+
+    The file is an 8-byte header length, a JSON header giving each tensor's byte range, and
+    the data: a file shorter than the largest range end was cut short.
+    """
+    size = os.path.getsize(path)
+    with open(path, 'rb') as stream:
+        head = stream.read(8)
+        if len(head) < 8:
+            return f'cut short ({size} bytes, no header)'
+        length = int.from_bytes(head, 'little')
+        if length > size - 8:
+            return f'cut short ({size} bytes, header of {length} bytes)'
+        try:
+            header = json.loads(stream.read(length))
+            end = max((entry['data_offsets'][1] for key, entry in header.items()
+                       if key != '__metadata__'), default=0)
+        except (ValueError, TypeError, KeyError, IndexError):
+            return 'damaged (its header is not readable)'
+    if size < 8 + length + end:
+        return f'cut short ({size} of {8 + length + end} bytes)'
+    return ''
+
+
+def _read_json(path, model=''):
+    """Read a JSON file of a model folder, naming the file when it is damaged."""
+    try:
+        with open(path) as stream:
+            return json.load(stream)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise _damaged(model, path, f'damaged (not valid JSON: {error})') from error
+
+
+def _from_pretrained(load, folder, model, *args, **kwargs):
+    """Call a diffusers loader; a failure caused by a damaged file names that file."""
+    try:
+        return load(*args, **kwargs)
+    except Exception as error:  # noqa: B902 - any loader failure: look for a damaged file
+        for path in sorted(Path(folder).glob('*.safetensors')):
+            problem = check_safetensors(path)
+            if problem:
+                raise _damaged(model, path, problem) from error
+        for path in sorted(Path(folder).glob('*.json')):
+            _read_json(path, model)
+        raise
 
 
 def weights_variant(folder, model='', weights_name=_WEIGHTS_NAME):
@@ -165,6 +240,9 @@ def _load_empty_text_embedding(path, device, dtype):
     cached = CACHE_DIR / f'empty_text_{key}.safetensors'
     for candidate in (beside, cached):
         if candidate.is_file():
+            problem = check_safetensors(candidate)
+            if problem:
+                raise _damaged(str(path), candidate, problem)
             return load_file(candidate)['embedding'].to(device=device, dtype=dtype)
     if not (path / 'text_encoder').is_dir() or not (path / 'tokenizer').is_dir():
         raise WeightsNotFoundError(
@@ -188,15 +266,15 @@ def _load_empty_text_embedding(path, device, dtype):
     return embedding.to(device=device, dtype=dtype)
 
 
-def read_pipeline_config(path):
+def read_pipeline_config(path, model=''):
     """
     Read model_index.json of a diffusers model folder.
 
     :param path: model folder
+    :param model: the model's name for error messages (default: the folder)
     :return: dict of its entries
     """
-    with open(Path(path) / 'model_index.json') as stream:
-        return json.load(stream)
+    return _read_json(Path(path) / 'model_index.json', model or str(path))
 
 
 def _scheduler_class(path, model=''):
@@ -204,8 +282,7 @@ def _scheduler_class(path, model=''):
     config = Path(path) / 'scheduler' / 'scheduler_config.json'
     if not config.is_file():
         raise _incomplete(model, f'{config} is missing')
-    with open(config) as stream:
-        name = json.load(stream).get('_class_name', 'DDIMScheduler')
+    name = _read_json(config, model).get('_class_name', 'DDIMScheduler')
     if not hasattr(diffusers, name):
         raise ValueError(f'unknown scheduler class {name!r} in {path}/scheduler')
     return getattr(diffusers, name)
@@ -223,9 +300,10 @@ def load_components(model, device, dtype, tiny_vae=None):
     """
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     path = resolve_model_path(model)
-    config = read_pipeline_config(path)
+    config = read_pipeline_config(path, model)
     kwargs = {'torch_dtype': dtype, 'local_files_only': True}
-    unet = UNet2DConditionModel.from_pretrained(
+    unet = _from_pretrained(
+        UNet2DConditionModel.from_pretrained, path / 'unet', model,
         path, subfolder='unet', variant=weights_variant(path / 'unet', model), **kwargs)
     if unet.config.in_channels != 2 * unet.config.out_channels:
         raise ValueError(f'{path} is not a Marigold model: the U-Net takes '
@@ -233,10 +311,12 @@ def load_components(model, device, dtype, tiny_vae=None):
                          f'{unet.config.out_channels}')
     if tiny_vae:
         tiny_path = resolve_model_path(tiny_vae, 'config.json')
-        vae = AutoencoderTiny.from_pretrained(
+        vae = _from_pretrained(
+            AutoencoderTiny.from_pretrained, tiny_path, tiny_vae,
             tiny_path, variant=weights_variant(tiny_path, tiny_vae), **kwargs)
     else:
-        vae = AutoencoderKL.from_pretrained(
+        vae = _from_pretrained(
+            AutoencoderKL.from_pretrained, path / 'vae', model,
             path, subfolder='vae', variant=weights_variant(path / 'vae', model), **kwargs)
     scheduler = _scheduler_class(path, model).from_pretrained(path, subfolder='scheduler')
     embedding = _load_empty_text_embedding(path, device, dtype)

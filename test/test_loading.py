@@ -131,3 +131,44 @@ def test_weights_variant_reads_diffusers_file_names(tmp_path, names, variant):
     for name in names:
         (tmp_path / name).write_text('')
     assert weights_variant(tmp_path) == variant
+
+
+def test_a_cut_short_weights_file_is_named(tmp_path, random_model_dir):
+    """A truncated safetensors file is named and called cut short, not a loader traceback."""
+    import shutil
+
+    from marigold_model.loading import WeightsDamagedError
+    copy = tmp_path / 'cut'
+    shutil.copytree(random_model_dir, copy)
+    weights = copy / 'unet' / 'diffusion_pytorch_model.safetensors'
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2])
+    with pytest.raises(WeightsDamagedError) as error:
+        load_components(str(copy), torch.device('cpu'), torch.float32)
+    message = str(error.value)
+    assert str(weights) in message and 'cut short' in message
+    assert f'{len(data) // 2} of {len(data)} bytes' in message
+    assert 'hf download' not in message  # a local folder cannot be downloaded
+
+
+def test_a_damaged_model_index_is_named(tmp_path, random_model_dir):
+    """model_index.json that is not JSON is named and called damaged."""
+    import shutil
+
+    from marigold_model.loading import WeightsDamagedError
+    copy = tmp_path / 'broken'
+    shutil.copytree(random_model_dir, copy)
+    (copy / 'model_index.json').write_text('{"_class_name": "MarigoldDepthPip')
+    with pytest.raises(WeightsDamagedError, match='model_index.json.*damaged'):
+        load_components(str(copy), torch.device('cpu'), torch.float32)
+
+
+def test_hf_download_is_suggested_only_for_hub_ids(tmp_path, monkeypatch):
+    """Local paths and bundled names get no `hf download` advice; a hub id does."""
+    monkeypatch.setattr('huggingface_hub.constants.HF_HUB_CACHE', str(tmp_path / 'hub'))
+    for name in (str(tmp_path / 'absent'), './absent', 'bundled:nothing-here'):
+        with pytest.raises(WeightsNotFoundError) as error:
+            resolve_model_path(name)
+        assert 'hf download' not in str(error.value), name
+    with pytest.raises(WeightsNotFoundError, match='hf download owner/model'):
+        resolve_model_path('owner/model')

@@ -64,6 +64,7 @@ def test_every_import_has_a_rosdep_key_or_a_pip_requirement():
     unknown = sorted(_imported_modules() - set(ROSDEP_KEYS) - PIP_ONLY - OPTIONAL)
     assert not unknown, f'imports with no rosdep key or pip requirement listed here: {unknown}'
     for module in sorted(_imported_modules() & set(ROSDEP_KEYS)):
-        assert ROSDEP_KEYS[module] in declared, f'{module}: add {ROSDEP_KEYS[module]} to package.xml'
+        key = ROSDEP_KEYS[module]
+        assert key in declared, f'{module}: add {key} to package.xml'
     for module in sorted(_imported_modules() & PIP_ONLY):
         assert module in requirements, f'{module}: add it to requirements.txt'
