@@ -748,6 +748,39 @@ def test_attach_points_uses_parameters_without_tf2(monkeypatch):
     assert quiet.logger.lines == []
 
 
+def test_attach_points_starts_one_tf2_listener_and_detach_stops_it(monkeypatch):
+    import sys
+    import types
+    listeners = []
+
+    class TransformListener:
+        """Record the listener made on the node, and its unregistering."""
+
+        def __init__(self, buffer, node):
+            self.buffer, self.node, self.unregistered = buffer, node, False
+            listeners.append(self)
+
+        def unregister(self):
+            self.unregistered = True
+
+    fake = types.SimpleNamespace(Buffer=FakeBuffer, TransformListener=TransformListener)
+    monkeypatch.setitem(sys.modules, 'tf2_ros', fake)
+    node = FakeNode()
+    recovery = ScaleRecovery(points_config(use_tf=True))
+    recovery.attach(node, 'left')
+    recovery.attach(node, 'right')
+    assert recovery.transform_source == 'tf2' and len(listeners) == 1
+    assert [c[1] for c in node.created] == ['left/points_in', 'right/points_in']
+    # The LiDAR extrinsic is looked up in the listener's buffer at the cloud stamp.
+    rel, camera, points, scale, _ = lidar_scene(seed=4, n_points=300)
+    node.created[0][2](cloud(to_lidar(points), header(1.0, LIDAR)))
+    assert recovery.estimate('left', header(1.0), rel, camera).scale == \
+        pytest.approx(scale, rel=0.02)
+    assert listeners[0].buffer.calls == [(FRAME, LIDAR, 1_000_000_000)]
+    recovery.detach()
+    assert listeners[0].unregistered and node.created == []
+
+
 def test_attach_on_an_rclpy_node_receives_messages():
     rclpy = pytest.importorskip('rclpy')
     from rclpy.executors import SingleThreadedExecutor
