@@ -26,8 +26,8 @@ import time
 
 from marigold_model.alignment import abs_rel, AlignmentError, fit_scale_shift
 from marigold_model.data.synthetic import render_scene
-from marigold_model.scale_tracking import refine_local, sample_sparse_pairs, ScaleTracker
-from marigold_model.scale_tracking import sparse_pixels
+from marigold_model.scale_apply import refine_local
+from marigold_model.scale_tracking import sample_sparse_pairs, ScaleTracker, sparse_pixels
 import numpy as np
 from scipy import ndimage
 

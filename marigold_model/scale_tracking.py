@@ -1,17 +1,14 @@
 """
-Metric scale from sparse depth: sampling, temporal tracking and local refinement.
+Metric scale from sparse depth: sampling and temporal tracking.
 
 No ROS here: the node's ``marigold_ros/scale_recovery.py`` converts messages to arrays and
-calls these functions.
+calls these functions; :mod:`marigold_model.scale_apply` applies the estimate.
 
 * :func:`sample_sparse_pairs` pairs a sparse depth image of any resolution with the relative
   depth map (nearest pixel, never interpolating the sparse image).
 * :class:`ScaleTracker` fits ``metric ~= scale * rel + shift`` robustly per update, gates
   outlier fits, optionally smooths over time and ages the estimate out after
   ``max_stale_s``.
-* :func:`refine_local` is an opt-in correction beyond the global affine fit: the residual at
-  the sparse points is spread over the image with a Gaussian kernel and fades to zero away
-  from them.
 
 Per frame by default: Marigold normalises every prediction to its own [0, 1] range (the
 nearest and farthest point of the frame), so the scale and shift of one frame do not carry
@@ -37,7 +34,6 @@ import math
 import threading
 
 import numpy as np
-from scipy import ndimage
 
 from .alignment import (AlignmentError, fit_scale_shift_robust, REASON_TOO_FEW_INLIERS,
                         REASON_TOO_FEW_POINTS)
@@ -533,86 +529,3 @@ def sample_sparse_pairs(rel_depth, sparse_metric):
     values = rel[uv[:, 1], uv[:, 0]]
     keep = np.isfinite(values)
     return values[keep], metric[keep]
-
-
-def refine_local(metric_depth, sparse_uv, sparse_metric, *, sigma_px=None, spacing_factor=2.0,
-                 prior_weight=1.0, space='log', max_residual_rel=0.15):
-    """
-    Correct a globally aligned depth map locally towards sparse metric readings.
-
-    The residual at each sparse point (``log(sparse / depth)`` in log space, ``sparse -
-    depth`` in linear space) is spread over the image by Gaussian-weighted averaging
-    (normalised convolution, on a coarse grid and upsampled bilinearly since the correction
-    is smooth). A prior weight of ``prior_weight`` points at zero residual shrinks the
-    correction: it is almost the local mean residual where points are dense and fades to
-    zero far from them. Points whose relative residual exceeds ``max_residual_rel`` are
-    treated as outliers and ignored.
-
-    :param metric_depth: globally aligned metric depth, H x W (NaN / <= 0 = invalid, kept)
-    :param sparse_uv: (N, 2) pixel coordinates (column, row) in ``metric_depth``
-    :param sparse_metric: (N,) metric depth at those points (NaN / <= 0 ignored)
-    :param sigma_px: Gaussian sigma in pixels (default ``spacing_factor`` times the mean
-        point spacing ``sqrt(H * W / N)``)
-    :param spacing_factor: sigma in units of the mean point spacing when ``sigma_px`` is None
-    :param prior_weight: shrinkage towards zero correction, in points
-    :param space: ``'log'`` (multiplicative correction) or ``'linear'`` (additive)
-    :param max_residual_rel: ignore points with ``|sparse - depth| / sparse`` above this
-    :return: float32 H x W refined depth (unchanged if no point is usable)
-    :raises ValueError: bad shapes or parameters
-    """
-    if space not in ('log', 'linear'):
-        raise ValueError(f"space must be 'log' or 'linear', got {space!r}")
-    if not prior_weight > 0:
-        raise ValueError('prior_weight must be > 0')
-    depth = np.asarray(metric_depth, dtype=np.float64)
-    if depth.ndim != 2:
-        raise ValueError(f'metric_depth must be H x W, got shape {depth.shape}')
-    uv = np.asarray(sparse_uv, dtype=np.float64)
-    z = np.asarray(sparse_metric, dtype=np.float64).ravel()
-    if uv.ndim != 2 or uv.shape[1] != 2 or uv.shape[0] != z.size:
-        raise ValueError(f'sparse_uv must be (N, 2) with N = {z.size}, got {uv.shape}')
-    height, width = depth.shape
-
-    with np.errstate(invalid='ignore'):
-        ok = np.all(np.isfinite(uv), axis=1) & np.isfinite(z) & (z > 0)
-    u = np.full(z.size, -1, dtype=np.int64)
-    v = np.full(z.size, -1, dtype=np.int64)
-    u[ok] = np.rint(uv[ok, 0]).astype(np.int64)
-    v[ok] = np.rint(uv[ok, 1]).astype(np.int64)
-    ok &= (u >= 0) & (u < width) & (v >= 0) & (v < height)
-    base = np.full(z.size, np.nan)
-    base[ok] = depth[v[ok], u[ok]]
-    with np.errstate(invalid='ignore'):
-        ok &= np.isfinite(base) & (base > 0)
-        ok &= np.abs(z - base) <= max_residual_rel * z
-    if not np.any(ok):
-        return depth.astype(np.float32)
-    u, v, z, base = u[ok], v[ok], z[ok], base[ok]
-    residual = np.log(z / base) if space == 'log' else z - base
-
-    if sigma_px is None:
-        sigma_px = spacing_factor * math.sqrt(height * width / z.size)
-    sigma_px = float(np.clip(sigma_px, 0.5, 4.0 * max(height, width)))
-    # About four coarse cells per sigma is plenty for a Gaussian and keeps the blur cheap.
-    factor = max(1, int(sigma_px // 4))
-    h_c, w_c = -(-height // factor), -(-width // factor)
-    num = np.zeros((h_c, w_c))
-    den = np.zeros((h_c, w_c))
-    np.add.at(num, (v // factor, u // factor), residual)
-    np.add.at(den, (v // factor, u // factor), 1.0)
-    sigma_c = sigma_px / factor
-    num = ndimage.gaussian_filter(num, sigma_c, mode='constant')
-    den = ndimage.gaussian_filter(den, sigma_c, mode='constant')
-    # gaussian_filter normalises its kernel to unit sum, so one point contributes about
-    # 1 / (2 pi sigma^2) at its own location: express the prior in the same units.
-    prior = prior_weight / (2.0 * math.pi * sigma_c * sigma_c)
-    coarse = num / (den + prior)
-
-    rows = (np.arange(height) + 0.5) / factor - 0.5
-    cols = (np.arange(width) + 0.5) / factor - 0.5
-    grid_r, grid_c = np.meshgrid(rows, cols, indexing='ij')
-    correction = ndimage.map_coordinates(coarse, [grid_r, grid_c], order=1, mode='nearest')
-    with np.errstate(invalid='ignore'):
-        refined = depth * np.exp(correction) if space == 'log' else depth + correction
-        refined = np.where(np.isfinite(depth) & (depth > 0), refined, depth)
-    return refined.astype(np.float32)

@@ -1,17 +1,17 @@
 """Tests of marigold_ros.scale_recovery: sparse depth / LiDAR messages -> metric scale."""
 
 import dataclasses
-import math
 
 from geometry_msgs.msg import TransformStamped
 from marigold_model.alignment import abs_rel
 from marigold_model.data.synthetic import render_scene
+from marigold_model.scale_apply import apply_scale, RefinedScaleEstimate
 from marigold_model.scale_tracking import ScaleEstimate, ScaleTrackerConfig
 from marigold_ros.conversions import depth_to_image, rgb_to_image
 from marigold_ros.geometry import CameraModel, pixel_rays
-from marigold_ros.scale_recovery import apply_scale, RefinedScaleEstimate, RESTART_FIELDS
+from marigold_ros.scale_inputs import Tf2TransformLookup
 from marigold_ros.scale_recovery import ScaleInputError, ScaleRecovery, ScaleRecoveryConfig
-from marigold_ros.scale_recovery import status_fields, Tf2TransformLookup
+from marigold_ros.scale_recovery import status_fields
 from marigold_ros.stamp_matcher import ns_to_stamp
 import numpy as np
 import pytest
@@ -144,17 +144,20 @@ def points_config(**kwargs):
 # Configuration
 
 
-def test_config_reuses_tracker_defaults_and_validates():
+def test_config_is_a_tracker_config_with_the_input_settings_first():
     config = ScaleRecoveryConfig()
+    assert isinstance(config, ScaleTrackerConfig)
     tracker_fields = [f.name for f in dataclasses.fields(ScaleTrackerConfig)]
-    assert set(tracker_fields) <= {f.name for f in dataclasses.fields(config)}
-    assert config.tracker_config() == ScaleTrackerConfig()
+    names = [f.name for f in dataclasses.fields(config)]
+    # The parameter order (config/depth.yaml): source ... error_throttle_s, then the tracker.
+    assert names[0] == 'source' and names[-len(tracker_fields):] == tracker_fields
+    assert {name: getattr(config, name) for name in tracker_fields} == \
+        dataclasses.asdict(ScaleTrackerConfig())
     assert config.source == 'none' and config.sparse_depth_scale == 0.001
     assert not config.local_refinement
     # ROS array parameters arrive as lists: stored as tuples (hashable, frozen).
     listed = ScaleRecoveryConfig(extrinsic_translation=[1, 2, 3], anchors=[0.2, 0.8])
     assert listed.extrinsic_translation == (1.0, 2.0, 3.0) and listed.anchors == (0.2, 0.8)
-    assert listed.tracker_config().anchors == (0.2, 0.8)
     for field_type in {type(f.default) for f in dataclasses.fields(config)}:
         assert field_type in (bool, int, float, str, tuple)
 
@@ -306,22 +309,6 @@ class FakeBuffer:
         rot = msg.transform.rotation
         rot.x, rot.y, rot.z, rot.w = QUATERNION
         return msg
-
-
-def test_a_lookup_of_the_first_interface_still_works():
-    """A custom transform lookup taking (target, source, cloud stamp) only is still called."""
-    rel, camera, points, scale, _ = lidar_scene(seed=1)
-    calls = []
-
-    def lookup(target, source, stamp_ns):
-        calls.append((target, source, stamp_ns))
-        return TRANSLATION, QUATERNION
-
-    recovery = ScaleRecovery(points_config(), transform_lookup=lookup)
-    recovery.add_points(KEY, cloud(to_lidar(points), header(3.0, LIDAR)))
-    estimate = recovery.estimate(KEY, header(3.0), rel, camera)
-    assert estimate.scale == pytest.approx(scale, rel=0.02)
-    assert calls == [(FRAME, LIDAR, 3_000_000_000)]
 
 
 def test_lidar_points_through_tf2_lookup_at_the_cloud_stamp():
@@ -596,26 +583,6 @@ def test_a_reading_is_fused_once_however_many_frames_it_matches():
     assert results[3].scale == pytest.approx(results[1].scale, rel=1e-9)
 
 
-def test_reconfigure_during_an_update_leaves_the_reading_to_the_new_tracker(monkeypatch):
-    """A parameter change while a frame fuses a reading: the new tracker still gets it."""
-    rng = np.random.default_rng(6)
-    gt, rel = synthetic_scene(rng)
-    recovery = ScaleRecovery(sparse_config(smoothing=0.5))
-    recovery.add_sparse_depth(KEY, depth_to_image(sparse_image(rng, gt).astype(np.float32),
-                                                  header(0.0)))
-    stream = recovery._stream(KEY)
-    update = stream.tracker.update
-
-    def reconfigured_meanwhile(*args):
-        recovery.reconfigure(sparse_config(smoothing=0.5, min_points=25))
-        return update(*args)
-
-    monkeypatch.setattr(stream.tracker, 'update', reconfigured_meanwhile)
-    recovery.estimate(KEY, header(0.0), rel)
-    # The next frame matches the same reading: the new tracker must fuse it.
-    assert recovery.estimate(KEY, header(0.02), rel).status == 'ok'
-
-
 def test_a_slow_reading_is_fitted_to_each_frame_it_matches():
     """Without smoothing, a reading matched by several frames is fitted to each one's depth."""
     rng = np.random.default_rng(5)
@@ -640,32 +607,6 @@ def test_source_none_never_estimates():
 
 
 # Metric outputs
-
-
-def test_apply_scale_depth_and_uncertainty_in_meters():
-    estimate = known(4.0, 0.5)
-    rel = np.array([[0.0, 0.5], [1.0, np.nan]], np.float32)
-    unc = np.array([[0.01, 0.02], [0.03, 0.04]], np.float32)
-    metric, metric_unc = apply_scale(estimate, rel, unc)
-    assert metric.dtype == np.float32 and metric_unc.dtype == np.float32
-    np.testing.assert_allclose(metric[:, 0], [0.5, 4.5])
-    np.testing.assert_allclose(metric_unc[0], [0.04, 0.08])
-    assert np.isnan(metric[1, 1]) and np.isnan(metric_unc[1, 1])
-    assert apply_scale(estimate, rel)[1] is None
-    assert np.isnan(rel[1, 1]) and rel[0, 1] == 0.5  # input untouched
-    # Depth <= 0 is no reading (REP 118), and so is depth beyond max_depth.
-    negative, negative_unc = apply_scale(known(1.0, -0.25), rel, unc)
-    assert np.isnan(negative[0, 0]) and np.isnan(negative_unc[0, 0])
-    near, near_unc = apply_scale(estimate, rel, unc, max_depth=2.0)
-    assert near[0, 0] == 0.5 and np.isnan(near[0, 1]) and np.isnan(near_unc[0, 1])
-    unusable = ScaleEstimate(scale=math.nan, shift=math.nan, inlier_ratio=0.0,
-                             residual=math.nan, n_points=0, age_s=math.inf,
-                             status='no_estimate')
-    for est in (None, unusable):
-        with pytest.raises(ValueError, match='relative'):
-            apply_scale(est, rel)
-    with pytest.raises(ValueError, match='shape'):
-        apply_scale(estimate, rel, unc[:1])
 
 
 def test_local_refinement_is_opt_in_and_beats_the_global_fit():
@@ -718,28 +659,6 @@ def test_status_fields_and_diagnostics():
     unseen = dict(recovery.diagnostic_fields('unseen'))
     assert unseen['scale_reason'] == 'no_sparse_input'
     assert unseen['scale_input_errors'] == 'none' and unseen['scale_last_error'] == ''
-
-
-def test_reconfigure_at_runtime():
-    gt, rel, scale, _, _ = rendered(7, 48, 64)
-    msg = depth_to_image(np.where(gt > 0, gt, 0).astype(np.float32), header(0.0))
-    recovery = ScaleRecovery(sparse_config())
-    recovery.add_sparse_depth(KEY, msg)
-    assert recovery.estimate(KEY, header(0.0), rel).status == 'ok'
-    # Output-side settings keep the estimate and the buffer.
-    recovery.reconfigure(sparse_config(local_refinement=True))
-    assert isinstance(recovery.estimate(KEY, header(0.0), rel), RefinedScaleEstimate)
-    # New fitting rules start a new estimate: with 10 000 points needed none is possible.
-    recovery.reconfigure(sparse_config(min_points=10_000))
-    assert recovery.estimate(KEY, header(0.03), rel) is None
-    assert recovery.last_estimate(KEY).reason == 'too_few_points'
-    # A new match tolerance drops the buffered input.
-    recovery.reconfigure(sparse_config(match_tolerance_s=1.0))
-    assert recovery.estimate(KEY, header(0.5), rel) is None
-    assert recovery.last_estimate(KEY).reason == 'no_sparse_input'
-    assert RESTART_FIELDS == ('source', 'use_tf')
-    with pytest.raises(ValueError, match='source'):
-        recovery.reconfigure(points_config())
 
 
 # attach: subscriptions, tf fallback, throttled logs
@@ -827,6 +746,39 @@ def test_attach_points_uses_parameters_without_tf2(monkeypatch):
     quiet = FakeNode()
     ScaleRecovery(points_config(use_tf=False)).attach(quiet, 'cam')
     assert quiet.logger.lines == []
+
+
+def test_attach_points_starts_one_tf2_listener_and_detach_stops_it(monkeypatch):
+    import sys
+    import types
+    listeners = []
+
+    class TransformListener:
+        """Record the listener made on the node, and its unregistering."""
+
+        def __init__(self, buffer, node):
+            self.buffer, self.node, self.unregistered = buffer, node, False
+            listeners.append(self)
+
+        def unregister(self):
+            self.unregistered = True
+
+    fake = types.SimpleNamespace(Buffer=FakeBuffer, TransformListener=TransformListener)
+    monkeypatch.setitem(sys.modules, 'tf2_ros', fake)
+    node = FakeNode()
+    recovery = ScaleRecovery(points_config(use_tf=True))
+    recovery.attach(node, 'left')
+    recovery.attach(node, 'right')
+    assert recovery.transform_source == 'tf2' and len(listeners) == 1
+    assert [c[1] for c in node.created] == ['left/points_in', 'right/points_in']
+    # The LiDAR extrinsic is looked up in the listener's buffer at the cloud stamp.
+    rel, camera, points, scale, _ = lidar_scene(seed=4, n_points=300)
+    node.created[0][2](cloud(to_lidar(points), header(1.0, LIDAR)))
+    assert recovery.estimate('left', header(1.0), rel, camera).scale == \
+        pytest.approx(scale, rel=0.02)
+    assert listeners[0].buffer.calls == [(FRAME, LIDAR, 1_000_000_000)]
+    recovery.detach()
+    assert listeners[0].unregistered and node.created == []
 
 
 def test_attach_on_an_rclpy_node_receives_messages():

@@ -1,10 +1,10 @@
-"""Tests of marigold_model.scale_tracking: sparse sampling, tracking, local refinement."""
+"""Tests of marigold_model.scale_tracking: sparse sampling and tracking."""
 
 import math
 
 from marigold_model.alignment import abs_rel, fit_scale_shift, FitResult
-from marigold_model.scale_tracking import refine_local, sample_sparse_pairs, ScaleEstimate
-from marigold_model.scale_tracking import ScaleTracker, ScaleTrackerConfig, sparse_pixels
+from marigold_model.scale_tracking import sample_sparse_pairs, ScaleEstimate, ScaleTracker
+from marigold_model.scale_tracking import ScaleTrackerConfig, sparse_pixels
 import numpy as np
 import pytest
 
@@ -80,20 +80,6 @@ def test_recovered_metric_depth_within_1_1x_of_oracle():
         oracle.append(oracle_abs_rel(rel, gt))
         assert recovered[-1] <= 1.25 * oracle[-1]
     assert np.mean(recovered) <= 1.1 * np.mean(oracle)
-
-
-def test_local_refinement_beats_the_global_fit():
-    ratios = []
-    for seed in range(3):
-        rng = np.random.default_rng(100 + seed)
-        gt, rel = synthetic_scene(rng)
-        sparse = sparse_image(rng, gt, fraction=0.01)
-        estimate = ScaleTracker().update(*sample_sparse_pairs(rel, sparse), 0.0)
-        global_depth = estimate.apply(rel)
-        uv, values = sparse_pixels(sparse, rel.shape)
-        refined = refine_local(global_depth, uv, values)
-        ratios.append(abs_rel(refined, gt) / abs_rel(global_depth, gt))
-    assert max(ratios) < 0.9
 
 
 # Sequences
@@ -346,37 +332,3 @@ def test_sparse_pixels_rejects_bad_input():
         sparse_pixels(np.zeros((2, 2, 3)), (4, 4))
     with pytest.raises(ValueError):
         sample_sparse_pairs(np.zeros(5), np.zeros((2, 2)))
-
-
-# Local refinement
-
-
-def test_refine_local_corrects_near_points_and_fades_far_away():
-    depth = np.full((60, 80), 4.0)
-    # A grid of points in the left quarter all reading 10 % farther than the global fit.
-    rows, cols = np.mgrid[2:60:4, 1:20:4]
-    uv = np.stack([cols.ravel(), rows.ravel()], axis=1)
-    refined = refine_local(depth, uv, np.full(len(uv), 4.4), sigma_px=8.0)
-    assert refined.dtype == np.float32 and refined.shape == depth.shape
-    assert refined[30, 9] == pytest.approx(4.4, rel=0.01)
-    assert refined[30, 79] == pytest.approx(4.0, rel=1e-4)
-    # Linear space gives the same here (a constant offset), gross outliers are ignored.
-    z = np.full(len(uv), 4.4)
-    z[::5] = 20.0
-    linear = refine_local(depth, uv, z, sigma_px=8.0, space='linear')
-    assert linear[30, 9] == pytest.approx(4.4, rel=0.01)
-
-
-def test_refine_local_keeps_invalid_pixels_and_handles_no_points():
-    depth = np.full((10, 12), 2.0)
-    depth[0, 0] = np.nan
-    depth[0, 1] = 0.0
-    refined = refine_local(depth, np.array([[5.0, 5.0], [100.0, 3.0]]), np.array([2.2, 3.0]))
-    assert np.isnan(refined[0, 0]) and refined[0, 1] == 0.0
-    assert refined[5, 5] > 2.0
-    unchanged = refine_local(depth, np.zeros((0, 2)), np.zeros(0))
-    np.testing.assert_array_equal(unchanged, depth.astype(np.float32))
-    with pytest.raises(ValueError):
-        refine_local(depth, np.zeros((3, 2)), np.zeros(2))
-    with pytest.raises(ValueError):
-        refine_local(depth, np.zeros((1, 2)), np.ones(1), space='cubic')
