@@ -13,7 +13,7 @@ import resource
 import tempfile
 import time
 
-from marigold_model.trainer import DataSpec, TrainConfig, Trainer
+from marigold_model.training.trainer import DataSpec, TrainConfig, Trainer
 import torch
 
 

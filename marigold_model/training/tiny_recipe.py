@@ -22,10 +22,10 @@ import time
 import numpy as np
 import torch
 
-from . import yaml12
-from .alignment import normalize_percentile
-from .architecture import build_unet, build_vae, empty_text_embedding, save_marigold
-from .architecture import replace_folder, TinyArchitecture
+from .. import yaml12
+from ..alignment import normalize_percentile
+from ..architecture import build_unet, build_vae, empty_text_embedding, save_marigold
+from ..architecture import replace_folder, TinyArchitecture
 from .trainer import build_training_data, DataSpec, TrainConfig, Trainer
 from .vae_training import fit_scaling_factor, reconstruction_error, train_vae, VaeTrainConfig
 
@@ -107,7 +107,7 @@ def render_set(count, seed, resolution, log):
     :param log: message function
     :return: list of Sample
     """
-    from .data.synthetic import SceneConfig, SyntheticDataset
+    from ..data.synthetic import SceneConfig, SyntheticDataset
     dataset = SyntheticDataset(length=count, seed=seed,
                                config=SceneConfig(height=resolution, width=resolution))
     clock = time.perf_counter()
@@ -257,8 +257,8 @@ def evaluate_model(recipe, model, log=print):
     :param log: message function
     :return: list of result dicts (predictor, abs_rel, delta1, images, ...)
     """
-    from .config import EstimatorConfig, InferenceConfig, ModelConfig
-    from .estimator import DepthEstimator
+    from ..config import EstimatorConfig, InferenceConfig, ModelConfig
+    from ..estimator import DepthEstimator
     from .evaluate import evaluate, markdown_table, open_dataset
     spec = f'synthetic:{recipe.test_scenes}:{recipe.test_seed}:{recipe.resolution}'
     dataset = open_dataset(spec)

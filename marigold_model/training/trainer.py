@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from . import yaml12
-from .alignment import normalize_percentile
-from .architecture import marigold_scheduler_config, save_marigold
-from .loading import _load_empty_text_embedding, read_pipeline_config, resolve_model_path
-from .noise import annealed_strength, pyramid_noise_like
+from .. import yaml12
+from ..alignment import normalize_percentile
+from ..architecture import marigold_scheduler_config, save_marigold
+from ..loading import _load_empty_text_embedding, read_pipeline_config, resolve_model_path
+from ..noise import annealed_strength, pyramid_noise_like
 
 
 class TrainingError(RuntimeError):
@@ -243,12 +243,12 @@ def load_config(path=None, overrides=()):
 
 # Readers by data kind: module, class, arguments set by the trainer (not options).
 _READERS = {
-    'synthetic': ('.data.synthetic', 'SyntheticDataset',
+    'synthetic': ('..data.synthetic', 'SyntheticDataset',
                   ('config', 'height', 'width', 'transform')),
-    'hypersim': ('.data.hypersim', 'HypersimDataset', ('root',)),
-    'vkitti': ('.data.vkitti', 'VirtualKitti2Dataset', ('root',)),
-    'folder': ('.data.rgbd_folder', 'RGBDFolderDataset', ('root',)),
-    'bag': ('.data.bag_rgbd', 'BagRGBDDataset', ('path',)),
+    'hypersim': ('..data.hypersim', 'HypersimDataset', ('root',)),
+    'vkitti': ('..data.vkitti', 'VirtualKitti2Dataset', ('root',)),
+    'folder': ('..data.rgbd_folder', 'RGBDFolderDataset', ('root',)),
+    'bag': ('..data.bag_rgbd', 'BagRGBDDataset', ('path',)),
 }
 
 
@@ -292,7 +292,7 @@ def _check_data_spec(index, spec):
     if missing:
         raise TrainingError(f'{where} ({spec.kind}): missing option(s) {missing}')
     if spec.kind == 'synthetic' and 'scene' in spec.options:
-        from .data.synthetic import SceneConfig
+        from ..data.synthetic import SceneConfig
         scene = spec.options['scene']
         known = {f.name for f in fields(SceneConfig)} - {'height', 'width'}
         if not isinstance(scene, dict):
@@ -417,7 +417,7 @@ def build_source(spec, config):
     module, name, _ = _READERS[spec.kind]
     reader = getattr(importlib.import_module(module, __package__), name)
     if spec.kind == 'synthetic':
-        from .data.synthetic import SceneConfig
+        from ..data.synthetic import SceneConfig
         scene = dict(options.pop('scene', None) or {})
         scene = SceneConfig(height=config.height, width=config.width,
                             **{k: tuple(v) if isinstance(v, list) else v
@@ -435,7 +435,7 @@ def build_training_data(config, sources=None):
         frames already in memory); the probabilities still come from ``config.data``
     :return: MixedDataset
     """
-    from .data.mixing import MixedDataset, TrainTransform
+    from ..data.mixing import MixedDataset, TrainTransform
     if sources is None:
         sources = [build_source(spec, config) for spec in config.data]
     elif len(sources) != len(config.data):
@@ -644,7 +644,7 @@ class Trainer:
         """
         from accelerate import Accelerator
 
-        from .data.mixing import MixedDataset
+        from ..data.mixing import MixedDataset
         validate_config(config)
         self.config = config
         self.output = Path(config.output_dir)

@@ -32,12 +32,12 @@ import sys
 
 import numpy as np
 
-from .alignment import (AlignmentError, depth_metrics, evaluate_affine_invariant,
+from ..alignment import (AlignmentError, depth_metrics, evaluate_affine_invariant,
                         REASON_DEGENERATE_RANGE, REASON_NONFINITE_PREDICTION)
-from .config import (EstimatorConfig, InferenceConfig, ModelConfig, override,
+from ..config import (EstimatorConfig, InferenceConfig, ModelConfig, override,
                      validate_inference_config, validate_model_config)
-from .data.image_io import read_png16, read_rgb
-from .data.sample import make_sample, UnreadableSample
+from ..data.image_io import read_png16, read_rgb
+from ..data.sample import make_sample, UnreadableSample
 
 NYU_MIN_DEPTH, NYU_MAX_DEPTH = 1e-3, 10.0
 KITTI_MIN_DEPTH, KITTI_MAX_DEPTH = 1e-5, 80.0
@@ -369,7 +369,7 @@ def synthetic_samples(count, seed, height=None, width=None):
     :param width: image width (default the generator's)
     :return: list of Samples
     """
-    from .data.synthetic import render_scene, SceneConfig
+    from ..data.synthetic import render_scene, SceneConfig
     if count < 1:
         raise DatasetError(f'synthetic scene count must be >= 1, got {count}')
     config = SceneConfig()
@@ -397,7 +397,7 @@ def depth_range_of(samples):
 
 
 def _open_folder(root, depth_scale=None):
-    from .data.rgbd_folder import RGBDFolderDataset
+    from ..data.rgbd_folder import RGBDFolderDataset
     if not Path(root).is_dir():
         raise DatasetError(f'RGB-D folder not found: {root}')
     if depth_scale is None:
@@ -775,7 +775,7 @@ def run(args):
     results, model_info = [], None
     try:
         if config is not None:
-            from .estimator import DepthEstimator
+            from ..estimator import DepthEstimator
             estimator = DepthEstimator(config)
             steps, resolution = estimator.resolved_settings()
             model_info = {'model': args.model, 'steps': steps, 'ensemble': args.ensemble,
