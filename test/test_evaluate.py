@@ -1,12 +1,14 @@
-"""Tests of marigold_model.evaluate: protocol, baselines, crops, readers and the CLI."""
+"""Tests of evaluation (marigold_model.training): protocol, baselines, crops, readers, CLI."""
 
 import json
 
-from marigold_model.data.sample import make_sample
-from marigold_model.training.evaluate import BASELINES, crop_mask, DatasetError, eigen_crop_mask
-from marigold_model.training.evaluate import evaluate, garg_crop_mask, KittiEigen, main, NyuLabeled
-from marigold_model.training.evaluate import open_dataset, ramp_baseline, read_nyu_split, score_image
-from marigold_model.training.evaluate import SYNTHETIC_EVAL_STREAM
+from marigold_model.data.kitti import KittiEigen
+from marigold_model.data.nyu import NyuLabeled, read_nyu_split
+from marigold_model.data.sample import DatasetError, make_sample
+from marigold_model.training.eval_datasets import crop_mask, eigen_crop_mask, garg_crop_mask
+from marigold_model.training.eval_datasets import open_dataset, SYNTHETIC_EVAL_STREAM
+from marigold_model.training.evaluate import BASELINES, evaluate, main, ramp_baseline
+from marigold_model.training.evaluate import score_image
 import numpy as np
 from PIL import Image
 import pytest

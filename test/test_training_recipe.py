@@ -2,7 +2,7 @@
 
 import marigold_model.training.tiny_recipe as tiny_recipe
 from marigold_model.training.tiny_recipe import TinyRecipe
-from marigold_model.training.trainer import build_training_data
+from marigold_model.training.training_data import build_training_data
 import numpy as np
 import pytest
 

@@ -1,8 +1,8 @@
 """
-Training and evaluation of Marigold models; inference (marigold_model outside this package)
-never imports it.
+Training and evaluation of Marigold models, kept apart from inference.
 
-trainer (the run and ``marigold-train``), train_config (settings and their checks),
+Nothing in marigold_model outside this package imports it (test/test_import_rules.py).
+Modules: trainer (the run, ``marigold-train``), train_config (settings, checked once),
 training_data, model_setup, run_log, vae_training, tiny_recipe (``make train-tiny``),
-evaluate (the protocol and ``marigold-eval``) and eval_datasets.
+evaluate (the protocol, ``marigold-eval``) and eval_datasets.
 """
