@@ -18,12 +18,10 @@ def build_source(spec, config):
     """
     Make the dataset of one DataSpec.
 
-    :param spec: DataSpec
+    :param spec: DataSpec of ``config.data`` (checked there)
     :param config: TrainConfig (for the resolution of synthetic scenes)
     :return: a Dataset yielding Sample objects
     """
-    if spec.kind not in READERS:
-        raise TrainingError(f'unknown data kind {spec.kind!r}')
     options = dict(spec.options)
     module, name, _ = READERS[spec.kind]
     reader = getattr(importlib.import_module(module, __package__), name)
