@@ -39,7 +39,7 @@ test: $(STAMP)
 	ROS_AUTOMATIC_DISCOVERY_RANGE=OFF $(PY) -m pytest -q test
 
 train-tiny: $(STAMP)
-	$(PY) -m marigold_model.tiny_recipe
+	$(PY) -m marigold_model.training.tiny_recipe
 
 bench: $(STAMP)
 	$(PY) bench/estimator.py

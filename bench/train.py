@@ -13,7 +13,8 @@ import resource
 import tempfile
 import time
 
-from marigold_model.trainer import DataSpec, TrainConfig, Trainer
+from marigold_model.training.train_config import DataSpec, TrainConfig
+from marigold_model.training.trainer import Trainer
 import torch
 
 

@@ -1,12 +1,14 @@
-"""Tests of marigold_model.evaluate: protocol, baselines, crops, readers and the CLI."""
+"""Tests of evaluation (marigold_model.training): protocol, baselines, crops, readers, CLI."""
 
 import json
 
-from marigold_model.data.sample import make_sample
-from marigold_model.evaluate import BASELINES, crop_mask, DatasetError, eigen_crop_mask
-from marigold_model.evaluate import evaluate, garg_crop_mask, KittiEigen, main, NyuLabeled
-from marigold_model.evaluate import open_dataset, ramp_baseline, read_nyu_split, score_image
-from marigold_model.evaluate import SYNTHETIC_EVAL_STREAM
+from marigold_model.data.kitti import KittiEigen
+from marigold_model.data.nyu import NyuLabeled, read_nyu_split
+from marigold_model.data.sample import DatasetError, make_sample
+from marigold_model.training.eval_datasets import crop_mask, eigen_crop_mask, garg_crop_mask
+from marigold_model.training.eval_datasets import open_dataset, SYNTHETIC_EVAL_STREAM
+from marigold_model.training.evaluate import BASELINES, evaluate, main, ramp_baseline
+from marigold_model.training.evaluate import score_image
 import numpy as np
 from PIL import Image
 import pytest
@@ -53,7 +55,7 @@ def test_two_images_hand_computed():
 
 def test_paired_comparison_by_hand():
     """Wins 2 of 3 images, mean difference -0.1; the bootstrap interval contains it."""
-    from marigold_model.tiny_recipe import paired_comparison
+    from marigold_model.training.tiny_recipe import paired_comparison
     model = {'predictor': 'model', 'abs_rel_per_image': [0.1, 0.2, 0.2]}
     ramp = {'predictor': 'ramp', 'abs_rel_per_image': [0.2, 0.2, 0.4]}
     text = paired_comparison(model, ramp, resamples=2000)

@@ -5,8 +5,9 @@ from pathlib import Path
 
 from marigold_model.data.sample import UnreadableSample
 from marigold_model.noise import annealed_strength, pyramid_noise_like
-from marigold_model.trainer import (DataSpec, load_config, lr_factor, main, TrainConfig,
-                                    Trainer, TrainingError, widen_unet_input)
+from marigold_model.training.model_setup import widen_unet_input
+from marigold_model.training.train_config import DataSpec, load_config, TrainConfig, TrainingError
+from marigold_model.training.trainer import lr_factor, main, Trainer
 import numpy as np
 import pytest
 import torch
@@ -188,7 +189,7 @@ def _stream(source, seed=0, size=32):
 
 
 def _record_samples(monkeypatch):
-    import marigold_model.trainer as trainer_module
+    import marigold_model.training.trainer as trainer_module
     seen = []
     original = trainer_module.sample_to_tensors
 

@@ -1,8 +1,8 @@
 """The tiny-model recipe: the data it records is the data it trains on; stages resume safely."""
 
-import marigold_model.tiny_recipe as tiny_recipe
-from marigold_model.tiny_recipe import TinyRecipe
-from marigold_model.trainer import build_training_data
+import marigold_model.training.tiny_recipe as tiny_recipe
+from marigold_model.training.tiny_recipe import TinyRecipe
+from marigold_model.training.training_data import build_training_data
 import numpy as np
 import pytest
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 import re
 
-from marigold_model.data.sample import UnreadableSample
+from marigold_model.data.sample import DatasetError, UnreadableSample
 import numpy as np
 from PIL import Image
 
@@ -29,6 +29,21 @@ def require_dir(path, what):
     if not p.is_dir():
         raise ValueError(f'{what}: root path {str(p)!r} is not a directory')
     return p
+
+
+def require_file(path, what):
+    """
+    Check that a file a data set needs exists.
+
+    :param path: file path
+    :param what: what the file is, for the message
+    :return: the path as a Path
+    :raises DatasetError: no such file
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f'{what} not found: {path}')
+    return path
 
 
 def read_rgb(path):

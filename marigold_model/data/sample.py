@@ -19,6 +19,10 @@ class UnreadableSample(Exception):
     """
 
 
+class DatasetError(ValueError):
+    """A whole data set is missing, malformed or wrongly specified (nothing can be read)."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """

@@ -171,5 +171,5 @@ class VKITTI2Dataset(_Dataset):
         return make_sample(rgb, depth, k, name)
 
 
-# Alternative spelling used by marigold_model.trainer.
+# Alternative spelling used by marigold_model.training.
 VirtualKitti2Dataset = VKITTI2Dataset

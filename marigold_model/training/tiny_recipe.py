@@ -22,14 +22,18 @@ import time
 import numpy as np
 import torch
 
-from . import yaml12
-from .alignment import normalize_percentile
-from .architecture import build_unet, build_vae, empty_text_embedding, save_marigold
-from .architecture import replace_folder, TinyArchitecture
-from .trainer import build_training_data, DataSpec, TrainConfig, Trainer
+from .train_config import DataSpec, TrainConfig
+from .trainer import Trainer
+from .training_data import build_training_data
 from .vae_training import fit_scaling_factor, reconstruction_error, train_vae, VaeTrainConfig
+from .. import yaml12
+from ..alignment import normalize_percentile
+from ..architecture import build_unet, build_vae, empty_text_embedding, save_marigold
+from ..architecture import replace_folder, TinyArchitecture
 
-RECIPE_FILE = Path(__file__).resolve().parent / 'recipes' / 'tiny.yaml'
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # marigold_model
+RECIPE_FILE = PACKAGE_DIR / 'recipes' / 'tiny.yaml'
+MODEL_DIR = PACKAGE_DIR / 'models' / 'marigold-tiny'  # where the shipped model lives
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,7 @@ def render_set(count, seed, resolution, log):
     :param log: message function
     :return: list of Sample
     """
-    from .data.synthetic import SceneConfig, SyntheticDataset
+    from ..data.synthetic import SceneConfig, SyntheticDataset
     dataset = SyntheticDataset(length=count, seed=seed,
                                config=SceneConfig(height=resolution, width=resolution))
     clock = time.perf_counter()
@@ -249,7 +253,7 @@ def evaluate_model(recipe, model, log=print):
     Score the model and two trivial baselines on the held-out synthetic scenes.
 
     The test scenes come from a random stream disjoint from the training scenes (see
-    marigold_model.evaluate.synthetic_samples). Metrics follow the standard protocol:
+    marigold_model.training.eval_datasets.synthetic_samples). Metrics follow the standard protocol:
     per-image least-squares scale and shift, then AbsRel and delta1.
 
     :param recipe: TinyRecipe
@@ -257,8 +261,8 @@ def evaluate_model(recipe, model, log=print):
     :param log: message function
     :return: list of result dicts (predictor, abs_rel, delta1, images, ...)
     """
-    from .config import EstimatorConfig, InferenceConfig, ModelConfig
-    from .estimator import DepthEstimator
+    from ..config import EstimatorConfig, InferenceConfig, ModelConfig
+    from ..estimator import DepthEstimator
     from .evaluate import evaluate, markdown_table, open_dataset
     spec = f'synthetic:{recipe.test_scenes}:{recipe.test_seed}:{recipe.resolution}'
     dataset = open_dataset(spec)
@@ -278,7 +282,7 @@ def paired_comparison(model, baseline, resamples=10000, seed=0):
     """
     Compare two predictors image by image: how often and by how much the first wins.
 
-    :param model: result dict of :func:`marigold_model.evaluate.evaluate` (same images)
+    :param model: result dict of :func:`marigold_model.training.evaluate.evaluate` (same images)
     :param baseline: result dict of the baseline
     :param resamples: bootstrap resamples of the images
     :param seed: bootstrap seed
@@ -335,11 +339,11 @@ fov 45-80 degrees, exact planar depth; `synthetic` with length {recipe.train_sce
 in half of the draws.
 
 ## Recipe
-`make train-tiny` (marigold_model/tiny_recipe.py with marigold_model/recipes/tiny.yaml):
+`make train-tiny` (marigold_model/training/tiny_recipe.py with marigold_model/recipes/tiny.yaml):
 1. render the scenes;
 2. train the AutoencoderKL on RGB and normalised depth ({recipe.vae_steps} steps of batch
    {recipe.vae_batch}, L1 + MSE + small KL; latent scaling factor = 1 / latent std);
-3. train the U-Net with `marigold_model.trainer` ({recipe.unet_steps} steps of batch
+3. train the U-Net with `marigold_model.training.trainer` ({recipe.unet_steps} steps of batch
    {recipe.unet_batch}, AdamW lr {recipe.unet_lr}, warm-up then cosine decay, EMA
    {recipe.ema_decay}, annealed pyramid noise, 2 %/98 % depth normalisation);
 4. export with fp16 weights ({figures.get('model_mb', 0):.1f} MB).
@@ -372,8 +376,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description='Reproduce the bundled tiny Marigold model.')
     parser.add_argument('--recipe', default=str(RECIPE_FILE))
     parser.add_argument('--work', default='runs/tiny')
-    default_output = Path(__file__).resolve().parent / 'models' / 'marigold-tiny'
-    parser.add_argument('--output', default=str(default_output))
+    parser.add_argument('--output', default=str(MODEL_DIR))
     parser.add_argument('--evaluate-only', action='store_true',
                         help='only evaluate the exported model and rewrite its card')
     parser.add_argument('overrides', nargs='*', help='key=value recipe settings')

@@ -1,0 +1,361 @@
+"""
+Training settings: TrainConfig and DataSpec, read from YAML, typed and checked once.
+
+load_config turns YAML values into the declared types (``3e-5`` and ``'1e3'`` are numbers,
+an unquoted ``no`` is mixed_precision 'no'); TrainConfig checks every setting when it is made,
+so a bad value is refused by name before any model or data is loaded, however the config was
+built.
+"""
+
+from dataclasses import asdict, dataclass, field, fields
+import importlib
+import inspect
+import math
+from pathlib import Path
+
+import yaml
+
+from .. import yaml12
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what was kept."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """
+    One training data source.
+
+    :param kind: 'synthetic', 'hypersim', 'vkitti', 'folder' or 'bag'
+    :param root: folder or file to read ('' for synthetic)
+    :param probability: share of samples drawn from this source
+    :param options: reader-specific keyword arguments
+
+    TrainConfig checks its sources, naming each by its place in ``data``.
+    """
+
+    kind: str = 'synthetic'
+    root: str = ''
+    probability: float = 1.0
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """
+    Every training setting, with the paper's values as defaults where they apply.
+
+    Checked when made: a bad setting raises TrainingError naming it.
+    """
+
+    output_dir: str = 'runs/marigold'
+    # A Marigold checkpoint, or a Stable Diffusion 2 one (its 4-channel U-Net input is widened).
+    base_model: str = 'prs-eth/marigold-depth-v1-1'
+    data: tuple = (DataSpec(),)
+    height: int = 480
+    width: int = 640
+    hflip: bool = True
+    max_steps: int = 30000
+    batch_size: int = 2
+    grad_accumulation: int = 16
+    lr: float = 3e-5
+    optimizer: str = 'adam'
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    lr_schedule: str = 'exponential'
+    lr_final_ratio: float = 0.01
+    max_grad_norm: float = 1.0
+    mixed_precision: str = 'no'
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0
+    pyramid_noise: bool = True
+    pyramid_strength: float = 0.9
+    pyramid_anneal: bool = True
+    depth_low_percentile: float = 0.02
+    depth_high_percentile: float = 0.98
+    seed: int = 0
+    log_every: int = 10
+    logger: str = 'csv'
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    export_fp16: bool = False
+    progress: bool = True
+    # Keep the VAE latents of each (frame, crop, flip) after first use; only exact repeats are
+    # served from it (readers are deterministic). Pays off when frames are at the training
+    # resolution, so a frame has only two variants (flipped or not); saves two VAE encodes per
+    # sample per step, which dominate small-model training on a CPU.
+    cache_latents: bool = False
+    # With cache_latents, encode every frame (both flips) before the first step, batched: for
+    # small datasets at the training resolution this is cheaper than finding them step by step.
+    prefill_cache: bool = False
+    # Exported model defaults (for users of the resulting model).
+    export_steps: int = 1
+    export_resolution: int = 768
+
+    def __post_init__(self):
+        """Refuse settings that cannot work (see :func:`_validate`)."""
+        _validate(self)
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+_SETTING_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+_DATA_KEYS = tuple(f.name for f in fields(DataSpec))
+
+
+def _coerce(name, value, kind):
+    """
+    Convert one setting read from YAML to its declared type, where it plainly is one.
+
+    Numbers given as strings (quoted, or ``3e-5`` read by a YAML 1.1 loader), whole floats for
+    integers (``1e3``) and ``no`` (false to YAML) for mixed_precision are converted. Anything
+    else is returned as read, for TrainConfig to refuse by name.
+
+    :param name: setting name
+    :param value: value as read
+    :param kind: declared type (bool, int, float or str)
+    :return: the value as ``kind``, or unchanged
+    """
+    if kind in (int, float) and not isinstance(value, bool):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                return value
+        if isinstance(number, (int, float)):
+            if kind is float:
+                return float(number)
+            if isinstance(number, int):
+                return number
+            if math.isfinite(number) and float(number).is_integer():
+                return int(number)
+    if kind is str and not isinstance(value, str):
+        if name == 'mixed_precision' and value is False:
+            return 'no'  # YAML reads an unquoted no as false
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    return value
+
+
+def _coerce_data(value):
+    """
+    Turn the ``data`` setting (a list of mappings) into DataSpec objects.
+
+    :param value: list of dicts (or DataSpec)
+    :return: tuple of DataSpec
+    :raises TrainingError: not a list of mappings, or unknown keys, naming them
+    """
+    if isinstance(value, (dict, DataSpec)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise TrainingError(f'data must be a list of sources ({", ".join(_DATA_KEYS)}), '
+                            f'got {value!r}')
+    specs = []
+    for index, entry in enumerate(value):
+        if isinstance(entry, DataSpec):
+            specs.append(entry)
+            continue
+        if not isinstance(entry, dict):
+            raise TrainingError(f'data[{index}] must be a mapping with keys '
+                                f'{", ".join(_DATA_KEYS)}, got {entry!r}')
+        unknown = sorted(set(entry) - set(_DATA_KEYS), key=str)
+        if unknown:
+            raise TrainingError(f'data[{index}]: unknown key(s) {unknown}; a source takes '
+                                f'{", ".join(_DATA_KEYS)}')
+        values = dict(entry)
+        for key, kind in (('kind', str), ('root', str), ('probability', float)):
+            if key in values:
+                values[key] = _coerce(f'data[{index}].{key}', values[key], kind)
+        if values.get('options') is None:
+            values['options'] = {}
+        specs.append(DataSpec(**values))
+    return tuple(specs)
+
+
+def load_config(path=None, overrides=()):
+    """
+    Read a YAML config and apply ``key=value`` overrides (values parsed as YAML).
+
+    Every value is converted to its setting's type (``lr: 3e-5`` is a number); TrainConfig
+    checks them before anything is loaded.
+
+    :param path: YAML file or None for the defaults
+    :param overrides: iterable of 'key=value' strings
+    :return: TrainConfig
+    :raises TrainingError: unreadable file, unknown keys or bad values, naming them
+    """
+    values = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise TrainingError(f'config file {path} does not exist')
+        try:
+            with open(path) as stream:
+                values = yaml12.load(stream) or {}
+        except yaml.YAMLError as error:
+            raise TrainingError(f'config file {path} is not valid YAML: {error}') from None
+        if not isinstance(values, dict):
+            raise TrainingError(f'config file {path} must hold a mapping of settings')
+    for item in overrides:
+        if '=' not in item:
+            raise TrainingError(f'override {item!r} is not key=value')
+        key, value = item.split('=', 1)
+        try:
+            values[key.strip()] = yaml12.load(value)
+        except yaml.YAMLError as error:
+            raise TrainingError(f'override {item!r}: value is not valid YAML: {error}') from None
+    unknown = set(values) - set(_SETTING_TYPES)
+    if unknown:
+        raise TrainingError(f'unknown training settings: {sorted(unknown, key=str)}')
+    for key, value in values.items():
+        if key == 'data':
+            values[key] = _coerce_data(value)
+        else:
+            values[key] = _coerce(key, value, _SETTING_TYPES[key])
+    return TrainConfig(**values)
+
+
+# Readers by data kind: module, class, arguments set by the trainer (not options).
+READERS = {
+    'synthetic': ('..data.synthetic', 'SyntheticDataset',
+                  ('config', 'height', 'width', 'transform')),
+    'hypersim': ('..data.hypersim', 'HypersimDataset', ('root',)),
+    'vkitti': ('..data.vkitti', 'VirtualKitti2Dataset', ('root',)),
+    'folder': ('..data.rgbd_folder', 'RGBDFolderDataset', ('root',)),
+    'bag': ('..data.bag_rgbd', 'BagRGBDDataset', ('path',)),
+}
+
+
+def _reader_options(kind):
+    """Return the allowed and the required option names of a reader (its signature)."""
+    module, name, fixed = READERS[kind]
+    reader = getattr(importlib.import_module(module, __package__), name)
+    parameters = list(inspect.signature(reader.__init__).parameters.values())[1:]
+    allowed = {p.name for p in parameters if p.name not in fixed}
+    required = {p.name for p in parameters
+                if p.name not in fixed and p.default is inspect.Parameter.empty}
+    if kind == 'synthetic':
+        allowed.add('scene')
+    return allowed, required
+
+
+def _check_data_spec(index, spec):
+    """Reject a data source the reader would not accept, naming the key."""
+    where = f'data[{index}]'
+    if not isinstance(spec, DataSpec):
+        raise TrainingError(f'{where} must be a DataSpec, got {spec!r}')
+    if not isinstance(spec.kind, str) or spec.kind not in READERS:
+        raise TrainingError(f'{where}: unknown data kind {spec.kind!r}; known: '
+                            f'{", ".join(READERS)}')
+    if not isinstance(spec.root, str):
+        raise TrainingError(f'{where}.root must be a string, got {spec.root!r}')
+    if spec.kind != 'synthetic' and not spec.root:
+        raise TrainingError(f'{where} ({spec.kind}): root is empty; give the folder or file')
+    probability = spec.probability
+    if (isinstance(probability, bool) or not isinstance(probability, (int, float))
+            or not math.isfinite(probability) or probability < 0):
+        raise TrainingError(f'{where}.probability must be a number >= 0, got {probability!r}')
+    if not isinstance(spec.options, dict):
+        raise TrainingError(f'{where}.options must be a mapping, got {spec.options!r}')
+    allowed, required = _reader_options(spec.kind)
+    unknown = sorted(set(spec.options) - allowed, key=str)
+    if unknown:
+        raise TrainingError(f'{where} ({spec.kind}): unknown option(s) {unknown}; the reader '
+                            f'takes {sorted(allowed)}')
+    missing = sorted(required - set(spec.options))
+    if missing:
+        raise TrainingError(f'{where} ({spec.kind}): missing option(s) {missing}')
+    if spec.kind == 'synthetic' and 'scene' in spec.options:
+        from ..data.synthetic import SceneConfig
+        scene = spec.options['scene']
+        known = {f.name for f in fields(SceneConfig)} - {'height', 'width'}
+        if not isinstance(scene, dict):
+            raise TrainingError(f'{where}.options.scene must be a mapping, got {scene!r}')
+        unknown = sorted(set(scene) - known, key=str)
+        if unknown:
+            raise TrainingError(f'{where}.options.scene: unknown key(s) {unknown} (height and '
+                                'width come from the training resolution)')
+
+
+# How a setting of each declared type is described when its value has another type.
+_TYPE_WORDS = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string'}
+
+
+def _has_type(value, kind):
+    """Tell whether ``value`` is a ``kind`` (bool is no number here; floats are finite)."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def _validate(config):
+    """
+    Reject settings that cannot work; messages name the setting.
+
+    The one check of every TrainConfig, run when it is made (from YAML or in code).
+
+    :param config: TrainConfig
+    :raises TrainingError: the first bad setting
+    """
+    for name, kind in _SETTING_TYPES.items():
+        value = getattr(config, name)
+        if kind in _TYPE_WORDS and not _has_type(value, kind):
+            raise TrainingError(f'{name} must be {_TYPE_WORDS[kind]}, got {value!r}')
+
+    def require(condition, message):
+        if not condition:
+            raise TrainingError(message)
+
+    require(config.height >= 8 and config.width >= 8 and not config.height % 8
+            and not config.width % 8, 'height and width must be positive multiples of 8, got '
+            f'{config.height}x{config.width}')
+    for name in ('batch_size', 'grad_accumulation', 'max_steps', 'log_every',
+                 'checkpoint_every', 'keep_checkpoints', 'export_steps', 'export_resolution'):
+        require(getattr(config, name) >= 1, f'{name} must be >= 1, got {getattr(config, name)}')
+    for name in ('warmup_steps', 'seed', 'weight_decay', 'max_grad_norm', 'pyramid_strength'):
+        require(getattr(config, name) >= 0, f'{name} must be >= 0, got {getattr(config, name)}')
+    require(config.lr > 0, f'lr must be > 0, got {config.lr}')
+    require(config.lr_schedule in ('exponential', 'cosine', 'constant'),
+            f'unknown lr_schedule {config.lr_schedule!r} (exponential, cosine or constant)')
+    if config.lr_schedule == 'exponential':
+        require(config.lr_final_ratio > 0, 'lr_final_ratio must be > 0 with the exponential '
+                f'lr_schedule (it decays to lr * lr_final_ratio), got {config.lr_final_ratio}')
+    else:
+        require(config.lr_final_ratio >= 0,
+                f'lr_final_ratio must be >= 0, got {config.lr_final_ratio}')
+    require(config.optimizer in ('adam', 'adamw'),
+            f'unknown optimizer {config.optimizer!r} (adam or adamw)')
+    require(config.logger in ('csv', 'tensorboard'),
+            f'unknown logger {config.logger!r} (csv or tensorboard)')
+    require(config.mixed_precision in ('no', 'fp16', 'bf16'),
+            f'unknown mixed_precision {config.mixed_precision!r} (no, fp16 or bf16)')
+    require(0 <= config.ema_decay < 1,
+            f'ema_decay must be in [0, 1) (0 turns EMA off), got {config.ema_decay}')
+    low, high = config.depth_low_percentile, config.depth_high_percentile
+    require(low <= 1 and high <= 1, 'depth_low_percentile and depth_high_percentile are '
+            f'fractions in [0, 1] (0.02 and 0.98 for 2 % and 98 %), got {low} and {high}')
+    require(0 <= low < high, 'need 0 <= depth_low_percentile < depth_high_percentile, got '
+            f'{low} and {high}')
+    require(isinstance(config.data, (tuple, list)) and len(config.data) > 0,
+            'data needs at least one source')
+    for index, spec in enumerate(config.data):
+        _check_data_spec(index, spec)
+    require(sum(spec.probability for spec in config.data) > 0,
+            'data needs at least one source with a positive probability')
+
+
+def config_to_dict(config):
+    """
+    Plain dict of a TrainConfig, for saving next to a run.
+
+    :param config: TrainConfig
+    :return: dict
+    """
+    values = asdict(config)
+    values['data'] = [asdict(spec) for spec in config.data]
+    return values

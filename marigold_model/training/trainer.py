@@ -1,0 +1,476 @@
+"""
+Fine-tune Marigold on synthetic RGB-D data (the paper's recipe), on one CPU or many GPUs.
+
+Usage::
+
+    marigold-train CONFIG.yaml [key=value ...]
+    accelerate launch -m marigold_model.training.trainer CONFIG.yaml [key=value ...]
+
+The U-Net learns v-prediction on DDPM (1000 steps) with annealed multi-resolution noise; the
+VAE is frozen and the empty-prompt embedding is computed once. Every step draws its samples,
+crops, flips, timesteps and noise from generators seeded by (seed, step, micro-step, process):
+the data is a stream in which every frame of a source is used once per pass over it, so a
+resumed run repeats an uninterrupted one exactly. The learning rate is a function of the step.
+The checkpoint still holds the full state (U-Net, optimiser, step, learning rate, RNG states,
+EMA, counts of skipped samples).
+"""
+
+import contextlib
+import json
+import math
+from pathlib import Path
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from .model_setup import ExponentialAverage, export_scheduler_config, load_base
+from .model_setup import training_scheduler
+from .run_log import RunLog
+from .train_config import config_to_dict, load_config, TrainingError
+from .training_data import build_training_data, draw_numbers, sample_to_tensors
+from ..architecture import save_marigold
+from ..loading import resolve_model_path
+from ..noise import annealed_strength, pyramid_noise_like
+
+
+def lr_factor(step, config):
+    """
+    Learning-rate multiplier: linear warm-up, then exponential (or cosine) decay.
+
+    :param step: optimiser step
+    :param config: TrainConfig
+    :return: factor applied to config.lr
+    """
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.max_steps - config.warmup_steps, 1)
+    progress = min(progress, 1.0)
+    if config.lr_schedule == 'exponential':
+        return config.lr_final_ratio ** progress
+    if config.lr_schedule == 'cosine':
+        final = config.lr_final_ratio
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def find_checkpoint(output_dir, checkpoint='latest'):
+    """
+    Folder of a training checkpoint: a given one, or the latest of a run.
+
+    :param output_dir: the run's output folder
+    :param checkpoint: folder path or 'latest'
+    :return: Path
+    :raises TrainingError: no such checkpoint
+    """
+    folder = Path(output_dir) / 'checkpoints'
+    if checkpoint == 'latest':
+        found = sorted(folder.glob('step_*'))
+        if not found:
+            raise TrainingError(f'no checkpoint to resume from in {folder}')
+        checkpoint = found[-1]
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / 'trainer_state.json').is_file():
+        raise TrainingError(f'{checkpoint} is not a training checkpoint')
+    return checkpoint
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run: set-up, steps, checkpoints, logging and export."""
+
+    def __init__(self, config, dataset=None):
+        """
+        Load the data and the base model, prepare accelerate.
+
+        :param config: TrainConfig
+        :param dataset: optional dataset yielding Sample objects at the training resolution
+            (tests, recipes); anything but a MixedDataset is drawn from as its only source
+        """
+        from accelerate import Accelerator
+
+        from ..data.mixing import MixedDataset
+        self.config = config
+        self.output = Path(config.output_dir)
+        base_path = resolve_model_path(config.base_model)  # cheap checks first: model, data
+        if dataset is None:
+            dataset = build_training_data(config)
+        elif not isinstance(dataset, MixedDataset):
+            dataset = MixedDataset([dataset], [1.0], seed=config.seed)
+        self.dataset = dataset
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        unet, vae, scheduler_config, embedding, base_index = load_base(str(base_path))
+        self.base_index = base_index
+        self.scheduler = training_scheduler(scheduler_config)
+        device = self.accelerator.device
+        weight_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(
+            config.mixed_precision, torch.float32)
+        self.vae = vae.to(device, weight_dtype).eval().requires_grad_(False)
+        self.latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.embedding = embedding.to(device, weight_dtype)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        optimizer_class = torch.optim.AdamW if config.optimizer == 'adamw' else torch.optim.Adam
+        optimizer = optimizer_class(unet.parameters(), lr=config.lr,
+                                    weight_decay=config.weight_decay)
+        # The learning rate is set from self.step before every optimiser step (set_lr), not by
+        # an accelerate-prepared scheduler: that one steps once per process per optimiser step
+        # and not at all on skipped fp16 steps, so it drifts from the step count.
+        self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
+        self.ema = (ExponentialAverage(self.unet.parameters(), config.ema_decay)
+                    if config.ema_decay > 0 else None)
+        self.alphas = self.scheduler.alphas_cumprod.to(device)
+        self.latent_cache = {} if config.cache_latents else None
+        self.step = 0
+        self.losses = []
+        self.no_depth = 0  # drawn samples without any valid depth pixel (taught nothing)
+        self.last_lr = self.set_lr()
+
+    # -- learning rate ----------------------------------------------------------------------
+
+    def lr_at(self, step):
+        """
+        Learning rate of an optimiser step.
+
+        :param step: optimiser step (0 for the first)
+        :return: float
+        """
+        return self.config.lr * lr_factor(step, self.config)
+
+    def set_lr(self):
+        """Set the optimiser's learning rate for the coming step, ``self.step``."""
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
+        return lr
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def _encode(self, images):
+        return self.vae.encode(images).latent_dist.mode() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def _encode_samples(self, samples):
+        """Latent rows (rgb, depth, valid, no-depth flag) of samples, encoded in one batch."""
+        device, dtype = self.accelerator.device, self.vae.dtype
+        rgb, depth, valid = (torch.stack(part) for part in zip(
+            *[sample_to_tensors(sample, self.config) for sample in samples]))
+        rgb_latent = self._encode(rgb.to(device, dtype))
+        depth_latent = self._encode(depth.to(device, dtype).repeat(1, 3, 1, 1))
+        # A latent pixel teaches the model only if every image pixel under it is valid.
+        valid_latent = ~F.max_pool2d((~valid.to(device)).float(), self.latent_factor).bool()
+        valid_latent = valid_latent.expand_as(depth_latent)
+        empty = ~valid.flatten(1).any(1)
+        return [(rgb_latent[row], depth_latent[row], valid_latent[row], empty[row])
+                for row in range(len(samples))]
+
+    @torch.no_grad()
+    def encode_samples(self, numbers):
+        """
+        Latents of draws of the data stream: RGB latent, depth latent, latent validity.
+
+        With ``cache_latents``, a draw whose (frame, crop, flip) was encoded before is served
+        from the cache; nothing else is cached.
+
+        :param numbers: draw numbers (see :func:`draw_numbers`)
+        :return: ([B, C, h, w], [B, C, h, w], [B, C, h, w] bool, [B] bool no valid depth)
+        """
+        cache = self.latent_cache
+        keys = [self.dataset.cache_key(n) if cache is not None else None for n in numbers]
+        rows = [cache.get(key) if key is not None else None for key in keys]
+        missing = [i for i, row in enumerate(rows) if row is None]
+        if missing:
+            samples = [self.dataset.sample(numbers[i]) for i in missing]
+            for i, row in zip(missing, self._encode_samples(samples)):
+                rows[i] = row
+                if cache is not None:
+                    key = self.dataset.cache_key(numbers[i])  # known now the frame was read
+                    if key is not None:
+                        cache[key] = row
+        return tuple(torch.stack(part) for part in zip(*rows))
+
+    def prefill_latent_cache(self, batch=64):
+        """
+        Encode every frame's variants (both flips of frames at the training size), batched.
+
+        :param batch: samples per VAE call
+        """
+        if self.latent_cache is None:
+            return
+        pending = []
+
+        def flush():
+            rows = self._encode_samples([sample for _, sample in pending])
+            self.latent_cache.update((key, row) for (key, _), row in zip(pending, rows))
+            pending.clear()
+
+        for key, sample in self.dataset.variants():
+            if key not in self.latent_cache:
+                pending.append((key, sample))
+            if len(pending) >= batch:
+                flush()
+        if pending:
+            flush()
+
+    def compute_loss(self, rgb_latent, depth_latent, valid_latent, generator):
+        """
+        Marigold's loss for one micro-batch: masked MSE on the predicted velocity.
+
+        :param rgb_latent: [B, C, h, w] scaled image latents
+        :param depth_latent: [B, C, h, w] scaled latents of the normalised depth
+        :param valid_latent: [B, C, h, w] bool, latent pixels with fully valid depth
+        :param generator: torch.Generator for timesteps and noise
+        :return: scalar loss tensor
+        """
+        config = self.config
+        device = self.accelerator.device
+        batch = rgb_latent.shape[0]
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,),
+                                  generator=generator, device='cpu').to(device)
+        if config.pyramid_noise:
+            strength = config.pyramid_strength
+            if config.pyramid_anneal:
+                strength = annealed_strength(strength, timesteps.cpu(),
+                                             self.scheduler.config.num_train_timesteps)
+            noise = pyramid_noise_like(depth_latent.cpu().float(), strength,
+                                       generator=generator).to(device)
+        else:
+            noise = torch.randn(depth_latent.shape, generator=generator).to(device)
+        noise = noise.to(depth_latent.dtype)
+        alpha = self.alphas[timesteps].view(-1, 1, 1, 1).to(depth_latent.dtype)
+        noisy = alpha.sqrt() * depth_latent + (1 - alpha).sqrt() * noise
+        target = alpha.sqrt() * noise - (1 - alpha).sqrt() * depth_latent  # velocity
+        text = self.embedding.repeat(batch, 1, 1)
+        with self.accelerator.autocast():
+            prediction = self.unet(torch.cat([rgb_latent, noisy], dim=1), timesteps,
+                                   encoder_hidden_states=text, return_dict=False)[0]
+        if not valid_latent.any():
+            return (prediction * 0).sum()  # nothing valid: no gradient, but keep DDP in step
+        return F.mse_loss(prediction.float()[valid_latent], target.float()[valid_latent])
+
+    def train_step(self):
+        """
+        One optimiser step over ``grad_accumulation`` micro-batches.
+
+        :return: the mean loss of the step
+        """
+        config = self.config
+        process = self.accelerator.process_index
+        processes = self.accelerator.num_processes
+        self.last_lr = self.set_lr()
+        total = 0.0
+        for micro in range(config.grad_accumulation):
+            generator = torch.Generator('cpu').manual_seed(
+                int(np.random.default_rng([config.seed, self.step, micro, process, 1])
+                    .integers(2 ** 62)))
+            *latents, empty = self.encode_samples(
+                draw_numbers(config, self.step, micro, process, processes))
+            self._count_no_depth(int(empty.sum()))
+            last = micro == config.grad_accumulation - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet)
+            with sync:
+                loss = self.compute_loss(*latents, generator)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f'loss became {loss.item()} at step {self.step}; the run is stopped. '
+                        f'The last good checkpoint is kept in {self.output / "checkpoints"}: '
+                        'lower lr, or check the data (depth ranges, invalid masks)')
+                self.accelerator.backward(loss / config.grad_accumulation)
+            total += loss.item()
+        if config.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.unet.parameters())
+        self.step += 1
+        return total / config.grad_accumulation
+
+    def _count_no_depth(self, count):
+        if count and not self.no_depth:
+            print(f'marigold-train: step {self.step} drew a sample without any valid depth; '
+                  'such samples are masked out of the loss and counted (no_depth in log.csv)',
+                  file=sys.stderr)
+        self.no_depth += count
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint_dir(self):
+        """Folder holding the checkpoints of this run."""
+        return self.output / 'checkpoints'
+
+    def save_checkpoint(self):
+        """
+        Write the full state atomically (written aside, then renamed).
+
+        :return: Path of the checkpoint
+        """
+        folder = self.checkpoint_dir()
+        final = folder / f'step_{self.step:07d}'
+        partial = folder / f'.partial_step_{self.step:07d}'
+        if self.accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(partial))
+        if self.accelerator.is_main_process:
+            state = {'step': self.step, 'lr': self.lr_at(self.step), 'skipped': self._skipped(),
+                     'no_depth': self.no_depth, 'losses': self.losses}
+            (partial / 'trainer_state.json').write_text(json.dumps(state))
+            if self.ema is not None:
+                torch.save(self.ema.shadow, partial / 'ema.pt')
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            kept = sorted(folder.glob('step_*'))
+            for old in kept[:-self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def resume(self, checkpoint='latest'):
+        """
+        Restore the full state from a checkpoint folder (or the latest one of the run).
+
+        :param checkpoint: folder path or 'latest'
+        :return: Path restored from
+        """
+        checkpoint = find_checkpoint(self.output, checkpoint)
+        self.accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / 'trainer_state.json').read_text())
+        self.step = state['step']
+        self.losses = state.get('losses', [])
+        self.no_depth = int(state.get('no_depth', 0))
+        if hasattr(type(self.dataset), 'skipped'):
+            self.dataset.skipped = int(state.get('skipped', 0))
+        if self.ema is not None:
+            self.ema.shadow = torch.load(checkpoint / 'ema.pt')
+        self.last_lr = self.lr_at(max(self.step - 1, 0))
+        self.set_lr()
+        return checkpoint
+
+    def _skipped(self):
+        return int(getattr(self.dataset, 'skipped', 0))
+
+    # -- export -----------------------------------------------------------------------------
+
+    def export(self, path=None):
+        """
+        Save the trained model in diffusers format (EMA weights when enabled).
+
+        The live model is not touched (the export works on copies) and the folder appears
+        complete or not at all (written aside, then renamed into place).
+
+        :param path: output folder, default <output_dir>/model
+        :return: Path of the model
+        """
+        from diffusers import UNet2DConditionModel
+        path = Path(path or self.output / 'model')
+        unet = self.accelerator.unwrap_model(self.unet)
+        if self.ema is not None:
+            unet = UNet2DConditionModel.from_config(unet.config)
+            self.ema.copy_to(unet.parameters())
+        config = self.config
+        save_marigold(path, unet, self.vae, self.embedding, config.export_steps,
+                      config.export_resolution, fp16=config.export_fp16,
+                      extra={'training': config_to_dict(config), 'steps_trained': self.step},
+                      scheduler_config=export_scheduler_config(self.scheduler))
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self):
+        """
+        Train to max_steps with logging and checkpoints, then export.
+
+        :return: Path of the exported model
+        """
+        config = self.config
+        self.output.mkdir(parents=True, exist_ok=True)
+        with open(self.output / 'config.yaml', 'w') as stream:
+            yaml.safe_dump(config_to_dict(config), stream, sort_keys=False)
+        log = RunLog(self.output, config.logger, self.accelerator.is_main_process,
+                     start=self.step)
+        progress = _progress(config, self.step, self.accelerator.is_main_process)
+        samples = config.batch_size * config.grad_accumulation * self.accelerator.num_processes
+        if self.latent_cache is not None and config.prefill_cache and not self.latent_cache:
+            self.prefill_latent_cache()
+        clock = time.perf_counter()
+        logged = self.step
+        while self.step < config.max_steps:
+            loss = self.train_step()
+            self.losses.append(loss)
+            progress.update(1)
+            progress.set_postfix(loss=f'{loss:.4f}')
+            if self.step % config.log_every == 0 or self.step == config.max_steps:
+                elapsed = time.perf_counter() - clock
+                log.write(self.step, loss, self.last_lr,
+                          samples * (self.step - logged) / max(elapsed, 1e-9), self._skipped(),
+                          self.no_depth)
+                clock, logged = time.perf_counter(), self.step
+            if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
+                self.save_checkpoint()
+        progress.close()
+        log.close()
+        skipped = self._skipped()
+        if skipped:
+            print(f'{skipped} unreadable samples were skipped', file=sys.stderr)
+        if self.no_depth:
+            print(f'{self.no_depth} drawn samples had no valid depth and taught nothing',
+                  file=sys.stderr)
+        if self.accelerator.is_main_process:
+            return self.export()
+        return None
+
+
+def _progress(config, start, active):
+    from tqdm import tqdm
+    return tqdm(total=config.max_steps, initial=start, disable=not (active and config.progress),
+                desc='training', unit='step', dynamic_ncols=True)
+
+
+def main(argv=None):
+    """
+    Command line: ``marigold-train CONFIG [key=value ...] [--resume [CHECKPOINT]]``.
+
+    :param argv: arguments (default sys.argv[1:])
+    :return: exit code
+    """
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('config', help='YAML training config')
+    parser.add_argument('overrides', nargs='*', help='key=value settings over the config')
+    parser.add_argument('--resume', nargs='?', const='latest', default=None,
+                        help="resume from a checkpoint folder, or the run's latest")
+    parser.add_argument('--export-only', action='store_true',
+                        help='export the model of a checkpoint (--resume, default the latest '
+                             'of the run) and stop')
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        resume = args.resume or ('latest' if args.export_only else None)
+        if resume:
+            resume = find_checkpoint(config.output_dir, resume)  # before loading any model
+        trainer = Trainer(config)
+        if resume:
+            trainer.resume(resume)
+        if args.export_only:
+            print(f'exporting {resume} (step {trainer.step})')
+            path = trainer.export()
+        else:
+            path = trainer.run()
+    except (TrainingError, OSError, ValueError) as error:
+        print(f'marigold-train: {error}', file=sys.stderr)
+        return 2
+    if path is not None:
+        print(f'model written to {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
