@@ -75,8 +75,7 @@ class InferenceConfig:
     # 0 means the model's own default (4 for Marigold v1-1, stored in model_index.json).
     denoising_steps: int = 0
     ensemble_size: int = 1
-    # Longer image side fed to the model in pixels, or a sentinel: 0 the model's default,
-    # -1 the input size (read by resolve_processing_resolution).
+    # Longer image side fed to the model; 0 means the model's default, -1 the input size.
     processing_resolution: int = PROCESSING_RESOLUTION_MODEL_DEFAULT
     # Resize predictions back to the input size (else the processing size).
     match_input_resolution: bool = True
