@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from .errors import ReasonError
+
 REASON_TOO_FEW_POINTS = 'too_few_points'
 REASON_DEGENERATE_RANGE = 'degenerate_range'
 REASON_NEGATIVE_SCALE = 'negative_scale'
@@ -35,33 +37,16 @@ _IRLS_SCALE_MAD = 2.5 * 1.4826
 _MAX_REFINE_ROUNDS = 5
 
 
-class AlignmentError(ValueError):
+class AlignmentError(ReasonError):
     """
-    A fit or metric is impossible on the given data.
+    A fit or metric is impossible on the given data; the text reads 'reason: message'.
 
     The ``reason`` attribute is a short machine-readable cause, one of ``'too_few_points'``,
     ``'degenerate_range'``, ``'negative_scale'``, ``'too_few_inliers'`` or ``'empty_mask'``
     (callers may add their own, e.g. the scale tracker's ``'low_inlier_ratio'``).
     """
 
-    def __init__(self, reason, message):
-        """
-        Create the error.
-
-        :param reason: machine-readable cause
-        :param message: human-readable detail
-        """
-        super().__init__(f'{reason}: {message}')
-        self.reason = reason
-
-    def __reduce__(self):
-        """
-        Keep ``reason`` when pickled (e.g. across worker processes).
-
-        :return: pickle reconstruction tuple
-        """
-        message = str(self).split(': ', 1)[-1]
-        return (type(self), (self.reason, message))
+    reason_in_text = True
 
 
 @dataclass(frozen=True)

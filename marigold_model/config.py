@@ -1,8 +1,10 @@
 """
-Inference settings: frozen dataclasses that are the one source of defaults.
+Inference settings: frozen dataclasses that are the one source of defaults and checks.
 
 The ROS side exposes every field as a parameter (marigold_ros.params) and config/depth.yaml
-mirrors them, so a default changes here and nowhere else.
+mirrors them, so a default changes here and nowhere else.  Each dataclass checks its fields
+when it is made (``__post_init__``, which ``dataclasses.replace`` runs too), so an instance
+that exists is valid and no caller checks it again.
 """
 
 from dataclasses import dataclass, fields, replace
@@ -15,6 +17,12 @@ BUNDLED_TINY_MODEL = 'bundled:marigold-tiny'
 DEVICES = ('auto', 'cpu', 'cuda')
 DTYPES = ('auto', 'float32', 'float16', 'bfloat16')
 VAE_CHOICES = ('model', 'tiny')
+
+#: processing_resolution sentinels (see :func:`resolve_processing_resolution`).
+PROCESSING_RESOLUTION_MODEL_DEFAULT = 0
+PROCESSING_RESOLUTION_INPUT_SIZE = -1
+#: Inclusive bounds of processing_resolution (the ROS parameter's range is this one).
+PROCESSING_RESOLUTION_RANGE = (PROCESSING_RESOLUTION_INPUT_SIZE, 8192)
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,22 @@ class ModelConfig:
     # Refuse frames larger than this many pixels before any work is done.
     max_input_pixels: int = 4096 * 4096
 
+    def __post_init__(self):
+        """
+        Check the settings.
+
+        :raises ValueError: naming the bad field
+        """
+        if self.device not in DEVICES and not self.device.startswith('cuda:'):
+            raise ValueError(f'unsupported device {self.device!r}; use one of {DEVICES} or '
+                             'cuda:N')
+        if self.dtype not in DTYPES:
+            raise ValueError(f'unsupported dtype {self.dtype!r}; use one of {DTYPES}')
+        if self.vae not in VAE_CHOICES:
+            raise ValueError(f'unsupported vae {self.vae!r}; use one of {VAE_CHOICES}')
+        if self.max_input_pixels <= 0:
+            raise ValueError('max_input_pixels must be positive')
+
 
 @dataclass(frozen=True)
 class InferenceConfig:
@@ -52,7 +76,7 @@ class InferenceConfig:
     denoising_steps: int = 0
     ensemble_size: int = 1
     # Longer image side fed to the model; 0 means the model's default, -1 the input size.
-    processing_resolution: int = 0
+    processing_resolution: int = PROCESSING_RESOLUTION_MODEL_DEFAULT
     # Resize predictions back to the input size (else the processing size).
     match_input_resolution: bool = True
     seed: int = 0
@@ -68,6 +92,35 @@ class InferenceConfig:
     ensemble_tol: float = 1e-3
     ensemble_max_res: int = 1024
 
+    def __post_init__(self):
+        """
+        Check the settings.
+
+        :raises ValueError: naming the bad field
+        """
+        low, high = PROCESSING_RESOLUTION_RANGE
+        if not low <= self.processing_resolution <= high:
+            raise ValueError(f'processing_resolution must be within [{low}, {high}] '
+                             f'({PROCESSING_RESOLUTION_MODEL_DEFAULT} = the model default, '
+                             f'{PROCESSING_RESOLUTION_INPUT_SIZE} = the input size), got '
+                             f'{self.processing_resolution}')
+        if self.denoising_steps < 0:
+            raise ValueError('denoising_steps must be >= 0 (0 = the model default)')
+        if self.ensemble_size < 1:
+            raise ValueError('ensemble_size must be >= 1')
+        if self.batch_size < 1:
+            raise ValueError('batch_size must be >= 1')
+        if not 0.0 <= self.warm_start_strength <= 1.0:
+            raise ValueError('warm_start_strength must be within [0, 1]')
+        if not (math.isfinite(self.ensemble_regularizer) and self.ensemble_regularizer >= 0):
+            raise ValueError('ensemble_regularizer must be finite and >= 0')
+        if self.ensemble_max_iter < 1:
+            raise ValueError('ensemble_max_iter must be >= 1')
+        if not self.ensemble_tol > 0:
+            raise ValueError('ensemble_tol must be > 0')
+        if self.ensemble_max_res < 1:
+            raise ValueError('ensemble_max_res must be >= 1 (pixels of the longest edge)')
+
 
 @dataclass(frozen=True)
 class EstimatorConfig:
@@ -77,49 +130,43 @@ class EstimatorConfig:
     inference: InferenceConfig = InferenceConfig()
 
 
+def resolve_processing_resolution(value, model_default):
+    """
+    Read processing_resolution: the one place its sentinels are interpreted.
+
+    :param value: InferenceConfig.processing_resolution: the longer side in pixels,
+        PROCESSING_RESOLUTION_MODEL_DEFAULT (0) or PROCESSING_RESOLUTION_INPUT_SIZE (-1)
+    :param model_default: the resolution the model was published with, in pixels
+    :return: the longer side the model works at in pixels, or None to keep the input size
+    """
+    if value == PROCESSING_RESOLUTION_MODEL_DEFAULT:
+        return model_default
+    if value == PROCESSING_RESOLUTION_INPUT_SIZE:
+        return None
+    return value
+
+
 def validate_model_config(config):
     """
-    Check a ModelConfig and raise ValueError naming the bad field.
+    Return a ModelConfig unchanged: it checked itself when made (``__post_init__``).
 
-    :param config: the ModelConfig to check
+    Kept only while the ROS parameter schema passes it as a validate hook.
+
+    :param config: the ModelConfig
     :return: the same config
     """
-    if config.device not in DEVICES and not config.device.startswith('cuda:'):
-        raise ValueError(f'unsupported device {config.device!r}; use one of {DEVICES} or cuda:N')
-    if config.dtype not in DTYPES:
-        raise ValueError(f'unsupported dtype {config.dtype!r}; use one of {DTYPES}')
-    if config.vae not in VAE_CHOICES:
-        raise ValueError(f'unsupported vae {config.vae!r}; use one of {VAE_CHOICES}')
-    if config.max_input_pixels <= 0:
-        raise ValueError('max_input_pixels must be positive')
     return config
 
 
 def validate_inference_config(config):
     """
-    Check an InferenceConfig and raise ValueError naming the bad field.
+    Return an InferenceConfig unchanged: it checked itself when made (``__post_init__``).
 
-    :param config: the InferenceConfig to check
+    Kept only while the ROS parameter schema passes it as a validate hook.
+
+    :param config: the InferenceConfig
     :return: the same config
     """
-    if config.denoising_steps < 0:
-        raise ValueError('denoising_steps must be >= 0 (0 = the model default)')
-    if config.ensemble_size < 1:
-        raise ValueError('ensemble_size must be >= 1')
-    if config.processing_resolution < -1:
-        raise ValueError('processing_resolution must be >= -1')
-    if config.batch_size < 1:
-        raise ValueError('batch_size must be >= 1')
-    if not 0.0 <= config.warm_start_strength <= 1.0:
-        raise ValueError('warm_start_strength must be within [0, 1]')
-    if not (math.isfinite(config.ensemble_regularizer) and config.ensemble_regularizer >= 0):
-        raise ValueError('ensemble_regularizer must be finite and >= 0')
-    if config.ensemble_max_iter < 1:
-        raise ValueError('ensemble_max_iter must be >= 1')
-    if not config.ensemble_tol > 0:
-        raise ValueError('ensemble_tol must be > 0')
-    if config.ensemble_max_res < 1:
-        raise ValueError('ensemble_max_res must be >= 1 (pixels of the longest edge)')
     return config
 
 

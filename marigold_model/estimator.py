@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import EstimatorConfig, validate_inference_config, validate_model_config
+from .config import EstimatorConfig, resolve_processing_resolution
 from .ensemble import ensemble_depth
 from .loading import load_components
 
@@ -110,10 +110,11 @@ def processing_size(height, width, resolution):
 
     :param height: input height
     :param width: input width
-    :param resolution: longest side, or <= 0 for the input size
+    :param resolution: longest side in pixels, or None for the input size (what
+        :func:`~marigold_model.config.resolve_processing_resolution` returns)
     :return: (height, width)
     """
-    if resolution <= 0:
+    if not resolution:
         return height, width
     longest = max(height, width)
     size = (height * resolution // longest, width * resolution // longest)
@@ -152,8 +153,6 @@ class DepthEstimator:
         :param config: EstimatorConfig
         :param components: optional MarigoldComponents (tests, trainer evaluation)
         """
-        validate_model_config(config.model)
-        validate_inference_config(config.inference)
         self.config = config
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
@@ -183,11 +182,10 @@ class DepthEstimator:
 
     def set_inference(self, inference):
         """
-        Replace the per-call settings (validated); safe while another thread estimates.
+        Replace the per-call settings; safe while another thread estimates.
 
-        :param inference: InferenceConfig
+        :param inference: InferenceConfig (checked when it was made)
         """
-        validate_inference_config(inference)
         self._check_warm_start(inference)
         self.config = EstimatorConfig(self.config.model, inference)
 
@@ -215,14 +213,14 @@ class DepthEstimator:
         Resolve steps and processing resolution, applying the model defaults.
 
         :param inference: InferenceConfig, default the current one
-        :return: (steps, resolution) with resolution 0 meaning the input size
+        :return: (steps, resolution): resolution as
+            :func:`~marigold_model.config.resolve_processing_resolution` gives it, pixels of
+            the longer side or None for the input size
         """
         inference = inference or self.config.inference
         steps = inference.denoising_steps or self.default_steps
-        resolution = inference.processing_resolution
-        if resolution == 0:
-            resolution = self.default_resolution
-        return steps, max(resolution, 0)
+        return steps, resolve_processing_resolution(inference.processing_resolution,
+                                                    self.default_resolution)
 
     def reset_warm_start(self, key=None):
         """
@@ -417,7 +415,8 @@ class DepthEstimator:
             torch.cuda.empty_cache()
             steps, resolution = self.resolved_settings(inference)
             raise EstimatorOutOfMemory(
-                f'{self.device} ran out of memory at processing resolution {resolution} with '
+                f'{self.device} ran out of memory at processing resolution '
+                f'{resolution or "input size"} with '
                 f'ensemble {inference.ensemble_size} and batch '
                 f'{inference.batch_size}: lower processing_resolution, ensemble_size'
                 " or batch_size, or use the tiny VAE (vae: 'tiny')"

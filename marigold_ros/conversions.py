@@ -4,8 +4,10 @@ Numpy-level conversions between ROS image / point cloud messages and arrays.
 The semantics follow cv_bridge (which is not available here) and the speed comes from numpy
 views over the message buffer: no per-pixel Python anywhere.
 
-The readers only touch message attributes, so rclpy messages and rosbags messages (whose
-``data`` is a numpy array) both work.  The writers build rclpy message classes.
+The image readers hand a message's fields to :mod:`marigold_model.data.image_decoding`, the
+decoder the bag data reader shares.  The readers only touch message attributes, so rclpy
+messages and rosbags messages (whose ``data`` is a numpy array) both work.  The writers build
+rclpy message classes.
 
 Filling ``msg.data`` fast: the generated rclpy classes store ``uint8[]`` as
 ``array.array('B')`` and keep an assigned ``array.array('B')`` as is, while any other value
@@ -19,45 +21,24 @@ for a 640x480 x 16-byte cloud: ``array('B').frombytes(memoryview)`` 0.5-1.2 ms,
 import array
 import io
 
+from marigold_model.data.image_decoding import as_uint8 as _as_uint8
+from marigold_model.data.image_decoding import byte_order as _byte_order
+from marigold_model.data.image_decoding import COLOR_ENCODINGS  # noqa: F401 - re-exported
+from marigold_model.data.image_decoding import decode_compressed_rgb
+from marigold_model.data.image_decoding import decode_depth
+from marigold_model.data.image_decoding import decode_rgb
+from marigold_model.data.image_decoding import DEFAULT_MAX_PIXELS
+from marigold_model.data.image_decoding import DEPTH_ENCODINGS  # noqa: F401 - re-exported
+from marigold_model.data.image_decoding import ImageConversionError
+from marigold_model.data.image_decoding import mono16_to_mono8  # noqa: F401 - re-exported
+from marigold_model.data.image_decoding import normalise_encoding as _normalise_encoding
+from marigold_model.errors import ReasonError
 import numpy as np
 from PIL import Image as PILImage
 from sensor_msgs.msg import CompressedImage
 from sensor_msgs.msg import Image
 from sensor_msgs.msg import PointCloud2
 from sensor_msgs.msg import PointField
-
-#: Largest image (width * height) accepted by default: above 8K UHD (33.2 MP), so only
-#: corrupt or hostile headers hit it before a huge allocation does.
-DEFAULT_MAX_PIXELS = 40_000_000
-
-#: Colour encodings accepted by :func:`image_to_rgb` (sensor_msgs/image_encodings names).
-#: 'yuv422' is UYVY (U Y0 V Y1) and 'yuv422_yuy2' is YUYV (Y0 U Y1 V) as in ROS; newer
-#: ROS releases also name them 'uyvy' and 'yuyv', accepted as aliases.
-COLOR_ENCODINGS = ('rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8', 'mono16', 'yuv422',
-                   'yuv422_yuy2', 'uyvy', 'yuyv')
-
-#: Depth encodings accepted by :func:`image_to_depth` (REP 118).
-DEPTH_ENCODINGS = ('32FC1', '16UC1')
-
-# Bytes per pixel of the accepted colour encodings.
-_BYTES_PER_PIXEL = {'rgb8': 3, 'bgr8': 3, 'rgba8': 4, 'bgra8': 4, 'mono8': 1, 'mono16': 2,
-                    'yuv422': 2, 'yuv422_yuy2': 2, 'uyvy': 2, 'yuyv': 2}
-_YUV_ALIASES = {'uyvy': 'yuv422', 'yuyv': 'yuv422_yuy2'}
-
-# BT.601 "video range" YUV -> RGB in 20-bit fixed point, the constants and rounding of
-# OpenCV's cvtColor(COLOR_YUV2RGB_UYVY / _YUY2), which is what cv_bridge runs:
-#   R = 1.164 (Y - 16) + 1.596 (V - 128)
-#   G = 1.164 (Y - 16) - 0.813 (V - 128) - 0.391 (U - 128)
-#   B = 1.164 (Y - 16) + 2.018 (U - 128)
-# with Y - 16 clamped at 0, +0.5 rounding and saturation to [0, 255].
-_BT601_SHIFT = 20
-_BT601_CY = 1220542
-_BT601_CUB = 2116026
-_BT601_CUG = -409993
-_BT601_CVG = -852492
-_BT601_CVR = 1673527
-
-_PNG_MAGIC = b'\x89PNG'
 
 # PointField datatype codes -> numpy dtype characters (without byte order).
 _POINTFIELD_DTYPES = {
@@ -67,23 +48,7 @@ _POINTFIELD_DTYPES = {
 }
 
 
-class ImageConversionError(ValueError):
-    """
-    An image message that cannot be converted.
-
-    :param reason: short machine-readable key, usable as a diagnostics counter:
-        'unknown_encoding', 'empty', 'truncated', 'bad_step', 'bad_size', 'too_large',
-        'corrupt_compressed' or 'bad_array'.
-    :param message: human-readable description naming the problem.
-    """
-
-    def __init__(self, reason, message):
-        """Store the reason key and the message."""
-        super().__init__(message)
-        self.reason = reason
-
-
-class PointCloudConversionError(ValueError):
+class PointCloudConversionError(ReasonError):
     """
     A PointCloud2 that cannot be read.
 
@@ -92,23 +57,8 @@ class PointCloudConversionError(ValueError):
     :param message: human-readable description naming the problem (and the field).
     """
 
-    def __init__(self, reason, message):
-        """Store the reason key and the message."""
-        super().__init__(message)
-        self.reason = reason
-
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _as_uint8(data):
-    """Return a flat uint8 view of a message ``data`` field without copying if possible."""
-    if isinstance(data, np.ndarray):
-        return data.reshape(-1).view(np.uint8)
-    if isinstance(data, (bytes, bytearray, memoryview, array.array)):
-        return np.frombuffer(data, dtype=np.uint8)
-    # Lists (e.g. a hand-built message) are rare and slow anyway.
-    return np.asarray(data, dtype=np.uint8).reshape(-1)
 
 
 def _to_byte_array(arr):
@@ -118,63 +68,16 @@ def _to_byte_array(arr):
     return out
 
 
-def _byte_order(is_bigendian):
-    return '>' if is_bigendian else '<'
-
-
-def _strided_view(msg, buf, channels, dtype, bytes_per_pixel, max_pixels):
-    """Validate geometry of an Image and return an (H, W, C) view honouring ``step``."""
-    width, height, step = int(msg.width), int(msg.height), int(msg.step)
-    if width == 0 or height == 0 or buf.size == 0:
-        raise ImageConversionError(
-            'empty', f'empty image: {width}x{height}, {buf.size} data bytes')
-    if max_pixels is not None and width * height > max_pixels:
-        raise ImageConversionError(
-            'too_large', f'image {width}x{height} exceeds max_pixels={max_pixels}')
-    row_bytes = width * bytes_per_pixel
-    if step < row_bytes:
-        raise ImageConversionError(
-            'bad_step', f'step {step} < width {width} * {bytes_per_pixel} bytes per pixel '
-            f'({msg.encoding})')
-    if buf.size < step * height:
-        raise ImageConversionError(
-            'truncated', f'data has {buf.size} bytes, step {step} * height {height} = '
-            f'{step * height} expected ({msg.encoding})')
-    itemsize = np.dtype(dtype).itemsize
-    # The strides make the row padding (step - row_bytes) invisible without copying.
-    return np.ndarray((height, width, channels), dtype=dtype, buffer=buf,
-                      strides=(step, channels * itemsize, itemsize))
-
-
-def _normalise_encoding(encoding):
-    return str(encoding).strip().lower()
-
-
 # --------------------------------------------------------------------------- colour images
-
-
-def mono16_to_mono8(values):
-    """
-    Scale 16-bit grey to 8 bits as cv_bridge does (``convertTo(CV_8U, 255 / 65535)``, rounded).
-
-    :param values: integer array in [0, 65535]
-    :return: uint8 array of the same shape
-    """
-    return np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
 
 
 def image_to_rgb(msg, max_pixels=DEFAULT_MAX_PIXELS):
     """
     Convert a sensor_msgs/Image to an HxWx3 uint8 RGB array (cv_bridge semantics).
 
-    Supported encodings: rgb8, bgr8, rgba8, bgra8 (alpha dropped), mono8 (replicated to three
-    channels), mono16 (scaled to 8 bit as cv_bridge does: v * 255 / 65535 rounded),
-    yuv422 (= UYVY, as in ROS image_encodings) and yuv422_yuy2 (= YUYV), both converted with
-    BT.601 video-range coefficients exactly as OpenCV/cv_bridge do.  ``step`` (row padding)
-    and ``is_bigendian`` (mono16) are honoured.
-
-    The result is always a new C-contiguous array that does not share memory with the
-    message, so callers may modify it.
+    The encodings and their meaning are those of
+    :func:`marigold_model.data.image_decoding.decode_rgb`; the result never shares memory
+    with the message.
 
     :param msg: sensor_msgs/Image (rclpy or rosbags message).
     :param max_pixels: refuse images with more than this many pixels (None: no limit).
@@ -183,68 +86,8 @@ def image_to_rgb(msg, max_pixels=DEFAULT_MAX_PIXELS):
         16UC1 / 32FC1 included), 'empty', 'too_large', 'bad_step', 'truncated' or 'bad_size'
         (odd width in a YUV 4:2:2 image).
     """
-    encoding = _normalise_encoding(msg.encoding)
-    if encoding not in _BYTES_PER_PIXEL:
-        if str(msg.encoding).strip().upper() in DEPTH_ENCODINGS:
-            raise ImageConversionError(
-                'unknown_encoding', f'encoding {msg.encoding!r} is a depth encoding, not a '
-                'colour image; supported: ' + ', '.join(COLOR_ENCODINGS))
-        raise ImageConversionError(
-            'unknown_encoding', f'unsupported image encoding {msg.encoding!r}; supported: '
-            + ', '.join(COLOR_ENCODINGS))
-    encoding = _YUV_ALIASES.get(encoding, encoding)
-    buf = _as_uint8(msg.data)
-    bpp = _BYTES_PER_PIXEL[encoding]
-
-    if encoding == 'mono16':
-        dtype = np.dtype(_byte_order(msg.is_bigendian) + 'u2')
-        view = _strided_view(msg, buf, 1, dtype, bpp, max_pixels)[..., 0]
-        return np.repeat(mono16_to_mono8(view)[:, :, None], 3, axis=2)
-    if encoding in ('yuv422', 'yuv422_yuy2'):
-        if int(msg.width) % 2:
-            raise ImageConversionError(
-                'bad_size', f'{msg.encoding} needs an even width, got {msg.width}')
-        view = _strided_view(msg, buf, 2, np.uint8, bpp, max_pixels)
-        return _yuv422_to_rgb(view, uyvy=(encoding == 'yuv422'))
-
-    channels = bpp
-    view = _strided_view(msg, buf, channels, np.uint8, bpp, max_pixels)
-    if encoding == 'rgb8':
-        return view.copy()  # C order: drops the row padding
-    if encoding == 'rgba8':
-        return np.ascontiguousarray(view[:, :, :3])
-    if encoding == 'bgr8':
-        return np.ascontiguousarray(view[:, :, ::-1])
-    if encoding == 'bgra8':
-        return np.ascontiguousarray(view[:, :, 2::-1])
-    # mono8
-    return np.repeat(view, 3, axis=2)
-
-
-def _yuv422_to_rgb(view, uyvy):
-    """Convert an (H, W, 2) interleaved 4:2:2 view to RGB like OpenCV (fixed point)."""
-    height, width = view.shape[:2]
-    # Each macro-pixel of 4 bytes holds two pixels sharing one U and one V.
-    macro = view.reshape(height, width // 2, 4)  # no copy: each row is contiguous
-    if uyvy:
-        u, y0, v, y1 = (macro[..., i] for i in range(4))
-    else:
-        y0, u, y1, v = (macro[..., i] for i in range(4))
-    uu = u.astype(np.int32) - 128
-    vv = v.astype(np.int32) - 128
-    half = 1 << (_BT601_SHIFT - 1)
-    ruv = half + _BT601_CVR * vv
-    guv = half + _BT601_CVG * vv + _BT601_CUG * uu
-    buv = half + _BT601_CUB * uu
-    luma = np.stack((y0, y1), axis=-1).astype(np.int32)  # (H, W/2, 2)
-    luma = np.maximum(luma - 16, 0) * _BT601_CY
-    out = np.empty((height, width // 2, 2, 3), dtype=np.int32)
-    out[..., 0] = luma + ruv[..., None]
-    out[..., 1] = luma + guv[..., None]
-    out[..., 2] = luma + buv[..., None]
-    out >>= _BT601_SHIFT  # arithmetic shift = floor, as OpenCV
-    np.clip(out, 0, 255, out=out)
-    return out.astype(np.uint8).reshape(height, width, 3)
+    return decode_rgb(msg.data, msg.height, msg.width, msg.step, msg.encoding,
+                      msg.is_bigendian, max_pixels)
 
 
 def rgb_to_image(rgb, header, encoding='rgb8'):
@@ -309,10 +152,8 @@ def compressed_to_rgb(msg, max_pixels=DEFAULT_MAX_PIXELS):
     """
     Decode a sensor_msgs/CompressedImage (JPEG or PNG) to HxWx3 uint8 RGB.
 
-    The ``format`` string is only used to reject compressedDepth images; the codec is
-    detected from the bytes (PIL), so 'jpeg', 'png', 'rgb8; jpeg compressed bgr8' etc. all
-    work.  The image size is read from the header before the full decode, so oversized
-    images are refused cheaply.  16-bit grey PNGs are scaled like mono16.
+    The codec is detected from the bytes; ``format`` only rejects compressedDepth images
+    (:func:`marigold_model.data.image_decoding.decode_compressed_rgb`).
 
     :param msg: sensor_msgs/CompressedImage.
     :param max_pixels: refuse images with more than this many pixels (None: no limit).
@@ -320,41 +161,7 @@ def compressed_to_rgb(msg, max_pixels=DEFAULT_MAX_PIXELS):
     :raises ImageConversionError: 'empty', 'unknown_encoding' (compressedDepth),
         'too_large' or 'corrupt_compressed'.
     """
-    fmt = str(msg.format)
-    if 'compresseddepth' in fmt.lower():
-        raise ImageConversionError(
-            'unknown_encoding', f'compressed format {fmt!r} is a depth image, not colour')
-    buf = _as_uint8(msg.data)
-    if buf.size == 0:
-        raise ImageConversionError('empty', 'compressed image has no data')
-    try:
-        # Only JPEG and PNG decoders are enabled: less attack surface for untrusted input.
-        pil = PILImage.open(io.BytesIO(buf.tobytes()), formats=('JPEG', 'PNG'))
-    except PILImage.DecompressionBombError as exc:
-        raise ImageConversionError('too_large', f'compressed image too large: {exc}') from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageConversionError(
-            'corrupt_compressed', f'cannot decode compressed image (format {fmt!r}): '
-            f'{exc}') from exc
-    with pil:
-        width, height = pil.size
-        if width == 0 or height == 0:
-            raise ImageConversionError('empty', f'compressed image is {width}x{height}')
-        if max_pixels is not None and width * height > max_pixels:
-            raise ImageConversionError(
-                'too_large', f'compressed image {width}x{height} exceeds '
-                f'max_pixels={max_pixels}')
-        try:
-            pil.load()
-            if pil.mode in ('I;16', 'I;16L', 'I;16B', 'I'):
-                mono = mono16_to_mono8(np.asarray(pil).clip(0, 65535))
-                return np.repeat(mono[:, :, None], 3, axis=2)
-            rgb = pil if pil.mode == 'RGB' else pil.convert('RGB')
-            return np.array(rgb, dtype=np.uint8)
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageConversionError(
-                'corrupt_compressed', f'cannot decode compressed image (format {fmt!r}): '
-                f'{exc}') from exc
+    return decode_compressed_rgb(msg.data, msg.format, max_pixels)
 
 
 def rgb_to_compressed(rgb, header, fmt='jpeg', quality=90):
@@ -430,7 +237,8 @@ def image_to_depth(msg, max_pixels=DEFAULT_MAX_PIXELS):
     Convert a depth Image to float32 meters (REP 118).
 
     32FC1 is taken as meters (NaN / inf kept as they are); 16UC1 is millimeters, converted to
-    meters, with 0 (no reading) -> NaN.  ``step`` and ``is_bigendian`` are honoured.
+    meters, with 0 (no reading) -> NaN
+    (:func:`marigold_model.data.image_decoding.decode_depth`).
 
     :param msg: sensor_msgs/Image with encoding 32FC1 or 16UC1.
     :param max_pixels: refuse images with more than this many pixels (None: no limit).
@@ -438,20 +246,8 @@ def image_to_depth(msg, max_pixels=DEFAULT_MAX_PIXELS):
     :raises ImageConversionError: 'unknown_encoding' for other encodings (mono16 included:
         it carries no unit), 'empty', 'too_large', 'bad_step' or 'truncated'.
     """
-    encoding = str(msg.encoding).strip().upper()
-    if encoding not in DEPTH_ENCODINGS:
-        raise ImageConversionError(
-            'unknown_encoding', f'unsupported depth encoding {msg.encoding!r}; supported: '
-            '32FC1 (meters), 16UC1 (millimeters)')
-    buf = _as_uint8(msg.data)
-    order = _byte_order(msg.is_bigendian)
-    if encoding == '32FC1':
-        view = _strided_view(msg, buf, 1, np.dtype(order + 'f4'), 4, max_pixels)[..., 0]
-        return view.astype(np.float32)  # native order, contiguous, a copy
-    view = _strided_view(msg, buf, 1, np.dtype(order + 'u2'), 2, max_pixels)[..., 0]
-    meters = view.astype(np.float32) * np.float32(0.001)
-    meters[view == 0] = np.nan
-    return meters
+    return decode_depth(msg.data, msg.height, msg.width, msg.step, msg.encoding,
+                        msg.is_bigendian, max_pixels)
 
 
 # --------------------------------------------------------------------------- point clouds

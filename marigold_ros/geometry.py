@@ -27,6 +27,7 @@ import functools
 import math
 from typing import NamedTuple
 
+from marigold_model.errors import ReasonError
 import numpy as np
 from sensor_msgs.msg import CameraInfo
 from sensor_msgs.msg import RegionOfInterest
@@ -45,7 +46,7 @@ _NEWTON_ITERATIONS = 20
 _UNDISTORT_TOLERANCE = 1e-9
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ReasonError):
     """
     A camera calibration that cannot be used.
 
@@ -54,11 +55,6 @@ class CalibrationError(ValueError):
         'bad_projection', 'bad_roi', 'bad_binning'.
     :param message: human-readable description naming the problem.
     """
-
-    def __init__(self, reason, message):
-        """Store the reason key and the message."""
-        super().__init__(message)
-        self.reason = reason
 
 
 class Roi(NamedTuple):

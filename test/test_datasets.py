@@ -3,9 +3,10 @@
 from types import SimpleNamespace
 
 import h5py
-from marigold_model.data.bag_rgbd import BagRGBDDataset, image_to_numpy
+from marigold_model.data.bag_rgbd import BagRGBDDataset, depth_from_image, rgb_from_image
 from marigold_model.data.hypersim import (distance_to_planar, HYPERSIM_FOCAL,
                                           hypersim_intrinsics, HypersimDataset, tone_map)
+from marigold_model.data.image_decoding import ImageConversionError
 from marigold_model.data.image_io import exr_backend
 from marigold_model.data.mixing import MixedDataset, TrainTransform
 from marigold_model.data.rgbd_folder import RGBDFolderDataset
@@ -224,20 +225,29 @@ def test_empty_root_fails_at_construction(tmp_path):
 # Bags
 
 
-def test_image_to_numpy_step_padding_and_endianness():
+def test_bag_decoding_step_padding_endianness_and_yuv():
     rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     padded = np.zeros((2, 12), np.uint8)
-    padded[:, :9] = rgb.reshape(2, 9)
-    msg = SimpleNamespace(height=2, width=3, encoding='rgb8', is_bigendian=0, step=12,
+    padded[:, :9] = rgb[..., ::-1].reshape(2, 9)
+    msg = SimpleNamespace(height=2, width=3, encoding='bgr8', is_bigendian=0, step=12,
                           data=padded.ravel())
-    np.testing.assert_array_equal(image_to_numpy(msg), rgb)
-    depth = np.array([[1, 2], [300, 65535]], np.uint16)
-    msg = SimpleNamespace(height=2, width=2, encoding='16UC1', is_bigendian=1, step=4,
-                          data=np.frombuffer(depth.astype('>u2').tobytes(), np.uint8))
-    np.testing.assert_array_equal(image_to_numpy(msg), depth)
-    with pytest.raises(UnreadableSample, match='encoding'):
-        image_to_numpy(SimpleNamespace(height=1, width=1, encoding='yuv422', is_bigendian=0,
-                                       step=2, data=np.zeros(2, np.uint8)))
+    np.testing.assert_array_equal(rgb_from_image(msg), rgb)
+    counts = np.array([[1, 2], [300, 0]], np.uint16)
+    for encoding in ('16UC1', 'mono16'):  # mono16 depth is read at depth_scale too
+        msg = SimpleNamespace(height=2, width=2, encoding=encoding, is_bigendian=1, step=4,
+                              data=np.frombuffer(counts.astype('>u2').tobytes(), np.uint8))
+        depth = depth_from_image(msg, depth_scale=0.01)
+        np.testing.assert_allclose(depth[counts > 0], counts[counts > 0] * 0.01, rtol=1e-6)
+        assert np.isnan(depth[1, 1])  # 0 = no reading
+    # UYVY grey: U = V = 128, so R = G = B = 1.164 (Y - 16), clipped: 16 -> 0, 235 -> 255.
+    uyvy = np.array([128, 16, 128, 235], np.uint8)
+    msg = SimpleNamespace(height=1, width=2, encoding='yuv422', is_bigendian=0, step=4,
+                          data=uyvy)
+    np.testing.assert_array_equal(rgb_from_image(msg), [[[0, 0, 0], [255, 255, 255]]])
+    with pytest.raises(ImageConversionError, match='encoding') as err:
+        rgb_from_image(SimpleNamespace(height=1, width=1, encoding='8UC5', is_bigendian=0,
+                                       step=5, data=np.zeros(5, np.uint8)))
+    assert err.value.reason == 'unknown_encoding'
 
 
 def _write_bag(path, frames, depth_encoding='32FC1', with_info=True):

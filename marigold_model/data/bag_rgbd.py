@@ -2,9 +2,10 @@
 RGB-D pairs from a rosbag2 directory / storage file or ROS 1 bag (e.g. simulator recordings).
 
 Read with ``rosbags`` (pure Python, no ROS install). The colour topic carries
-``sensor_msgs/msg/Image`` (rgb8, bgr8, rgba8, bgra8, mono8) or ``CompressedImage`` (JPEG / PNG);
-the depth topic carries ``Image`` with 32FC1 (meters) or 16UC1 / mono16 (``depth_scale``
-meters per unit, default 0.001 = millimetres). Colour and depth are matched by header stamp
+``sensor_msgs/msg/Image`` or ``CompressedImage`` and the depth topic ``Image``, both decoded
+by :mod:`marigold_model.data.image_decoding`, the ROS node's decoder, so a bag the node reads
+is a bag this reader reads. Depth is 32FC1 in meters or 16UC1 / mono16 at ``depth_scale``
+meters per unit (default 0.001 = millimetres). Colour and depth are matched by header stamp
 (nearest, within ``tolerance`` seconds; the bag time when a stamp is zero). K comes from the
 first message on an optional ``sensor_msgs/msg/CameraInfo`` topic, else from
 ``default_hfov_deg``.
@@ -14,9 +15,10 @@ The whole bag is decoded once at construction and kept in memory (use ``stride``
 raises :class:`UnreadableSample` when indexed.
 """
 
-import io
 from pathlib import Path
 
+from marigold_model.data.image_decoding import decode_compressed_rgb, decode_depth, decode_rgb
+from marigold_model.data.image_decoding import ImageConversionError
 from marigold_model.data.sample import intrinsics_from_hfov, make_sample, UnreadableSample
 import numpy as np
 
@@ -25,41 +27,8 @@ try:  # torch is a dependency of marigold_model; the reader itself is numpy-only
 except ImportError:  # pragma: no cover
     _Dataset = object
 
-# encoding -> (numpy dtype, channels)
-ENCODINGS = {
-    'rgb8': (np.uint8, 3), 'bgr8': (np.uint8, 3), 'rgba8': (np.uint8, 4),
-    'bgra8': (np.uint8, 4), 'mono8': (np.uint8, 1), '8UC1': (np.uint8, 1),
-    '8UC3': (np.uint8, 3), 'mono16': (np.uint16, 1), '16UC1': (np.uint16, 1),
-    '32FC1': (np.float32, 1),
-}
-
-
-def image_to_numpy(msg):
-    """
-    Decode a ``sensor_msgs/Image``-like object into an array, honouring ``step`` padding.
-
-    :param msg: object with height, width, encoding, is_bigendian, step and data.
-    :return: HxW or HxWxC array (a copy) in the message's channel order.
-    """
-    encoding = str(msg.encoding)
-    if encoding not in ENCODINGS:
-        raise UnreadableSample(f'unsupported image encoding {encoding!r} (supported: '
-                               f'{", ".join(sorted(ENCODINGS))})')
-    dtype, channels = ENCODINGS[encoding]
-    dtype = np.dtype(dtype).newbyteorder('>' if msg.is_bigendian else '<')
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    row_bytes = w * channels * dtype.itemsize
-    data = np.frombuffer(bytes(msg.data) if not isinstance(msg.data, np.ndarray)
-                         else msg.data.tobytes(), dtype=np.uint8)
-    if step < row_bytes or data.size < h * step - (step - row_bytes):
-        raise UnreadableSample(f'image {w}x{h} {encoding}: step {step} / {data.size} data bytes '
-                               f'too small (need rows of {row_bytes} bytes)')
-    if data.size < h * step:  # some publishers omit the padding after the last row
-        data = np.concatenate([data, np.zeros(h * step - data.size, np.uint8)])
-    rows = data[:h * step].reshape(h, step)[:, :row_bytes]
-    array = np.ascontiguousarray(rows).view(dtype).reshape(h, w, channels)
-    array = array.astype(dtype.newbyteorder('='))
-    return array[..., 0] if channels == 1 else array
+# Depth recorded as mono16 carries no unit of its own: read it as 16UC1 at ``depth_scale``.
+_DEPTH_ALIASES = {'mono16': '16UC1'}
 
 
 def rgb_from_image(msg):
@@ -68,16 +37,10 @@ def rgb_from_image(msg):
 
     :param msg: sensor_msgs/Image-like object.
     :return: HxWx3 uint8.
+    :raises ImageConversionError: unsupported encoding or inconsistent geometry.
     """
-    array = image_to_numpy(msg)
-    encoding = str(msg.encoding)
-    if encoding in ('mono16', '16UC1', '32FC1'):
-        raise UnreadableSample(f'colour topic carries a depth-like encoding {encoding!r}')
-    if array.ndim == 2:
-        return np.repeat(array[..., None], 3, axis=2)
-    if encoding.startswith('bgr'):
-        array = array[..., 2::-1]
-    return np.ascontiguousarray(array[..., :3])
+    return decode_rgb(msg.data, msg.height, msg.width, msg.step, msg.encoding,
+                      msg.is_bigendian)
 
 
 def rgb_from_compressed(msg):
@@ -86,14 +49,9 @@ def rgb_from_compressed(msg):
 
     :param msg: sensor_msgs/CompressedImage-like object.
     :return: HxWx3 uint8.
+    :raises ImageConversionError: undecodable bytes or a compressedDepth image.
     """
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(bytes(msg.data))) as image:
-            return np.asarray(image.convert('RGB'), dtype=np.uint8).copy()
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise UnreadableSample(f'cannot decode compressed image ({msg.format!r}): {exc}') from exc
+    return decode_compressed_rgb(msg.data, msg.format)
 
 
 def depth_from_image(msg, depth_scale=0.001):
@@ -102,15 +60,12 @@ def depth_from_image(msg, depth_scale=0.001):
 
     :param msg: sensor_msgs/Image-like object with 32FC1 (m) or 16UC1 / mono16 encoding.
     :param depth_scale: meters per unit for integer encodings.
-    :return: HxW float32 meters (0 / non-finite = invalid).
+    :return: HxW float32 meters (NaN / non-finite = invalid).
+    :raises ImageConversionError: unsupported encoding or inconsistent geometry.
     """
-    encoding = str(msg.encoding)
-    if encoding not in ('32FC1', '16UC1', 'mono16'):
-        raise UnreadableSample(f'depth encoding {encoding!r} is not 32FC1, 16UC1 or mono16')
-    array = image_to_numpy(msg)
-    if encoding == '32FC1':
-        return array.astype(np.float32)
-    return array.astype(np.float32) * np.float32(depth_scale)
+    encoding = _DEPTH_ALIASES.get(str(msg.encoding).strip().lower(), msg.encoding)
+    return decode_depth(msg.data, msg.height, msg.width, msg.step, encoding,
+                        msg.is_bigendian, unit=depth_scale)
 
 
 def _stamp_ns(msg, bag_time_ns):
@@ -226,7 +181,7 @@ class BagRGBDDataset(_Dataset):
                         value = rgb_from_compressed(msg) if compressed else rgb_from_image(msg)
                     else:
                         value = depth_from_image(msg, self.depth_scale)
-                except UnreadableSample as exc:
+                except ImageConversionError as exc:
                     value = str(exc)
                 (rgb_msgs if conn.topic == rgb_topic else depth_msgs).append((stamp, value))
         finally:
