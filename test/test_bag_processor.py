@@ -21,8 +21,8 @@ from marigold_model.data.synthetic import render_sequence
 from marigold_model.estimator import DepthEstimator, DepthResult
 from marigold_ros.bag_io import BagError, BagMessage, BagReader, serialize_canonical
 from marigold_ros.bag_io import to_rclpy
-from marigold_ros.bag_processor import BagJob, BagProcessor, camera_namespace
-from marigold_ros.bag_processor import format_summary, main, process_bag
+from marigold_ros.bag_processor import BagJob, BagProcessor, format_summary, main, process_bag
+from marigold_ros.bag_topics import camera_namespace
 from marigold_ros.conversions import image_to_depth, pointcloud2_from_depth
 from marigold_ros.conversions import rgb_to_compressed, rgb_to_image
 from marigold_ros.export import read_ply

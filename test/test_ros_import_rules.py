@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / 'marigold_ros'
 FORBIDDEN = {
     'depth_node': {'bag_processor', 'bag_io', 'ordered_threads'},
     'bag_processor': {'depth_node'},
+    'bag_topics': {'depth_node'},
     'pipeline': {'depth_node', 'bag_processor'},
     'node_params': {'depth_node', 'bag_processor', 'pipeline'},
 }
