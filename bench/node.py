@@ -37,7 +37,8 @@ from marigold_ros.demo import load_sequence
 from marigold_ros.depth_node import DepthNode
 from marigold_ros.diagnostics import STAGES
 from marigold_ros.geometry import CameraModel
-from marigold_ros.pipeline import DepthPipeline, FrameInput, OutputConfig
+from marigold_ros.node_params import OutputConfig
+from marigold_ros.pipeline import DepthPipeline, FrameInput
 import numpy as np
 from PIL import Image as PILImage
 import rclpy

@@ -101,6 +101,10 @@ def _launch_setup(context):
     def arg(name):
         return LaunchConfiguration(name).perform(context)
 
+    # The node's own names, from the package (imported here: only a launch run needs them).
+    from marigold_ros.node_params import CAMERA_INFO_TOPIC, COMPRESSED_IMAGE_TOPIC
+    from marigold_ros.node_params import IMAGE_TOPIC, NODE_NAME
+
     camera = arg('camera')
     image = arg('image')
     overrides = {}
@@ -112,11 +116,11 @@ def _launch_setup(context):
     if arg('scale_source'):
         overrides['scale_recovery.source'] = arg('scale_source')
     actions = [Node(
-        package='marigold_ros', executable='depth_node', name='marigold_depth',
+        package='marigold_ros', executable='depth_node', name=NODE_NAME,
         namespace=camera, output='screen', emulate_tty=True,
         parameters=[arg('params_file'), overrides],
-        remappings=[('image', image), ('image/compressed', image + '/compressed'),
-                    ('camera_info', arg('camera_info')),
+        remappings=[(IMAGE_TOPIC, image), (COMPRESSED_IMAGE_TOPIC, image + '/compressed'),
+                    (CAMERA_INFO_TOPIC, arg('camera_info')),
                     ('sparse_depth', arg('sparse_depth')), ('points_in', arg('points_in'))])]
     if _is_true(arg('rviz')):
         namespace = node_namespace(camera, context.launch_configurations.get('ros_namespace',

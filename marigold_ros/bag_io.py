@@ -221,6 +221,27 @@ def serialize_canonical_pieces(msg, msgtype, store=None):
     return CdrPieces((head, data, cdr[len(cdr) - tail:]))
 
 
+def deserialized(messages, topics):
+    """
+    Pair each BagMessage with its rclpy message (None for topics that are only copied).
+
+    A message that does not deserialize is paired with its BagError instead, so that one
+    damaged message costs its frame, not the run.
+
+    :param messages: iterable of BagMessage
+    :param topics: names of the topics to deserialize
+    :return: generator of (BagMessage, rclpy message or BagError or None)
+    """
+    for message in messages:
+        if message.topic not in topics:
+            yield message, None
+            continue
+        try:
+            yield message, to_rclpy(message)
+        except BagError as error:
+            yield message, error
+
+
 _STORES = {}
 
 

@@ -20,8 +20,11 @@ How it differs from playing the bag into the node, and why:
   in step with the input (copied through with ``--copy-inputs``).
 * The output is written to a hidden sibling folder and moved into place only when complete;
   an error or Ctrl-C removes it, and the input is only ever opened read-only.
-* Reading, the model and writing overlap on three threads (:mod:`marigold_ros.bag_overlap`),
-  each keeping bag order, so the model sets the pace wherever a core (or a GPU) is free.
+* Reading, the model and writing overlap: the reader and the writer threads
+  (:mod:`marigold_ros.ordered_threads`) and a model thread that decodes and infers the
+  next batch while this one finishes the current batch (the stages of
+  :mod:`marigold_ros.pipeline`), each keeping bag order, so the model sets the pace
+  wherever a core (or a GPU) is free.
 
 Bit-identical means: every message (topic, bag time, bytes) and the storage files, for the
 same input, parameters (``--batch`` included), seed, software and machine.  Exit status:
@@ -30,8 +33,9 @@ same input, parameters (``--batch`` included), seed, software and machine.  Exit
 """
 
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, MISSING
 import math
 from pathlib import Path
 import signal
@@ -43,32 +47,21 @@ from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig,
 from std_msgs.msg import Header
 
 from . import export
-from .bag_io import AtomicBagWriter, BagError, BagReader, CAMERA_INFO_TYPE
-from .bag_io import IMAGE_TYPE, IMAGE_TYPES, POINTCLOUD_TYPE, STORAGES
-from .bag_io import to_rclpy
-from .bag_overlap import deserialized, ModelAhead, OrderedWorker, prefetch
-from .conversions import DEPTH_ENCODINGS
-from .depth_node import NODE_NAME, NodeConfig, parameter_groups
+from .bag_io import AtomicBagWriter, BagError, BagReader, deserialized, STORAGES
+from .bag_topics import output_topic_names, resolve_topics
 from .heap import keep_large_buffers_in_heap
-from .params import configs_from_values, read_params_file
-from .pipeline import DepthPipeline, FrameError, FrameInput, OUTPUT_NAMES, OutputConfig
+from .node_params import estimator_config, NodeConfig, OUTPUT_TOPICS, OutputConfig
+from .node_params import read_node_params
+from .ordered_threads import OrderedWorker, prefetch
+from .pipeline import DepthPipeline, FrameError, FrameInput
 from .scale_recovery import IDENTITY_EXTRINSIC, ScaleInputError, ScaleRecovery
 from .scale_recovery import ScaleRecoveryConfig
-from .scale_recovery import TOPICS as SCALE_TOPICS
-from .stamp_matcher import stamp_to_ns, StampMatcher
+from .stamp_matcher import CameraInfoMatcher, NS_PER_S, stamp_to_ns
 from .static_tf import StaticTransforms, TF_STATIC_TOPIC
-
-#: Output topics relative to the camera namespace, as the node publishes them.
-OUTPUT_TOPICS = {'relative': 'depth/relative', 'metric': 'depth/image',
-                 'uncertainty': 'depth/uncertainty', 'camera_info': 'depth/camera_info',
-                 'points': 'depth/points'}
-OUTPUT_TYPES = {'relative': IMAGE_TYPE, 'metric': IMAGE_TYPE, 'uncertainty': IMAGE_TYPE,
-                'camera_info': CAMERA_INFO_TYPE, 'points': POINTCLOUD_TYPE}
 
 # Camera info is matched like the node does; a bag has every message, so the buffers only
 # need to hold what the look-ahead window can bring in, and are made large for that.
 _OFFLINE_QUEUE = 1024
-_NS_PER_S = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -193,164 +186,6 @@ def check_output_paths(input_path, output_path, export_path=None):
                                      f'{str(output_path)!r} must be separate folders')
 
 
-# ---------------------------------------------------------------------------- topics
-
-
-def camera_namespace(image_topic):
-    """
-    Return the camera namespace of an image topic (where the node's outputs go).
-
-    '/cam/image_raw' -> '/cam', '/cam/image_raw/compressed' -> '/cam', '/image' -> ''.
-
-    :param image_topic: topic name
-    :return: namespace without trailing slash ('' for the root)
-    """
-    parts = [p for p in image_topic.split('/') if p]
-    if len(parts) > 1 and parts[-1] == 'compressed':
-        parts = parts[:-1]
-    return '/' + '/'.join(parts[:-1]) if len(parts) > 1 else ''
-
-
-def _join(namespace, name):
-    return f'{namespace.rstrip("/")}/{name}' if namespace else f'/{name}'
-
-
-def output_topic_names(namespace):
-    """
-    Map each output to its topic under a namespace.
-
-    :param namespace: e.g. '/cam' ('' for the root)
-    :return: dict output name -> topic
-    """
-    return {key: _join(namespace, name) for key, name in OUTPUT_TOPICS.items()}
-
-
-def _require(reader, topic, types, what, option):
-    if topic not in reader.topics:
-        candidates = reader.topics_of_type(*types)
-        raise BagError('no_topic', f'{what} topic {topic!r} ({option}) is not in '
-                                   f'{str(reader.path)!r}; its {what} topics are:\n'
-                                   + reader.describe_topics(candidates))
-    msgtype = reader.topics[topic].msgtype
-    if msgtype not in types:
-        raise BagError('bad_topic', f'{what} topic {topic!r} ({option}) carries {msgtype}, '
-                                    f'expected {" or ".join(types)}')
-    return topic
-
-
-def colour_image_topics(reader, exclude=()):
-    """
-    List the image topics that can be depth inputs: not depth images (16UC1 / 32FC1).
-
-    The encoding is read from each Image topic's first message, so a sparse depth or depth
-    camera topic is never taken for the colour camera.
-
-    :param reader: BagReader
-    :param exclude: topic names to leave out
-    :return: sorted topic names
-    """
-    out = []
-    for topic in reader.topics_of_type(*IMAGE_TYPES):
-        if topic in exclude:
-            continue
-        if reader.topics[topic].msgtype == IMAGE_TYPE:
-            first = reader.first_message(topic)
-            if first is not None and \
-                    str(to_rclpy(first).encoding).strip().upper() in DEPTH_ENCODINGS:
-                continue
-        out.append(topic)
-    return out
-
-
-@dataclass(frozen=True)
-class Topics:
-    """
-    The input topics of a run and the output namespace.
-
-    :param image: image topic
-    :param camera_info: CameraInfo topic or None
-    :param sparse_depth: sparse depth topic or None
-    :param points: LiDAR topic or None
-    :param namespace: output namespace
-    """
-
-    image: str
-    camera_info: str = None
-    sparse_depth: str = None
-    points: str = None
-    namespace: str = ''
-
-
-def resolve_topics(reader, job, scale_source='none'):
-    """
-    Choose the input topics: given names are checked, missing ones found.
-
-    Without a scale topic option, a params file whose ``scale_recovery.source`` is
-    'sparse_depth' or 'points' selects the node's topic for it ('<camera>/sparse_depth' or
-    '<camera>/points_in'), which must then be in the bag.
-
-    :param reader: BagReader
-    :param job: BagJob
-    :param scale_source: ``scale_recovery.source`` from the parameters
-    :return: Topics
-    :raises BagError: 'no_topic' listing the candidates, or 'bad_topic' for a wrong type
-    """
-    images = colour_image_topics(reader, exclude=(job.sparse_depth_topic,))
-    if job.image_topic:
-        image = _require(reader, job.image_topic, IMAGE_TYPES, 'image', '--image-topic')
-    elif len(images) == 1:
-        image = images[0]
-    elif not images:
-        raise BagError('no_topic', f'{str(reader.path)!r} has no colour Image or '
-                                   'CompressedImage topic; its topics are:\n'
-                                   + reader.describe_topics())
-    else:
-        raise BagError('no_topic', f'{str(reader.path)!r} has {len(images)} image topics; '
-                                   'choose one with --image-topic:\n'
-                                   + reader.describe_topics(images))
-    namespace = camera_namespace(image)
-    if job.camera_info_topic:
-        info = _require(reader, job.camera_info_topic, (CAMERA_INFO_TYPE,), 'camera info',
-                        '--camera-info-topic')
-    elif job.camera_info_topic == '':
-        info = None
-    else:
-        infos = reader.topics_of_type(CAMERA_INFO_TYPE)
-        sibling = _join(namespace, 'camera_info')
-        # The only CameraInfo of a one-camera bag is that camera's; with several cameras
-        # only the image's own namespace is trusted.
-        info = sibling if sibling in infos else \
-            (infos[0] if len(infos) == 1 and len(images) == 1 else None)
-    sparse = points = None
-    if job.sparse_depth_topic:
-        sparse = _require(reader, job.sparse_depth_topic, (IMAGE_TYPE,), 'sparse depth',
-                          '--sparse-depth-topic')
-    if job.points_topic:
-        points = _require(reader, job.points_topic, (POINTCLOUD_TYPE,), 'point cloud',
-                          '--points-topic')
-    if not (sparse or points) and scale_source != 'none':
-        wanted = _join(namespace, SCALE_TOPICS[scale_source])
-        types = (IMAGE_TYPE,) if scale_source == 'sparse_depth' else (POINTCLOUD_TYPE,)
-        option = '--sparse-depth-topic' if scale_source == 'sparse_depth' else '--points-topic'
-        if wanted not in reader.topics or reader.topics[wanted].msgtype not in types:
-            raise BagError('no_topic', f'the parameters set scale_recovery.source '
-                                       f'{scale_source!r} but the bag has no {wanted!r}; '
-                                       f'name the topic with {option}; candidates:\n'
-                                       + reader.describe_topics(reader.topics_of_type(*types)))
-        if scale_source == 'sparse_depth':
-            sparse = wanted
-        else:
-            points = wanted
-    if sparse and points:
-        raise BagError('bad_topic', 'give either --sparse-depth-topic or --points-topic, '
-                                    'not both (the node uses one scale source)')
-    if job.output_namespace is not None:
-        namespace = job.output_namespace.rstrip('/')
-        if namespace and not namespace.startswith('/'):
-            namespace = '/' + namespace
-    return Topics(image, info, sparse, points, namespace)
-
-
 # ---------------------------------------------------------------------------- parameters
 
 
@@ -371,24 +206,13 @@ class RunConfig:
     scale: ScaleRecoveryConfig
 
 
-def configs_from_parameters(values):
-    """
-    Map flat parameter values onto the node's config dataclasses.
-
-    :param values: dict parameter name -> value (names as the node declares them)
-    :return: dict config class -> instance, for every parameter group of the node
-    :raises ValueError: unknown parameter names, or a bad value (naming it)
-    """
-    return configs_from_values(parameter_groups(), values, NODE_NAME)
-
-
 def build_run_config(job, topics, configs):
     """
     Combine the parameter configs with the command line.
 
     :param job: BagJob
     :param topics: Topics (sets the scale source)
-    :param configs: from :func:`configs_from_parameters`
+    :param configs: from :func:`marigold_ros.node_params.read_node_params`
     :return: RunConfig
     """
     model, output = configs[ModelConfig], configs[OutputConfig]
@@ -396,16 +220,11 @@ def build_run_config(job, topics, configs):
         model = override(model, model=job.model)
     if job.no_points:
         output = override(output, publish_points=False)
-    # The node applies the output pixel limit to the model as well.
-    model = override(model, max_input_pixels=output.max_input_pixels)
     source = 'sparse_depth' if topics.sparse_depth else 'points' if topics.points else 'none'
     scale = override(configs[ScaleRecoveryConfig], source=source,
                      queue_size=max(configs[ScaleRecoveryConfig].queue_size, _OFFLINE_QUEUE))
-    return RunConfig(EstimatorConfig(model, configs[InferenceConfig]), output,
+    return RunConfig(estimator_config(model, configs[InferenceConfig], output), output,
                      configs[NodeConfig], scale)
-
-
-# ---------------------------------------------------------------------------- export
 
 
 # ---------------------------------------------------------------------------- processing
@@ -467,8 +286,7 @@ class BagProcessor:
         check_output_paths(input_path, output_path,
                            Path(job.export).expanduser().absolute() if job.export else None)
         # Parameters first: a typo fails before the bag is read or the model loaded.
-        configs = configs_from_parameters(
-            read_params_file(job.params, NODE_NAME) if job.params else {})
+        configs = read_node_params(job.params)
         if configs[NodeConfig].keep_buffers_in_heap:
             keep_large_buffers_in_heap()  # the same setting as the node's
         with BagReader(input_path) as reader:
@@ -485,7 +303,7 @@ class BagProcessor:
                 if job.export:
                     exporter = export.FrameExporter(job.export, job.overwrite)
                 background.call(writer.open)
-                self._process(reader, topics, config, writer, exporter, background)
+                _Run(self, reader, topics, config, writer, exporter, background).process()
                 # The bag is closed first (what can fail: a full disk), then both folders
                 # are moved into place, so a failure leaves neither behind.  An interrupt
                 # while they move would leave one without the other: it waits until both
@@ -514,43 +332,6 @@ class BagProcessor:
         else:
             self.estimator.set_inference(config.estimator.inference)
 
-    def _setup(self, reader, topics, config, writer, background):
-        job = self.job
-        inference = config.estimator.inference
-        batch = job.batch or inference.batch_size
-        if inference.warm_start_strength > 0 and batch != 1:
-            # Warm start chains each frame to the one before it, as in the live node; a
-            # batch would start all its frames from the frame before the batch.
-            print('process_bag: warm start is on: processing one frame per call',
-                  file=sys.stderr)
-            batch = 1
-        self.batch = batch
-        self.summary.batch = batch
-        self.scale = None
-        if topics.sparse_depth:
-            self.scale = ScaleRecovery(config.scale)
-        elif topics.points:
-            self.scale = ScaleRecovery(config.scale, self._transforms(reader, config.scale))
-        self.model = ModelAhead(self.estimator)
-        self.pipeline = DepthPipeline(self.model, config.output, self.scale)
-        self.model.pipeline = self.pipeline
-        self.camera_infos = StampMatcher(config.node.camera_info_tolerance, _OFFLINE_QUEUE)
-        self.use_latest_info = config.node.camera_info_use_latest
-        self.outputs = output_topic_names(topics.namespace)
-        if job.copy_inputs:
-            clash = sorted(set(self.outputs.values()) & set(reader.topics))
-            if clash:
-                raise BagError('bad_output', f'output topics {clash} already exist in the '
-                                             'input; with --copy-inputs choose another '
-                                             '--output-namespace')
-            if reader.mixed_type_topics:
-                print(f'process_bag: not copied (recorded with several message types): '
-                      f'{reader.mixed_type_topics}', file=sys.stderr)
-            for name in sorted(reader.topics):
-                info = reader.connection_info(name)
-                background.call(writer.add_topic, name, info['msgtype'], info['msgdef'],
-                                info['rihs01'], info['qos'])
-
     def _transforms(self, reader, scale):
         """Return the LiDAR extrinsic lookup: /tf_static when use_tf, else the parameters."""
         fallback = (tuple(scale.extrinsic_translation), tuple(scale.extrinsic_rotation_xyzw))
@@ -571,135 +352,179 @@ class BagProcessor:
                                   'else the parameters')
         return transforms
 
-    def _process(self, reader, topics, config, writer, exporter, background):
-        job = self.job
-        self._setup(reader, topics, config, writer, background)
-        summary = self.summary
+
+class _Run:
+    """
+    The state of one run while the bag streams through the stages.
+
+    Four threads, each keeping bag order: the reader (:func:`prefetch`: read and
+    deserialize ahead), the model (decode and infer batch k+1), this one (match camera info
+    and scale inputs, finish batch k) and the writer (:class:`OrderedWorker`: serialize and
+    write behind).
+
+    :param processor: the BagProcessor (job, estimator, summary)
+    :param reader: BagReader
+    :param topics: Topics
+    :param config: RunConfig
+    :param writer: AtomicBagWriter (used from the writer thread only)
+    :param exporter: FrameExporter or None
+    :param background: the writer thread (OrderedWorker)
+    """
+
+    def __init__(self, processor, reader, topics, config, writer, exporter, background):
+        """Build the pipeline and the matchers of the run; declare copied topics."""
+        job = self.job = processor.job
+        self.summary = processor.summary
+        self.reader, self.topics = reader, topics
+        self.writer, self.exporter, self.background = writer, exporter, background
+        inference = config.estimator.inference
+        batch = job.batch or inference.batch_size
+        if inference.warm_start_strength > 0 and batch != 1:
+            # Warm start chains each frame to the one before it, as in the live node; a
+            # batch would start all its frames from the frame before the batch.
+            print('process_bag: warm start is on: processing one frame per call',
+                  file=sys.stderr)
+            batch = 1
+        self.batch = self.summary.batch = batch
+        self.scale = None
+        if topics.sparse_depth:
+            self.scale = ScaleRecovery(config.scale)
+        elif topics.points:
+            self.scale = ScaleRecovery(config.scale,
+                                       processor._transforms(reader, config.scale))
+        self.pipeline = DepthPipeline(processor.estimator, config.output, self.scale)
+        self.model = ThreadPoolExecutor(max_workers=1, thread_name_prefix='process_bag_model')
+        self.model_seconds = 0.0  # written by the model thread only
+        self.camera_infos = CameraInfoMatcher(config.node.camera_info_tolerance,
+                                              _OFFLINE_QUEUE, config.node.camera_info_use_latest)
+        self.outputs = output_topic_names(topics.namespace)
+        self.index = 0
+        self.progress = None
+        if job.copy_inputs:
+            clash = sorted(set(self.outputs.values()) & set(reader.topics))
+            if clash:
+                raise BagError('bad_output', f'output topics {clash} already exist in the '
+                                             'input; with --copy-inputs choose another '
+                                             '--output-namespace')
+            if reader.mixed_type_topics:
+                print(f'process_bag: not copied (recorded with several message types): '
+                      f'{reader.mixed_type_topics}', file=sys.stderr)
+            for name in sorted(reader.topics):
+                info = reader.connection_info(name)
+                background.call(writer.add_topic, name, info['msgtype'], info['msgdef'],
+                                info['rihs01'], info['qos'])
+
+    def process(self):
+        """Read the bag, run every frame through the stages and queue the outputs."""
+        job, topics, summary, reader = self.job, self.topics, self.summary, self.reader
         summary.image_topic = topics.image
         summary.camera_info_topic = topics.camera_info or ''
-        wanted = None if job.copy_inputs else [
-            t for t in (topics.image, topics.camera_info, topics.sparse_depth, topics.points)
-            if t]
-        lookahead = int(round(job.lookahead_s * _NS_PER_S))
-        pending, ready = [], None
-        progress = _Progress(reader.topics[topics.image].count, not job.quiet)
-        self._index = 0
-        started = time.perf_counter()
-        used = {t for t in (topics.image, topics.camera_info, topics.sparse_depth,
-                            topics.points) if t}
+        used = [t for t in (topics.image, topics.camera_info, topics.sparse_depth,
+                            topics.points) if t]
+        lookahead = int(round(job.lookahead_s * NS_PER_S))
+        pending, started = [], None
+        self.progress = _Progress(reader.topics[topics.image].count, not job.quiet)
+        clock = time.perf_counter()
         # Reading and deserializing run ahead on their own thread, like the writing.
-        stream = prefetch(deserialized(reader.messages(wanted), used))
+        stream = prefetch(deserialized(reader.messages(None if job.copy_inputs else used),
+                                       set(used)))
         try:
             for message, msg in stream:
                 summary.topics_in[message.topic] = summary.topics_in.get(message.topic, 0) + 1
                 if job.copy_inputs:
-                    background.submit(writer.write, message.topic, message.log_time,
-                                      message.cdr)
+                    self.background.submit(self.writer.write, message.topic,
+                                           message.log_time, message.cdr)
                 if isinstance(msg, BagError) and message.topic != topics.image:
                     self._bad_message(message, msg)
                 elif message.topic == topics.image:
                     # A BagError fails its frame, in order.  The newest camera info read so
                     # far is what the live node would fall back to (camera_info_use_latest):
                     # one recorded after the image must not be used.
-                    pending.append((message, msg, self.camera_infos.latest()
-                                    if self.use_latest_info else None))
+                    pending.append((message, msg, self.camera_infos.fallback()))
                 elif message.topic == topics.camera_info:
                     self.camera_infos.add_msg(msg)
                 elif message.topic in (topics.sparse_depth, topics.points):
-                    self._add_scale_input(message, msg, topics)
+                    self._add_scale_input(message, msg)
                 # A batch goes once the recording has moved `lookahead` past its last frame.
                 while len(pending) >= self.batch and \
                         message.log_time - pending[self.batch - 1][0].log_time > lookahead:
-                    ready = self._advance(ready, pending[:self.batch], topics, writer,
-                                          exporter, background, progress)
+                    started = self._advance(started, pending[:self.batch])
                     del pending[:self.batch]
             while pending:
                 count = min(self.batch, len(pending))
-                ready = self._advance(ready, pending[:count], topics, writer, exporter,
-                                      background, progress)
+                started = self._advance(started, pending[:count])
                 del pending[:count]
-            self._advance(ready, None, topics, writer, exporter, background, progress)
-            background.call(lambda: None)  # wait for every write
+            self._advance(started, None)
+            self.background.call(lambda: None)  # wait for every write
         finally:
             stream.close()
-            self.model.close()
-            progress.close()
-        summary.estimator_seconds = self.model.seconds
-        summary.seconds = time.perf_counter() - started
-        summary.topics_out = {t: n for t, n in writer.counts.items()
+            self.model.shutdown(wait=True, cancel_futures=True)
+            self.progress.close()
+        summary.estimator_seconds = self.model_seconds
+        summary.seconds = time.perf_counter() - clock
+        summary.topics_out = {t: n for t, n in self.writer.counts.items()
                               if t in self.outputs.values()}
         if summary.frames_in == 0:
             raise BagError('no_topic', f'no message could be read from {topics.image!r} '
                                        f'although the bag lists '
                                        f'{reader.topics[topics.image].count}')
 
-    def _add_scale_input(self, message, msg, topics):
+    def _add_scale_input(self, message, msg):
         try:
-            if message.topic == topics.sparse_depth:
-                self.scale.add_sparse_depth(topics.image, msg)
+            if message.topic == self.topics.sparse_depth:
+                self.scale.add_sparse_depth(self.topics.image, msg)
             else:
-                self.scale.add_points(topics.image, msg)
+                self.scale.add_points(self.topics.image, msg)
         except ScaleInputError as error:
             # Counted by ScaleRecovery and matched to its frame, which then reports why.
-            self._count(self.summary.problems, error.reason)
+            _count(self.summary.problems, error.reason)
 
     def _bad_message(self, message, error):
         """Report and skip a camera info / scale message that does not deserialize."""
         if self.job.strict:
             raise BagError('corrupt', f'{error} (--strict: no output written)')
-        self._count(self.summary.problems, f'corrupt_{message.topic}')
+        _count(self.summary.problems, f'corrupt_{message.topic}')
         print(f'process_bag: skipped a message: {error}', file=sys.stderr)
 
-    @staticmethod
-    def _count(table, key):
-        table[key] = table.get(key, 0) + 1
-
-    def _advance(self, ready, batch, topics, writer, exporter, background, progress):
+    def _advance(self, started, batch):
         """
-        Start the model on ``batch`` and finish the batch started before (``ready``).
+        Start ``batch`` on the model thread, then finish the batch started before.
 
-        The pipeline finishes one batch (outputs, scale) on this thread while the model
-        already runs on the next one; batches still go through the pipeline one at a time
-        and in order.
+        The model thread decodes and infers ``batch`` while this thread finishes
+        ``started``: batches still pass every stage one at a time and in order.
 
-        :return: the started batch as (list of ((message, image, camera info), frame), the
-            frames the model got), or None
+        :param started: the batch started before, from the previous call, or None
+        :param batch: list of (message, image or BagError, camera info fallback), or None
+        :return: the batch now started: (its entries, its frames, the model's future)
         """
-        started = None
+        now = None
         if batch is not None:
-            # Decoding needs only the images; camera info and the scale inputs are matched
-            # when the pipeline processes the batch, with everything read up to then.
-            frames = [FrameInput(image=image, key=topics.image) for _, image, _ in batch]
-            good = [frame for frame in frames if not isinstance(frame.image, BagError)]
-            if good:  # a batch of damaged messages only has nothing for the model
-                self.model.start(good)
-            started = (list(zip(batch, frames)), good)
-        if ready is not None:
-            self._finish_batch(*ready, topics, writer, exporter, background)
-            progress.update(len(ready[0]))
-        return started
+            frames = [FrameInput(image=image, key=self.topics.image) for _, image, _ in batch]
+            for frame in frames:
+                if isinstance(frame.image, BagError):  # fails in order, without the model
+                    frame.error = FrameError('corrupt', str(frame.image), frame.key)
+            now = (batch, frames, self.model.submit(self._decode_and_infer, frames))
+        if started is not None:
+            self._finish(*started)
+        return now
 
-    def _finish_batch(self, batch, good, topics, writer, exporter, background):
+    def _decode_and_infer(self, frames):
+        """Decode a batch, then make its one estimator call (on the model thread)."""
+        self.model_seconds += self.pipeline.infer(self.pipeline.decode(frames))
+
+    def _finish(self, batch, frames, model):
+        """Match camera info (everything read up to now), finish, queue the writes."""
+        model.result()  # re-raises an unexpected estimator failure
+        if self.topics.camera_info:
+            for (_, _, fallback), frame in zip(batch, frames):
+                if not isinstance(frame.image, BagError):
+                    frame.camera_info = self.camera_infos.match(
+                        stamp_to_ns(frame.image.header.stamp), fallback)
         summary = self.summary
-        messages, frames = [], []
-        if good:
-            # The model thread decodes the batch first; the pipeline then reuses those images.
-            self.model.wait_decoded()
-        for (message, image, info_before), frame in batch:
-            messages.append(message)
-            if topics.camera_info and not isinstance(image, BagError):
-                frame.camera_info = self.camera_infos.match(stamp_to_ns(image.header.stamp))
-                if frame.camera_info is None and self.use_latest_info:
-                    frame.camera_info = info_before
-            frames.append(frame)
-        processed = iter(self.pipeline.process(good) if good else ())
-        results = [FrameError('corrupt', str(frame.image), frame.key)
-                   if isinstance(frame.image, BagError) else next(processed)
-                   for frame in frames]
         done = []
-        for message, frame, result in zip(messages, frames, results):
-            index = self._index
-            self._index += 1
+        for (message, _, _), frame, result in zip(batch, frames, self.pipeline.finish(frames)):
+            index = self.index
+            self.index += 1
             summary.frames_in += 1
             if isinstance(result, FrameError):
                 self._frame_error(index, message, frame, result)
@@ -707,18 +532,19 @@ class BagProcessor:
                 continue
             summary.frames_out += 1
             for note in result.notes:
-                self._count(summary.notes, note)
+                _count(summary.notes, note)
             for reason, _ in result.problems:
-                self._count(summary.problems, reason)
-            status = result.scale.status if result.scale is not None else 'relative'
-            self._count(summary.scale_status, status)
+                _count(summary.problems, reason)
+            _count(summary.scale_status,
+                   result.scale.status if result.scale is not None else 'relative')
             if result.scale is not None:
                 summary.last_scale = result.scale
             done.append((index, message.log_time, result, None))
-        background.submit(self._write_outputs, done, writer, exporter)
+        self.background.submit(self._write_outputs, done)
+        self.progress.update(len(batch))
 
     def _frame_error(self, index, message, frame, error):
-        self._count(self.summary.errors, error.reason)
+        _count(self.summary.errors, error.reason)
         header = _header_of(frame)
         text = (f'frame {index} (stamp {stamp_to_ns(header.stamp)} ns, bag time '
                 f'{message.log_time} ns) on {message.topic!r}: {error.reason}: {error}')
@@ -726,20 +552,25 @@ class BagProcessor:
             raise BagError('corrupt', text + ' (--strict: no output written)')
         print(f'process_bag: skipped {text}', file=sys.stderr)
 
-    def _write_outputs(self, done, writer, exporter):
-        """Write the outputs of a batch (on the background thread)."""
+    def _write_outputs(self, done):
+        """Write the outputs of a batch (on the writer thread)."""
         for index, log_time, result, header in done:
             if isinstance(result, FrameError):
-                if exporter is not None:
-                    exporter.error(index, log_time, header, result.reason)
+                if self.exporter is not None:
+                    self.exporter.error(index, log_time, header, result.reason)
                 continue
-            for key in OUTPUT_NAMES:
-                msg = getattr(result, key)
-                if msg is None or (key == 'points' and self.job.no_points):
+            for output in OUTPUT_TOPICS:
+                msg = getattr(result, output.name)
+                if msg is None or (output.name == 'points' and self.job.no_points):
                     continue
-                writer.write_msg(self.outputs[key], log_time, msg, OUTPUT_TYPES[key])
-            if exporter is not None:
-                exporter.write(index, log_time, result)
+                self.writer.write_msg(self.outputs[output.name], log_time, msg,
+                                      output.msgtype)
+            if self.exporter is not None:
+                self.exporter.write(index, log_time, result)
+
+
+def _count(table, key):
+    table[key] = table.get(key, 0) + 1
 
 
 def _header_of(frame):
@@ -815,6 +646,7 @@ def build_parser():
 
     :return: argparse.ArgumentParser
     """
+    defaults = {f.name: f.default for f in fields(BagJob) if f.default is not MISSING}
     parser = argparse.ArgumentParser(
         prog='process_bag', description='Run Marigold depth on every image frame of a bag '
         '(rosbag2 sqlite3 / mcap or ROS 1) and write the node outputs to a new rosbag2.')
@@ -837,20 +669,23 @@ def build_parser():
     parser.add_argument('--no-points', action='store_true', help='do not write point clouds')
     parser.add_argument('--export', metavar='DIR', help='also write per-frame 16-bit PNG '
                         'depth (mm when metric), colour previews and PLY clouds to DIR')
-    parser.add_argument('--storage', choices=sorted(STORAGES), default='mcap',
-                        help='output storage format (default mcap)')
+    parser.add_argument('--storage', choices=sorted(STORAGES),
+                        help=f'output storage format (default {defaults["storage"]})')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace an existing output bag / export folder')
-    parser.add_argument('--batch', type=int, default=0, help='frames per estimator call '
+    parser.add_argument('--batch', type=int, help='frames per estimator call '
                         '(default: the inference batch_size)')
     parser.add_argument('--output-namespace', help='namespace of the output topics (default: '
                         'that of the image topic)')
-    parser.add_argument('--lookahead', type=float, default=1.0, metavar='SECONDS',
+    parser.add_argument('--lookahead', type=float, dest='lookahead_s', metavar='SECONDS',
                         help='recording read past a frame before it is processed, so late '
-                        'camera info / sparse depth still match (default 1.0)')
+                        'camera info / sparse depth still match (default '
+                        f'{defaults["lookahead_s"]})')
     parser.add_argument('--strict', action='store_true',
                         help='stop without output when a frame cannot be processed')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
+    # Every default comes from BagJob (the options and the fields have the same names).
+    parser.set_defaults(**defaults)
     return parser
 
 
@@ -861,14 +696,7 @@ def job_from_args(args):
     :param args: argparse.Namespace from :func:`build_parser`
     :return: BagJob
     """
-    return BagJob(input=args.input, output=args.output, image_topic=args.image_topic,
-                  camera_info_topic=args.camera_info_topic,
-                  sparse_depth_topic=args.sparse_depth_topic, points_topic=args.points_topic,
-                  params=args.params, model=args.model, copy_inputs=args.copy_inputs,
-                  no_points=args.no_points, export=args.export, storage=args.storage,
-                  overwrite=args.overwrite, batch=args.batch,
-                  output_namespace=args.output_namespace, lookahead_s=args.lookahead,
-                  strict=args.strict, quiet=args.quiet)
+    return BagJob(**{f.name: getattr(args, f.name) for f in fields(BagJob)})
 
 
 @contextlib.contextmanager

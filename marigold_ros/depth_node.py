@@ -19,7 +19,6 @@ Two executables: ``depth_node`` (:func:`main`, :class:`DepthNode`) and
 loads the model, activate starts the subscriptions and publishing).
 """
 
-from dataclasses import dataclass, replace
 import math
 import signal
 import sys
@@ -28,10 +27,7 @@ import time
 import traceback
 
 from diagnostic_msgs.msg import DiagnosticArray
-from marigold_model.config import DTYPES, EstimatorConfig, InferenceConfig, ModelConfig
-from marigold_model.config import VAE_CHOICES, validate_inference_config
-from marigold_model.config import validate_model_config
-from marigold_model.scale_tracking import ScaleTrackerConfig
+from marigold_model.config import InferenceConfig
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
@@ -45,204 +41,19 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import CameraInfo
 from sensor_msgs.msg import CompressedImage
 from sensor_msgs.msg import Image
-from sensor_msgs.msg import PointCloud2
 
 from .diagnostics import DiagnosticsCollector, KeyedThrottle, MODEL_ERROR, MODEL_LOADING
 from .diagnostics import MODEL_READY, MODEL_UNCONFIGURED
 from .heap import keep_large_buffers_in_heap
-from .params import ConfigGroup, declare_groups, yaml_document
-from .pipeline import DepthPipeline, FrameError, FrameInput, OUTPUT_NAMES, OutputConfig
-from .stamp_matcher import stamp_to_ns, StampMatcher
-
-try:  # scale recovery is optional: without it the node is relative unless fixed_scale is set
-    from . import scale_recovery
-except ImportError:  # pragma: no cover - the module ships with the package
-    scale_recovery = None
-
-NODE_NAME = 'marigold_depth'
-TRANSPORTS = ('raw', 'compressed')
-RELIABILITIES = ('best_effort', 'reliable')
+from .node_params import CAMERA_INFO_TOPIC, COMPRESSED_IMAGE_TOPIC, estimator_config
+from .node_params import IMAGE_TOPIC, join_topic, NODE_NAME, OUTPUT_NAMES, OUTPUT_TOPICS
+from .node_params import OutputConfig, parameter_groups
+from .params import declare_groups
+from .pipeline import DepthPipeline, FrameError, FrameInput
+from .stamp_matcher import CameraInfoMatcher, NS_PER_S, stamp_to_ns
 
 # camera_info messages kept per camera for stamp matching (3 s at 10 Hz).
 _CAMERA_INFO_QUEUE = 30
-_NS_PER_S = 1e9
-
-_YAML_HEADER = """\
-Parameters of the marigold_depth node (ros2 launch marigold_ros depth.launch.py).
-Every parameter is listed with its default (test/test_params.py keeps this file in sync with
-the config dataclasses; regenerate with marigold_ros.depth_node.default_params_yaml()).
-Float parameters accept integers.  '/**' applies the file to the node whatever its name
-and namespace.  Read-only parameters need a restart of the node; the others can be
-changed at runtime, e.g.
-  ros2 param set /marigold_depth ensemble_size 3"""
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    """
-    Settings of the node itself (read-only at runtime: they shape the subscriptions).
-
-    :param cameras: camera namespaces served by this node, relative to the node namespace
-        ('' = the node namespace itself); each gets <ns>/image (or <ns>/image/compressed),
-        <ns>/camera_info and <ns>/depth/* topics, and all cameras share one model call
-    :param image_transport: 'raw' subscribes sensor_msgs/Image on image, 'compressed'
-        sensor_msgs/CompressedImage (jpeg or png) on image/compressed
-    :param input_reliability: QoS reliability of the image and camera_info subscriptions:
-        'best_effort' receives from every publisher (camera drivers publish best effort);
-        'reliable' only from reliable publishers, but avoids the loss of large images
-        (above about 0.5 MB) across processes on Fast DDS
-    :param input_depth: QoS history depth of the input subscriptions (the node keeps only
-        the newest image per camera anyway)
-    :param output_depth: QoS history depth of the outputs (which are reliable)
-    :param camera_info_tolerance: largest gap in seconds between the camera_info stamp and
-        the image stamp for a match
-    :param camera_info_use_latest: when no camera_info matches by stamp, use the newest one
-        whatever its stamp, without waiting (for static camera_info publishers)
-    :param camera_info_wait: seconds the worker waits for a camera_info that has not
-        arrived yet (drivers often publish it just after the image); not with
-        camera_info_use_latest
-    :param diagnostics_period: seconds between two /diagnostics messages
-    :param error_log_period: at most one log line per camera and problem per this many
-        seconds (every occurrence is still counted in diagnostics)
-    :param shutdown_timeout: seconds to wait at shutdown for a model call in progress
-    :param lazy_outputs: build and publish only the outputs that have subscribers, as
-        image_pipeline's nodes do (the cloud is most of the node's own work per frame);
-        false builds every output every frame
-    :param keep_buffers_in_heap: raise glibc's malloc mmap and trim thresholds at start so
-        that multi-megabyte images and clouds reuse heap memory instead of fresh pages
-        (serializing a 640x480 depth image: 2.4 ms -> 0.2 ms); process-wide, so freed memory
-        stays in the process
-    :param warmup: run the model once on a blank 640x480 frame after loading, before
-        reporting ready, so that the first camera frame does not pay for one-time
-        initialisation (CUDA context, cuDNN autotuning, torch.compile, CPU kernels)
-    """
-
-    cameras: tuple = ('',)
-    image_transport: str = 'raw'
-    input_reliability: str = 'best_effort'
-    input_depth: int = 2
-    output_depth: int = 5
-    camera_info_tolerance: float = 0.01
-    camera_info_use_latest: bool = False
-    camera_info_wait: float = 0.05
-    diagnostics_period: float = 1.0
-    error_log_period: float = 5.0
-    shutdown_timeout: float = 60.0
-    lazy_outputs: bool = True
-    keep_buffers_in_heap: bool = True
-    warmup: bool = True
-
-    def __post_init__(self):
-        """
-        Normalise the camera namespaces and validate the settings.
-
-        :raises ValueError: a setting is not allowed, naming it
-        """
-        cameras = tuple(str(c).strip().strip('/') for c in self.cameras)
-        if not cameras:
-            raise ValueError("cameras must name at least one namespace ('' = the node's)")
-        if len(set(cameras)) != len(cameras):
-            raise ValueError(f'cameras has duplicate namespaces: {list(self.cameras)}')
-        object.__setattr__(self, 'cameras', cameras)
-        if self.image_transport not in TRANSPORTS:
-            raise ValueError(f'image_transport must be one of {TRANSPORTS}, got '
-                             f'{self.image_transport!r}')
-        if self.input_reliability not in RELIABILITIES:
-            raise ValueError(f'input_reliability must be one of {RELIABILITIES}, got '
-                             f'{self.input_reliability!r}')
-        if self.input_depth < 1 or self.output_depth < 1:
-            raise ValueError('input_depth and output_depth must be >= 1')
-        for name in ('camera_info_tolerance', 'camera_info_wait', 'error_log_period',
-                     'shutdown_timeout'):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
-        if not self.diagnostics_period > 0:
-            raise ValueError(f'diagnostics_period must be > 0, got {self.diagnostics_period}')
-
-
-# Descriptions for fields whose comments in marigold_model.config are shared or missing.
-_MODEL_DESCRIPTIONS = {
-    'device': "torch device: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or "
-              "'cuda:N'",
-    'dtype': "weights and activations: 'auto' is float16 on CUDA and float32 on CPU",
-    'channels_last': 'channels-last memory layout on CUDA (faster convolutions); ignored '
-                     'on CPU',
-    'compile': 'torch.compile the U-Net on CUDA (slow first frames, faster afterwards); '
-               'ignored on CPU',
-    'cuda_graphs': 'record CUDA graphs per input size (helps at small resolutions); '
-                   'ignored on CPU',
-    'tiny_vae': "TAESD weights used when vae is 'tiny' (HF id from the local cache, or a "
-                'local folder)',
-}
-_INFERENCE_DESCRIPTIONS = {
-    'denoising_steps': "DDIM steps per prediction; 0 = the model's default (from "
-                       'model_index.json)',
-    'ensemble_size': 'predictions per frame, combined by affine-aligned median; > 1 also '
-                     'publishes depth/uncertainty; the cost grows linearly',
-    'seed': 'seed of the initial noise (the same for every frame: reproducible output)',
-    'ensemble_regularizer': 'ensembling: weight of the regulariser pulling the result to '
-                            '[0, 1]',
-    'ensemble_max_iter': 'ensembling: BFGS iterations of the affine alignment',
-    'ensemble_tol': 'ensembling: convergence tolerance of the affine alignment',
-    'ensemble_max_res': 'ensembling: resolution the affine alignment is solved at',
-}
-_INFERENCE_RANGES = {
-    'denoising_steps': (0, 1000), 'ensemble_size': (1, 64),
-    'processing_resolution': (-1, 8192), 'seed': (0, 2 ** 32 - 1), 'batch_size': (1, 256),
-    'warm_start_strength': (0.0, 1.0), 'ensemble_regularizer': (0.0, 1000.0),
-    'ensemble_max_iter': (1, 1000), 'ensemble_tol': (0.0, 1.0),
-    'ensemble_max_res': (16, 16384),
-}
-_OUTPUT_RANGES = {
-    'fixed_scale': (0.0, 1.0e6), 'fixed_shift': (-1.0e6, 1.0e6), 'max_depth': (0.0, 1.0e6),
-    'max_input_pixels': (1, 2 ** 31 - 1),
-}
-_NODE_RANGES = {
-    'input_depth': (1, 1000), 'output_depth': (1, 1000),
-    'camera_info_tolerance': (0.0, 3600.0), 'camera_info_wait': (0.0, 10.0),
-    'diagnostics_period': (0.01, 3600.0), 'error_log_period': (0.0, 3600.0),
-    'shutdown_timeout': (0.0, 3600.0),
-}
-
-
-def parameter_groups():
-    """
-    Return the parameter groups of the node, in declaration order.
-
-    ModelConfig (read-only: a change needs a reload), InferenceConfig (runtime), OutputConfig
-    (runtime except max_input_pixels, which also limits the model), NodeConfig (read-only)
-    and, when marigold_ros.scale_recovery is importable, its ScaleRecoveryConfig under the
-    'scale_recovery.' prefix (read-only: it shapes subscriptions).
-
-    :return: list of ConfigGroup
-    """
-    groups = [
-        ConfigGroup(ModelConfig, read_only=True, exclude=('max_input_pixels',),
-                    choices={'dtype': DTYPES, 'vae': VAE_CHOICES},
-                    validate=validate_model_config, descriptions=_MODEL_DESCRIPTIONS),
-        ConfigGroup(InferenceConfig, ranges=_INFERENCE_RANGES,
-                    validate=validate_inference_config, descriptions=_INFERENCE_DESCRIPTIONS),
-        ConfigGroup(OutputConfig, ranges=_OUTPUT_RANGES,
-                    read_only_fields=('max_input_pixels',)),
-        ConfigGroup(NodeConfig, read_only=True, ranges=_NODE_RANGES,
-                    choices={'image_transport': TRANSPORTS,
-                             'input_reliability': RELIABILITIES}),
-    ]
-    if scale_recovery is not None:
-        groups.append(ConfigGroup(scale_recovery.ScaleRecoveryConfig,
-                                  prefix='scale_recovery.', read_only=True,
-                                  choices={'source': scale_recovery.SOURCES},
-                                  doc_sources=(ScaleTrackerConfig,)))
-    return groups
-
-
-def default_params_yaml():
-    """
-    Render config/depth.yaml: every parameter of the node with its default and description.
-
-    :return: YAML text
-    """
-    return yaml_document(parameter_groups(), '/**', _YAML_HEADER)
 
 
 def warmup_frame(max_pixels):
@@ -257,17 +68,6 @@ def warmup_frame(max_pixels):
         factor = math.sqrt(max_pixels / (height * width))
         height, width = max(1, int(height * factor)), max(1, int(width * factor))
     return np.full((height, width, 3), 128, np.uint8)
-
-
-def camera_topic(camera, name):
-    """
-    Join a camera namespace and a relative topic name.
-
-    :param camera: camera namespace ('' = the node namespace)
-    :param name: topic name relative to the camera, e.g. 'depth/points'
-    :return: relative topic name
-    """
-    return f'{camera}/{name}' if camera else name
 
 
 def default_estimator_factory(config):
@@ -308,7 +108,9 @@ class _DepthCore:
         for camera in self._cameras:
             self._diag.add_stream(camera)
         self._throttle = KeyedThrottle(cfg.error_log_period)
-        self._matchers = {camera: StampMatcher(cfg.camera_info_tolerance, _CAMERA_INFO_QUEUE)
+        self._matchers = {camera: CameraInfoMatcher(cfg.camera_info_tolerance,
+                                                    _CAMERA_INFO_QUEUE,
+                                                    cfg.camera_info_use_latest)
                           for camera in self._cameras}
         self._slots = {}
         self._slot_lock = threading.Lock()
@@ -326,8 +128,9 @@ class _DepthCore:
         self._image_topics = {}
         self._closed = False
         self._scale_source = None
-        if scale_recovery is not None and self._scale_config is not None:
-            self._scale_source = scale_recovery.ScaleRecovery(self._scale_config)
+        if self._scale_config is not None:  # only there when scale_recovery imports
+            from .scale_recovery import ScaleRecovery
+            self._scale_source = ScaleRecovery(self._scale_config)
         self.add_on_set_parameters_callback(self._check_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
         self._diag_publisher = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
@@ -374,17 +177,13 @@ class _DepthCore:
 
     # ------------------------------------------------------------------ model
 
-    def _estimator_config(self):
-        model = replace(self._model_config, max_input_pixels=self._output.max_input_pixels)
-        return EstimatorConfig(model, self._inference)
-
     def _load_model(self):
         """
         Load the estimator and build the pipeline; report failure without raising.
 
         :return: True on success
         """
-        config = self._estimator_config()
+        config = estimator_config(self._model_config, self._inference, self._output)
         name = config.model.model
         self._diag.set_model_state(MODEL_LOADING, model=name, device=config.model.device,
                                    dtype=config.model.dtype)
@@ -491,13 +290,8 @@ class _DepthCore:
                          reliability=ReliabilityPolicy.RELIABLE)
         for camera in self._cameras:
             self._outputs[camera] = {
-                'relative': create(Image, camera_topic(camera, 'depth/relative'), qos),
-                'metric': create(Image, camera_topic(camera, 'depth/image'), qos),
-                'uncertainty': create(Image, camera_topic(camera, 'depth/uncertainty'), qos),
-                'camera_info': create(CameraInfo, camera_topic(camera, 'depth/camera_info'),
-                                      qos),
-                'points': create(PointCloud2, camera_topic(camera, 'depth/points'), qos),
-            }
+                output.name: create(output.msg_class, join_topic(camera, output.topic), qos)
+                for output in OUTPUT_TOPICS}
 
     def _destroy_outputs(self, destroy):
         outputs, self._outputs = self._outputs, {}
@@ -516,13 +310,13 @@ class _DepthCore:
             # serves ready subscriptions in creation order, so a camera_info that arrived with
             # its image is stored before the worker looks for it (no wait for a match).
             self._inputs.append(self.create_subscription(
-                CameraInfo, camera_topic(camera, 'camera_info'),
+                CameraInfo, join_topic(camera, CAMERA_INFO_TOPIC),
                 lambda msg, camera=camera: self._matchers[camera].add_msg(msg), info_qos))
             if self._scale_source is not None:
                 self._scale_source.attach(self, camera, info_qos)
             events = SubscriptionEventCallbacks(
                 incompatible_qos=lambda event, camera=camera: self._incompatible_qos(camera))
-            topic = camera_topic(camera, 'image/compressed' if compressed else 'image')
+            topic = join_topic(camera, COMPRESSED_IMAGE_TOPIC if compressed else IMAGE_TOPIC)
             subscription = self.create_subscription(
                 CompressedImage if compressed else Image, topic,
                 lambda msg, camera=camera: self._on_image(camera, msg), image_qos,
@@ -632,8 +426,8 @@ class _DepthCore:
                 self._report(frame.key, reason, message)
             received = batch[frame.key][1]
             result.timings.update(
-                transport=(received - stamp_to_ns(result.header.stamp)) / _NS_PER_S,
-                queue=(started - received) / _NS_PER_S)
+                transport=(received - stamp_to_ns(result.header.stamp)) / NS_PER_S,
+                queue=(started - received) / NS_PER_S)
             self._publish(result)
 
     def _wanted_outputs(self, camera):
@@ -646,21 +440,15 @@ class _DepthCore:
 
     def _camera_info_for(self, camera, msg):
         """Find the camera_info of an image by stamp, waiting briefly if it may follow."""
-        cfg = self._node_config
+        wait = self._node_config.camera_info_wait
         matcher = self._matchers[camera]
         stamp = stamp_to_ns(msg.header.stamp)
         info = matcher.match(stamp)
-        latest = matcher.latest()
-        # With use_latest the newest camera_info will do, so there is no waiting for one
-        # that matches (a static publisher's never would: 50 ms lost on every frame).
-        if info is None and latest is not None and cfg.camera_info_wait > 0 and \
-                not cfg.camera_info_use_latest and stamp_to_ns(latest.header.stamp) < stamp:
-            deadline = time.monotonic() + cfg.camera_info_wait
+        if info is None and wait > 0 and matcher.may_follow(stamp):
+            deadline = time.monotonic() + wait
             while info is None and time.monotonic() < deadline and not self._stop.is_set():
                 self._stop.wait(0.002)
                 info = matcher.match(stamp)
-        if info is None and cfg.camera_info_use_latest:
-            info = matcher.latest()
         return info
 
     def _publish(self, output):
@@ -679,7 +467,7 @@ class _DepthCore:
             raise
         output.timings['publish'] = time.perf_counter() - clock
         latency = (self.get_clock().now().nanoseconds - stamp_to_ns(output.header.stamp)) \
-            / _NS_PER_S
+            / NS_PER_S
         self._diag.frame_published(output.key, latency,
                                    output.timings.get('estimator', math.nan), output.notes,
                                    output.scale, stages=output.timings)
@@ -689,11 +477,10 @@ class _DepthCore:
     def _report(self, camera, reason, message):
         """Count a problem in diagnostics and log it, at most once per period per reason."""
         self._diag.bad_message(camera, reason)
-        allowed, suppressed = self._throttle.allow((camera, reason))
-        if allowed and not self._stop.is_set():
-            where = self._image_topics.get(camera, camera or 'node')
-            more = f' ({suppressed} more since the last report)' if suppressed else ''
-            self.get_logger().error(f'{where}: {reason}: {message}{more}')
+        where = self._image_topics.get(camera, camera or 'node')
+        line = self._throttle.report((camera, reason), f'{where}: {reason}: {message}')
+        if line is not None and not self._stop.is_set():
+            self.get_logger().error(line)
 
     def _publish_diagnostics(self):
         msg = self._diag.to_msg(self.get_clock().now().to_msg(),

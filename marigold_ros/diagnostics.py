@@ -152,6 +152,21 @@ class KeyedThrottle:
             self._last[key] = now
             return True, self._suppressed.pop(key, 0)
 
+    def report(self, key, text, now=None):
+        """
+        Return the line to log for an event, or None while its key is throttled.
+
+        :param key: hashable key (e.g. (camera, reason))
+        :param text: the report
+        :param now: monotonic time (default: time.monotonic())
+        :return: ``text``, with the count of events suppressed since the last report, or
+            None
+        """
+        allowed, suppressed = self.allow(key, now)
+        if not allowed:
+            return None
+        return f'{text} ({suppressed} more since the last report)' if suppressed else text
+
 
 #: Where the stamp-to-publish latency of a frame goes, in order (seconds each): the image
 #: reaching the node, waiting for the worker, decoding, the estimator call, building the

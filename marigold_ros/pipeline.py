@@ -2,11 +2,20 @@
 The depth path for a batch of frames: image messages in, depth and cloud messages out.
 
 Shared by the live node (newest frame per camera, on a worker thread) and the bag processor
-(every frame, batched), so the path exists once::
+(every frame, batched), so the path exists once, as three stages in the order a frame
+meets them::
 
-    Image / CompressedImage -> RGB (conversions) -> DepthEstimator (one call per batch)
-    -> relative depth -> camera model scaled to the depth resolution (geometry)
-    -> metric scale (fixed by the user, or from a scale source) -> messages
+    decode   Image / CompressedImage -> RGB (conversions)            FrameInput.rgb
+    infer    ONE DepthEstimator call for the batch -> relative depth  FrameInput.depth
+             (+ uncertainty)
+    finish   camera model scaled to the depth resolution (geometry), metric scale (fixed by
+             the user, or from a scale source) -> messages            FrameOutput
+
+Each stage takes the batch's FrameInput objects, which carry a frame's state from one stage
+to the next (a frame that fails keeps its FrameError in ``error`` and skips the later
+stages), so a caller may run the stages on different threads: the bag processor decodes and
+infers batch k+1 on its model thread while it finishes batch k.  :meth:`DepthPipeline.process`
+runs the three in a row (the live node).
 
 A relative depth is never published as meters: ``metric``, ``points`` and uncertainty in
 meters exist only when a metric scale is known.  Every output reuses the input header
@@ -18,10 +27,8 @@ comes back.
 
 import array
 from dataclasses import dataclass, field
-import math
 import time
 
-from marigold_model.config import ModelConfig
 from marigold_model.estimator import EstimatorOutOfMemory
 from marigold_model.scale_tracking import ScaleEstimate, STATUS_OK
 import numpy as np
@@ -30,6 +37,7 @@ from PIL import Image as PILImage
 from .conversions import compressed_to_rgb, depth_to_image, image_to_rgb, ImageConversionError
 from .conversions import organized_cloud_msg
 from .geometry import CalibrationError, CameraModel, pixel_rays, scale_camera
+from .node_params import OUTPUT_NAMES, OutputConfig
 from .stamp_matcher import stamp_to_ns
 
 #: Notes saying why an output is missing (diagnostics keys).
@@ -41,72 +49,25 @@ NOTE_NO_METRIC_SCALE = 'no_metric_scale'
 REASON_FIXED_SCALE = 'fixed'
 
 
-@dataclass(frozen=True)
-class OutputConfig:
-    """
-    Node settings that shape the outputs (each one is a ROS parameter of the node).
-
-    :param publish_points: publish the organized point cloud (needs camera info and a
-        metric scale)
-    :param publish_uncertainty: publish the ensemble spread (only exists with ensemble > 1)
-    :param fixed_scale: > 0: the user knows the metric scale of the scene and metric depth is
-        fixed_scale * relative + fixed_shift (meters); 0: the scale comes from scale recovery,
-        or the node stays relative
-    :param fixed_shift: metric offset in meters used with fixed_scale
-    :param max_depth: metric depths beyond this many meters become NaN (no reading) in the
-        depth image and the cloud; 0 means no limit
-    :param max_input_pixels: refuse images with more pixels (width * height) than this before
-        decoding them
-    :param rectified_input: the images are rectified (image_rect): the camera is the
-        camera_info's P with no distortion, as depth_image_proc assumes; false: raw images,
-        whose rays are undistorted with K and D
-    """
-
-    publish_points: bool = True
-    publish_uncertainty: bool = True
-    fixed_scale: float = 0.0
-    fixed_shift: float = 0.0
-    max_depth: float = 0.0
-    max_input_pixels: int = ModelConfig.max_input_pixels
-    rectified_input: bool = False
-
-    def __post_init__(self):
-        """
-        Validate the settings.
-
-        :raises ValueError: a setting is out of range, naming it
-        """
-        if not (math.isfinite(self.fixed_scale) and self.fixed_scale >= 0):
-            raise ValueError(f'fixed_scale must be finite and >= 0 (0 = not fixed), got '
-                             f'{self.fixed_scale}')
-        if not math.isfinite(self.fixed_shift):
-            raise ValueError(f'fixed_shift must be finite, got {self.fixed_shift}')
-        if not (math.isfinite(self.max_depth) and self.max_depth >= 0):
-            raise ValueError(f'max_depth must be finite and >= 0 (0 = no limit), got '
-                             f'{self.max_depth}')
-        if self.max_input_pixels <= 0:
-            raise ValueError(f'max_input_pixels must be > 0, got {self.max_input_pixels}')
-
-
-#: The messages a frame can produce, in publishing order (FrameOutput attributes).
-OUTPUT_NAMES = ('relative', 'metric', 'uncertainty', 'camera_info', 'points')
-
-
 @dataclass
 class FrameInput:
     """
-    One frame to process.
+    One frame on its way through the stages.
+
+    The caller sets the first four fields; the stages fill the others.
 
     :param image: sensor_msgs/Image or CompressedImage (rclpy or rosbags message)
-    :param camera_info: sensor_msgs/CameraInfo matched to the image, or None
+    :param camera_info: sensor_msgs/CameraInfo matched to the image, or None (needed by
+        :meth:`DepthPipeline.finish` only, so a caller may match it after inference)
     :param key: camera namespace / stream id (warm start and scale state are kept per key)
     :param outputs: names of the FrameOutput messages to build (a subset of
         :data:`OUTPUT_NAMES`), or None for all.  The live node passes the topics that have
         subscribers, as image_pipeline's nodes do; the scale is estimated either way, so
         its tracking never misses a frame.
-    :param rgb: the image already decoded by :meth:`DepthPipeline.decode` (HxWx3 uint8), so
-        that a caller which decoded it ahead (the bag processor) does not pay twice; None:
-        decoded by :meth:`DepthPipeline.process`
+    :param rgb: the decoded image (HxWx3 uint8), set by :meth:`DepthPipeline.decode`
+    :param depth: the estimator's DepthResult, set by :meth:`DepthPipeline.infer`
+    :param error: the FrameError that stopped the frame, or None
+    :param timings: seconds per stage so far ('decode', 'estimator': the batch's call)
     """
 
     image: object
@@ -114,6 +75,9 @@ class FrameInput:
     key: str = ''
     outputs: frozenset = None
     rgb: object = None
+    depth: object = None
+    error: object = None
+    timings: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -175,6 +139,34 @@ def is_compressed(msg):
     :return: True for a CompressedImage
     """
     return hasattr(msg, 'format') and not hasattr(msg, 'encoding')
+
+
+def _decode_image(frame, max_pixels):
+    """
+    Check the header of a frame and convert its image to RGB.
+
+    :param frame: FrameInput
+    :param max_pixels: pixel limit
+    :return: HxWx3 uint8 RGB
+    :raises FrameError: the reason the frame cannot be used
+    """
+    msg = frame.image
+    header = msg.header
+    if not str(header.frame_id).strip():
+        raise FrameError(
+            'empty_frame_id', 'image header has an empty frame_id: depth and clouds '
+            'could not be placed in TF; set the camera optical frame (REP 103/105) in '
+            'the driver', frame.key)
+    if stamp_to_ns(header.stamp) == 0:
+        raise FrameError(
+            'zero_stamp', 'image header stamp is zero: camera_info matching and latency '
+            'need the capture time; set the stamp in the driver', frame.key)
+    try:
+        if is_compressed(msg):
+            return compressed_to_rgb(msg, max_pixels)
+        return image_to_rgb(msg, max_pixels)
+    except ImageConversionError as error:
+        raise FrameError(error.reason, str(error), frame.key) from error
 
 
 def fixed_scale_estimate(scale, shift):
@@ -272,10 +264,12 @@ def organized_cloud(depth, camera, rgb, header):
 
 class DepthPipeline:
     """
-    Process batches of frames: decode, one estimator call, then outputs per frame.
+    The depth path as stages: :meth:`decode`, :meth:`infer`, :meth:`finish`.
 
-    Thread-safety: one thread calls :meth:`process` at a time; ``output_config`` and
-    ``scale_source`` may be replaced from another thread (each call reads them once).
+    Thread-safety: each stage may run on its own thread, one call at a time per stage, the
+    batches in the same order through every stage (the estimator's warm start and the
+    scale tracking follow that order).  ``output_config`` and ``scale_source`` may be
+    replaced from another thread (each stage call reads them once).
 
     :param estimator: marigold_model DepthEstimator (or anything with its ``estimate``)
     :param output_config: OutputConfig
@@ -292,44 +286,9 @@ class DepthPipeline:
         self.output_config = output_config
         self.scale_source = scale_source
 
-    # ------------------------------------------------------------------ decoding
-
-    def decode(self, frame, max_pixels=None):
-        """
-        Check the header and convert the image of one frame to RGB.
-
-        :param frame: FrameInput
-        :param max_pixels: pixel limit (default: output_config.max_input_pixels)
-        :return: HxWx3 uint8 RGB
-        :raises FrameError: reasons of ImageConversionError ('empty', 'truncated',
-            'bad_step', 'unknown_encoding', 'corrupt_compressed', 'too_large', ...) or
-            'empty_frame_id' / 'zero_stamp'
-        """
-        if max_pixels is None:
-            max_pixels = self.output_config.max_input_pixels
-        msg = frame.image
-        header = msg.header
-        if not str(header.frame_id).strip():
-            raise FrameError(
-                'empty_frame_id', 'image header has an empty frame_id: depth and clouds '
-                'could not be placed in TF; set the camera optical frame (REP 103/105) in '
-                'the driver', frame.key)
-        if stamp_to_ns(header.stamp) == 0:
-            raise FrameError(
-                'zero_stamp', 'image header stamp is zero: camera_info matching and latency '
-                'need the capture time; set the stamp in the driver', frame.key)
-        try:
-            if is_compressed(msg):
-                return compressed_to_rgb(msg, max_pixels)
-            return image_to_rgb(msg, max_pixels)
-        except ImageConversionError as error:
-            raise FrameError(error.reason, str(error), frame.key) from error
-
-    # ------------------------------------------------------------------ the batch
-
     def process(self, frames):
         """
-        Process a batch of frames with one estimator call.
+        Run the three stages on a batch, one estimator call for all of its frames.
 
         Bad frames become FrameError entries and the others go on; the result list has
         one entry per input frame, in order.
@@ -339,45 +298,90 @@ class DepthPipeline:
         :raises Exception: only unexpected estimator failures (bugs); out-of-memory and
             rejected frames become FrameError
         """
-        config = self.output_config
-        results = [None] * len(frames)
-        rgbs, positions, decode_times = [], [], []
-        for index, frame in enumerate(frames):
+        self.infer(self.decode(frames))
+        return self.finish(frames)
+
+    # ------------------------------------------------------------------ 1. decode
+
+    def decode(self, frames):
+        """
+        Check each frame's header and convert its image to RGB (``FrameInput.rgb``).
+
+        A frame that cannot be decoded gets its FrameError in ``error``: reasons of
+        ImageConversionError ('empty', 'truncated', 'bad_step', 'unknown_encoding',
+        'corrupt_compressed', 'too_large', ...) or 'empty_frame_id' / 'zero_stamp'.
+
+        :param frames: list of FrameInput
+        :return: the same list
+        """
+        max_pixels = self.output_config.max_input_pixels
+        for frame in frames:
+            if frame.error is not None or frame.rgb is not None:
+                continue
             clock = time.perf_counter()
-            rgb = frame.rgb
-            if rgb is None:
-                try:
-                    rgb = self.decode(frame, config.max_input_pixels)
-                except FrameError as error:
-                    results[index] = error
-                    continue
-            rgbs.append(rgb)
-            positions.append(index)
-            decode_times.append(time.perf_counter() - clock)
-        if not rgbs:
-            return results
+            try:
+                frame.rgb = _decode_image(frame, max_pixels)
+            except FrameError as error:
+                frame.error = error
+                continue
+            frame.timings['decode'] = time.perf_counter() - clock
+        return frames
+
+    # ------------------------------------------------------------------ 2. infer
+
+    def infer(self, frames):
+        """
+        Run the model once on the decoded frames of a batch (``FrameInput.depth``).
+
+        Frames with an error are left out.  When the estimator runs out of memory or
+        rejects the batch, every frame of the call gets that FrameError.
+
+        :param frames: list of FrameInput, decoded
+        :return: seconds spent in the estimator call (0.0 without a call)
+        :raises Exception: only unexpected estimator failures (bugs)
+        """
+        good = [frame for frame in frames if frame.error is None]
+        if not good:
+            return 0.0
         clock = time.perf_counter()
         try:
-            estimates = self.estimator.estimate(
-                rgbs, keys=[frames[i].key for i in positions])
+            estimates = self.estimator.estimate([frame.rgb for frame in good],
+                                                keys=[frame.key for frame in good])
         except EstimatorOutOfMemory as error:
-            return self._fail(results, frames, positions, 'out_of_memory', str(error))
+            reason, message = 'out_of_memory', str(error)
         except ValueError as error:
-            return self._fail(results, frames, positions, 'estimator_rejected', str(error))
-        call_time = time.perf_counter() - clock
-        for rgb, index, estimate, decode_time in zip(rgbs, positions, estimates,
-                                                     decode_times):
-            clock = time.perf_counter()
-            output = self._outputs(frames[index], rgb, estimate, config)
-            output.timings.update(decode=decode_time, estimator=call_time,
-                                  outputs=time.perf_counter() - clock)
-            results[index] = output
-        return results
+            reason, message = 'estimator_rejected', str(error)
+        else:
+            seconds = time.perf_counter() - clock
+            for frame, estimate in zip(good, estimates):
+                frame.depth = estimate
+                frame.timings['estimator'] = seconds
+            return seconds
+        for frame in good:
+            frame.error = FrameError(reason, message, frame.key)
+        return time.perf_counter() - clock
 
-    @staticmethod
-    def _fail(results, frames, positions, reason, message):
-        for index in positions:
-            results[index] = FrameError(reason, message, frames[index].key)
+    # ------------------------------------------------------------------ 3. finish
+
+    def finish(self, frames):
+        """
+        Scale the depth of each frame and build its messages.
+
+        :param frames: list of FrameInput through :meth:`infer` (``camera_info`` set)
+        :return: list of FrameOutput, or the frame's FrameError, one per frame in order
+        """
+        config = self.output_config
+        results = []
+        for frame in frames:
+            if frame.error is not None:
+                results.append(frame.error)
+                continue
+            clock = time.perf_counter()
+            output = self._outputs(frame, config)
+            output.timings.update(decode=frame.timings.get('decode', 0.0),
+                                  estimator=frame.timings.get('estimator', 0.0),
+                                  outputs=time.perf_counter() - clock)
+            results.append(output)
         return results
 
     def _scale(self, frame, header, depth, camera, config, problems):
@@ -399,7 +403,8 @@ class DepthPipeline:
         from .scale_recovery import apply_scale
         return apply_scale(scale, depth, spread, max_depth)
 
-    def _outputs(self, frame, rgb, estimate, config):
+    def _outputs(self, frame, config):
+        rgb, estimate = frame.rgb, frame.depth
         header = frame.image.header
         wanted = frozenset(OUTPUT_NAMES) if frame.outputs is None else frame.outputs
         depth = np.asarray(estimate.depth, dtype=np.float32)

@@ -1,6 +1,9 @@
 """
 Match a secondary message stream (camera_info, sparse depth) to image stamps.
 
+Also the home of stamp <-> nanosecond conversion and of the camera_info rule that the node
+and the bag processor share (:class:`CameraInfoMatcher`).
+
 A small, bounded, thread-safe store: subscription callbacks call :meth:`StampMatcher.add`
 and the worker thread calls :meth:`StampMatcher.match` with the stamp of the image it
 processes.
@@ -16,7 +19,8 @@ import threading
 
 from builtin_interfaces.msg import Time
 
-_NS_PER_S = 1_000_000_000
+#: Nanoseconds per second: the one time constant of the ROS side.
+NS_PER_S = 1_000_000_000
 
 
 def stamp_to_ns(stamp):
@@ -26,7 +30,7 @@ def stamp_to_ns(stamp):
     :param stamp: builtin_interfaces/Time (or anything with ``sec`` and ``nanosec``).
     :return: ``sec * 1e9 + nanosec`` as an int.
     """
-    return int(stamp.sec) * _NS_PER_S + int(stamp.nanosec)
+    return int(stamp.sec) * NS_PER_S + int(stamp.nanosec)
 
 
 def ns_to_stamp(ns):
@@ -40,7 +44,7 @@ def ns_to_stamp(ns):
     ns = int(ns)
     if ns < 0:
         raise ValueError(f'time must be >= 0 ns, got {ns}')
-    return Time(sec=ns // _NS_PER_S, nanosec=ns % _NS_PER_S)
+    return Time(sec=ns // NS_PER_S, nanosec=ns % NS_PER_S)
 
 
 class StampMatcher:
@@ -65,7 +69,7 @@ class StampMatcher:
         if int(max_queue) < 1:
             raise ValueError(f'max_queue must be >= 1, got {max_queue}')
         self._tolerance_ns = math.inf if math.isinf(tolerance_s) else \
-            int(round(tolerance_s * _NS_PER_S))
+            int(round(tolerance_s * NS_PER_S))
         self._max_queue = int(max_queue)
         # Insertion-ordered dict stamp -> message: O(1) eviction of the earliest received.
         self._items = {}
@@ -75,7 +79,7 @@ class StampMatcher:
     def tolerance_s(self):
         """Return the tolerance in seconds."""
         return self._tolerance_ns if math.isinf(self._tolerance_ns) else \
-            self._tolerance_ns / _NS_PER_S
+            self._tolerance_ns / NS_PER_S
 
     @property
     def max_queue(self):
@@ -148,3 +152,72 @@ class StampMatcher:
         """Return the number of stored messages."""
         with self._lock:
             return len(self._items)
+
+
+#: ``CameraInfoMatcher.match``'s default fallback: the newest camera_info stored now.
+LATEST = object()
+
+
+class CameraInfoMatcher:
+    """
+    Find the camera_info of an image by stamp, with the ``use_latest`` fallback.
+
+    The nearest stamp within the tolerance, else (with ``use_latest``) the newest
+    camera_info whatever its stamp: one rule for the live node and the bag processor.  The
+    bag processor passes the fallback it saw when the image was read, so that a camera_info
+    recorded after the image is never used (the live node could not have used it).
+
+    :param tolerance_s: largest stamp gap of a match, seconds
+    :param max_queue: camera_info messages kept
+    :param use_latest: fall back to the newest camera_info (static camera_info publishers)
+    """
+
+    def __init__(self, tolerance_s, max_queue, use_latest=False):
+        """Create an empty store."""
+        self._matcher = StampMatcher(tolerance_s, max_queue)
+        self.use_latest = bool(use_latest)
+
+    def add_msg(self, msg):
+        """
+        Store a camera_info under its header stamp.
+
+        :param msg: sensor_msgs/CameraInfo
+        """
+        self._matcher.add_msg(msg)
+
+    def fallback(self):
+        """
+        Return what :meth:`match` would fall back to now (None without use_latest).
+
+        :return: CameraInfo or None
+        """
+        return self._matcher.latest() if self.use_latest else None
+
+    def match(self, stamp_ns, fallback=LATEST):
+        """
+        Return the camera_info of an image stamp.
+
+        :param stamp_ns: image stamp, integer nanoseconds
+        :param fallback: with use_latest, used when none matches by stamp (default: the
+            newest one stored now)
+        :return: CameraInfo or None
+        """
+        info = self._matcher.match(stamp_ns)
+        if info is None and self.use_latest:
+            info = self._matcher.latest() if fallback is LATEST else fallback
+        return info
+
+    def may_follow(self, stamp_ns):
+        """
+        Tell whether a camera_info for this stamp may still arrive (worth a short wait).
+
+        Only when camera_info has been seen and is older than the image; never with
+        use_latest: the newest one will do (a static publisher's would never match, and
+        waiting for it would lose the wait on every frame).
+
+        :param stamp_ns: image stamp, integer nanoseconds
+        :return: bool
+        """
+        latest = self._matcher.latest()
+        return not self.use_latest and latest is not None and \
+            stamp_to_ns(latest.header.stamp) < stamp_ns

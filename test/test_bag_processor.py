@@ -21,15 +21,14 @@ from marigold_model.data.synthetic import render_sequence
 from marigold_model.estimator import DepthEstimator, DepthResult
 from marigold_ros.bag_io import BagError, BagMessage, BagReader, serialize_canonical
 from marigold_ros.bag_io import to_rclpy
-from marigold_ros.bag_processor import BagJob, BagProcessor, camera_namespace
-from marigold_ros.bag_processor import configs_from_parameters, format_summary, main, process_bag
+from marigold_ros.bag_processor import BagJob, BagProcessor, format_summary, main, process_bag
+from marigold_ros.bag_topics import camera_namespace
 from marigold_ros.conversions import image_to_depth, pointcloud2_from_depth
 from marigold_ros.conversions import rgb_to_compressed, rgb_to_image
-from marigold_ros.depth_node import NODE_NAME
 from marigold_ros.export import read_ply
 from marigold_ros.geometry import quaternion_to_matrix
+from marigold_ros.node_params import configs_from_parameters, NODE_NAME, OutputConfig
 from marigold_ros.params import read_params_file
-from marigold_ros.pipeline import OutputConfig
 from marigold_ros.scale_recovery import ScaleInputError, ScaleRecoveryConfig
 from marigold_ros.static_tf import matrix_to_quaternion, StaticTransforms
 import numpy as np

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from marigold_ros.depth_node import parameter_groups
+from marigold_ros.node_params import parameter_groups
 from marigold_ros.params import check_unique, ConfigGroup, field_descriptions
 import pytest
 from rcl_interfaces.msg import ParameterType

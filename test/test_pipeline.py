@@ -8,10 +8,10 @@ from marigold_model.scale_tracking import ScaleEstimate
 from marigold_ros.conversions import image_to_depth, pointcloud2_from_depth, pointcloud2_to_xyz
 from marigold_ros.conversions import rgb_to_compressed, rgb_to_image
 from marigold_ros.geometry import CameraModel, Roi, unproject_depth
+from marigold_ros.node_params import OUTPUT_NAMES, OutputConfig
 from marigold_ros.pipeline import DepthPipeline, FrameError, FrameInput
 from marigold_ros.pipeline import NOTE_BAD_CAMERA_INFO, NOTE_NO_CAMERA_INFO
-from marigold_ros.pipeline import NOTE_NO_METRIC_SCALE, organized_cloud, OUTPUT_NAMES
-from marigold_ros.pipeline import OutputConfig
+from marigold_ros.pipeline import NOTE_NO_METRIC_SCALE, organized_cloud
 import numpy as np
 import pytest
 from sensor_msgs.msg import Image

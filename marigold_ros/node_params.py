@@ -1,0 +1,346 @@
+"""
+The parameters of the depth node, in one place: the node and the bag tools both read them.
+
+What lives here: the node name, the settings dataclasses of the node itself (NodeConfig)
+and of its outputs (OutputConfig), how every config group becomes ROS parameters (ranges,
+choices, descriptions, which ones are read-only), the rendering of config/depth.yaml, the
+reading of a params file into configs, the one place where the configs combine into the
+model's EstimatorConfig, and the table of output topics (name, topic relative to the camera
+namespace, message type).  The generic config <-> parameter machinery is
+:mod:`marigold_ros.params`; the live node (depth_node) and the offline tool (bag_processor)
+import this module and never each other.
+"""
+
+from dataclasses import dataclass, replace
+import math
+
+from marigold_model.config import DTYPES, EstimatorConfig, InferenceConfig, ModelConfig
+from marigold_model.config import VAE_CHOICES, validate_inference_config
+from marigold_model.config import validate_model_config
+from marigold_model.scale_tracking import ScaleTrackerConfig
+from sensor_msgs.msg import CameraInfo
+from sensor_msgs.msg import Image
+from sensor_msgs.msg import PointCloud2
+
+from .params import ConfigGroup, configs_from_values, read_params_file, yaml_document
+
+try:  # scale recovery is optional: without it the node is relative unless fixed_scale is set
+    from . import scale_recovery
+except ImportError:  # pragma: no cover - the module ships with the package
+    scale_recovery = None
+
+NODE_NAME = 'marigold_depth'
+TRANSPORTS = ('raw', 'compressed')
+RELIABILITIES = ('best_effort', 'reliable')
+
+_YAML_HEADER = """\
+Parameters of the marigold_depth node (ros2 launch marigold_ros depth.launch.py).
+Every parameter is listed with its default (test/test_params.py keeps this file in sync with
+the config dataclasses; regenerate with marigold_ros.node_params.default_params_yaml()).
+Float parameters accept integers.  '/**' applies the file to the node whatever its name
+and namespace.  Read-only parameters need a restart of the node; the others can be
+changed at runtime, e.g.
+  ros2 param set /marigold_depth ensemble_size 3"""
+
+
+@dataclass(frozen=True)
+class OutputTopic:
+    """
+    One output of the node.
+
+    :param name: the FrameOutput attribute holding the message
+    :param topic: topic name relative to the camera namespace
+    :param msg_class: rclpy message class
+    """
+
+    name: str
+    topic: str
+    msg_class: type
+
+    @property
+    def msgtype(self):
+        """Return the message type name as bags store it, e.g. 'sensor_msgs/msg/Image'."""
+        return f'{self.msg_class.__module__.split(".")[0]}/msg/{self.msg_class.__name__}'
+
+
+#: The outputs per camera, in publishing order: the one table of names, topics and types.
+OUTPUT_TOPICS = (
+    OutputTopic('relative', 'depth/relative', Image),
+    OutputTopic('metric', 'depth/image', Image),
+    OutputTopic('uncertainty', 'depth/uncertainty', Image),
+    OutputTopic('camera_info', 'depth/camera_info', CameraInfo),
+    OutputTopic('points', 'depth/points', PointCloud2),
+)
+
+#: The messages a frame can produce, in publishing order (FrameOutput attributes).
+OUTPUT_NAMES = tuple(output.name for output in OUTPUT_TOPICS)
+
+#: Input topics relative to the camera namespace.
+IMAGE_TOPIC = 'image'
+COMPRESSED_IMAGE_TOPIC = 'image/compressed'
+CAMERA_INFO_TOPIC = 'camera_info'
+
+
+def join_topic(namespace, name):
+    """
+    Put a relative topic name under a namespace.
+
+    :param namespace: '' keeps the name relative (the node namespace); '/' puts it at the
+        root; else e.g. 'left' or '/cam' (a trailing '/' is ignored)
+    :param name: relative topic name, e.g. 'depth/points'
+    :return: topic name
+    """
+    namespace = str(namespace or '')
+    return f'{namespace.rstrip("/")}/{name}' if namespace else name
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """
+    Node settings that shape the outputs (each one is a ROS parameter of the node).
+
+    :param publish_points: publish the organized point cloud (needs camera info and a
+        metric scale)
+    :param publish_uncertainty: publish the ensemble spread (only exists with ensemble > 1)
+    :param fixed_scale: > 0: the user knows the metric scale of the scene and metric depth is
+        fixed_scale * relative + fixed_shift (meters); 0: the scale comes from scale recovery,
+        or the node stays relative
+    :param fixed_shift: metric offset in meters used with fixed_scale
+    :param max_depth: metric depths beyond this many meters become NaN (no reading) in the
+        depth image and the cloud; 0 means no limit
+    :param max_input_pixels: refuse images with more pixels (width * height) than this before
+        decoding them
+    :param rectified_input: the images are rectified (image_rect): the camera is the
+        camera_info's P with no distortion, as depth_image_proc assumes; false: raw images,
+        whose rays are undistorted with K and D
+    """
+
+    publish_points: bool = True
+    publish_uncertainty: bool = True
+    fixed_scale: float = 0.0
+    fixed_shift: float = 0.0
+    max_depth: float = 0.0
+    max_input_pixels: int = ModelConfig.max_input_pixels
+    rectified_input: bool = False
+
+    def __post_init__(self):
+        """
+        Validate the settings.
+
+        :raises ValueError: a setting is out of range, naming it
+        """
+        if not (math.isfinite(self.fixed_scale) and self.fixed_scale >= 0):
+            raise ValueError(f'fixed_scale must be finite and >= 0 (0 = not fixed), got '
+                             f'{self.fixed_scale}')
+        if not math.isfinite(self.fixed_shift):
+            raise ValueError(f'fixed_shift must be finite, got {self.fixed_shift}')
+        if not (math.isfinite(self.max_depth) and self.max_depth >= 0):
+            raise ValueError(f'max_depth must be finite and >= 0 (0 = no limit), got '
+                             f'{self.max_depth}')
+        if self.max_input_pixels <= 0:
+            raise ValueError(f'max_input_pixels must be > 0, got {self.max_input_pixels}')
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """
+    Settings of the node itself (read-only at runtime: they shape the subscriptions).
+
+    :param cameras: camera namespaces served by this node, relative to the node namespace
+        ('' = the node namespace itself); each gets <ns>/image (or <ns>/image/compressed),
+        <ns>/camera_info and <ns>/depth/* topics, and all cameras share one model call
+    :param image_transport: 'raw' subscribes sensor_msgs/Image on image, 'compressed'
+        sensor_msgs/CompressedImage (jpeg or png) on image/compressed
+    :param input_reliability: QoS reliability of the image and camera_info subscriptions:
+        'best_effort' receives from every publisher (camera drivers publish best effort);
+        'reliable' only from reliable publishers, but avoids the loss of large images
+        (above about 0.5 MB) across processes on Fast DDS
+    :param input_depth: QoS history depth of the input subscriptions (the node keeps only
+        the newest image per camera anyway)
+    :param output_depth: QoS history depth of the outputs (which are reliable)
+    :param camera_info_tolerance: largest gap in seconds between the camera_info stamp and
+        the image stamp for a match
+    :param camera_info_use_latest: when no camera_info matches by stamp, use the newest one
+        whatever its stamp, without waiting (for static camera_info publishers)
+    :param camera_info_wait: seconds the worker waits for a camera_info that has not
+        arrived yet (drivers often publish it just after the image); not with
+        camera_info_use_latest
+    :param diagnostics_period: seconds between two /diagnostics messages
+    :param error_log_period: at most one log line per camera and problem per this many
+        seconds (every occurrence is still counted in diagnostics)
+    :param shutdown_timeout: seconds to wait at shutdown for a model call in progress
+    :param lazy_outputs: build and publish only the outputs that have subscribers, as
+        image_pipeline's nodes do (the cloud is most of the node's own work per frame);
+        false builds every output every frame
+    :param keep_buffers_in_heap: raise glibc's malloc mmap and trim thresholds at start so
+        that multi-megabyte images and clouds reuse heap memory instead of fresh pages
+        (serializing a 640x480 depth image: 2.4 ms -> 0.2 ms); process-wide, so freed memory
+        stays in the process
+    :param warmup: run the model once on a blank 640x480 frame after loading, before
+        reporting ready, so that the first camera frame does not pay for one-time
+        initialisation (CUDA context, cuDNN autotuning, torch.compile, CPU kernels)
+    """
+
+    cameras: tuple = ('',)
+    image_transport: str = 'raw'
+    input_reliability: str = 'best_effort'
+    input_depth: int = 2
+    output_depth: int = 5
+    camera_info_tolerance: float = 0.01
+    camera_info_use_latest: bool = False
+    camera_info_wait: float = 0.05
+    diagnostics_period: float = 1.0
+    error_log_period: float = 5.0
+    shutdown_timeout: float = 60.0
+    lazy_outputs: bool = True
+    keep_buffers_in_heap: bool = True
+    warmup: bool = True
+
+    def __post_init__(self):
+        """
+        Normalise the camera namespaces and validate the settings.
+
+        :raises ValueError: a setting is not allowed, naming it
+        """
+        cameras = tuple(str(c).strip().strip('/') for c in self.cameras)
+        if not cameras:
+            raise ValueError("cameras must name at least one namespace ('' = the node's)")
+        if len(set(cameras)) != len(cameras):
+            raise ValueError(f'cameras has duplicate namespaces: {list(self.cameras)}')
+        object.__setattr__(self, 'cameras', cameras)
+        if self.image_transport not in TRANSPORTS:
+            raise ValueError(f'image_transport must be one of {TRANSPORTS}, got '
+                             f'{self.image_transport!r}')
+        if self.input_reliability not in RELIABILITIES:
+            raise ValueError(f'input_reliability must be one of {RELIABILITIES}, got '
+                             f'{self.input_reliability!r}')
+        if self.input_depth < 1 or self.output_depth < 1:
+            raise ValueError('input_depth and output_depth must be >= 1')
+        for name in ('camera_info_tolerance', 'camera_info_wait', 'error_log_period',
+                     'shutdown_timeout'):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+        if not self.diagnostics_period > 0:
+            raise ValueError(f'diagnostics_period must be > 0, got {self.diagnostics_period}')
+
+
+# Descriptions for fields whose comments in marigold_model.config are shared or missing.
+_MODEL_DESCRIPTIONS = {
+    'device': "torch device: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or "
+              "'cuda:N'",
+    'dtype': "weights and activations: 'auto' is float16 on CUDA and float32 on CPU",
+    'channels_last': 'channels-last memory layout on CUDA (faster convolutions); ignored '
+                     'on CPU',
+    'compile': 'torch.compile the U-Net on CUDA (slow first frames, faster afterwards); '
+               'ignored on CPU',
+    'cuda_graphs': 'record CUDA graphs per input size (helps at small resolutions); '
+                   'ignored on CPU',
+    'tiny_vae': "TAESD weights used when vae is 'tiny' (HF id from the local cache, or a "
+                'local folder)',
+}
+_INFERENCE_DESCRIPTIONS = {
+    'denoising_steps': "DDIM steps per prediction; 0 = the model's default (from "
+                       'model_index.json)',
+    'ensemble_size': 'predictions per frame, combined by affine-aligned median; > 1 also '
+                     'publishes depth/uncertainty; the cost grows linearly',
+    'seed': 'seed of the initial noise (the same for every frame: reproducible output)',
+    'ensemble_regularizer': 'ensembling: weight of the regulariser pulling the result to '
+                            '[0, 1]',
+    'ensemble_max_iter': 'ensembling: BFGS iterations of the affine alignment',
+    'ensemble_tol': 'ensembling: convergence tolerance of the affine alignment',
+    'ensemble_max_res': 'ensembling: resolution the affine alignment is solved at',
+}
+_INFERENCE_RANGES = {
+    'denoising_steps': (0, 1000), 'ensemble_size': (1, 64),
+    'processing_resolution': (-1, 8192), 'seed': (0, 2 ** 32 - 1), 'batch_size': (1, 256),
+    'warm_start_strength': (0.0, 1.0), 'ensemble_regularizer': (0.0, 1000.0),
+    'ensemble_max_iter': (1, 1000), 'ensemble_tol': (0.0, 1.0),
+    'ensemble_max_res': (16, 16384),
+}
+_OUTPUT_RANGES = {
+    'fixed_scale': (0.0, 1.0e6), 'fixed_shift': (-1.0e6, 1.0e6), 'max_depth': (0.0, 1.0e6),
+    'max_input_pixels': (1, 2 ** 31 - 1),
+}
+_NODE_RANGES = {
+    'input_depth': (1, 1000), 'output_depth': (1, 1000),
+    'camera_info_tolerance': (0.0, 3600.0), 'camera_info_wait': (0.0, 10.0),
+    'diagnostics_period': (0.01, 3600.0), 'error_log_period': (0.0, 3600.0),
+    'shutdown_timeout': (0.0, 3600.0),
+}
+
+
+def parameter_groups():
+    """
+    Return the parameter groups of the node, in declaration order.
+
+    ModelConfig (read-only: a change needs a reload), InferenceConfig (runtime), OutputConfig
+    (runtime except max_input_pixels, which also limits the model), NodeConfig (read-only)
+    and, when marigold_ros.scale_recovery is importable, its ScaleRecoveryConfig under the
+    'scale_recovery.' prefix (read-only: it shapes subscriptions).
+
+    :return: list of ConfigGroup
+    """
+    groups = [
+        ConfigGroup(ModelConfig, read_only=True, exclude=('max_input_pixels',),
+                    choices={'dtype': DTYPES, 'vae': VAE_CHOICES},
+                    validate=validate_model_config, descriptions=_MODEL_DESCRIPTIONS),
+        ConfigGroup(InferenceConfig, ranges=_INFERENCE_RANGES,
+                    validate=validate_inference_config, descriptions=_INFERENCE_DESCRIPTIONS),
+        ConfigGroup(OutputConfig, ranges=_OUTPUT_RANGES,
+                    read_only_fields=('max_input_pixels',)),
+        ConfigGroup(NodeConfig, read_only=True, ranges=_NODE_RANGES,
+                    choices={'image_transport': TRANSPORTS,
+                             'input_reliability': RELIABILITIES}),
+    ]
+    if scale_recovery is not None:
+        groups.append(ConfigGroup(scale_recovery.ScaleRecoveryConfig,
+                                  prefix='scale_recovery.', read_only=True,
+                                  choices={'source': scale_recovery.SOURCES},
+                                  doc_sources=(ScaleTrackerConfig,)))
+    return groups
+
+
+def default_params_yaml():
+    """
+    Render config/depth.yaml: every parameter of the node with its default and description.
+
+    :return: YAML text
+    """
+    return yaml_document(parameter_groups(), '/**', _YAML_HEADER)
+
+
+def estimator_config(model, inference, output):
+    """
+    Combine the parameter configs into the model's config.
+
+    The output pixel limit (a node parameter, checked before decoding) is also the model's
+    limit: this is the one place where the two meet.
+
+    :param model: ModelConfig
+    :param inference: InferenceConfig
+    :param output: OutputConfig
+    :return: EstimatorConfig
+    """
+    return EstimatorConfig(replace(model, max_input_pixels=output.max_input_pixels), inference)
+
+
+def configs_from_parameters(values):
+    """
+    Map flat parameter values onto the node's config dataclasses.
+
+    :param values: dict parameter name -> value (names as the node declares them)
+    :return: dict config class -> instance, for every parameter group of the node
+    :raises ValueError: unknown parameter names, or a bad value (naming it)
+    """
+    return configs_from_values(parameter_groups(), values, NODE_NAME)
+
+
+def read_node_params(path):
+    """
+    Read the node's configs from a ROS 2 params file (None: every default).
+
+    :param path: params file, or None
+    :return: dict config class -> instance, as :func:`configs_from_parameters`
+    :raises ValueError: unreadable file, unknown parameters or bad values
+    """
+    return configs_from_parameters(read_params_file(path, NODE_NAME) if path else {})
