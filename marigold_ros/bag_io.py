@@ -23,6 +23,7 @@ from pathlib import Path
 import shutil
 import socket
 
+from marigold_model.errors import ReasonError
 import numpy as np
 from rclpy.serialization import deserialize_message
 from rosbags.convert.converter import is_same_wireformat
@@ -50,19 +51,12 @@ STORAGES = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}
 ROS2_STORE = Stores.ROS2_KILTED
 
 
-class BagError(ValueError):
+class BagError(ReasonError):
     """
     A bag that cannot be read or written, or a topic that is not in it.
 
-    :param reason: short key: 'missing', 'unreadable', 'corrupt', 'no_topic', 'bad_topic',
-        'exists' or 'bad_output'.
-    :param message: human-readable description naming the bag / topic.
+    Reasons: 'missing', 'unreadable', 'corrupt', 'no_topic', 'bad_topic', 'exists', 'bad_output'.
     """
-
-    def __init__(self, reason, message):
-        """Store the reason key and the message."""
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

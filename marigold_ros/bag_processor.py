@@ -54,8 +54,8 @@ from .node_params import estimator_config, NodeConfig, OUTPUT_TOPICS, OutputConf
 from .node_params import read_node_params
 from .ordered_threads import OrderedWorker, prefetch
 from .pipeline import DepthPipeline, FrameError, FrameInput
-from .scale_recovery import IDENTITY_EXTRINSIC, ScaleInputError, ScaleRecovery
-from .scale_recovery import ScaleRecoveryConfig
+from .scale_inputs import ScaleInputError
+from .scale_recovery import IDENTITY_EXTRINSIC, ScaleRecovery, ScaleRecoveryConfig
 from .stamp_matcher import CameraInfoMatcher, NS_PER_S, stamp_to_ns
 from .static_tf import StaticTransforms, TF_STATIC_TOPIC
 

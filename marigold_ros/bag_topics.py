@@ -12,7 +12,7 @@ from .bag_io import BagError, CAMERA_INFO_TYPE, IMAGE_TYPE, IMAGE_TYPES, POINTCL
 from .bag_io import to_rclpy
 from .conversions import DEPTH_ENCODINGS
 from .node_params import CAMERA_INFO_TOPIC, join_topic, OUTPUT_TOPICS
-from .scale_recovery import TOPICS as SCALE_TOPICS
+from .scale_inputs import TOPICS as SCALE_TOPICS
 
 
 def camera_namespace(image_topic):

@@ -15,8 +15,7 @@ from dataclasses import dataclass, replace
 import math
 
 from marigold_model.config import DTYPES, EstimatorConfig, InferenceConfig, ModelConfig
-from marigold_model.config import VAE_CHOICES, validate_inference_config
-from marigold_model.config import validate_model_config
+from marigold_model.config import PROCESSING_RESOLUTION_RANGE, VAE_CHOICES
 from marigold_model.scale_tracking import ScaleTrackerConfig
 from sensor_msgs.msg import CameraInfo
 from sensor_msgs.msg import Image
@@ -252,7 +251,8 @@ _INFERENCE_DESCRIPTIONS = {
 }
 _INFERENCE_RANGES = {
     'denoising_steps': (0, 1000), 'ensemble_size': (1, 64),
-    'processing_resolution': (-1, 8192), 'seed': (0, 2 ** 32 - 1), 'batch_size': (1, 256),
+    'processing_resolution': PROCESSING_RESOLUTION_RANGE, 'seed': (0, 2 ** 32 - 1),
+    'batch_size': (1, 256),
     'warm_start_strength': (0.0, 1.0), 'ensemble_regularizer': (0.0, 1000.0),
     'ensemble_max_iter': (1, 1000), 'ensemble_tol': (0.0, 1.0),
     'ensemble_max_res': (16, 16384),
@@ -283,9 +283,9 @@ def parameter_groups():
     groups = [
         ConfigGroup(ModelConfig, read_only=True, exclude=('max_input_pixels',),
                     choices={'dtype': DTYPES, 'vae': VAE_CHOICES},
-                    validate=validate_model_config, descriptions=_MODEL_DESCRIPTIONS),
+                    descriptions=_MODEL_DESCRIPTIONS),
         ConfigGroup(InferenceConfig, ranges=_INFERENCE_RANGES,
-                    validate=validate_inference_config, descriptions=_INFERENCE_DESCRIPTIONS),
+                    descriptions=_INFERENCE_DESCRIPTIONS),
         ConfigGroup(OutputConfig, ranges=_OUTPUT_RANGES,
                     read_only_fields=('max_input_pixels',)),
         ConfigGroup(NodeConfig, read_only=True, ranges=_NODE_RANGES,

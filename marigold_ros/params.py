@@ -132,8 +132,7 @@ class ConfigGroup:
     :param exclude: field names not exposed (the default value is used)
     :param ranges: field name -> (low, high), inclusive, for numeric fields
     :param choices: field name -> allowed values (listed in the descriptor; checked by the
-        dataclass or ``validate``)
-    :param validate: optional callable raising ValueError for a bad config instance
+        dataclass)
     :param descriptions: field name -> description, for fields whose documentation in the
         dataclass is missing or shared with other fields (takes precedence)
     :param doc_sources: further dataclasses whose field documentation is used for fields
@@ -147,7 +146,6 @@ class ConfigGroup:
     exclude: tuple = ()
     ranges: dict = field(default_factory=dict, hash=False)
     choices: dict = field(default_factory=dict, hash=False)
-    validate: object = None
     descriptions: dict = field(default_factory=dict, hash=False)
     doc_sources: tuple = ()
 
@@ -327,8 +325,6 @@ class ConfigGroup:
             config = replace(base, **converted)
         except TypeError as error:
             raise ValueError(f'{self.cls.__name__}: {error}') from None
-        if self.validate is not None:
-            self.validate(config)
         return config
 
     def _check(self, name, value):

@@ -29,7 +29,9 @@ import array
 from dataclasses import dataclass, field
 import time
 
+from marigold_model.errors import ReasonError
 from marigold_model.estimator import EstimatorOutOfMemory
+from marigold_model.scale_apply import apply_scale
 from marigold_model.scale_tracking import ScaleEstimate, STATUS_OK
 import numpy as np
 from PIL import Image as PILImage
@@ -114,21 +116,12 @@ class FrameOutput:
     key: str = ''
 
 
-class FrameError(ValueError):
+class FrameError(ReasonError):
     """
     A frame that could not be processed at all.
 
-    :param reason: diagnostics counter key, e.g. 'truncated', 'unknown_encoding',
-        'empty_frame_id', 'zero_stamp', 'out_of_memory'
-    :param message: human-readable description naming the problem
-    :param key: stream key of the frame
+    Reasons: 'truncated', 'unknown_encoding', 'empty_frame_id', 'zero_stamp', 'out_of_memory'...
     """
-
-    def __init__(self, reason, message, key=''):
-        """Store the reason, message and key."""
-        super().__init__(message)
-        self.reason = reason
-        self.key = key
 
 
 def is_compressed(msg):
@@ -400,7 +393,6 @@ class DepthPipeline:
     def _metric(scale, depth, spread, max_depth):
         """Metric depth and uncertainty (meters) from a usable scale estimate."""
         # One conversion for fixed, tracked and locally refined estimates.
-        from .scale_recovery import apply_scale
         return apply_scale(scale, depth, spread, max_depth)
 
     def _outputs(self, frame, config):

@@ -8,6 +8,7 @@ and starts the tf2 listener behind :class:`Tf2TransformLookup` for the LiDAR ext
 
 from dataclasses import dataclass
 
+from marigold_model.errors import ReasonError
 import numpy as np
 from rclpy.time import Time
 from sensor_msgs.msg import Image
@@ -32,20 +33,8 @@ _NS_PER_S = 1e9
 _CONVERTER_MM = 0.001
 
 
-class ScaleInputError(ValueError):
-    """
-    Sparse input that cannot give a scale (bad message, no transform, no point in view...).
-
-    :param reason: short machine-readable key, used as a diagnostics counter
-    :param message: human-readable description naming the problem
-    :param key: stream (camera namespace) the input belongs to
-    """
-
-    def __init__(self, reason, message, key=''):
-        """Store the reason, message and stream key."""
-        super().__init__(message)
-        self.reason = reason
-        self.key = key
+class ScaleInputError(ReasonError):
+    """Sparse input that cannot give a scale (bad message, no transform, no point in view...)."""
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,7 @@ from dataclasses import dataclass, fields, replace
 import math
 import threading
 
-# apply_scale: pipeline.py imports it from here.
-from marigold_model.scale_apply import apply_scale, RefinedScaleEstimate  # noqa: F401
+from marigold_model.scale_apply import RefinedScaleEstimate
 from marigold_model.scale_tracking import ScaleEstimate, ScaleTracker, ScaleTrackerConfig
 from marigold_model.scale_tracking import sparse_pixels, STATUS_NO_ESTIMATE, STATUS_OK
 from marigold_model.scale_tracking import STATUS_STALE
@@ -23,9 +22,8 @@ import numpy as np
 from .diagnostics import KeyedThrottle
 from .geometry import CalibrationError, MIN_DEPTH, project_points, quaternion_to_matrix
 from .geometry import scale_camera
-# TOPICS: bag_processor.py imports it from here.
 from .scale_inputs import InputSubscriptions, points_reading, REASON_NO_TRANSFORM
-from .scale_inputs import ScaleInputError, sparse_depth_reading, TOPICS  # noqa: F401
+from .scale_inputs import ScaleInputError, sparse_depth_reading
 from .stamp_matcher import stamp_to_ns, StampMatcher
 
 #: Values of :attr:`ScaleRecoveryConfig.source`.

@@ -131,7 +131,7 @@ class StaticTransforms:
         if matrix is None:
             if self.fallback is not None:
                 return self.fallback
-            from .scale_recovery import REASON_NO_TRANSFORM, ScaleInputError
+            from .scale_inputs import REASON_NO_TRANSFORM, ScaleInputError
             raise ScaleInputError(REASON_NO_TRANSFORM, f'no static transform from '
                                   f'{source_frame!r} to {target_frame!r} in {TF_STATIC_TOPIC} '
                                   f'(frames: {", ".join(self.frames) or "none"})')

@@ -196,7 +196,7 @@ def test_rectified_input_takes_the_camera_from_p(rectified):
 
 def test_apply_scale_float32_matches_scale_estimate():
     """The pipeline's float32 conversion equals ScaleEstimate.apply within float32 rounding."""
-    from marigold_ros.scale_recovery import apply_scale
+    from marigold_model.scale_apply import apply_scale
     rel = np.random.default_rng(1).uniform(-0.1, 1.0, (20, 30)).astype(np.float32)
     fast, _ = apply_scale(_estimate(3.0, -0.2), rel)
     slow = _estimate(3.0, -0.2).apply(rel)
@@ -452,8 +452,8 @@ def test_scale_source_hook():
 
 def test_locally_refined_scale_uses_scale_recovery_apply():
     """A RefinedScaleEstimate is applied with scale recovery's own (refining) apply."""
-    from marigold_ros.scale_recovery import apply_scale as apply_refined
-    from marigold_ros.scale_recovery import RefinedScaleEstimate
+    from marigold_model.scale_apply import apply_scale as apply_refined
+    from marigold_model.scale_apply import RefinedScaleEstimate
     relative = np.tile(np.linspace(0.2, 0.8, W, dtype=np.float32), (H, 1))
     uv = np.array([[5, 5], [30, 20], [20, 10]])
     refined = RefinedScaleEstimate(
