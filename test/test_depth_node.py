@@ -699,7 +699,8 @@ def test_lifecycle_node(context, estimator):
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         assert graph.wait_matched('image') and graph.wait_matched('camera_info', 1, CameraInfo)
         active = graph.send()
-        assert graph.spin_until(lambda: graph.has('depth/points', active))
+        assert graph.spin_until(lambda: graph.has('depth/relative', active) and
+                                graph.has('depth/points', active))
         # The messages of one topic arrive in order: the early frame gave nothing.
         assert early.stamp != active.stamp
         assert graph.stamps('depth/relative') == [active.stamp]
