@@ -29,9 +29,11 @@ from marigold_ros.depth_node import DepthLifecycleNode, DepthNode, warmup_frame
 from marigold_ros.diagnostics import DiagnosticsCollector, KeyedThrottle, Percentiles
 from marigold_ros.diagnostics import RateMeter
 from marigold_ros.geometry import CameraModel
+from marigold_ros.stamp_matcher import stamp_to_ns
 import numpy as np
 import pytest
 import rclpy
+from rclpy.duration import Duration
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
@@ -76,13 +78,19 @@ def context():
 
 
 class Spy:
-    """Wrap the shared estimator: record every call and its settings, optionally slow."""
+    """
+    Wrap the shared estimator: record every call and its settings, optionally held.
 
-    def __init__(self, inner, config, delay=0.0):
-        """Keep the estimator, the config the node asked for and the delay."""
+    A call waits for ``gate`` (a threading.Event) when one is given: the test decides when
+    the model call ends, so "frames arrive while the model is busy" holds on any machine.
+    """
+
+    def __init__(self, inner, config, delay=0.0, gate=None):
+        """Keep the estimator, the config the node asked for, the delay and the gate."""
         self.inner = inner
         self.config = config
         self.delay = delay
+        self.gate = gate
         self.inference = config.inference
         self.calls = []
         self.device = inner.device
@@ -101,6 +109,8 @@ class Spy:
         self.calls.append({'frames': len(frames), 'keys': list(keys or []),
                            'inference': self.inference,
                            'thread': threading.current_thread().name})
+        if self.gate is not None:
+            assert self.gate.wait(TIMEOUT), 'the test never released the model call'
         if self.delay:
             time.sleep(self.delay)
         self.inner.set_inference(self.inference)
@@ -111,7 +121,7 @@ class Graph:
     """A depth node plus a test node with publishers and subscribers, on one executor."""
 
     def __init__(self, context, estimator, parameters=(), delay=0.0, node_class=DepthNode,
-                 factory=None):
+                 factory=None, gate=None):
         """Create the nodes; ``parameters`` are (name, value) overrides."""
         self.context = context
         self.namespace = f'/t{next(_names)}_{os.getpid()}'
@@ -124,7 +134,7 @@ class Graph:
         overrides += [Parameter(name, value=value) for name, value in parameters]
 
         def make_spy(config):
-            spy = Spy(estimator, config, delay)
+            spy = Spy(estimator, config, delay, gate)
             self.spies.append(spy)
             return spy
 
@@ -153,11 +163,15 @@ class Graph:
             self.subscribe(msg_type, prefix + name)
         self.subscribe(DiagnosticArray, '/diagnostics')
 
-    def publish(self, topic, msg):
-        """Publish on a topic (publisher created on first use)."""
+    def publisher(self, topic, msg_type):
+        """Return the publisher of a topic (created on first use)."""
         if topic not in self.publishers:
-            self.publishers[topic] = self.io.create_publisher(type(msg), topic, 10)
-        self.publishers[topic].publish(msg)
+            self.publishers[topic] = self.io.create_publisher(msg_type, topic, 10)
+        return self.publishers[topic]
+
+    def publish(self, topic, msg):
+        """Publish on a topic."""
+        self.publisher(topic, type(msg)).publish(msg)
 
     def header(self, frame_id=FRAME):
         """Return a header stamped now."""
@@ -183,15 +197,26 @@ class Graph:
             self.executor.spin_once(timeout_sec=0.02)
         return predicate()
 
-    def spin_for(self, seconds):
-        """Spin for a while."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self.executor.spin_once(timeout_sec=0.02)
+    def wait_matched(self, topic, subscriptions=1, msg_type=Image):
+        """
+        Spin until a topic this graph publishes on has that many subscriptions.
+
+        A message published before discovery matched the subscription is lost.
+        """
+        publisher = self.publisher(topic, msg_type)
+        return self.spin_until(lambda: publisher.get_subscription_count() == subscriptions)
 
     def count(self, topic):
         """Return the number of messages received on a topic."""
         return len(self.received[topic])
+
+    def stamps(self, topic):
+        """Return the header stamps of the messages received on a topic, in order."""
+        return [msg.header.stamp for msg in self.received[topic]]
+
+    def has(self, topic, header):
+        """Whether a message stamped like ``header`` arrived on a topic."""
+        return header.stamp in self.stamps(topic)
 
     def status(self, part='camera'):
         """Return the newest diagnostics status of this node whose name contains ``part``."""
@@ -319,10 +344,9 @@ def test_metric_depth_from_sparse_depth_through_the_graph(graph_factory):
     graph.subscribe_outputs()
     assert graph.node.wait_until_ready(TIMEOUT)
     rgb = image(5)
-    graph.send(rgb=rgb)
+    first = graph.send(rgb=rgb)
     assert graph.spin_until(lambda: graph.count('depth/relative') == 1 and
                             graph.count('depth/uncertainty') == 1)
-    assert graph.count('depth/image') == 0  # no scale yet: relative only
     relative = image_to_depth(graph.received['depth/relative'][0])
     spread = image_to_depth(graph.received['depth/uncertainty'][0])
     truth = 3.0 * relative + 0.7
@@ -333,11 +357,15 @@ def test_metric_depth_from_sparse_depth_through_the_graph(graph_factory):
     graph.publish('sparse_depth', Image(header=header, height=H, width=W, encoding='16UC1',
                                         step=2 * W, data=sparse.astype('<u2').tobytes()))
     graph.send(rgb=rgb, header=header)
-    assert graph.spin_until(lambda: graph.count('depth/image') == 1)
+    # Messages of one topic arrive in order: once the second frame's metric depth is here,
+    # one from the first frame (no scale yet: relative only) would have come before it.
+    assert graph.spin_until(lambda: graph.has('depth/image', header))
+    assert first.stamp != header.stamp and graph.stamps('depth/image') == [header.stamp]
     metric = graph.received['depth/image'][-1]
-    assert metric.header.stamp == header.stamp and metric.encoding == '32FC1'
+    assert metric.encoding == '32FC1'
     np.testing.assert_allclose(image_to_depth(metric), truth, rtol=0.01, atol=0.005)
-    assert graph.spin_until(lambda: graph.count('depth/points') == 1)
+    assert graph.spin_until(lambda: graph.has('depth/points', header))
+    assert graph.stamps('depth/points') == [header.stamp]
     xyz = pointcloud2_to_xyz(graph.received['depth/points'][-1]).reshape(H, W, 3)
     np.testing.assert_allclose(xyz[..., 2], image_to_depth(metric), rtol=1e-6)
     # The spread of the second frame is in meters: about 3 times the relative spread.
@@ -365,16 +393,24 @@ def test_compressed_input_without_camera_info(graph_factory):
     corrupt.data = bytes(corrupt.data)[:30] + b'not a jpeg'
     graph.publish('image/compressed', corrupt)
     assert graph.spin_until(lambda: graph.snapshot()['bad'].get('corrupt_compressed'))
-    graph.send(info=False, compressed=True)
+    first = graph.send(info=False, compressed=True)
     assert graph.spin_until(lambda: graph.count('depth/relative') == 1)
-    graph.spin_for(0.3)
-    assert graph.count('depth/points') == 0 and graph.count('depth/camera_info') == 0
-    assert graph.count('depth/image') == 0  # relative depth is never published as meters
     assert graph.spin_until(lambda: graph.status() is not None and
                             'no camera_info' in graph.status().message)
     status = graph.status()
     assert status.level == DiagnosticStatus.WARN
     assert 'no_camera_info' in values(status)['missing outputs']
+    # A later frame with camera info and a scale gives every output.  Messages of one topic
+    # arrive in order, so anything the first frame had given would have come before them.
+    assert graph.node.set_parameters([Parameter('fixed_scale', value=1.0)])[0].successful
+    second = graph.send(info=True, compressed=True)
+    later = ('depth/relative', 'depth/points', 'depth/camera_info', 'depth/image')
+    assert graph.spin_until(lambda: all(graph.has(topic, second) for topic in later))
+    assert graph.stamps('depth/relative') == [first.stamp, second.stamp]
+    assert graph.stamps('depth/points') == [second.stamp]
+    assert graph.stamps('depth/camera_info') == [second.stamp]
+    # Relative depth is never published as meters.
+    assert graph.stamps('depth/image') == [second.stamp]
 
 
 # ---------------------------------------------------------------- bad input
@@ -419,11 +455,12 @@ def test_bad_input_counted_logged_and_the_node_keeps_serving(graph_factory):
         graph.publish('camera_info', info)
         graph.publish('image', rgb_to_image(image(4), header))
         assert graph.spin_until(lambda: graph.snapshot()['bad'].get(reason)), reason
-    # Every bad camera_info still gave relative (and metric) depth, but never a cloud.
+    # Every bad camera_info still gave relative (and metric) depth, but never a cloud: the
+    # first cloud is the good frame's (the messages of one topic arrive in order).
     assert graph.spin_until(lambda: graph.count('depth/relative') == 3)
-    assert graph.count('depth/points') == 0
-    graph.send()
-    assert graph.spin_until(lambda: graph.count('depth/points') == 1)
+    good = graph.send()
+    assert graph.spin_until(lambda: graph.has('depth/points', good))
+    assert graph.stamps('depth/points') == [good.stamp]
     snapshot = graph.snapshot()
     assert sum(snapshot['bad'].values()) == len(cases) + 1 + len(bad_infos)
     assert graph.spin_until(lambda: graph.status() is not None and
@@ -435,42 +472,57 @@ def test_bad_input_counted_logged_and_the_node_keeps_serving(graph_factory):
 
 def test_several_cameras_share_one_model_call(graph_factory):
     """Two camera namespaces: both frames in one estimator call, outputs per camera."""
+    gate = threading.Event()
     graph = graph_factory(parameters=[('cameras', ['left', 'right']), ('fixed_scale', 1.0)],
-                          delay=0.3)
+                          gate=gate)
     graph.subscribe_outputs('left')
     graph.subscribe_outputs('right')
     assert graph.node.wait_until_ready(TIMEOUT)
-    # Keep the worker busy so that both cameras' frames wait in their slots together.
+    # Hold the first model call so that both cameras' frames wait in their slots together.
     graph.send('left', rgb=image(5))
     assert graph.spin_until(lambda: graph.spies[0].calls)
     graph.send('left', rgb=image(6))
-    graph.send('right', rgb=image(7, 40, 56), info=False)
+    right = graph.send('right', rgb=image(7, 40, 56), info=False)
+    assert graph.spin_until(lambda: graph.snapshot('left')['received'] == 2 and
+                            graph.snapshot('right')['received'] == 1)
+    gate.set()
     assert graph.spin_until(lambda: graph.count('right/depth/relative') == 1)
     assert graph.spin_until(lambda: graph.count('left/depth/relative') == 2)
-    assert any(c['frames'] == 2 and sorted(c['keys']) == ['left', 'right']
-               for c in graph.spies[0].calls)
+    assert [(c['frames'], sorted(c['keys'])) for c in graph.spies[0].calls] == \
+        [(1, ['left']), (2, ['left', 'right'])]
     assert graph.received['right/depth/relative'][0].width == 56
-    assert graph.count('left/depth/points') == 2 and graph.count('right/depth/points') == 0
+    assert graph.spin_until(lambda: graph.count('left/depth/points') == 2)
+    # The right camera had no camera_info: no cloud.  A later right frame with one gives
+    # the first right cloud (the messages of one topic arrive in order).
+    later = graph.send('right', rgb=image(8))
+    assert graph.spin_until(lambda: graph.has('right/depth/points', later))
+    assert later.stamp != right.stamp
+    assert graph.stamps('right/depth/points') == [later.stamp]
 
 
 def test_frames_arriving_while_busy_are_dropped_not_queued(graph_factory):
-    """A slow model: callbacks keep only the newest frame and count the others."""
-    graph = graph_factory(delay=0.3)
+    """A busy model: callbacks keep only the newest frame and count the others."""
+    gate = threading.Event()
+    graph = graph_factory(gate=gate)
     graph.subscribe_outputs()
     assert graph.node.wait_until_ready(TIMEOUT)
     sent = 5
-    for index in range(sent):
+    first = graph.send(rgb=image(0), info=False)
+    assert graph.spin_until(lambda: graph.spies[0].calls)  # the model holds frame 0
+    for index in range(1, sent):  # each taken by the node before the next (input depth 1)
         last = graph.send(rgb=image(index), info=False)
-        graph.spin_for(0.05)
-    assert graph.spin_until(lambda: graph.snapshot()['received'] == sent)
+        assert graph.spin_until(lambda: graph.snapshot()['received'] == index + 1)
+    gate.set()
     assert graph.spin_until(lambda: graph.snapshot()['published'] +
                             graph.snapshot()['dropped'] == sent)
     snapshot = graph.snapshot()
-    assert snapshot['dropped'] >= 1 and snapshot['published'] < sent
+    # Frames 1 to 3 were replaced in the slot by the next; frame 4 was processed next.
+    assert (snapshot['dropped'], snapshot['published']) == (sent - 2, 2)
+    assert len(graph.spies[0].calls) == 2
     # Published is counted before the message reaches this test's subscriber.
     assert graph.spin_until(lambda: graph.count('depth/relative') == snapshot['published'])
     # The last frame sent is never the one dropped: the newest always wins.
-    assert graph.received['depth/relative'][-1].header.stamp == last.stamp
+    assert graph.stamps('depth/relative') == [first.stamp, last.stamp]
 
 
 def test_model_loading_does_not_block_and_failure_is_reported(context, estimator):
@@ -513,16 +565,24 @@ def _default_factory(config):
 
 def test_shutdown_under_load_joins_the_worker(graph_factory):
     """Destroying the node while frames pour in and the model runs ends cleanly."""
-    graph = graph_factory(delay=0.4)
+    gate = threading.Event()
+    graph = graph_factory(gate=gate)
     graph.subscribe_outputs()
     assert graph.node.wait_until_ready(TIMEOUT)
     for index in range(4):
         graph.send(rgb=image(index), info=False)
-        graph.spin_for(0.05)
+        assert graph.spin_until(lambda: graph.snapshot()['received'] == index + 1)
     assert graph.spin_until(lambda: graph.spies[0].calls)
     worker = graph.node._worker
     assert worker is not None and worker.is_alive()
-    graph.node.destroy_node()  # while the model call is in progress
+    # The model call ends only once the node has been told to stop: the destroy below
+    # happens while the call is in progress, on any machine.
+    stopping = graph.node._stop
+    releaser = threading.Thread(target=lambda: stopping.wait(TIMEOUT) and gate.set())
+    releaser.start()
+    graph.node.destroy_node()
+    releaser.join(TIMEOUT)
+    assert gate.is_set()
     assert not worker.is_alive()
     graph.io.destroy_node()
     graph.close = lambda: None
@@ -568,7 +628,7 @@ def test_camera_info_matched_by_stamp(graph_factory):
     # The camera_info follows its image: the worker waits for it (camera_info_wait).
     header = graph.header()
     graph.publish('image', rgb_to_image(image(8), header))
-    graph.spin_for(0.02)
+    assert graph.spin_until(lambda: graph.snapshot()['received'] == 2)  # the image is in
     graph.publish('camera_info', camera_info(header))
     assert graph.spin_until(lambda: graph.count('depth/points') == 2)
     # Off by 20 ms > tolerance: relative depth only.
@@ -580,9 +640,13 @@ def test_camera_info_matched_by_stamp(graph_factory):
     graph.publish('camera_info', camera_info(off))
     graph.publish('image', rgb_to_image(image(9), header))
     assert graph.spin_until(lambda: graph.count('depth/relative') == 3)
-    graph.spin_for(0.3)
-    assert graph.count('depth/points') == 2
     assert 'no_camera_info' in graph.snapshot()['notes']
+    # A later matching frame gives the next cloud; the messages of one topic arrive in order,
+    # so a cloud of the mismatched frame would have come before it.
+    later = graph.send()
+    assert graph.spin_until(lambda: graph.has('depth/points', later))
+    assert header.stamp not in graph.stamps('depth/points')
+    assert graph.count('depth/points') == 3
 
 
 def test_static_camera_info_with_use_latest_is_not_waited_for(graph_factory):
@@ -591,15 +655,21 @@ def test_static_camera_info_with_use_latest_is_not_waited_for(graph_factory):
                                       ('camera_info_wait', 5.0)])
     graph.subscribe_outputs()
     assert graph.node.wait_until_ready(TIMEOUT)
-    graph.publish('camera_info', camera_info(graph.header()))  # once, like a static driver
-    graph.spin_for(0.05)
+    matcher = graph.node._matchers['']
+    # Once, like a static driver, stamped well before the images.
+    static = graph.clock.now() - Duration(seconds=1)
+    graph.publish('camera_info', camera_info(Header(stamp=static.to_msg(), frame_id=FRAME)))
+    assert graph.spin_until(lambda: matcher.latest() is not None)
+    # Waiting for a match polls the matcher until one comes or camera_info_wait (5 s) ends;
+    # taking the newest at once asks it once per frame.  Counted, not timed.
+    asked, match = [], matcher.match
+    matcher.match = lambda stamp: asked.append(stamp) or match(stamp)
     for count in (1, 2):
         header = graph.header()
         graph.publish('image', rgb_to_image(image(count), header))
-        start = time.monotonic()
-        assert graph.spin_until(lambda: graph.count('depth/points') == count)
-        # Waiting for a match would take camera_info_wait (5 s) per frame.
-        assert time.monotonic() - start < 2.5
+        assert graph.spin_until(lambda: graph.has('depth/points', header))
+        assert asked.count(stamp_to_ns(header.stamp)) == 1
+    assert graph.count('depth/points') == 2
 
 
 def test_warmup_frame_fits_the_pixel_limit():
@@ -623,18 +693,30 @@ def test_lifecycle_node(context, estimator):
     try:
         graph.subscribe_outputs()
         node = graph.node
-        graph.send()
-        graph.spin_for(0.3)
-        assert graph.count('depth/relative') == 0 and not graph.spies
+        early = graph.send()  # unconfigured: nobody listens, nothing is loaded
+        assert not graph.spies
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-        graph.spin_for(0.2)
-        graph.send()
-        assert graph.spin_until(lambda: graph.count('depth/points') == 1)
+        assert graph.wait_matched('image') and graph.wait_matched('camera_info', 1, CameraInfo)
+        active = graph.send()
+        assert graph.spin_until(lambda: graph.has('depth/relative', active) and
+                                graph.has('depth/points', active))
+        # The messages of one topic arrive in order: the early frame gave nothing.
+        assert early.stamp != active.stamp
+        assert graph.stamps('depth/relative') == [active.stamp]
+        assert len(graph.spies) == 1 and len(graph.spies[0].calls) == 1
         assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
-        graph.send()
-        graph.spin_for(0.5)
-        assert graph.count('depth/relative') == 1
+        assert graph.wait_matched('image', 0)
+        inactive = graph.send()
+        # Active again, a later frame comes through; the one sent while inactive did not.
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        assert graph.wait_matched('image') and graph.wait_matched('camera_info', 1, CameraInfo)
+        again = graph.send()
+        assert graph.spin_until(lambda: graph.has('depth/relative', again))
+        assert inactive.stamp not in graph.stamps('depth/relative')
+        assert graph.stamps('depth/relative') == [active.stamp, again.stamp]
+        assert len(graph.spies[0].calls) == 2
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
         assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
         assert failing.node.trigger_configure() == TransitionCallbackReturn.FAILURE
         assert failing.node.diagnostics.model_state == 'error'
@@ -645,21 +727,28 @@ def test_lifecycle_node(context, estimator):
 
 def test_reactivation_never_runs_two_workers(context, estimator):
     """A worker left behind by a deactivate (call longer than shutdown_timeout) stops."""
-    graph = Graph(context, estimator, node_class=DepthLifecycleNode, delay=1.0,
+    gate = threading.Event()
+    graph = Graph(context, estimator, node_class=DepthLifecycleNode, gate=gate,
                   parameters=[('fixed_scale', 1.0), ('shutdown_timeout', 0.0)])
     try:
         graph.subscribe_outputs()
         node = graph.node
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-        graph.spin_for(0.2)
+        assert graph.wait_matched('image')
         graph.send()
-        assert graph.spin_until(lambda: graph.spies[0].calls)  # a 1 s call is running
+        assert graph.spin_until(lambda: graph.spies[0].calls)  # a held call is running
+        old = node._worker
         assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS  # does not wait
+        assert old.is_alive()  # left behind in its call
+        assert graph.wait_matched('image', 0)
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-        graph.spin_for(1.5)  # the old call ends
+        assert graph.wait_matched('image')
+        gate.set()  # the old call ends
+        old.join(TIMEOUT)
+        assert not old.is_alive()
         workers = [t for t in threading.enumerate() if t.name == 'marigold_worker']
-        assert len(workers) == 1
+        assert workers == [node._worker]
         calls = len(graph.spies[0].calls)
         graph.send()
         assert graph.spin_until(lambda: len(graph.spies[0].calls) == calls + 1)

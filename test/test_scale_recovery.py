@@ -1,6 +1,7 @@
 """Tests of marigold_ros.scale_recovery: sparse depth / LiDAR messages -> metric scale."""
 
 import dataclasses
+import time
 
 from geometry_msgs.msg import TransformStamped
 from marigold_model.alignment import abs_rel
@@ -795,13 +796,16 @@ def test_attach_on_an_rclpy_node_receives_messages():
         rel, camera, points, scale, _ = lidar_scene(seed=6, n_points=300)
         executor = SingleThreadedExecutor(context=context)
         executor.add_node(node)
+        # Discovery first: a cloud published before the subscription matched is lost.
+        deadline = time.monotonic() + 60.0  # turns a hang into a failure; never the pass
+        while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.02)
+        assert publisher.get_subscription_count() == 1
+        publisher.publish(cloud(to_lidar(points), header(1.0, LIDAR)))
         estimate = None
-        for _ in range(50):
-            publisher.publish(cloud(to_lidar(points), header(1.0, LIDAR)))
-            executor.spin_once(timeout_sec=0.1)
+        while estimate is None and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.02)
             estimate = recovery.estimate(KEY, header(1.0), rel, camera)
-            if estimate is not None:
-                break
         assert estimate is not None and estimate.scale == pytest.approx(scale, rel=0.02)
         recovery.detach()
         assert list(node.subscriptions) == []

@@ -111,7 +111,8 @@ def test_concurrent_add_and_match():
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(60.0)  # a deadlock fails the test instead of hanging the run
+    assert not any(thread.is_alive() for thread in threads)
     assert not errors
     assert len(matcher) == 8
 
