@@ -12,8 +12,10 @@ import hashlib
 import os
 from pathlib import Path
 import signal
+import subprocess
+import sys
 import textwrap
-import time
+import threading
 
 from builtin_interfaces.msg import Time
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
@@ -268,8 +270,31 @@ def test_outputs_match_input_and_estimator(tmp_path, scenes, estimator, params, 
                                atol=1e-4)
 
 
-def test_two_runs_are_bit_identical(tmp_path, scenes, estimator, params):
-    """Same input, parameters and seed: identical messages, bag times and storage files."""
+def _seed_reordering(names):
+    """
+    Return a PYTHONHASHSEED under which a set of ``names`` iterates in another order.
+
+    With a few names, two random hash seeds give the same set order often (1 in 6 for
+    three): this seed makes an output that follows set order differ for sure.
+    """
+    here = list(set(names))
+    probe = f'print(list(set({names!r})) == {here!r})'
+    for seed in range(1, 200):
+        same = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONHASHSEED=str(seed)), check=True)
+        if same.stdout.strip() == 'False':
+            return str(seed)
+    raise AssertionError(f'no hash seed reorders {names}')
+
+
+def test_two_runs_are_bit_identical(tmp_path, scenes, estimator, params, random_model_dir):
+    """
+    Same input, parameters and seed: identical messages, bag times and storage files.
+
+    Two runs in this process share one estimator and one heap; a third runs as a separate
+    process (the console script's module, its own model load, another PYTHONHASHSEED), so
+    uninitialised CDR padding, hash order or state kept between runs would show.
+    """
     bag = _write_bag(tmp_path / 'in', 'sqlite3', _messages(scenes, sparse=True))
     outputs = []
     for run in ('a', 'b'):
@@ -278,8 +303,22 @@ def test_two_runs_are_bit_identical(tmp_path, scenes, estimator, params):
         process_bag(_job(bag, out, params, copy_inputs=True, storage='sqlite3',
                          sparse_depth_topic='/cam/sparse_depth'), estimator=estimator)
         outputs.append(out)
-    first, second = _read(outputs[0]), _read(outputs[1])
+    (tmp_path / 'c').mkdir()
+    outputs.append(tmp_path / 'c' / 'out')
+    topics = sorted({topic for topic, _, _ in _read(bag)})
+    # The whole environment goes on (the PyPI rclpy re-executes Python with it); one torch
+    # thread as this module's fixture sets in this process.
+    env = dict(os.environ, PYTHONHASHSEED=_seed_reordering(topics), OMP_NUM_THREADS='1',
+               MKL_NUM_THREADS='1')
+    done = subprocess.run(
+        [sys.executable, '-m', 'marigold_ros.bag_processor', bag, str(outputs[2]), '--params',
+         params, '--model', random_model_dir, '--quiet', '--copy-inputs', '--storage',
+         'sqlite3', '--sparse-depth-topic', '/cam/sparse_depth'],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    first, second, other = (_read(out) for out in outputs)
     assert first == second
+    assert first == other
     counts = {}
     for topic, _, _ in first:
         counts[topic] = counts.get(topic, 0) + 1
@@ -288,6 +327,7 @@ def test_two_runs_are_bit_identical(tmp_path, scenes, estimator, params):
     # Whole files too: the writer stores no wall-clock time and the padding is zeroed.
     files = [{p.name: p.read_bytes() for p in out.iterdir()} for out in outputs]
     assert files[0] == files[1]
+    assert files[0] == files[2]
     # The inputs are copied through byte for byte, at their bag times.
     copied = [m for m in first if not m[0].startswith('/cam/depth/')]
     assert sorted(copied) == sorted(_read(bag))
@@ -331,6 +371,27 @@ def test_canonical_serialization_zeroes_rclpy_padding(scenes):
                                       msgtype)
         assert canonical == bytes(rebuilt), msgtype
         assert to_rclpy(BagMessage('/t', msgtype, 0, canonical)) == msg, msgtype
+
+
+def test_written_messages_are_canonical_cdr(tmp_path, scenes, params):
+    """
+    Every message process_bag writes is rosbags' CDR of itself: zero padding throughout.
+
+    rclpy's serialize_message leaves alignment padding uninitialised (heap garbage), so a
+    writer that used it would store bytes that re-serialize differently here.
+    """
+    bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes, sparse=True))
+    process_bag(_job(bag, tmp_path / 'out', params, sparse_depth_topic='/cam/sparse_depth'),
+                estimator=OracleEstimator(scenes))
+    written = {}
+    with Reader(tmp_path / 'out') as reader:
+        for connection, _, raw in reader.messages():
+            raw = bytes(raw)
+            rebuilt = STORE.serialize_cdr(STORE.deserialize_cdr(raw, connection.msgtype),
+                                          connection.msgtype)
+            assert raw == bytes(rebuilt), connection.topic
+            written[connection.topic] = written.get(connection.topic, 0) + 1
+    assert len(written) >= 4 and set(written.values()) == {N_FRAMES}, written
 
 
 def test_compressed_images_and_ros1_bags(tmp_path, scenes, estimator, params):
@@ -674,19 +735,49 @@ def test_interrupt_and_existing_output_leave_no_half_bag(tmp_path, scenes, param
 def test_interrupt_while_moving_the_output_into_place_waits(tmp_path, scenes, params,
                                                             monkeypatch, capsys):
     """Ctrl-C between moving the export and the bag into place cannot leave only one."""
+    import contextlib
+    from marigold_ros import bag_processor
     from marigold_ros.bag_io import AtomicBagWriter
     bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes))
     commit = AtomicBagWriter.commit
+    deferred_interrupts = bag_processor.deferred_interrupts
+    handled = threading.Event()
+    raised = []
+
+    @contextlib.contextmanager
+    def noting_deferred_interrupts():
+        # Runs on the main thread: the real deferral, its SIGINT handler wrapped so the
+        # commit below knows when the main thread has taken the signal.
+        with deferred_interrupts() as received:
+            holding = signal.getsignal(signal.SIGINT)
+
+            def noting(number, frame):
+                try:
+                    holding(number, frame)
+                except KeyboardInterrupt:  # not held back: fail the test, not pytest
+                    raised.append(number)
+                finally:
+                    handled.set()
+            signal.signal(signal.SIGINT, noting)
+            try:
+                yield received
+            finally:
+                signal.signal(signal.SIGINT, holding)
 
     def interrupted_commit(writer):
-        os.kill(os.getpid(), signal.SIGINT)  # the export is already in place
-        time.sleep(0.2)  # the main thread would take the interrupt now
+        # On the writer's thread, the export already in place: Ctrl-C reaches the main
+        # thread (waiting for this call), which runs the handler; only then does the bag
+        # move.  Waiting on the handler's event replaces a fixed sleep.
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        assert handled.wait(timeout=60), 'the main thread did not take the SIGINT'
         return commit(writer)
 
+    monkeypatch.setattr(bag_processor, 'deferred_interrupts', noting_deferred_interrupts)
     monkeypatch.setattr(AtomicBagWriter, 'commit', interrupted_commit)
     out = tmp_path / 'out'
     summary = process_bag(_job(bag, out, params, export=str(tmp_path / 'x')),
                           estimator=OracleEstimator(scenes))
+    assert handled.is_set() and not raised, 'SIGINT was not held back while moving'
     assert summary.output == str(out) and len(_read(out)) == 2 * N_FRAMES
     assert (tmp_path / 'x').is_dir() and not _leftovers(tmp_path)
     assert 'the output is complete' in capsys.readouterr().err
@@ -739,7 +830,6 @@ def test_failing_bag_close_leaves_neither_bag_nor_export(tmp_path, scenes, param
 
 def test_stages_of_killed_runs_are_removed_by_the_next_run(tmp_path, scenes, params):
     """A SIGKILLed run's staging folders go with the next run; a live process's stay."""
-    import subprocess
     from marigold_ros.bag_io import staging_path
     bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes))
     dead = subprocess.Popen(['true'])

@@ -214,6 +214,89 @@ def test_jpeg_round_trip_close():
         assert np.abs(out.astype(int) - rgb).mean() < 3.0
 
 
+def _primaries():
+    """
+    Make a 32x48 RGB image of six flat 16x16 blocks with distinct R, G and B.
+
+    Top row: red, green, blue; bottom row: (200, 120, 40), (40, 200, 120), (120, 40, 200).
+    Flat 16-pixel blocks on the JPEG block grid keep JPEG's error small inside each block.
+    """
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255),
+               (200, 120, 40), (40, 200, 120), (120, 40, 200)]
+    rgb = np.zeros((32, 48, 3), np.uint8)
+    for k, colour in enumerate(colours):
+        row, col = divmod(k, 3)
+        rgb[16 * row:16 * row + 16, 16 * col:16 * col + 16] = colour
+    return rgb
+
+
+def _block_means(rgb):
+    """Mean colour of the inner 8x8 of each 16x16 block: [6, 3] float."""
+    return np.array([rgb[16 * r + 4:16 * r + 12, 16 * c + 4:16 * c + 12].reshape(-1, 3)
+                     .mean(axis=0) for r in range(2) for c in range(3)])
+
+
+def test_foreign_png_and_jpeg_decode_to_the_right_channels():
+    """
+    PNG and JPEG bytes written by PIL (not by our encoder) decode with R, G, B in place.
+
+    PNG is lossless: exact.  JPEG at quality 95: each flat block's centre comes back within
+    1 of its colour per channel (measured, PIL 13 and OpenCV 4.14); the bound is 4, while a
+    red/blue swap is off by 80 to 255 in some block.
+    """
+    rgb = _primaries()
+    for fmt, options in (('PNG', {}), ('JPEG', {'quality': 95, 'subsampling': 0})):
+        buf = io.BytesIO()
+        PILImage.fromarray(rgb, 'RGB').save(buf, format=fmt, **options)
+        out = compressed_to_rgb(CompressedImage(format=fmt.lower(), data=buf.getvalue()))
+        assert out.shape == rgb.shape and out.dtype == np.uint8
+        if fmt == 'PNG':
+            np.testing.assert_array_equal(out, rgb)
+        np.testing.assert_allclose(_block_means(out), _block_means(rgb), atol=4, err_msg=fmt)
+
+
+def test_opencv_png_and_jpeg_decode_to_the_right_channels():
+    """
+    Bytes from OpenCV's imencode, as compressed_image_transport makes them, decode as RGB.
+
+    OpenCV is given the BGR array (its channel order) and writes correct colours to the file.
+    Bounds as in the PIL test.
+    """
+    cv2 = pytest.importorskip(
+        'cv2', reason='needs OpenCV: pip install opencv-python-headless (requirements-dev.txt)')
+    rgb = _primaries()
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    for ext, options in (('.png', []), ('.jpg', [cv2.IMWRITE_JPEG_QUALITY, 95,
+                                                 cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                                 cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])):
+        ok, encoded = cv2.imencode(ext, bgr, options)
+        assert ok
+        msg = CompressedImage(format=f'rgb8; {ext[1:]} compressed bgr8', data=encoded.tobytes())
+        out = compressed_to_rgb(msg)
+        if ext == '.png':
+            np.testing.assert_array_equal(out, rgb)
+        np.testing.assert_allclose(_block_means(out), _block_means(rgb), atol=4, err_msg=ext)
+
+
+def test_our_png_and_jpeg_decode_right_in_pil_and_opencv():
+    """Our encoder's bytes read back with R, G, B in place by PIL and, if present, OpenCV."""
+    rgb = _primaries()
+    png = rgb_to_compressed(rgb, _header(), 'png').data.tobytes()
+    jpeg = rgb_to_compressed(rgb, _header(), 'jpeg', quality=95).data.tobytes()
+    np.testing.assert_array_equal(np.array(PILImage.open(io.BytesIO(png))), rgb)
+    from_pil = np.array(PILImage.open(io.BytesIO(jpeg)).convert('RGB'))
+    # Quality 95, PIL's default 4:2:0 chroma: the blocks' centres are within 1 (measured).
+    np.testing.assert_allclose(_block_means(from_pil), _block_means(rgb), atol=4)
+    try:
+        import cv2
+    except ImportError:
+        return  # the PIL checks above stand alone; the OpenCV test says how to get OpenCV
+    from_cv = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+    np.testing.assert_array_equal(from_cv, rgb)
+    from_cv = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+    np.testing.assert_allclose(_block_means(from_cv), _block_means(rgb), atol=4)
+
+
 def test_png_mono16_scaled_like_mono16():
     values = np.full((4, 5), 0x1234, np.uint16)
     values[0, 0] = 0xFFFF

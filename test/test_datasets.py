@@ -1,5 +1,6 @@
 """Tests for the data readers, the mixed dataset and the training transform."""
 
+import sys
 from types import SimpleNamespace
 
 import h5py
@@ -186,14 +187,34 @@ def test_rgbd_folder_png_and_npy(tmp_path):
     np.testing.assert_allclose(c.K, intrinsics_from_hfov(6, 4, 60.0))
 
 
-def test_rgbd_folder_exr_without_backend(tmp_path):
-    if exr_backend() is not None:
-        pytest.skip('an EXR backend is installed')
+def test_rgbd_folder_exr_without_backend(tmp_path, monkeypatch):
+    """With neither OpenCV nor imageio importable, an EXR depth folder is refused up front."""
+    monkeypatch.setitem(sys.modules, 'cv2', None)  # import of a None entry fails
+    monkeypatch.setitem(sys.modules, 'imageio', None)
+    assert exr_backend() is None
     _save_png(tmp_path / 'rgb' / 'a.png', np.zeros((4, 6, 3), np.uint8))
     (tmp_path / 'depth').mkdir()
     (tmp_path / 'depth' / 'a.exr').write_bytes(b'')
     with pytest.raises(ValueError, match='EXR'):
         RGBDFolderDataset(tmp_path)
+
+
+def test_rgbd_folder_reads_exr_meters(tmp_path, monkeypatch):
+    """A float EXR written by OpenCV reads back as meters, NaN and 0 invalid."""
+    monkeypatch.setenv('OPENCV_IO_ENABLE_OPENEXR', '1')
+    cv2 = pytest.importorskip(
+        'cv2', reason='the EXR backend: pip install opencv-python-headless '
+        '(requirements-dev.txt, which `make test` installs)')
+    meters = (np.arange(24, dtype=np.float32).reshape(4, 6) + 1) / 8  # exact in float16 too
+    meters[1, 2] = np.nan
+    meters[3, 5] = 0.0
+    _save_png(tmp_path / 'rgb' / 'a.png', np.zeros((4, 6, 3), np.uint8))
+    (tmp_path / 'depth').mkdir()
+    assert cv2.imwrite(str(tmp_path / 'depth' / 'a.exr'), meters)
+    sample = RGBDFolderDataset(tmp_path)[0]
+    valid = np.isfinite(meters) & (meters > 0)
+    np.testing.assert_array_equal(sample.valid, valid)
+    np.testing.assert_array_equal(sample.depth[valid], meters[valid])
 
 
 def test_rgbd_folder_bad_intrinsics_file(tmp_path):

@@ -239,8 +239,10 @@ def test_projection_matches_hand_written_formula(model_name, coeffs, reference):
         assert depth == pz
 
 
-def test_projection_matches_opencv_if_available():
-    cv2 = pytest.importorskip('cv2')
+def test_projection_matches_opencv():
+    cv2 = pytest.importorskip(
+        'cv2', reason='OpenCV is the reference here: pip install opencv-python-headless '
+        '(requirements-dev.txt, which `make test` installs)')
     for name, coeffs in (('plumb_bob', PLUMB_BOB), ('rational_polynomial', RATIONAL)):
         model = CameraModel.from_msg(_info(distortion_model=name, d=coeffs))
         pts = np.array(_POINTS)

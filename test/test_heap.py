@@ -18,12 +18,14 @@ class _MallInfo2(ctypes.Structure):
         'fordblks', 'keepcost')]
 
 
-@pytest.mark.skipif(not _is_glibc(), reason='mallopt is a glibc function')
+@pytest.mark.skipif(not _is_glibc(), reason='mallopt and mallinfo2 are glibc functions: runs '
+                    'on Linux with glibc (CI and the development machines)')
 def test_large_blocks_come_from_the_heap_after_tuning():
     """After the call a 4 MB block is not a fresh mmap (hblks, the mmapped count, stays)."""
     libc = ctypes.CDLL(ctypes.util.find_library('c'))
     if not hasattr(libc, 'mallinfo2'):
-        pytest.skip('glibc older than 2.33 (no mallinfo2)')
+        pytest.skip('this glibc is older than 2.33, which has no mallinfo2 to count mmapped '
+                    'blocks: runs with glibc 2.33 or newer')
     libc.mallinfo2.restype = _MallInfo2
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = (ctypes.c_void_p,)

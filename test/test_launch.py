@@ -84,8 +84,10 @@ def test_rviz_follows_the_node_namespace():
 
 
 def _load_launch_module():
-    pytest.importorskip('launch')
-    pytest.importorskip('launch_ros')
+    why = ('the ROS 2 launch packages are not importable (launch_ros has no PyPI wheel): '
+           'runs in a sourced ROS 2 install (apt ros-<distro>-launch-ros)')
+    pytest.importorskip('launch', reason=why)
+    pytest.importorskip('launch_ros', reason=why)
     spec = importlib.util.spec_from_file_location('depth_launch', LAUNCH_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -24,7 +24,7 @@ def _config(tmp_path, base, **changes):
 
 
 def test_resume_repeats_the_uninterrupted_run(tmp_path, random_model_dir):
-    """Stopping after two steps and resuming gives the same loss sequence as one run."""
+    """Stopping after two steps and resuming gives the same losses, weights and EMA."""
     straight = Trainer(_config(tmp_path / 'a', random_model_dir, ema_decay=0.9))
     straight.run()
     # The same run, killed after its checkpoint at step 2 (as a crash or Ctrl-C would).
@@ -41,6 +41,14 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, random_model_dir):
     assert resumed.losses == straight.losses  # exact, not approximate
     for a, b in zip(straight.unet.parameters(), resumed.unet.parameters()):
         assert torch.equal(a, b)
+    # The EMA (what export writes) resumes too: without ema.pt it would restart from the
+    # base weights at step 2 and miss the first two updates.
+    assert len(resumed.ema.shadow) == len(straight.ema.shadow) > 0
+    for a, b in zip(straight.ema.shadow, resumed.ema.shadow):
+        assert torch.equal(a, b)
+    # It lags the live weights (decay 0.9), so the comparison above is one of its own.
+    assert not all(torch.equal(a, b) for a, b in zip(straight.ema.shadow,
+                                                     straight.unet.parameters()))
     rows = list(csv.DictReader(open(tmp_path / 'a' / 'run' / 'log.csv')))
     assert [int(r['step']) for r in rows] == [1, 2, 3, 4]
     assert (tmp_path / 'a' / 'run' / 'config.yaml').is_file()
