@@ -148,23 +148,35 @@ class DeviceRays:
         return rays
 
 
-def to_host(tensors):
+def to_host(tensors, outs=None):
     """
     Copy device tensors back, each once, waiting once for all of them.
 
     On CUDA each goes into a page-locked buffer (torch's caching host allocator reuses
     them between frames) with an asynchronous copy, then the stream is synchronised once.
     On the CPU the tensors already are host memory: they are returned as arrays without a
-    copy.  None entries stay None.
+    copy.  An entry of ``outs`` (a writable numpy array of the tensor's shape and dtype,
+    e.g. a view of a message's buffer) receives its tensor instead, and is returned.  None
+    entries stay None.
 
     :param tensors: list of tensors or None
+    :param outs: list of numpy arrays or None, one per tensor, or None
     :return: list of numpy arrays or None, in order
     """
     buffers = []
     waits = set()
-    for tensor in tensors:
+    for tensor, out in zip(tensors, outs or [None] * len(tensors)):
         if tensor is None:
             buffers.append(None)
+        elif out is not None:
+            host = torch.from_numpy(out)
+            if host.shape != tensor.shape or host.dtype != tensor.dtype:
+                raise ValueError(f'output buffer is {tuple(host.shape)} {host.dtype}, the '
+                                 f'tensor {tuple(tensor.shape)} {tensor.dtype}')
+            host.copy_(tensor, non_blocking=tensor.device.type == 'cuda')
+            buffers.append(host)
+            if tensor.device.type == 'cuda':
+                waits.add(tensor.device)
         elif tensor.device.type == 'cuda':
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             host.copy_(tensor, non_blocking=True)
@@ -243,7 +255,8 @@ def relative_outputs(prediction, uncertainty=None, size=None):
     return RelativeOutputs(device_maps[0], device_maps[1], host[0], host[1])
 
 
-def metric_outputs(relative, estimate, max_depth=0.0, uncertainty=None, rays=None):
+def metric_outputs(relative, estimate, max_depth=0.0, uncertainty=None, rays=None,
+                   points_out=None):
     """
     Metric depth, its uncertainty and the cloud points of one frame, copied back once each.
 
@@ -253,6 +266,9 @@ def metric_outputs(relative, estimate, max_depth=0.0, uncertainty=None, rays=Non
     :param uncertainty: [H, W] relative spread tensor or None
     :param rays: (rx, ry, valid) from :meth:`DeviceRays.get` for the cloud, or None for no
         cloud
+    :param points_out: writable float32 [H, W, 4] array receiving the points (the cloud
+        message's own buffer: ``np.frombuffer(data, '<f4').reshape(H, W, 4)`` of its
+        ``array('B')``), or None for a buffer of this module's
     :return: MetricOutputs
     :raises ValueError: no usable estimate, or a refined one (host path only)
     """
@@ -266,5 +282,5 @@ def metric_outputs(relative, estimate, max_depth=0.0, uncertainty=None, rays=Non
     spread = None if uncertainty is None else metric_uncertainty(uncertainty, estimate.scale,
                                                                  metric)
     points = None if rays is None else cloud_points(metric, rays)
-    host = to_host([metric, spread, points])
+    host = to_host([metric, spread, points], [None, None, points_out])
     return MetricOutputs(*host)

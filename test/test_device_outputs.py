@@ -1,5 +1,7 @@
 """The device output maths (marigold_ros.device_outputs) against the host path of the node."""
 
+import array
+
 from builtin_interfaces.msg import Time
 from marigold_model.config import InferenceConfig
 from marigold_model.ensemble import ensemble_depth
@@ -192,3 +194,24 @@ def test_cuda_outputs_equal_the_cpu_outputs():
     _, cuda = _device_path(decoded, size, inference, config, device='cuda')
     for name in ('metric', 'uncertainty', 'points'):
         _assert_same_metres(getattr(cuda, name), getattr(cpu, name))
+
+
+def test_points_land_in_the_cloud_message_buffer_byte_for_byte():
+    """Given the message's array('B') as points_out, x y z are the host cloud's bytes."""
+    decoded, size = _decoded(1)
+    inference = InferenceConfig(ensemble_size=1)
+    config = OutputConfig(fixed_scale=SCALE, fixed_shift=SHIFT, max_depth=MAX_DEPTH)
+    host = _host_path(decoded, size, inference, config)
+    relative = relative_outputs(decoded[:1, :, :size[0], :size[1]], None, (HEIGHT, WIDTH))
+    camera = scale_camera(CameraModel.from_msg(_camera_info()), WIDTH, HEIGHT)
+    data = array.array('B', [0]) * (16 * HEIGHT * WIDTH)
+    buffer = np.frombuffer(data, '<f4').reshape(HEIGHT, WIDTH, 4)
+    metric = metric_outputs(relative.relative, fixed_scale_estimate(SCALE, SHIFT), MAX_DEPTH,
+                            rays=DeviceRays('cpu').get(camera), points_out=buffer)
+    assert metric.points is buffer or np.shares_memory(metric.points, buffer)
+    words = np.frombuffer(data, '<u4').reshape(HEIGHT, WIDTH, 4)
+    host_words = np.frombuffer(bytes(host.points.data), '<u4').reshape(HEIGHT, WIDTH, 4)
+    assert np.isnan(buffer[:, :, 2]).any()
+    np.testing.assert_array_equal(words[:, :, :3], host_words[:, :, :3])
+    with pytest.raises(ValueError, match='output buffer'):
+        to_host([torch.zeros(2, 3)], [np.zeros((3, 2), np.float32)])
