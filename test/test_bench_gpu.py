@@ -86,3 +86,28 @@ def test_full_run_refuses_a_cpu():
     assert gpu.main(['--device', 'cpu']) == 2
     with pytest.raises(SystemExit):
         gpu.parse_args(['--variants', 'eager,warp'])
+
+
+def test_full_size_architecture_matches_the_design_floor():
+    """On the meta device (no memory, no compute): 866 M U-Net parameters, DESIGN's GFLOP."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device('meta'):
+        unet, vae, tiny = gpu.build_sd2_unet(), gpu.build_sd_vae(), gpu.build_tiny_vae()
+        assert sum(p.numel() for p in unet.parameters()) == pytest.approx(866e6, rel=1e-3)
+        assert vae.config.scaling_factor == 0.18215
+        text = torch.zeros(1, 2, 1024)  # the empty prompt: BOS and EOS
+        for (width, height), table in gpu.FLOOR_GFLOP.items():
+            image = torch.zeros(1, 3, height, width)
+            latent = torch.zeros(1, 4, height // 8, width // 8)
+            stages = {
+                'sd_encode': lambda: vae.encode(image),
+                'unet': lambda: unet(torch.cat([latent, latent], 1), torch.tensor(999),
+                                     encoder_hidden_states=text),
+                'sd_decode': lambda: vae.decode(latent),
+                'tiny_encode': lambda: tiny.encode(image),
+                'tiny_decode': lambda: tiny.decode(latent)}
+            for name, forward in stages.items():
+                with FlopCounterMode(display=False) as counter:
+                    forward()
+                assert counter.get_total_flops() / 1e9 == pytest.approx(table[name], abs=1)
