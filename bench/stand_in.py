@@ -155,7 +155,9 @@ class StandInEstimator:
             for frame, key in zip(frames, keys):
                 size = processing_size(frame.shape[0], frame.shape[1], resolution)
                 out = frame.shape[:2] if inference.match_input_resolution else size
-                depth = self._depth(*out)
+                # A fresh array per frame, as the real one's .cpu().numpy(): callers may
+                # keep or change it.
+                depth = self._depth(*out).copy()
                 spread = None
                 if inference.ensemble_size > 1:
                     spread = (0.005 + 0.02 * depth).astype(np.float32)

@@ -92,3 +92,11 @@ def test_stand_in_refuses_what_the_estimator_refuses():
     tiny = EstimatorConfig(ModelConfig(max_input_pixels=100))
     (out,) = DepthPipeline(stand_in.StandInEstimator(0, tiny)).process([_frame()])
     assert isinstance(out, FrameError) and out.reason == 'estimator_rejected'
+
+
+def test_each_result_owns_its_depth():
+    """Results are independent writable arrays, as the real estimator's."""
+    estimator = stand_in.StandInEstimator(0)
+    first, second = estimator.estimate([np.zeros((H, W, 3), np.uint8)] * 2)
+    first.depth[:] = -1.0
+    assert second.depth.min() == 0.0 and second.depth.flags.writeable
