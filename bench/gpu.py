@@ -397,7 +397,8 @@ def run(args):
     name = torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'
     print(f'Marigold v1-1 architecture (random weights), {dtype_name}, {name}, ensemble 1, '
           f'batch 1, processed at the frame size; medians of {args.repeats} calls; '
-          f'% of floor = FPS x GFLOP / {args.peak_tflops:g} TFLOPS'
+          f'% of floor = FPS x GFLOP / {args.peak_tflops:g} TFLOPS; peak MiB: '
+          + ('GPU memory allocated' if device != 'cpu' else 'process peak RSS')
           + (' (speed switches are ignored on the CPU)' if device == 'cpu' else '') + '\n')
     print(markdown(ordered))
     print()

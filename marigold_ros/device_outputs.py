@@ -10,7 +10,13 @@ is the host path to the bit (test/test_device_outputs.py), so the tests need no 
 
 No ROS here: the caller builds the messages from the host arrays.  A locally refined scale
 estimate (``RefinedScaleEstimate`` with points) has no device version: its frames take the
-host path (:func:`runs_on_device`).
+host path (:func:`runs_on_device`).  Per frame, with ``prediction`` / ``spread`` the
+estimator's ensembled [1, 1, h, w] tensors at the processing size::
+
+    rel = relative_outputs(prediction, spread, (H, W) or None)  # rel.host_relative: numpy
+    scale = ...  # from the host relative depth, as now
+    out = metric_outputs(rel.relative, scale, max_depth, rel.uncertainty,
+                         rays.get(camera_at_depth_size), points_out=cloud_buffer)
 """
 
 from collections import OrderedDict
