@@ -1,0 +1,467 @@
+"""
+Speed of the full-size Marigold v1-1 architecture on a GPU, with random weights.
+
+Nothing is downloaded: the script builds the architecture of Marigold v1-1 (the Stable
+Diffusion 2 U-Net with 8 input channels, the SD VAE) and a TAESD-architecture tiny VAE with
+random weights, writes them as a model folder (fp16, about 1.8 GB) and loads that folder
+through DepthEstimator, the path users take.  Random weights cost the same time as trained
+ones.  For each speed setting, size and step count it prints, as a Markdown table: frames
+per second, milliseconds per stage, peak GPU memory and the fraction of the FLOP floor
+(the frame's GFLOP at the device's dense fp16 peak; DESIGN.md "Speed: the physical floor").
+One H100 needs under five minutes (warm-up, then medians of a few timed calls)::
+
+    python bench/gpu.py [--peak-tflops 800] [--repeats 5] [--variants eager,compile]
+    python bench/gpu.py --smoke     # tiny architecture on the CPU in fp32 (the tests)
+
+The ``torch.compile`` row compiles the U-Net with the estimator's mode, its GEMM and
+convolution autotuning limited to ATen kernels unless ``--autotune`` (full autotuning of
+the SD U-Net takes longer than the whole run); the CUDA graphs row records graphs per size.
+"""
+
+import argparse
+from dataclasses import dataclass
+import gc
+import math
+from pathlib import Path
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+from marigold_model.architecture import build_unet, build_vae, save_marigold, TinyArchitecture
+from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
+from marigold_model.estimator import DepthEstimator
+import numpy as np
+import torch
+
+#: GFLOP per forward (DESIGN.md, "Speed: the physical floor"), by (width, height).
+FLOOR_GFLOP = {
+    (768, 576): {'sd_encode': 1924, 'unet': 1487, 'sd_decode': 4283,
+                 'tiny_encode': 206, 'tiny_decode': 239},
+    (512, 384): {'sd_encode': 831, 'unet': 575, 'sd_decode': 1879,
+                 'tiny_encode': 92, 'tiny_decode': 106},
+}
+DEFAULT_PEAK_TFLOPS = 800.0  # H100 dense fp16 tensor cores
+SIZES = ((512, 384), (768, 576))
+SMOKE_SIZES = ((64, 48), (96, 64))
+STEPS = (1, 4)
+# Marigold v1-1's published defaults (model_index.json).
+MARIGOLD_STEPS, MARIGOLD_RESOLUTION = 4, 768
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One speed setting: the ModelConfig switches it turns on."""
+
+    key: str
+    label: str
+    channels_last: bool = True
+    compile: bool = False  # noqa: A003 - ModelConfig's name
+    cuda_graphs: bool = False
+    tiny_vae: bool = False
+    warmup: int = 2
+
+
+#: Table order.  compile and CUDA graphs warm up longer: compilation, graph recording.
+VARIANTS = (
+    Variant('eager', 'eager', channels_last=False),
+    Variant('channels_last', 'channels_last'),
+    Variant('compile', 'torch.compile', compile=True, warmup=3),
+    Variant('graphs', 'CUDA graphs', cuda_graphs=True, warmup=3),
+    Variant('tiny', 'tiny VAE (TAESD)', tiny_vae=True),
+)
+#: Run order: the cheap ones first, so a run cut short has them.
+RUN_ORDER = ('eager', 'channels_last', 'tiny', 'compile', 'graphs')
+
+COLUMNS = ('variant', 'size', 'steps', 'FPS', 'encode ms', 'U-Net ms', 'decode ms',
+           'total ms', 'peak MiB', 'GFLOP', '% of floor')
+
+
+# ------------------------------------------------------------------ the architecture
+
+
+def build_sd2_unet():
+    """
+    Return a random UNet2DConditionModel of Stable Diffusion 2 with 8 input channels.
+
+    The configuration of stabilityai/stable-diffusion-2 unet/config.json, in_channels 8 as
+    Marigold (image latent and depth latent side by side); about 866 M parameters.
+
+    :return: UNet2DConditionModel (float32, CPU)
+    """
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(
+        sample_size=96, in_channels=8, out_channels=4, center_input_sample=False,
+        flip_sin_to_cos=True, freq_shift=0,
+        down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
+        up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3,
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1,
+        mid_block_scale_factor=1, act_fn='silu', norm_num_groups=32, norm_eps=1e-5,
+        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True)
+
+
+def build_sd_vae():
+    """
+    Return a random AutoencoderKL of Stable Diffusion (x8, 4 latent channels).
+
+    :return: AutoencoderKL (float32, CPU), scaling factor 0.18215
+    """
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, act_fn='silu',
+        norm_num_groups=32, sample_size=768, scaling_factor=0.18215)
+
+
+def build_tiny_vae(smoke=False):
+    """
+    Return a random AutoencoderTiny: diffusers' defaults are the TAESD architecture.
+
+    :param smoke: a few channels and blocks only (the CPU smoke run)
+    :return: AutoencoderTiny
+    """
+    from diffusers import AutoencoderTiny
+    if smoke:
+        return AutoencoderTiny(encoder_block_out_channels=(16,) * 4,
+                               decoder_block_out_channels=(16,) * 4,
+                               num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4)
+    return AutoencoderTiny()
+
+
+SMOKE_ARCH = TinyArchitecture(vae_channels=(16, 16, 16, 16), unet_channels=(32, 64),
+                              text_dim=32, processing_resolution=64, denoising_steps=1)
+
+
+def write_models(folder, smoke=False, device='cpu'):
+    """
+    Write the random Marigold model and the tiny VAE under ``folder`` (kept if present).
+
+    :param folder: where to write (``marigold/`` and ``taesd/`` inside)
+    :param smoke: the tiny architecture in fp32 instead of the full one in fp16
+    :param device: where the random weights are drawn (a GPU draws 866 M in a blink; two
+        CPU cores need minutes)
+    :return: (model folder, tiny VAE folder)
+    """
+    with torch.device(device):
+        return _write_models(Path(folder), smoke)
+
+
+def _write_models(folder, smoke):
+    model, tiny = folder / 'marigold', folder / 'taesd'
+    torch.manual_seed(0)
+    if not (model / 'model_index.json').is_file():
+        if smoke:
+            unet, vae = build_unet(SMOKE_ARCH), build_vae(SMOKE_ARCH)
+            embedding = torch.randn(1, SMOKE_ARCH.text_tokens, SMOKE_ARCH.text_dim)
+            steps, resolution = 1, 64
+        else:
+            unet, vae = build_sd2_unet(), build_sd_vae()
+            embedding = torch.randn(1, 2, 1024)  # CLIP-H of '' unpadded: BOS and EOS
+            steps, resolution = MARIGOLD_STEPS, MARIGOLD_RESOLUTION
+        save_marigold(model, unet, vae, embedding, steps, resolution, fp16=not smoke,
+                      extra={'random': 'bench/gpu.py: speed only, meaningless depth'})
+        del unet, vae
+    if not (tiny / 'config.json').is_file():
+        vae = build_tiny_vae(smoke)
+        vae.to(torch.float32 if smoke else torch.float16).save_pretrained(tiny)
+    return str(model), str(tiny)
+
+
+# ------------------------------------------------------------------ FLOPs
+
+
+def counted_gflop(estimator, width, height):
+    """
+    Count GFLOP per forward of encoder, U-Net and decoder at a size (torch's FLOP counter).
+
+    Used for sizes the DESIGN table lacks (the smoke run) and to cross-check it.
+
+    :param estimator: an eager DepthEstimator
+    :param width: frame width (processed at this size)
+    :param height: frame height
+    :return: dict with 'encode', 'unet', 'decode'
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    factor = estimator.vae_scale_factor
+    padded = (1, 3, -(-height // factor) * factor, -(-width // factor) * factor)
+    images = torch.zeros(padded, device=estimator.device, dtype=estimator.dtype)
+    counts = {}
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            latent = estimator.encode(images)
+        counts['encode'] = counter.get_total_flops() / 1e9
+        model_input = torch.cat([latent, latent], dim=1)
+        text = estimator._text_batch(1)
+        step = torch.tensor(999, device=estimator.device)
+        with FlopCounterMode(display=False) as counter:
+            estimator.unet(model_input, step, encoder_hidden_states=text, return_dict=False)
+        counts['unet'] = counter.get_total_flops() / 1e9
+        with FlopCounterMode(display=False) as counter:
+            estimator.decode(latent)
+        counts['decode'] = counter.get_total_flops() / 1e9
+    return counts
+
+
+def floor_gflop(size, tiny, counted=None):
+    """
+    GFLOP per forward of each stage: the DESIGN figures, else the counted ones.
+
+    :param size: (width, height)
+    :param tiny: the tiny VAE is used
+    :param counted: counted_gflop() of this size and VAE, used when the table lacks the size
+    :return: (dict with 'encode', 'unet', 'decode', source name)
+    """
+    table = FLOOR_GFLOP.get(tuple(size))
+    if table is None:
+        return counted, 'counted'
+    vae = 'tiny' if tiny else 'sd'
+    return {'encode': table[f'{vae}_encode'], 'unet': table['unet'],
+            'decode': table[f'{vae}_decode']}, 'DESIGN.md'
+
+
+# ------------------------------------------------------------------ timing
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device):
+    """
+    Peak memory since the last reset: GPU memory on CUDA, else the process' peak RSS.
+
+    :param device: torch.device
+    :return: MiB
+    """
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure(estimator, frame, steps, warmup, repeats):
+    """
+    Time one setting: warm-up calls, then medians of timed calls.
+
+    :param estimator: DepthEstimator
+    :param frame: uint8 [H, W, 3]
+    :param steps: denoising steps
+    :param warmup: untimed calls first (compilation, graph recording, allocator)
+    :param repeats: timed calls
+    :return: dict of medians: 'total', 'encode', 'unet', 'decode' (seconds), 'peak_mib'
+    """
+    estimator.set_inference(InferenceConfig(denoising_steps=steps, ensemble_size=1,
+                                            processing_resolution=-1, batch_size=1))
+    for _ in range(warmup):
+        estimator.estimate(frame)
+    _sync(estimator.device)
+    if estimator.device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(estimator.device)
+    samples = {'total': [], 'encode': [], 'unet': [], 'decode': []}
+    for _ in range(repeats):
+        clock = time.perf_counter()
+        result = estimator.estimate(frame)
+        _sync(estimator.device)
+        samples['total'].append(time.perf_counter() - clock)
+        for stage in ('encode', 'unet', 'decode'):
+            samples[stage].append(result.timings[stage])
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    medians['peak_mib'] = peak_memory_mib(estimator.device)
+    return medians
+
+
+def row(variant, size, steps, medians, gflop, peak_tflops, dtype_name):
+    """
+    One table row.
+
+    :return: list of cells (str), in COLUMNS order
+    """
+    frame_gflop = gflop['encode'] + steps * gflop['unet'] + gflop['decode']
+    fps = 1.0 / medians['total']
+    floor = 100.0 * fps * frame_gflop / (peak_tflops * 1e3)
+    label = f'{dtype_name} eager' if variant.key == 'eager' else variant.label
+    return [label, f'{size[0]}x{size[1]}', str(steps), f'{fps:.2f}',
+            f'{1e3 * medians["encode"]:.2f}', f'{1e3 * medians["unet"]:.2f}',
+            f'{1e3 * medians["decode"]:.2f}', f'{1e3 * medians["total"]:.2f}',
+            f'{medians["peak_mib"]:.0f}', f'{frame_gflop:.4g}', f'{floor:.3g}']
+
+
+def markdown(rows):
+    """
+    Format rows as a Markdown table.
+
+    :param rows: lists of cells
+    :return: str
+    """
+    lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
+    lines += ['| ' + ' | '.join(cells) + ' |' for cells in rows]
+    return '\n'.join(lines)
+
+
+def _release():
+    """Free what the last variant held before the next one loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch._dynamo.reset()  # compiled graphs and CUDA graph pools of the last variant
+        torch.cuda.empty_cache()
+
+
+def _over_budget(args, started, notes, what, key):
+    """Tell whether the time budget is spent, noting what is left out and how to run it."""
+    elapsed = time.perf_counter() - started
+    if not args.budget_s or elapsed <= args.budget_s:
+        return False
+    notes.append(f'{what}: not run, {elapsed:.0f} s spent of the {args.budget_s:.0f} s '
+                 f'budget (run it alone: --variants {key})')
+    return True
+
+
+def run(args):
+    """
+    Build, load and time every variant; print the table.
+
+    :param args: parsed arguments
+    :return: list of rows (lists of cells), in table order
+    """
+    device = 'cpu' if args.smoke else args.device
+    dtype = 'float32' if args.smoke else 'float16'
+    dtype_name = 'fp32' if args.smoke else 'fp16'
+    sizes = SMOKE_SIZES if args.smoke else args.sizes
+    wanted = [v for v in VARIANTS if v.key in args.variants]
+    if not args.autotune:
+        import torch._inductor.config as inductor
+        inductor.max_autotune_gemm_backends = 'ATEN'
+        inductor.max_autotune_conv_backends = 'ATEN'
+    folder = args.folder or tempfile.mkdtemp(prefix='bench_gpu_')
+    started = time.perf_counter()
+    rows, counted, notes = {}, {}, []
+    try:
+        clock = time.perf_counter()
+        model, tiny = write_models(folder, args.smoke, device)
+        _release()  # the float32 originals drawn on the GPU
+        notes.append(f'model folder written in {time.perf_counter() - clock:.1f} s')
+        rng = np.random.default_rng(0)
+        frames = {size: rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                  for size in sizes}
+        for key in RUN_ORDER:
+            variant = next((v for v in wanted if v.key == key), None)
+            if variant is None:
+                continue
+            if _over_budget(args, started, notes, variant.label, variant.key):
+                continue
+            config = EstimatorConfig(ModelConfig(
+                model=model, device=device, dtype=dtype,
+                vae='tiny' if variant.tiny_vae else 'model', tiny_vae=tiny,
+                channels_last=variant.channels_last, compile=variant.compile,
+                cuda_graphs=variant.cuda_graphs))
+            clock = time.perf_counter()
+            estimator = DepthEstimator(config)
+            load_s = time.perf_counter() - clock
+            for size in sizes:
+                if _over_budget(args, started, notes, f'{variant.label} {size[0]}x{size[1]}',
+                                variant.key):
+                    continue
+                vae_kind = 'tiny' if variant.tiny_vae else 'sd'
+                if (size, vae_kind) not in counted:
+                    # The eager modules (estimator.unet is never the compiled wrapper).
+                    counted[(size, vae_kind)] = counted_gflop(estimator, *size)
+                gflop, source = floor_gflop(size, variant.tiny_vae, counted[(size, vae_kind)])
+                for steps in STEPS:
+                    clock = time.perf_counter()
+                    medians = measure(estimator, frames[size], steps,
+                                      variant.warmup + args.warmup, args.repeats)
+                    rows[(variant.key, size, steps)] = row(
+                        variant, size, steps, medians, gflop, args.peak_tflops, dtype_name)
+                    print(f'{variant.label} {size[0]}x{size[1]} {steps} step(s): '
+                          f'{time.perf_counter() - clock:.1f} s (GFLOP: {source})',
+                          file=sys.stderr, flush=True)
+            notes.append(f'{variant.label}: loaded in {load_s:.1f} s')
+            del estimator
+            _release()
+    finally:
+        if not args.folder:
+            shutil.rmtree(folder, ignore_errors=True)
+    for (size, vae_kind), figures in sorted(counted.items()):
+        table = FLOOR_GFLOP.get(size)
+        if table is not None:
+            notes.append(f'counted GFLOP {size[0]}x{size[1]} ({vae_kind} VAE): encode '
+                         f'{figures["encode"]:.0f} (DESIGN {table[vae_kind + "_encode"]}), '
+                         f'U-Net {figures["unet"]:.0f} (DESIGN {table["unet"]}), decode '
+                         f'{figures["decode"]:.0f} (DESIGN {table[vae_kind + "_decode"]})')
+    ordered = [rows[(v.key, s, n)] for v in wanted for s in sizes for n in STEPS
+               if (v.key, s, n) in rows]
+    name = torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'
+    print(f'Marigold v1-1 architecture (random weights), {dtype_name}, {name}, ensemble 1, '
+          f'batch 1, processed at the frame size; medians of {args.repeats} calls; '
+          f'% of floor = FPS x GFLOP / {args.peak_tflops:g} TFLOPS; peak MiB: '
+          + ('GPU memory allocated' if device != 'cpu' else 'process peak RSS')
+          + (' (speed switches are ignored on the CPU)' if device == 'cpu' else '') + '\n')
+    print(markdown(ordered))
+    print()
+    for note in notes:
+        print(f'- {note}')
+    print(f'- total {time.perf_counter() - started:.0f} s')
+    return ordered
+
+
+def _size(text):
+    width, height = (int(v) for v in text.lower().split('x'))
+    return width, height
+
+
+def parse_args(argv=None):
+    """
+    Read the command line.
+
+    :param argv: arguments (default sys.argv)
+    :return: argparse.Namespace
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--smoke', action='store_true',
+                        help='tiny architecture on the CPU in fp32 (for the tests)')
+    parser.add_argument('--device', default='cuda', help='device of the full-size run')
+    parser.add_argument('--peak-tflops', type=float, default=DEFAULT_PEAK_TFLOPS,
+                        help='dense fp16 peak of the device (H100 about 800)')
+    parser.add_argument('--repeats', type=int, default=5, help='timed calls per row')
+    parser.add_argument('--warmup', type=int, default=0,
+                        help='extra untimed calls per row (each variant has its own)')
+    parser.add_argument('--sizes', type=lambda t: tuple(_size(s) for s in t.split(',')),
+                        default=SIZES, help='WxH[,WxH...] (default 512x384,768x576)')
+    parser.add_argument('--variants', type=lambda t: tuple(t.split(',')),
+                        default=tuple(v.key for v in VARIANTS),
+                        help='comma-separated subset of ' + ','.join(v.key for v in VARIANTS))
+    parser.add_argument('--budget-s', type=float, default=230.0,
+                        help='start no new variant or size after this many seconds (0: no '
+                        'limit); compiled variants compile once per size')
+    parser.add_argument('--autotune', action='store_true',
+                        help='full GEMM / convolution autotuning for torch.compile (slow)')
+    parser.add_argument('--folder', default='',
+                        help='keep the random model folder here and reuse it next time')
+    args = parser.parse_args(argv)
+    unknown = set(args.variants) - {v.key for v in VARIANTS}
+    if unknown:
+        parser.error(f'unknown variants {sorted(unknown)}')
+    if args.repeats < 1 or not math.isfinite(args.peak_tflops) or args.peak_tflops <= 0:
+        parser.error('--repeats must be >= 1 and --peak-tflops positive')
+    if args.smoke:
+        args.repeats = min(args.repeats, 2)
+    return args
+
+
+def main(argv=None):
+    """Run the benchmark from the command line."""
+    args = parse_args(argv)
+    if not args.smoke and not args.device.startswith('cuda'):
+        print('bench/gpu.py: the full-size run needs a GPU (a frame takes tens of seconds '
+              'on a CPU); use --smoke to check the script here', file=sys.stderr)
+        return 2
+    run(args)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
