@@ -62,7 +62,7 @@ def _folder(root, frames=3):
 
 
 def _bag(root, options, frames=3):
-    """A rosbag2 with the colour, depth (32FC1) and camera-info topics the config names."""
+    """Write a rosbag2 with the colour, depth (32FC1) and camera-info topics named."""
     from rosbags.rosbag2 import Writer
     from rosbags.typesys import get_typestore, Stores
     store = get_typestore(Stores.ROS2_HUMBLE)
@@ -102,7 +102,7 @@ def _bag(root, options, frames=3):
 
 
 def _stand_ins(config, folder):
-    """The example's data list with every root replaced by tiny generated data of its kind."""
+    """Replace every data root of the example by tiny generated data of its kind."""
     sources = []
     for index, spec in enumerate(config.data):
         root = folder / f'{index}_{spec.kind}'
