@@ -1,9 +1,11 @@
-"""The example training configs of config/train: they load, and each trains two steps."""
+"""config/train: the examples load and train two steps; reference.yaml lists every setting."""
 
+from dataclasses import fields
 import json
 from pathlib import Path
 
-from marigold_model.training.train_config import load_config
+from marigold_model.training.config_reference import reference_yaml
+from marigold_model.training.train_config import load_config, TrainConfig
 from marigold_model.training.trainer import Trainer
 import numpy as np
 from PIL import Image
@@ -151,3 +153,17 @@ def test_example_config_trains_two_steps(name, tmp_path):
     kept = ('lr', 'optimizer', 'lr_schedule', 'pyramid_noise', 'ema_decay', 'seed')
     assert {key: getattr(config, key) for key in kept} == {
         key: getattr(example, key) for key in kept}
+
+
+def test_reference_lists_every_setting_with_its_meaning_and_default():
+    """config/train/reference.yaml is what TrainConfig renders, and loads as the defaults."""
+    import yaml
+    path = ROOT / 'config' / 'train' / 'reference.yaml'
+    assert path.read_text() == reference_yaml(), (
+        'regenerate: python -m marigold_model.training.config_reference > '
+        'config/train/reference.yaml')
+    assert list(yaml.safe_load(path.read_text())) == [f.name for f in fields(TrainConfig)]
+    assert load_config(path) == TrainConfig()
+    text = path.read_text()
+    for name in ('folder', 'bag', 'hypersim', 'vkitti', 'synthetic'):
+        assert f'#   {name} (' in text  # each data kind's options are listed
