@@ -16,13 +16,13 @@ import sys
 from .train_config import DataSpec, READERS, TrainConfig
 from ..config_docs import comment_lines, field_descriptions, yaml_value
 
-HEADER = '''\
+HEADER = """\
 Every setting of marigold-train, with its meaning and default (this file is generated from
 TrainConfig: python -m marigold_model.training.config_reference > config/train/reference.yaml).
 A config names only the settings it changes; any of them can also be set on the command
 line: marigold-train CONFIG key=value ... (values are YAML, e.g. lr=1e-5 or
 data='[{kind: folder, root: my_rgbd}]').  Examples: paper.yaml, finetune_folder.yaml,
-finetune_bag.yaml in this folder.'''
+finetune_bag.yaml in this folder."""
 
 
 def _described(cls):
@@ -56,7 +56,7 @@ def _data_section():
     out = []
     for spec_field, text in _described(DataSpec):
         out += comment_lines(f'{spec_field.name}: {text}', '  ')
-    out.append('  # Options by kind (the reader\'s keyword arguments, with their defaults):')
+    out.append("  # Options by kind (the reader's keyword arguments, with their defaults):")
     for kind, (_, reader, _) in READERS.items():
         options = ', '.join(f'{name} (required)' if default is inspect.Parameter.empty
                             else f'{name}: {yaml_value(default)}'

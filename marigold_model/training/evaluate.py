@@ -229,7 +229,7 @@ def resolution_notes(resolution, requested, image_shape):
         factor = resolution / longest
         if factor > UPSAMPLE_WARNING:
             lines.append(
-                f'marigold-eval: warning: that upsamples the data set\'s images ({longest} px '
+                f"marigold-eval: warning: that upsamples the data set's images ({longest} px "
                 f'longer side) {factor:.1f}x, which costs about {factor ** 2:.0f}x the '
                 f'pixels and adds no detail; pass --resolution -1 (the input size) or '
                 f'--resolution {longest}')
