@@ -35,6 +35,7 @@ setup(
         ('share/' + PACKAGE, ['package.xml']),
         ('share/' + PACKAGE + '/launch', glob('launch/*.launch.py')),
         ('share/' + PACKAGE + '/config', glob('config/*.yaml')),
+        ('share/' + PACKAGE + '/config/train', glob('config/train/*.yaml')),
         ('share/' + PACKAGE + '/rviz', glob('rviz/*.rviz')),
     ] + _tree('marigold_ros/samples', 'samples'),
     install_requires=['setuptools'],

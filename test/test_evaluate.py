@@ -342,3 +342,25 @@ def test_cli_rejects_bad_settings_before_loading(capsys):
     with pytest.raises(SystemExit):
         main(['--dataset', 'synthetic:1:1', '--ensemble', '0', '--model', '/nonexistent'])
     assert 'ensemble_size' in capsys.readouterr().err
+
+
+def test_cli_names_its_resolution_and_warns_when_it_upsamples(tmp_path, capsys):
+    """A resolution above twice the images' longer side is named and warned about."""
+    from marigold_model.architecture import build_random_marigold, TinyArchitecture
+    model = build_random_marigold(tmp_path / 'model', TinyArchitecture(
+        unet_channels=(32, 64), vae_channels=(32, 32, 32), text_dim=32,
+        processing_resolution=128))
+    common = ['--model', str(model), '--dataset', 'synthetic:1:7:32', '--device', 'cpu',
+              '--quiet']
+    assert main(common) == 0  # the model's default, 128 px, on 32 px images: 4x
+    err = capsys.readouterr().err
+    assert "processing resolution 128 px (longer side, the model's default)" in err
+    assert 'warning' in err and '32 px' in err and '4.0x' in err
+    assert '--resolution -1' in err and '--resolution 32' in err
+    assert main(common + ['--resolution', '64']) == 0  # 2x: no warning
+    err = capsys.readouterr().err
+    assert 'processing resolution 64 px (longer side, --resolution)' in err
+    assert 'warning' not in err
+    assert main(common + ['--resolution', '-1']) == 0
+    err = capsys.readouterr().err
+    assert 'the input size' in err and 'warning' not in err

@@ -501,3 +501,134 @@ def test_export_only_exports_the_trained_checkpoint(tmp_path, random_model_dir, 
     trained = trainer.accelerator.unwrap_model(trainer.unet).state_dict()
     assert all(torch.equal(exported[k], trained[k]) for k in exported)
     assert not all(torch.equal(exported[k], base[k]) for k in exported)
+
+
+# ---- several processes -------------------------------------------------------------------------
+
+
+def _rgbd_folder(root, frames=6, size=40, empty=(1,), broken=(4,)):
+    """Write an RGB-D folder: ``empty`` frames have no valid depth, ``broken`` ones bad sizes."""
+    from PIL import Image
+    rows, cols = np.mgrid[0:size, 0:size]
+    for folder in ('rgb', 'depth'):
+        (root / folder).mkdir(parents=True)
+    for i in range(frames):
+        rgb = np.stack([cols * 6, rows * 6, np.full_like(cols, 40 * i)], -1).astype(np.uint8)
+        Image.fromarray(rgb).save(root / 'rgb' / f'f{i}.png')
+        depth = (1.0 + cols + 0.3 * i * rows).astype(np.float32)
+        if i in empty:
+            depth[:] = 0
+        if i in broken:
+            depth = depth[:-1]  # sizes of rgb and depth differ: unreadable
+        np.save(root / 'depth' / f'f{i}.npy', depth)
+    return root
+
+
+def _launch(processes, *args):
+    """Run marigold-train under ``accelerate launch`` with several CPU processes (gloo)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    # --cpu would start one process (accelerate's simple launcher); --multi_gpu starts them
+    # all, and the trainer joins them on the CPU when there is no GPU.
+    command = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu',
+               '--num_processes', str(processes), '--num_machines', '1',
+               '--mixed_precision', 'no', '--dynamo_backend', 'no',
+               '--main_process_port', str(port), '-m', 'marigold_model.training.trainer',
+               *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _state(run, step):
+    import json
+    return json.loads((run / 'checkpoints' / f'step_{step:07d}' / 'trainer_state.json')
+                      .read_text())
+
+
+def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, random_model_dir):
+    """
+    Two gloo processes of batch 1 give the losses and counts of one process of batch 2.
+
+    Each process draws, encodes and noises its half of every micro-batch exactly as the one
+    process does (draws and noise are keyed by draw number), and the loss is the masked MSE
+    over the pixels of both halves. What may differ is summation order only: a squared-error
+    sum over 1 + 1 samples added in float64 across processes, against one float32 sum over 2,
+    and gradients summed over the batch inside one convolution's backward against two halves
+    averaged by the all-reduce: float32 rounding (about 6e-8 relative per operation), which
+    four Adam steps at lr 1e-4 carry into the losses at far below the 1e-5 allowed (5e-8
+    measured).
+    """
+    data = _rgbd_folder(tmp_path / 'data')
+    config_file = tmp_path / 'train.yaml'
+    config_file.write_text(
+        f'base_model: {random_model_dir}\nheight: 32\nwidth: 32\nmax_steps: 4\nbatch_size: 1\n'
+        'grad_accumulation: 2\nlr: 0.0001\nwarmup_steps: 1\ncheckpoint_every: 2\n'
+        'log_every: 1\nprogress: false\nexport_resolution: 32\n'
+        f'data:\n  - kind: folder\n    root: {data}\n')
+    two = tmp_path / 'two'
+    _launch(2, config_file, f'output_dir={two}')
+    one = Trainer(load_config(config_file, [f'output_dir={tmp_path / "one"}', 'batch_size=2']))
+    one.run()
+    state = _state(two, 4)
+    assert (state['processes'], state['batch_size']) == (2, 1)
+    assert state['losses'] == pytest.approx(one.losses, rel=1e-5, abs=0)
+    # Counts are summed over the processes: the log of the two reads like the one's.
+    rows_two = list(csv.DictReader(open(two / 'log.csv')))
+    rows_one = list(csv.DictReader(open(tmp_path / 'one' / 'log.csv')))
+    counts = [(r['step'], r['skipped'], r['no_depth']) for r in rows_two]
+    assert counts == [(r['step'], r['skipped'], r['no_depth']) for r in rows_one]
+    assert int(rows_two[-1]['skipped']) > 0 and int(rows_two[-1]['no_depth']) > 0
+    assert [float(r['loss']) for r in rows_two] == pytest.approx(one.losses, abs=2e-6)
+    # Resumed by two processes from the step-2 checkpoint: the uninterrupted run, exactly.
+    resumed = tmp_path / 'resumed'
+    _launch(2, config_file, f'output_dir={resumed}', '--resume',
+            two / 'checkpoints' / 'step_0000002')
+    assert _state(resumed, 4)['losses'] == state['losses']
+    assert _state(resumed, 4)['skipped'] == state['skipped']
+    unet = Path('model') / 'unet' / 'diffusion_pytorch_model.safetensors'
+    assert (resumed / unet).read_bytes() == (two / unet).read_bytes()
+    # One process of batch 2 takes over the two processes' run (same samples per step) ...
+    taken = Trainer(load_config(config_file, [f'output_dir={tmp_path / "taken"}',
+                                              'batch_size=2']))
+    taken.resume(two / 'checkpoints' / 'step_0000002')
+    taken.run()
+    assert taken.losses == pytest.approx(state['losses'], rel=1e-5, abs=0)
+    # ... but one of batch 1 would move the data stream: refused, naming both layouts.
+    halved = Trainer(load_config(config_file, [f'output_dir={tmp_path / "halved"}']))
+    with pytest.raises(TrainingError) as refusal:
+        halved.resume(two / 'checkpoints' / 'step_0000002')
+    message = str(refusal.value)
+    assert '2 processes x batch_size 1' in message and '1 process x batch_size 1' in message
+    assert 'batch_size=2 on 1 process' in message
+    assert halved.step == 0
+
+
+def test_changed_batch_layout_is_refused_on_resume_but_exports(tmp_path, random_model_dir,
+                                                               capsys):
+    """A checkpoint resumed with another batch size or accumulation is refused by name."""
+    config_file = tmp_path / 'train.yaml'
+    config_file.write_text(f'base_model: {random_model_dir}\nheight: 32\nwidth: 32\n'
+                           f'output_dir: {tmp_path / "run"}\nmax_steps: 2\nbatch_size: 2\n'
+                           'grad_accumulation: 2\nprogress: false\nexport_resolution: 32\n'
+                           'data:\n  - kind: synthetic\n    options: {length: 8}\n')
+    trainer = Trainer(load_config(config_file))
+    trainer.train_step()
+    trainer.save_checkpoint()
+    for change, then, now in (('batch_size=4', 'batch_size 2', 'batch_size 4'),
+                              ('grad_accumulation=1', 'grad_accumulation 2',
+                               'grad_accumulation 1')):
+        assert main([str(config_file), change, '--resume']) == 2
+        error = capsys.readouterr().err
+        assert 'cannot resume' in error and then in error and now in error
+        assert 'batch_size=2 on 1 process and grad_accumulation=2' in error
+    assert not (tmp_path / 'run' / 'model').exists()
+    # Exporting a checkpoint does not continue the stream: any layout may export it.
+    assert main([str(config_file), 'batch_size=4', '--export-only']) == 0
+    assert (tmp_path / 'run' / 'model' / 'model_index.json').is_file()

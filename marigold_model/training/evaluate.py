@@ -28,6 +28,9 @@ from ..config import (EstimatorConfig, InferenceConfig, ModelConfig, override,
 from ..data.sample import UnreadableSample
 
 BASELINES = ('constant', 'ramp')
+# Upsampling the data set's images by more than this is warned about: the model sees no detail
+# the image does not have, and the cost grows with the square of the factor.
+UPSAMPLE_WARNING = 2.0
 # Keys of evaluate_affine_invariant's result that describe the fit, not the quality.
 _FIT_KEYS = ('scale', 'shift', 'n_valid')
 
@@ -208,6 +211,31 @@ def evaluate(predictor, dataset, min_depth=None, max_depth=None, crop=None, *, b
     return result
 
 
+def resolution_notes(resolution, requested, image_shape):
+    """
+    Say which processing resolution an evaluation uses, and warn when it upsamples a lot.
+
+    :param resolution: resolved processing resolution (longer side; 0 = the input size)
+    :param requested: the --resolution asked for (0 = the model's default)
+    :param image_shape: shape of a data set image ((H, W, ...)), or None if unknown
+    :return: list of lines for stderr (the last one a warning when upsampling > 2x)
+    """
+    if resolution <= 0:
+        return ['marigold-eval: processing resolution: the input size of each image']
+    source = "the model's default" if requested == 0 else '--resolution'
+    lines = [f'marigold-eval: processing resolution {resolution} px (longer side, {source})']
+    if image_shape is not None:
+        longest = max(image_shape[:2])
+        factor = resolution / longest
+        if factor > UPSAMPLE_WARNING:
+            lines.append(
+                f"marigold-eval: warning: that upsamples the data set's images ({longest} px "
+                f'longer side) {factor:.1f}x, which costs about {factor ** 2:.0f}x the '
+                f'pixels and adds no detail; pass --resolution -1 (the input size) or '
+                f'--resolution {longest}')
+    return lines
+
+
 # ---- reports --------------------------------------------------------------------------------
 
 
@@ -332,6 +360,9 @@ def run(args):
             from ..estimator import DepthEstimator
             estimator = DepthEstimator(config)
             steps, resolution = estimator.resolved_settings()
+            first = dataset.samples[0].rgb.shape if len(dataset) else None
+            for line in resolution_notes(resolution, args.resolution, first):
+                print(line, file=sys.stderr)
             model_info = {'model': args.model, 'steps': steps, 'ensemble': args.ensemble,
                           'processing_resolution': resolution or 'input size',
                           'seed': args.seed, 'device': str(estimator.device),

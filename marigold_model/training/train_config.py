@@ -27,12 +27,12 @@ class DataSpec:
     """
     One training data source.
 
+    TrainConfig checks its sources, naming each by its place in ``data``.
+
     :param kind: 'synthetic', 'hypersim', 'vkitti', 'folder' or 'bag'
     :param root: folder or file to read ('' for synthetic)
     :param probability: share of samples drawn from this source
     :param options: reader-specific keyword arguments
-
-    TrainConfig checks its sources, naming each by its place in ``data``.
     """
 
     kind: str = 'synthetic'
@@ -49,37 +49,74 @@ class TrainConfig:
     Checked when made: a bad setting raises TrainingError naming it.
     """
 
+    # Run folder: config.yaml, log.csv, checkpoints/step_NNNNNNN, the exported model/ and
+    # tensorboard/.
     output_dir: str = 'runs/marigold'
-    # A Marigold checkpoint, or a Stable Diffusion 2 one (its 4-channel U-Net input is widened).
+    # A Marigold checkpoint, or a Stable Diffusion 2 one (its 4-channel U-Net input is widened):
+    # a local diffusers folder, a Hugging Face id already downloaded, or 'bundled:<name>'.
     base_model: str = 'prs-eth/marigold-depth-v1-1'
+    # Training sources, drawn by probability: a list of the keys below.
     data: tuple = (DataSpec(),)
+    # Training crop height in pixels (a multiple of 8): each frame is resized to cover the
+    # crop, then cropped at a random offset.
     height: int = 480
+    # Training crop width in pixels (a multiple of 8).
     width: int = 640
+    # Flip half of the samples horizontally.
     hflip: bool = True
+    # Optimiser steps of the run; the learning-rate schedule spans them.
     max_steps: int = 30000
+    # Samples per process per micro-step.
     batch_size: int = 2
+    # Micro-steps per optimiser step: the batch of a step is processes x batch_size x
+    # grad_accumulation (the paper: 1 x 2 x 16 = 32).
     grad_accumulation: int = 16
+    # Learning rate after warm-up.
     lr: float = 3e-5
+    # 'adam' (the paper's) or 'adamw'.
     optimizer: str = 'adam'
+    # Weight decay: an L2 term with adam, decoupled with adamw.
     weight_decay: float = 0.0
+    # Steps of linear warm-up from lr / warmup_steps to lr.
     warmup_steps: int = 100
+    # After warm-up: 'exponential' or 'cosine' decay to lr x lr_final_ratio at max_steps, or
+    # 'constant'.
     lr_schedule: str = 'exponential'
+    # Final learning rate as a fraction of lr.
     lr_final_ratio: float = 0.01
+    # Clip the gradient norm to this (0: no clipping).
     max_grad_norm: float = 1.0
+    # 'no', 'fp16' or 'bf16': autocast of the U-Net; the frozen VAE and text embedding are
+    # stored in it. bf16 needs an Ampere or newer GPU.
     mixed_precision: str = 'no'
+    # Recompute U-Net activations during backward: less memory, slower steps.
     gradient_checkpointing: bool = False
+    # Exponential moving average of the U-Net weights, exported instead of the last weights
+    # (0 turns it off; e.g. 0.999).
     ema_decay: float = 0.0
+    # Multi-resolution (pyramid) noise instead of white noise, as the paper trains.
     pyramid_noise: bool = True
+    # Weight of pyramid level i is pyramid_strength ** i.
     pyramid_strength: float = 0.9
+    # Scale the pyramid strength down linearly with the timestep.
     pyramid_anneal: bool = True
+    # Depth is normalised per sample: this quantile of its valid pixels maps to -1 ...
     depth_low_percentile: float = 0.02
+    # ... and this one to 1 (fractions: 0.98 is the 98th percentile).
     depth_high_percentile: float = 0.98
+    # Seed of every draw: samples, crops, flips, timesteps and noise.
     seed: int = 0
+    # Write a row of log.csv (and TensorBoard) every this many steps.
     log_every: int = 10
+    # 'csv' (log.csv) or 'tensorboard' (log.csv and event files; needs tensorboard).
     logger: str = 'csv'
+    # Save a checkpoint every this many steps, and at max_steps.
     checkpoint_every: int = 500
+    # Checkpoints kept; older ones are deleted.
     keep_checkpoints: int = 2
+    # Store the exported weights in float16 (half the size).
     export_fp16: bool = False
+    # Show a progress bar.
     progress: bool = True
     # Keep the VAE latents of each (frame, crop, flip) after first use; only exact repeats are
     # served from it (readers are deterministic). Pays off when frames are at the training
@@ -89,8 +126,10 @@ class TrainConfig:
     # With cache_latents, encode every frame (both flips) before the first step, batched: for
     # small datasets at the training resolution this is cheaper than finding them step by step.
     prefill_cache: bool = False
-    # Exported model defaults (for users of the resulting model).
+    # Denoising steps the exported model runs by default.
     export_steps: int = 1
+    # Processing resolution (longer image side) the exported model runs at by default; the
+    # node and marigold-eval use it unless told otherwise.
     export_resolution: int = 768
 
     def __post_init__(self):

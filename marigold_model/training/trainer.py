@@ -7,17 +7,20 @@ Usage::
     accelerate launch -m marigold_model.training.trainer CONFIG.yaml [key=value ...]
 
 The U-Net learns v-prediction on DDPM (1000 steps) with annealed multi-resolution noise; the
-VAE is frozen and the empty-prompt embedding is computed once. Every step draws its samples,
-crops, flips, timesteps and noise from generators seeded by (seed, step, micro-step, process):
-the data is a stream in which every frame of a source is used once per pass over it, so a
-resumed run repeats an uninterrupted one exactly. The learning rate is a function of the step.
-The checkpoint still holds the full state (U-Net, optimiser, step, learning rate, RNG states,
-EMA, counts of skipped samples).
+VAE is frozen and the empty-prompt embedding is computed once. The data is a stream of
+numbered draws in which every frame of a source is used once per pass over it; each draw's
+sample, crop, flip, timestep and noise come from generators seeded by (seed, draw number), so
+a resumed run repeats an uninterrupted one exactly, and N processes of batch B train as one of
+batch N x B (the loss is the masked MSE over the global batch; logged losses and counts are
+summed over processes). The learning rate is a function of the step. The checkpoint still
+holds the full state (U-Net, optimiser, step, learning rate, RNG states, EMA, counts of
+skipped samples, the batch layout).
 """
 
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 import shutil
 import sys
@@ -36,6 +39,9 @@ from .training_data import build_training_data, draw_numbers, sample_to_tensors
 from ..architecture import save_marigold
 from ..loading import resolve_model_path
 from ..noise import annealed_strength, pyramid_noise_like
+
+# Key of the per-draw timestep / noise generators (the data's own keys are 0 to 3).
+_NOISE_STREAM = 101
 
 
 def lr_factor(step, config):
@@ -79,6 +85,67 @@ def find_checkpoint(output_dir, checkpoint='latest'):
     return checkpoint
 
 
+def make_accelerator(config):
+    """
+    Make the run's Accelerator: one process, or every process a launcher started.
+
+    Launched as several processes (``WORLD_SIZE`` > 1, e.g. ``accelerate launch --multi_gpu``
+    or ``torchrun``) on a machine without GPUs, accelerate would give each process a
+    one-process run of its own; they are joined on the CPU (gloo) instead.
+
+    :param config: TrainConfig
+    :return: accelerate.Accelerator
+    :raises TrainingError: the launcher's processes did not join one run
+    """
+    from accelerate import Accelerator
+    world = int(os.environ.get('WORLD_SIZE') or 1)
+    cpu = world > 1 and not torch.accelerator.is_available()
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+    if world > 1 and accelerator.num_processes != world:
+        raise TrainingError(f'launched as {world} processes, but accelerate joined '
+                            f'{accelerator.num_processes}: check the launcher settings')
+    return accelerator
+
+
+def check_batch_layout(state, config, processes, checkpoint):
+    """
+    Refuse to resume where the data stream would not go on as in the interrupted run.
+
+    Draw numbers, noise and the loss depend on the samples per micro-step over all processes
+    (processes x batch_size) and on grad_accumulation, not on how they are split: 2 processes
+    of batch 8 continue a run of 1 process of batch 16 exactly (up to summation order), while
+    any other change would silently move the draw numbering.
+
+    :param state: the checkpoint's trainer_state.json (older ones lack the layout: accepted)
+    :param config: TrainConfig of the resumed run
+    :param processes: processes of the resumed run
+    :param checkpoint: checkpoint folder (for the message)
+    :raises TrainingError: naming the checkpoint's and this run's values
+    """
+    if 'processes' not in state:
+        return
+    then = (state['processes'], state['batch_size'], state['grad_accumulation'])
+    now = (processes, config.batch_size, config.grad_accumulation)
+    if then[0] * then[1] == now[0] * now[1] and then[2] == now[2]:
+        return
+
+    def layout(values):
+        count, batch, accumulation = values
+        return (f'{_processes(count)} x batch_size {batch} = {count * batch} samples per '
+                f'micro-step, grad_accumulation {accumulation}')
+    micro = then[0] * then[1]
+    fix = (f'batch_size={micro // now[0]} on {_processes(now[0])}' if micro % now[0] == 0
+           else f'processes x batch_size = {micro}')
+    raise TrainingError(
+        f'cannot resume {checkpoint}: it was trained with {layout(then)}; this run has '
+        f'{layout(now)}. That would move the data stream and change the loss: resume with '
+        f'{fix} and grad_accumulation={then[2]}, or start a new run (another output_dir)')
+
+
+def _processes(count):
+    return f'{count} process' + ('es' if count != 1 else '')
+
+
 # ---- the run ---------------------------------------------------------------------------------
 
 
@@ -93,8 +160,6 @@ class Trainer:
         :param dataset: optional dataset yielding Sample objects at the training resolution
             (tests, recipes); anything but a MixedDataset is drawn from as its only source
         """
-        from accelerate import Accelerator
-
         from ..data.mixing import MixedDataset
         self.config = config
         self.output = Path(config.output_dir)
@@ -104,7 +169,7 @@ class Trainer:
         elif not isinstance(dataset, MixedDataset):
             dataset = MixedDataset([dataset], [1.0], seed=config.seed)
         self.dataset = dataset
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        self.accelerator = make_accelerator(config)
         unet, vae, scheduler_config, embedding, base_index = load_base(str(base_path))
         self.base_index = base_index
         self.scheduler = training_scheduler(scheduler_config)
@@ -131,6 +196,8 @@ class Trainer:
         self.step = 0
         self.losses = []
         self.no_depth = 0  # drawn samples without any valid depth pixel (taught nothing)
+        self.skipped = 0  # unreadable samples replaced, all processes
+        self._skipped_seen = self._dataset_skipped()  # this process's count already summed
         self.last_lr = self.set_lr()
 
     # -- learning rate ----------------------------------------------------------------------
@@ -219,31 +286,53 @@ class Trainer:
         if pending:
             flush()
 
-    def compute_loss(self, rgb_latent, depth_latent, valid_latent, generator):
+    def sample_generators(self, numbers):
         """
-        Marigold's loss for one micro-batch: masked MSE on the predicted velocity.
+        One noise generator per draw, seeded by (seed, draw number) alone.
+
+        A draw's timestep and noise then do not depend on how a global batch is split into
+        processes and micro-batches: two processes of batch B draw what one of batch 2B does.
+
+        :param numbers: draw numbers (see :func:`draw_numbers`)
+        :return: list of torch.Generator on the CPU
+        """
+        return [torch.Generator('cpu').manual_seed(
+            int(np.random.default_rng([self.config.seed, _NOISE_STREAM, number])
+                .integers(2 ** 62))) for number in numbers]
+
+    def compute_loss(self, rgb_latent, depth_latent, valid_latent, generators):
+        """
+        Marigold's loss terms for one micro-batch: squared velocity errors on valid pixels.
+
+        Each sample takes its timestep and its noise from its own generator; pyramid noise is
+        Marigold's draw for a batch of one (normalised per sample, not per batch).
 
         :param rgb_latent: [B, C, h, w] scaled image latents
         :param depth_latent: [B, C, h, w] scaled latents of the normalised depth
         :param valid_latent: [B, C, h, w] bool, latent pixels with fully valid depth
-        :param generator: torch.Generator for timesteps and noise
-        :return: scalar loss tensor
+        :param generators: one torch.Generator per sample (:meth:`sample_generators`)
+        :return: (sum of squared errors over the valid latent pixels, scalar tensor with
+            gradient; number of those pixels, int)
         """
         config = self.config
         device = self.accelerator.device
         batch = rgb_latent.shape[0]
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,),
-                                  generator=generator, device='cpu').to(device)
+        steps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.cat([torch.randint(0, steps, (1,), generator=generator)
+                               for generator in generators])
         if config.pyramid_noise:
-            strength = config.pyramid_strength
+            strength = torch.full((batch,), float(config.pyramid_strength))
             if config.pyramid_anneal:
-                strength = annealed_strength(strength, timesteps.cpu(),
-                                             self.scheduler.config.num_train_timesteps)
-            noise = pyramid_noise_like(depth_latent.cpu().float(), strength,
-                                       generator=generator).to(device)
+                strength = annealed_strength(config.pyramid_strength, timesteps, steps)
+            noise = torch.cat([
+                pyramid_noise_like(depth_latent[row:row + 1].cpu().float(), strength[row],
+                                   generator=generator)
+                for row, generator in enumerate(generators)])
         else:
-            noise = torch.randn(depth_latent.shape, generator=generator).to(device)
-        noise = noise.to(depth_latent.dtype)
+            noise = torch.cat([torch.randn((1, *depth_latent.shape[1:]), generator=generator)
+                               for generator in generators])
+        timesteps = timesteps.to(device)
+        noise = noise.to(device, depth_latent.dtype)
         alpha = self.alphas[timesteps].view(-1, 1, 1, 1).to(depth_latent.dtype)
         noisy = alpha.sqrt() * depth_latent + (1 - alpha).sqrt() * noise
         target = alpha.sqrt() * noise - (1 - alpha).sqrt() * depth_latent  # velocity
@@ -251,15 +340,23 @@ class Trainer:
         with self.accelerator.autocast():
             prediction = self.unet(torch.cat([rgb_latent, noisy], dim=1), timesteps,
                                    encoder_hidden_states=text, return_dict=False)[0]
-        if not valid_latent.any():
-            return (prediction * 0).sum()  # nothing valid: no gradient, but keep DDP in step
-        return F.mse_loss(prediction.float()[valid_latent], target.float()[valid_latent])
+        count = int(valid_latent.sum())
+        if not count:
+            return (prediction * 0).sum(), 0  # nothing valid: no gradient, keeps DDP in step
+        error = prediction.float()[valid_latent] - target.float()[valid_latent]
+        return error.square().sum(), count
 
     def train_step(self):
         """
-        One optimiser step over ``grad_accumulation`` micro-batches.
+        One optimiser step over ``grad_accumulation`` micro-batches on every process.
 
-        :return: the mean loss of the step
+        The loss of a micro-step is the masked MSE over the valid pixels of the global
+        micro-batch (all processes together): each process sums its squared errors and
+        divides by the pixel count summed over processes, so the averaged gradients are those
+        of one process drawing the whole batch. Counts of no-depth and unreadable samples are
+        summed over processes too.
+
+        :return: the step's loss (mean over micro-steps of the global micro-batch loss)
         """
         config = self.config
         process = self.accelerator.process_index
@@ -267,23 +364,28 @@ class Trainer:
         self.last_lr = self.set_lr()
         total = 0.0
         for micro in range(config.grad_accumulation):
-            generator = torch.Generator('cpu').manual_seed(
-                int(np.random.default_rng([config.seed, self.step, micro, process, 1])
-                    .integers(2 ** 62)))
-            *latents, empty = self.encode_samples(
-                draw_numbers(config, self.step, micro, process, processes))
-            self._count_no_depth(int(empty.sum()))
+            numbers = draw_numbers(config, self.step, micro, process, processes)
+            *latents, empty = self.encode_samples(numbers)
             last = micro == config.grad_accumulation - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet)
             with sync:
-                loss = self.compute_loss(*latents, generator)
-                if not torch.isfinite(loss):
+                error, count = self.compute_loss(*latents, self.sample_generators(numbers))
+                skipped = self._dataset_skipped()
+                sums = self._sum_over_processes(
+                    [error.item(), count, int(empty.sum()), skipped - self._skipped_seen])
+                self._skipped_seen = skipped
+                self.skipped += int(sums[3])
+                self._count_no_depth(int(sums[2]))
+                loss = sums[0] / sums[1] if sums[1] else 0.0
+                if not math.isfinite(loss):  # the same global value on every process
                     raise TrainingError(
-                        f'loss became {loss.item()} at step {self.step}; the run is stopped. '
+                        f'loss became {loss} at step {self.step}; the run is stopped. '
                         f'The last good checkpoint is kept in {self.output / "checkpoints"}: '
                         'lower lr, or check the data (depth ranges, invalid masks)')
-                self.accelerator.backward(loss / config.grad_accumulation)
-            total += loss.item()
+                # DDP averages gradients over processes: scale each share back up.
+                scale = processes / (max(sums[1], 1) * config.grad_accumulation)
+                self.accelerator.backward(error * scale)
+            total += loss
         if config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
         self.optimizer.step()
@@ -293,8 +395,24 @@ class Trainer:
         self.step += 1
         return total / config.grad_accumulation
 
+    def _sum_over_processes(self, values):
+        """
+        Sum numbers over all processes (every process gets the sums).
+
+        :param values: list of numbers
+        :return: list of float sums (float64, exact for counts)
+        """
+        if self.accelerator.num_processes == 1:
+            return [float(value) for value in values]
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(tensor, 'sum').tolist()
+
+    def _dataset_skipped(self):
+        """Unreadable samples this process's dataset replaced so far."""
+        return int(getattr(self.dataset, 'skipped', 0))
+
     def _count_no_depth(self, count):
-        if count and not self.no_depth:
+        if count and not self.no_depth and self.accelerator.is_main_process:
             print(f'marigold-train: step {self.step} drew a sample without any valid depth; '
                   'such samples are masked out of the loss and counted (no_depth in log.csv)',
                   file=sys.stderr)
@@ -320,8 +438,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(partial))
         if self.accelerator.is_main_process:
-            state = {'step': self.step, 'lr': self.lr_at(self.step), 'skipped': self._skipped(),
-                     'no_depth': self.no_depth, 'losses': self.losses}
+            state = {'step': self.step, 'lr': self.lr_at(self.step), 'skipped': self.skipped,
+                     'no_depth': self.no_depth, 'losses': self.losses,
+                     'processes': self.accelerator.num_processes,
+                     'batch_size': self.config.batch_size,
+                     'grad_accumulation': self.config.grad_accumulation}
             (partial / 'trainer_state.json').write_text(json.dumps(state))
             if self.ema is not None:
                 torch.save(self.ema.shadow, partial / 'ema.pt')
@@ -333,21 +454,26 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return final
 
-    def resume(self, checkpoint='latest'):
+    def resume(self, checkpoint='latest', training=True):
         """
         Restore the full state from a checkpoint folder (or the latest one of the run).
 
         :param checkpoint: folder path or 'latest'
+        :param training: the run goes on (not only an export): refuse a checkpoint whose
+            batch layout would not continue its data stream (see :func:`check_batch_layout`)
         :return: Path restored from
+        :raises TrainingError: no checkpoint, or a batch layout that cannot go on
         """
         checkpoint = find_checkpoint(self.output, checkpoint)
-        self.accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / 'trainer_state.json').read_text())
+        if training:
+            check_batch_layout(state, self.config, self.accelerator.num_processes, checkpoint)
+        self.accelerator.load_state(str(checkpoint))
         self.step = state['step']
         self.losses = state.get('losses', [])
         self.no_depth = int(state.get('no_depth', 0))
-        if hasattr(type(self.dataset), 'skipped'):
-            self.dataset.skipped = int(state.get('skipped', 0))
+        self.skipped = int(state.get('skipped', 0))
+        self._skipped_seen = self._dataset_skipped()
         if self.ema is not None:
             self.ema.shadow = torch.load(checkpoint / 'ema.pt')
         self.last_lr = self.lr_at(max(self.step - 1, 0))
@@ -355,7 +481,7 @@ class Trainer:
         return checkpoint
 
     def _skipped(self):
-        return int(getattr(self.dataset, 'skipped', 0))
+        return self.skipped
 
     # -- export -----------------------------------------------------------------------------
 
@@ -392,8 +518,9 @@ class Trainer:
         """
         config = self.config
         self.output.mkdir(parents=True, exist_ok=True)
-        with open(self.output / 'config.yaml', 'w') as stream:
-            yaml.safe_dump(config_to_dict(config), stream, sort_keys=False)
+        if self.accelerator.is_main_process:
+            with open(self.output / 'config.yaml', 'w') as stream:
+                yaml.safe_dump(config_to_dict(config), stream, sort_keys=False)
         log = RunLog(self.output, config.logger, self.accelerator.is_main_process,
                      start=self.step)
         progress = _progress(config, self.step, self.accelerator.is_main_process)
@@ -417,15 +544,14 @@ class Trainer:
                 self.save_checkpoint()
         progress.close()
         log.close()
-        skipped = self._skipped()
-        if skipped:
-            print(f'{skipped} unreadable samples were skipped', file=sys.stderr)
+        if not self.accelerator.is_main_process:
+            return None
+        if self.skipped:
+            print(f'{self.skipped} unreadable samples were skipped', file=sys.stderr)
         if self.no_depth:
             print(f'{self.no_depth} drawn samples had no valid depth and taught nothing',
                   file=sys.stderr)
-        if self.accelerator.is_main_process:
-            return self.export()
-        return None
+        return self.export()
 
 
 def _progress(config, start, active):
@@ -458,7 +584,7 @@ def main(argv=None):
             resume = find_checkpoint(config.output_dir, resume)  # before loading any model
         trainer = Trainer(config)
         if resume:
-            trainer.resume(resume)
+            trainer.resume(resume, training=not args.export_only)
         if args.export_only:
             print(f'exporting {resume} (step {trainer.step})')
             path = trainer.export()
