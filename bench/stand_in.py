@@ -16,7 +16,7 @@ interface marigold_ros uses (pipeline, live node, bag processor)::
 import threading
 import time
 
-from marigold_model.config import EstimatorConfig, validate_inference_config
+from marigold_model.config import EstimatorConfig
 from marigold_model.estimator import check_frame, DepthResult, processing_size
 import numpy as np
 
@@ -58,7 +58,6 @@ class StandInEstimator:
         """Keep the time and the settings."""
         if not milliseconds >= 0:
             raise ValueError(f'milliseconds must be >= 0, got {milliseconds}')
-        validate_inference_config(config.inference)
         self.milliseconds = float(milliseconds)
         self.config = config
         self.device = 'stand-in'
@@ -78,11 +77,10 @@ class StandInEstimator:
 
     def set_inference(self, inference):
         """
-        Replace the per-call settings (validated as DepthEstimator does).
+        Replace the per-call settings (an InferenceConfig checked itself when made).
 
         :param inference: InferenceConfig
         """
-        validate_inference_config(inference)
         self.config = EstimatorConfig(self.config.model, inference)
 
     @property

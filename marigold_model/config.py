@@ -146,30 +146,6 @@ def resolve_processing_resolution(value, model_default):
     return value
 
 
-def validate_model_config(config):
-    """
-    Return a ModelConfig unchanged: it checked itself when made (``__post_init__``).
-
-    Kept only while the ROS parameter schema passes it as a validate hook.
-
-    :param config: the ModelConfig
-    :return: the same config
-    """
-    return config
-
-
-def validate_inference_config(config):
-    """
-    Return an InferenceConfig unchanged: it checked itself when made (``__post_init__``).
-
-    Kept only while the ROS parameter schema passes it as a validate hook.
-
-    :param config: the InferenceConfig
-    :return: the same config
-    """
-    return config
-
-
 def override(config, **changes):
     """
     Return a copy of a frozen config with some fields replaced, rejecting unknown names.

@@ -15,21 +15,18 @@ parameter whose
   subscriptions) so that ``ros2 param set`` refuses it instead of silently ignoring it.
 
 The node turns parameter values back into configs with :meth:`ConfigGroup.from_node` and
-checks runtime changes with :meth:`ConfigGroup.apply` (the dataclass and the group's
-``validate`` raise ValueError naming the bad field).
+checks runtime changes with :meth:`ConfigGroup.apply` (the dataclass raises ValueError
+naming the bad field).
 """
 
-import ast
 from dataclasses import dataclass, field, fields, replace
-import functools
-import inspect
-import io
 import math
 import re
 import textwrap
-import tokenize
 
 from marigold_model import yaml12
+from marigold_model.config_docs import field_descriptions
+from marigold_model.config_docs import yaml_value as _yaml_value
 from rcl_interfaces.msg import FloatingPointRange
 from rcl_interfaces.msg import IntegerRange
 from rcl_interfaces.msg import ParameterDescriptor
@@ -39,8 +36,6 @@ import yaml
 # Limits of rcl_interfaces ranges: int64 and a float range must be finite.
 _INT_MIN, _INT_MAX = -2 ** 63, 2 ** 63 - 1
 _FLOAT_LIMIT = 1.0e300
-_NOQA = re.compile(r'\s*noqa(:\s*[A-Z]+\d+)?\s*(-\s*)?', re.IGNORECASE)
-_ROLE = re.compile(r':\w+:`~?([^`]+)`')
 
 
 def _param_type(value):
@@ -64,59 +59,6 @@ def _param_type(value):
             return ParameterType.PARAMETER_STRING_ARRAY
     raise TypeError(f'no ROS parameter type for default {value!r} ({type(value).__name__}); '
                     'use bool, int, float, str or a non-empty tuple of one of them')
-
-
-def _clean_text(text):
-    """Strip '#', noqa markers and reST markup (``x``, :func:`~a.b.c`) from documentation."""
-    text = _ROLE.sub(lambda m: m.group(1).split('.')[-1], text.lstrip('#'))
-    return ' '.join(_NOQA.sub(' ', text).replace('``', '').split())
-
-
-@functools.lru_cache(maxsize=None)
-def field_descriptions(cls):
-    """
-    Return the documentation of each field of a dataclass.
-
-    Taken from the ``:param name:`` entries of the class docstring, else from the source:
-    the comment lines directly above the field and the comment on its own line.  Without
-    source (e.g. a zipped install) only the docstring is used.
-
-    :param cls: a dataclass type
-    :return: dict field name -> one-line description (missing fields are absent)
-    """
-    out = {}
-    doc = inspect.getdoc(cls) or ''
-    for match in re.finditer(r':param (\w+):(.*?)(?=\n\s*:|\Z)', doc, re.S):
-        out[match.group(1)] = _clean_text(match.group(2))
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return out
-    lines = source.splitlines()
-    comments = {}
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            comments[token.start[0]] = token.string
-    classdef = ast.parse(source).body[0]
-    for node in classdef.body:
-        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
-            continue
-        name = node.target.id
-        if name in out:
-            continue
-        above = []
-        line = node.lineno - 1
-        while line in comments and lines[line - 1].strip().startswith('#'):
-            above.insert(0, _clean_text(comments[line]))
-            line -= 1
-        parts = [text for text in above if text]
-        trailing = comments.get(node.end_lineno)
-        if trailing and not lines[node.end_lineno - 1].strip().startswith('#'):
-            parts.append(_clean_text(trailing))
-        text = ' '.join(p for p in parts if p)
-        if text:
-            out[name] = text
-    return out
 
 
 @dataclass(frozen=True)
@@ -310,7 +252,7 @@ class ConfigGroup:
         :param values: dict field name -> value (ROS types: lists become tuples)
         :param base: instance giving the other fields (default: ``cls()``)
         :return: instance of ``cls``
-        :raises ValueError: a value is not allowed (the dataclass / ``validate`` says which)
+        :raises ValueError: a value is not allowed (the dataclass says which)
         """
         base = base if base is not None else self.defaults()
         known = {f.name: f for f in fields(self.cls)}
@@ -454,18 +396,6 @@ def yaml_document(groups, node_name, header=''):
                 text, 99 - len(indent) - 2, break_on_hyphens=False)]
             out.append(f'{indent}{name}: {_yaml_value(default)}')
     return '\n'.join(out) + '\n'
-
-
-def _yaml_value(value):
-    if isinstance(value, bool):
-        return 'true' if value else 'false'
-    if isinstance(value, float):
-        return '.inf' if math.isinf(value) else repr(value)
-    if isinstance(value, str):
-        return "'" + value.replace("'", "''") + "'"
-    if isinstance(value, (tuple, list)):
-        return '[' + ', '.join(_yaml_value(v) for v in value) + ']'
-    return str(value)
 
 
 def _node_sections(mapping, namespace=''):

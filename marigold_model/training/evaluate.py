@@ -23,8 +23,7 @@ import numpy as np
 from .eval_datasets import crop_mask, EvalDataset, FOLDER_MIN_DEPTH, open_dataset
 from ..alignment import (AlignmentError, depth_metrics, evaluate_affine_invariant,
                          REASON_DEGENERATE_RANGE, REASON_NONFINITE_PREDICTION)
-from ..config import (EstimatorConfig, InferenceConfig, ModelConfig, override,
-                      validate_inference_config, validate_model_config)
+from ..config import EstimatorConfig, InferenceConfig, ModelConfig, override
 from ..data.sample import UnreadableSample
 
 BASELINES = ('constant', 'ramp')
@@ -337,8 +336,6 @@ def _estimator_config(args):
     inference = override(InferenceConfig(), denoising_steps=args.steps,
                          ensemble_size=args.ensemble, processing_resolution=args.resolution,
                          seed=args.seed, batch_size=args.batch_size)
-    validate_model_config(model)
-    validate_inference_config(inference)
     return EstimatorConfig(model=model, inference=inference)
 
 
