@@ -2,7 +2,10 @@
 Which package may import which, read from the source with ast (every import, also in functions).
 
 marigold_model runs without ROS; its inference side (everything outside
-marigold_model/training) runs without the training code. Rules are rows of RULES.
+marigold_model/training) runs without the training code.  In marigold_ros the live node and
+the offline bag tools sit side by side on the shared stages: neither imports the other, the
+pipeline imports neither, and node_params (the parameters both read) imports none of them.
+Rules are rows of RULES.
 """
 
 import ast
@@ -18,13 +21,25 @@ ROS_MODULES = ('rclpy', 'rosbag2_py', 'tf2_ros', 'tf2_py', 'launch', 'launch_ros
                'message_filters', 'cv_bridge', 'ament_index_python', 'rosidl_runtime_py',
                '*_msgs', '*_srvs', '*_interfaces')
 
-# (package, sub-packages left out, forbidden module patterns, why).  A pattern forbids a module
-# and everything below it (fnmatch: '*_msgs' is every message package).
+# (package or module, sub-packages left out, forbidden module patterns, why).  A pattern
+# forbids a module and everything below it (fnmatch: '*_msgs' is every message package).
 RULES = (
     ('marigold_model', (), ROS_MODULES + ('marigold_ros',),
      'marigold_model must work without ROS'),
     ('marigold_model', ('marigold_model.training',), ('marigold_model.training',),
      'inference must not depend on the training code'),
+    ('marigold_ros.depth_node', (), ('marigold_ros.bag_processor', 'marigold_ros.bag_io',
+                                     'marigold_ros.ordered_threads'),
+     'the live node does not depend on the offline bag tools'),
+    ('marigold_ros.bag_processor', (), ('marigold_ros.depth_node',),
+     'the bag processor does not depend on the live node'),
+    ('marigold_ros.bag_topics', (), ('marigold_ros.depth_node',),
+     'the bag topics do not depend on the live node'),
+    ('marigold_ros.pipeline', (), ('marigold_ros.depth_node', 'marigold_ros.bag_processor'),
+     'the pipeline serves the node and the bag processor and imports neither'),
+    ('marigold_ros.node_params', (), ('marigold_ros.depth_node', 'marigold_ros.bag_processor',
+                                      'marigold_ros.pipeline'),
+     'the parameters import none of their users'),
 )
 
 
@@ -73,12 +88,15 @@ def violations(package, excluded, forbidden):
     """
     List the forbidden imports of a package's modules.
 
-    :param package: top package name (a folder under ROOT)
+    :param package: dotted package (a folder under ROOT) or module (one file)
     :param excluded: dotted sub-packages whose modules the rule does not cover
     :param forbidden: module patterns (see :func:`matches`)
     :return: (files checked, list of 'file:line imports name')
     """
-    files = [path for path in sorted((ROOT / package).rglob('*.py'))
+    single = ROOT / (package.replace('.', '/') + '.py')
+    candidates = [single] if single.is_file() else \
+        sorted((ROOT / package.replace('.', '/')).rglob('*.py'))
+    files = [path for path in candidates
              if not any(matches(module_name(path), sub) for sub in excluded)]
     found = []
     for path in files:
@@ -122,3 +140,14 @@ def test_relative_and_nested_imports_are_resolved():
     assert matches('sensor_msgs.msg', '*_msgs')
     assert not matches('marigold_model.trainingish', 'marigold_model.training')
     assert not matches('rosbags.highlevel', 'rosbag2_py')
+    ros_names = [name for _, name in imported_modules(
+        'from . import bag_io\nimport marigold_ros.geometry\n', 'marigold_ros.pipeline')]
+    assert 'marigold_ros.bag_io' in ros_names and 'marigold_ros.geometry' in ros_names
+
+
+def test_a_module_rule_reads_that_file_alone():
+    """A rule on a module covers its file; a rule on a package covers every file below."""
+    files, _ = violations('marigold_ros.pipeline', (), ())
+    assert [module_name(path) for path in files] == ['marigold_ros.pipeline']
+    files, _ = violations('marigold_ros', (), ())
+    assert len(files) > 10

@@ -214,12 +214,12 @@ def resolution_notes(resolution, requested, image_shape):
     """
     Say which processing resolution an evaluation uses, and warn when it upsamples a lot.
 
-    :param resolution: resolved processing resolution (longer side; 0 = the input size)
+    :param resolution: resolved processing resolution (longer side; None = the input size)
     :param requested: the --resolution asked for (0 = the model's default)
     :param image_shape: shape of a data set image ((H, W, ...)), or None if unknown
     :return: list of lines for stderr (the last one a warning when upsampling > 2x)
     """
-    if resolution <= 0:
+    if resolution is None:
         return ['marigold-eval: processing resolution: the input size of each image']
     source = "the model's default" if requested == 0 else '--resolution'
     lines = [f'marigold-eval: processing resolution {resolution} px (longer side, {source})']
