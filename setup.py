@@ -53,6 +53,7 @@ setup(
             'marigold-train = marigold_model.trainer:main',
             'marigold-eval = marigold_model.evaluate:main',
             'marigold-estimate = marigold_model.cli:main',
+            'marigold-export-onnx = marigold_model.onnx_export:main',
         ],
     },
 )

@@ -15,6 +15,7 @@ BUNDLED_TINY_MODEL = 'bundled:marigold-tiny'
 DEVICES = ('auto', 'cpu', 'cuda')
 DTYPES = ('auto', 'float32', 'float16', 'bfloat16')
 VAE_CHOICES = ('model', 'tiny')
+BACKENDS = ('torch', 'onnxruntime')
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,13 @@ class ModelConfig:
     cuda_graphs: bool = False
     # Refuse frames larger than this many pixels before any work is done.
     max_input_pixels: int = 4096 * 4096
+    # 'torch' runs the diffusers modules; 'onnxruntime' runs a folder written by
+    # marigold-export-onnx (then `model` names that folder) with the TensorRT, CUDA or CPU
+    # execution provider, the first of them installed ('cpu' device: CPU only).
+    backend: str = 'torch'
+    # Folder for TensorRT engines built by ONNX Runtime (minutes per input size, so kept);
+    # '' = ~/.cache/marigold_ros/tensorrt.
+    tensorrt_cache: str = ''
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,8 @@ def validate_model_config(config):
         raise ValueError(f'unsupported vae {config.vae!r}; use one of {VAE_CHOICES}')
     if config.max_input_pixels <= 0:
         raise ValueError('max_input_pixels must be positive')
+    if config.backend not in BACKENDS:
+        raise ValueError(f'unsupported backend {config.backend!r}; use one of {BACKENDS}')
     return config
 
 
