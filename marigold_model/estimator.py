@@ -3,10 +3,11 @@ DepthEstimator: RGB frames in, Marigold relative depth (and uncertainty) out.
 
 The maths is the one of diffusers' ``MarigoldDepthPipeline`` (same preprocessing, latents,
 DDIM update, decoding and ensembling; a test checks equality to 1e-5 in fp32), with the
-per-call overhead dropped: no text encoder, cached timesteps and text batches, no progress
-bars, frames of several cameras and sizes in one call, grouped by processing size. The three
-network calls go through a backend object (:mod:`marigold_model.networks`): the torch modules,
-or ONNX Runtime sessions of an exported model (``backend: onnxruntime``), with the same loop.
+per-call overhead dropped: no text encoder, cached timesteps, the text embedding expanded
+(not copied) per batch, no progress bars, frames of several cameras and sizes in one call,
+grouped by processing size. The three network calls go through a backend object
+(:mod:`marigold_model.networks`): the torch modules, or ONNX Runtime sessions of an exported
+model (``backend: onnxruntime``), with the same loop.
 """
 
 from dataclasses import dataclass, field
