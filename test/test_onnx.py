@@ -167,7 +167,7 @@ def test_full_layout_parity_with_external_data(full_layout_model, tmp_path):
 
 
 def test_tiny_vae_export_parity(random_model_dir, tmp_path):
-    """With vae 'tiny' the AutoencoderTiny is exported; the backend refuses a mismatched vae setting."""
+    """With vae 'tiny' the AutoencoderTiny is exported; a mismatched vae setting is refused."""
     from diffusers import AutoencoderTiny
     torch.manual_seed(0)
     AutoencoderTiny(encoder_block_out_channels=(16, 16, 16), decoder_block_out_channels=(
