@@ -72,17 +72,23 @@ def _export(module, inputs, names, outputs, dynamic, path):
                           do_constant_folding=True)
 
 
-def _finish(exported, final, threshold):
+def _finish(exported, final, threshold, output_shape, dynamic_axes):
     """
     Save an exported network under its final name, its weights in a .data file if large.
 
     :param exported: path the exporter wrote (with any external files beside it)
     :param final: path of the final .onnx file
     :param threshold: weight bytes above which the weights go to ``final``.data
+    :param output_shape: the output's shape when traced
+    :param dynamic_axes: the output's dynamic axes; the others get the traced sizes (the
+        exporter leaves some, e.g. the encoder's latent channels, as symbols)
     :return: name of the external data file, or None
     """
     import onnx
     model = onnx.load(str(exported))
+    for axis, dim in enumerate(model.graph.output[0].type.tensor_type.shape.dim):
+        if axis not in dynamic_axes:
+            dim.dim_value = output_shape[axis]
     weights = sum(t.ByteSize() for t in model.graph.initializer)
     if weights > threshold:
         data = final.name + '.data'
@@ -192,7 +198,9 @@ def export_onnx(model, outdir, fp16=False, resolution=0, static_size=None, batch
             with tempfile.TemporaryDirectory(dir=partial) as scratch, torch.inference_mode():
                 exported = Path(scratch) / NETWORK_FILES[name]
                 _export(modules[name], inputs, names, outputs, dynamic, exported)
-                data = _finish(exported, partial / NETWORK_FILES[name], external_data_bytes)
+                shape = tuple(modules[name](*inputs).shape)
+                data = _finish(exported, partial / NETWORK_FILES[name], external_data_bytes,
+                               shape, out_axes if static_size is None else {})
             networks[name] = {'file': NETWORK_FILES[name], 'external_data': data,
                               **_describe(partial / NETWORK_FILES[name])}
         manifest = {

@@ -116,7 +116,10 @@ def test_export_manifest_and_checker(bundled_export):
     unet = manifest['networks']['unet']
     assert list(unet['inputs']) == ['sample', 'timestep']
     assert unet['inputs']['sample']['shape'][:2] == ['batch', 8]
-    assert manifest['networks']['vae_decoder']['outputs']['depth']['shape'][1] == 1
+    assert manifest['networks']['vae_decoder']['outputs']['depth']['shape'] == [
+        'batch', 1, 'height', 'width']
+    assert manifest['networks']['vae_encoder']['outputs']['latent']['shape'] == [
+        'batch', 4, 'latent_height', 'latent_width']
     session = ort.InferenceSession(str(bundled_export / 'unet.onnx'),
                                    providers=['CPUExecutionProvider'])
     assert [i.name for i in session.get_inputs()] == ['sample', 'timestep']
