@@ -54,6 +54,7 @@ setup(
             'marigold-train = marigold_model.training.trainer:main',
             'marigold-eval = marigold_model.training.evaluate:main',
             'marigold-estimate = marigold_model.cli:main',
+            'marigold-export-onnx = marigold_model.onnx_export:main',
         ],
     },
 )

@@ -3,13 +3,16 @@ Benchmark DepthEstimator against diffusers' MarigoldDepthPipeline, measured in o
 
 Prints per-stage times, peak memory, the time ratio ours / diffusers on the same model, input
 and settings (calls interleaved so machine noise hits both alike), and the video flicker of
-independent frames against warm-started ones. On CUDA it also prints frames per second.
+independent frames against warm-started ones. On CUDA it also prints frames per second. With
+onnxruntime installed, a second table times the onnxruntime backend (the model exported to a
+temporary folder) against the torch backend on the CPU, same settings, calls interleaved.
 
     python bench/estimator.py [--model bundled:marigold-tiny] [--repeats 15]
 """
 
 import argparse
 from dataclasses import replace
+import importlib.util
 import resource
 import statistics
 import tempfile
@@ -82,6 +85,46 @@ def compare(estimator, pipe, frame, inference, repeats):
     return statistics.median(ours), statistics.median(theirs), stages
 
 
+def backend_table(model, frame, settings, repeats):
+    """
+    Print median CPU seconds per call of the onnxruntime backend against the torch backend.
+
+    The model is exported to a temporary folder first; both run on the CPU with the same
+    threads (onnxruntime takes torch's thread count), calls interleaved.
+
+    :param model: model name (diffusers)
+    :param frame: uint8 image
+    :param settings: (steps, ensemble, resolution) rows
+    :param repeats: timed calls each
+    """
+    from marigold_model.onnx_export import export_onnx
+    with tempfile.TemporaryDirectory(prefix='bench_onnx_') as folder:
+        export = export_onnx(model, f'{folder}/onnx')
+        sides = [DepthEstimator(EstimatorConfig(ModelConfig(model=name, device='cpu',
+                                                            backend=backend)))
+                 for name, backend in ((model, 'torch'), (str(export), 'onnxruntime'))]
+        print(f'\nbackends on the CPU ({torch.get_num_threads()} threads), input '
+              f'{frame.shape[1]}x{frame.shape[0]}, {repeats} interleaved calls each\n')
+        print('| steps | ensemble | resolution | torch ms | onnxruntime ms | ratio |')
+        print('|---|---|---|---|---|---|')
+        for steps, members, resolution in settings:
+            inference = InferenceConfig(denoising_steps=steps, ensemble_size=members,
+                                        processing_resolution=resolution)
+            times = [[], []]
+            for side in sides:
+                side.set_inference(inference)
+            for index in range(repeats + 2):
+                for side, spent in zip(sides, times):
+                    clock = time.perf_counter()
+                    side.estimate(frame)
+                    if index >= 2:  # the first calls warm caches and allocators
+                        spent.append(time.perf_counter() - clock)
+            ours, theirs = (statistics.median(t) for t in times)
+            used = sides[0].resolved_settings(inference)[1]
+            print(f'| {steps} | {members} | {used} | {ours * 1e3:.1f} | {theirs * 1e3:.1f} | '
+                  f'{theirs / ours:.2f} |')
+
+
 def flicker(estimator, frames, warm_strength):
     """
     Mean absolute frame-to-frame change of depth on a static noisy sequence.
@@ -148,6 +191,8 @@ def main(argv=None):
               '(DESIGN.md floor for the full model: RTX 4090 21/50/91 fps at 768/512/384 px)')
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f'\npeak resident memory of this process {peak:.0f} MiB')
+    if importlib.util.find_spec('onnxruntime') is not None:
+        backend_table(model, frame, settings, args.repeats)
 
     from marigold_model.data.synthetic import render_sequence, SceneConfig
     sequence = render_sequence(np.random.default_rng(4), 8, SceneConfig(), 120, 160,

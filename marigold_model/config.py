@@ -17,6 +17,7 @@ BUNDLED_TINY_MODEL = 'bundled:marigold-tiny'
 DEVICES = ('auto', 'cpu', 'cuda')
 DTYPES = ('auto', 'float32', 'float16', 'bfloat16')
 VAE_CHOICES = ('model', 'tiny')
+BACKENDS = ('torch', 'onnxruntime')
 
 #: processing_resolution sentinels (see :func:`resolve_processing_resolution`).
 PROCESSING_RESOLUTION_MODEL_DEFAULT = 0
@@ -50,6 +51,13 @@ class ModelConfig:
     cuda_graphs: bool = False
     # Refuse frames larger than this many pixels before any work is done.
     max_input_pixels: int = 4096 * 4096
+    # 'torch' runs the diffusers modules; 'onnxruntime' runs a folder written by
+    # marigold-export-onnx (then `model` names that folder) with the TensorRT, CUDA or CPU
+    # execution provider, the first of them installed ('cpu' device: CPU only).
+    backend: str = 'torch'
+    # Folder for TensorRT engines built by ONNX Runtime (minutes per input size, so kept);
+    # '' = ~/.cache/marigold_ros/tensorrt.
+    tensorrt_cache: str = ''
 
     def __post_init__(self):
         """
@@ -66,6 +74,8 @@ class ModelConfig:
             raise ValueError(f'unsupported vae {self.vae!r}; use one of {VAE_CHOICES}')
         if self.max_input_pixels <= 0:
             raise ValueError('max_input_pixels must be positive')
+        if self.backend not in BACKENDS:
+            raise ValueError(f'unsupported backend {self.backend!r}; use one of {BACKENDS}')
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,11 @@ DepthEstimator: RGB frames in, Marigold relative depth (and uncertainty) out.
 
 The maths is the one of diffusers' ``MarigoldDepthPipeline`` (same preprocessing, latents,
 DDIM update, decoding and ensembling; a test checks equality to 1e-5 in fp32), with the
-per-call overhead dropped: no text encoder, cached timesteps and text batches, no progress
-bars, frames of several cameras and sizes in one call, grouped by processing size.
+per-call overhead dropped: no text encoder, cached timesteps, the text embedding expanded
+(not copied) per batch, no progress bars, frames of several cameras and sizes in one call,
+grouped by processing size. The three network calls go through a backend object
+(:mod:`marigold_model.networks`): the torch modules, or ONNX Runtime sessions of an exported
+model (``backend: onnxruntime``), with the same loop.
 """
 
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from .config import EstimatorConfig, resolve_processing_resolution
 from .ensemble import ensemble_depth
 from .loading import load_components
+from .networks import TorchNetworks
 
 FALLBACK_STEPS = 4
 FALLBACK_RESOLUTION = 768
@@ -154,24 +158,32 @@ class DepthEstimator:
         :param components: optional MarigoldComponents (tests, trainer evaluation)
         """
         self.config = config
-        self.device = resolve_device(config.model.device)
-        self.dtype = resolve_dtype(config.model.dtype, self.device)
-        if components is None:
+        onnx = config.model.backend == 'onnxruntime'
+        if onnx:
+            # The loop runs on CPU tensors in float32; the sessions run where their execution
+            # providers put them, in the dtype the model was exported in.
+            self.device, self.dtype = torch.device('cpu'), torch.float32
+        else:
+            self.device = resolve_device(config.model.device)
+            self.dtype = resolve_dtype(config.model.dtype, self.device)
+        if components is None and onnx:
+            from .onnx_backend import load_onnx_components
+            components = load_onnx_components(config.model)
+        elif components is None:
             tiny = config.model.tiny_vae if config.model.vae == 'tiny' else None
             components = load_components(config.model.model, self.device, self.dtype, tiny)
         self.components = components
-        self.unet = components.unet
-        self.vae = components.vae
+        # The torch modules (None with ONNX Runtime): tests and tools look at them.
+        self.unet = getattr(components, 'unet', None)
+        self.vae = getattr(components, 'vae', None)
         self.scheduler = components.scheduler
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self._text = components.empty_text_embedding.to(self.device, self.dtype)
-        self._text_batches = {}
+        self.networks = getattr(components, 'networks', None) or TorchNetworks(
+            components, self.device, self.dtype, config.model)
+        self.vae_scale_factor = self.networks.vae_scale_factor
         self._timestep_cache = {}
         self._warm_latents = {}
         self._lock = threading.Lock()
-        self._unet_forward = self.unet
         self._check_warm_start(config.inference)
-        self._prepare_for_speed()
 
     # ---- settings -------------------------------------------------------------------------
 
@@ -233,33 +245,11 @@ class DepthEstimator:
         else:
             self._warm_latents.pop(key, None)
 
-    # ---- GPU speed paths -----------------------------------------------------------------
-
-    def _prepare_for_speed(self):
-        if self.device.type != 'cuda':
-            return
-        if self.config.model.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-            self.vae.to(memory_format=torch.channels_last)
-        if self.config.model.compile or self.config.model.cuda_graphs:
-            # 'reduce-overhead' records CUDA graphs per input size: the U-Net is ~770 kernel
-            # launches per call, which dominates at small resolutions.
-            graphs = self.config.model.cuda_graphs
-            mode = 'reduce-overhead' if graphs else 'max-autotune-no-cudagraphs'
-            self._unet_forward = torch.compile(self.unet, mode=mode, dynamic=False)
-
     def _sync(self):
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
 
     # ---- diffusion pieces ----------------------------------------------------------------
-
-    def _text_batch(self, size):
-        batch = self._text_batches.get(size)
-        if batch is None:
-            batch = self._text.repeat(size, 1, 1)
-            self._text_batches[size] = batch
-        return batch
 
     def _schedule(self, steps, strength):
         """
@@ -316,14 +306,12 @@ class DepthEstimator:
 
     def _denoise(self, image_latent, latent, steps, strength, generators):
         timesteps, previous, tensors = self._schedule(steps, strength)
-        text = self._text_batch(latent.shape[0])
         closed_form = self._closed_form_ddim()
         if not closed_form:
             self.scheduler.set_timesteps(steps, device=self.device)
         for t, prev_t, t_tensor in zip(timesteps, previous, tensors):
             model_input = torch.cat([image_latent, latent], dim=1)
-            output = self._unet_forward(model_input, t_tensor, encoder_hidden_states=text,
-                                        return_dict=False)[0]
+            output = self.networks.unet(model_input, t_tensor)
             if closed_form:
                 latent = self._ddim_step(output, t, prev_t, latent)
             else:
@@ -338,9 +326,7 @@ class DepthEstimator:
         :param images: [B, 3, H, W] tensor
         :return: [B, C, H / f, W / f] tensor
         """
-        encoded = self.vae.encode(images)
-        latent = encoded.latent_dist.mode() if hasattr(encoded, 'latent_dist') else encoded.latents
-        return latent * self.vae.config.scaling_factor
+        return self.networks.encode(images)
 
     def decode(self, latent):
         """
@@ -349,8 +335,7 @@ class DepthEstimator:
         :param latent: scaled depth latents
         :return: tensor in [0, 1]
         """
-        decoded = self.vae.decode(latent / self.vae.config.scaling_factor, return_dict=False)[0]
-        return (decoded.mean(dim=1, keepdim=True).clip(-1.0, 1.0) + 1.0) / 2.0
+        return self.networks.decode(latent)
 
     # ---- the call ------------------------------------------------------------------------
 

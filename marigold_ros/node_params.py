@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import math
 
 from marigold_model.config import DTYPES, EstimatorConfig, InferenceConfig, ModelConfig
-from marigold_model.config import PROCESSING_RESOLUTION_RANGE, VAE_CHOICES
+from marigold_model.config import BACKENDS, PROCESSING_RESOLUTION_RANGE, VAE_CHOICES
 from marigold_model.scale_tracking import ScaleTrackerConfig
 from sensor_msgs.msg import CameraInfo
 from sensor_msgs.msg import Image
@@ -282,7 +282,7 @@ def parameter_groups():
     """
     groups = [
         ConfigGroup(ModelConfig, read_only=True, exclude=('max_input_pixels',),
-                    choices={'dtype': DTYPES, 'vae': VAE_CHOICES},
+                    choices={'dtype': DTYPES, 'vae': VAE_CHOICES, 'backend': BACKENDS},
                     descriptions=_MODEL_DESCRIPTIONS),
         ConfigGroup(InferenceConfig, ranges=_INFERENCE_RANGES,
                     descriptions=_INFERENCE_DESCRIPTIONS),

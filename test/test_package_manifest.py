@@ -20,7 +20,8 @@ ROSDEP_KEYS = {
     'launch': 'launch', 'launch_ros': 'launch_ros',
 }
 # No rosdep key exists: these must be in requirements.txt instead.
-PIP_ONLY = {'diffusers', 'accelerate', 'safetensors'}
+# (onnxruntime has python3-onnxruntime-pip, but the GPU and Jetson builds are other wheels)
+PIP_ONLY = {'diffusers', 'accelerate', 'safetensors', 'onnx', 'onnxruntime'}
 # Imported only when present, each with a fallback (EXR readers).
 OPTIONAL = {'cv2', 'imageio'}
 
