@@ -41,9 +41,7 @@ SETTINGS = {
 
 
 def make_sequence(output=HERE, settings=None):
-    """
-    Render the sequence into ``output`` (``settings`` override SETTINGS); return sequence.json.
-    """
+    """Render the sequence into ``output`` (``settings`` override SETTINGS); return its json."""
     cfg = dict(SETTINGS, **(settings or {}))
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
