@@ -1,12 +1,10 @@
 """
 Scale and shift alignment of affine-invariant depth, depth metrics and normalisation.
 
-Marigold predicts relative depth ``r`` in [0, 1]; metric depth is ``d ~= s * r + t`` for an
-unknown scale ``s > 0`` and shift ``t``. This module fits ``s`` and ``t`` (weighted least
-squares, or robustly with RANSAC / IRLS), computes the standard depth metrics, implements the
-evaluation protocol of the Marigold paper (per-image least-squares alignment on valid pixels,
-clip to the depth range, metrics) and the 2 % / 98 % percentile normalisation used in
-training. Numpy only; all arithmetic is float64.
+Marigold predicts relative depth ``r``; metric depth is ``d ~= s * r + t`` for an unknown
+scale ``s > 0`` and shift ``t``. This module fits ``s`` and ``t`` (least squares, RANSAC or
+IRLS), computes the standard depth metrics with the Marigold paper's evaluation protocol, and
+the 2 % / 98 % percentile normalisation used in training. Numpy only, float64 throughout.
 """
 
 from dataclasses import dataclass
@@ -41,9 +39,8 @@ class AlignmentError(ReasonError):
     """
     A fit or metric is impossible on the given data; the text reads 'reason: message'.
 
-    The ``reason`` attribute is a short machine-readable cause, one of ``'too_few_points'``,
-    ``'degenerate_range'``, ``'negative_scale'``, ``'too_few_inliers'`` or ``'empty_mask'``
-    (callers may add their own, e.g. the scale tracker's ``'low_inlier_ratio'``).
+    ``reason`` is one of the ``REASON_*`` constants (callers may add their own, e.g. the scale
+    tracker's ``'low_inlier_ratio'``).
     """
 
     reason_in_text = True
@@ -52,7 +49,7 @@ class AlignmentError(ReasonError):
 @dataclass(frozen=True)
 class FitResult:
     """
-    Outcome of a robust scale/shift fit: ``metric ~= scale * rel + shift``.
+    Outcome of a robust fit ``metric ~= scale * rel + shift``.
 
     :param scale: fitted scale (> 0)
     :param shift: fitted shift (metric units)
@@ -70,24 +67,12 @@ class FitResult:
     n_inliers: int
 
     def apply(self, rel_depth):
-        """
-        Map relative depth to metric depth with this fit.
-
-        :param rel_depth: array of relative depth
-        :return: float64 array ``scale * rel_depth + shift``
-        """
+        """Return ``scale * rel_depth + shift`` as float64."""
         return self.scale * np.asarray(rel_depth, dtype=np.float64) + self.shift
 
 
 def _valid_pairs(pred, target, mask=None):
-    """
-    Flatten two arrays and select finite pairs inside the mask.
-
-    :param pred: prediction, any shape
-    :param target: target, same shape as ``pred``
-    :param mask: optional boolean mask, same shape
-    :return: (pred values, target values, boolean selection over the flat arrays)
-    """
+    """Return the flat finite pairs inside the mask, and the selection over the flat arrays."""
     p = np.asarray(pred, dtype=np.float64)
     d = np.asarray(target, dtype=np.float64)
     if p.shape != d.shape:
@@ -103,14 +88,7 @@ def _valid_pairs(pred, target, mask=None):
 
 
 def _weighted_lsq(p, d, w=None):
-    """
-    Solve ``min sum w (s p + t - d)^2`` in centred form (numerically stable).
-
-    :param p: prediction values (1-D float64)
-    :param d: target values (1-D float64)
-    :param w: optional non-negative weights (1-D float64)
-    :return: (scale, shift)
-    """
+    """Solve ``min sum w (s p + t - d)^2`` for (s, t) in centred form, for numerical stability."""
     if p.size < 2:
         raise AlignmentError(REASON_TOO_FEW_POINTS,
                              f'{p.size} valid point(s), at least 2 are needed')
@@ -142,14 +120,11 @@ def fit_scale_shift(pred, target, mask=None, weights=None):
     """
     Fit ``target ~= scale * pred + shift`` by weighted least squares.
 
-    Works on arrays of any (equal) shape; non-finite pairs, pixels outside ``mask`` and
-    pixels of zero weight are ignored. The scale is returned as fitted, even if negative
-    (the evaluation protocol keeps it; use :func:`fit_scale_shift_robust` to reject it).
+    Non-finite pairs, pixels outside ``mask`` and pixels of zero weight are ignored. A negative
+    scale is returned as fitted (the evaluation protocol keeps it; use
+    :func:`fit_scale_shift_robust` to reject it).
 
-    :param pred: prediction (e.g. relative depth), any shape
-    :param target: target (e.g. metric depth), same shape
-    :param mask: optional boolean mask of pixels to use, same shape
-    :param weights: optional non-negative weights, broadcastable to the shape
+    :param weights: optional non-negative weights, broadcastable to the shape of ``pred``
     :return: (scale, shift) as Python floats
     :raises AlignmentError: ``too_few_points`` (< 2 valid points) or ``degenerate_range``
         (the prediction is constant over the valid points)
@@ -182,12 +157,7 @@ def fit_scale_shift(pred, target, mask=None, weights=None):
 
 
 def _generator(rng):
-    """
-    Turn ``None`` / a seed / a Generator into a Generator (``None`` means seed 0).
-
-    :param rng: ``None``, an int seed or a ``numpy.random.Generator``
-    :return: a ``numpy.random.Generator``
-    """
+    """Return a Generator for ``rng`` (a Generator, a seed, or ``None`` for seed 0)."""
     if isinstance(rng, np.random.Generator):
         return rng
     # A fixed default seed keeps results reproducible run to run (the bag processor relies
@@ -196,27 +166,12 @@ def _generator(rng):
 
 
 def _rel_residual(s, t, p, d):
-    """
-    Relative residual ``(s p + t - d) / d``.
-
-    :param s: scale
-    :param t: shift
-    :param p: prediction values
-    :param d: target values (> 0)
-    :return: signed relative residuals
-    """
+    """Return the signed relative residual ``(s p + t - d) / d``."""
     return (s * p + t - d) / d
 
 
 def _robust_weights(e, c, loss):
-    """
-    IRLS weights ``psi(e) / e`` of a robust loss.
-
-    :param e: residuals
-    :param c: loss scale
-    :param loss: ``'huber'`` or ``'cauchy'``
-    :return: weights in (0, 1]
-    """
+    """Return the IRLS weights ``psi(e) / e`` of a robust loss at scale ``c``, in (0, 1]."""
     a = np.abs(e) / c
     if loss == 'huber':
         return 1.0 / np.maximum(a, 1.0)
@@ -225,19 +180,11 @@ def _robust_weights(e, c, loss):
 
 def _ransac(p, d, threshold_rel, iterations, gen, score_points):
     """
-    Best 2-point hypothesis by MSAC score (truncated squared relative residual).
+    Return (scale, shift) of the best 2-point hypothesis by MSAC score.
 
-    All hypotheses are drawn at once and scored in blocks with numpy, on a random subset of
-    at most ``score_points`` points (a dense depth image gives 10^5 points; a few thousand
-    rank hypotheses just as well, and the refinement uses them all).
-
-    :param p: prediction values
-    :param d: target values (> 0)
-    :param threshold_rel: inlier threshold on the relative residual
-    :param iterations: number of hypotheses
-    :param gen: random generator
-    :param score_points: largest number of points used for hypotheses and scoring
-    :return: (scale, shift) of the best hypothesis
+    Hypotheses are drawn and scored on at most ``score_points`` random points: a dense depth
+    image gives 10^5 points, a few thousand rank hypotheses just as well, and the refinement
+    uses them all.
     """
     if p.size > score_points:
         subset = gen.choice(p.size, score_points, replace=False)
@@ -273,16 +220,8 @@ def _refine_on_inliers(s, t, p, d, threshold_rel, min_inliers):
     Re-fit on the inliers and re-classify until the inlier set is stable.
 
     The fit is weighted by ``1 / d^2`` so it minimises the squared *relative* residual, the
-    same quantity the inlier test and AbsRel use (and the best linear unbiased estimate under
+    quantity the inlier test and AbsRel use (and the best linear unbiased estimate under
     multiplicative noise).
-
-    :param s: initial scale
-    :param t: initial shift
-    :param p: prediction values
-    :param d: target values (> 0)
-    :param threshold_rel: inlier threshold on the relative residual
-    :param min_inliers: minimum inlier count
-    :return: (scale, shift)
     """
     w = 1.0 / (d * d)
     inliers = np.abs(_rel_residual(s, t, p, d)) < threshold_rel
@@ -301,17 +240,10 @@ def _refine_on_inliers(s, t, p, d, threshold_rel, min_inliers):
 
 def _irls(s, t, p, d, loss, scale_floor, iterations, adaptive):
     """
-    Run iteratively reweighted least squares on the relative residual.
+    Run IRLS on the relative residual; return (scale, shift).
 
-    :param s: initial scale
-    :param t: initial shift
-    :param p: prediction values
-    :param d: target values (> 0)
-    :param loss: ``'huber'`` or ``'cauchy'``
     :param scale_floor: loss scale (the minimum loss scale if ``adaptive``)
-    :param iterations: maximum number of reweighting steps
     :param adaptive: estimate the loss scale from the MAD of the residuals each step
-    :return: (scale, shift)
     """
     w_rel = 1.0 / (d * d)
     for _ in range(iterations):
@@ -337,24 +269,16 @@ def fit_scale_shift_robust(pred, target, mask=None, *, method='ransac', threshol
 
     Residuals are relative, ``|s r + t - d| / d``, so only pairs with ``target > 0`` count.
 
-    ``method='ransac'``: score ``iterations`` 2-point hypotheses at once (MSAC), re-fit by
-    least squares on the inliers of the best one (weighted by ``1 / d^2``, i.e. on the
-    relative residual) until the inlier set is stable, then, if ``loss`` is given, polish
-    with IRLS on all points using that loss at scale ``threshold_rel``.
+    ``method='ransac'``: score ``iterations`` 2-point hypotheses (MSAC), re-fit on the inliers
+    of the best one until the inlier set is stable, then, if ``loss`` is given, polish with
+    IRLS on all points at loss scale ``threshold_rel``.
 
     ``method='irls'``: start from least squares on all points and reweight with ``loss``
     (default ``'cauchy'``), the loss scale shrinking from a MAD estimate down to
     ``threshold_rel``. No sampling; weaker than RANSAC against many gross outliers.
 
-    :param pred: prediction (relative depth), any shape
-    :param target: target (metric depth), same shape; values <= 0 or non-finite are ignored
-    :param mask: optional boolean mask of pixels to use
-    :param method: ``'ransac'`` or ``'irls'``
     :param threshold_rel: inlier threshold on the relative residual (0.05 = 5 %)
-    :param iterations: number of RANSAC hypotheses
     :param min_inliers: minimum number of inliers for a valid fit (>= 2)
-    :param loss: ``None``, ``'huber'`` or ``'cauchy'`` for the IRLS stage
-    :param irls_iterations: maximum IRLS reweighting steps
     :param min_span: minimum ``max(pred) - min(pred)`` over the valid points, and minimum
         10th-to-90th percentile range of ``pred`` over the final inliers
     :param score_points: RANSAC draws and scores hypotheses on at most this many points
@@ -426,14 +350,7 @@ def fit_scale_shift_robust(pred, target, mask=None, *, method='ransac', threshol
 
 
 def _metric_pairs(pred, gt, mask):
-    """
-    Select the pixels a metric is computed on: finite, ``gt > 0``, inside the mask.
-
-    :param pred: predicted depth
-    :param gt: ground-truth depth, same shape
-    :param mask: optional boolean mask
-    :return: (pred values, gt values)
-    """
+    """Return the (pred, gt) values a metric uses: finite, ``gt > 0``, inside the mask."""
     p, g, _ = _valid_pairs(pred, gt, mask)
     positive = g > 0
     if not np.any(positive):
@@ -442,60 +359,29 @@ def _metric_pairs(pred, gt, mask):
 
 
 def abs_rel(pred, gt, mask=None):
-    """
-    Absolute relative error ``mean(|pred - gt| / gt)``.
-
-    :param pred: predicted metric depth
-    :param gt: ground-truth depth, same shape
-    :param mask: optional boolean mask; pixels with non-finite values or ``gt <= 0`` are
-        always excluded
-    :return: AbsRel as a float
-    :raises AlignmentError: ``empty_mask`` if no pixel is valid
-    """
+    """Return AbsRel ``mean(|pred - gt| / gt)``; raise ``empty_mask`` if no pixel is valid."""
     p, g = _metric_pairs(pred, gt, mask)
     return float(np.mean(np.abs(p - g) / g))
 
 
 def sq_rel(pred, gt, mask=None):
-    """
-    Squared relative error ``mean((pred - gt)^2 / gt)``.
-
-    :param pred: predicted metric depth
-    :param gt: ground-truth depth, same shape
-    :param mask: optional boolean mask
-    :return: SqRel as a float
-    :raises AlignmentError: ``empty_mask`` if no pixel is valid
-    """
+    """Return SqRel ``mean((pred - gt)^2 / gt)``; raise ``empty_mask`` if no pixel is valid."""
     p, g = _metric_pairs(pred, gt, mask)
     return float(np.mean((p - g) ** 2 / g))
 
 
 def rmse(pred, gt, mask=None):
-    """
-    Root mean squared error ``sqrt(mean((pred - gt)^2))``.
-
-    :param pred: predicted metric depth
-    :param gt: ground-truth depth, same shape
-    :param mask: optional boolean mask
-    :return: RMSE as a float (depth units)
-    :raises AlignmentError: ``empty_mask`` if no pixel is valid
-    """
+    """Return RMSE ``sqrt(mean((pred - gt)^2))`` in depth units."""
     p, g = _metric_pairs(pred, gt, mask)
     return float(np.sqrt(np.mean((p - g) ** 2)))
 
 
 def delta_accuracy(pred, gt, mask=None, threshold=1.25):
     """
-    Fraction of pixels with ``max(pred / gt, gt / pred) < threshold``.
+    Return the fraction of pixels with ``max(pred / gt, gt / pred) < threshold``.
 
-    Pixels with ``pred <= 0`` always fail (their ratio is treated as infinite).
-
-    :param pred: predicted metric depth
-    :param gt: ground-truth depth, same shape
-    :param mask: optional boolean mask
-    :param threshold: ratio threshold (> 1), strict inequality
-    :return: fraction in [0, 1]
-    :raises AlignmentError: ``empty_mask`` if no pixel is valid
+    Pixels with ``pred <= 0`` always fail. Pixels with non-finite values, ``gt <= 0`` or outside
+    ``mask`` are excluded; :class:`AlignmentError` ``empty_mask`` if none is left.
     """
     p, g = _metric_pairs(pred, gt, mask)
     ratio = np.full(p.shape, np.inf)
@@ -505,54 +391,22 @@ def delta_accuracy(pred, gt, mask=None, threshold=1.25):
 
 
 def delta1(pred, gt, mask=None):
-    """
-    Delta-1 accuracy: fraction with ``max(pred / gt, gt / pred) < 1.25``.
-
-    :param pred: predicted metric depth
-    :param gt: ground-truth depth, same shape
-    :param mask: optional boolean mask
-    :return: fraction in [0, 1]
-    :raises AlignmentError: ``empty_mask`` if no pixel is valid
-    """
+    """Return the delta-1 accuracy (threshold 1.25)."""
     return delta_accuracy(pred, gt, mask, 1.25)
 
 
 def delta2(pred, gt, mask=None):
-    """
-    Delta-2 accuracy: threshold ``1.25 ** 2``.
-
-    :param pred: predicted metric depth
-    :param gt: ground-truth depth, same shape
-    :param mask: optional boolean mask
-    :return: fraction in [0, 1]
-    :raises AlignmentError: ``empty_mask`` if no pixel is valid
-    """
+    """Return the delta-2 accuracy (threshold ``1.25 ** 2``)."""
     return delta_accuracy(pred, gt, mask, 1.25 ** 2)
 
 
 def delta3(pred, gt, mask=None):
-    """
-    Delta-3 accuracy: threshold ``1.25 ** 3``.
-
-    :param pred: predicted metric depth
-    :param gt: ground-truth depth, same shape
-    :param mask: optional boolean mask
-    :return: fraction in [0, 1]
-    :raises AlignmentError: ``empty_mask`` if no pixel is valid
-    """
+    """Return the delta-3 accuracy (threshold ``1.25 ** 3``)."""
     return delta_accuracy(pred, gt, mask, 1.25 ** 3)
 
 
 def depth_metrics(pred, gt, mask=None):
-    """
-    All standard metrics of metric depth against ground truth.
-
-    :param pred: predicted metric depth
-    :param gt: ground-truth depth, same shape
-    :param mask: optional boolean mask
-    :return: dict with ``abs_rel``, ``sq_rel``, ``rmse``, ``delta1``, ``delta2``, ``delta3``
-    :raises AlignmentError: ``empty_mask`` if no pixel is valid
-    """
+    """Return ``abs_rel``, ``sq_rel``, ``rmse``, ``delta1``, ``delta2``, ``delta3`` in a dict."""
     return {
         'abs_rel': abs_rel(pred, gt, mask),
         'sq_rel': sq_rel(pred, gt, mask),
@@ -565,18 +419,15 @@ def depth_metrics(pred, gt, mask=None):
 
 def evaluate_affine_invariant(pred_rel, gt, valid=None, min_depth=1e-3, max_depth=np.inf):
     """
-    Evaluate affine-invariant depth with the standard protocol, for one image.
+    Evaluate affine-invariant depth of one image with the standard protocol.
 
     Valid pixels are those in ``valid`` with a finite ``min_depth < gt < max_depth``, as in
     Marigold's evaluation: the ground truth decides, so a prediction with holes cannot score
-    as if it were complete.  On them the prediction is aligned to ``gt`` by least squares
-    (scale and shift), clipped to ``[min_depth, max_depth]``, and the metrics computed.
-    Average the returned values over images for a data set score.
+    as if it were complete. On them the prediction is aligned to ``gt`` by least squares,
+    clipped to ``[min_depth, max_depth]``, and the metrics computed. Average the results over
+    images for a data set score.
 
-    :param pred_rel: affine-invariant prediction, any shape
-    :param gt: ground-truth metric depth, same shape
     :param valid: optional boolean mask (e.g. the data set's crop and sensor mask)
-    :param min_depth: lower depth bound of the data set (e.g. 1e-3 m)
     :param max_depth: upper depth bound of the data set (e.g. 10 m NYUv2, 80 m KITTI)
     :return: dict of :func:`depth_metrics` plus ``scale``, ``shift`` and ``n_valid``
     :raises AlignmentError: ``empty_mask`` if no pixel is valid, ``nonfinite_prediction`` if
@@ -613,20 +464,14 @@ def evaluate_affine_invariant(pred_rel, gt, valid=None, min_depth=1e-3, max_dept
 
 def normalize_percentile(depth, valid=None, low=0.02, high=0.98, fill=0.0):
     """
-    Map depth to [-1, 1] with per-sample percentiles, as Marigold training does.
+    Map the depth of one sample to [-1, 1] with its percentiles, as Marigold training does.
 
     The ``low`` / ``high`` quantiles (linear interpolation, like ``torch.quantile``) of the
     valid pixels map to -1 / 1; values beyond are clipped. Invalid pixels (outside ``valid``
     or non-finite) are set to ``fill`` so the encoder never sees NaN; mask them in the loss.
-    A sample whose valid depth is constant (span ~0) maps to 0 on its valid pixels. Call it
-    once per sample (the whole array is one sample).
+    A sample whose valid depth is constant maps to 0 on its valid pixels.
 
-    :param depth: depth map of one sample, any shape
-    :param valid: optional boolean mask, same shape
-    :param low: lower quantile in [0, 1)
-    :param high: upper quantile in (low, 1]
-    :param fill: value written to invalid pixels
-    :return: float32 array of the same shape, in [-1, 1] on valid pixels
+    :return: float32 array of the same shape
     :raises AlignmentError: ``empty_mask`` if no pixel is valid
     :raises ValueError: bad quantiles or shapes
     """

@@ -19,11 +19,7 @@ from .loading import EMPTY_TEXT_FILE
 
 @dataclass(frozen=True)
 class TinyArchitecture:
-    """
-    Sizes of a small Marigold-architecture model.
-
-    The defaults are the bundled tiny model: a x4 VAE (three blocks) and a 3-level U-Net.
-    """
+    """Sizes of a small Marigold-architecture model; the defaults are the bundled tiny model."""
 
     vae_channels: tuple = (32, 64, 64)
     latent_channels: int = 4
@@ -38,11 +34,7 @@ class TinyArchitecture:
 
 
 def marigold_scheduler_config():
-    """
-    Scheduler settings of Marigold v1-1: zero-SNR trailing DDIM with v-prediction.
-
-    :return: dict for DDIMScheduler / DDPMScheduler
-    """
+    """Return Marigold v1-1's scheduler settings: zero-SNR trailing DDIM with v-prediction."""
     return {
         'num_train_timesteps': 1000, 'beta_start': 0.00085, 'beta_end': 0.012,
         'beta_schedule': 'scaled_linear', 'clip_sample': False, 'set_alpha_to_one': False,
@@ -52,12 +44,7 @@ def marigold_scheduler_config():
 
 
 def build_vae(arch):
-    """
-    Make an untrained AutoencoderKL of the given architecture.
-
-    :param arch: TinyArchitecture
-    :return: AutoencoderKL
-    """
+    """Make an untrained AutoencoderKL of ``arch``."""
     from diffusers import AutoencoderKL
     blocks = len(arch.vae_channels)
     return AutoencoderKL(
@@ -69,12 +56,7 @@ def build_vae(arch):
 
 
 def build_unet(arch):
-    """
-    Make an untrained 8 -> 4 channel UNet2DConditionModel of the given architecture.
-
-    :param arch: TinyArchitecture
-    :return: UNet2DConditionModel
-    """
+    """Make an untrained 8 -> 4 channel UNet2DConditionModel of ``arch``."""
     from diffusers import UNet2DConditionModel
     levels = len(arch.unet_channels)
     down = ('DownBlock2D',) + ('CrossAttnDownBlock2D',) * (levels - 1)
@@ -89,43 +71,24 @@ def build_unet(arch):
 
 
 def empty_text_embedding(arch, seed=0):
-    """
-    Make a fixed random stand-in for the empty-prompt embedding of a model without CLIP.
-
-    Marigold only ever conditions on the empty prompt, so any fixed tensor serves a model
-    trained from scratch with it.
-
-    :param arch: TinyArchitecture
-    :param seed: random seed
-    :return: [1, tokens, dim] tensor
-    """
+    """Make a fixed random [1, tokens, dim] stand-in for the empty-prompt embedding."""
+    # Marigold only ever conditions on the empty prompt, so any fixed tensor serves a model
+    # trained from scratch with it.
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(1, arch.text_tokens, arch.text_dim, generator=generator)
 
 
 def _detached_copy(module, dtype):
-    """
-    Independent copy of a diffusers model (same class, config and weights) in ``dtype``.
-
-    Built from the config and the state dict, so hooks or wrappers on the original (training,
-    accelerate) are not carried over and the original's weights are never touched.
-
-    :param module: diffusers ModelMixin (UNet2DConditionModel, AutoencoderKL, ...)
-    :param dtype: torch dtype of the copy
-    :return: the copy, in eval mode
-    """
+    """Return an eval-mode copy in ``dtype`` that shares nothing with ``module``."""
+    # From config and state dict: hooks or wrappers on the original (training, accelerate)
+    # are not carried over and the original's weights are never touched.
     copy = type(module).from_config(module.config)
     copy.load_state_dict(module.state_dict())
     return torch.nn.Module.to(copy, dtype=dtype).eval()  # every weight, as asked
 
 
 def replace_folder(new, target):
-    """
-    Move the finished folder ``new`` to ``target``, replacing a previous one there.
-
-    :param new: complete folder (a sibling of target)
-    :param target: final path
-    """
+    """Move the finished folder ``new`` (a sibling) to ``target``, replacing a previous one."""
     target = Path(target)
     old = target.with_name(f'.{target.name}.old')
     shutil.rmtree(old, ignore_errors=True)
@@ -145,9 +108,6 @@ def save_marigold(path, unet, vae, embedding, default_steps, default_resolution,
     never holds a half-written model; a previous model there is replaced. A folder at
     ``path`` that is not a model folder (no model_index.json) is refused, not overwritten.
 
-    :param path: output folder (created)
-    :param unet: UNet2DConditionModel
-    :param vae: AutoencoderKL
     :param embedding: [1, tokens, dim] empty-prompt embedding
     :param default_steps: denoising steps users get by default
     :param default_resolution: processing resolution users get by default
@@ -190,14 +150,7 @@ def save_marigold(path, unet, vae, embedding, default_steps, default_resolution,
 
 
 def build_random_marigold(path, arch=TinyArchitecture(), seed=0):
-    """
-    Save a randomly initialised Marigold-architecture model (for tests only).
-
-    :param path: output folder
-    :param arch: TinyArchitecture
-    :param seed: initialisation seed
-    :return: Path of the folder
-    """
+    """Save a randomly initialised Marigold-architecture model (tests only); return its Path."""
     torch.manual_seed(seed)
     return save_marigold(path, build_unet(arch), build_vae(arch),
                          empty_text_embedding(arch, seed), arch.denoising_steps,

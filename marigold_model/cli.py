@@ -22,10 +22,6 @@ def write_outputs(folder, stem, rgb, result):
     """
     Write depth PNG (16-bit, ``1 + round(relative * 65534)``, 0 = none), preview and uncertainty.
 
-    :param folder: output folder
-    :param stem: file name stem
-    :param rgb: the input image
-    :param result: DepthResult
     :return: list of written paths
     """
     from PIL import Image
@@ -45,12 +41,7 @@ def write_outputs(folder, stem, rgb, result):
 
 
 def main(argv=None):
-    """
-    Command line entry point.
-
-    :param argv: arguments
-    :return: exit code
-    """
+    """Run the command line with ``argv`` (default ``sys.argv``); return the exit code."""
     defaults = InferenceConfig()
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('images', nargs='+')

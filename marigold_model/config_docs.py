@@ -97,13 +97,6 @@ def yaml_value(value):
 
 
 def comment_lines(text, indent='', width=99):
-    """
-    Wrap a description into YAML comment lines.
-
-    :param text: one-line description
-    :param indent: leading spaces
-    :param width: longest line
-    :return: list of lines starting with ``indent + '# '``
-    """
+    """Wrap a one-line description into YAML comment lines of at most ``width`` columns."""
     return [f'{indent}# {line}' for line in textwrap.wrap(
         text, width - len(indent) - 2, break_on_hyphens=False)]

@@ -3,14 +3,8 @@ Test-time ensembling of affine-invariant depth maps, as in the Marigold paper.
 
 Each member gets its own scale and shift, found jointly by minimising the pairwise RMS
 difference of the aligned members plus a small regulariser that pulls the result to [0, 1];
-the per-pixel median is the depth and the median absolute deviation its uncertainty (for an
-even number of members the mean of the two middle values, where diffusers takes the lower
-one: with two members that gave a zero uncertainty everywhere). The
-objective and solver settings follow diffusers' ``MarigoldDepthPipeline.ensemble_depth``;
-the cost is evaluated for all member pairs at once instead of pair by pair, and in float64:
-BFGS differentiates it by finite differences (steps of ~1e-8), which a float32 cost turns into
-rounding noise, so the reference's solution depends on summation order. In float64 the
-gradient is meaningful and the result reproducible.
+the per-pixel median is the depth and the median absolute deviation its uncertainty. The
+objective and solver settings follow diffusers' ``MarigoldDepthPipeline.ensemble_depth``.
 """
 
 import numpy as np
@@ -31,9 +25,8 @@ def _median(values):
     """
     Return the median over dim 0, the mean of the two middle values for an even count.
 
-    torch.median (and so diffusers) takes the lower middle value: with two members the depth
-    was the nearer of the two at every pixel and the absolute deviation from it, the
-    uncertainty, was zero everywhere.
+    torch.median (and so diffusers) takes the lower middle value: with two members the
+    uncertainty, the absolute deviation from it, was zero everywhere.
     """
     ordered = values.sort(dim=0).values
     middle = values.shape[0] // 2
@@ -52,10 +45,12 @@ def solve_alignment(depth, regularizer=0.02, max_iter=2, tol=1e-3, max_res=1024)
     """
     Find per-member scale and shift that bring the members into agreement.
 
+    The cost is evaluated for all member pairs at once, in float64: BFGS differentiates it by
+    finite differences (steps of ~1e-8), which a float32 cost turns into rounding noise, so the
+    reference's solution depends on summation order.
+
     :param depth: [E, 1, H, W] member predictions, E >= 2
     :param regularizer: strength of the pull of the ensemble towards [0, 1]
-    :param max_iter: BFGS iterations
-    :param tol: BFGS tolerance
     :param max_res: longest side the alignment is solved at (None: full size)
     :return: (scale, shift) float64 numpy arrays of length E
     """
@@ -101,12 +96,11 @@ def ensemble_depth(depth, with_uncertainty=True, regularizer=0.02, max_iter=2, t
     """
     Combine ensemble members into one relative depth map in [0, 1].
 
+    Members with a non-finite pixel are left out while others remain; the solver settings are
+    those of :func:`solve_alignment`.
+
     :param depth: [E, 1, H, W] member predictions in [0, 1]
     :param with_uncertainty: also return the median absolute deviation
-    :param regularizer: see :func:`solve_alignment`
-    :param max_iter: see :func:`solve_alignment`
-    :param tol: see :func:`solve_alignment`
-    :param max_res: see :func:`solve_alignment`
     :return: ([1, 1, H, W] depth, [1, 1, H, W] uncertainty or None)
     """
     if depth.dim() != 4 or depth.shape[1] != 1:

@@ -27,9 +27,5 @@ class ReasonError(ValueError):
         self.key = key
 
     def __reduce__(self):
-        """
-        Keep reason, message and key when pickled (BaseException pickles only ``args``).
-
-        :return: pickle reconstruction tuple
-        """
+        """Keep reason, message and key when pickled (BaseException pickles only ``args``)."""
         return (type(self), (self.reason, self.message, self.key))

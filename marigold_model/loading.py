@@ -226,14 +226,7 @@ def weights_variant(folder, model='', weights_name=_WEIGHTS_NAME):
 
 
 def _load_empty_text_embedding(path, device, dtype):
-    """
-    Read the cached empty-prompt embedding, or compute it once with the text encoder.
-
-    :param path: model folder
-    :param device: torch device for the result
-    :param dtype: torch dtype for the result
-    :return: the [1, tokens, dim] embedding
-    """
+    """Read the cached [1, tokens, dim] empty-prompt embedding, or compute it once with CLIP."""
     from safetensors.torch import load_file, save_file
     beside = path / EMPTY_TEXT_FILE
     key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
@@ -267,13 +260,7 @@ def _load_empty_text_embedding(path, device, dtype):
 
 
 def read_pipeline_config(path, model=''):
-    """
-    Read model_index.json of a diffusers model folder.
-
-    :param path: model folder
-    :param model: the model's name for error messages (default: the folder)
-    :return: dict of its entries
-    """
+    """Read model_index.json of a model folder; ``model`` names it in errors (default: path)."""
     return _read_json(Path(path) / 'model_index.json', model or str(path))
 
 
@@ -293,7 +280,6 @@ def load_components(model, device, dtype, tiny_vae=None):
     Load U-Net, VAE, scheduler and the empty-text embedding of a Marigold model.
 
     :param model: model name as accepted by :func:`resolve_model_path`
-    :param device: torch device
     :param dtype: torch dtype for the weights
     :param tiny_vae: optional name of an AutoencoderTiny to use instead of the model's VAE
     :return: MarigoldComponents

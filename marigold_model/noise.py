@@ -45,12 +45,5 @@ def pyramid_noise_like(latent, strength=0.9, generator=None, levels=10):
 
 
 def annealed_strength(strength, timesteps, num_train_timesteps):
-    """
-    Per-sample pyramid strength, scaled down linearly with the timestep.
-
-    :param strength: base strength (0.9 in the paper)
-    :param timesteps: [B] integer timesteps
-    :param num_train_timesteps: length of the training schedule (1000)
-    :return: [B] float tensor
-    """
+    """Return the [B] per-sample strengths, scaled down linearly with the timestep."""
     return strength * timesteps.float() / num_train_timesteps

@@ -21,19 +21,16 @@ def refine_local(metric_depth, sparse_uv, sparse_metric, *, sigma_px=None, spaci
     Correct a globally aligned depth map locally towards sparse metric readings.
 
     The residual at each sparse point (``log(sparse / depth)`` in log space, ``sparse -
-    depth`` in linear space) is spread over the image by Gaussian-weighted averaging
-    (normalised convolution, on a coarse grid and upsampled bilinearly since the correction
-    is smooth). A prior weight of ``prior_weight`` points at zero residual shrinks the
-    correction: it is almost the local mean residual where points are dense and fades to
-    zero far from them. Points whose relative residual exceeds ``max_residual_rel`` are
-    treated as outliers and ignored.
+    depth`` in linear space) is spread over the image by normalised Gaussian convolution, on a
+    coarse grid upsampled bilinearly since the correction is smooth. A prior of
+    ``prior_weight`` points at zero residual shrinks the correction: it is almost the local
+    mean residual where points are dense and fades to zero far from them.
 
     :param metric_depth: globally aligned metric depth, H x W (NaN / <= 0 = invalid, kept)
     :param sparse_uv: (N, 2) pixel coordinates (column, row) in ``metric_depth``
     :param sparse_metric: (N,) metric depth at those points (NaN / <= 0 ignored)
     :param sigma_px: Gaussian sigma in pixels (default ``spacing_factor`` times the mean
         point spacing ``sqrt(H * W / N)``)
-    :param spacing_factor: sigma in units of the mean point spacing when ``sigma_px`` is None
     :param prior_weight: shrinkage towards zero correction, in points
     :param space: ``'log'`` (multiplicative correction) or ``'linear'`` (additive)
     :param max_residual_rel: ignore points with ``|sparse - depth| / sparse`` above this
@@ -117,13 +114,7 @@ class RefinedScaleEstimate(ScaleEstimate):
     grid_shape: tuple = None
 
     def refine(self, metric_depth):
-        """
-        Correct a globally aligned metric depth locally towards the sparse points.
-
-        :param metric_depth: globally aligned depth (``scale * rel + shift``), H x W
-        :return: float32 refined depth (NaN kept)
-        :raises ValueError: the depth is not on the grid the points were taken on
-        """
+        """Correct aligned H x W depth towards the points (ValueError if on another grid)."""
         depth = np.asarray(metric_depth)
         if tuple(depth.shape) != tuple(self.grid_shape):
             raise ValueError(f'local refinement points were taken on a {self.grid_shape} grid, '
@@ -131,12 +122,7 @@ class RefinedScaleEstimate(ScaleEstimate):
         return refine_local(depth, self.sparse_uv, self.sparse_metric)
 
     def apply(self, rel_depth):
-        """
-        Convert relative depth to metric depth, then refine locally (as :func:`apply_scale`).
-
-        :param rel_depth: relative depth, H x W (the grid of the sparse points)
-        :return: float32 metric depth, NaN where invalid (REP 118)
-        """
+        """Return float32 metric depth of ``rel_depth``, refined, NaN where invalid (REP 118)."""
         return apply_scale(self, rel_depth)[0]
 
 

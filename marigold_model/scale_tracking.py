@@ -1,32 +1,11 @@
 """
 Metric scale from sparse depth: sampling and temporal tracking.
 
-No ROS here: the node's ``marigold_ros/scale_recovery.py`` converts messages to arrays and
-calls these functions; :mod:`marigold_model.scale_apply` applies the estimate.
-
-* :func:`sample_sparse_pairs` pairs a sparse depth image of any resolution with the relative
-  depth map (nearest pixel, never interpolating the sparse image).
-* :class:`ScaleTracker` fits ``metric ~= scale * rel + shift`` robustly per update, gates
-  outlier fits, optionally smooths over time and ages the estimate out after
-  ``max_stale_s``.
-
-Per frame by default: Marigold normalises every prediction to its own [0, 1] range (the
-nearest and farthest point of the frame), so the scale and shift of one frame do not carry
-over to the next when the depth range of the view changes (a near object entering it).  Each
-accepted fit is therefore applied as it is (``smoothing`` 1.0), and a fit that disagrees with
-the held estimate is not gated when the held estimate no longer explains the frame's own
-samples.  Smoothing is for predictions whose normalisation is stable over time.
-
-Smoothing: the state is the metric depth implied at two fixed relative depths (the
-``anchors``, 0.25 and 0.75), smoothed exponentially in log space. Scale and shift are strongly
-anti-correlated in a fit (points spanning only part of the relative range pin the depth in
-the middle of that range, not ``s`` and ``t`` separately), so smoothing them independently
-mixes an old shift with a new scale and makes the output depth jump during transients.
-Smoothing depths instead is parametrisation-free, filters what the user sees, keeps the scale
-positive (log-space averaging keeps ``d(0.75) > d(0.25)``) and is symmetric for a factor up or
-down; with zero shift it reduces exactly to log-scale smoothing. The gate compares the same
-two depths. If an anchor depth is not positive (a strongly negative shift), the tracker falls
-back to linear averaging and to the scale ratio for gating.
+:func:`sample_sparse_pairs` pairs a sparse depth image of any resolution with the relative
+depth map; :class:`ScaleTracker` turns the pairs into a gated, optionally smoothed
+``metric ~= scale * rel + shift`` that ages out. No ROS here: the node's
+``marigold_ros/scale_recovery.py`` converts messages and :mod:`marigold_model.scale_apply`
+applies the estimate.
 """
 
 from dataclasses import dataclass, replace
@@ -91,11 +70,7 @@ class ScaleTrackerConfig:
     seed: int = 0
 
     def __post_init__(self):
-        """
-        Validate the settings.
-
-        :raises ValueError: a setting is out of range
-        """
+        """Raise ValueError if a setting is out of range."""
         if self.min_points < 2:
             raise ValueError(f'min_points must be >= 2, got {self.min_points}')
         if not self.inlier_threshold_rel > 0:
@@ -126,9 +101,8 @@ class ScaleEstimate:
     ``status`` is ``'ok'`` (the latest update was accepted and the estimate is younger than
     ``stale_after_s``), ``'stale'`` (a previous estimate, still usable, see ``reason``) or
     ``'no_estimate'`` (scale and shift are NaN: stay relative). ``reason`` names the latest
-    rejection since the last accepted fit: ``'too_few_points'``, ``'degenerate_range'``,
-    ``'negative_scale'``, ``'low_inlier_ratio'``, ``'flat_fit'``, ``'gated_outlier'`` (None
-    if none).
+    rejection since the last accepted fit (a ``REASON_*`` of this module or of
+    :mod:`marigold_model.alignment`), None if none.
 
     :param scale: metric units per relative unit (NaN without estimate)
     :param shift: metric offset (NaN without estimate)
@@ -136,8 +110,6 @@ class ScaleEstimate:
     :param residual: RMS relative residual of the last accepted fit's inliers
     :param n_points: valid samples of the last accepted fit
     :param age_s: time since the last accepted fit (inf without estimate)
-    :param status: ``'ok'``, ``'stale'`` or ``'no_estimate'``
-    :param reason: latest rejection reason, or None
     :param stamp_s: time of the last accepted fit (NaN without estimate)
     """
 
@@ -153,20 +125,11 @@ class ScaleEstimate:
 
     @property
     def usable(self):
-        """
-        Whether scale and shift may be applied.
-
-        :return: True for ``'ok'`` and ``'stale'`` estimates
-        """
+        """Whether scale and shift may be applied (status ``'ok'`` or ``'stale'``)."""
         return self.status != STATUS_NO_ESTIMATE
 
     def apply(self, rel_depth):
-        """
-        Convert relative depth to metric depth; non-positive results become NaN.
-
-        :param rel_depth: relative depth array
-        :return: float32 metric depth, NaN where invalid (REP 118), all NaN if not usable
-        """
+        """Return float32 metric depth: NaN where not positive (REP 118), all NaN if not usable."""
         rel = np.asarray(rel_depth, dtype=np.float64)
         if not self.usable:
             return np.full(rel.shape, np.nan, dtype=np.float32)
@@ -185,17 +148,25 @@ class ScaleTracker:
     """
     Track the metric scale and shift of relative depth over time from sparse samples.
 
-    Call :meth:`update` whenever sparse metric samples arrive and :meth:`current` for each
-    depth frame, from any threads (a lock guards the state). Deterministic for a given config
-    seed and input sequence.
+    Call :meth:`update` when sparse samples arrive and :meth:`current` for each depth frame,
+    from any threads (a lock guards the state). Deterministic for a given seed and input.
+
+    Per frame by default (``smoothing`` 1.0): Marigold normalises every prediction to its own
+    nearest and farthest point, so one frame's scale and shift do not carry over once the view's
+    depth range changes; and a fit that disagrees with the held estimate is not gated when the
+    held estimate no longer explains the frame's own samples.
+
+    With smoothing, the state is the metric depth implied at the two ``anchors``, averaged in log
+    space. Scale and shift are strongly anti-correlated in a fit, so smoothing them separately
+    mixes an old shift with a new scale and makes the depth jump; smoothing the anchor depths
+    filters what the user sees, keeps the scale positive and is symmetric up and down (with zero
+    shift it is log-scale smoothing). The gate compares the same depths. If an anchor depth is
+    not positive (a strongly negative shift), averaging is linear and the gate uses the scale
+    ratio.
     """
 
     def __init__(self, config=None):
-        """
-        Create a tracker.
-
-        :param config: :class:`ScaleTrackerConfig` (defaults if None)
-        """
+        """Create a tracker with ``config`` (:class:`ScaleTrackerConfig` defaults if None)."""
         self.config = config if config is not None else ScaleTrackerConfig()
         self._rng = np.random.default_rng(self.config.seed)
         self._anchor_rel = np.asarray(self.config.anchors, dtype=np.float64)
@@ -218,28 +189,12 @@ class ScaleTracker:
         self._candidate_count = 0
 
     def update(self, rel_depth_samples, metric_samples, stamp_s):
-        """
-        Fit a new scale from paired samples and fold it into the estimate.
-
-        :param rel_depth_samples: relative depth at the sparse points (any shape)
-        :param metric_samples: metric depth at the same points (same shape); NaN or <= 0
-            means no reading
-        :param stamp_s: time of the samples in seconds
-        :return: the estimate after this update (see :class:`ScaleEstimate`)
-        :raises ValueError: shapes differ
-        """
+        """Fold samples at ``stamp_s`` into the estimate; metric NaN or <= 0 is no reading."""
         with self._lock:
             return self._update(rel_depth_samples, metric_samples, float(stamp_s))
 
     def _update(self, rel_depth_samples, metric_samples, stamp):
-        """
-        Do :meth:`update` (caller holds the lock).
-
-        :param rel_depth_samples: relative depth samples
-        :param metric_samples: metric depth samples
-        :param stamp: time in seconds
-        :return: :class:`ScaleEstimate`
-        """
+        """Do :meth:`update` (caller holds the lock)."""
         cfg = self.config
         if self._fit_stamp is not None and stamp < self._fit_stamp - cfg.max_stale_s:
             # The clock jumped back (bag looped, simulation reset): the old fit is from the
@@ -279,12 +234,7 @@ class ScaleTracker:
         return self.current(stamp)
 
     def current(self, stamp_s):
-        """
-        Return the estimate to use at a time, or None once it is older than ``max_stale_s``.
-
-        :param stamp_s: time in seconds (e.g. the depth frame's stamp)
-        :return: :class:`ScaleEstimate` with status ``'ok'`` or ``'stale'``, or None
-        """
+        """Return the estimate at ``stamp_s``, or None once it is older than ``max_stale_s``."""
         with self._lock:
             if self._anchor_depth is None:
                 return None
@@ -296,13 +246,7 @@ class ScaleTracker:
             return self._estimate(STATUS_OK if fresh else STATUS_STALE, age)
 
     def _fit_once(self, rel, metric):
-        """
-        Run the robust fit with this tracker's acceptance rules.
-
-        :param rel: flat relative depth samples
-        :param metric: flat metric depth samples
-        :return: :class:`~marigold_model.alignment.FitResult`
-        """
+        """Run the robust fit with this tracker's acceptance rules (AlignmentError if refused)."""
         cfg = self.config
         with np.errstate(invalid='ignore'):
             valid = np.isfinite(rel) & np.isfinite(metric) & (metric > 0)
@@ -333,27 +277,12 @@ class ScaleTracker:
         return fit
 
     def _inliers(self, scale, shift, rel, metric):
-        """
-        Mask of the samples within ``inlier_threshold_rel`` of ``scale * rel + shift``.
-
-        :param scale: scale
-        :param shift: shift
-        :param rel: relative depth samples
-        :param metric: metric depth samples (invalid ones, NaN or <= 0, are never inliers)
-        :return: bool array
-        """
+        """Mask the samples within ``inlier_threshold_rel`` of the fit (invalid ones never are)."""
         with np.errstate(invalid='ignore'):
             return np.abs(scale * rel + shift - metric) < self.config.inlier_threshold_rel * metric
 
     def _explains_poorly(self, estimate, rel, metric):
-        """
-        Whether an estimate's inliers among the samples are fewer than ``min_inlier_ratio``.
-
-        :param estimate: held :class:`ScaleEstimate`
-        :param rel: flat relative depth samples
-        :param metric: flat metric depth samples
-        :return: bool
-        """
+        """Whether fewer than ``min_inlier_ratio`` of the valid samples fit ``estimate``."""
         with np.errstate(invalid='ignore'):
             valid = np.isfinite(rel) & np.isfinite(metric) & (metric > 0)
         inliers = np.count_nonzero(self._inliers(estimate.scale, estimate.shift, rel[valid],
@@ -376,15 +305,10 @@ class ScaleTracker:
         """
         Return the fitted depths' spread over the sparse depths' on the fit's inliers.
 
-        Spreads are 10th to 90th percentiles. A fit that follows its inliers reproduces their
-        spread (a real Marigold prediction about all of it); a flat line through a band of
-        depths reproduces none of it, however many points the band holds.  Outliers are left
-        out so that a few wild readings do not widen the spread the fit is held to.
-
-        :param fit: FitResult
-        :param rel: relative depth samples
-        :param metric: metric depth samples
-        :return: ratio (>= 0; 1 when the inliers have no spread)
+        Spreads are 10th to 90th percentiles; 1 when the inliers have no spread. A fit that follows
+        its inliers reproduces their spread; a flat line through a band of depths reproduces none
+        of it, however many points the band holds. Outliers are left out so a few wild readings do
+        not widen the spread the fit is held to.
         """
         fitted = fit.scale * rel + fit.shift
         inliers = self._inliers(fit.scale, fit.shift, rel, metric)
@@ -397,23 +321,11 @@ class ScaleTracker:
         return float((fitted_high - fitted_low) / (high - low))
 
     def _to_anchor_depth(self, scale, shift):
-        """
-        Metric depth implied at the two anchor relative depths.
-
-        :param scale: scale
-        :param shift: shift
-        :return: array of two depths
-        """
+        """Return the metric depths implied at the two anchor relative depths."""
         return scale * self._anchor_rel + shift
 
     def _outside_gate(self, reference, candidate):
-        """
-        Whether a fit's anchor depths differ from a reference by more than the gate factor.
-
-        :param reference: anchor depths of the reference
-        :param candidate: anchor depths of the new fit
-        :return: True if the fit must be gated
-        """
+        """Whether a fit's anchor depths differ from ``reference`` by more than the gate factor."""
         limit = math.log(self.config.gate_factor)
         if np.all(reference > 0) and np.all(candidate > 0):
             return bool(np.max(np.abs(np.log(candidate / reference))) > limit)
@@ -428,14 +340,7 @@ class ScaleTracker:
                     moved > self.config.gate_factor - 1.0)
 
     def _accept(self, fit, new_depth, stamp, smooth):
-        """
-        Take a fit into the estimate.
-
-        :param fit: the accepted fit
-        :param new_depth: its anchor depths
-        :param stamp: its time
-        :param smooth: average with the current estimate (False: replace it)
-        """
+        """Take a fit into the estimate, averaged with it if ``smooth`` else replacing it."""
         alpha = self.config.smoothing
         old = self._anchor_depth
         if not smooth or old is None:
@@ -452,13 +357,7 @@ class ScaleTracker:
         self._candidate_count = 0
 
     def _reject(self, reason, stamp):
-        """
-        Record a rejected update and report the (possibly stale) estimate.
-
-        :param reason: rejection reason
-        :param stamp: time of the rejected update
-        :return: :class:`ScaleEstimate`
-        """
+        """Record a rejected update; return the (possibly stale) estimate."""
         self._reason = reason
         estimate = self.current(stamp)
         if estimate is None:
@@ -466,13 +365,7 @@ class ScaleTracker:
         return estimate
 
     def _estimate(self, status, age):
-        """
-        Build the public estimate from the state.
-
-        :param status: status string
-        :param age: age in seconds
-        :return: :class:`ScaleEstimate`
-        """
+        """Build the public estimate from the anchor-depth state."""
         d_low, d_high = self._anchor_depth
         r_low, r_high = self._anchor_rel
         scale = float((d_high - d_low) / (r_high - r_low))
@@ -491,7 +384,7 @@ def sparse_pixels(sparse_metric, shape):
     the target pixel containing its centre, so every reading is kept whatever the two
     resolutions are, and readings are never blended with empty (0 / NaN) neighbours.
 
-    :param sparse_metric: sparse depth, 2-D (or H x W x 1); NaN or <= 0 means no reading
+    :param sparse_metric: sparse depth, H x W (or H x W x 1); NaN or <= 0 means no reading
     :param shape: (height, width) of the target grid
     :return: (uv int64 array (N, 2) of target (column, row), float64 depths (N,))
     :raises ValueError: not a 2-D image or bad shape
@@ -514,9 +407,8 @@ def sparse_pixels(sparse_metric, shape):
 
 def sample_sparse_pairs(rel_depth, sparse_metric):
     """
-    Pair relative depth with sparse metric depth given at any resolution.
+    Pair relative depth (H x W) with sparse metric depth given at any resolution.
 
-    :param rel_depth: relative depth, H x W
     :param sparse_metric: sparse metric depth image aligned with the camera, any resolution
         (NaN or 0 = no reading; convert 16UC1 millimetres to metres before)
     :return: (relative values, metric values), float64 arrays of equal length

@@ -26,11 +26,5 @@ Yaml12Loader.add_implicit_resolver(
 
 
 def load(stream):
-    """
-    Parse one YAML document.
-
-    :param stream: text or a text stream
-    :return: the document (None when empty)
-    :raises yaml.YAMLError: malformed YAML
-    """
+    """Parse one YAML document (None when empty)."""
     return yaml.load(stream, Loader=Yaml12Loader)  # noqa: S506 - a SafeLoader subclass

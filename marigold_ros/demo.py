@@ -3,15 +3,10 @@
 
 Starts the ``marigold_depth`` node in this process with the bundled tiny trained model, plays
 the sample sequence of marigold_ros/samples into it at camera rate (images, camera_info and
-a sparse depth sensor for the metric scale, all through ROS topics), collects what the node
-publishes and writes to ``--output``:
-
-* ``frame_NNNN.png``: RGB | relative depth | metric depth | ground truth (colour-mapped,
-  near = yellow, far = dark purple; metric and ground truth share one scale),
-* ``cloud.ply``: the coloured point cloud of the last published frame (meters),
-* ``cloud.png``: a picture of that cloud seen from beside the camera,
-* ``summary.md`` / ``summary.json``: frames in and out, drops, rates, latency, estimator
-  time, metric scale and accuracy against the ground truth.
+a sparse depth sensor for the metric scale, all through ROS topics), and writes what the node
+publishes to ``--output``: per-frame pictures (RGB | relative | metric | ground truth), the
+last point cloud as PLY and as a picture, and a summary (frames, drops, latency, scale,
+accuracy against the ground truth).
 
 A randomly initialised model would make meaningless pictures, so the demo refuses to run
 without the trained tiny model (``make train-tiny``) unless ``--model`` names other weights.
@@ -81,12 +76,7 @@ class Sequence:
                            frame_id=self.meta['frame_id'])
 
     def sparse_image(self, index):
-        """
-        Return the sparse depth of one frame as a 16UC1 array (millimeters, 0 = none).
-
-        :param index: frame number
-        :return: HxW uint16
-        """
+        """Return the sparse depth of frame ``index`` as HxW 16UC1 millimeters (0 = none)."""
         u, v, depth = self.sparse[index]
         out = np.zeros((self.meta['height'], self.meta['width']), np.uint16)
         out[v, u] = np.clip(np.rint(depth * 1000.0), 1, 65535).astype(np.uint16)
@@ -94,13 +84,7 @@ class Sequence:
 
 
 def load_sequence(folder=SAMPLES):
-    """
-    Read the sample sequence written by samples/make_sample_sequence.py.
-
-    :param folder: folder holding sequence.json
-    :return: Sequence
-    :raises DemoError: the files are missing
-    """
+    """Read the Sequence written by samples/make_sample_sequence.py; DemoError if missing."""
     folder = Path(folder)
     if not (folder / 'sequence.json').is_file():
         raise DemoError(f'no sample sequence in {folder}; regenerate it with: python '
@@ -120,12 +104,7 @@ def load_sequence(folder=SAMPLES):
 
 
 def check_model(model):
-    """
-    Make sure the demo has trained weights.
-
-    :param model: model name given to the demo
-    :raises DemoError: the bundled tiny model is missing, with the command that makes it
-    """
+    """Raise DemoError, with the command that makes it, if the demo's model is not here."""
     from marigold_model.loading import resolve_model_path, WeightsNotFoundError
     try:
         resolve_model_path(model)
@@ -143,14 +122,7 @@ def check_model(model):
 
 
 def colorize_range(depth, low, high):
-    """
-    Colour-map depth over a fixed range (near = yellow, far = dark purple, NaN = black).
-
-    :param depth: HxW depth
-    :param low: depth shown as the nearest colour
-    :param high: depth shown as the farthest colour
-    :return: HxWx3 uint8
-    """
+    """Colour-map HxW depth over [low, high] (near = yellow, far = dark purple, NaN = black)."""
     depth = np.asarray(depth, np.float64)
     valid = np.isfinite(depth)
     x = np.clip((np.where(valid, depth, low) - low) / max(high - low, 1e-9), 0.0, 1.0)
@@ -164,12 +136,7 @@ def colorize_range(depth, low, high):
 
 
 def labelled_row(panels):
-    """
-    Put images side by side with a caption strip above each.
-
-    :param panels: list of (caption, HxWx3 uint8)
-    :return: PIL image
-    """
+    """Put (caption, HxWx3 uint8) panels side by side, a caption strip above each; return PIL."""
     height, width = panels[0][1].shape[:2]
     strip = 18
     canvas = PILImage.new('RGB', (width * len(panels), height + strip), _BACKGROUND)
@@ -197,17 +164,10 @@ def render_cloud(points, colours, K, width, height, yaw_deg=30.0, pitch_deg=-20.
     The virtual camera orbits the cloud's median point by ``yaw_deg`` about the vertical
     (optical y) axis and ``pitch_deg`` about x (negative: from above), steps back to
     ``back`` times its distance from that point, then looks at it with the intrinsics ``K``;
-    points are square splats of ``splat`` pixels drawn far to near (a z-buffer).
+    points are square splats of ``splat`` pixels drawn far to near.
 
     :param points: (N, 3) points in the camera optical frame (meters), NaN allowed
     :param colours: (N, 3) uint8
-    :param K: 3x3 intrinsics of the picture
-    :param width: picture width
-    :param height: picture height
-    :param yaw_deg: orbit angle about y
-    :param pitch_deg: orbit angle about x
-    :param back: distance to the median point relative to the real camera's
-    :param splat: splat size in pixels
     :return: HxWx3 uint8 picture
     """
     pts = np.asarray(points, np.float64).reshape(-1, 3)
@@ -238,12 +198,7 @@ def render_cloud(points, colours, K, width, height, yaw_deg=30.0, pitch_deg=-20.
 
 
 def cloud_arrays(msg):
-    """
-    Read points and colours of an x y z rgb PointCloud2 built by the node.
-
-    :param msg: sensor_msgs/PointCloud2 (point_step 16, rgb at offset 12)
-    :return: ((H * W, 3) float32 points, (H * W, 3) uint8 colours)
-    """
+    """Return (H * W, 3) float32 points and uint8 colours of the node's x y z rgb PointCloud2."""
     points = pointcloud2_to_xyz(msg)
     packed = np.frombuffer(bytes(msg.data), '<u4').reshape(-1, msg.point_step // 4)[:, 3]
     colours = np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255], axis=1)
@@ -317,11 +272,7 @@ def run_graph(sequence, model, device='auto', processing_resolution=0, log=print
     """
     Run node, camera player and recorder in one process until every frame is handled.
 
-    :param sequence: Sequence
-    :param model: model name for the node
-    :param device: torch device setting
     :param processing_resolution: 0 = the model's default
-    :param log: progress printer
     :param timeout: seconds before giving up
     :return: (recorder messages by stamp, player's stamp -> index, node counters, model
         info dict, settings dict)
@@ -332,8 +283,8 @@ def run_graph(sequence, model, device='auto', processing_resolution=0, log=print
                  Parameter('processing_resolution', value=processing_resolution),
                  Parameter('scale_recovery.source', value='sparse_depth'),
                  # The inlier threshold suits the model's accuracy: 10 % (the default) for
-                 # real Marigold (5-10 % AbsRel aligned), 30 % for the tiny model (about 20 %,
-                 # its card): at 10 % too few of its points agree with any line but a flat one.
+                 # real Marigold, 30 % for the far less accurate tiny model (see its card):
+                 # at 10 % too few of its points agree with any line but a flat one.
                  Parameter('scale_recovery.inlier_threshold_rel',
                            value=TINY_INLIER_THRESHOLD if 'tiny' in model else 0.1),
                  Parameter('input_reliability', value='reliable')]
@@ -397,17 +348,11 @@ def _metrics(pred, gt):
 
 def write_outputs(folder, sequence, messages, sent, counters, info, settings, model):
     """
-    Write the frame pictures, the cloud, its picture and the summary.
+    Write the frame pictures, the cloud, its picture and the summary; return the summary.
 
-    :param folder: output folder (created)
-    :param sequence: Sequence
     :param messages: stamp ns -> {'depth/relative': Image, 'depth/image': ..., ...}
     :param sent: stamp ns -> frame index
     :param counters: node counters (DiagnosticsCollector.snapshot)
-    :param info: model info from the node diagnostics
-    :param settings: resolved node settings
-    :param model: model name
-    :return: summary dict
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -505,12 +450,7 @@ def _fmt(value, digits=3):
 
 
 def summary_markdown(summary):
-    """
-    Render the summary for people.
-
-    :param summary: dict written to summary.json
-    :return: Markdown text
-    """
+    """Render the summary dict (summary.json) as Markdown for people."""
     frames, accuracy = summary['frames'], summary['accuracy']
     scale = summary['metric_scale']
     lines = [
@@ -555,18 +495,7 @@ def summary_markdown(summary):
 
 def run_demo(output, model=BUNDLED_TINY_MODEL, device='auto', processing_resolution=0,
              samples=SAMPLES, log=print):
-    """
-    Run the whole demo.
-
-    :param output: output folder
-    :param model: model name (default: the bundled tiny trained model)
-    :param device: torch device setting
-    :param processing_resolution: 0 = the model's default
-    :param samples: sample sequence folder
-    :param log: progress printer
-    :return: summary dict
-    :raises DemoError: missing model or samples
-    """
+    """Run the whole demo; return the summary dict (DemoError: no model or samples)."""
     check_model(model)
     sequence = load_sequence(samples)
     messages, sent, counters, info, settings = run_graph(
@@ -578,12 +507,7 @@ def run_demo(output, model=BUNDLED_TINY_MODEL, device='auto', processing_resolut
 
 
 def main(argv=None):
-    """
-    Command line entry point (``python -m marigold_ros.demo``, ``marigold_demo``).
-
-    :param argv: argument list (default sys.argv)
-    :return: exit code
-    """
+    """Run ``marigold_demo`` with ``argv`` (default sys.argv); return the exit code."""
     parser = argparse.ArgumentParser(description='Run the marigold_depth node on the bundled '
                                      'sample sequence and write pictures and a summary.')
     parser.add_argument('--output', default='demo_output', help='output folder')

@@ -34,12 +34,7 @@ UINT16_MAX = 65535
 
 
 def metric_to_png16(depth_m):
-    """
-    Convert meters to uint16 millimeters (0 marks no reading or out of range).
-
-    :param depth_m: HxW float depth in meters, NaN / <= 0 invalid.
-    :return: HxW uint16.
-    """
+    """Convert HxW meters (NaN / <= 0 invalid) to uint16 millimeters, 0 if invalid or too far."""
     depth = np.asarray(depth_m, dtype=np.float64)
     mm = np.rint(depth * MM_PER_M)
     valid = np.isfinite(mm) & (mm > 0) & (mm <= UINT16_MAX)
@@ -53,12 +48,7 @@ relative_to_png16 = relative_to_uint16
 
 
 def write_png(path, array):
-    """
-    Write an HxW uint16 / uint8 or HxWx3 uint8 array as PNG.
-
-    :param path: file path.
-    :param array: the image.
-    """
+    """Write an HxW uint16 / uint8 or HxWx3 uint8 array as PNG."""
     array = np.ascontiguousarray(array)
     if array.dtype == np.uint16:
         array = array.astype('<u2', copy=False)  # Pillow maps native uint16 to 'I;16'
@@ -66,24 +56,15 @@ def write_png(path, array):
 
 
 def colorize(depth, relative=False):
-    """
-    Colour-map depth for previews (percentile-stretched, invalid = black).
-
-    :param depth: HxW float depth (meters or relative).
-    :param relative: relative depth, where 0 is the nearest point, not a missing one
-    :return: HxWx3 uint8.
-    """
+    """Return an HxWx3 uint8 preview; ``relative``: 0 is the nearest point, not a missing one."""
     return colorize_depth(depth, np.isfinite(depth) if relative else None)
 
 
 def write_ply(path, points, colors=None):
     """
-    Write points as a binary little-endian PLY, dropping non-finite points.
+    Write (..., 3) points in meters, optional uint8 RGB, as binary PLY; return the count.
 
-    :param path: file path.
-    :param points: (..., 3) float coordinates (meters).
-    :param colors: optional (..., 3) uint8 RGB of the same leading shape.
-    :return: number of points written.
+    Non-finite points are dropped.
     """
     xyz = np.asarray(points, dtype=np.float32).reshape(-1, 3)
     keep = np.isfinite(xyz).all(axis=1)
@@ -107,12 +88,7 @@ def write_ply(path, points, colors=None):
 
 
 def read_ply(path):
-    """
-    Read a PLY written by :func:`write_ply` (tests and tools).
-
-    :param path: file path.
-    :return: (N x 3 float32 points, N x 3 uint8 colours or None).
-    """
+    """Read a PLY of :func:`write_ply`: (N x 3 float32 points, N x 3 uint8 colours or None)."""
     with open(path, 'rb') as stream:
         lines = []
         while not lines or lines[-1] != 'end_header':
@@ -136,13 +112,7 @@ def read_ply(path):
 
 
 def frame_paths(folder, index):
-    """
-    Return the export file names of frame ``index``.
-
-    :param folder: export folder.
-    :param index: 0-based frame number in the bag.
-    :return: dict with keys 'metric', 'relative', 'preview' and 'cloud'.
-    """
+    """Return the file names ('metric', 'relative', 'preview', 'cloud') of frame ``index``."""
     def name(prefix, suffix):
         return os.path.join(folder, f'{prefix}_{index:06d}.{suffix}')
 
@@ -151,12 +121,7 @@ def frame_paths(folder, index):
 
 
 def cloud_colors(cloud):
-    """
-    Read the RGB of an organized x y z rgb PointCloud2 (rgb float32 bits at offset 12).
-
-    :param cloud: sensor_msgs/PointCloud2 with point_step 16
-    :return: (N, 3) uint8 RGB, or None without an 'rgb' field
-    """
+    """Return the (N, 3) uint8 RGB of an x y z rgb PointCloud2 (point_step 16), or None."""
     if 'rgb' not in [f.name for f in cloud.fields]:
         return None
     packed = np.frombuffer(cloud.data, dtype='<u4').reshape(-1, int(cloud.point_step) // 4)
@@ -191,13 +156,7 @@ class FrameExporter:
         self.rows = []
 
     def write(self, index, log_time, output):
-        """
-        Write the files of one processed frame.
-
-        :param index: frame number in the bag (0-based)
-        :param log_time: bag time of the input image (ns)
-        :param output: pipeline FrameOutput
-        """
+        """Write the files of frame ``index`` (0-based; ``log_time`` in ns) from a FrameOutput."""
         paths = frame_paths(str(self.stage), index)
         relative = image_to_depth(output.relative)
         write_png(paths['relative'], relative_to_png16(relative))
@@ -219,23 +178,12 @@ class FrameExporter:
                           ' '.join(output.notes)))
 
     def error(self, index, log_time, header, reason):
-        """
-        Record a frame that could not be processed.
-
-        :param index: frame number in the bag
-        :param log_time: bag time (ns)
-        :param header: the image header
-        :param reason: the FrameError reason
-        """
+        """Record frame ``index`` that failed with FrameError ``reason`` (``log_time`` in ns)."""
         self.rows.append((index, stamp_to_ns(header.stamp), log_time, header.frame_id,
                           f'error:{reason}', '', '', ''))
 
     def commit(self):
-        """
-        Write frames.csv and move the folder into place.
-
-        :return: the folder Path
-        """
+        """Write frames.csv, move the folder into place and return its Path."""
         with open(self.stage / 'frames.csv', 'w', encoding='utf-8', newline='') as stream:
             table = csv.writer(stream)
             table.writerow(self.COLUMNS)

@@ -2,13 +2,11 @@
 Keep large message buffers in the heap (glibc), so big images and clouds are cheap to copy.
 
 glibc's malloc serves blocks above ``M_MMAP_THRESHOLD`` (128 KiB at start, adapting up to
-32 MiB only after such a block is freed) with a fresh ``mmap`` and returns them with
-``munmap``, and it gives freed heap memory back to the system above ``M_TRIM_THRESHOLD``.
-Either way every 1-5 MB image, depth map or cloud buffer (serializing, deserializing,
-building) lands on new pages and pays a page fault per 4 KiB: serializing a 640x480 32FC1
-image measured 2.4 ms with the defaults and 0.18 ms with the thresholds raised.  A node that
-moves several such messages per frame is worth tuning once at start-up; the price is that
-freed memory stays in the process (resident size settles at the working set's peak).
+32 MiB only after such a block is freed) with a fresh ``mmap``, and gives freed heap memory
+back to the system above ``M_TRIM_THRESHOLD``. Either way every multi-megabyte image, depth
+map or cloud buffer lands on new pages and pays a page fault per 4 KiB. Raising both once at
+start-up avoids that; the price is that freed memory stays in the process (resident size
+settles at the working set's peak).
 """
 
 import ctypes
@@ -24,11 +22,7 @@ TRIM_THRESHOLD = 256 * 1024 * 1024
 
 
 def keep_large_buffers_in_heap():
-    """
-    Raise glibc's mmap and trim thresholds for this process (no-op elsewhere).
-
-    :return: True when both settings were applied (glibc), else False
-    """
+    """Raise glibc's mmap and trim thresholds; return True when both were applied (glibc only)."""
     name = ctypes.util.find_library('c')
     if not name:
         return False

@@ -2,18 +2,14 @@
 Write mcap bags from messages in pieces, with one copy of their large buffers instead of five.
 
 rosbags' mcap storage copies each message through several in-memory buffers (the message
-record, the chunk, the chunk's value, the chunk record, the file), all under the GIL; for
-process_bag's 1-5 MB of clouds and depth images per frame that was most of the writer
-thread's time.  Here a message can be handed over as :class:`CdrPieces` (a small serialized
-head, the data buffer itself, a small tail; see
-:func:`marigold_ros.bag_io.serialize_canonical_pieces`), the chunk keeps references to the
-pieces, and closing the chunk writes each piece straight to the file (one copy, into the
-kernel, with the GIL released).
+record, the chunk, the chunk's value, the chunk record, the file), all under the GIL. Here a
+message can be handed over as :class:`CdrPieces` (see
+:func:`marigold_ros.bag_io.serialize_canonical_pieces`); the chunk keeps references to the
+pieces and closing it writes each piece straight to the file, with the GIL released.
 
-The file is byte for byte the one rosbags' own :class:`McapWriter` writes for the same
-messages (a test compares them), so readers see no difference.  Only uncompressed mcap
-takes this path (sqlite3 and compressed bags get the pieces joined); rosbags is pinned
-(requirements.txt) because this builds on its internals.
+The file is byte for byte the one rosbags' :class:`McapWriter` writes (a test compares
+them). Only uncompressed mcap takes this path; sqlite3 and compressed bags get the pieces
+joined. rosbags is pinned (requirements.txt) because this builds on its internals.
 """
 
 from collections import defaultdict
@@ -44,11 +40,7 @@ class CdrPieces(tuple):
     __slots__ = ()
 
     def __new__(cls, pieces):
-        """
-        Keep byte views of the pieces (no copy).
-
-        :param pieces: bytes-like objects, in order
-        """
+        """Keep byte views of the bytes-like ``pieces``, in order (no copy)."""
         return super().__new__(cls, (memoryview(p).cast('B') for p in pieces))
 
     @property
@@ -62,12 +54,7 @@ class CdrPieces(tuple):
 
 
 def as_bytes(data):
-    """
-    Return serialized data as one bytes-like object (joining :class:`CdrPieces`).
-
-    :param data: bytes-like or CdrPieces
-    :return: bytes-like
-    """
+    """Return serialized data as one bytes-like object (joining :class:`CdrPieces`)."""
     return data.join() if isinstance(data, CdrPieces) else data
 
 
@@ -90,13 +77,7 @@ class PiecewiseMcapWriter(McapWriter):
             self._size += len(records)
 
     def write(self, connection, timestamp, data):
-        """
-        Add a message record to the open chunk.
-
-        :param connection: rosbags Connection
-        :param timestamp: log time, nanoseconds
-        :param data: serialized message, bytes-like or CdrPieces
-        """
+        """Add a message record (bytes-like or CdrPieces; log time in ns) to the open chunk."""
         if self.compression:
             super().write(connection, timestamp, as_bytes(data))
             return
@@ -168,13 +149,7 @@ class PiecewiseWriter(Writer):
     STORAGE_PLUGINS = {**Writer.STORAGE_PLUGINS, StoragePlugin.MCAP: PiecewiseMcapWriter}
 
     def write(self, connection, timestamp, data):
-        """
-        Write a message; CdrPieces are joined where the storage or compression needs bytes.
-
-        :param connection: rosbags Connection
-        :param timestamp: log time, nanoseconds
-        :param data: serialized message, bytes-like or CdrPieces
-        """
+        """Write a message; CdrPieces are joined where the storage or compression needs bytes."""
         if self.storage_plugin != StoragePlugin.MCAP or \
                 self.compression_mode != CompressionMode.NONE:
             data = as_bytes(data)

@@ -1,14 +1,10 @@
 """
 Two helpers that move work to a background thread without changing its order.
 
-* :func:`prefetch` iterates ahead on its own thread (a bounded queue), e.g. reading and
-  deserializing a bag;
-* :class:`OrderedWorker` runs calls one after another on its own thread, in submission
-  order (a bounded queue), e.g. serializing and writing a bag whose writer must only ever
-  be used from one thread, as sqlite3 requires.
-
-process_bag runs its reader and its writer on these, so every output byte is the same as a
-sequential run's.
+:func:`prefetch` iterates ahead on its own thread (e.g. reading and deserializing a bag);
+:class:`OrderedWorker` runs calls one after another on its own thread (e.g. writing a bag,
+whose writer sqlite3 lets only one thread use). process_bag runs its reader and writer on
+these, so every output byte is the same as a sequential run's.
 """
 
 import queue
@@ -17,15 +13,10 @@ import threading
 
 def prefetch(iterable, depth=32, name='process_bag_reader'):
     """
-    Iterate on a background thread, up to ``depth`` items ahead.
+    Iterate on a background thread, up to ``depth`` items ahead; yield the items in order.
 
     A failure of the iteration is re-raised here, at the item where it happened; closing
     the generator stops the thread.
-
-    :param iterable: any iterable
-    :param depth: items read ahead
-    :param name: thread name
-    :return: generator of the items, in order
     """
     items = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -104,12 +95,7 @@ class OrderedWorker:
                     box.done.set()
 
     def submit(self, function, *args):
-        """
-        Queue ``function(*args)``; re-raise an earlier failure.
-
-        :param function: callable
-        :param args: its arguments
-        """
+        """Queue ``function(*args)``; re-raise an earlier failure."""
         if self._error is not None:
             raise self._error
         self._queue.put((function, args, None))
@@ -118,10 +104,7 @@ class OrderedWorker:
         """
         Run ``function(*args)`` after everything queued and return its result.
 
-        :param function: callable
-        :param args: its arguments
-        :param check: re-raise a failure (earlier or of this call); False: return None
-        :return: the result
+        :param check: re-raise a failure (earlier or of this call); False: return None instead
         """
         if check and self._error is not None:
             raise self._error

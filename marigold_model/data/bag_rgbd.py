@@ -1,14 +1,11 @@
 """
 RGB-D pairs from a rosbag2 directory / storage file or ROS 1 bag (e.g. simulator recordings).
 
-Read with ``rosbags`` (pure Python, no ROS install). The colour topic carries
-``sensor_msgs/msg/Image`` or ``CompressedImage`` and the depth topic ``Image``, both decoded
-by :mod:`marigold_model.data.image_decoding`, the ROS node's decoder, so a bag the node reads
-is a bag this reader reads. Depth is 32FC1 in meters or 16UC1 / mono16 at ``depth_scale``
-meters per unit (default 0.001 = millimetres). Colour and depth are matched by header stamp
-(nearest, within ``tolerance`` seconds; the bag time when a stamp is zero). K comes from the
-first message on an optional ``sensor_msgs/msg/CameraInfo`` topic, else from
-``default_hfov_deg``.
+Read with ``rosbags`` (no ROS install) and decoded by
+:mod:`marigold_model.data.image_decoding`, the ROS node's decoder, so a bag the node reads
+is a bag this reader reads. Colour and depth are matched by header stamp (nearest, within
+``tolerance`` seconds; the bag time when a stamp is zero). K comes from the first message on
+an optional CameraInfo topic, else from ``default_hfov_deg``.
 
 The whole bag is decoded once at construction and kept in memory (use ``stride`` /
 ``max_frames`` for long recordings); a frame that fails to decode is kept as an error and
@@ -32,37 +29,18 @@ _DEPTH_ALIASES = {'mono16': '16UC1'}
 
 
 def rgb_from_image(msg):
-    """
-    Decode a colour Image message to HxWx3 uint8 RGB.
-
-    :param msg: sensor_msgs/Image-like object.
-    :return: HxWx3 uint8.
-    :raises ImageConversionError: unsupported encoding or inconsistent geometry.
-    """
+    """Decode a colour Image message to HxWx3 uint8 RGB (ImageConversionError if it cannot)."""
     return decode_rgb(msg.data, msg.height, msg.width, msg.step, msg.encoding,
                       msg.is_bigendian)
 
 
 def rgb_from_compressed(msg):
-    """
-    Decode a CompressedImage (JPEG / PNG) to HxWx3 uint8 RGB.
-
-    :param msg: sensor_msgs/CompressedImage-like object.
-    :return: HxWx3 uint8.
-    :raises ImageConversionError: undecodable bytes or a compressedDepth image.
-    """
+    """Decode a CompressedImage (JPEG / PNG) to HxWx3 uint8 RGB (not compressedDepth)."""
     return decode_compressed_rgb(msg.data, msg.format)
 
 
 def depth_from_image(msg, depth_scale=0.001):
-    """
-    Decode a depth Image message to meters.
-
-    :param msg: sensor_msgs/Image-like object with 32FC1 (m) or 16UC1 / mono16 encoding.
-    :param depth_scale: meters per unit for integer encodings.
-    :return: HxW float32 meters (NaN / non-finite = invalid).
-    :raises ImageConversionError: unsupported encoding or inconsistent geometry.
-    """
+    """Decode a 32FC1 (m) or 16UC1 / mono16 (``depth_scale`` m per unit) Image to HxW meters."""
     encoding = _DEPTH_ALIASES.get(str(msg.encoding).strip().lower(), msg.encoding)
     return decode_depth(msg.data, msg.height, msg.width, msg.step, encoding,
                         msg.is_bigendian, unit=depth_scale)
@@ -94,15 +72,12 @@ class BagRGBDDataset(_Dataset):
         """
         Read and match the bag.
 
-        :param path: rosbag2 directory, rosbag2 storage file (.db3 / .mcap) or ROS 1 .bag.
-        :param rgb_topic: colour topic (Image or CompressedImage).
-        :param depth_topic: depth topic (Image, 32FC1 / 16UC1 / mono16).
-        :param camera_info_topic: optional CameraInfo topic for K.
-        :param tolerance: largest stamp difference in seconds for a colour / depth match.
-        :param depth_scale: meters per unit of 16-bit depth.
-        :param default_hfov_deg: horizontal fov used without camera info.
-        :param stride: keep every ``stride``-th matched pair.
-        :param max_frames: keep at most this many pairs.
+        :param path: rosbag2 directory, rosbag2 storage file (.db3 / .mcap) or ROS 1 .bag
+        :param rgb_topic: colour topic (Image or CompressedImage)
+        :param depth_topic: depth topic (Image, 32FC1 / 16UC1 / mono16)
+        :param tolerance: largest stamp difference in seconds for a colour / depth match
+        :param depth_scale: meters per unit of 16-bit depth (default millimetres)
+        :param stride: keep every ``stride``-th matched pair
         """
         self.path = Path(path).expanduser()
         if not self.path.exists():
@@ -193,12 +168,7 @@ class BagRGBDDataset(_Dataset):
         return len(self.frames)
 
     def __getitem__(self, index):
-        """
-        Return pair ``index``.
-
-        :param index: pair number (in colour stamp order of the bag).
-        :return: Sample named by the colour stamp in nanoseconds.
-        """
+        """Return pair ``index`` (colour stamp order) as a Sample named by its stamp in ns."""
         stamp, rgb, depth = self.frames[index]
         for value, what in ((rgb, 'colour'), (depth, 'depth')):
             if isinstance(value, str):

@@ -44,24 +44,12 @@ _FRAME_RE = re.compile(r'frame\.(\d+)\.depth_meters\.hdf5$')
 
 
 def hypersim_intrinsics(height, width):
-    """
-    Return Hypersim's default pinhole K at a given resolution.
-
-    :param height: image height.
-    :param width: image width.
-    :return: 3x3 float64 K (60 degree horizontal fov, centred principal point).
-    """
+    """Return Hypersim's pinhole K (60 degree horizontal fov, centred) at a given resolution."""
     return intrinsics_from_hfov(width, height, HYPERSIM_HFOV_DEG)
 
 
 def distance_to_planar(distance, K):
-    """
-    Convert Euclidean distance from the camera centre to planar z depth.
-
-    :param distance: HxW distances (NaN / inf stay non-finite).
-    :param K: 3x3 intrinsics with fx == fy.
-    :return: HxW float32 planar depth.
-    """
+    """Convert HxW Euclidean distance from the camera centre to float32 planar z (K: fx == fy)."""
     distance = np.asarray(distance, dtype=np.float64)
     h, w = distance.shape
     fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
@@ -73,11 +61,9 @@ def distance_to_planar(distance, K):
 
 def tone_map(rgb_hdr, valid=None):
     """
-    Tone-map linear HDR colour the way Hypersim (and Marigold) do.
+    Tone-map HxWx3 linear HDR colour to [0, 1] the way Hypersim (and Marigold) do.
 
-    :param rgb_hdr: HxWx3 linear radiance.
-    :param valid: optional HxW mask of pixels used for the brightness percentile.
-    :return: HxWx3 float64 in [0, 1].
+    ``valid`` optionally masks the pixels used for the brightness percentile.
     """
     rgb = np.nan_to_num(np.asarray(rgb_hdr, dtype=np.float64), nan=0.0, posinf=0.0)
     gamma = 1.0 / 2.2
@@ -123,10 +109,9 @@ class HypersimDataset(_Dataset):
         """
         Index the frames.
 
-        :param root: Hypersim root directory.
-        :param list_file: optional list of ``rgb depth`` rows (relative to root).
-        :param prefer_jpg: use ``.tonemap.jpg`` when present instead of tone-mapping HDF5.
-        :param use_entity_mask: also mark pixels with render_entity_id == -1 invalid.
+        :param list_file: optional list of ``rgb depth`` rows (relative to root)
+        :param prefer_jpg: use ``.tonemap.jpg`` when present instead of tone-mapping HDF5
+        :param use_entity_mask: also mark pixels with render_entity_id == -1 invalid
         """
         self.root = require_dir(root, 'HypersimDataset')
         self.prefer_jpg = bool(prefer_jpg)
@@ -173,12 +158,7 @@ class HypersimDataset(_Dataset):
         return str(rel.with_suffix('')).replace('.depth_meters', '')
 
     def __getitem__(self, index):
-        """
-        Read frame ``index``.
-
-        :param index: frame number.
-        :return: Sample (raises UnreadableSample on a broken file).
-        """
+        """Read frame ``index`` as a Sample; UnreadableSample on a broken file."""
         rgb_path, depth_path, entity_path = self.items[index]
         valid = None
         if entity_path is not None and self.use_entity_mask:

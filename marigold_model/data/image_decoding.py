@@ -3,11 +3,9 @@ Raw image buffers, named by their ROS encoding, to numpy: the one decoder of cam
 
 The ROS node (``marigold_ros.conversions``) and the bag data reader
 (:mod:`marigold_model.data.bag_rgbd`) both decode here, so they accept the same encodings with
-the same results.  The functions take a message's fields (``data``, ``height``, ``width``,
-``step``, ``encoding``, ``is_bigendian``), not a message, so no ROS message class is needed.
-
-Semantics follow cv_bridge (not available here); the speed comes from numpy views over the
-buffer: no per-pixel Python.
+the same results. The functions take a message's fields, not a message, so no ROS message
+class is needed. Semantics follow cv_bridge (not available here), with numpy views over the
+buffer instead of per-pixel Python.
 """
 
 import array
@@ -65,10 +63,9 @@ class ImageConversionError(ReasonError):
 
 def as_uint8(data):
     """
-    Return a flat uint8 view of a message ``data`` field without copying if possible.
+    Return a flat uint8 view of a message ``data`` field, without copying if possible.
 
-    :param data: numpy array (rosbags), bytes-like or array('B') (rclpy), or a list
-    :return: 1-D uint8 array
+    ``data`` may be a numpy array (rosbags), bytes-like or array('B') (rclpy), or a list.
     """
     if isinstance(data, np.ndarray):
         return data.reshape(-1).view(np.uint8)
@@ -79,22 +76,12 @@ def as_uint8(data):
 
 
 def byte_order(is_bigendian):
-    """
-    Return the numpy byte order character of a message's ``is_bigendian`` flag.
-
-    :param is_bigendian: the flag
-    :return: '>' or '<'
-    """
+    """Return '>' or '<' for a message's ``is_bigendian`` flag."""
     return '>' if is_bigendian else '<'
 
 
 def normalise_encoding(encoding):
-    """
-    Return a colour encoding name as compared here: stripped, lower case.
-
-    :param encoding: the message's encoding string
-    :return: normalised name
-    """
+    """Return a colour encoding name as compared here: stripped, lower case."""
     return str(encoding).strip().lower()
 
 
@@ -124,12 +111,7 @@ def _strided_view(buf, height, width, step, encoding, channels, dtype, bytes_per
 
 
 def mono16_to_mono8(values):
-    """
-    Scale 16-bit grey to 8 bits as cv_bridge does (``convertTo(CV_8U, 255 / 65535)``, rounded).
-
-    :param values: integer array in [0, 65535]
-    :return: uint8 array of the same shape
-    """
+    """Scale 16-bit grey to uint8 as cv_bridge does (``convertTo(CV_8U, 255 / 65535)``)."""
     return np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
 
 
@@ -141,20 +123,15 @@ def decode_rgb(data, height, width, step, encoding, is_bigendian=False,
     Encodings: rgb8, bgr8, rgba8, bgra8 (alpha dropped), mono8 (replicated to three
     channels), mono16 (scaled to 8 bit as cv_bridge does: v * 255 / 65535 rounded),
     yuv422 (= UYVY, as in ROS image_encodings) and yuv422_yuy2 (= YUYV), both converted with
-    BT.601 video-range coefficients exactly as OpenCV/cv_bridge do.  ``step`` (row padding)
-    and ``is_bigendian`` (mono16) are honoured.
+    BT.601 video-range coefficients exactly as OpenCV/cv_bridge do.
 
     The result is always a new C-contiguous array that does not share memory with ``data``,
     so callers may modify it.
 
     :param data: the pixel bytes (numpy array, bytes-like, array('B') or list)
-    :param height: rows
-    :param width: columns
     :param step: bytes per row, padding included
-    :param encoding: sensor_msgs/image_encodings name
     :param is_bigendian: byte order of 16-bit values
     :param max_pixels: refuse images with more than this many pixels (None: no limit)
-    :return: HxWx3 uint8 RGB array
     :raises ImageConversionError: with ``reason`` 'unknown_encoding' (depth encodings such as
         16UC1 / 32FC1 included), 'empty', 'too_large', 'bad_step', 'truncated' or 'bad_size'
         (odd width in a YUV 4:2:2 image).
@@ -229,13 +206,10 @@ def decode_compressed_rgb(data, fmt='', max_pixels=DEFAULT_MAX_PIXELS):
 
     ``fmt`` (a CompressedImage's ``format``) is only used to reject compressedDepth images;
     the codec is detected from the bytes (PIL), so 'jpeg', 'png', 'rgb8; jpeg compressed
-    bgr8' etc. all work.  The image size is read from the header before the full decode, so
-    oversized images are refused cheaply.  16-bit grey PNGs are scaled like mono16.
+    bgr8' etc. all work. The size is read from the header before the full decode, so
+    oversized images are refused cheaply. 16-bit grey PNGs are scaled like mono16.
 
-    :param data: the compressed bytes
-    :param fmt: the format string, for messages and the compressedDepth check
     :param max_pixels: refuse images with more than this many pixels (None: no limit)
-    :return: HxWx3 uint8 RGB array
     :raises ImageConversionError: 'empty', 'unknown_encoding' (compressedDepth),
         'too_large' or 'corrupt_compressed'.
     """
@@ -279,21 +253,15 @@ def decode_compressed_rgb(data, fmt='', max_pixels=DEFAULT_MAX_PIXELS):
 def decode_depth(data, height, width, step, encoding, is_bigendian=False,
                  max_pixels=DEFAULT_MAX_PIXELS, unit=MILLIMETERS):
     """
-    Decode a raw depth image to float32 meters (REP 118).
+    Decode a raw depth image to a new HxW float32 array in meters (REP 118).
 
     32FC1 is taken as meters (NaN / inf kept as they are); 16UC1 is ``unit`` meters per
-    count (millimeters by default), with 0 (no reading) -> NaN.  ``step`` and
-    ``is_bigendian`` are honoured.
+    count (millimeters by default), with 0 (no reading) -> NaN.
 
     :param data: the pixel bytes (numpy array, bytes-like, array('B') or list)
-    :param height: rows
-    :param width: columns
     :param step: bytes per row, padding included
-    :param encoding: '32FC1' or '16UC1'
     :param is_bigendian: byte order of the values
     :param max_pixels: refuse images with more than this many pixels (None: no limit)
-    :param unit: meters per count of 16UC1
-    :return: new HxW float32 array in meters
     :raises ImageConversionError: 'unknown_encoding' for other encodings (mono16 included:
         it carries no unit), 'empty', 'too_large', 'bad_step' or 'truncated'.
     """

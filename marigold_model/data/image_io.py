@@ -16,13 +16,7 @@ RGB_SUFFIXES = ('.png', '.jpg', '.jpeg')
 
 
 def require_dir(path, what):
-    """
-    Check that a dataset root exists and is a directory.
-
-    :param path: directory path.
-    :param what: reader name for the message.
-    :return: the path as a Path.
-    """
+    """Return a data set root as a Path; ValueError (naming reader ``what``) if not a directory."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ValueError(f'{what}: root path {str(p)!r} does not exist')
@@ -32,14 +26,7 @@ def require_dir(path, what):
 
 
 def require_file(path, what):
-    """
-    Check that a file a data set needs exists.
-
-    :param path: file path
-    :param what: what the file is, for the message
-    :return: the path as a Path
-    :raises DatasetError: no such file
-    """
+    """Return a file a data set needs as a Path; DatasetError naming ``what`` if missing."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f'{what} not found: {path}')
@@ -47,12 +34,7 @@ def require_file(path, what):
 
 
 def read_rgb(path):
-    """
-    Read an 8-bit image as HxWx3 uint8 RGB.
-
-    :param path: image file.
-    :return: HxWx3 uint8 array.
-    """
+    """Read an 8-bit image as HxWx3 uint8 RGB."""
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert('RGB'), dtype=np.uint8).copy()
@@ -61,12 +43,7 @@ def read_rgb(path):
 
 
 def read_png16(path):
-    """
-    Read a single-channel 16-bit PNG as uint16.
-
-    :param path: PNG file.
-    :return: HxW uint16 array.
-    """
+    """Read a single-channel 16-bit PNG as HxW uint16."""
     try:
         with Image.open(path) as image:
             mode = image.mode
@@ -88,10 +65,7 @@ def relative_to_uint16(relative):
     Store relative depth in [0, 1] as uint16: ``1 + round(value * 65534)``, non-finite -> 0.
 
     0 means no depth, as in 16-bit metric depth files, so the nearest point (relative 0)
-    is never mistaken for a hole.
-
-    :param relative: float array in [0, 1] (values outside are clipped)
-    :return: uint16 array of the same shape
+    is never mistaken for a hole. Values outside [0, 1] are clipped.
     """
     rel = np.asarray(relative, dtype=np.float64)
     valid = np.isfinite(rel)
@@ -101,12 +75,7 @@ def relative_to_uint16(relative):
 
 
 def read_npy(path):
-    """
-    Read a 2-D array from a .npy file (HxW or HxWx1).
-
-    :param path: .npy file.
-    :return: HxW array.
-    """
+    """Read an HxW (or HxWx1) array from a .npy file as HxW."""
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -119,11 +88,7 @@ def read_npy(path):
 
 
 def exr_backend():
-    """
-    Return the name of an importable EXR reader ('cv2' or 'imageio'), or None.
-
-    :return: backend name or None.
-    """
+    """Return the name of an importable EXR reader ('cv2' or 'imageio'), or None."""
     for name in ('cv2', 'imageio'):
         try:
             __import__(name)
@@ -134,12 +99,7 @@ def exr_backend():
 
 
 def read_exr(path):
-    """
-    Read the first channel of an OpenEXR image as float32.
-
-    :param path: .exr file.
-    :return: HxW float32 array.
-    """
+    """Read the first channel of an OpenEXR image as HxW float32."""
     backend = exr_backend()
     if backend is None:
         raise ValueError(f'cannot read {str(path)!r}: reading EXR needs OpenCV (cv2) or '
@@ -169,9 +129,8 @@ def read_list_file(path, root):
 
     Header rows and comments (``#``) are skipped, as are rows whose depth is ``None``.
 
-    :param path: list file.
-    :param root: directory the relative paths are relative to.
-    :return: list of (rgb Path, depth Path).
+    :param root: directory the relative paths are relative to
+    :return: list of (rgb Path, depth Path)
     """
     p = Path(path)
     if not p.is_file():

@@ -16,12 +16,7 @@ KITTI_DEFAULT_FOCAL = 721.5377
 
 
 def read_kitti_depth(path):
-    """
-    Read a KITTI depth PNG: uint16, meters * 256, 0 = no measurement.
-
-    :param path: PNG path
-    :return: float32 [H, W] meters, 0 where invalid
-    """
+    """Read a KITTI depth PNG (uint16 meters * 256) as float32 meters, 0 where invalid."""
     return read_png16(path).astype(np.float32) / np.float32(256.0)
 
 
@@ -37,8 +32,6 @@ class KittiEigen:
         """
         Parse the split file and check that every listed file exists.
 
-        :param root: folder the RGB paths are relative to
-        :param split_file: the split text file
         :param depth_root: folder the depth paths are relative to (default ``root``)
         """
         self.root = Path(root)
@@ -78,12 +71,7 @@ class KittiEigen:
         return len(self.entries)
 
     def __getitem__(self, position):
-        """
-        Read one image and its projected LiDAR depth.
-
-        :param position: 0 <= position < len(self)
-        :return: Sample named after the RGB path
-        """
+        """Read one image and its projected LiDAR depth as a Sample named after the RGB path."""
         if not 0 <= position < len(self):
             raise IndexError(f'KITTI position {position} out of range [0, {len(self)})')
         rgb_path, depth_path, focal = self.entries[position]

@@ -1,11 +1,8 @@
 """
 Mix several datasets with fixed probabilities, and the training-time resize / crop / flip.
 
-A :class:`MixedDataset` is a deterministic stream of draws. Draw ``n`` picks its source by
-probability, then the next frame of that source's shuffled order (a fresh permutation per
-pass over the source, so every frame is used once per pass), and takes the crop and flip from
-its own generator, so a frame is cropped and flipped differently from pass to pass. Everything
-is a function of ``(seed, n)``: any draw can be asked for again, in any order or process.
+A :class:`MixedDataset` is a deterministic stream of draws: everything about draw ``n`` is
+a function of ``(seed, n)``, so any draw can be asked for again, in any order or process.
 """
 
 from collections import namedtuple, OrderedDict
@@ -36,13 +33,7 @@ class TrainTransform:
     """
 
     def __init__(self, height, width, hflip=True):
-        """
-        Set the output size.
-
-        :param height: output height in pixels.
-        :param width: output width in pixels.
-        :param hflip: flip horizontally with probability 0.5.
-        """
+        """Set the output size; ``hflip`` flips horizontally with probability 0.5."""
         if int(height) < 1 or int(width) < 1:
             raise ValueError(f'TrainTransform: size must be positive, got {height}x{width}')
         self.height = int(height)
@@ -50,27 +41,14 @@ class TrainTransform:
         self.hflip = bool(hflip)
 
     def resized_size(self, height, width):
-        """
-        Size the input is resized to before the crop (the smallest that covers the output).
-
-        :param height: input height in pixels.
-        :param width: input width in pixels.
-        :return: (height, width) after resizing.
-        """
+        """Return the size to resize to before the crop: the smallest that covers the output."""
         scale = max(self.height / height, self.width / width)
         # Round up so the resized image always covers the crop.
         return (max(self.height, int(np.ceil(height * scale - 1e-6))),
                 max(self.width, int(np.ceil(width * scale - 1e-6))))
 
     def plan(self, height, width, rng):
-        """
-        Draw the crop offset and the flip for an input of the given size.
-
-        :param height: input height in pixels.
-        :param width: input width in pixels.
-        :param rng: numpy Generator.
-        :return: Crop.
-        """
+        """Draw the Crop (offset and flip) for an input of the given size from ``rng``."""
         new_h, new_w = self.resized_size(height, width)
         top = int(rng.integers(0, new_h - self.height + 1))
         left = int(rng.integers(0, new_w - self.width + 1))
@@ -78,14 +56,7 @@ class TrainTransform:
         return Crop(new_h, new_w, top, left, flip)
 
     def plans(self, height, width, limit=2):
-        """
-        Every Crop possible for an input of the given size, when there are few.
-
-        :param height: input height in pixels.
-        :param width: input width in pixels.
-        :param limit: largest number of crops to list.
-        :return: list of Crop, or None when there are more than ``limit``.
-        """
+        """Return every Crop possible for an input of the given size, or None if over ``limit``."""
         new_h, new_w = self.resized_size(height, width)
         flips = (False, True) if self.hflip else (False,)
         if (new_h - self.height + 1) * (new_w - self.width + 1) * len(flips) > limit:
@@ -94,23 +65,11 @@ class TrainTransform:
                 for left in range(new_w - self.width + 1) for flip in flips]
 
     def __call__(self, sample, rng):
-        """
-        Transform one sample.
-
-        :param sample: input Sample.
-        :param rng: numpy Generator for the crop offset and the flip.
-        :return: Sample of size (height, width).
-        """
+        """Transform one sample with a crop and flip drawn from ``rng``."""
         return self.apply(sample, self.plan(sample.height, sample.width, rng))
 
     def apply(self, sample, crop):
-        """
-        Resize, crop and flip one sample as ``crop`` says.
-
-        :param sample: input Sample.
-        :param crop: Crop from :meth:`plan` or :meth:`plans` for this sample's size.
-        :return: Sample of size (height, width).
-        """
+        """Resize, crop and flip one sample as ``crop`` (of :meth:`plan` / :meth:`plans`) says."""
         h, w = sample.height, sample.width
         new_h, new_w, top, left, flip = crop
         rgb, depth, valid = sample.rgb, sample.depth, sample.valid
@@ -171,12 +130,11 @@ class MixedDataset(_Dataset):
         """
         Set up the mixture.
 
-        :param datasets: sequence of map-style datasets yielding Sample.
-        :param probabilities: one non-negative weight per dataset (normalised here).
-        :param length: number of draws ``len()`` reports (default: the total frame count).
-        :param seed: base seed.
-        :param transform: optional callable ``(sample, rng) -> sample``, e.g. TrainTransform.
-        :param max_retries: consecutive unreadable samples tolerated for one draw.
+        :param datasets: sequence of map-style datasets yielding Sample
+        :param probabilities: one non-negative weight per dataset (normalised here)
+        :param length: number of draws ``len()`` reports (default: the total frame count)
+        :param transform: optional callable ``(sample, rng) -> sample``, e.g. TrainTransform
+        :param max_retries: consecutive unreadable samples tolerated for one draw
         """
         datasets = list(datasets)
         probs = np.asarray(probabilities, dtype=np.float64).ravel()
@@ -267,12 +225,7 @@ class MixedDataset(_Dataset):
         return self._orders[key]
 
     def locate(self, number):
-        """
-        Source and frame of draw ``number`` (before any replacement of an unreadable frame).
-
-        :param number: draw number, >= 0.
-        :return: (source index, frame index, pass over that source).
-        """
+        """Return (source, frame, pass) of draw ``number``, before replacing unreadable frames."""
         number = int(number)
         if number < 0:
             raise IndexError(f'MixedDataset: draw number must be >= 0, got {number}')
@@ -289,12 +242,7 @@ class MixedDataset(_Dataset):
     # -- reading ----------------------------------------------------------------------------
 
     def sample(self, number):
-        """
-        Return the Sample of draw ``number``, replacing unreadable frames.
-
-        :param number: draw number, >= 0 (any, not bounded by ``len()``).
-        :return: Sample (transformed when a transform is set).
-        """
+        """Return the (transformed) Sample of any draw ``number``, replacing unreadable frames."""
         source, frame, _ = self.locate(number)
         last_error = None
         for attempt in range(self.max_retries + 1):
@@ -318,12 +266,7 @@ class MixedDataset(_Dataset):
                            f'for draw {number}; last error: {last_error}')
 
     def __getitem__(self, index):
-        """
-        Return draw ``index`` (see :meth:`sample`).
-
-        :param index: 0 <= index < len(self).
-        :return: Sample (transformed when a transform is set).
-        """
+        """Return draw ``index`` (see :meth:`sample`)."""
         if not 0 <= index < self.length:
             raise IndexError(f'MixedDataset index {index} out of range [0, {self.length})')
         return self.sample(index)
@@ -332,16 +275,13 @@ class MixedDataset(_Dataset):
 
     def cache_key(self, number):
         """
-        Key naming exactly the sample of draw ``number``, when known without reading it.
+        Return a key naming exactly the sample of draw ``number``, or None if not known unread.
 
         The key is (source, frame, crop): the frame must have been read successfully before
         (its size decides the crop), the transform must be a TrainTransform (or None) and
         leave the frame at most two variants (both flips of a frame at the output size), so
-        a cache of keyed latents stays bounded by twice the frame count.
-        Readers are deterministic, so equal keys give equal samples.
-
-        :param number: draw number.
-        :return: hashable key, or None (read the sample; ask again afterwards).
+        a cache of keyed latents stays bounded by twice the frame count. Readers are
+        deterministic, so equal keys give equal samples. On None, read the sample and ask again.
         """
         source, frame, _ = self.locate(number)
         size = self._sizes.get((source, frame))
@@ -357,13 +297,10 @@ class MixedDataset(_Dataset):
 
     def variants(self, limit=2):
         """
-        Every (cache key, Sample) of every frame, for frames with at most ``limit`` crops.
+        Yield (cache key, Sample) of every frame with at most ``limit`` crops.
 
         Frames whose transform allows more crops (larger than the output) are read (so their
         size is known) but not listed. Unreadable frames are left out and not counted.
-
-        :param limit: largest number of crops of one frame to list.
-        :return: iterator of (key, Sample).
         """
         for source, dataset in enumerate(self.datasets):
             if self.probabilities[source] <= 0:

@@ -15,11 +15,9 @@ NYU_K = np.array([[518.8579, 0.0, 325.5824], [0.0, 519.4696, 253.7362], [0.0, 0.
 
 def read_nyu_split(path, key='testNdxs'):
     """
-    Read 1-based image indices from NYUv2's ``splits.mat`` (MATLAB v5 or v7.3).
+    Read NYUv2's ``splits.mat`` (MATLAB v5 or v7.3) as an int64 array of 0-based indices.
 
-    :param path: path of splits.mat
     :param key: ``'testNdxs'`` (654 images) or ``'trainNdxs'`` (795 images)
-    :return: int64 array of 0-based indices
     """
     from scipy.io import loadmat
     path = require_file(path, 'NYUv2 splits file')
@@ -53,12 +51,7 @@ class NyuLabeled:
     """
 
     def __init__(self, path, indices=None):
-        """
-        Open the file and check its layout.
-
-        :param path: path of nyu_depth_v2_labeled.mat
-        :param indices: optional 0-based image indices to serve (e.g. the test split)
-        """
+        """Open the file and check its layout; ``indices`` (0-based, e.g. a split) restrict it."""
         import h5py
         path = require_file(path, 'NYUv2 labeled file')
         try:
@@ -89,12 +82,7 @@ class NyuLabeled:
         return len(self.indices)
 
     def __getitem__(self, position):
-        """
-        Read one image and its depth.
-
-        :param position: 0 <= position < len(self)
-        :return: Sample named ``nyu_<1-based index>``
-        """
+        """Read one image and its depth as a Sample named ``nyu_<1-based index>``."""
         if not 0 <= position < len(self):
             raise IndexError(f'NYUv2 position {position} out of range [0, {len(self)})')
         index = int(self.indices[position])

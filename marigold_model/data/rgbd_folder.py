@@ -29,12 +29,7 @@ INTRINSICS_FILES = ('intrinsics.txt', 'K.txt')
 
 
 def load_intrinsics(path):
-    """
-    Read a 3x3 K (or ``fx fy cx cy``) from a text file.
-
-    :param path: text file.
-    :return: 3x3 float64 K.
-    """
+    """Read a 3x3 K (9 numbers, or ``fx fy cx cy``) from a text file as 3x3 float64."""
     try:
         values = np.loadtxt(path, dtype=np.float64).ravel()
     except (OSError, ValueError) as exc:
@@ -58,14 +53,11 @@ class RGBDFolderDataset(_Dataset):
     def __init__(self, root, depth_scale=0.001, K=None, rgb_dir='rgb', depth_dir='depth',
                  default_hfov_deg=60.0):
         """
-        Index the frames.
+        Index the rgb/depth pairs under ``root``.
 
-        :param root: folder holding the rgb and depth folders.
-        :param depth_scale: meters per unit of integer depth (16-bit PNG, integer npy).
-        :param K: optional 3x3 intrinsics overriding any file.
-        :param rgb_dir: name of the colour folder.
-        :param depth_dir: name of the depth folder.
-        :param default_hfov_deg: horizontal fov used when no intrinsics are known.
+        :param depth_scale: meters per unit of integer depth (16-bit PNG, integer npy)
+        :param K: optional 3x3 intrinsics overriding any file
+        :param default_hfov_deg: horizontal fov used when no intrinsics are known
         """
         self.root = require_dir(root, 'RGBDFolderDataset')
         rgb_root = require_dir(self.root / rgb_dir, 'RGBDFolderDataset rgb folder')
@@ -101,12 +93,7 @@ class RGBDFolderDataset(_Dataset):
         return len(self.items)
 
     def read_depth(self, path):
-        """
-        Read one depth file in meters (0 / non-finite = invalid).
-
-        :param path: depth file.
-        :return: HxW float32.
-        """
+        """Read one depth file as HxW float32 meters (0 / non-finite = invalid)."""
         suffix = path.suffix.lower()
         if suffix == '.png':
             return read_png16(path).astype(np.float32) * self.depth_scale
@@ -120,12 +107,7 @@ class RGBDFolderDataset(_Dataset):
         return data.astype(np.float32)
 
     def __getitem__(self, index):
-        """
-        Read frame ``index``.
-
-        :param index: frame number.
-        :return: Sample named by the file stem.
-        """
+        """Read frame ``index`` as a Sample named by the file stem."""
         rgb_path, depth_path = self.items[index]
         rgb = read_rgb(rgb_path)
         depth = self.read_depth(depth_path)

@@ -48,11 +48,7 @@ class Sample:
         self.validate()
 
     def validate(self):
-        """
-        Raise ValueError when a field has the wrong shape or dtype.
-
-        :return: None
-        """
+        """Raise ValueError when a field has the wrong shape or dtype."""
         rgb, depth, valid, k = self.rgb, self.depth, self.valid, self.K
         if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f'Sample {self.name!r}: rgb must be HxWx3, got '
@@ -87,12 +83,10 @@ def make_sample(rgb, depth, K, name, valid=None):
     """
     Build a :class:`Sample`, casting dtypes and deriving the mask from the depth.
 
-    :param rgb: HxWx3 image (uint8, or float in [0, 1]).
-    :param depth: HxW depth in meters; non-finite or <= 0 means invalid.
-    :param K: 3x3 intrinsics.
-    :param name: sample name.
-    :param valid: optional extra HxW mask, combined (and) with the depth-derived one.
-    :return: a validated Sample whose invalid depth pixels are set to 0.
+    :param rgb: HxWx3 image (uint8, or float in [0, 1])
+    :param depth: HxW depth in meters; non-finite or <= 0 means invalid
+    :param valid: optional extra HxW mask, combined (and) with the depth-derived one
+    :return: a validated Sample whose invalid depth pixels are set to 0
     """
     rgb = np.asarray(rgb)
     if rgb.dtype != np.uint8:
@@ -109,14 +103,7 @@ def make_sample(rgb, depth, K, name, valid=None):
 
 
 def intrinsics_from_hfov(width, height, hfov_deg):
-    """
-    Pinhole intrinsics with square pixels and a centred principal point.
-
-    :param width: image width in pixels.
-    :param height: image height in pixels.
-    :param hfov_deg: horizontal field of view in degrees.
-    :return: 3x3 float64 K.
-    """
+    """Return 3x3 pinhole intrinsics: square pixels, centred principal point, hfov in degrees."""
     f = 0.5 * width / np.tan(np.deg2rad(hfov_deg) / 2.0)
     return np.array([[f, 0.0, (width - 1) / 2.0],
                      [0.0, f, (height - 1) / 2.0],
@@ -125,12 +112,11 @@ def intrinsics_from_hfov(width, height, hfov_deg):
 
 def collate_samples(samples):
     """
-    Stack samples into a batch dict of torch tensors (a DataLoader ``collate_fn``).
+    Stack equal-size samples into a batch dict of torch tensors (a DataLoader ``collate_fn``).
 
-    :param samples: list of Sample with equal image sizes.
     :return: dict with ``rgb`` float32 (B, 3, H, W) in [0, 1], ``depth`` float32
         (B, 1, H, W) meters (0 where invalid), ``valid`` bool (B, 1, H, W), ``K`` float32
-        (B, 3, 3) and ``name`` list of str.
+        (B, 3, 3) and ``name`` list of str
     """
     import torch  # local import: the rest of this module is numpy-only
 

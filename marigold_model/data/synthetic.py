@@ -1,19 +1,14 @@
 """
 Procedural synthetic RGB-D scenes rendered by vectorised numpy ray casting.
 
-A scene is a closed room (floor, ceiling, four walls: an axis-aligned box the camera is inside)
-holding yaw-rotated boxes resting on the floor and spheres. Every surface has a procedural
-texture (checker, stripe or sine) in surface coordinates, so textures are perspective-correct.
-Shading is Lambertian from one point light with hard shadows (shadow rays against the boxes and
-spheres) plus ambient, then gamma and mild noise.
+A scene is a closed room holding yaw-rotated boxes resting on the floor and spheres, each
+surface with a procedural texture in surface coordinates (so perspective-correct), lit by
+one point light with hard shadows plus ambient, then gamma and mild noise.
 
 World frame: x, y horizontal, z up, floor at z = 0. Camera frame: REP 103 optical (x right,
 y down, z forward). Primary rays are cast with camera-frame directions ((u - cx) / fx,
 (v - cy) / fy, 1), so the ray parameter of a hit *is* its planar z depth, exactly.
 
-Usage: ``make_scene`` draws a :class:`Scene` (geometry, textures, light and a default camera),
-``render`` draws it from any :class:`CameraPose`; ``render_scene`` and ``render_sequence`` wrap
-both, and :class:`SyntheticDataset` serves deterministic samples to torch.
 ``python -m marigold_model.data.synthetic --output DIR`` writes PNG previews.
 """
 
@@ -114,11 +109,7 @@ class CameraPose:
     roll: float = 0.0
 
     def rotation(self):
-        """
-        Rotation from the camera optical frame to the world frame.
-
-        :return: 3x3 float64 matrix whose columns are the optical x, y, z axes in world.
-        """
+        """Return the 3x3 rotation from the optical frame to the world (columns: optical axes)."""
         cy, sy = np.cos(self.yaw), np.sin(self.yaw)
         cp, sp = np.cos(self.pitch), np.sin(self.pitch)
         cr, sr = np.cos(self.roll), np.sin(self.roll)
@@ -130,11 +121,7 @@ class CameraPose:
         return rz @ ry @ rx @ body_from_optical
 
     def forward(self):
-        """
-        Return the unit viewing direction in the world frame.
-
-        :return: (3,) float64 vector.
-        """
+        """Return the (3,) unit viewing direction in the world frame."""
         return self.rotation()[:, 2]
 
 
@@ -194,14 +181,7 @@ def _uniform(rng, bounds):
 
 
 def make_textures(rng, n, config=SceneConfig()):
-    """
-    Draw random texture parameters for ``n`` objects.
-
-    :param rng: numpy Generator.
-    :param n: number of objects (6 room faces + boxes + spheres for a Scene).
-    :param config: texture kinds and period range.
-    :return: Textures.
-    """
+    """Draw random texture parameters for ``n`` objects (6 room faces + boxes + spheres)."""
     kinds = np.array([TEXTURES.index(t) for t in config.textures])
     color0 = rng.uniform(0.05, 0.95, size=(n, 3))
     color1 = rng.uniform(0.05, 0.95, size=(n, 3))
@@ -238,13 +218,7 @@ def _room_free_distance(position, direction, room_min, room_max):
 
 
 def make_scene(rng, config=SceneConfig()):
-    """
-    Draw a random room, objects, textures, light and camera.
-
-    :param rng: numpy Generator (all randomness comes from it).
-    :param config: ranges to draw from.
-    :return: a Scene.
-    """
+    """Draw a random room, objects, textures, light and camera, all from ``rng``."""
     size = np.array([_uniform(rng, config.room_size), _uniform(rng, config.room_size),
                      _uniform(rng, config.room_height)])
     offset = rng.uniform(-5.0, 5.0, size=2)  # the room is not always at the origin
@@ -497,14 +471,10 @@ def render(scene, pose, K, height, width, rng=None, name='synthetic'):
     """
     Ray cast a scene from a camera pose.
 
-    :param scene: the Scene.
-    :param pose: CameraPose (must be inside the room).
-    :param K: 3x3 intrinsics (pixel centres at integer coordinates).
-    :param height: image height in pixels.
-    :param width: image width in pixels.
-    :param rng: Generator for the image noise; None renders without noise (deterministic).
-    :param name: sample name.
-    :return: Sample with exact planar z depth and all-true valid mask where rays hit.
+    :param pose: CameraPose (must be inside the room)
+    :param K: 3x3 intrinsics (pixel centres at integer coordinates)
+    :param rng: Generator for the image noise; None renders without noise (deterministic)
+    :return: Sample with exact planar z depth, valid where rays hit
     """
     K = np.asarray(K, dtype=np.float64)
     origin = np.asarray(pose.position, dtype=np.float64).reshape(3, 1)
@@ -549,14 +519,7 @@ def render(scene, pose, K, height, width, rng=None, name='synthetic'):
 
 
 def scene_intrinsics(scene, height, width):
-    """
-    Intrinsics of the scene's field of view at a given image size.
-
-    :param scene: the Scene.
-    :param height: image height.
-    :param width: image width.
-    :return: 3x3 float64 K.
-    """
+    """Return the 3x3 K of the scene's field of view at a given image size."""
     return intrinsics_from_hfov(width, height, scene.hfov_deg)
 
 
@@ -564,12 +527,7 @@ def render_scene(rng, config=SceneConfig(), height=None, width=None, name='synth
     """
     Draw a random scene and render it from its default camera, with noise.
 
-    :param rng: numpy Generator.
-    :param config: scene ranges.
-    :param height: image height (default ``config.height``).
-    :param width: image width (default ``config.width``).
-    :param name: sample name.
-    :return: Sample.
+    Height and width default to ``config.height`` / ``config.width``.
     """
     height = config.height if height is None else int(height)
     width = config.width if width is None else int(width)
@@ -596,15 +554,12 @@ def _free_distance(scene, position, direction):
 
 def camera_path(scene, n_frames, motion='static', step=0.04, max_angle_deg=10.0):
     """
-    Smooth camera poses around the scene's default camera.
+    Return ``n_frames`` smooth CameraPoses around the scene's default camera.
 
-    :param scene: the Scene.
-    :param n_frames: number of poses.
     :param motion: 'static' (all equal), 'orbit' (an arc about a vertical axis through a point
-        ahead, looking at it) or 'forward' (straight ahead, horizontally).
-    :param step: translation per frame in meters for 'forward'.
-    :param max_angle_deg: largest total orbit angle (at most 1 degree per frame).
-    :return: list of CameraPose.
+        ahead, looking at it) or 'forward' (straight ahead, horizontally)
+    :param step: translation per frame in meters for 'forward'
+    :param max_angle_deg: largest total orbit angle (at most 1 degree per frame)
     """
     if motion not in MOTIONS:
         raise ValueError(f'camera_path: motion must be one of {MOTIONS}, got {motion!r}')
@@ -643,14 +598,9 @@ def render_sequence(rng, n_frames, config=SceneConfig(), height=None, width=None
     """
     Render one random scene from a smoothly moving (or static) camera.
 
-    :param rng: numpy Generator.
-    :param n_frames: number of frames.
-    :param config: scene ranges.
-    :param height: image height (default ``config.height``).
-    :param width: image width (default ``config.width``).
-    :param motion: 'static', 'orbit' or 'forward' (see :func:`camera_path`).
-    :param noise: add independent image noise per frame (off: static frames are identical).
-    :return: list of Sample named ``frame_0000`` ... in order.
+    :param motion: 'static', 'orbit' or 'forward' (see :func:`camera_path`)
+    :param noise: add independent image noise per frame (off: static frames are identical)
+    :return: list of Sample named ``frame_0000`` ... in order
     """
     height = config.height if height is None else int(height)
     width = config.width if width is None else int(width)
@@ -678,14 +628,10 @@ class SyntheticDataset(_Dataset):
     def __init__(self, length=10000, seed=0, config=SceneConfig(), height=None, width=None,
                  transform=None):
         """
-        Set up the dataset.
+        Set up ``length`` samples.
 
-        :param length: number of samples.
-        :param seed: base seed.
-        :param config: scene ranges.
-        :param height: image height (default ``config.height``).
-        :param width: image width (default ``config.width``).
-        :param transform: optional callable ``(sample, rng) -> sample`` (e.g. TrainTransform).
+        :param height: image height (default ``config.height``)
+        :param transform: optional callable ``(sample, rng) -> sample`` (e.g. TrainTransform)
         """
         if length < 0:
             raise ValueError(f'SyntheticDataset: length must be >= 0, got {length}')
@@ -701,12 +647,7 @@ class SyntheticDataset(_Dataset):
         return self.length
 
     def __getitem__(self, index):
-        """
-        Render sample ``index``.
-
-        :param index: 0 <= index < len(self).
-        :return: Sample named ``synthetic_<seed>_<index>``.
-        """
+        """Render sample ``index`` as a Sample named ``synthetic_<seed>_<index>``."""
         if not 0 <= index < self.length:
             raise IndexError(f'SyntheticDataset index {index} out of range [0, {self.length})')
         rng = np.random.default_rng([self.seed, int(index)])
@@ -723,11 +664,9 @@ class SyntheticDataset(_Dataset):
 
 def colorize_depth(depth, valid=None):
     """
-    Map depth to an RGB image (near = yellow, far = dark purple, invalid = black).
+    Map HxW depth to HxWx3 uint8 (near = yellow, far = dark purple, invalid = black).
 
-    :param depth: HxW depth.
-    :param valid: optional HxW mask; default finite and > 0.
-    :return: HxWx3 uint8.
+    ``valid`` defaults to finite and > 0.
     """
     depth = np.asarray(depth, dtype=np.float64)
     if valid is None:
@@ -750,15 +689,9 @@ def colorize_depth(depth, valid=None):
 
 def write_previews(folder, count=8, seed=0, config=SceneConfig(), height=None, width=None):
     """
-    Write ``count`` rgb | depth side-by-side PNG previews to ``folder``.
+    Write ``count`` rgb | depth side-by-side PNG previews to ``folder``; return the paths.
 
-    :param folder: output directory (created).
-    :param count: number of scenes.
-    :param seed: base seed (scene i uses ``default_rng([seed, i])`` like SyntheticDataset).
-    :param config: scene ranges.
-    :param height: image height (default ``config.height``).
-    :param width: image width (default ``config.width``).
-    :return: list of written paths.
+    Scene i uses ``default_rng([seed, i])`` like SyntheticDataset.
     """
     from PIL import Image
 
@@ -775,12 +708,7 @@ def write_previews(folder, count=8, seed=0, config=SceneConfig(), height=None, w
 
 
 def main(argv=None):
-    """
-    Command line: write preview PNGs of synthetic scenes.
-
-    :param argv: argument list (default sys.argv).
-    :return: 0
-    """
+    """Write preview PNGs of synthetic scenes from the command line; return 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--output', default='synthetic_previews')
     parser.add_argument('--count', type=int, default=8)

@@ -34,12 +34,7 @@ _RGB_RE = re.compile(r'rgb_(\d+)\.jpg$')
 
 
 def read_intrinsics_file(path):
-    """
-    Parse a vKITTI 2 ``intrinsic.txt``.
-
-    :param path: file path.
-    :return: dict mapping (frame, camera id) to a 3x3 K.
-    """
+    """Parse a vKITTI 2 ``intrinsic.txt`` into {(frame, camera id): 3x3 K}."""
     table = {}
     for line in Path(path).read_text().splitlines():
         fields = line.split()
@@ -58,9 +53,8 @@ def decode_depth(raw_cm, max_depth=None):
     """
     Convert a vKITTI 2 depth PNG (uint16 centimetres) to meters with the far plane invalid.
 
-    :param raw_cm: HxW uint16.
-    :param max_depth: optional extra cut-off in meters (e.g. 80 as Marigold evaluates).
-    :return: HxW float32 meters, 0 where invalid.
+    :param max_depth: optional extra cut-off in meters (e.g. 80 as Marigold evaluates)
+    :return: HxW float32 meters, 0 where invalid
     """
     raw = np.asarray(raw_cm)
     depth = raw.astype(np.float32) / 100.0
@@ -78,14 +72,13 @@ class VKITTI2Dataset(_Dataset):
         """
         Index the frames.
 
-        :param root: folder holding ``SceneXX`` (the rgb tree).
-        :param depth_root: folder holding the depth tree (default: root).
-        :param list_file: optional ``rgb depth`` rows relative to root instead of a scan.
-        :param scenes: optional scene names to keep, e.g. ('Scene01',).
-        :param variations: optional variations to keep, e.g. ('clone', 'fog').
-        :param cameras: camera folders to use.
-        :param intrinsics_root: extra folder holding ``SceneXX/<variation>/intrinsic.txt``.
-        :param max_depth: optional cut-off in meters beyond which depth is invalid.
+        :param root: folder holding ``SceneXX`` (the rgb tree)
+        :param depth_root: folder holding the depth tree (default: root)
+        :param list_file: optional ``rgb depth`` rows relative to root instead of a scan
+        :param scenes: optional scene names to keep, e.g. ('Scene01',)
+        :param variations: optional variations to keep, e.g. ('clone', 'fog')
+        :param intrinsics_root: extra folder holding ``SceneXX/<variation>/intrinsic.txt``
+        :param max_depth: optional cut-off in meters beyond which depth is invalid
         """
         self.root = require_dir(root, 'VKITTI2Dataset')
         self.depth_root = (self.root if depth_root is None
@@ -130,7 +123,7 @@ class VKITTI2Dataset(_Dataset):
         return pairs
 
     def _lookup_k(self, rgb):
-        """K for one frame from intrinsic.txt when found, else the default."""
+        """Return the K of one frame from intrinsic.txt when found, else the default."""
         parts = rgb.parts
         try:
             i = parts.index('frames')
@@ -154,12 +147,7 @@ class VKITTI2Dataset(_Dataset):
         return len(self.items)
 
     def __getitem__(self, index):
-        """
-        Read frame ``index``.
-
-        :param index: frame number.
-        :return: Sample named ``SceneXX/<variation>/Camera_N/NNNNN``.
-        """
+        """Read frame ``index`` as a Sample named ``SceneXX/<variation>/Camera_N/NNNNN``."""
         rgb_path, depth_path, k = self.items[index]
         rgb = read_rgb(rgb_path)
         depth = decode_depth(read_png16(depth_path), self.max_depth)

@@ -79,11 +79,9 @@ def _check_size(height, width):
 
 def eigen_crop_mask(height, width):
     """
-    Eigen crop: rows 45:471, cols 41:601 at 480x640, scaled proportionally to other sizes.
+    Return the Eigen crop as a bool [height, width] mask, True inside.
 
-    :param height: image height
-    :param width: image width
-    :return: bool [height, width] mask, True inside the crop
+    Rows 45:471, cols 41:601 at 480x640, scaled proportionally to other sizes.
     """
     height, width = _check_size(height, width)
     top, bottom, left, right = EIGEN_CROP
@@ -98,11 +96,9 @@ def eigen_crop_mask(height, width):
 
 def garg_crop_mask(height, width):
     """
-    Garg crop: rows 0.4081*H : 0.9919*H, cols 0.0359*W : 0.9641*W (truncated, as Garg et al.).
+    Return the Garg crop as a bool [height, width] mask, True inside.
 
-    :param height: image height
-    :param width: image width
-    :return: bool [height, width] mask, True inside the crop
+    Rows 0.4081*H : 0.9919*H, cols 0.0359*W : 0.9641*W, truncated as Garg et al. do.
     """
     height, width = _check_size(height, width)
     top, bottom, left, right = GARG_CROP
@@ -116,13 +112,10 @@ CROPS = {'eigen': eigen_crop_mask, 'garg': garg_crop_mask}
 
 def crop_mask(crop, height, width):
     """
-    Return the evaluation mask of a crop setting.
+    Return the bool [height, width] evaluation mask of a crop setting.
 
     :param crop: None (whole image), ``'eigen'``, ``'garg'``, a callable ``(height, width) ->
         mask`` or a bool array of the image size
-    :param height: image height
-    :param width: image width
-    :return: bool [height, width] mask
     """
     if crop is None:
         return np.ones(_check_size(height, width), dtype=bool)
@@ -141,15 +134,10 @@ def crop_mask(crop, height, width):
 
 def synthetic_samples(count, seed, height=None, width=None):
     """
-    Render procedural evaluation scenes that no training stream can produce.
+    Render ``count`` procedural evaluation scenes that no training stream can produce.
 
-    Scene ``i`` comes from ``numpy.random.default_rng([seed, i, SYNTHETIC_EVAL_STREAM])``.
-
-    :param count: number of scenes (>= 1)
-    :param seed: evaluation seed
-    :param height: image height (default the generator's)
-    :param width: image width (default the generator's)
-    :return: list of Samples
+    Scene ``i`` comes from ``numpy.random.default_rng([seed, i, SYNTHETIC_EVAL_STREAM])``;
+    height and width default to the generator's.
     """
     from ..data.synthetic import render_scene, SceneConfig
     if count < 1:
@@ -161,12 +149,7 @@ def synthetic_samples(count, seed, height=None, width=None):
 
 
 def depth_range_of(samples):
-    """
-    Open interval just containing every valid depth of the samples.
-
-    :param samples: iterable of Samples
-    :return: (min_depth, max_depth) with min < every valid depth < max
-    """
+    """Return (min_depth, max_depth), an open interval just containing every valid depth."""
     low, high = math.inf, -math.inf
     for sample in samples:
         if sample.valid.any():
@@ -212,15 +195,11 @@ def _parse_size(text):
 
 def open_dataset(spec, min_depth=None, max_depth=None):
     """
-    Open an evaluation data set from a spec string.
+    Open an evaluation data set from a spec string (see the module docstring).
 
-    Specs: ``nyu:PATH[:SPLITS]``, ``kitti:ROOT:SPLITFILE[:DEPTH_ROOT]``,
-    ``folder:ROOT[:DEPTH_SCALE]``,
-    ``synthetic:N:SEED[:SIZE]`` (SIZE ``64`` or ``48x64``).
+    Synthetic SIZE is ``64`` or ``48x64``; ``min_depth`` / ``max_depth`` override the data
+    set's bounds.
 
-    :param spec: the spec
-    :param min_depth: override of the data set's lower depth bound
-    :param max_depth: override of the data set's upper depth bound
     :return: EvalDataset (call ``close()`` when done)
     """
     kind, _, rest = str(spec).partition(':')

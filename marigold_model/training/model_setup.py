@@ -39,9 +39,8 @@ def widen_unet_input(unet):
 
 def load_base(model):
     """
-    Load U-Net, VAE, scheduler config and empty-text embedding of the starting model.
+    Load the starting Marigold or Stable Diffusion 2 model, its U-Net widened to 8 channels.
 
-    :param model: Marigold or Stable Diffusion 2 name / folder
     :return: (unet, vae, scheduler_config dict, embedding, pipeline_config)
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -65,12 +64,7 @@ SCHEDULE_KEYS = ('num_train_timesteps', 'beta_start', 'beta_end', 'beta_schedule
 
 
 def training_scheduler(scheduler_config):
-    """
-    DDPM with 1000 steps and v-prediction, keeping the base model's beta schedule.
-
-    :param scheduler_config: the base model's scheduler_config.json entries
-    :return: DDPMScheduler
-    """
+    """Return a v-prediction DDPMScheduler on the base model's noise schedule."""
     from diffusers import DDPMScheduler
     values = {k: scheduler_config[k] for k in SCHEDULE_KEYS
               if scheduler_config.get(k) is not None}
@@ -79,14 +73,11 @@ def training_scheduler(scheduler_config):
 
 def export_scheduler_config(scheduler):
     """
-    Inference (DDIM) scheduler settings for a model trained with ``scheduler``.
+    Return the DDIM settings for a model trained with the DDPM ``scheduler``.
 
     The noise schedule (betas, zero-SNR rescaling, length) and the prediction type are those
     of training; the sampling settings are Marigold v1-1's (trailing timesteps, so one step
     starts from the noisiest timestep).
-
-    :param scheduler: the training DDPMScheduler
-    :return: dict for DDIMScheduler
     """
     values = marigold_scheduler_config()
     for key in SCHEDULE_KEYS:
@@ -104,31 +95,18 @@ class ExponentialAverage:
     """EMA of the trainable parameters, used for export when enabled."""
 
     def __init__(self, parameters, decay):
-        """
-        Start the average at the current parameters.
-
-        :param parameters: iterable of tensors
-        :param decay: EMA decay per optimiser step
-        """
+        """Start the average at ``parameters``; ``decay`` applies per optimiser step."""
         self.decay = decay
         self.shadow = [p.detach().clone() for p in parameters]
 
     @torch.no_grad()
     def update(self, parameters):
-        """
-        Move the average towards the current parameters.
-
-        :param parameters: the same iterable of tensors
-        """
+        """Move the average towards ``parameters`` (the same tensors as at the start)."""
         for shadow, param in zip(self.shadow, parameters):
             shadow.lerp_(param.detach(), 1 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, parameters):
-        """
-        Write the average into parameters.
-
-        :param parameters: the same iterable of tensors
-        """
+        """Write the average into ``parameters``."""
         for shadow, param in zip(self.shadow, parameters):
             param.copy_(shadow)

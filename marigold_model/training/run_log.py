@@ -22,9 +22,8 @@ class RunLog:
         """
         Open the log files; rows after ``start`` (left by an interrupted run) are dropped.
 
-        :param output: run folder
         :param logger: 'csv' or 'tensorboard'
-        :param active: False on non-main processes
+        :param active: False on non-main processes (nothing is written)
         :param start: step the run starts (or resumes) from
         """
         self.active = active
@@ -61,11 +60,8 @@ class RunLog:
 
     def write(self, step, loss, lr, rate, skipped, no_depth=0):
         """
-        Record one line.
+        Record one step's line.
 
-        :param step: optimiser step
-        :param loss: loss value
-        :param lr: learning rate of the step
         :param rate: samples per second
         :param skipped: unreadable samples so far
         :param no_depth: drawn samples without valid depth so far

@@ -59,13 +59,7 @@ class TinyRecipe:
 
 
 def load_recipe(path=RECIPE_FILE, overrides=()):
-    """
-    Read the recipe YAML and apply key=value overrides.
-
-    :param path: YAML file
-    :param overrides: iterable of 'key=value'
-    :return: TinyRecipe
-    """
+    """Read the recipe YAML, apply 'key=value' overrides and return the TinyRecipe."""
     values = yaml12.load(Path(path).read_text()) or {}
     for item in overrides:
         key, value = item.split('=', 1)
@@ -80,11 +74,7 @@ class SampleBank(torch.utils.data.Dataset):
     """Samples held in memory (pre-rendered scenes)."""
 
     def __init__(self, samples):
-        """
-        Keep the samples.
-
-        :param samples: list of Sample
-        """
+        """Keep the samples."""
         self.samples = list(samples)
 
     def __len__(self):
@@ -92,25 +82,12 @@ class SampleBank(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        """
-        Return one sample.
-
-        :param index: position
-        :return: Sample
-        """
+        """Return the sample at ``index``."""
         return self.samples[index]
 
 
 def render_set(count, seed, resolution, log):
-    """
-    Render ``count`` synthetic scenes deterministically.
-
-    :param count: number of scenes
-    :param seed: base seed (scene i uses [seed, i])
-    :param resolution: square image size
-    :param log: message function
-    :return: list of Sample
-    """
+    """Render ``count`` square synthetic scenes deterministically (scene i uses [seed, i])."""
     from ..data.synthetic import SceneConfig, SyntheticDataset
     dataset = SyntheticDataset(length=count, seed=seed,
                                config=SceneConfig(height=resolution, width=resolution))
@@ -130,27 +107,16 @@ VAE_WEIGHTS = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.b
 
 
 def vae_complete(folder):
-    """
-    Tell whether the VAE stage finished: config and weights are both there.
-
-    save_pretrained writes config.json before the weights, so config.json alone can be the
-    trace of an interrupted save.
-
-    :param folder: the stage's output folder
-    :return: bool
-    """
+    """Tell whether the VAE stage finished: config and weights are both in ``folder``."""
+    # save_pretrained writes config.json before the weights, so config.json alone can be
+    # the trace of an interrupted save.
     folder = Path(folder)
     weights = any((folder / name).is_file() for name in VAE_WEIGHTS)
     return (folder / 'config.json').is_file() and weights
 
 
 def save_vae(vae, folder):
-    """
-    Save the trained VAE beside ``folder``, then rename it into place (never half-written).
-
-    :param vae: AutoencoderKL
-    :param folder: final folder
-    """
+    """Save the trained VAE beside ``folder``, then rename it into place (never half-written)."""
     folder = Path(folder)
     partial = folder.with_name(f'.{folder.name}.partial')
     shutil.rmtree(partial, ignore_errors=True)
@@ -159,14 +125,7 @@ def save_vae(vae, folder):
 
 
 def unet_config(recipe, work, base):
-    """
-    Training settings of the U-Net stage; ``data`` names the rendered scenes exactly.
-
-    :param recipe: TinyRecipe
-    :param work: folder for intermediate results
-    :param base: starting model folder
-    :return: TrainConfig
-    """
+    """Return the U-Net stage's TrainConfig; its ``data`` names the rendered scenes exactly."""
     # The same stream render_set draws the training scenes from (SceneConfig at the training
     # resolution), so config.yaml and the model card describe the data trained on.
     scenes = DataSpec('synthetic', '', 1.0, {'length': recipe.train_scenes,
@@ -187,10 +146,7 @@ def run(recipe, work, output, log=print):
     """
     Run every stage, skipping those whose output is already in ``work``.
 
-    :param recipe: TinyRecipe
-    :param work: folder for intermediate results
     :param output: folder of the exported model
-    :param log: message function
     :return: dict of figures measured (times, losses, metrics)
     """
     work, output = Path(work), Path(output)
@@ -253,12 +209,9 @@ def evaluate_model(recipe, model, log=print):
     Score the model and two trivial baselines on the held-out synthetic scenes.
 
     The test scenes come from a random stream disjoint from the training scenes (see
-    marigold_model.training.eval_datasets.synthetic_samples). Metrics follow the standard protocol:
-    per-image least-squares scale and shift, then AbsRel and delta1.
+    :func:`marigold_model.training.eval_datasets.synthetic_samples`); metrics follow the
+    standard per-image least-squares protocol.
 
-    :param recipe: TinyRecipe
-    :param model: model folder
-    :param log: message function
     :return: list of result dicts (predictor, abs_rel, delta1, images, ...)
     """
     from ..config import EstimatorConfig, InferenceConfig, ModelConfig
@@ -282,10 +235,9 @@ def paired_comparison(model, baseline, resamples=10000, seed=0):
     """
     Compare two predictors image by image: how often and by how much the first wins.
 
-    :param model: result dict of :func:`marigold_model.training.evaluate.evaluate` (same images)
-    :param baseline: result dict of the baseline
+    :param model: result dict of :func:`marigold_model.training.evaluate.evaluate`
+    :param baseline: result dict of the baseline, on the same images
     :param resamples: bootstrap resamples of the images
-    :param seed: bootstrap seed
     :return: one sentence with the share of images where ``model`` has the lower AbsRel and
         a 95 % bootstrap interval of the mean AbsRel difference
     """
@@ -307,8 +259,6 @@ def write_model_card(output, recipe, figures, results):
     """
     Write README.md beside the weights: data, recipe, limits and measured accuracy.
 
-    :param output: model folder
-    :param recipe: TinyRecipe
     :param figures: dict of training figures from :func:`run`
     :param results: evaluation results from :func:`evaluate_model`
     :return: Path of the card
@@ -367,12 +317,7 @@ Marigold weights.
 
 
 def main(argv=None):
-    """
-    Command line of the recipe.
-
-    :param argv: arguments
-    :return: exit code
-    """
+    """Run the recipe's command line with ``argv``; return the exit code."""
     parser = argparse.ArgumentParser(description='Reproduce the bundled tiny Marigold model.')
     parser.add_argument('--recipe', default=str(RECIPE_FILE))
     parser.add_argument('--work', default='runs/tiny')

@@ -15,13 +15,7 @@ from ..alignment import normalize_percentile
 
 
 def build_source(spec, config):
-    """
-    Make the dataset of one DataSpec.
-
-    :param spec: DataSpec of ``config.data`` (checked there)
-    :param config: TrainConfig (for the resolution of synthetic scenes)
-    :return: a Dataset yielding Sample objects
-    """
+    """Make the Dataset of one DataSpec (``config`` gives synthetic scenes their resolution)."""
     options = dict(spec.options)
     module, name, _ = READERS[spec.kind]
     reader = getattr(importlib.import_module(module, __package__), name)
@@ -39,7 +33,6 @@ def build_training_data(config, sources=None):
     """
     Build the mixed training set: sources drawn by probability, resized, cropped, flipped.
 
-    :param config: TrainConfig
     :param sources: optional datasets standing in for ``config.data`` (one per entry, e.g.
         frames already in memory); the probabilities still come from ``config.data``
     :return: MixedDataset
@@ -61,8 +54,6 @@ def sample_to_tensors(sample, config):
     A sample without any valid depth pixel gets depth 0 and an all-False mask: it teaches
     nothing (the loss is masked) but does not stop training.
 
-    :param sample: Sample at the training resolution
-    :param config: TrainConfig
     :return: (rgb [3, H, W], depth [1, H, W], valid [1, H, W]) tensors
     """
     rgb = torch.from_numpy(sample.rgb.transpose(2, 0, 1).copy()).float() / 127.5 - 1.0
@@ -78,18 +69,8 @@ def sample_to_tensors(sample, config):
 
 
 def draw_numbers(config, step, micro, process, processes):
-    """
-    Positions in the data stream of one (step, micro-step, process): the same every time.
-
-    Draws are numbered step by step, micro-step by micro-step, process by process, so all
-    processes together walk the stream once (each frame once per pass over its source).
-
-    :param config: TrainConfig
-    :param step: optimiser step
-    :param micro: micro-step within gradient accumulation
-    :param process: process index
-    :param processes: number of processes
-    :return: list of int draw numbers
-    """
+    """Return the stream positions of one (step, micro-step, process): the same every time."""
+    # Numbered step by step, micro-step by micro-step, process by process: all processes
+    # together walk the stream once (each frame once per pass over its source).
     first = ((step * config.grad_accumulation + micro) * processes + process) * config.batch_size
     return list(range(first, first + config.batch_size))

@@ -2,10 +2,9 @@
 Train a small AutoencoderKL for a tiny Marigold model, on RGB images and depth maps.
 
 Marigold encodes both the image and the depth (normalised to [-1, 1], repeated to three
-channels) with one frozen VAE. A model trained from scratch therefore needs a VAE that
-reconstructs both kinds well; this trains one with L1 + MSE reconstruction and a small KL
-term, then sets the latent scaling factor so latents have unit standard deviation (the role
-0.18215 plays for Stable Diffusion).
+channels) with one frozen VAE, so a model trained from scratch needs a VAE that reconstructs
+both. The latent scaling factor is then set so latents have unit standard deviation (the
+role 0.18215 plays for Stable Diffusion).
 """
 
 from dataclasses import dataclass
@@ -44,11 +43,8 @@ def train_vae(vae, rgb, depth, config=VaeTrainConfig(), log=print):
     """
     Train ``vae`` in place on RGB uint8 [N, H, W, 3] and depth [N, H, W] in [-1, 1].
 
-    :param vae: AutoencoderKL
-    :param rgb: uint8 array of images
-    :param depth: float32 array of normalised depth maps
-    :param config: VaeTrainConfig
-    :param log: function taking a message string
+    The loss is L1 + MSE reconstruction plus a small KL term. ``log`` takes a message string.
+
     :return: list of losses per step
     """
     torch.manual_seed(config.seed)
@@ -81,16 +77,7 @@ def train_vae(vae, rgb, depth, config=VaeTrainConfig(), log=print):
 
 @torch.no_grad()
 def fit_scaling_factor(vae, rgb, depth, count=256, seed=0):
-    """
-    Set vae.config.scaling_factor to 1 / std of the latents of images and depths.
-
-    :param vae: trained AutoencoderKL
-    :param rgb: uint8 images
-    :param depth: normalised depth maps
-    :param count: number of samples used
-    :param seed: sampling seed
-    :return: the scaling factor
-    """
+    """Set and return ``vae.config.scaling_factor``: 1 / std of image and depth latents."""
     batch = _batch(rgb, depth, np.random.default_rng(seed), count)
     latents = torch.cat([vae.encode(part).latent_dist.mode() for part in batch.split(64)])
     factor = float(1.0 / latents.std())
@@ -100,14 +87,7 @@ def fit_scaling_factor(vae, rgb, depth, count=256, seed=0):
 
 @torch.no_grad()
 def reconstruction_error(vae, depth, count=64):
-    """
-    Mean absolute error of the VAE round trip of depth maps, in normalised units.
-
-    :param vae: AutoencoderKL
-    :param depth: normalised depth maps
-    :param count: how many maps to use
-    :return: float
-    """
+    """Return the mean absolute error of the VAE round trip of depth maps, in normalised units."""
     maps = torch.from_numpy(depth[:count][:, None].copy()).float().repeat(1, 3, 1, 1)
     decoded = vae.decode(vae.encode(maps).latent_dist.mode()).sample.mean(1, keepdim=True)
     return float((decoded.clamp(-1, 1) - maps[:, :1]).abs().mean())

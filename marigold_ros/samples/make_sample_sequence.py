@@ -5,17 +5,15 @@ Usage::
 
     python marigold_ros/samples/make_sample_sequence.py [--output DIR]
 
-One procedural room (marigold_model.data.synthetic, scene seed 1) seen by a camera orbiting
-by a few degrees, 16 frames at 320x240 played at 5 Hz.  Written next to this script:
+One procedural room (marigold_model.data.synthetic) seen by an orbiting camera, as SETTINGS
+says. Written next to this script:
 
-* ``rgb_NNNN.jpg``: the camera images (JPEG quality 92, as a camera would compress them),
+* ``rgb_NNNN.jpg``: the camera images (JPEG, as a camera would compress them),
 * ``depth_NNNN.png``: the exact planar z depth, 16-bit millimeters (0 = no hit), for
   judging the demo's metric depth,
-* ``sparse.npz``: a sparse depth "sensor": 0.5 % of the valid pixels of each frame with
-  1 % multiplicative noise (arrays ``frame``, ``u``, ``v``, ``depth_m``),
+* ``sparse.npz``: a sparse depth "sensor": a fraction of the valid pixels of each frame
+  with multiplicative noise (arrays ``frame``, ``u``, ``v``, ``depth_m``),
 * ``sequence.json``: size, K, rate, frame_id and the generator settings.
-
-The same seed and settings give the same files (numpy Generator, PIL encoders).
 """
 
 import argparse
@@ -43,13 +41,7 @@ SETTINGS = {
 
 
 def make_sequence(output=HERE, settings=None):
-    """
-    Render the sequence and write it to ``output``.
-
-    :param output: folder to write to (created)
-    :param settings: dict overriding entries of SETTINGS
-    :return: path of sequence.json
-    """
+    """Render the sequence into ``output`` (``settings`` override SETTINGS); return its json."""
     cfg = dict(SETTINGS, **(settings or {}))
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -83,11 +75,7 @@ def make_sequence(output=HERE, settings=None):
 
 
 def main(argv=None):
-    """
-    Command line entry point.
-
-    :param argv: argument list (default sys.argv)
-    """
+    """Run the command line with ``argv`` (default sys.argv)."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--output', default=str(HERE), help='folder to write to')
     args = parser.parse_args(argv)
