@@ -34,7 +34,8 @@ setup(
         ('share/ament_index/resource_index/packages', ['resource/' + PACKAGE]),
         ('share/' + PACKAGE, ['package.xml']),
         ('share/' + PACKAGE + '/launch', glob('launch/*.launch.py')),
-        ('share/' + PACKAGE + '/config', glob('config/*.yaml')),
+        ('share/' + PACKAGE + '/config', glob('config/*.yaml') + glob('config/*.xml')
+         + glob('config/*.json')),
         ('share/' + PACKAGE + '/config/train', glob('config/train/*.yaml')),
         ('share/' + PACKAGE + '/rviz', glob('rviz/*.rviz')),
     ] + _tree('marigold_ros/samples', 'samples'),

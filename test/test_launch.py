@@ -7,7 +7,9 @@ file's structure, its defaults and the RViz view are checked everywhere.
 
 import ast
 import importlib.util
+import os
 from pathlib import Path
+import stat
 
 import pytest
 import yaml
@@ -16,7 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = ROOT / 'launch' / 'depth.launch.py'
 RVIZ_FILE = ROOT / 'rviz' / 'depth.rviz'
 REQUIRED = {'camera', 'image', 'camera_info', 'sparse_depth', 'points_in', 'scale_source',
-            'params_file', 'model', 'device', 'use_sim_time', 'rviz'}
+            'input_reliability', 'params_file', 'model', 'device', 'use_sim_time', 'lifecycle',
+            'rviz'}
+PLAIN_FUNCTIONS = ('_is_true', 'parameter_overrides', 'node_namespace', 'find_rviz2',
+                   'check_rviz', '_private_file', '_rviz_config_for', 'remove_files')
 
 
 def _arguments_from_source():
@@ -36,6 +41,8 @@ def test_launch_file_declares_the_arguments_with_defaults():
     # use_sim_time is empty by default: a params file's own setting is not overridden.
     assert arguments['rviz'].value == 'false' and arguments['use_sim_time'].value == ''
     assert arguments['model'].value == '' and arguments['camera'].value == ''
+    assert arguments['lifecycle'].value == 'false'
+    assert arguments['input_reliability'].value == ''  # params_file's best_effort stands
     # The defaults point at files that exist next to the launch folder (installed: share/).
     assert (LAUNCH_FILE.parent.parent / 'config' / 'depth.yaml').is_file()
     assert (LAUNCH_FILE.parent.parent / 'rviz' / 'depth.rviz').is_file()
@@ -57,14 +64,17 @@ def test_rviz_view_shows_depth_and_rgb_cloud_in_the_camera_frame():
 
 
 def _launch_functions():
-    """Load the launch file's plain functions without launch / launch_ros."""
+    """Load the launch file's plain functions and OVERRIDES without launch / launch_ros."""
     tree = ast.parse(LAUNCH_FILE.read_text(), str(LAUNCH_FILE))
-    wanted = [node for node in tree.body if isinstance(node, ast.FunctionDef)
-              and node.name in ('node_namespace', '_rviz_config_for')]
-    imports = ast.parse('import os\nimport re\nimport tempfile').body
+    wanted = [node for node in tree.body
+              if isinstance(node, ast.FunctionDef) and node.name in PLAIN_FUNCTIONS
+              or isinstance(node, ast.Assign)
+              and getattr(node.targets[0], 'id', '') == 'OVERRIDES']
+    imports = ast.parse('import os\nimport re\nimport shutil\nimport tempfile').body
     module = ast.Module(body=imports + wanted, type_ignores=[])
     namespace = {}
     exec(compile(module, str(LAUNCH_FILE), 'exec'), namespace)  # noqa: S102 - our own file
+    assert set(PLAIN_FUNCTIONS) <= set(namespace)
     return namespace
 
 
@@ -79,8 +89,51 @@ def test_rviz_follows_the_node_namespace():
     rewritten = Path(config_for(str(RVIZ_FILE), '/robot/camera'))
     assert 'Value: /robot/camera/depth/points' in rewritten.read_text()
     assert rewritten.stat().st_mode & 0o077 == 0  # a private file
-    rewritten.unlink()
+    functions['remove_files']([str(rewritten)])
+    assert not rewritten.exists()
     assert config_for(str(RVIZ_FILE), '') == str(RVIZ_FILE)
+
+
+def test_empty_override_arguments_leave_the_params_file():
+    """Only the override arguments given become parameters; use_sim_time becomes a bool."""
+    overrides = _launch_functions()['parameter_overrides']
+    assert overrides(dict.fromkeys(REQUIRED, '')) == {}
+    given = overrides({'model': 'bundled:marigold-tiny', 'scale_source': 'points',
+                       'input_reliability': 'reliable', 'use_sim_time': 'True', 'device': ''})
+    assert given == {'model': 'bundled:marigold-tiny', 'scale_recovery.source': 'points',
+                     'input_reliability': 'reliable', 'use_sim_time': True}
+    assert overrides({'use_sim_time': 'false'}) == {'use_sim_time': False}
+
+
+def _fake_rviz2(folder):
+    """Write an executable rviz2 that copies the config it is given (-d FILE) and exits."""
+    executable = folder / 'rviz2'
+    executable.write_text(f'#!/bin/sh\ncp "$2" "{folder}/seen.rviz"\n'
+                          f'echo "$2" > "{folder}/path"\n')
+    executable.chmod(executable.stat().st_mode | stat.S_IXUSR)
+    return executable
+
+
+def test_rviz_is_refused_when_rviz2_is_not_installed(tmp_path, monkeypatch):
+    """rviz:=true needs rviz2 from the ament index or PATH; without it the launch refuses."""
+    functions = _launch_functions()
+    monkeypatch.delenv('AMENT_PREFIX_PATH', raising=False)
+    monkeypatch.setenv('PATH', str(tmp_path))
+    assert functions['find_rviz2']() is None
+    assert functions['check_rviz']('false') is None  # not wanted: nothing to check
+    with pytest.raises(RuntimeError, match='rviz2 is not installed'):
+        functions['check_rviz']('true')
+    executable = _fake_rviz2(tmp_path)
+    assert functions['check_rviz']('true') == str(executable)
+    # A sourced install: lib/rviz2/rviz2 under an ament prefix with rviz2 registered.
+    prefix = tmp_path / 'install'
+    (prefix / 'share' / 'ament_index' / 'resource_index' / 'packages').mkdir(parents=True)
+    (prefix / 'share' / 'ament_index' / 'resource_index' / 'packages' / 'rviz2').touch()
+    (prefix / 'lib' / 'rviz2').mkdir(parents=True)
+    installed = _fake_rviz2(prefix / 'lib' / 'rviz2')
+    monkeypatch.setenv('AMENT_PREFIX_PATH', str(prefix))
+    pytest.importorskip('ament_index_python')
+    assert functions['find_rviz2']() == str(installed)
 
 
 def _load_launch_module():
@@ -94,24 +147,102 @@ def _load_launch_module():
     return module
 
 
+def _run_launch(module, entities, **arguments):
+    """Run entities with the file's arguments (the given ones set) until they end."""
+    from launch import LaunchDescription, LaunchDescriptionSource, LaunchService
+    from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription
+
+    declared = [DeclareLaunchArgument(name, default_value=default)
+                for name, default, _ in module.ARGUMENTS]
+    service = LaunchService()
+    service.include_launch_description(LaunchDescription([IncludeLaunchDescription(
+        LaunchDescriptionSource(LaunchDescription(declared + entities)),
+        launch_arguments=arguments.items())]))
+    return service.run()
+
+
 def test_launch_description_builds():
-    """With launch_ros: the description declares the arguments and builds node and RViz."""
+    """With launch_ros: arguments declared at top level, plain or lifecycle node by argument."""
     module = _load_launch_module()
     from launch import LaunchContext
     from launch.actions import DeclareLaunchArgument
-    from launch_ros.actions import Node
+    from launch_ros.actions import LifecycleNode, Node
 
     description = module.generate_launch_description()
     declared = {e.name for e in description.entities if isinstance(e, DeclareLaunchArgument)}
     assert REQUIRED <= declared
+    nodes = [e for e in description.entities if isinstance(e, Node)]
+    assert len(nodes) == 2  # the node is declared at top level (ros2 launch --print shows it)
     context = LaunchContext()
     values = {name: default for name, default, _ in module.ARGUMENTS}
     context.launch_configurations.update(values)
-    actions = module._launch_setup(context)
-    assert len(actions) == 1 and isinstance(actions[0], Node)
-    values.update(rviz='true', camera='/cam', fixed_frame='cam_optical')
+    chosen = [n for n in nodes if n.condition.evaluate(context)]
+    assert len(chosen) == 1 and not isinstance(chosen[0], LifecycleNode)
+    context.launch_configurations['lifecycle'] = 'true'
+    chosen = [n for n in nodes if n.condition.evaluate(context)]
+    assert len(chosen) == 1 and isinstance(chosen[0], LifecycleNode)
+
+
+def test_overrides_file_holds_only_the_arguments_given(tmp_path):
+    """With launch: the overrides substitution writes the given ones, else is params_file."""
+    module = _load_launch_module()
+    from launch import LaunchContext
+
+    context = LaunchContext()
+    values = {name: default for name, default, _ in module.ARGUMENTS}
     context.launch_configurations.update(values)
-    actions = module._launch_setup(context)
-    assert len(actions) == 2 and all(isinstance(a, Node) for a in actions)
-    rewritten = Path(module._rviz_config_for(str(RVIZ_FILE), '/cam')).read_text()
-    assert 'Value: /cam/depth/points' in rewritten
+    temp_files = []
+    overrides = module.ParameterOverrides(temp_files)
+    assert overrides.perform(context) == values['params_file'] and temp_files == []
+    context.launch_configurations.update(input_reliability='reliable', use_sim_time='true')
+    written = Path(overrides.perform(context))
+    assert temp_files == [str(written)]
+    assert yaml.safe_load(written.read_text()) == {'/**': {'ros__parameters': {
+        'input_reliability': 'reliable', 'use_sim_time': True}}}
+    module.remove_files(temp_files)
+    assert not written.exists()
+
+
+def test_launch_refuses_rviz_without_rviz2_before_starting_anything(tmp_path, monkeypatch):
+    """With launch: rviz:=true and no rviz2 fails the launch and no process is started."""
+    module = _load_launch_module()
+    from launch.actions import RegisterEventHandler
+    from launch.event_handlers import OnProcessStart
+
+    # An ament prefix holding a stand-in depth_node (exits at once) and no rviz2.
+    prefix = tmp_path / 'install'
+    (prefix / 'share' / 'ament_index' / 'resource_index' / 'packages').mkdir(parents=True)
+    (prefix / 'share' / 'ament_index' / 'resource_index' / 'packages' / 'marigold_ros').touch()
+    (prefix / 'lib' / 'marigold_ros').mkdir(parents=True)
+    node = prefix / 'lib' / 'marigold_ros' / 'depth_node'
+    node.write_text('#!/bin/sh\nexit 0\n')
+    node.chmod(0o755)
+    monkeypatch.setenv('AMENT_PREFIX_PATH', str(prefix))
+    monkeypatch.setenv('PATH', str(tmp_path))
+
+    def run(rviz):
+        started = []
+        watcher = RegisterEventHandler(OnProcessStart(
+            on_start=lambda event, context: started.append(event.action.name)))
+        entities = [watcher] + list(module.generate_launch_description().entities)
+        return _run_launch(module, entities, rviz=rviz, camera='/cam'), started
+
+    code, started = run('false')
+    assert code == 0 and len(started) == 1  # the node starts when RViz is not asked for
+    code, started = run('true')
+    assert code != 0 and started == []
+
+
+def test_rviz_config_is_removed_when_the_launch_ends(tmp_path, monkeypatch):
+    """With launch: RViz gets the config rewritten for the namespace, removed at shutdown."""
+    module = _load_launch_module()
+    _fake_rviz2(tmp_path)
+    monkeypatch.delenv('AMENT_PREFIX_PATH', raising=False)
+    monkeypatch.setenv('PATH', f'{tmp_path}{os.pathsep}{os.environ["PATH"]}')
+    temp_files = []
+    entities = module.cleanup_and_rviz_check(temp_files) + module.rviz_entities(temp_files)
+    assert _run_launch(module, entities, rviz='true', camera='/cam') == 0
+    given = Path((tmp_path / 'path').read_text().strip())  # the fake rviz2 has run and ended
+    assert 'Value: /cam/depth/points' in (tmp_path / 'seen.rviz').read_text()
+    assert given.name.startswith('marigold_depth_cam_') and not given.exists()
+    assert temp_files == []
