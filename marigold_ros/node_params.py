@@ -14,8 +14,8 @@ import this module and never each other.
 from dataclasses import dataclass, replace
 import math
 
-from marigold_model.config import DTYPES, EstimatorConfig, InferenceConfig, ModelConfig
-from marigold_model.config import BACKENDS, PROCESSING_RESOLUTION_RANGE, VAE_CHOICES
+from marigold_model.config import BACKENDS, DTYPES, EstimatorConfig, InferenceConfig
+from marigold_model.config import ModelConfig, PROCESSING_RESOLUTION_RANGE, VAE_CHOICES
 from marigold_model.scale_tracking import ScaleTrackerConfig
 from sensor_msgs.msg import CameraInfo
 from sensor_msgs.msg import Image
