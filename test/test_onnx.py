@@ -3,8 +3,7 @@
 import json
 import math
 
-from marigold_model.config import (EstimatorConfig, InferenceConfig, ModelConfig,
-                                   validate_model_config)
+from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
 from marigold_model.estimator import DepthEstimator
 from marigold_model.loading import BUNDLED_DIR, WeightsNotFoundError
 from marigold_model.onnx_backend import choose_providers
@@ -82,9 +81,9 @@ def full_layout_model(tmp_path_factory):
 
 def test_backend_setting_is_validated():
     """Only the two backends are accepted, named in the error."""
-    assert validate_model_config(ModelConfig(backend='onnxruntime')).backend == 'onnxruntime'
+    assert ModelConfig(backend='onnxruntime').backend == 'onnxruntime'
     with pytest.raises(ValueError, match='backend'):
-        validate_model_config(ModelConfig(backend='tensorflow'))
+        ModelConfig(backend='tensorflow')
 
 
 def test_execution_providers_in_order_and_only_installed(tmp_path):
