@@ -195,10 +195,9 @@ def counted_gflop(estimator, width, height):
             latent = estimator.encode(images)
         counts['encode'] = counter.get_total_flops() / 1e9
         model_input = torch.cat([latent, latent], dim=1)
-        text = estimator._text_batch(1)
         step = torch.tensor(999, device=estimator.device)
         with FlopCounterMode(display=False) as counter:
-            estimator.unet(model_input, step, encoder_hidden_states=text, return_dict=False)
+            estimator.networks.unet(model_input, step)
         counts['unet'] = counter.get_total_flops() / 1e9
         with FlopCounterMode(display=False) as counter:
             estimator.decode(latent)

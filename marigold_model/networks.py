@@ -58,7 +58,9 @@ class TextFreeUNet(torch.nn.Module):
         :param timestep: the step (0-d or [1] tensor)
         :return: [B, C, h, w] prediction
         """
-        text = self.text.expand(sample.shape[0], -1, -1)
+        # A contiguous copy: a stride-0 (expanded) batch takes other attention kernels, whose
+        # last bits differ, and process_bag's output must not change with the backend refactor.
+        text = self.text.repeat(sample.shape[0], 1, 1)
         return self.unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
 
 

@@ -23,11 +23,6 @@ from sensor_msgs.msg import PointCloud2
 
 from .params import ConfigGroup, configs_from_values, read_params_file, yaml_document
 
-try:  # scale recovery is optional: without it the node is relative unless fixed_scale is set
-    from . import scale_recovery
-except ImportError:  # pragma: no cover - the module ships with the package
-    scale_recovery = None
-
 NODE_NAME = 'marigold_depth'
 TRANSPORTS = ('raw', 'compressed')
 RELIABILITIES = ('best_effort', 'reliable')
@@ -292,11 +287,10 @@ def parameter_groups():
                     choices={'image_transport': TRANSPORTS,
                              'input_reliability': RELIABILITIES}),
     ]
-    if scale_recovery is not None:
-        groups.append(ConfigGroup(scale_recovery.ScaleRecoveryConfig,
-                                  prefix='scale_recovery.', read_only=True,
-                                  choices={'source': scale_recovery.SOURCES},
-                                  doc_sources=(ScaleTrackerConfig,)))
+    # Imported here: scale recovery's input module takes join_topic from this one.
+    from .scale_recovery import ScaleRecoveryConfig, SOURCES
+    groups.append(ConfigGroup(ScaleRecoveryConfig, prefix='scale_recovery.', read_only=True,
+                              choices={'source': SOURCES}, doc_sources=(ScaleTrackerConfig,)))
     return groups
 
 

@@ -16,7 +16,8 @@ from sensor_msgs.msg import PointCloud2
 
 from .conversions import image_to_depth, ImageConversionError, PointCloudConversionError
 from .conversions import pointcloud2_to_xyz
-from .stamp_matcher import stamp_to_ns
+from .node_params import join_topic
+from .stamp_matcher import NS_PER_S, stamp_to_ns
 
 #: Topic names (relative to the camera namespace) of the sparse inputs.
 TOPICS = {'sparse_depth': 'sparse_depth', 'points': 'points_in'}
@@ -28,7 +29,6 @@ REASON_POINTS_EMPTY = 'points_empty'
 REASON_NO_TRANSFORM = 'no_transform'
 REASON_STALE_TRANSFORM = 'stale_transform'
 
-_NS_PER_S = 1e9
 # image_to_depth converts 16UC1 with this factor; other factors are applied on top.
 _CONVERTER_MM = 0.001
 
@@ -98,12 +98,6 @@ def points_reading(msg):
             REASON_POINTS_EMPTY, f'PointCloud2 in {frame_id!r} has no finite point '
             f'({msg.width}x{msg.height})'))
     return Reading('points', stamp_ns, frame_id, data=xyz)
-
-
-def join_topic(namespace, name):
-    """Join a camera namespace and a topic name ('' namespace: the relative name)."""
-    namespace = str(namespace or '').rstrip('/')
-    return f'{namespace}/{name}' if namespace else name
 
 
 def _is_extrapolation(error):
@@ -197,7 +191,7 @@ class Tf2TransformLookup:
     def _check_gap(self, stamped, stamp_ns, what, source_frame, target_frame, cause):
         """Refuse a transform further than the tolerance from a stamp (0: a static chain)."""
         found_ns = stamp_to_ns(stamped.header.stamp)
-        gap_s = abs(found_ns - int(stamp_ns)) / _NS_PER_S
+        gap_s = abs(found_ns - int(stamp_ns)) / NS_PER_S
         if found_ns and gap_s > self.tolerance_s:
             raise ScaleInputError(REASON_STALE_TRANSFORM, f'transform {source_frame!r} -> '
                                   f'{target_frame!r} is {gap_s:.3f} s away from the {what} '

@@ -24,7 +24,7 @@ from .geometry import CalibrationError, MIN_DEPTH, project_points, quaternion_to
 from .geometry import scale_camera
 from .scale_inputs import InputSubscriptions, points_reading, REASON_NO_TRANSFORM
 from .scale_inputs import ScaleInputError, sparse_depth_reading
-from .stamp_matcher import stamp_to_ns, StampMatcher
+from .stamp_matcher import NS_PER_S, stamp_to_ns, StampMatcher
 
 #: Values of :attr:`ScaleRecoveryConfig.source`.
 SOURCES = ('none', 'sparse_depth', 'points')
@@ -36,7 +36,6 @@ REASON_POINTS_BEHIND = 'points_behind_camera'
 REASON_POINTS_OUTSIDE = 'points_outside_image'
 REASON_NO_CAMERA_INFO = 'no_camera_info'
 
-_NS_PER_S = 1e9
 # A sparse depth image registered to the camera covers the same field of view, so its aspect
 # ratio matches; 5 % leaves room for rounding in odd downscaled sizes (e.g. 1 px of 41)
 # while catching a 16:9 / 4:3 / 16:10 mix-up (>= 17 %), i.e. a sensor not registered at all.
@@ -277,12 +276,12 @@ class ScaleRecovery:
             return
         # Throttled per (stream, reason): rclpy's throttle_duration_sec is per call site, so
         # one frequent problem would hide every other one.
-        allowed, suppressed = self._throttle.allow((error.key, error.reason))
-        if allowed:
-            where = f' [{error.key}]' if error.key else ''
-            more = f' ({suppressed} more since the last report)' if suppressed else ''
-            logger.error(f'scale recovery{where}: {error.reason}: {error}{more}; the depth '
-                         'stays relative when no valid scale is left')
+        where = f' [{error.key}]' if error.key else ''
+        line = self._throttle.report(
+            (error.key, error.reason), f'scale recovery{where}: {error.reason}: {error}; the '
+            'depth stays relative when no valid scale is left')
+        if line is not None:
+            logger.error(line)
 
     # ------------------------------------------------------------------ input
 
@@ -346,7 +345,7 @@ class ScaleRecovery:
             raise ValueError(f'relative depth must be a non-empty H x W array, got shape '
                              f'{rel.shape}')
         stamp_ns = stamp_to_ns(header.stamp)
-        stamp_s = stamp_ns / _NS_PER_S
+        stamp_s = stamp_ns / NS_PER_S
         stream = self._stream(key)
         reading = stream.readings.match(stamp_ns)
         fused_already = reading is not None and reading is stream.fused and \

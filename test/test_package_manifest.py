@@ -17,7 +17,7 @@ ROSDEP_KEYS = {
     'geometry_msgs': 'geometry_msgs', 'diagnostic_msgs': 'diagnostic_msgs',
     'lifecycle_msgs': 'lifecycle_msgs', 'rcl_interfaces': 'rcl_interfaces',
     'builtin_interfaces': 'builtin_interfaces', 'tf2_ros': 'tf2_ros_py',
-    'launch': 'launch', 'launch_ros': 'launch_ros',
+    'launch': 'launch', 'launch_ros': 'launch_ros', 'ament_index_python': 'ament_index_python',
 }
 # No rosdep key exists: these must be in requirements.txt instead.
 # (onnxruntime has python3-onnxruntime-pip, but the GPU and Jetson builds are other wheels)
