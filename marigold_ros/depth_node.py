@@ -38,12 +38,13 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo
 from sensor_msgs.msg import CompressedImage
 from sensor_msgs.msg import Image
 
 from .diagnostics import DiagnosticsCollector, KeyedThrottle, MODEL_ERROR, MODEL_LOADING
-from .diagnostics import MODEL_READY, MODEL_UNCONFIGURED
+from .diagnostics import LOST_ADVICE, MAX_LATENCY_S, MODEL_READY, MODEL_UNCONFIGURED
 from .heap import keep_large_buffers_in_heap
 from .node_params import CAMERA_INFO_TOPIC, COMPRESSED_IMAGE_TOPIC, estimator_config
 from .node_params import IMAGE_TOPIC, join_topic, NODE_NAME, OUTPUT_NAMES, OUTPUT_TOPICS
@@ -52,8 +53,10 @@ from .params import declare_groups
 from .pipeline import DepthPipeline, FrameError, FrameInput
 from .stamp_matcher import CameraInfoMatcher, NS_PER_S, stamp_to_ns
 
-# camera_info messages kept per camera for stamp matching (3 s at 10 Hz).
+# camera_info messages kept per camera for stamp matching (3 s at 10 Hz).  A frame waiting
+# for the model keeps the camera_info matched on arrival, however many come meanwhile.
 _CAMERA_INFO_QUEUE = 30
+
 
 
 def warmup_frame(max_pixels):
@@ -113,6 +116,9 @@ class _DepthCore:
                                                     cfg.camera_info_use_latest)
                           for camera in self._cameras}
         self._slots = {}
+        # camera -> {id(image): (image, camera_info or None)}: the camera_info of each frame
+        # waiting in a slot or just taken by the worker, reserved when the frame arrives.
+        self._reserved = {camera: {} for camera in self._cameras}
         self._slot_lock = threading.Lock()
         self._config_lock = threading.Lock()
         self._wake = threading.Event()
@@ -277,12 +283,23 @@ class _DepthCore:
 
     # ------------------------------------------------------------------ topics
 
-    def _input_qos(self, depth):
+    def _input_qos(self, depth, latched=False):
         reliability = ReliabilityPolicy.RELIABLE \
             if self._node_config.input_reliability == 'reliable' else \
             ReliabilityPolicy.BEST_EFFORT
+        durability = DurabilityPolicy.TRANSIENT_LOCAL if latched else \
+            DurabilityPolicy.VOLATILE
         return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
-                          reliability=reliability, durability=DurabilityPolicy.VOLATILE)
+                          reliability=reliability, durability=durability)
+
+    @staticmethod
+    def _qos_overrides():
+        """
+        Let qos_overrides./<topic>.<publisher|subscription>.<policy> parameters set the QoS.
+
+        History, depth and reliability, as rclpy declares them (read-only parameters).
+        """
+        return QoSOverridingOptions.with_default_policies()
 
     def _create_outputs(self, create):
         """Create the publishers of every camera with ``create`` (plain or lifecycle)."""
@@ -290,7 +307,8 @@ class _DepthCore:
                          reliability=ReliabilityPolicy.RELIABLE)
         for camera in self._cameras:
             self._outputs[camera] = {
-                output.name: create(output.msg_class, join_topic(camera, output.topic), qos)
+                output.name: create(output.msg_class, join_topic(camera, output.topic), qos,
+                                    qos_overriding_options=self._qos_overrides())
                 for output in OUTPUT_TOPICS}
 
     def _destroy_outputs(self, destroy):
@@ -299,28 +317,37 @@ class _DepthCore:
             for publisher in publishers.values():
                 destroy(publisher)
 
+    def _input_events(self, camera, what):
+        """QoS events of an input: incompatible publishers and messages the rmw lost."""
+        return SubscriptionEventCallbacks(
+            incompatible_qos=lambda event: self._incompatible_qos(camera, what),
+            message_lost=lambda info: self._messages_lost(camera, what, info))
+
     def _create_inputs(self):
         """Subscribe to the images, camera_info and sparse inputs of every camera."""
         cfg = self._node_config
         image_qos = self._input_qos(cfg.input_depth)
-        info_qos = self._input_qos(max(cfg.input_depth, 10))
+        info_qos = self._input_qos(max(cfg.input_depth, 10),
+                                   latched=cfg.camera_info_transient_local)
         compressed = cfg.image_transport == 'compressed'
         for camera in self._cameras:
             # camera_info and the sparse inputs are subscribed before the image: the executor
             # serves ready subscriptions in creation order, so a camera_info that arrived with
-            # its image is stored before the worker looks for it (no wait for a match).
+            # its image is stored before the image reserves it.
             self._inputs.append(self.create_subscription(
                 CameraInfo, join_topic(camera, CAMERA_INFO_TOPIC),
-                lambda msg, camera=camera: self._matchers[camera].add_msg(msg), info_qos))
+                lambda msg, camera=camera: self._on_camera_info(camera, msg), info_qos,
+                event_callbacks=self._input_events(camera, 'camera_info'),
+                qos_overriding_options=self._qos_overrides()))
             if self._scale_source is not None:
-                self._scale_source.attach(self, camera, info_qos)
-            events = SubscriptionEventCallbacks(
-                incompatible_qos=lambda event, camera=camera: self._incompatible_qos(camera))
+                self._scale_source.attach(self, camera, self._input_qos(
+                    max(cfg.input_depth, 10)))
             topic = join_topic(camera, COMPRESSED_IMAGE_TOPIC if compressed else IMAGE_TOPIC)
             subscription = self.create_subscription(
                 CompressedImage if compressed else Image, topic,
                 lambda msg, camera=camera: self._on_image(camera, msg), image_qos,
-                event_callbacks=events)
+                event_callbacks=self._input_events(camera, 'image'),
+                qos_overriding_options=self._qos_overrides())
             self._image_topics[camera] = subscription.topic_name
             self._inputs.append(subscription)
         self._diag.set_listening(True)
@@ -333,19 +360,81 @@ class _DepthCore:
         if self._scale_source is not None:
             self._scale_source.detach()
 
-    def _incompatible_qos(self, camera):
-        self._report(camera, 'incompatible_qos', 'a publisher on '
-                     f'{self._image_topics.get(camera, camera)} offers a QoS this '
+    def _incompatible_qos(self, camera, what='image'):
+        topic = self._image_topics.get(camera, camera) if what == 'image' else \
+            join_topic(camera, CAMERA_INFO_TOPIC)
+        self._report(camera, 'incompatible_qos', f'a publisher on {topic} offers a QoS this '
                      f'subscription ({self._node_config.input_reliability}) cannot receive; '
                      "set input_reliability to 'best_effort'")
 
-    def _on_image(self, camera, msg):
-        """Keep only the newest image per camera; never block the executor."""
-        received = self.get_clock().now().nanoseconds
+    def _messages_lost(self, camera, what, info):
+        """
+        Count the messages of an input that the middleware lost (QoS message_lost event).
+
+        :param camera: camera namespace
+        :param what: 'image' or 'camera_info'
+        :param info: QoSMessageLostInfo (total_count, total_count_change)
+        """
+        count = int(info.total_count_change)
+        if count <= 0:
+            return
+        self._diag.messages_lost(camera, what, count)
+        line = self._throttle.report(
+            (camera, 'message_lost', what),
+            f'{join_topic(camera, what)}: the middleware lost {count} message(s) '
+            f'({int(info.total_count)} in all); {LOST_ADVICE}')
+        if line is not None and not self._stop.is_set():
+            self.get_logger().warning(line)
+
+    def _check_stamp(self, camera, stamp, received):
+        """Warn (throttled) about image stamps far from the node's clock."""
+        offset = (received - stamp) / NS_PER_S
+        if abs(offset) <= MAX_LATENCY_S:
+            return
+        line = self._throttle.report(
+            (camera, 'stamp_off_clock'),
+            f'{self._image_topics.get(camera, camera)}: image stamp is {offset:+.0f} s from '
+            f'this node\'s clock (use_sim_time {self.get_parameter("use_sim_time").value}): '
+            'a sim time / wall time mix-up or an unsynchronised camera clock?  Latency of '
+            'these frames is not measured.')
+        if line is not None and not self._stop.is_set():
+            self.get_logger().warning(line)
+
+    @staticmethod
+    def _gap(info, stamp):
+        return math.inf if info is None else abs(stamp_to_ns(info.header.stamp) - stamp)
+
+    def _on_camera_info(self, camera, msg):
+        """Store a camera_info; a waiting frame it fits better reserves it."""
+        matcher = self._matchers[camera]
+        matcher.add_msg(msg)
         with self._slot_lock:
-            replaced = camera in self._slots
+            slot = self._slots.get(camera)
+            if slot is None:
+                return
+            image = slot[0]
+            reserved = self._reserved[camera].get(id(image), (image, None))[1]
+            stamp = stamp_to_ns(image.header.stamp)
+            info = matcher.match(stamp)
+            if info is not None and self._gap(info, stamp) < self._gap(reserved, stamp):
+                self._reserved[camera][id(image)] = (image, info)
+
+    def _on_image(self, camera, msg):
+        """Keep only the newest image per camera, with its camera_info; never block."""
+        received = self.get_clock().now().nanoseconds
+        stamp = stamp_to_ns(msg.header.stamp)
+        self._check_stamp(camera, stamp, received)
+        info = self._matchers[camera].match(stamp)
+        with self._slot_lock:
+            old = self._slots.get(camera)
             self._slots[camera] = (msg, received)
-        if replaced:
+            reserved = self._reserved[camera]
+            if old is not None:
+                reserved.pop(id(old[0]), None)
+            reserved[id(msg)] = (msg, info)
+            while len(reserved) > 2:  # the slot's frame and the one the worker took
+                del reserved[next(iter(reserved))]
+        if old is not None:
             self._diag.frame_dropped(camera)
         self._diag.image_received(camera)
         self._wake.set()
@@ -439,7 +528,15 @@ class _DepthCore:
                          if publisher.get_subscription_count() > 0)
 
     def _camera_info_for(self, camera, msg):
-        """Find the camera_info of an image by stamp, waiting briefly if it may follow."""
+        """
+        Return the camera_info of a frame: the one it reserved, else one matched now.
+
+        Without a reservation, wait briefly for a camera_info that may follow the image.
+        """
+        with self._slot_lock:
+            image, info = self._reserved[camera].pop(id(msg), (None, None))
+        if image is msg and info is not None:
+            return info
         wait = self._node_config.camera_info_wait
         matcher = self._matchers[camera]
         stamp = stamp_to_ns(msg.header.stamp)

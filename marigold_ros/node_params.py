@@ -161,6 +161,9 @@ class NodeConfig:
         the image stamp for a match
     :param camera_info_use_latest: when no camera_info matches by stamp, use the newest one
         whatever its stamp, without waiting (for static camera_info publishers)
+    :param camera_info_transient_local: subscribe to camera_info with transient local
+        durability, to receive a latched camera_info published once (a transient local
+        subscription does not match volatile publishers: leave false for camera drivers)
     :param camera_info_wait: seconds the worker waits for a camera_info that has not
         arrived yet (drivers often publish it just after the image); not with
         camera_info_use_latest
@@ -187,6 +190,7 @@ class NodeConfig:
     output_depth: int = 5
     camera_info_tolerance: float = 0.01
     camera_info_use_latest: bool = False
+    camera_info_transient_local: bool = False
     camera_info_wait: float = 0.05
     diagnostics_period: float = 1.0
     error_log_period: float = 5.0

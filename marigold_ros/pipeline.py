@@ -414,6 +414,8 @@ class DepthPipeline:
                 model = camera_for_image(frame.camera_info, rgb.shape[1], rgb.shape[0],
                                          config.rectified_input)
                 camera = scale_camera(model, width, height)
+                problems += [('camera_info_implausible', 'camera_info looks wrong (used '
+                              'anyway): ' + text) for text in model.implausibilities()]
             except CalibrationError as error:
                 notes.append(NOTE_BAD_CAMERA_INFO)
                 problems.append(('camera_info_' + error.reason, str(error)))
