@@ -58,7 +58,6 @@ from .stamp_matcher import CameraInfoMatcher, NS_PER_S, stamp_to_ns
 _CAMERA_INFO_QUEUE = 30
 
 
-
 def warmup_frame(max_pixels):
     """
     Return the blank frame the model is warmed up with: 640x480, smaller under a pixel limit.
@@ -271,6 +270,10 @@ class _DepthCore:
 
     def _apply_parameters(self, parameters):
         """Apply accepted changes; the worker hands them to the model between calls."""
+        names = {name for group in self._groups for name in group.names()}
+        parameters = [p for p in parameters if p.name in names]
+        if not parameters:
+            return  # rclpy's own (qos_overrides.* declared with the topics, use_sim_time)
         inference, output = self._candidate_configs(parameters)
         with self._config_lock:
             self._inference = inference
@@ -303,11 +306,13 @@ class _DepthCore:
 
     def _create_outputs(self, create):
         """Create the publishers of every camera with ``create`` (plain or lifecycle)."""
-        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=self._node_config.output_depth,
-                         reliability=ReliabilityPolicy.RELIABLE)
         for camera in self._cameras:
+            # A profile per publisher: rclpy applies the qos_overrides to it in place.
             self._outputs[camera] = {
-                output.name: create(output.msg_class, join_topic(camera, output.topic), qos,
+                output.name: create(output.msg_class, join_topic(camera, output.topic),
+                                    QoSProfile(history=HistoryPolicy.KEEP_LAST,
+                                               depth=self._node_config.output_depth,
+                                               reliability=ReliabilityPolicy.RELIABLE),
                                     qos_overriding_options=self._qos_overrides())
                 for output in OUTPUT_TOPICS}
 
@@ -318,7 +323,7 @@ class _DepthCore:
                 destroy(publisher)
 
     def _input_events(self, camera, what):
-        """QoS events of an input: incompatible publishers and messages the rmw lost."""
+        """Handle the QoS events of an input: incompatible publishers, messages lost."""
         return SubscriptionEventCallbacks(
             incompatible_qos=lambda event: self._incompatible_qos(camera, what),
             message_lost=lambda info: self._messages_lost(camera, what, info))
@@ -326,11 +331,12 @@ class _DepthCore:
     def _create_inputs(self):
         """Subscribe to the images, camera_info and sparse inputs of every camera."""
         cfg = self._node_config
-        image_qos = self._input_qos(cfg.input_depth)
-        info_qos = self._input_qos(max(cfg.input_depth, 10),
-                                   latched=cfg.camera_info_transient_local)
         compressed = cfg.image_transport == 'compressed'
         for camera in self._cameras:
+            # Profiles per subscription: rclpy applies the qos_overrides to them in place.
+            image_qos = self._input_qos(cfg.input_depth)
+            info_qos = self._input_qos(max(cfg.input_depth, 10),
+                                       latched=cfg.camera_info_transient_local)
             # camera_info and the sparse inputs are subscribed before the image: the executor
             # serves ready subscriptions in creation order, so a camera_info that arrived with
             # its image is stored before the image reserves it.
@@ -520,10 +526,12 @@ class _DepthCore:
             self._publish(result)
 
     def _wanted_outputs(self, camera):
-        """Names of the outputs of a camera worth building now (None: all of them)."""
+        """Names of the outputs of a camera worth building now (None: the default ones)."""
         publishers = self._outputs.get(camera)
-        if not self._node_config.lazy_outputs or publishers is None:
+        if publishers is None:
             return None
+        if not self._node_config.lazy_outputs:
+            return frozenset(publishers)
         return frozenset(name for name, publisher in publishers.items()
                          if publisher.get_subscription_count() > 0)
 
