@@ -891,7 +891,7 @@ def _subscription(node, suffix):
 
 
 def test_messages_the_middleware_lost_are_counted_and_explained(graph_factory):
-    """QoS message_lost events of image and camera_info: counted, a WARN that says what to do."""
+    """Lost messages (QoS event) of image and camera_info: counted, a WARN saying what to do."""
     from types import SimpleNamespace
 
     from rclpy.event_handler import QoSSubscriptionEventType
