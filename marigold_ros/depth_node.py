@@ -37,7 +37,8 @@ from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSPolicyKind, QoSProfile
+from rclpy.qos import ReliabilityPolicy
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo
 from sensor_msgs.msg import CompressedImage
@@ -325,7 +326,7 @@ class _DepthCore:
     def _input_events(self, camera, what):
         """Handle the QoS events of an input: incompatible publishers, messages lost."""
         return SubscriptionEventCallbacks(
-            incompatible_qos=lambda event: self._incompatible_qos(camera, what),
+            incompatible_qos=lambda event: self._incompatible_qos(camera, what, event),
             message_lost=lambda info: self._messages_lost(camera, what, info))
 
     def _create_inputs(self):
@@ -366,12 +367,21 @@ class _DepthCore:
         if self._scale_source is not None:
             self._scale_source.detach()
 
-    def _incompatible_qos(self, camera, what='image'):
+    def _incompatible_qos(self, camera, what='image', event=None):
+        """Report a publisher this input cannot receive from, with the policy to change."""
         topic = self._image_topics.get(camera, camera) if what == 'image' else \
             join_topic(camera, CAMERA_INFO_TOPIC)
-        self._report(camera, 'incompatible_qos', f'a publisher on {topic} offers a QoS this '
-                     f'subscription ({self._node_config.input_reliability}) cannot receive; '
-                     "set input_reliability to 'best_effort'")
+        try:
+            policy = QoSPolicyKind(int(event.last_policy_kind)).name.lower()
+        except (AttributeError, TypeError, ValueError):
+            policy = 'reliability'
+        advice = {
+            'reliability': "set input_reliability to 'best_effort'",
+            'durability': 'set camera_info_transient_local to false (the publisher is '
+                          'volatile)',
+        }.get(policy, f'check the qos_overrides.{topic}.subscription.* parameters')
+        self._report(camera, 'incompatible_qos', f'a publisher on {topic} offers a QoS '
+                     f'{policy} this subscription cannot receive; {advice}')
 
     def _messages_lost(self, camera, what, info):
         """

@@ -1069,3 +1069,21 @@ def test_depth_colored_when_subscribed(graph_factory):
     np.testing.assert_array_equal(fixed, colorize_depth(metric, np.isfinite(metric),
                                                         (0.0, 4.0)))
     assert not np.array_equal(fixed, colorize_depth(metric, np.isfinite(metric)))
+
+
+def test_incompatible_publishers_are_reported_with_the_policy_to_change(graph_factory):
+    """A best-effort image publisher and a volatile camera_info one: which setting to change."""
+    from rclpy.qos import qos_profile_sensor_data
+    graph = graph_factory(parameters=[('input_reliability', 'reliable'),
+                                      ('camera_info_transient_local', True)])
+    reports, report = [], graph.node._throttle.report
+    graph.node._throttle.report = lambda key, text, now=None: \
+        reports.append(text) or report(key, text, now)
+    graph.io.create_publisher(Image, 'image', qos_profile_sensor_data)  # best effort
+    graph.io.create_publisher(CameraInfo, 'camera_info', 10)  # volatile
+    assert graph.spin_until(lambda: graph.snapshot()['bad'].get('incompatible_qos') == 2)
+    image_line = [r for r in reports if '/image offers a QoS reliability' in r]
+    info_line = [r for r in reports if '/camera_info offers a QoS durability' in r]
+    assert image_line and info_line, reports
+    assert "set input_reliability to 'best_effort'" in image_line[0]
+    assert 'camera_info_transient_local to false' in info_line[0]
