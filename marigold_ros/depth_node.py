@@ -132,6 +132,7 @@ class _DepthCore:
         self._inputs = []
         self._outputs = {}
         self._image_topics = {}
+        self._info_topics = {}
         self._closed = False
         self._scale_source = None
         if self._scale_config is not None:  # only there when scale_recovery imports
@@ -341,11 +342,13 @@ class _DepthCore:
             # camera_info and the sparse inputs are subscribed before the image: the executor
             # serves ready subscriptions in creation order, so a camera_info that arrived with
             # its image is stored before the image reserves it.
-            self._inputs.append(self.create_subscription(
+            info = self.create_subscription(
                 CameraInfo, join_topic(camera, CAMERA_INFO_TOPIC),
                 lambda msg, camera=camera: self._on_camera_info(camera, msg), info_qos,
                 event_callbacks=self._input_events(camera, 'camera_info'),
-                qos_overriding_options=self._qos_overrides()))
+                qos_overriding_options=self._qos_overrides())
+            self._info_topics[camera] = info.topic_name
+            self._inputs.append(info)
             if self._scale_source is not None:
                 self._scale_source.attach(self, camera, self._input_qos(
                     max(cfg.input_depth, 10)))
@@ -367,10 +370,14 @@ class _DepthCore:
         if self._scale_source is not None:
             self._scale_source.detach()
 
+    def _topic(self, camera, what):
+        """Return the resolved name of a camera's 'image' or 'camera_info' input."""
+        topics = self._image_topics if what == 'image' else self._info_topics
+        return topics.get(camera) or join_topic(camera, what)
+
     def _incompatible_qos(self, camera, what='image', event=None):
         """Report a publisher this input cannot receive from, with the policy to change."""
-        topic = self._image_topics.get(camera, camera) if what == 'image' else \
-            join_topic(camera, CAMERA_INFO_TOPIC)
+        topic = self._topic(camera, what)
         try:
             policy = QoSPolicyKind(int(event.last_policy_kind)).name.lower()
         except (AttributeError, TypeError, ValueError):
@@ -397,7 +404,7 @@ class _DepthCore:
         self._diag.messages_lost(camera, what, count)
         line = self._throttle.report(
             (camera, 'message_lost', what),
-            f'{join_topic(camera, what)}: the middleware lost {count} message(s) '
+            f'{self._topic(camera, what)}: the middleware lost {count} message(s) '
             f'({int(info.total_count)} in all); {LOST_ADVICE}')
         if line is not None and not self._stop.is_set():
             self.get_logger().warning(line)
