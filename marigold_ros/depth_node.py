@@ -4,11 +4,16 @@ The live depth node ``marigold_depth``: camera in, depth and point clouds out.
 Topics per camera namespace ``<ns>`` (relative names, so namespaces and remapping place
 them; see the table in DESIGN.md): ``<ns>/image`` (or ``<ns>/image/compressed``) and
 ``<ns>/camera_info`` in; ``<ns>/depth/relative``, ``<ns>/depth/image`` (meters, only with a
-metric scale), ``<ns>/depth/uncertainty``, ``<ns>/depth/camera_info`` and
-``<ns>/depth/points`` out, each reusing the image header; ``/diagnostics`` at 1 Hz.
+metric scale), ``<ns>/depth/uncertainty``, ``<ns>/depth/camera_info``,
+``<ns>/depth/points`` and ``<ns>/depth/colored`` (a colour-mapped picture, only when
+subscribed) out, each reusing the image header; ``/diagnostics`` at 1 Hz.  Every input and
+output takes ``qos_overrides.<topic>.<subscription|publisher>.<policy>`` parameters
+(history, depth, reliability); the messages the middleware reports lost on the inputs are
+counted in /diagnostics.
 
-Never blocks: subscription callbacks only store the newest image per camera; one worker
-thread takes the newest image of every camera, matches camera_info by stamp and runs the
+Never blocks: subscription callbacks only store the newest image per camera, with the
+camera_info matched to it by stamp on arrival (kept however long the frame waits); one
+worker thread takes the newest image of every camera and runs the
 shared :class:`~marigold_ros.pipeline.DepthPipeline` (one model call for all cameras).
 Images replaced before the worker took them are counted as dropped.  The model loads on a
 background thread (the plain node) or in ``configure`` (the lifecycle node); a failure is
