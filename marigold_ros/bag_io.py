@@ -51,6 +51,26 @@ STORAGES = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}
 ROS2_STORE = Stores.ROS2_KILTED
 
 
+def _damaged_metadata(path, error):
+    """
+    Say that a bag folder's metadata.yaml is damaged, when that is why it did not open.
+
+    :param path: the bag path that failed to open
+    :param error: what rosbags raised
+    :return: the message naming the file, or None when the metadata is not the problem
+    """
+    metadata = Path(path) / 'metadata.yaml'
+    text = str(error)
+    if not metadata.is_file() or not (isinstance(error, UnicodeDecodeError) or
+                                      'yaml' in text.lower() or 'metadata' in text.lower()):
+        return None
+    detail = text.replace(f' from {metadata}', '').strip().splitlines()
+    detail = detail[0].rstrip(':') if detail else type(error).__name__
+    return (f'bag metadata {str(metadata)!r} is damaged ({detail}); restore it from a '
+            f"copy, or move it away and run 'ros2 bag reindex {str(path)}' to rebuild it "
+            'from the storage files')
+
+
 class BagError(ReasonError):
     """
     A bag that cannot be read or written, or a topic that is not in it.
@@ -283,6 +303,9 @@ class BagReader:
             reader = AnyReader([path], default_typestore=get_typestore(ROS2_STORE))
             reader.open()
         except Exception as exc:  # noqa: B902 - rosbags raises many unrelated types
+            metadata = _damaged_metadata(path, exc)
+            if metadata is not None:
+                raise BagError('unreadable', metadata) from exc
             raise BagError('unreadable', f'cannot open bag {str(path)!r} (not a rosbag2 '
                                          f'directory, .db3, .mcap or ROS 1 .bag, or damaged): '
                                          f'{type(exc).__name__}: {exc}') from exc

@@ -4,11 +4,16 @@ The live depth node ``marigold_depth``: camera in, depth and point clouds out.
 Topics per camera namespace ``<ns>`` (relative names, so namespaces and remapping place
 them; see the table in DESIGN.md): ``<ns>/image`` (or ``<ns>/image/compressed``) and
 ``<ns>/camera_info`` in; ``<ns>/depth/relative``, ``<ns>/depth/image`` (meters, only with a
-metric scale), ``<ns>/depth/uncertainty``, ``<ns>/depth/camera_info`` and
-``<ns>/depth/points`` out, each reusing the image header; ``/diagnostics`` at 1 Hz.
+metric scale), ``<ns>/depth/uncertainty``, ``<ns>/depth/camera_info``,
+``<ns>/depth/points`` and ``<ns>/depth/colored`` (a colour-mapped picture, only when
+subscribed) out, each reusing the image header; ``/diagnostics`` at 1 Hz.  Every input and
+output takes ``qos_overrides.<topic>.<subscription|publisher>.<policy>`` parameters
+(history, depth, reliability); the messages the middleware reports lost on the inputs are
+counted in /diagnostics.
 
-Never blocks: subscription callbacks only store the newest image per camera; one worker
-thread takes the newest image of every camera, matches camera_info by stamp and runs the
+Never blocks: subscription callbacks only store the newest image per camera, with the
+camera_info matched to it by stamp on arrival (kept however long the frame waits); one
+worker thread takes the newest image of every camera and runs the
 shared :class:`~marigold_ros.pipeline.DepthPipeline` (one model call for all cameras).
 Images replaced before the worker took them are counted as dropped.  The model loads on a
 background thread (the plain node) or in ``configure`` (the lifecycle node); a failure is
@@ -37,13 +42,15 @@ from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSPolicyKind, QoSProfile
+from rclpy.qos import ReliabilityPolicy
+from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo
 from sensor_msgs.msg import CompressedImage
 from sensor_msgs.msg import Image
 
 from .diagnostics import DiagnosticsCollector, KeyedThrottle, MODEL_ERROR, MODEL_LOADING
-from .diagnostics import MODEL_READY, MODEL_UNCONFIGURED
+from .diagnostics import LOST_ADVICE, MAX_LATENCY_S, MODEL_READY, MODEL_UNCONFIGURED
 from .heap import keep_large_buffers_in_heap
 from .node_params import CAMERA_INFO_TOPIC, COMPRESSED_IMAGE_TOPIC, estimator_config
 from .node_params import IMAGE_TOPIC, join_topic, NODE_NAME, OUTPUT_NAMES, OUTPUT_TOPICS
@@ -52,7 +59,8 @@ from .params import declare_groups
 from .pipeline import DepthPipeline, FrameError, FrameInput
 from .stamp_matcher import CameraInfoMatcher, NS_PER_S, stamp_to_ns
 
-# camera_info messages kept per camera for stamp matching (3 s at 10 Hz).
+# camera_info messages kept per camera for stamp matching (3 s at 10 Hz).  A frame waiting
+# for the model keeps the camera_info matched on arrival, however many come meanwhile.
 _CAMERA_INFO_QUEUE = 30
 
 
@@ -113,6 +121,9 @@ class _DepthCore:
                                                     cfg.camera_info_use_latest)
                           for camera in self._cameras}
         self._slots = {}
+        # camera -> {id(image): (image, camera_info or None)}: the camera_info of each frame
+        # waiting in a slot or just taken by the worker, reserved when the frame arrives.
+        self._reserved = {camera: {} for camera in self._cameras}
         self._slot_lock = threading.Lock()
         self._config_lock = threading.Lock()
         self._wake = threading.Event()
@@ -126,6 +137,7 @@ class _DepthCore:
         self._inputs = []
         self._outputs = {}
         self._image_topics = {}
+        self._info_topics = {}
         self._closed = False
         self._scale_source = None
         if self._scale_config is not None:  # only there when scale_recovery imports
@@ -265,6 +277,10 @@ class _DepthCore:
 
     def _apply_parameters(self, parameters):
         """Apply accepted changes; the worker hands them to the model between calls."""
+        names = {name for group in self._groups for name in group.names()}
+        parameters = [p for p in parameters if p.name in names]
+        if not parameters:
+            return  # rclpy's own (qos_overrides.* declared with the topics, use_sim_time)
         inference, output = self._candidate_configs(parameters)
         with self._config_lock:
             self._inference = inference
@@ -277,20 +293,34 @@ class _DepthCore:
 
     # ------------------------------------------------------------------ topics
 
-    def _input_qos(self, depth):
+    def _input_qos(self, depth, latched=False):
         reliability = ReliabilityPolicy.RELIABLE \
             if self._node_config.input_reliability == 'reliable' else \
             ReliabilityPolicy.BEST_EFFORT
+        durability = DurabilityPolicy.TRANSIENT_LOCAL if latched else \
+            DurabilityPolicy.VOLATILE
         return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
-                          reliability=reliability, durability=DurabilityPolicy.VOLATILE)
+                          reliability=reliability, durability=durability)
+
+    @staticmethod
+    def _qos_overrides():
+        """
+        Let qos_overrides./<topic>.<publisher|subscription>.<policy> parameters set the QoS.
+
+        History, depth and reliability, as rclpy declares them (read-only parameters).
+        """
+        return QoSOverridingOptions.with_default_policies()
 
     def _create_outputs(self, create):
         """Create the publishers of every camera with ``create`` (plain or lifecycle)."""
-        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=self._node_config.output_depth,
-                         reliability=ReliabilityPolicy.RELIABLE)
         for camera in self._cameras:
+            # A profile per publisher: rclpy applies the qos_overrides to it in place.
             self._outputs[camera] = {
-                output.name: create(output.msg_class, join_topic(camera, output.topic), qos)
+                output.name: create(output.msg_class, join_topic(camera, output.topic),
+                                    QoSProfile(history=HistoryPolicy.KEEP_LAST,
+                                               depth=self._node_config.output_depth,
+                                               reliability=ReliabilityPolicy.RELIABLE),
+                                    qos_overriding_options=self._qos_overrides())
                 for output in OUTPUT_TOPICS}
 
     def _destroy_outputs(self, destroy):
@@ -299,28 +329,40 @@ class _DepthCore:
             for publisher in publishers.values():
                 destroy(publisher)
 
+    def _input_events(self, camera, what):
+        """Handle the QoS events of an input: incompatible publishers, messages lost."""
+        return SubscriptionEventCallbacks(
+            incompatible_qos=lambda event: self._incompatible_qos(camera, what, event),
+            message_lost=lambda info: self._messages_lost(camera, what, info))
+
     def _create_inputs(self):
         """Subscribe to the images, camera_info and sparse inputs of every camera."""
         cfg = self._node_config
-        image_qos = self._input_qos(cfg.input_depth)
-        info_qos = self._input_qos(max(cfg.input_depth, 10))
         compressed = cfg.image_transport == 'compressed'
         for camera in self._cameras:
+            # Profiles per subscription: rclpy applies the qos_overrides to them in place.
+            image_qos = self._input_qos(cfg.input_depth)
+            info_qos = self._input_qos(max(cfg.input_depth, 10),
+                                       latched=cfg.camera_info_transient_local)
             # camera_info and the sparse inputs are subscribed before the image: the executor
             # serves ready subscriptions in creation order, so a camera_info that arrived with
-            # its image is stored before the worker looks for it (no wait for a match).
-            self._inputs.append(self.create_subscription(
+            # its image is stored before the image reserves it.
+            info = self.create_subscription(
                 CameraInfo, join_topic(camera, CAMERA_INFO_TOPIC),
-                lambda msg, camera=camera: self._matchers[camera].add_msg(msg), info_qos))
+                lambda msg, camera=camera: self._on_camera_info(camera, msg), info_qos,
+                event_callbacks=self._input_events(camera, 'camera_info'),
+                qos_overriding_options=self._qos_overrides())
+            self._info_topics[camera] = info.topic_name
+            self._inputs.append(info)
             if self._scale_source is not None:
-                self._scale_source.attach(self, camera, info_qos)
-            events = SubscriptionEventCallbacks(
-                incompatible_qos=lambda event, camera=camera: self._incompatible_qos(camera))
+                self._scale_source.attach(self, camera, self._input_qos(
+                    max(cfg.input_depth, 10)))
             topic = join_topic(camera, COMPRESSED_IMAGE_TOPIC if compressed else IMAGE_TOPIC)
             subscription = self.create_subscription(
                 CompressedImage if compressed else Image, topic,
                 lambda msg, camera=camera: self._on_image(camera, msg), image_qos,
-                event_callbacks=events)
+                event_callbacks=self._input_events(camera, 'image'),
+                qos_overriding_options=self._qos_overrides())
             self._image_topics[camera] = subscription.topic_name
             self._inputs.append(subscription)
         self._diag.set_listening(True)
@@ -333,19 +375,94 @@ class _DepthCore:
         if self._scale_source is not None:
             self._scale_source.detach()
 
-    def _incompatible_qos(self, camera):
-        self._report(camera, 'incompatible_qos', 'a publisher on '
-                     f'{self._image_topics.get(camera, camera)} offers a QoS this '
-                     f'subscription ({self._node_config.input_reliability}) cannot receive; '
-                     "set input_reliability to 'best_effort'")
+    def _topic(self, camera, what):
+        """Return the resolved name of a camera's 'image' or 'camera_info' input."""
+        topics = self._image_topics if what == 'image' else self._info_topics
+        return topics.get(camera) or join_topic(camera, what)
+
+    def _incompatible_qos(self, camera, what='image', event=None):
+        """Report a publisher this input cannot receive from, with the policy to change."""
+        topic = self._topic(camera, what)
+        try:
+            policy = QoSPolicyKind(int(event.last_policy_kind)).name.lower()
+        except (AttributeError, TypeError, ValueError):
+            policy = 'reliability'
+        advice = {
+            'reliability': "set input_reliability to 'best_effort'",
+            'durability': 'set camera_info_transient_local to false (the publisher is '
+                          'volatile)',
+        }.get(policy, f'check the qos_overrides.{topic}.subscription.* parameters')
+        self._report(camera, 'incompatible_qos', f'a publisher on {topic} offers a QoS '
+                     f'{policy} this subscription cannot receive; {advice}')
+
+    def _messages_lost(self, camera, what, info):
+        """
+        Count the messages of an input that the middleware lost (QoS message_lost event).
+
+        :param camera: camera namespace
+        :param what: 'image' or 'camera_info'
+        :param info: QoSMessageLostInfo (total_count, total_count_change)
+        """
+        count = int(info.total_count_change)
+        if count <= 0:
+            return
+        self._diag.messages_lost(camera, what, count)
+        line = self._throttle.report(
+            (camera, 'message_lost', what),
+            f'{self._topic(camera, what)}: the middleware lost {count} message(s) '
+            f'({int(info.total_count)} in all); {LOST_ADVICE}')
+        if line is not None and not self._stop.is_set():
+            self.get_logger().warning(line)
+
+    def _check_stamp(self, camera, stamp, received):
+        """Warn (throttled) about image stamps far from the node's clock."""
+        offset = (received - stamp) / NS_PER_S
+        if abs(offset) <= MAX_LATENCY_S:
+            return
+        line = self._throttle.report(
+            (camera, 'stamp_off_clock'),
+            f'{self._image_topics.get(camera, camera)}: image stamp is {offset:+.0f} s from '
+            f'this node\'s clock (use_sim_time {self.get_parameter("use_sim_time").value}): '
+            'a sim time / wall time mix-up or an unsynchronised camera clock?  Latency of '
+            'these frames is not measured.')
+        if line is not None and not self._stop.is_set():
+            self.get_logger().warning(line)
+
+    @staticmethod
+    def _gap(info, stamp):
+        return math.inf if info is None else abs(stamp_to_ns(info.header.stamp) - stamp)
+
+    def _on_camera_info(self, camera, msg):
+        """Store a camera_info; a waiting frame it fits better reserves it."""
+        matcher = self._matchers[camera]
+        matcher.add_msg(msg)
+        with self._slot_lock:
+            slot = self._slots.get(camera)
+            if slot is None:
+                return
+            image = slot[0]
+            reserved = self._reserved[camera].get(id(image), (image, None))[1]
+            stamp = stamp_to_ns(image.header.stamp)
+            info = matcher.match(stamp)
+            if info is not None and self._gap(info, stamp) < self._gap(reserved, stamp):
+                self._reserved[camera][id(image)] = (image, info)
 
     def _on_image(self, camera, msg):
-        """Keep only the newest image per camera; never block the executor."""
+        """Keep only the newest image per camera, with its camera_info; never block."""
         received = self.get_clock().now().nanoseconds
+        stamp = stamp_to_ns(msg.header.stamp)
+        self._check_stamp(camera, stamp, received)
+        info = self._matchers[camera].match(stamp)
         with self._slot_lock:
-            replaced = camera in self._slots
+            old = self._slots.get(camera)
             self._slots[camera] = (msg, received)
-        if replaced:
+            reserved = self._reserved[camera]
+            if old is not None:
+                reserved.pop(id(old[0]), None)
+            reserved[id(msg)] = (msg, info)
+            while len(reserved) > 2:  # the slot's frame and the one the worker took
+                del reserved[next(iter(reserved))]
+        if old is not None:
             self._diag.frame_dropped(camera)
         self._diag.image_received(camera)
         self._wake.set()
@@ -431,15 +548,25 @@ class _DepthCore:
             self._publish(result)
 
     def _wanted_outputs(self, camera):
-        """Names of the outputs of a camera worth building now (None: all of them)."""
+        """Names of the outputs of a camera worth building now (None: the default ones)."""
         publishers = self._outputs.get(camera)
-        if not self._node_config.lazy_outputs or publishers is None:
+        if publishers is None:
             return None
+        if not self._node_config.lazy_outputs:
+            return frozenset(publishers)
         return frozenset(name for name, publisher in publishers.items()
                          if publisher.get_subscription_count() > 0)
 
     def _camera_info_for(self, camera, msg):
-        """Find the camera_info of an image by stamp, waiting briefly if it may follow."""
+        """
+        Return the camera_info of a frame: the one it reserved, else one matched now.
+
+        Without a reservation, wait briefly for a camera_info that may follow the image.
+        """
+        with self._slot_lock:
+            image, info = self._reserved[camera].pop(id(msg), (None, None))
+        if image is msg and info is not None:
+            return info
         wait = self._node_config.camera_info_wait
         matcher = self._matchers[camera]
         stamp = stamp_to_ns(msg.header.stamp)

@@ -168,6 +168,15 @@ class KeyedThrottle:
         return f'{text} ({suppressed} more since the last report)' if suppressed else text
 
 
+#: Largest |stamp-to-publish latency| recorded, seconds: beyond it the image stamp and the
+#: node's clock disagree (sim time vs wall time, an unsynchronised camera clock) and the
+#: value says nothing about the node's speed; such frames are counted instead.
+MAX_LATENCY_S = 3600.0
+
+#: What a camera status says to do about messages the middleware lost.
+LOST_ADVICE = ('use reliable input (input_reliability:=reliable) or the shipped middleware '
+               'profile')
+
 #: Where the stamp-to-publish latency of a frame goes, in order (seconds each): the image
 #: reaching the node, waiting for the worker, decoding, the estimator call, building the
 #: outputs, publishing them.
@@ -193,6 +202,10 @@ class StreamStats:
         self.received = 0
         self.published = 0
         self.dropped = 0
+        self.lost = Counter()
+        self.lost_at_last_report = 0
+        self.off_clock = 0
+        self.off_clock_at_last_report = 0
         self.bad = Counter()
         self.bad_at_last_report = 0
         self.notes = ()
@@ -304,6 +317,17 @@ class DiagnosticsCollector:
         with self._lock:
             self._stream(key).dropped += count
 
+    def messages_lost(self, key, topic, count):
+        """
+        Count messages the middleware reports lost on an input (QoS message_lost event).
+
+        :param key: camera namespace
+        :param topic: which input, e.g. 'image' or 'camera_info'
+        :param count: messages lost since the last event
+        """
+        with self._lock:
+            self._stream(key).lost[topic] += int(count)
+
     def bad_message(self, key, reason):
         """
         Count a bad input by reason.
@@ -319,6 +343,9 @@ class DiagnosticsCollector:
         """
         Record a published frame.
 
+        A latency beyond :data:`MAX_LATENCY_S` (either sign) is a clock mix-up: the frame is
+        counted as off the clock and its latency and transport time are not recorded.
+
         :param key: camera namespace
         :param latency_s: image stamp to publish, seconds
         :param estimator_s: estimator time of the call that produced the frame, seconds
@@ -331,9 +358,15 @@ class DiagnosticsCollector:
             stream = self._stream(key)
             stream.published += 1
             stream.output_rate.add(now)
-            stream.latency.add(latency_s)
+            off_clock = not abs(latency_s) <= MAX_LATENCY_S
+            if off_clock:
+                stream.off_clock += 1
+            else:
+                stream.latency.add(latency_s)
             stream.estimator.add(estimator_s)
             for name, seconds in (stages or {}).items():
+                if name == 'transport' and off_clock:
+                    continue
                 if name in stream.stages:
                     stream.stages[name].add(seconds)
             stream.notes = tuple(notes)
@@ -354,14 +387,16 @@ class DiagnosticsCollector:
         Return the counters of one camera (for tests and the demo summary).
 
         :param key: camera namespace
-        :return: dict with received, published, dropped, bad (dict), notes, latency_p50_s,
-            latency_p95_s, estimator_p50_s, input_rate_hz, output_rate_hz
+        :return: dict with received, published, dropped, lost (dict input -> count),
+            off_clock, bad (dict), notes, latency_p50_s, latency_p95_s, estimator_p50_s,
+            input_rate_hz, output_rate_hz
         """
         with self._lock:
             stream = self._stream(key)
             return {
                 'received': stream.received, 'published': stream.published,
-                'dropped': stream.dropped, 'bad': dict(stream.bad), 'notes': stream.notes,
+                'dropped': stream.dropped, 'lost': dict(stream.lost),
+                'off_clock': stream.off_clock, 'bad': dict(stream.bad), 'notes': stream.notes,
                 'latency_p50_s': stream.latency.percentile(50),
                 'latency_p95_s': stream.latency.percentile(95),
                 'estimator_p50_s': stream.estimator.percentile(50),
@@ -445,6 +480,19 @@ class DiagnosticsCollector:
         if new_bad:
             level = DiagnosticStatus.WARN
             parts.append(f'{new_bad} bad messages since the last report')
+        lost_total = sum(stream.lost.values())
+        new_lost = lost_total - stream.lost_at_last_report
+        stream.lost_at_last_report = lost_total
+        if new_lost:
+            level = DiagnosticStatus.WARN
+            parts.append(f'{new_lost} messages lost by the middleware since the last report: '
+                         f'{LOST_ADVICE}')
+        new_off_clock = stream.off_clock - stream.off_clock_at_last_report
+        stream.off_clock_at_last_report = stream.off_clock
+        if new_off_clock:
+            level = DiagnosticStatus.WARN
+            parts.append(f'{new_off_clock} frames stamped more than {MAX_LATENCY_S:.0f} s from '
+                         "the node's clock (sim time vs wall time?): latency not measured")
         values = [
             ('input rate (Hz)', f'{stream.input_rate.rate(now):.2f}'),
             ('output rate (Hz)', f'{stream.output_rate.rate(now):.2f}'),
@@ -458,8 +506,11 @@ class DiagnosticsCollector:
             ('frames received', str(stream.received)),
             ('frames published', str(stream.published)),
             ('frames dropped', str(stream.dropped)),
+            ('messages lost (middleware)', str(lost_total)),
+            ('frames off the clock', str(stream.off_clock)),
             ('bad messages', str(bad_total)),
         ]
+        values += [(f'lost: {topic}', str(count)) for topic, count in sorted(stream.lost.items())]
         values += [(f'bad: {reason}', str(count)) for reason, count in sorted(stream.bad.items())]
         values.append(('missing outputs', ', '.join(missing) or 'none'))
         values.append(('metric scale', _scale_text(stream.scale)))

@@ -46,6 +46,13 @@ _NEWTON_ITERATIONS = 20
 _UNDISTORT_TOLERANCE = 1e-9
 
 
+#: Limits of :meth:`CameraModel.implausibilities`: |skew| / fx, the fx/fy ratio (and its
+#: inverse), and |distortion coefficient| (rational polynomial terms reach tens).
+PLAUSIBLE_SKEW = 0.1
+PLAUSIBLE_FOCAL_RATIO = 2.0
+PLAUSIBLE_DISTORTION = 100.0
+
+
 class CalibrationError(ReasonError):
     """
     A camera calibration that cannot be used.
@@ -173,6 +180,32 @@ class CameraModel:
         if full_w // bx == 0 or full_h // by == 0:
             raise CalibrationError(
                 'bad_binning', f'binning {bx}x{by} leaves no pixels of {full_w}x{full_h}')
+
+    def implausibilities(self):
+        """
+        List what looks wrong in a calibration that is still usable (warn, don't refuse).
+
+        Huge skew, focal lengths far apart, a principal point outside the image or absurd
+        distortion coefficients usually mean a wrong or hand-typed camera_info.
+
+        :return: list of sentences, empty when the calibration looks plausible
+        """
+        problems = []
+        fx, fy = self.fx, self.fy
+        skew = float(self.K[0, 1])
+        if abs(skew) > PLAUSIBLE_SKEW * fx:
+            problems.append(f'skew K[0,1]={skew:g} is {abs(skew) / fx:.2g} of fx={fx:g} '
+                            f'(real cameras: ~0)')
+        ratio = fx / fy
+        if not 1.0 / PLAUSIBLE_FOCAL_RATIO <= ratio <= PLAUSIBLE_FOCAL_RATIO:
+            problems.append(f'fx/fy = {fx:g}/{fy:g} = {ratio:.3g} (square pixels: ~1)')
+        if not (0.0 <= self.cx <= self.width and 0.0 <= self.cy <= self.height):
+            problems.append(f'principal point ({self.cx:g}, {self.cy:g}) is outside the '
+                            f'{self.width}x{self.height} image')
+        if self.D.size and float(np.max(np.abs(self.D))) > PLAUSIBLE_DISTORTION:
+            problems.append(f'distortion D={self.D.tolist()} has |coefficients| above '
+                            f'{PLAUSIBLE_DISTORTION:g}')
+        return problems
 
     # ------------------------------------------------------------------ properties
 

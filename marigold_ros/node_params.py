@@ -45,11 +45,15 @@ class OutputTopic:
     :param name: the FrameOutput attribute holding the message
     :param topic: topic name relative to the camera namespace
     :param msg_class: rclpy message class
+    :param by_default: built when the caller does not choose the outputs (FrameInput.outputs
+        None: the bag processor, a node without lazy outputs... see
+        :data:`DEFAULT_OUTPUT_NAMES`); the others only when asked for
     """
 
     name: str
     topic: str
     msg_class: type
+    by_default: bool = True
 
     @property
     def msgtype(self):
@@ -64,10 +68,15 @@ OUTPUT_TOPICS = (
     OutputTopic('uncertainty', 'depth/uncertainty', Image),
     OutputTopic('camera_info', 'depth/camera_info', CameraInfo),
     OutputTopic('points', 'depth/points', PointCloud2),
+    # A picture for people (rviz, rqt_image_view), not data: only when subscribed to.
+    OutputTopic('colored', 'depth/colored', Image, by_default=False),
 )
 
 #: The messages a frame can produce, in publishing order (FrameOutput attributes).
 OUTPUT_NAMES = tuple(output.name for output in OUTPUT_TOPICS)
+
+#: The messages built when nobody chose (FrameInput.outputs None), e.g. by process_bag.
+DEFAULT_OUTPUT_NAMES = frozenset(output.name for output in OUTPUT_TOPICS if output.by_default)
 
 #: Input topics relative to the camera namespace.
 IMAGE_TOPIC = 'image'
@@ -107,6 +116,11 @@ class OutputConfig:
     :param rectified_input: the images are rectified (image_rect): the camera is the
         camera_info's P with no distortion, as depth_image_proc assumes; false: raw images,
         whose rays are undistorted with K and D
+    :param colored_range_min: depth/colored: the depth shown yellow (near) when
+        colored_range_max > colored_range_min, in meters for metric depth, else in relative
+        units
+    :param colored_range_max: depth/colored: the depth shown dark purple (far); not above
+        colored_range_min: each frame's 1st to 99th percentile instead
     """
 
     publish_points: bool = True
@@ -116,6 +130,15 @@ class OutputConfig:
     max_depth: float = 0.0
     max_input_pixels: int = ModelConfig.max_input_pixels
     rectified_input: bool = False
+    colored_range_min: float = 0.0
+    colored_range_max: float = 0.0
+
+    @property
+    def colored_range(self):
+        """Return the fixed (near, far) range of depth/colored, or None (per frame)."""
+        if self.colored_range_max > self.colored_range_min:
+            return self.colored_range_min, self.colored_range_max
+        return None
 
     def __post_init__(self):
         """
@@ -133,6 +156,9 @@ class OutputConfig:
                              f'{self.max_depth}')
         if self.max_input_pixels <= 0:
             raise ValueError(f'max_input_pixels must be > 0, got {self.max_input_pixels}')
+        for name in ('colored_range_min', 'colored_range_max'):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f'{name} must be finite, got {getattr(self, name)}')
 
 
 @dataclass(frozen=True)
@@ -156,6 +182,9 @@ class NodeConfig:
         the image stamp for a match
     :param camera_info_use_latest: when no camera_info matches by stamp, use the newest one
         whatever its stamp, without waiting (for static camera_info publishers)
+    :param camera_info_transient_local: subscribe to camera_info with transient local
+        durability, to receive a latched camera_info published once (a transient local
+        subscription does not match volatile publishers: leave false for camera drivers)
     :param camera_info_wait: seconds the worker waits for a camera_info that has not
         arrived yet (drivers often publish it just after the image); not with
         camera_info_use_latest
@@ -182,6 +211,7 @@ class NodeConfig:
     output_depth: int = 5
     camera_info_tolerance: float = 0.01
     camera_info_use_latest: bool = False
+    camera_info_transient_local: bool = False
     camera_info_wait: float = 0.05
     diagnostics_period: float = 1.0
     error_log_period: float = 5.0
@@ -255,6 +285,7 @@ _INFERENCE_RANGES = {
 _OUTPUT_RANGES = {
     'fixed_scale': (0.0, 1.0e6), 'fixed_shift': (-1.0e6, 1.0e6), 'max_depth': (0.0, 1.0e6),
     'max_input_pixels': (1, 2 ** 31 - 1),
+    'colored_range_min': (-1.0e6, 1.0e6), 'colored_range_max': (-1.0e6, 1.0e6),
 }
 _NODE_RANGES = {
     'input_depth': (1, 1000), 'output_depth': (1, 1000),

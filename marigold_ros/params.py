@@ -303,16 +303,58 @@ def _to_ros(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+def _type_name(value):
+    """Name a value's type the way a ROS user writes it (params file, ros2 param set)."""
+    if isinstance(value, bool):
+        return 'boolean'
+    if isinstance(value, int):
+        return 'integer'
+    if isinstance(value, float):
+        return 'number'
+    if isinstance(value, str):
+        return 'string'
+    if isinstance(value, (tuple, list)):
+        return 'list'
+    return type(value).__name__
+
+
+def _type_error(name, expected, value):
+    return ValueError(f'{name} must be {expected}, got {_type_name(value)} {value!r}')
+
+
 def _from_ros(value, default, name):
-    """Turn a parameter value back into the field's type (arrays -> tuples, int -> float)."""
+    """
+    Turn a parameter value into the field's type (arrays -> tuples, int -> float).
+
+    :raises ValueError: the value has the wrong type, naming the expected one
+    """
     if isinstance(default, tuple):
+        if not isinstance(value, (tuple, list)):
+            raise _type_error(name, 'a list', value)
         if default and all(isinstance(v, float) for v in default):
             return tuple(_from_ros(v, 0.0, name) for v in value)
+        if default:
+            try:
+                for item in value:
+                    _from_ros(item, default[0], name)
+            except ValueError:
+                raise _type_error(name, f'a list of {_type_name(default[0])}s', value) \
+                    from None
         return tuple(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise _type_error(name, 'a boolean (true or false)', value)
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(name, 'an integer', value)
+        return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f'{name} must be a number, got {value!r}')
+            raise _type_error(name, 'a number', value)
         return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise _type_error(name, 'a string', value)
     return value
 
 

@@ -29,6 +29,7 @@ import array
 from dataclasses import dataclass, field
 import time
 
+from marigold_model.data.synthetic import colorize_depth
 from marigold_model.errors import ReasonError
 from marigold_model.estimator import EstimatorOutOfMemory
 from marigold_model.scale_apply import apply_scale
@@ -37,9 +38,9 @@ import numpy as np
 from PIL import Image as PILImage
 
 from .conversions import compressed_to_rgb, depth_to_image, image_to_rgb, ImageConversionError
-from .conversions import organized_cloud_msg
+from .conversions import organized_cloud_msg, rgb_to_image
 from .geometry import CalibrationError, CameraModel, pixel_rays, scale_camera
-from .node_params import OUTPUT_NAMES, OutputConfig
+from .node_params import DEFAULT_OUTPUT_NAMES, OutputConfig
 from .stamp_matcher import stamp_to_ns
 
 #: Notes saying why an output is missing (diagnostics keys).
@@ -63,9 +64,10 @@ class FrameInput:
         :meth:`DepthPipeline.finish` only, so a caller may match it after inference)
     :param key: camera namespace / stream id (warm start and scale state are kept per key)
     :param outputs: names of the FrameOutput messages to build (a subset of
-        :data:`OUTPUT_NAMES`), or None for all.  The live node passes the topics that have
-        subscribers, as image_pipeline's nodes do; the scale is estimated either way, so
-        its tracking never misses a frame.
+        :data:`~marigold_ros.node_params.OUTPUT_NAMES`), or None for the default ones
+        (:data:`~marigold_ros.node_params.DEFAULT_OUTPUT_NAMES`: all but depth/colored).
+        The live node passes the topics that have subscribers, as image_pipeline's nodes
+        do; the scale is estimated either way, so its tracking never misses a frame.
     :param rgb: the decoded image (HxWx3 uint8), set by :meth:`DepthPipeline.decode`
     :param depth: the estimator's DepthResult, set by :meth:`DepthPipeline.infer`
     :param error: the FrameError that stopped the frame, or None
@@ -95,6 +97,8 @@ class FrameOutput:
         relative units
     :param camera_info: CameraInfo scaled to the published depth resolution
     :param points: organized PointCloud2 (meters, x y z rgb) when scale and camera are known
+    :param colored: Image rgb8, the metric depth (else the relative depth) colour-mapped for
+        viewing (near = yellow, far = dark purple, invalid = black); only when asked for
     :param scale: the ScaleEstimate applied, or None
     :param notes: reasons for missing outputs (NOTE_* constants)
     :param problems: (reason, message) pairs of bad inputs that did not stop the frame,
@@ -109,6 +113,7 @@ class FrameOutput:
     uncertainty: object = None
     camera_info: object = None
     points: object = None
+    colored: object = None
     scale: object = None
     notes: tuple = ()
     problems: tuple = ()
@@ -196,6 +201,20 @@ def camera_for_image(camera_info, width, height, rectified=False):
             'size_mismatch', f'camera_info describes a {model.width}x{model.height} image '
             f'(after binning / ROI) but the image is {width}x{height}')
     return model
+
+
+def colored_depth(depth, header, value_range=None):
+    """
+    Colour-map a depth image for viewing (the previews' colour map, one home).
+
+    :param depth: HxW float depth (NaN / inf: invalid, black)
+    :param header: std_msgs/Header of the message
+    :param value_range: (near, far) fixed range, or None for the frame's 1st-99th
+        percentile
+    :return: sensor_msgs/Image rgb8
+    """
+    depth = np.asarray(depth)
+    return rgb_to_image(colorize_depth(depth, np.isfinite(depth), value_range), header)
 
 
 def resize_rgb(rgb, width, height):
@@ -398,7 +417,7 @@ class DepthPipeline:
     def _outputs(self, frame, config):
         rgb, estimate = frame.rgb, frame.depth
         header = frame.image.header
-        wanted = frozenset(OUTPUT_NAMES) if frame.outputs is None else frame.outputs
+        wanted = DEFAULT_OUTPUT_NAMES if frame.outputs is None else frame.outputs
         depth = np.asarray(estimate.depth, dtype=np.float32)
         height, width = depth.shape
         notes, problems = [], []
@@ -414,6 +433,8 @@ class DepthPipeline:
                 model = camera_for_image(frame.camera_info, rgb.shape[1], rgb.shape[0],
                                          config.rectified_input)
                 camera = scale_camera(model, width, height)
+                problems += [('camera_info_implausible', 'camera_info looks wrong (used '
+                              'anyway): ' + text) for text in model.implausibilities()]
             except CalibrationError as error:
                 notes.append(NOTE_BAD_CAMERA_INFO)
                 problems.append(('camera_info_' + error.reason, str(error)))
@@ -428,7 +449,7 @@ class DepthPipeline:
             notes.append(NOTE_NO_METRIC_SCALE)
         else:
             output.scale = scale
-            if wanted & {'metric', 'uncertainty', 'points'}:
+            if wanted & {'metric', 'uncertainty', 'points', 'colored'}:
                 metric, spread = self._metric(scale, depth, spread, config.max_depth)
             if metric is not None and 'metric' in wanted:
                 output.metric = depth_to_image(metric, header)
@@ -440,6 +461,9 @@ class DepthPipeline:
                 and 'points' in wanted:
             output.points = organized_cloud(metric, camera, resize_rgb(rgb, width, height),
                                             header)
+        if 'colored' in wanted:
+            output.colored = colored_depth(depth if metric is None else metric, header,
+                                           config.colored_range)
         output.notes = tuple(notes)
         output.problems = tuple(problems)
         return output

@@ -316,6 +316,10 @@ def test_corrupt_compressed():
         with pytest.raises(ImageConversionError) as err:
             compressed_to_rgb(CompressedImage(format='jpeg', data=data))
         assert err.value.reason == 'corrupt_compressed'
+        # Says what is wrong with the data, never PIL's '<_io.BytesIO object at 0x...>'.
+        text = str(err.value)
+        assert 'corrupt' in text and f'{len(data)} bytes' in text, text
+        assert ' at 0x' not in text and 'object' not in text, text
 
 
 def _png_with_header_size(width, height):

@@ -29,6 +29,7 @@ from marigold_ros.depth_node import DepthLifecycleNode, DepthNode, warmup_frame
 from marigold_ros.diagnostics import DiagnosticsCollector, KeyedThrottle, Percentiles
 from marigold_ros.diagnostics import RateMeter
 from marigold_ros.geometry import CameraModel
+from marigold_ros.node_params import OUTPUT_NAMES
 from marigold_ros.stamp_matcher import stamp_to_ns
 import numpy as np
 import pytest
@@ -329,7 +330,7 @@ def test_outputs_nobody_subscribes_to_are_not_built(graph_factory, lazy):
         process(frames)
     graph.send()
     assert graph.spin_until(lambda: graph.count('depth/relative') == 1)
-    assert asked == [[frozenset({'relative'}) if lazy else None]]
+    assert asked == [[frozenset({'relative'}) if lazy else frozenset(OUTPUT_NAMES)]]
 
 
 def test_metric_depth_from_sparse_depth_through_the_graph(graph_factory):
@@ -877,3 +878,212 @@ def test_console_script_in_its_own_process(model_path, context, tmp_path):
     errors = stderr_path.read_text()
     assert code == 0, errors
     assert 'Traceback' not in errors and 'InvalidHandle' not in errors, errors
+
+
+# ---------------------------------------------------------------- on a real ROS install
+
+
+def _subscription(node, suffix):
+    """Return the node's input subscription whose topic ends with ``suffix``."""
+    found = [sub for sub in node._inputs if sub.topic_name.endswith(suffix)]
+    assert len(found) == 1, [sub.topic_name for sub in node._inputs]
+    return found[0]
+
+
+def test_messages_the_middleware_lost_are_counted_and_explained(graph_factory):
+    """Lost messages (QoS event) of image and camera_info: counted, a WARN saying what to do."""
+    from types import SimpleNamespace
+
+    from rclpy.event_handler import QoSSubscriptionEventType
+    graph = graph_factory()
+    graph.subscribe(DiagnosticArray, '/diagnostics')
+    handlers = {}
+    for what in ('image', 'camera_info'):
+        subscription = _subscription(graph.node, '/' + what)
+        events = {h.event_type: h for h in subscription.event_handlers}
+        # Fast DDS and Cyclone DDS both report lost messages and incompatible QoS.
+        assert QoSSubscriptionEventType.RCL_SUBSCRIPTION_REQUESTED_INCOMPATIBLE_QOS in events
+        handlers[what] = events[QoSSubscriptionEventType.RCL_SUBSCRIPTION_MESSAGE_LOST]
+    # What the rmw hands the callback (rmw_message_lost_status_t has no setters).
+    handlers['image'].callback(SimpleNamespace(total_count=7, total_count_change=7))
+    handlers['image'].callback(SimpleNamespace(total_count=7, total_count_change=0))
+    handlers['camera_info'].callback(SimpleNamespace(total_count=2, total_count_change=2))
+    assert graph.snapshot()['lost'] == {'image': 7, 'camera_info': 2}
+
+    def lost_status():
+        status = graph.status()
+        return status if status is not None and \
+            values(status).get('messages lost (middleware)') == '9' else None
+
+    assert graph.spin_until(lost_status)
+    status = lost_status()
+    assert values(status)['lost: image'] == '7' and values(status)['lost: camera_info'] == '2'
+    # The first report after the loss is a WARN saying what to do; later ones are not.
+    first = [s for a in graph.received['/diagnostics'] for s in a.status
+             if s.name == status.name and 'lost by the middleware' in s.message]
+    assert first and first[0].level == DiagnosticStatus.WARN
+    assert '9 messages lost' in first[0].message
+    assert 'input_reliability:=reliable' in first[0].message
+
+
+def test_each_frame_keeps_its_camera_info_while_the_model_is_busy(graph_factory):
+    """More camera_infos than the matcher keeps arrive while a frame waits: it keeps its own."""
+    first_call, second_call = threading.Event(), threading.Event()
+    graph = graph_factory(parameters=[('fixed_scale', 1.0), ('camera_info_wait', 0.0)],
+                          gate=first_call)
+    graph.subscribe_outputs()
+    assert graph.node.wait_until_ready(TIMEOUT)
+    matcher = graph.node._matchers['']
+
+    def stream_infos(after, count=40):
+        """Publish camera_infos at 30 Hz stamps after ``after``, each stored before the next."""
+        start = stamp_to_ns(after.stamp)
+        for tick in range(1, count + 1):
+            ns = start + tick * 33_333_333
+            header = Header(stamp=Time(sec=ns // 10 ** 9, nanosec=ns % 10 ** 9), frame_id=FRAME)
+            graph.publish('camera_info', camera_info(header))
+            assert graph.spin_until(
+                lambda: matcher._matcher.latest().header.stamp == header.stamp)
+
+    held = graph.send()  # the model holds this frame until first_call is set
+    assert graph.spin_until(lambda: graph.spies and graph.spies[0].calls)
+    spy = graph.spies[0]
+    # 1. camera_info first, then the image (a driver's order), then 40 more infos.
+    waiting = graph.header()
+    graph.publish('camera_info', camera_info(waiting))
+    assert graph.spin_until(lambda: matcher._matcher.latest().header.stamp == waiting.stamp)
+    graph.publish('image', rgb_to_image(image(1), waiting))
+    assert graph.spin_until(lambda: graph.snapshot()['received'] == 2)
+    stream_infos(waiting)
+    assert matcher.match(stamp_to_ns(waiting.stamp)) is None  # gone from the matcher
+    spy.gate = second_call
+    first_call.set()
+    assert graph.spin_until(lambda: len(spy.calls) == 2)  # the worker took the frame
+    # 2. the image first, its camera_info after it, then 40 more, while the model is busy.
+    late = graph.header()
+    graph.publish('image', rgb_to_image(image(2), late))
+    assert graph.spin_until(lambda: graph.snapshot()['received'] == 3)
+    graph.publish('camera_info', camera_info(late))
+    stream_infos(late)
+    assert matcher.match(stamp_to_ns(late.stamp)) is None
+    second_call.set()
+    assert graph.spin_until(lambda: graph.count('depth/camera_info') == 3)
+    assert graph.stamps('depth/camera_info') == [held.stamp, waiting.stamp, late.stamp]
+    assert graph.spin_until(lambda: graph.count('depth/points') == 3)
+    assert graph.snapshot()['dropped'] == 0
+
+
+def test_qos_overrides_and_a_latched_camera_info(context, estimator):
+    """qos_overrides.* parameters set inputs and outputs; a latched camera_info arrives."""
+    from rclpy.qos import DurabilityPolicy
+    namespace = f'/qos{next(_names)}_{os.getpid()}'
+    io = Node(f'latch_{next(_names)}', context=context, namespace=namespace)
+    latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    publisher = io.create_publisher(CameraInfo, 'camera_info', latched)
+    publisher.publish(camera_info(Header(stamp=Time(sec=5), frame_id=FRAME)))
+    overrides = [Parameter('model', value='injected'), Parameter('warmup', value=False),
+                 Parameter('camera_info_transient_local', value=True),
+                 Parameter(f'qos_overrides.{namespace}/camera_info.subscription.reliability',
+                           value='reliable'),
+                 Parameter(f'qos_overrides.{namespace}/image.subscription.depth', value=7),
+                 Parameter(f'qos_overrides.{namespace}/depth/points.publisher.reliability',
+                           value='best_effort')]
+    node = DepthNode(context=context, namespace=namespace, parameter_overrides=overrides,
+                     estimator_factory=lambda config: Spy(estimator, config))
+    executor = SingleThreadedExecutor(context=context)
+    try:
+        executor.add_node(node)
+        executor.add_node(io)
+        info_qos = _subscription(node, '/camera_info').qos_profile
+        assert info_qos.reliability == ReliabilityPolicy.RELIABLE  # overridden
+        assert info_qos.durability == DurabilityPolicy.TRANSIENT_LOCAL
+        image_qos = _subscription(node, '/image').qos_profile
+        assert image_qos.depth == 7 and image_qos.reliability == ReliabilityPolicy.BEST_EFFORT
+        points = node._outputs['']['points'].qos_profile
+        assert points.reliability == ReliabilityPolicy.BEST_EFFORT
+        assert node._outputs['']['relative'].qos_profile.reliability == \
+            ReliabilityPolicy.RELIABLE
+        # Published before the node existed: only a transient local subscription gets it.
+        matcher = node._matchers['']
+        deadline = time.monotonic() + TIMEOUT
+        while matcher.match(5 * 10 ** 9) is None and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.02)
+        assert matcher.match(5 * 10 ** 9).header.stamp == Time(sec=5)
+    finally:
+        executor.shutdown(timeout_sec=1.0)
+        node.destroy_node()
+        io.destroy_node()
+
+
+def test_stamps_far_from_the_clock_are_warned_and_not_latencies(graph_factory):
+    """An image stamped 2 h ago (sim time vs wall time) is served, flagged, not a latency."""
+    graph = graph_factory(parameters=[('fixed_scale', 1.0)])
+    graph.subscribe_outputs()
+    assert graph.node.wait_until_ready(TIMEOUT)
+    old = Header(stamp=(graph.clock.now() - Duration(seconds=7200)).to_msg(), frame_id=FRAME)
+    graph.send(header=old)
+    assert graph.spin_until(lambda: graph.snapshot()['published'] == 1)
+    snapshot = graph.snapshot()
+    assert snapshot['off_clock'] == 1 and math.isnan(snapshot['latency_p50_s'])
+    assert graph.node.diagnostics.recent('')['transport_s'] == []
+    assert ('', 'stamp_off_clock') in graph.node._throttle._last  # the warning was logged
+
+    def flagged():
+        status = graph.status()
+        return status if status is not None and 'sim time' in status.message else None
+
+    assert graph.spin_until(flagged)
+    assert flagged().level == DiagnosticStatus.WARN
+    assert values(flagged())['latency p50 (ms)'] == 'n/a'
+    # A frame stamped now is a latency again.
+    graph.send()
+    assert graph.spin_until(lambda: graph.snapshot()['published'] == 2)
+    assert graph.snapshot()['latency_p50_s'] >= 0 and graph.snapshot()['off_clock'] == 1
+
+
+def test_depth_colored_when_subscribed(graph_factory):
+    """depth/colored: rgb8 colour map of the metric depth, per-frame or fixed range."""
+    from marigold_model.data.synthetic import colorize_depth
+    from marigold_ros.conversions import image_to_rgb
+    graph = graph_factory(parameters=[('fixed_scale', 2.0)])
+    graph.subscribe(Image, 'depth/image')
+    graph.subscribe(Image, 'depth/colored')
+    assert graph.node.wait_until_ready(TIMEOUT)
+    assert graph.spin_until(
+        lambda: graph.node._outputs['']['colored'].get_subscription_count() == 1)
+    graph.send()
+    assert graph.spin_until(lambda: graph.count('depth/colored') == 1)
+    colored = graph.received['depth/colored'][0]
+    assert colored.encoding == 'rgb8' and (colored.height, colored.width) == (H, W)
+    metric = image_to_depth(graph.received['depth/image'][0])
+    np.testing.assert_array_equal(image_to_rgb(colored),
+                                  colorize_depth(metric, np.isfinite(metric)))
+    # A fixed range (runtime parameters): the metric depth from 0 m to 4 m.
+    graph.node.set_parameters([Parameter('colored_range_min', value=0.0),
+                               Parameter('colored_range_max', value=4.0)])
+    graph.send(rgb=image(3))
+    assert graph.spin_until(lambda: graph.count('depth/colored') == 2)
+    metric = image_to_depth(graph.received['depth/image'][1])
+    fixed = image_to_rgb(graph.received['depth/colored'][1])
+    np.testing.assert_array_equal(fixed, colorize_depth(metric, np.isfinite(metric),
+                                                        (0.0, 4.0)))
+    assert not np.array_equal(fixed, colorize_depth(metric, np.isfinite(metric)))
+
+
+def test_incompatible_publishers_are_reported_with_the_policy_to_change(graph_factory):
+    """A best-effort image publisher and a volatile camera_info one: which setting to change."""
+    from rclpy.qos import qos_profile_sensor_data
+    graph = graph_factory(parameters=[('input_reliability', 'reliable'),
+                                      ('camera_info_transient_local', True)])
+    reports, report = [], graph.node._throttle.report
+    graph.node._throttle.report = lambda key, text, now=None: \
+        reports.append(text) or report(key, text, now)
+    graph.io.create_publisher(Image, 'image', qos_profile_sensor_data)  # best effort
+    graph.io.create_publisher(CameraInfo, 'camera_info', 10)  # volatile
+    assert graph.spin_until(lambda: graph.snapshot()['bad'].get('incompatible_qos') == 2)
+    image_line = [r for r in reports if '/image offers a QoS reliability' in r]
+    info_line = [r for r in reports if '/camera_info offers a QoS durability' in r]
+    assert image_line and info_line, reports
+    assert "set input_reliability to 'best_effort'" in image_line[0]
+    assert 'camera_info_transient_local to false' in info_line[0]

@@ -363,3 +363,18 @@ def test_transform_inverse_round_trip_and_bad_input():
         transform_points(pts, t, (0, 0, 0, 0))
     with pytest.raises(ValueError):
         transform_points(pts[:, :2], t, q)
+
+
+def test_implausible_calibration_is_named_not_refused():
+    """Huge skew, fx/fy far from 1, a principal point outside, absurd distortion: listed."""
+    good = CameraModel(640, 480, [[500.0, 0.0, 320.0], [0.0, 502.0, 240.0], [0, 0, 1]],
+                       D=[-0.3, 0.1, 0.0, 0.0, 0.0], distortion_model='plumb_bob')
+    assert good.implausibilities() == []
+    bad = CameraModel(640, 480, [[500.0, 90.0, 900.0], [0.0, 150.0, 240.0], [0, 0, 1]],
+                      D=[-0.3, 4000.0, 0.0, 0.0, 0.0], distortion_model='plumb_bob')
+    found = bad.implausibilities()  # still a CameraModel: warn, don't refuse
+    assert len(found) == 4, found
+    assert any('skew' in text for text in found)
+    assert any('fx/fy' in text and '3.33' in text for text in found)
+    assert any('principal point (900, 240)' in text for text in found)
+    assert any('distortion' in text and '4000' in text for text in found)

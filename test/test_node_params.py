@@ -6,7 +6,8 @@ from marigold_model.config import InferenceConfig, ModelConfig
 from marigold_ros.bag_io import CAMERA_INFO_TYPE, IMAGE_TYPE, POINTCLOUD_TYPE
 from marigold_ros.bag_processor import BagJob, build_parser, job_from_args
 from marigold_ros.diagnostics import KeyedThrottle
-from marigold_ros.node_params import estimator_config, join_topic, OUTPUT_NAMES
+from marigold_ros.node_params import DEFAULT_OUTPUT_NAMES, estimator_config, join_topic
+from marigold_ros.node_params import OUTPUT_NAMES
 from marigold_ros.node_params import OUTPUT_TOPICS, OutputConfig, read_node_params
 from marigold_ros.pipeline import FrameOutput
 import pytest
@@ -14,14 +15,19 @@ import pytest
 
 def test_output_table_names_topics_and_types():
     """One row per FrameOutput message, with the topics and bag types of DESIGN.md."""
-    assert OUTPUT_NAMES == ('relative', 'metric', 'uncertainty', 'camera_info', 'points')
+    assert OUTPUT_NAMES == ('relative', 'metric', 'uncertainty', 'camera_info', 'points',
+                            'colored')
     assert all(hasattr(FrameOutput(header=None), name) for name in OUTPUT_NAMES)
     table = {o.name: (o.topic, o.msgtype) for o in OUTPUT_TOPICS}
     assert table == {'relative': ('depth/relative', IMAGE_TYPE),
                      'metric': ('depth/image', IMAGE_TYPE),
                      'uncertainty': ('depth/uncertainty', IMAGE_TYPE),
                      'camera_info': ('depth/camera_info', CAMERA_INFO_TYPE),
-                     'points': ('depth/points', POINTCLOUD_TYPE)}
+                     'points': ('depth/points', POINTCLOUD_TYPE),
+                     'colored': ('depth/colored', IMAGE_TYPE)}
+    # depth/colored is a picture for people: built only when asked for (process_bag's
+    # output stays as it was).
+    assert DEFAULT_OUTPUT_NAMES == frozenset(OUTPUT_NAMES) - {'colored'}
 
 
 @pytest.mark.parametrize('namespace, expected', [

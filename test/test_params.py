@@ -168,3 +168,24 @@ def test_config_yaml_lists_every_parameter_with_its_default():
     assert set(values) == set(expected)
     for name, value in expected.items():
         assert values[name] == value, name
+
+
+@pytest.mark.parametrize('name, value, text', [
+    ('ensemble_size', 'three', "ensemble_size must be an integer, got string 'three'"),
+    ('ensemble_size', 2.5, 'ensemble_size must be an integer, got number 2.5'),
+    ('fixed_scale', 'x', "fixed_scale must be a number, got string 'x'"),
+    ('warmup', 'yes', "warmup must be a boolean (true or false), got string 'yes'"),
+    ('lazy_outputs', 1, 'lazy_outputs must be a boolean (true or false), got integer 1'),
+    ('model', 3, 'model must be a string, got integer 3'),
+    ('cameras', 'left', "cameras must be a list, got string 'left'"),
+    ('cameras', ['left', 2], "cameras must be a list of strings, got list ['left', 2]"),
+    ('scale_recovery.source', True, 'scale_recovery.source must be a string, got boolean'),
+])
+def test_type_errors_name_the_expected_type(name, value, text):
+    """A value of the wrong type (params file, launch argument) says what was expected."""
+    from marigold_ros.node_params import configs_from_parameters
+    with pytest.raises(ValueError) as error:
+        configs_from_parameters({name: value})
+    assert str(error.value).startswith(text), str(error.value)
+    # Integers stay welcome where a float is expected.
+    assert configs_from_parameters({'fixed_scale': 2})

@@ -528,3 +528,37 @@ def test_with_the_tiny_model(random_model_dir):
     assert first.points.height == H and first.uncertainty is not None
     assert (second.relative.height, second.relative.width) == (24, 32)
     assert second.points is None and NOTE_NO_CAMERA_INFO in second.notes
+
+
+def test_depth_colored_only_when_asked_for():
+    """depth/colored: relative depth without a scale, metric with one; never by default."""
+    from marigold_model.data.synthetic import colorize_depth
+    from marigold_ros.conversions import image_to_rgb
+    rgb = rgb_to_image(_rgb(), _header())
+    pipeline = DepthPipeline(FakeEstimator())
+    assert _one(pipeline, FrameInput(rgb, _camera())).colored is None  # process_bag's way
+    relative = _one(pipeline, FrameInput(rgb, _camera(), outputs=frozenset({'colored'})))
+    depth = np.linspace(0.1, 0.9, H * W, dtype=np.float32).reshape(H, W)
+    assert relative.colored.encoding == 'rgb8' and relative.colored.header == rgb.header
+    np.testing.assert_array_equal(image_to_rgb(relative.colored),
+                                  colorize_depth(depth, np.isfinite(depth)))
+    # Fixed range in meters over the metric depth (2 * relative): near yellow, far purple.
+    config = OutputConfig(fixed_scale=2.0, colored_range_min=0.2, colored_range_max=1.8)
+    metric = _one(DepthPipeline(FakeEstimator(), config),
+                  FrameInput(rgb, _camera(), outputs=frozenset({'colored'})))
+    colours = image_to_rgb(metric.colored)
+    np.testing.assert_array_equal(colours, colorize_depth(2 * depth, None, (0.2, 1.8)))
+    assert tuple(colours[0, 0]) == (252, 255, 164) and tuple(colours[-1, -1]) == (10, 7, 40)
+
+
+def test_implausible_calibration_is_a_problem_not_a_refusal():
+    """A camera_info with fx/fy = 3 still gives the cloud, and the frame reports why."""
+    k = K.copy()
+    k[1, 1] = K[0, 0] / 3.0
+    pipeline = DepthPipeline(FakeEstimator(), OutputConfig(fixed_scale=1.0))
+    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), _camera(k=k)))
+    assert out.points is not None and out.camera_info is not None
+    reasons = dict(out.problems)
+    assert 'fx/fy' in reasons['camera_info_implausible']
+    plain = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), _camera()))
+    assert plain.problems == ()

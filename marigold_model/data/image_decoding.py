@@ -10,6 +10,7 @@ buffer instead of per-pixel Python.
 
 import array
 import io
+import re
 
 from marigold_model.errors import ReasonError
 import numpy as np
@@ -200,6 +201,12 @@ def _yuv422_to_rgb(view, uyvy):
     return out.astype(np.uint8).reshape(height, width, 3)
 
 
+def _plain(error):
+    """Return an exception's text without object addresses ('<... object at 0x...>')."""
+    return re.sub(r'<[^<>]* at 0x[0-9a-fA-F]+>', 'the data', str(error)) or \
+        type(error).__name__
+
+
 def decode_compressed_rgb(data, fmt='', max_pixels=DEFAULT_MAX_PIXELS):
     """
     Decode a compressed image (JPEG or PNG) to HxWx3 uint8 RGB.
@@ -226,9 +233,11 @@ def decode_compressed_rgb(data, fmt='', max_pixels=DEFAULT_MAX_PIXELS):
     except PILImage.DecompressionBombError as exc:
         raise ImageConversionError('too_large', f'compressed image too large: {exc}') from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # PIL's own text names a BytesIO object address: say what the bytes are instead.
         raise ImageConversionError(
-            'corrupt_compressed', f'cannot decode compressed image (format {fmt!r}): '
-            f'{exc}') from exc
+            'corrupt_compressed', f'compressed image (format {fmt!r}, {buf.size} bytes '
+            f'starting {buf[:8].tobytes().hex(" ")}) is corrupt or not JPEG / PNG: no '
+            'decoder recognises it') from exc
     with pil:
         width, height = pil.size
         if width == 0 or height == 0:
@@ -246,8 +255,8 @@ def decode_compressed_rgb(data, fmt='', max_pixels=DEFAULT_MAX_PIXELS):
             return np.array(rgb, dtype=np.uint8)
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise ImageConversionError(
-                'corrupt_compressed', f'cannot decode compressed image (format {fmt!r}): '
-                f'{exc}') from exc
+                'corrupt_compressed', f'compressed {pil.format} image {width}x{height} '
+                f'(format {fmt!r}, {buf.size} bytes) is corrupt: {_plain(exc)}') from exc
 
 
 def decode_depth(data, height, width, step, encoding, is_bigendian=False,

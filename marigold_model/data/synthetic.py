@@ -662,11 +662,12 @@ class SyntheticDataset(_Dataset):
 # Previews
 
 
-def colorize_depth(depth, valid=None):
+def colorize_depth(depth, valid=None, value_range=None):
     """
     Map HxW depth to HxWx3 uint8 (near = yellow, far = dark purple, invalid = black).
 
-    ``valid`` defaults to finite and > 0.
+    ``valid`` defaults to finite and > 0; ``value_range`` (near, far) defaults to the 1st and
+    99th percentile of the valid depths.
     """
     depth = np.asarray(depth, dtype=np.float64)
     if valid is None:
@@ -674,7 +675,7 @@ def colorize_depth(depth, valid=None):
     out = np.zeros(depth.shape + (3,), dtype=np.uint8)
     if not valid.any():
         return out
-    lo, hi = np.percentile(depth[valid], [1, 99])
+    lo, hi = np.percentile(depth[valid], [1, 99]) if value_range is None else value_range
     # Invalid pixels (NaN, inf) are painted black below; 0 keeps the arithmetic quiet.
     x = np.clip(np.nan_to_num((depth - lo) / max(hi - lo, 1e-9), nan=0.0), 0.0, 1.0)
     stops = np.array([[252, 255, 164], [250, 140, 10], [188, 55, 84], [87, 16, 110],
