@@ -1,32 +1,30 @@
 """The piecewise serialization and mcap writer give exactly rosbags' bytes."""
 
-from builtin_interfaces.msg import Time
 from marigold_ros.bag_io import serialize_canonical, serialize_canonical_pieces
 from marigold_ros.conversions import depth_to_image, pointcloud2_from_depth, rgb_to_image
 from marigold_ros.mcap_pieces import CdrPieces, PiecewiseWriter
+from msg_builders import header, STORE
 import numpy as np
 import pytest
 from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import CompressionFormat, CompressionMode, StoragePlugin, Writer
-from rosbags.typesys import get_typestore, Stores
 from sensor_msgs.msg import CameraInfo
-from std_msgs.msg import Header
 
-STORE = get_typestore(Stores.ROS2_KILTED)
 IMAGE = 'sensor_msgs/msg/Image'
 CLOUD = 'sensor_msgs/msg/PointCloud2'
 INFO = 'sensor_msgs/msg/CameraInfo'
 
 
-def _header(index):
-    return Header(frame_id='cam_optical' + 'x' * (index % 3), stamp=Time(sec=5, nanosec=index))
+def _odd_length_header(index):
+    """Frame ids of 11 to 13 characters: the fields after them start at every alignment."""
+    return header(5, index, 'cam_optical' + 'x' * (index % 3))
 
 
 def _messages(rng):
     """Messages of odd and large sizes: odd rgb8 widths, a >1 MB cloud, camera info."""
     out = []
     for index, (height, width) in enumerate([(3, 5), (240, 320), (7, 1), (480, 641)]):
-        header = _header(index)
+        header = _odd_length_header(index)
         rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         out.append((IMAGE, rgb_to_image(rgb, header)))
         out.append((IMAGE, depth_to_image(rng.random((height, width), np.float32), header)))
@@ -88,7 +86,7 @@ def test_file_is_byte_identical_to_rosbags_writer(tmp_path, count, compression):
 
 def test_plain_buffers_are_copied_when_written(tmp_path):
     """Only CdrPieces are kept by reference: a caller may reuse any other buffer."""
-    info = CameraInfo(header=_header(0), width=4, height=3)
+    info = CameraInfo(header=_odd_length_header(0), width=4, height=3)
     cdr = bytearray(serialize_canonical(info, INFO))
     with PiecewiseWriter(tmp_path / 'bag', version=9,
                          storage_plugin=StoragePlugin.MCAP) as writer:
