@@ -20,7 +20,7 @@ def _odd_length_header(index):
     return header(5, index, 'cam_optical' + 'x' * (index % 3))
 
 
-def _messages(rng):
+def _odd_sized_messages(rng):
     """Messages of odd and large sizes: odd rgb8 widths, a >1 MB cloud, camera info."""
     out = []
     for index, (height, width) in enumerate([(3, 5), (240, 320), (7, 1), (480, 641)]):
@@ -40,7 +40,7 @@ def _messages(rng):
 
 
 def test_pieces_concatenate_to_the_canonical_serialization():
-    for msgtype, msg in _messages(np.random.default_rng(0)):
+    for msgtype, msg in _odd_sized_messages(np.random.default_rng(0)):
         pieces = serialize_canonical_pieces(msg, msgtype)
         assert isinstance(pieces, CdrPieces)
         assert pieces.join() == bytes(serialize_canonical(msg, msgtype))
@@ -72,7 +72,7 @@ def _write(writer_class, path, messages, pieces, compression=None):
 @pytest.mark.parametrize('count, compression', [
     (48, None), (0, None), (48, CompressionMode.STORAGE), (20, CompressionMode.MESSAGE)])
 def test_file_is_byte_identical_to_rosbags_writer(tmp_path, count, compression):
-    messages = (_messages(np.random.default_rng(1)) * 3)[:count]
+    messages = (_odd_sized_messages(np.random.default_rng(1)) * 3)[:count]
     # The same bag name: the file's metadata record names its storage file.
     folders = [tmp_path / name for name in ('rosbags', 'pieces', 'bytes')]
     for folder in folders:
@@ -99,7 +99,7 @@ def test_plain_buffers_are_copied_when_written(tmp_path):
 
 
 def test_read_back_with_rosbags(tmp_path):
-    messages = _messages(np.random.default_rng(2))
+    messages = _odd_sized_messages(np.random.default_rng(2))
     _write(PiecewiseWriter, tmp_path / 'bag', messages, pieces=True)
     with AnyReader([tmp_path / 'bag'], default_typestore=STORE) as reader:
         read = [(c.msgtype, t, bytes(raw)) for c, t, raw in reader.messages()]
@@ -112,7 +112,7 @@ def test_read_back_with_rosbags(tmp_path):
 @pytest.mark.parametrize('storage', ['mcap', 'sqlite3'])
 def test_atomic_writer_takes_pieces_for_both_storages(tmp_path, storage):
     from marigold_ros.bag_io import AtomicBagWriter, BagReader
-    messages = _messages(np.random.default_rng(3))
+    messages = _odd_sized_messages(np.random.default_rng(3))
     writer = AtomicBagWriter(tmp_path / 'out', storage)
     writer.open()
     for index, (msgtype, msg) in enumerate(messages):

@@ -2,16 +2,13 @@
 
 import math
 
-from builders import scale_estimate
+from builders import scale_estimate, sparse_image, synthetic_scene
 from marigold_model.alignment import abs_rel
 from marigold_model.scale_apply import apply_scale, refine_local
 from marigold_model.scale_tracking import sample_sparse_pairs, ScaleEstimate, ScaleTracker
 from marigold_model.scale_tracking import sparse_pixels
 import numpy as np
 import pytest
-
-# The scenes of the tracker tests.
-from test_scale_tracking import sparse_image, synthetic_scene
 
 
 def test_apply_scale_depth_and_uncertainty_in_meters():

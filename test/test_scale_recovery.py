@@ -3,7 +3,9 @@
 import dataclasses
 import time
 
-from builders import FakeEstimator, scale_estimate
+# The tracker tests' scenes: the accuracy requirement is checked on exactly their data.
+from builders import FakeEstimator, oracle_abs_rel, scale_estimate, sparse_image
+from builders import synthetic_scene
 from geometry_msgs.msg import TransformStamped
 from marigold_model.alignment import abs_rel
 from marigold_model.data.synthetic import render_scene
@@ -21,9 +23,6 @@ from rclpy.time import Time
 from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import Image, PointCloud2, PointField
 from std_msgs.msg import Header
-# Scenes of the maths tests (test/ is on sys.path under pytest): the accuracy requirement is
-# checked on exactly the data test_scale_tracking checks the tracker on.
-from test_scale_tracking import oracle_abs_rel, sparse_image, synthetic_scene
 
 FRAME = 'camera_optical'
 LIDAR = 'lidar'
