@@ -20,7 +20,7 @@ def stamp_to_ns(stamp):
 
 
 def ns_to_stamp(ns):
-    """Return non-negative integer nanoseconds as a builtin_interfaces/Time (ValueError below 0)."""
+    """Return non-negative integer nanoseconds as a builtin_interfaces/Time (else ValueError)."""
     ns = int(ns)
     if ns < 0:
         raise ValueError(f'time must be >= 0 ns, got {ns}')
