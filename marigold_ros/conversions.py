@@ -236,7 +236,7 @@ def organized_cloud_msg(header, height, width, data, colour=True):
 
 
 def pack_rgb(rgb):
-    """Pack (..., 3) uint8 RGB into (...) uint32 0x00RRGGBB, PCL's 'rgb' bits as float32."""
+    """Pack (..., 3) uint8 RGB into uint32 0x00RRGGBB (viewed as float32: PCL's 'rgb' field)."""
     arr = np.asarray(rgb, dtype=np.uint8)
     return ((arr[..., 0].astype(np.uint32) << 16) | (arr[..., 1].astype(np.uint32) << 8)
             | arr[..., 2].astype(np.uint32))

@@ -335,7 +335,7 @@ class CameraModel:
 
 
 def pixel_scale_matrix(sx, sy):
-    """Return A (``K' = A @ K``) of a resize by new / old (sx, sy): ``u' = (u + .5) sx - .5``."""
+    """Return the 3x3 map A (``K' = A @ K``) of a resize by (sx, sy) = new / old, pixel centres."""
     return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
 
 
