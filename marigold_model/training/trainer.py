@@ -361,7 +361,7 @@ class Trainer:
         return total / config.grad_accumulation
 
     def _sum_over_processes(self, values):
-        """Return the float64 sums of numbers over all processes (exact for counts), on each."""
+        """Return float64 sums of numbers over all processes, on every process (exact counts)."""
         if self.accelerator.num_processes == 1:
             return [float(value) for value in values]
         tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
