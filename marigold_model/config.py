@@ -157,13 +157,7 @@ def resolve_processing_resolution(value, model_default):
 
 
 def override(config, **changes):
-    """
-    Return a copy of a frozen config with some fields replaced, rejecting unknown names.
-
-    :param config: a frozen dataclass instance
-    :param changes: field names and new values
-    :return: the new instance
-    """
+    """Return a copy of a frozen config with some fields replaced, rejecting unknown names."""
     known = {f.name for f in fields(config)}
     unknown = set(changes) - known
     if unknown:

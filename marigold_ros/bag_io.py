@@ -55,8 +55,6 @@ def _damaged_metadata(path, error):
     """
     Say that a bag folder's metadata.yaml is damaged, when that is why it did not open.
 
-    :param path: the bag path that failed to open
-    :param error: what rosbags raised
     :return: the message naming the file, or None when the metadata is not the problem
     """
     metadata = Path(path) / 'metadata.yaml'
@@ -84,7 +82,6 @@ class TopicInfo:
     """
     One topic of an input bag.
 
-    :param name: topic name.
     :param msgtype: rosbags type name, e.g. 'sensor_msgs/msg/Image'.
     :param count: messages recorded (from the bag index / metadata).
     """
@@ -99,8 +96,6 @@ class BagMessage:
     """
     One recorded message, CDR-serialized (ROS 2 wire format).
 
-    :param topic: topic name.
-    :param msgtype: rosbags type name.
     :param log_time: receive time recorded in the bag, integer nanoseconds.
     :param cdr: CDR bytes (converted from ROS 1 when the bag is a ROS 1 bag).
     """
@@ -116,10 +111,8 @@ _CLASSES = {}
 
 def message_class(msgtype):
     """
-    Return the rclpy message class of a rosbags type name.
+    Return the rclpy message class of a rosbags type name, e.g. 'sensor_msgs/msg/Image'.
 
-    :param msgtype: e.g. 'sensor_msgs/msg/Image'.
-    :return: the generated Python class.
     :raises BagError: 'bad_topic' when the package / message is not installed.
     """
     cls = _CLASSES.get(msgtype)
@@ -135,13 +128,7 @@ def message_class(msgtype):
 
 
 def to_rclpy(message):
-    """
-    Deserialize a :class:`BagMessage` into its rclpy message.
-
-    :param message: BagMessage.
-    :return: rclpy message instance.
-    :raises BagError: 'corrupt' when the bytes do not parse.
-    """
+    """Deserialize a :class:`BagMessage` into its rclpy message (BagError 'corrupt')."""
     try:
         return deserialize_message(message.cdr, message_class(message.msgtype))
     except BagError:
@@ -181,19 +168,10 @@ def _rosbags_message(msg, msgtype, store):
 
 
 def serialize_canonical(msg, msgtype, store=None):
-    """
-    Serialize an rclpy message to CDR with zeroed padding bytes.
-
-    ``rclpy.serialization.serialize_message`` (Fast DDS) leaves the CDR alignment padding
-    uninitialised, so the same message serializes to different bytes in different processes;
-    rosbags' serializer writes zeros, which makes output bags reproducible bit for bit.
-    The result deserializes (rclpy or rosbags) to the same message.
-
-    :param msg: rclpy message.
-    :param msgtype: its rosbags type name, e.g. 'sensor_msgs/msg/Image'.
-    :param store: rosbags typestore holding ``msgtype`` (default: the ROS 2 store).
-    :return: bytes-like CDR (little endian).
-    """
+    """Serialize an rclpy message to little-endian CDR with zeroed padding bytes."""
+    # rclpy's serialize_message (Fast DDS) leaves the alignment padding uninitialised, so
+    # the same message gives different bytes in different processes; rosbags' serializer
+    # writes zeros, which makes output bags reproducible bit for bit.
     store = store or _ros2_store()
     return store.serialize_cdr(_rosbags_message(msg, msgtype, store), msgtype)
 
@@ -215,9 +193,6 @@ def serialize_canonical_pieces(msg, msgtype, store=None):
     PiecewiseMcapWriter` writes them without joining.
 
     :param msg: rclpy message (its data must not change until written).
-    :param msgtype: rosbags type name.
-    :param store: rosbags typestore (default: the ROS 2 store).
-    :return: CdrPieces.
     """
     store = store or _ros2_store()
     tail = _DATA_TAIL_BYTES.get(msgtype)
@@ -242,9 +217,7 @@ def deserialized(messages, topics):
     A message that does not deserialize is paired with its BagError instead, so that one
     damaged message costs its frame, not the run.
 
-    :param messages: iterable of BagMessage
     :param topics: names of the topics to deserialize
-    :return: generator of (BagMessage, rclpy message or BagError or None)
     """
     for message in messages:
         if message.topic not in topics:
@@ -279,12 +252,7 @@ class BagReader:
     """
 
     def __init__(self, path):
-        """
-        Open the bag.
-
-        :param path: bag path.
-        :raises BagError: 'missing', 'unreadable' or 'corrupt' naming the path.
-        """
+        """Open the bag (BagError 'missing', 'unreadable' or 'corrupt' naming the path)."""
         self.path = Path(path).expanduser()
         if not self.path.exists():
             raise BagError('missing', f'input bag {str(self.path)!r} does not exist')
@@ -365,21 +333,11 @@ class BagReader:
         return False
 
     def topics_of_type(self, *msgtypes):
-        """
-        List the topic names carrying one of the given types.
-
-        :param msgtypes: rosbags type names.
-        :return: sorted list of topic names.
-        """
+        """Return the sorted names of the topics carrying one of the given rosbags types."""
         return sorted(t.name for t in self.topics.values() if t.msgtype in msgtypes)
 
     def describe_topics(self, names=None):
-        """
-        Format topics as 'name (type, N msgs)' for error messages.
-
-        :param names: topic names, default all.
-        :return: str, one topic per line.
-        """
+        """Format topics (default all) as 'name (type, N msgs)' lines, for error messages."""
         names = sorted(self.topics) if names is None else names
         return '\n'.join(f'  {n} ({self.topics[n].msgtype}, {self.topics[n].count} msgs)'
                          for n in names) or '  (none)'
@@ -388,7 +346,6 @@ class BagReader:
         """
         Return what a writer needs to record a topic exactly as in this bag.
 
-        :param topic: topic name.
         :return: dict with msgtype, msgdef, rihs01, serialization_format, qos (for
             :meth:`AtomicBagWriter.add_topic`).
         """
@@ -422,8 +379,6 @@ class BagReader:
 
         For types without rclpy classes in this environment (e.g. tf2_msgs/TFMessage).
 
-        :param message: BagMessage
-        :return: rosbags message (dataclass)
         :raises BagError: 'corrupt' when the bytes do not parse
         """
         store = self._ros1_store or self._reader.typestore
@@ -436,12 +391,7 @@ class BagReader:
                                       f'{message.topic!r}: {exc}') from exc
 
     def first_message(self, topic):
-        """
-        Return the first recorded message of a topic, or None when it has none.
-
-        :param topic: topic name
-        :return: BagMessage or None
-        """
+        """Return the first recorded BagMessage of a topic, or None when it has none."""
         for message in self.messages([topic]):
             return message
         return None
@@ -451,7 +401,6 @@ class BagReader:
         Yield messages in recording order.
 
         :param topics: topic names to read, default all in :attr:`topics`.
-        :return: generator of :class:`BagMessage`.
         :raises BagError: 'no_topic' for an unknown topic, 'corrupt' for damaged data.
         """
         if topics is not None:
@@ -487,12 +436,7 @@ def _stage_prefix(final):
 
 
 def staging_path(final):
-    """
-    Return the hidden staging folder used while writing ``final``.
-
-    :param final: the output path.
-    :return: Path of a sibling folder unique to this process (host name and process id).
-    """
+    """Return the hidden sibling staging folder of ``final``, unique to host and process."""
     final = Path(final)
     return final.parent / f'{_stage_prefix(final)}{os.getpid()}'
 
@@ -515,7 +459,6 @@ def remove_stale_stages(final):
     itself; the next run for the same output does it.  Stages of live processes (another
     run writing the same output) and of other hosts are left alone.
 
-    :param final: the output path.
     :return: list of the removed Paths.
     """
     final = Path(final)
@@ -548,7 +491,6 @@ class AtomicBagWriter:
         """
         Prepare the writer (nothing is created yet).
 
-        :param path: output bag folder.
         :param storage: 'mcap' or 'sqlite3'.
         :param overwrite: replace an existing output on commit.
         :raises BagError: 'exists' or 'bad_output'.
@@ -580,8 +522,6 @@ class AtomicBagWriter:
         Create the staging folder and open the storage.
 
         The sqlite3 storage must then be used from this thread only.
-
-        :return: self
         """
         remove_stale_stages(self.path)
         if self.stage.exists():
@@ -613,8 +553,6 @@ class AtomicBagWriter:
         """
         Register a topic (once; later calls for the same topic are ignored).
 
-        :param topic: topic name.
-        :param msgtype: rosbags type name.
         :param msgdef: message definition text (default: the ROS 2 store's).
         :param rihs01: type hash matching ``msgdef``.
         :param qos: offered QoS profiles (rosbags Qos objects) to record.
@@ -634,26 +572,12 @@ class AtomicBagWriter:
         self.counts[topic] = 0
 
     def write(self, topic, log_time, cdr):
-        """
-        Write serialized bytes on a registered topic.
-
-        :param topic: topic name (see :meth:`add_topic`).
-        :param log_time: bag time, integer nanoseconds.
-        :param cdr: CDR bytes, or CdrPieces (their buffers must not change until the bag
-            is committed).
-        """
+        """Write CDR bytes or CdrPieces (unchanged until commit) at ``log_time`` ns on a topic."""
         self._writer.write(self._connections[topic], int(log_time), cdr)
         self.counts[topic] += 1
 
     def write_msg(self, topic, log_time, msg, msgtype):
-        """
-        Serialize an rclpy message (canonically) and write it, registering the topic first.
-
-        :param topic: topic name.
-        :param log_time: bag time, integer nanoseconds.
-        :param msg: rclpy message.
-        :param msgtype: rosbags type name of ``msg``.
-        """
+        """Serialize an rclpy message canonically and write it, registering the topic first."""
         self.add_topic(topic, msgtype)
         self.write(topic, log_time, serialize_canonical_pieces(msg, msgtype, self._store))
 
@@ -671,11 +595,7 @@ class AtomicBagWriter:
                                      'nothing was written')
 
     def commit(self):
-        """
-        Close the bag (see :meth:`finish`) and move it into place, replacing an old output.
-
-        :return: the final Path.
-        """
+        """Close the bag (:meth:`finish`), move it over any old output and return its Path."""
         self.finish()
         if self.path.exists():
             os.replace(self.path, self.stage / '.replaced')

@@ -60,7 +60,6 @@ class CalibrationError(ReasonError):
     :param reason: short key: 'bad_size', 'uncalibrated', 'bad_focal_length',
         'bad_principal_point', 'bad_distortion', 'unknown_distortion_model',
         'bad_projection', 'bad_roi', 'bad_binning'.
-    :param message: human-readable description naming the problem.
     """
 
 
@@ -240,11 +239,7 @@ class CameraModel:
         return distorts(self.D, self.distortion_model)
 
     def distortion_coefficients(self):
-        """
-        Return D padded with zeros to the model's length (empty if no distortion).
-
-        :return: float64 array of length 5 / 8 / 4 or 0.
-        """
+        """Return D as float64 padded with zeros to the model's length 5 / 8 / 4 (or empty)."""
         if not self.has_distortion:
             return np.zeros(0)
         needed = DISTORTION_MODELS[self.distortion_model]
@@ -257,10 +252,8 @@ class CameraModel:
     @classmethod
     def from_msg(cls, msg):
         """
-        Build a validated model from a sensor_msgs/CameraInfo.
+        Build a validated model from an rclpy or rosbags sensor_msgs/CameraInfo.
 
-        :param msg: sensor_msgs/CameraInfo (rclpy or rosbags message).
-        :return: CameraModel.
         :raises CalibrationError: zero / NaN / inf focal length, all-zero K, zero size,
             bad ROI, unsupported distortion model with non-zero D, ...
         """
@@ -274,12 +267,7 @@ class CameraModel:
                    frame_id=msg.header.frame_id)
 
     def to_msg(self, header=None):
-        """
-        Build a sensor_msgs/CameraInfo.
-
-        :param header: std_msgs/Header to use; default: a zero stamp and ``frame_id``.
-        :return: sensor_msgs/CameraInfo.
-        """
+        """Build a sensor_msgs/CameraInfo (default header: a zero stamp and ``frame_id``)."""
         msg = CameraInfo()
         msg.header = header if header is not None else Header(frame_id=self.frame_id)
         msg.width = self.width
@@ -309,7 +297,6 @@ class CameraModel:
         image_geometry and depth_image_proc, its pinhole camera is P's left 3x3 (P itself,
         with a stereo camera's baseline column, is kept for the published camera_info).
 
-        :return: CameraModel
         :raises CalibrationError: P's left 3x3 is not a valid camera matrix
         """
         try:
@@ -330,8 +317,6 @@ class CameraModel:
         binning 0 and ROI zero.  The P offset uses the raw ROI (exact when the ROI is the full
         image or the distortion is small; the rectified ROI would need the full rectification
         map).  A model without binning or ROI is returned unchanged.
-
-        :return: CameraModel.
         """
         bx, by = max(1, self.binning_x), max(1, self.binning_y)
         if bx == 1 and by == 1 and not self.roi_active:
@@ -350,15 +335,7 @@ class CameraModel:
 
 
 def pixel_scale_matrix(sx, sy):
-    """
-    Return the 3x3 pixel-coordinate map of a resize by (sx, sy) with pixel centres.
-
-    ``u' = (u + 0.5) * sx - 0.5``: the map of bilinear resizing with align_corners=False.
-
-    :param sx: horizontal scale (new / old).
-    :param sy: vertical scale (new / old).
-    :return: 3x3 float64 matrix A, applied as ``K' = A @ K`` and ``P' = A @ P``.
-    """
+    """Return the 3x3 map A (``K' = A @ K``) of a resize by (sx, sy) = new / old, pixel centres."""
     return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
 
 
@@ -372,10 +349,6 @@ def scale_camera(model, new_width, new_height):
     resize (see the module docstring).  D and R are unchanged (distortion acts on
     normalised coordinates).  The result has binning 0 and ROI zero.
 
-    :param model: CameraModel of the input image.
-    :param new_width: width of the published image.
-    :param new_height: height of the published image.
-    :return: CameraModel.
     :raises ValueError: non-positive size.
     """
     new_width, new_height = int(new_width), int(new_height)
@@ -393,16 +366,7 @@ def scale_camera(model, new_width, new_height):
 
 
 def distorts(coeffs, distortion_model):
-    """
-    Return True unless the coefficients make the model a plain pinhole.
-
-    plumb_bob and rational_polynomial with all-zero coefficients are the pinhole;
-    equidistant (fisheye) maps by angle (``theta = atan(r)``) even with k1..k4 = 0.
-
-    :param coeffs: coefficients in ROS order (any length, may be empty)
-    :param distortion_model: distortion model name
-    :return: bool
-    """
+    """Return True unless the model is a plain pinhole (equidistant is not, even all-zero)."""
     return distortion_model == 'equidistant' or bool(np.any(coeffs))
 
 
@@ -425,7 +389,6 @@ def distort_normalized(x, y, coeffs, distortion_model):
     :param x: normalised x (X / Z), any shape.
     :param y: normalised y (Y / Z), same shape.
     :param coeffs: coefficients in ROS order (padded to the model length), or empty.
-    :param distortion_model: 'plumb_bob', 'rational_polynomial' or 'equidistant'.
     :return: (xd, yd) float64 arrays.
     """
     x = np.asarray(x, np.float64)
@@ -463,10 +426,6 @@ def undistort_normalized(xd, yd, coeffs, distortion_model):
     Points where the iteration does not reach a residual below 1e-9 (outside the region
     where the distortion model is invertible) are NaN.
 
-    :param xd: distorted normalised x, any shape.
-    :param yd: distorted normalised y, same shape.
-    :param coeffs: coefficients in ROS order.
-    :param distortion_model: 'plumb_bob', 'rational_polynomial' or 'equidistant'.
     :return: (x, y) float64 arrays.
     """
     xd = np.asarray(xd, np.float64)
@@ -547,11 +506,6 @@ def pixel_rays(height, width, K, D=None, distortion_model=''):
     """
     Return the rays (x / z, y / z) through every pixel centre, cached per camera.
 
-    :param height: image height.
-    :param width: image width.
-    :param K: 3x3 intrinsics.
-    :param D: distortion coefficients (ROS order) or None.
-    :param distortion_model: model name for D.
     :return: read-only float32 (rx, ry) of shape (height, width) and a bool validity mask
         (False where undistortion failed).
     """
@@ -580,7 +534,6 @@ def unproject_depth(depth, K, D=None, distortion_model=''):
     :param K: 3x3 intrinsics, or a :class:`CameraModel` (its :meth:`~CameraModel.effective`
         K, D and model are used and its size must match the depth image).
     :param D: distortion coefficients (ROS order); ignored when K is a CameraModel.
-    :param distortion_model: model for D.
     :return: HxWx3 float32 points in the camera optical frame.
     :raises ValueError: bad shapes or a size mismatch with a CameraModel.
     """
@@ -621,7 +574,6 @@ def project_points(points_cam, model):
     have ``mask`` False.
 
     :param points_cam: (N, 3) points (meters).
-    :param model: CameraModel.
     :return: (uv (N, 2) float64, NaN where z is too small; z (N,) float64; mask (N,) bool).
     """
     pts = np.asarray(points_cam, np.float64).reshape(-1, 3)
@@ -651,13 +603,7 @@ def project_points(points_cam, model):
 
 
 def quaternion_to_matrix(quaternion_xyzw):
-    """
-    Return the 3x3 rotation matrix of a quaternion (x, y, z, w), normalised first.
-
-    :param quaternion_xyzw: 4 values in geometry_msgs order (x, y, z, w).
-    :return: 3x3 float64 rotation matrix.
-    :raises ValueError: zero-norm or non-finite quaternion.
-    """
+    """Return the 3x3 float64 rotation of a quaternion (x, y, z, w), normalised first."""
     q = np.asarray(quaternion_xyzw, np.float64).ravel()
     if q.size != 4 or not np.all(np.isfinite(q)):
         raise ValueError(f'quaternion must be 4 finite values (x, y, z, w), got {q.tolist()}')
@@ -680,8 +626,6 @@ def transform_points(points, translation, quaternion_xyzw):
     source)``, this maps points from the source frame into the target frame.
 
     :param points: (..., 3) points.
-    :param translation: 3 values.
-    :param quaternion_xyzw: 4 values (x, y, z, w); normalised here.
     :return: transformed points, same shape; float32 input stays float32, other input
         becomes float64.
     :raises ValueError: bad shapes or quaternion.
