@@ -1,0 +1,137 @@
+"""Conversions against hand-computed values (bit patterns, rounding, byte layouts)."""
+
+import array
+import math
+import struct
+
+from builtin_interfaces.msg import Time
+from marigold_ros.conversions import depth_to_image, image_to_depth, ImageConversionError
+from marigold_ros.conversions import mono16_to_mono8, organized_cloud_msg, pack_rgb
+from marigold_ros.conversions import pointcloud2_from_depth, pointcloud2_to_xyz
+from marigold_ros.conversions import PointCloudConversionError
+import numpy as np
+import pytest
+from sensor_msgs.msg import Image, PointCloud2, PointField
+from std_msgs.msg import Header
+
+
+def test_mono16_to_mono8_rounds_like_cv_bridge():
+    """255 / 65535 = 1 / 257: 257 k maps to k, and 128 / 257 = 0.498 rounds down, 129 up."""
+    values = np.array([0, 257, 128, 129, 65535, 257 * 100 + 129], dtype=np.uint16)
+    assert mono16_to_mono8(values).tolist() == [0, 1, 0, 1, 255, 101]
+    assert mono16_to_mono8(values).dtype == np.uint8
+
+
+def test_pack_rgb_bit_pattern():
+    """0x00RRGGBB: red in bits 16-23, green 8-15, blue 0-7."""
+    packed = pack_rgb(np.array([[0x12, 0x34, 0x56], [255, 0, 1]], dtype=np.uint8))
+    assert packed.dtype == np.uint32
+    assert packed.tolist() == [0x123456, 0xFF0001]
+
+
+def test_mono16_to_mono8_near_a_rounding_boundary():
+    """64893 * 255 / 65535 = 252.50195 rounds up (a 65536 divisor would give 252.498)."""
+    assert mono16_to_mono8(np.array([64893], dtype=np.uint16)).tolist() == [253]
+
+
+def _header():
+    return Header(stamp=Time(sec=3, nanosec=4), frame_id='cam')
+
+
+def test_depth_to_image_layout_and_refusal():
+    """32FC1, little endian, step 4 * width, the header kept; non-float input refused."""
+    depth = np.array([[1.5, np.nan, 2.0], [0.25, 3.0, np.inf]])
+    msg = depth_to_image(depth, _header())
+    assert msg.header.frame_id == 'cam' and msg.header.stamp.sec == 3
+    assert (msg.height, msg.width, msg.step, msg.encoding) == (2, 3, 12, '32FC1')
+    assert bytes(msg.data) == struct.pack('<6f', 1.5, math.nan, 2.0, 0.25, 3.0, math.inf)
+    for bad in (np.zeros((2, 3), np.int32), np.zeros(3)):
+        with pytest.raises(ImageConversionError, match='expected an HxW float depth') as err:
+            depth_to_image(bad, _header())
+        assert err.value.reason == 'bad_array'
+
+
+def test_image_to_depth_limits_and_message():
+    """max_pixels applies to 32FC1 too; an unknown encoding names the supported ones."""
+    msg = Image(height=2, width=3, encoding='32FC1', step=12, data=bytes(24))
+    assert image_to_depth(msg).shape == (2, 3)
+    with pytest.raises(ImageConversionError) as err:
+        image_to_depth(msg, max_pixels=5)
+    assert err.value.reason == 'too_large'
+    msg.encoding = 'mono16'
+    with pytest.raises(ImageConversionError,
+                       match=r'supported: 32FC1 \(meters\), 16UC1 \(millimeters\)$'):
+        image_to_depth(msg)
+
+
+def test_organized_cloud_defaults_and_plain_data():
+    """Colour is declared by default; data that is not an array('B') goes through the setter."""
+    msg = organized_cloud_msg(_header(), 1, 2, bytes(range(32)))
+    assert [f.name for f in msg.fields] == ['x', 'y', 'z', 'rgb']
+    assert [f.offset for f in msg.fields] == [0, 4, 8, 12]
+    assert (msg.point_step, msg.row_step, msg.is_dense) == (16, 32, False)
+    assert list(msg.data) == list(range(32))
+    assert msg.header.frame_id == 'cam'
+    fast = organized_cloud_msg(_header(), 1, 1, array.array('B', range(16)), colour=False)
+    assert [f.name for f in fast.fields] == ['x', 'y', 'z'] and list(fast.data) == list(range(16))
+
+
+def test_pointcloud2_from_depth_refusals_name_the_shape():
+    """A 2-D or wrong-width point array, or mismatched colours, raise ValueError."""
+    header = _header()
+    for bad in (np.zeros((4, 3)), np.zeros((2, 2, 4))):
+        with pytest.raises(ValueError, match='points_xyz must be HxWx3'):
+            pointcloud2_from_depth(bad, None, header)
+    with pytest.raises(ValueError, match=r'rgb must be uint8 of shape \(2, 3, 3\)'):
+        pointcloud2_from_depth(np.zeros((2, 3, 3)), np.zeros((2, 3, 3), np.int16), header)
+
+
+def _cloud(fields, point_step, width=2, row_step=None, data=None):
+    """Build a cloud by hand: float32 fields given as (name, offset)."""
+    msg = PointCloud2(height=1, width=width, point_step=point_step,
+                      row_step=row_step if row_step is not None else width * point_step)
+    msg.fields = [PointField(name=n, offset=o, datatype=PointField.FLOAT32, count=1)
+                  for n, o in fields]
+    msg.data = data if data is not None else bytes(width * point_step)
+    return msg
+
+
+def test_pointcloud2_to_xyz_layout_checks_by_hand():
+    """A field ending exactly at point_step fits; one byte more does not; reasons named."""
+    data = struct.pack('<6f', 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    xyz = pointcloud2_to_xyz(_cloud([('x', 0), ('y', 4), ('z', 8)], 12, data=data))
+    assert xyz.tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    with pytest.raises(PointCloudConversionError,
+                       match=r"field 'z' \(offset 12, 4 bytes\) does not fit in point_step 12"
+                       ) as err:
+        pointcloud2_to_xyz(_cloud([('x', 0), ('y', 4), ('z', 12)], 12))
+    assert err.value.reason == 'bad_layout'
+    with pytest.raises(PointCloudConversionError,
+                       match=r'row_step 20 < width 2 \* point_step 12') as err:
+        pointcloud2_to_xyz(_cloud([('x', 0), ('y', 4), ('z', 8)], 12, row_step=20))
+    assert err.value.reason == 'bad_layout'
+    with pytest.raises(PointCloudConversionError,
+                       match=r'has 20 bytes, 24 needed for 1x2 points') as err:
+        pointcloud2_to_xyz(_cloud([('x', 0), ('y', 4), ('z', 8)], 12, data=bytes(20)))
+    assert err.value.reason == 'truncated'
+
+
+def test_pointcloud2_to_xyz_missing_and_unsupported_fields_are_named():
+    """The message lists the fields there are; the datatype message names the supported."""
+    with pytest.raises(PointCloudConversionError,
+                       match=r"no 'x' field \(fields: y, z\)$") as err:
+        pointcloud2_to_xyz(_cloud([('y', 4), ('z', 8)], 12))
+    assert err.value.reason == 'missing_field'
+    msg = _cloud([('x', 0), ('y', 4), ('z', 8)], 12)
+    msg.fields[1].datatype = PointField.INT32
+    with pytest.raises(PointCloudConversionError,
+                       match=r'only FLOAT32 \(7\) and FLOAT64 \(8\) are supported$'):
+        pointcloud2_to_xyz(msg)
+
+
+def test_empty_cloud_keeps_the_requested_dtype():
+    """No points: a (0, 3) array of the requested (default float32) dtype."""
+    msg = _cloud([('x', 0), ('y', 4), ('z', 8)], 12, width=0)
+    assert pointcloud2_to_xyz(msg).dtype == np.float32
+    assert pointcloud2_to_xyz(msg, dtype=None).dtype == np.float32
+    assert pointcloud2_to_xyz(msg, dtype=np.float64).dtype == np.float64
