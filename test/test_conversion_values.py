@@ -7,7 +7,7 @@ import struct
 from builtin_interfaces.msg import Time
 from marigold_ros.conversions import depth_to_image, image_to_depth, ImageConversionError
 from marigold_ros.conversions import mono16_to_mono8, organized_cloud_msg, pack_rgb
-from marigold_ros.conversions import pointcloud2_from_depth, pointcloud2_to_xyz
+from marigold_ros.conversions import pointcloud2_from_depth, pointcloud2_to_xyz, rgb_to_image
 from marigold_ros.conversions import PointCloudConversionError
 import numpy as np
 import pytest
@@ -58,6 +58,10 @@ def test_image_to_depth_limits_and_message():
     with pytest.raises(ImageConversionError) as err:
         image_to_depth(msg, max_pixels=5)
     assert err.value.reason == 'too_large'
+    msg16 = Image(height=2, width=3, encoding='16UC1', step=6, data=bytes(12))
+    with pytest.raises(ImageConversionError) as err:
+        image_to_depth(msg16, max_pixels=5)
+    assert err.value.reason == 'too_large'
     msg.encoding = 'mono16'
     with pytest.raises(ImageConversionError,
                        match=r'supported: 32FC1 \(meters\), 16UC1 \(millimeters\)$'):
@@ -70,7 +74,7 @@ def test_organized_cloud_defaults_and_plain_data():
     assert [f.name for f in msg.fields] == ['x', 'y', 'z', 'rgb']
     assert [f.offset for f in msg.fields] == [0, 4, 8, 12]
     assert (msg.point_step, msg.row_step, msg.is_dense) == (16, 32, False)
-    assert list(msg.data) == list(range(32))
+    assert isinstance(msg.data, array.array) and list(msg.data) == list(range(32))
     assert msg.header.frame_id == 'cam'
     fast = organized_cloud_msg(_header(), 1, 1, array.array('B', range(16)), colour=False)
     assert [f.name for f in fast.fields] == ['x', 'y', 'z'] and list(fast.data) == list(range(16))
@@ -135,3 +139,40 @@ def test_empty_cloud_keeps_the_requested_dtype():
     assert pointcloud2_to_xyz(msg).dtype == np.float32
     assert pointcloud2_to_xyz(msg, dtype=None).dtype == np.float32
     assert pointcloud2_to_xyz(msg, dtype=np.float64).dtype == np.float64
+
+
+def test_rgb_to_image_mono16_from_a_2d_array_by_hand():
+    """A 2-D uint16 array is written as is for mono16, little endian, 2 bytes a pixel."""
+    grey = np.array([[0x0102, 0xFFFE]], dtype=np.uint16)
+    msg = rgb_to_image(grey, _header(), 'mono16')
+    assert (msg.encoding, msg.step, bytes(msg.data)) == ('mono16', 4, b'\x02\x01\xfe\xff')
+    with pytest.raises(ImageConversionError,
+                       match=r'^mono16 from a 2-D array needs dtype uint16, got uint8$') as err:
+        rgb_to_image(grey.astype(np.uint8), _header(), 'mono16')
+    assert err.value.reason == 'bad_array'
+
+
+@pytest.mark.parametrize('bad', [np.zeros((2, 3, 4), np.uint8), np.zeros((2, 3), np.uint8),
+                                 np.zeros((2, 3, 3), np.uint16)])
+def test_rgb_to_image_refuses_anything_but_hxwx3_uint8(bad):
+    """Four channels, a 2-D array for rgb8, or 16 bits: 'bad_array' naming what it got."""
+    expected = f'expected an HxWx3 uint8 RGB array, got shape {bad.shape} dtype {bad.dtype}'
+    with pytest.raises(ImageConversionError) as err:
+        rgb_to_image(bad, _header())
+    assert str(err.value) == expected
+    assert err.value.reason == 'bad_array'
+
+
+def test_rgb_to_image_luma_by_hand():
+    """BT.601 luma 0.299 R + 0.587 G + 0.114 B, rounded; mono16 is that times 257."""
+    rgb = np.array([[[255, 255, 255], [100, 50, 200], [0, 0, 0], [10, 0, 0], [0, 0, 13]]],
+                   dtype=np.uint8)
+    # 255; 29.9 + 29.35 + 22.8 = 82.05; 0; 2.99; 1.482
+    luma = [255, 82, 0, 3, 1]
+    mono8 = rgb_to_image(rgb, _header(), 'mono8')
+    assert (mono8.encoding, mono8.step, list(mono8.data)) == ('mono8', 5, luma)
+    mono16 = rgb_to_image(rgb, _header(), 'mono16')
+    assert (mono16.encoding, mono16.step) == ('mono16', 10)
+    assert list(struct.unpack('<5H', bytes(mono16.data))) == [257 * v for v in luma]
+    grey = np.array([[7, 250]], dtype=np.uint8)
+    assert list(rgb_to_image(grey, _header(), 'mono8').data) == [7, 250]

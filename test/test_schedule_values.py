@@ -41,11 +41,18 @@ def test_warm_start_schedule_by_hand(estimator, strength, steps, timesteps):
 
 
 @pytest.mark.parametrize('kind', ['v_prediction', 'epsilon', 'sample'])
-@pytest.mark.parametrize('t, prev_t', [(749, 499), (249, -1)])
-def test_ddim_step_equals_diffusers(estimator, kind, t, prev_t):
-    """The closed-form update is diffusers' DDIMScheduler.step with eta = 0."""
+@pytest.mark.parametrize('t, prev_t', [(749, 499), (249, -1), (250, 0)])
+@pytest.mark.parametrize('alpha_to_one', [False, True])
+def test_ddim_step_equals_diffusers(estimator, kind, t, prev_t, alpha_to_one):
+    """
+    Check the closed-form update against diffusers' DDIMScheduler.step with eta = 0.
+
+    With set_alpha_to_one the final alpha (prev_t -1) is 1, not alphas_cumprod[0]: only
+    then do predecessor 0 and the final step differ.
+    """
     from diffusers import DDIMScheduler
-    scheduler = DDIMScheduler.from_config(estimator.scheduler.config, prediction_type=kind)
+    scheduler = DDIMScheduler.from_config(estimator.scheduler.config, prediction_type=kind,
+                                          set_alpha_to_one=alpha_to_one)
     scheduler.set_timesteps(4)  # predecessor t - 250, as given
     generator = torch.Generator().manual_seed(5)
     output = torch.randn((1, 4, 3, 3), generator=generator, dtype=torch.float64)
