@@ -1,17 +1,20 @@
 """Conversions against hand-computed values (bit patterns, rounding, byte layouts)."""
 
 import array
+import io
 import math
 import struct
 
 from builtin_interfaces.msg import Time
-from marigold_ros.conversions import depth_to_image, image_to_depth, ImageConversionError
+from marigold_ros.conversions import COLOR_ENCODINGS, compressed_to_rgb, depth_to_image
+from marigold_ros.conversions import image_to_depth, image_to_rgb, ImageConversionError
 from marigold_ros.conversions import mono16_to_mono8, organized_cloud_msg, pack_rgb
 from marigold_ros.conversions import pointcloud2_from_depth, pointcloud2_to_xyz, rgb_to_image
-from marigold_ros.conversions import PointCloudConversionError
+from marigold_ros.conversions import PointCloudConversionError, rgb_to_compressed
 import numpy as np
+from PIL import Image as PILImage
 import pytest
-from sensor_msgs.msg import Image, PointCloud2, PointField
+from sensor_msgs.msg import CompressedImage, Image, PointCloud2, PointField
 from std_msgs.msg import Header
 
 
@@ -176,3 +179,81 @@ def test_rgb_to_image_luma_by_hand():
     assert list(struct.unpack('<5H', bytes(mono16.data))) == [257 * v for v in luma]
     grey = np.array([[7, 250]], dtype=np.uint8)
     assert list(rgb_to_image(grey, _header(), 'mono8').data) == [7, 250]
+
+
+def _encoded(image, fmt, **kwargs):
+    out = io.BytesIO()
+    image.save(out, format=fmt, **kwargs)
+    return out.getvalue()
+
+
+def _compressed(data, fmt='png'):
+    return CompressedImage(format=fmt, data=data)
+
+
+def _refusal(call, *args, **kwargs):
+    with pytest.raises(ImageConversionError) as err:
+        call(*args, **kwargs)
+    return err.value.reason, str(err.value)
+
+
+def test_compressed_to_rgb_sizes_modes_and_formats():
+    """One-pixel sides decode; max_pixels is inclusive; grey becomes RGB; BMP is refused."""
+    tall = np.arange(5, dtype=np.uint8).reshape(5, 1, 1).repeat(3, axis=2) * 40
+    got = compressed_to_rgb(_compressed(_encoded(PILImage.fromarray(tall), 'PNG')))
+    assert np.array_equal(got, tall)
+    wide = tall.transpose(1, 0, 2).copy()
+    got = compressed_to_rgb(_compressed(_encoded(PILImage.fromarray(wide), 'PNG')), max_pixels=5)
+    assert np.array_equal(got, wide)
+    grey = np.array([[0, 7], [200, 255]], dtype=np.uint8)
+    got = compressed_to_rgb(_compressed(_encoded(PILImage.fromarray(grey, 'L'), 'PNG')))
+    assert got.shape == (2, 2, 3) and np.array_equal(got, np.repeat(grey[:, :, None], 3, 2))
+    bmp = _encoded(PILImage.fromarray(grey, 'L'), 'BMP')
+    reason, text = _refusal(compressed_to_rgb, _compressed(bmp, 'bmp'))
+    assert reason == 'corrupt_compressed'
+    assert text.startswith("cannot decode compressed image (format 'bmp'): ")
+
+
+def test_compressed_to_rgb_refusals_name_the_problem():
+    """Depth formats, no data and a too-large image: exact messages."""
+    assert _refusal(compressed_to_rgb, _compressed(b'x', '16UC1; compressedDepth png')) == (
+        'unknown_encoding', "compressed format '16UC1; compressedDepth png' is a depth image, "
+        'not colour')
+    assert _refusal(compressed_to_rgb, _compressed(b'')) == (
+        'empty', 'compressed image has no data')
+    small = _encoded(PILImage.fromarray(np.zeros((2, 3, 3), np.uint8)), 'PNG')
+    reason, text = _refusal(compressed_to_rgb, _compressed(small), max_pixels=5)
+    assert (reason, text) == ('too_large', 'compressed image 3x2 exceeds max_pixels=5')
+
+
+def test_rgb_to_compressed_defaults_by_hand():
+    """Default: JPEG at quality 90 ('jpg' is the same); PNG is lossless; refusals named."""
+    rgb = np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    header = _header()
+    default = rgb_to_compressed(rgb, header)
+    assert default.format == 'rgb8; jpeg compressed bgr8'
+    expected = _encoded(PILImage.fromarray(rgb), 'JPEG', quality=90)
+    assert bytes(default.data) == expected
+    assert bytes(rgb_to_compressed(rgb, header, 'jpg').data) == expected
+    assert rgb_to_compressed(rgb, header, 'jpg').format == 'rgb8; jpeg compressed bgr8'
+    png = rgb_to_compressed(rgb, header, 'png')
+    assert png.format == 'rgb8; png compressed bgr8'
+    assert np.array_equal(np.asarray(PILImage.open(io.BytesIO(bytes(png.data)))), rgb)
+    assert _refusal(rgb_to_compressed, rgb, header, 'webp') == (
+        'unknown_encoding', "cannot compress to 'webp'; use jpeg or png")
+    for bad in (np.zeros((2, 3, 4), np.uint8), np.zeros((2, 3), np.uint8)):
+        assert _refusal(rgb_to_compressed, bad, header) == (
+            'bad_array', f'expected an HxWx3 uint8 RGB array, got shape {bad.shape} dtype uint8')
+
+
+def test_image_to_rgb_names_depth_and_unknown_encodings():
+    """A depth encoding (any case) and an unknown one get their own messages."""
+    supported = ', '.join(COLOR_ENCODINGS)
+    for encoding in ('16UC1', '32fc1'):
+        msg = Image(height=1, width=1, encoding=encoding, step=4, data=bytes(4))
+        assert _refusal(image_to_rgb, msg) == (
+            'unknown_encoding', f'encoding {encoding!r} is a depth encoding, not a colour '
+            f'image; supported: {supported}')
+    msg = Image(height=1, width=1, encoding='foo', step=4, data=bytes(4))
+    assert _refusal(image_to_rgb, msg) == (
+        'unknown_encoding', f"unsupported image encoding 'foo'; supported: {supported}")
