@@ -430,3 +430,12 @@ def test_alignment_error_pickles_a_message_with_its_own_separator():
     error = pickle.loads(pickle.dumps(AlignmentError('too_few_points', ' n: 1, need: 2')))
     assert error.reason == 'too_few_points'
     assert str(error) == 'too_few_points:  n: 1, need: 2'
+
+
+def test_robust_weights_by_hand():
+    """Huber: 1 / max(|e| / c, 1); Cauchy: 1 / (1 + (e / c)^2)."""
+    from marigold_model.alignment import _robust_weights
+    e = np.array([0.5, -1.5, 4.0])
+    np.testing.assert_allclose(_robust_weights(e, 1.0, 'huber'), [1.0, 1 / 1.5, 0.25])
+    np.testing.assert_allclose(_robust_weights(e, 2.0, 'huber'), [1.0, 1.0, 0.5])
+    np.testing.assert_allclose(_robust_weights(e, 1.0, 'cauchy'), [0.8, 1 / 3.25, 1 / 17])
