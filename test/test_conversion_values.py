@@ -257,3 +257,12 @@ def test_image_to_rgb_names_depth_and_unknown_encodings():
     msg = Image(height=1, width=1, encoding='foo', step=4, data=bytes(4))
     assert _refusal(image_to_rgb, msg) == (
         'unknown_encoding', f"unsupported image encoding 'foo'; supported: {supported}")
+
+
+def test_rgb_to_image_little_endian_and_unknown_encoding():
+    """Output is little endian (is_bigendian 0); an unknown encoding names the writable ones."""
+    msg = rgb_to_image(np.zeros((1, 2, 3), np.uint8), _header(), 'bgr8')
+    assert msg.is_bigendian == 0 and msg.step == 6
+    assert _refusal(rgb_to_image, np.zeros((1, 2, 3), np.uint8), _header(), 'yuv422') == (
+        'unknown_encoding', "rgb_to_image cannot write encoding 'yuv422'; supported: rgb8, "
+        'bgr8, rgba8, bgra8, mono8, mono16')
