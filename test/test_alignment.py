@@ -439,3 +439,12 @@ def test_robust_weights_by_hand():
     np.testing.assert_allclose(_robust_weights(e, 1.0, 'huber'), [1.0, 1 / 1.5, 0.25])
     np.testing.assert_allclose(_robust_weights(e, 2.0, 'huber'), [1.0, 1.0, 0.5])
     np.testing.assert_allclose(_robust_weights(e, 1.0, 'cauchy'), [0.8, 1 / 3.25, 1 / 17])
+
+
+def test_fit_result_apply_is_float64_by_hand():
+    """float32 relative depth maps to float64 metres (no float32 rounding of 3 * 0.1 + 1)."""
+    fit = FitResult(scale=3.0, shift=1.0, inlier_ratio=1.0, residual=0.0, n_points=2,
+                    n_inliers=2)
+    out = fit.apply(np.array([0.1, 2.0], np.float32))
+    assert out.dtype == np.float64
+    assert out.tolist() == [3.0 * float(np.float32(0.1)) + 1.0, 7.0]
