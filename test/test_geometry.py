@@ -376,9 +376,10 @@ def test_to_msg_defaults_plain_pinhole_and_roi_by_hand():
     assert (msg.roi.x_offset, msg.roi.y_offset, msg.roi.width, msg.roi.height,
             msg.roi.do_rectify) == (4, 6, 32, 24, True)
     # A named model with zero coefficients keeps its name and its own number of zeros.
-    fisheye = CameraModel(W, H, K, D=[0.0] * 4, distortion_model='equidistant')
-    msg = fisheye.to_msg()
-    assert msg.distortion_model == 'equidistant' and list(msg.d) == [0.0] * 4
+    plain = CameraModel(W, H, K, D=[0.0] * 8, distortion_model='rational_polynomial')
+    assert not plain.has_distortion
+    msg = plain.to_msg()
+    assert msg.distortion_model == 'rational_polynomial' and list(msg.d) == [0.0] * 8
 
 
 def test_calibration_error_carries_its_message():
