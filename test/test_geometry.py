@@ -426,3 +426,17 @@ def test_scale_camera_size_limits_by_hand():
     for size, text in (((0, 10), '0x10'), ((10, 0), '10x0')):
         with pytest.raises(ValueError, match=f'^new size must be positive, got {text}$'):
             scale_camera(model, *size)
+
+
+def test_undistort_strong_barrel_by_hand():
+    """k1 = -0.3: r_d = r (1 - 0.3 r^2) peaks at 0.703; beyond it there is no inverse (NaN)."""
+    xd = np.array([0.3, 0.6, 0.45, 0.9, 0.05])
+    yd = np.array([0.0, 0.0, 0.3, 0.0, -0.6])
+    x, y = undistort_normalized(xd, yd, [-0.3, 0.0, 0.0, 0.0, 0.0], 'plumb_bob')
+    ok = np.arange(5) != 3
+    assert np.isnan(x[3]) and np.isnan(y[3])
+    assert np.isfinite(x[ok]).all() and np.isfinite(y[ok]).all()
+    r2 = x[ok] ** 2 + y[ok] ** 2  # the forward model, written out
+    np.testing.assert_allclose(x[ok] * (1 - 0.3 * r2), xd[ok], atol=1e-9)
+    np.testing.assert_allclose(y[ok] * (1 - 0.3 * r2), yd[ok], atol=1e-9)
+    assert (r2 < 1 / 0.9).all()  # on the rising branch, r < sqrt(1 / 0.9)
