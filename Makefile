@@ -36,8 +36,10 @@ bench: $(STAMP)
 
 # Mutation testing of the modules where a wrong number would go unnoticed (setup.cfg [mutmut]
 # lists them and the tests that guard them); of the estimator only the timestep schedule and
-# the DDIM update.  Slow (minutes to an hour), so not part of `make test`.  Prints a score per
-# module and every survivor that is neither killed nor explained in bench/mutation_equivalent.txt.
+# the DDIM update.  Slow (~4500 mutants: hours on two shared cores), so not part of `make test`;
+# one module: make mutation MUTANTS="'marigold_model.ensemble.*'".  Prints a score per
+# module and every survivor that is neither killed nor explained in bench/mutation_equivalent.txt
+# (MUTATION_STRICT=1: fail if there is one).
 MUTMUT ?= mutmut==3.8.1
 MUTATION_CHILDREN ?= 2
 MUTANTS ?= 'marigold_model.ensemble.*' 'marigold_model.alignment.*' \
@@ -51,7 +53,8 @@ mutation: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 ROS_AUTOMATIC_DISCOVERY_RANGE=OFF nice -n 10 \
 	  $(VENV)/bin/mutmut run --max-children $(MUTATION_CHILDREN) $(MUTANTS) \
 	  > mutants/run.log 2>&1 || { tail -n 40 mutants/run.log; exit 1; }
-	$(VENV)/bin/mutmut results --all true | $(PY) bench/mutation_summary.py
+	$(VENV)/bin/mutmut results --all true | \
+	  $(PY) bench/mutation_summary.py $(if $(MUTATION_STRICT),--strict)
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_output mutants
