@@ -266,3 +266,15 @@ def test_rgb_to_image_little_endian_and_unknown_encoding():
     assert _refusal(rgb_to_image, np.zeros((1, 2, 3), np.uint8), _header(), 'yuv422') == (
         'unknown_encoding', "rgb_to_image cannot write encoding 'yuv422'; supported: rgb8, "
         'bgr8, rgba8, bgra8, mono8, mono16')
+
+
+def test_image_to_rgb_mono16_and_yuv_limits_by_hand():
+    """mono16 to three equal 8-bit channels; max_pixels and odd YUV widths are refused."""
+    msg = Image(height=1, width=2, encoding='mono16', step=4, is_bigendian=0,
+                data=struct.pack('<2H', 257 * 9, 65535))
+    assert image_to_rgb(msg).tolist() == [[[9, 9, 9], [255, 255, 255]]]
+    assert _refusal(image_to_rgb, msg, max_pixels=1)[0] == 'too_large'
+    yuv = Image(height=1, width=2, encoding='yuv422', step=4, data=bytes([128, 16, 128, 235]))
+    assert _refusal(image_to_rgb, yuv, max_pixels=1)[0] == 'too_large'
+    odd = Image(height=1, width=3, encoding='yuv422', step=6, data=bytes(6))
+    assert _refusal(image_to_rgb, odd) == ('bad_size', 'yuv422 needs an even width, got 3')
