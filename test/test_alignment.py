@@ -448,3 +448,26 @@ def test_fit_result_apply_is_float64_by_hand():
     out = fit.apply(np.array([0.1, 2.0], np.float32))
     assert out.dtype == np.float64
     assert out.tolist() == [3.0 * float(np.float32(0.1)) + 1.0, 7.0]
+
+
+@pytest.mark.parametrize('loss', ['huber', 'cauchy'])
+def test_irls_result_is_its_own_reweighted_fit(loss):
+    """
+    IRLS stops at a fixed point: refitting with the weights of its own residuals returns it.
+
+    The weights are written out (relative residual e, scale c = max(threshold, 2.5 * 1.4826 *
+    median |e|), loss weight times 1 / d^2) and the refit is numpy's polyfit.
+    """
+    rng = np.random.default_rng(4)
+    p = rng.uniform(0.1, 1.0, 300)
+    d = 2.0 * p + 0.5
+    d *= 1 + 0.01 * rng.standard_normal(300)
+    d[:30] *= rng.uniform(1.5, 3.0, 30)  # gross outliers
+    fit = fit_scale_shift_robust(p, d, method='irls', loss=loss, threshold_rel=0.02,
+                                 irls_iterations=20)
+    e = (fit.scale * p + fit.shift - d) / d
+    a = np.abs(e) / max(0.02, 2.5 * 1.4826 * np.median(np.abs(e)))
+    robust = 1 / np.maximum(a, 1.0) if loss == 'huber' else 1 / (1 + a * a)
+    scale, shift = np.polyfit(p, d, 1, w=np.sqrt(robust / d ** 2))
+    assert fit.scale == pytest.approx(scale, rel=1e-9)
+    assert fit.shift == pytest.approx(shift, rel=1e-9, abs=1e-12)
