@@ -11,7 +11,9 @@ pixels with 2 % multiplicative noise of which a share are gross outliers (off by
 * guided: :class:`~marigold_model.guidance.SparseGuidance` with the given settings.
 
 A scene where a method refuses (too few points, failed fit) is scored as every pixel at the
-median of the readings (``const``), and counted in ``fail``.  Times are medians per frame.
+median of the readings (``const``), and counted in ``fail`` (``gfail`` for the guidance);
+the columns after ``|`` are the means over the ``both`` scenes where the global fit and the
+guidance both ran.  Times are medians per frame.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python bench/guidance.py [--scenes 20 --fractions 0.005]
 """
@@ -93,11 +95,13 @@ def run(args):
     print(f'{args.scenes} held-out scenes {args.width}x{args.height}, model {args.model} at '
           f'{estimator.resolved_settings()[1]} px, {config}')
     print(f'{"sparsity":>8} {"points":>6} {"outl":>5} {"global":>7} {"local":>7} '
-          f'{"guided":>7} {"g/glob":>7} {"fail":>4} {"gfail":>5}')
+          f'{"guided":>7} {"g/glob":>7} {"fail":>4} {"gfail":>5} | {"both":>4} {"global":>7} '
+          f'{"local":>7} {"guided":>7} {"g/glob":>7}')
     plain_times, guided_times = [], []
     for fraction in args.fractions:
         rng = np.random.default_rng([args.seed, int(fraction * 1e6)])
         rows = {'global': [], 'local': [], 'guided': []}
+        both = []  # scenes where the global fit and the guidance both ran
         fails = guided_fails = 0
         for sample in samples:
             gt, valid = sample.depth.astype(np.float64), sample.valid
@@ -121,14 +125,20 @@ def run(args):
                 result = guidance.estimate(sample.rgb, sparse)
                 guided_times.append(time.perf_counter() - clock)
                 rows['guided'].append(score(result.depth, gt, valid))
+                if fit.usable:
+                    both.append(len(rows['guided']) - 1)
             except GuidanceError:
                 guided_fails += 1
                 rows['guided'].append(const)
         means = {k: float(np.mean(v)) for k, v in rows.items()}
         points = int(round(fraction * args.height * args.width))
+        subset = {k: float(np.mean(np.take(v, both))) if both else np.nan
+                  for k, v in rows.items()}
         print(f'{100 * fraction:7.2f}% {points:6d} {100 * args.outliers:4.0f}% '
               f'{means["global"]:7.4f} {means["local"]:7.4f} {means["guided"]:7.4f} '
-              f'{means["guided"] / means["global"] - 1:+7.1%} {fails:4d} {guided_fails:5d}')
+              f'{means["guided"] / means["global"] - 1:+7.1%} {fails:4d} {guided_fails:5d} | '
+              f'{len(both):4d} {subset["global"]:7.4f} {subset["local"]:7.4f} '
+              f'{subset["guided"]:7.4f} {subset["guided"] / subset["global"] - 1:+7.1%}')
     if guided_times:
         plain, guided = np.median(plain_times), np.median(guided_times)
         print(f'per frame (median): plain estimate {1e3 * plain:.1f} ms, guided '

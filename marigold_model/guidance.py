@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .alignment import AlignmentError, REASON_TOO_FEW_POINTS
 from .config import GuidanceConfig
 from .estimator import check_frame
-from .scale_tracking import ScaleTracker, ScaleTrackerConfig
+from .scale_tracking import ScaleEstimate, ScaleTracker, ScaleTrackerConfig, STATUS_OK
 
 REASON_UNSUPPORTED_SCHEDULER = 'unsupported_scheduler'
 
@@ -56,7 +56,8 @@ class GuidedResult:
     :param inlier_ratio: share of the points within the inlier threshold of the result
     :param residual: RMS relative residual of the result at its inliers
     :param n_points: valid sparse points
-    :param relative: float32 [h, w] final relative depth at the processing size
+    :param relative: float32 [H, W] final relative depth at the frame's size: ``depth`` is
+        ``scale * relative + shift`` (so a pipeline can keep relative depth and a scale)
     :param timings: seconds per stage
     :param losses: loss before each guidance update (for diagnostics and plots)
     """
@@ -71,6 +72,18 @@ class GuidedResult:
     relative: np.ndarray
     timings: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)
+
+    def scale_estimate(self, stamp_s=math.nan):
+        """
+        Return the final scale and shift as a fresh ScaleEstimate for ``relative``.
+
+        :param stamp_s: time of the frame in seconds
+        :return: :class:`~marigold_model.scale_tracking.ScaleEstimate` with status ``'ok'``
+        """
+        return ScaleEstimate(scale=self.scale, shift=self.shift,
+                             inlier_ratio=self.inlier_ratio, residual=self.residual,
+                             n_points=self.n_points, age_s=0.0, status=STATUS_OK,
+                             stamp_s=stamp_s)
 
 
 def sparse_points(sparse_depth=None, uv=None, values=None, frame_shape=None):
@@ -269,11 +282,11 @@ class SparseGuidance:
             relative, samples = sample_points(latent)
             scale = fit.scale * math.exp(float(log_scale))
             shift_m = fit.shift + fit.scale * float(shift)
-            depth = scale * relative + shift_m
-            if tuple(depth.shape[2:]) != frame.shape[:2]:
-                depth = F.interpolate(depth, frame.shape[:2], mode='bilinear')
-            depth = depth[0, 0].cpu().numpy().astype(np.float32)
+            if tuple(relative.shape[2:]) != frame.shape[:2]:
+                relative = F.interpolate(relative, frame.shape[:2], mode='bilinear')
+            relative = relative[0, 0].cpu().numpy().astype(np.float32)
             error = np.abs((scale * samples.cpu().numpy() + shift_m - z) / z)
+        depth = (scale * relative.astype(np.float64) + shift_m).astype(np.float32)
         with np.errstate(invalid='ignore'):
             depth[~(depth > 0)] = np.nan
         inliers = error < cfg.inlier_threshold_rel
@@ -283,7 +296,7 @@ class SparseGuidance:
             depth=depth, scale=scale, shift=shift_m, global_fit=fit,
             inlier_ratio=float(inliers.mean()),
             residual=float(np.sqrt(np.mean(error[inliers] ** 2))) if inliers.any() else math.nan,
-            n_points=int(z.size), relative=relative[0, 0].cpu().numpy(), timings=timings,
+            n_points=int(z.size), relative=relative, timings=timings,
             losses=losses)
 
     def _global_fit(self, samples, target):

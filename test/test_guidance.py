@@ -52,6 +52,8 @@ def test_guided_depth_beats_the_global_fit(estimator, scenes):
         assert result.n_points == 61
         assert result.global_fit.n_points == 61 and result.scale > 0
         assert 0.5 <= result.inlier_ratio <= 1.0
+        np.testing.assert_allclose(result.scale_estimate().apply(result.relative),
+                                   result.depth, rtol=1e-5)
         guided_errors.append(abs_rel(result.depth, sample.depth, sample.valid))
     # Measured about 15 % lower; the bound keeps a margin.
     assert np.mean(guided_errors) < 0.95 * np.mean(global_errors)
