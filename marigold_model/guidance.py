@@ -11,9 +11,9 @@ prediction's shape bends towards the points where the model's prior allows it.
 
 Differences from the public implementation, for noisy sparse input with outliers:
 
-* scale and shift start from the robust global fit (RANSAC, :class:`ScaleTracker` rules)
-  of the first step's preview, not from the range of the points, and the fit's outliers
-  get no weight in the loss;
+* scale and shift start from the robust global fit (RANSAC, :class:`ScaleTracker` rules,
+  looser thresholds first, then the tracker's own) of the first step's preview, not from
+  the range of the points, and points far off that fit get no weight in the loss;
 * the loss is on the relative residual ``(pred - z) / z`` (L1 + L2 as in the paper, or
   Huber), so near and far points count alike and the learning rates do not depend on units.
 
@@ -177,6 +177,8 @@ class SparseGuidance:
         self._fit_config = ScaleTrackerConfig(
             min_points=config.min_points, inlier_threshold_rel=config.inlier_threshold_rel,
             min_inlier_ratio=config.min_inlier_ratio, seed=config.fit_seed)
+        self._fallback_config = ScaleTrackerConfig(min_points=config.min_points,
+                                                   seed=config.fit_seed)
 
     def estimate(self, frame, sparse_depth=None, uv=None, values=None, seed=None):
         """
@@ -303,8 +305,12 @@ class SparseGuidance:
         """Robust global fit of the first preview and the loss weights of its inliers."""
         rel = samples.cpu().numpy().astype(np.float64)
         metric = target.cpu().numpy().astype(np.float64)
-        tracker = ScaleTracker(self._fit_config)
-        fit = tracker.update(rel, metric, 0.0)
+        fit = ScaleTracker(self._fit_config).update(rel, metric, 0.0)
+        if not fit.usable:
+            # The loose fit can fail where the tracker's own rules succeed (RANSAC at a wide
+            # threshold may prefer a falling line): what the plain pipeline accepts is never
+            # refused here.
+            fit = ScaleTracker(self._fallback_config).update(rel, metric, 0.0)
         if not fit.usable:
             raise GuidanceError(fit.reason, f'the global fit of the first preview failed '
                                 f'({fit.reason}), no scale to guide from')

@@ -55,8 +55,9 @@ def test_guided_depth_beats_the_global_fit(estimator, scenes):
         np.testing.assert_allclose(result.scale_estimate().apply(result.relative),
                                    result.depth, rtol=1e-5)
         guided_errors.append(abs_rel(result.depth, sample.depth, sample.valid))
-    # Measured about 15 % lower; the bound keeps a margin.
-    assert np.mean(guided_errors) < 0.95 * np.mean(global_errors)
+    # Measured 32 % lower on average (0.076 against 0.112) and 12 to 63 % lower per scene.
+    assert np.mean(guided_errors) < 0.85 * np.mean(global_errors)
+    assert all(guided < fitted for guided, fitted in zip(guided_errors, global_errors))
 
 
 def test_same_seed_same_depth_other_seed_other_depth(estimator, scenes):
