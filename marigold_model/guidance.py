@@ -36,6 +36,7 @@ from .estimator import check_frame
 from .scale_tracking import ScaleEstimate, ScaleTracker, ScaleTrackerConfig, STATUS_OK
 
 REASON_UNSUPPORTED_SCHEDULER = 'unsupported_scheduler'
+REASON_UNSUPPORTED_BACKEND = 'unsupported_backend'
 
 
 class GuidanceError(AlignmentError):
@@ -155,9 +156,10 @@ class SparseGuidance:
     """
     Guided metric depth for one frame at a time, driving a :class:`DepthEstimator`.
 
-    Uses the estimator's ``_preprocess``, ``encode``, ``unet``, ``_schedule``,
-    ``_text_batch``, ``_ddim_step``, ``decode`` and ``resolved_settings``; its lock keeps
-    guidance and plain estimates from running at once.
+    Uses the estimator's ``_preprocess``, ``encode``, ``networks.unet``, ``_schedule``,
+    ``_ddim_step``, ``decode`` and ``resolved_settings`` (the torch backend: gradients flow
+    through the U-Net and the decoder); its lock keeps guidance and plain estimates from
+    running at once.
     """
 
     def __init__(self, estimator, config=GuidanceConfig()):
@@ -166,8 +168,13 @@ class SparseGuidance:
 
         :param estimator: a loaded DepthEstimator with a DDIM scheduler
         :param config: GuidanceConfig
-        :raises GuidanceError: the scheduler is not closed-form DDIM
+        :raises GuidanceError: the scheduler is not closed-form DDIM, or the backend has no
+            gradients (onnxruntime)
         """
+        if estimator.networks.name != 'torch':
+            raise GuidanceError(REASON_UNSUPPORTED_BACKEND,
+                                f'sparse guidance needs gradients through the networks: the '
+                                f'torch backend, not {estimator.networks.name}')
         if not estimator._closed_form_ddim():
             raise GuidanceError(REASON_UNSUPPORTED_SCHEDULER,
                                 f'sparse guidance needs a DDIM scheduler, the model has a '
@@ -227,8 +234,6 @@ class SparseGuidance:
         optimizer = torch.optim.Adam([{'params': [log_scale, shift], 'lr': cfg.affine_lr},
                                       {'params': [latent], 'lr': cfg.latent_lr}])
         timesteps, previous, _ = est._schedule(cfg.denoising_steps, 1.0)
-        # Fresh copies: the cached ones may be inference tensors, which autograd refuses.
-        text = est._text_batch(1).clone()
         tensors = [torch.tensor(t, device=device) for t in timesteps]
 
         def sample_points(latent_x0):
@@ -241,8 +246,7 @@ class SparseGuidance:
         for t, prev_t, t_tensor in zip(timesteps, previous, tensors):
             for _ in range(cfg.iterations_per_step):
                 model_input = torch.cat([image_latent, latent.to(dtype)], dim=1)
-                output = est.unet(model_input, t_tensor, encoder_hidden_states=text,
-                                  return_dict=False)[0].float()
+                output = est.networks.unet(model_input, t_tensor).float()
                 original, epsilon = _original_and_noise(est.scheduler, output, t, latent)
                 _, samples = sample_points(original)
                 if fit is None:
