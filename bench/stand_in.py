@@ -14,7 +14,7 @@ import threading
 import time
 
 from marigold_model.config import EstimatorConfig
-from marigold_model.estimator import check_frame, DepthResult, processing_size
+from marigold_model.estimator import check_call, DepthResult, processing_size
 import numpy as np
 
 #: Settings of Marigold v1-1 (model_index.json), the defaults a real model folder gives.
@@ -117,14 +117,8 @@ class StandInEstimator:
         :return: DepthResult, or a list of them for a list input
         :raises ValueError: frames the real estimator refuses (same checks)
         """
-        single = isinstance(frames, np.ndarray)
-        frames = [frames] if single else list(frames)
-        if not frames:
-            raise ValueError('no frames given')
-        frames = [check_frame(f, self.config.model.max_input_pixels) for f in frames]
-        keys = list(keys) if keys is not None else [None] * len(frames)
-        if len(keys) != len(frames) or (latents is not None and len(latents) != len(frames)):
-            raise ValueError('keys and latents must have one entry per frame')
+        single, frames, keys, _ = check_call(frames, keys, latents,
+                                             self.config.model.max_input_pixels)
         inference = self.config.inference
         _, resolution = self.resolved_settings(inference)
         with self._lock:

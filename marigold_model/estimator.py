@@ -96,6 +96,24 @@ def check_frame(frame, max_pixels):
     return frame
 
 
+def check_call(frames, keys, latents, max_pixels):
+    """
+    Validate the arguments of an estimate call: one frame or a list, keys and latents per frame.
+
+    :return: (single frame given, frames, keys, latents), the last three as lists
+    """
+    single = isinstance(frames, np.ndarray)
+    frames = [frames] if single else list(frames)
+    if not frames:
+        raise ValueError('no frames given')
+    frames = [check_frame(f, max_pixels) for f in frames]
+    keys = list(keys) if keys is not None else [None] * len(frames)
+    latents = list(latents) if latents is not None else [None] * len(frames)
+    if len(keys) != len(frames) or len(latents) != len(frames):
+        raise ValueError('keys and latents must have one entry per frame')
+    return single, frames, keys, latents
+
+
 def processing_size(height, width, resolution):
     """
     Size the model works at: longest side = resolution, as diffusers computes it.
@@ -331,15 +349,8 @@ class DepthEstimator:
         :param latents: optional initial latents per frame ([E, C, h, w]) replacing the noise
         :return: DepthResult, or a list of them for a list input
         """
-        single = isinstance(frames, np.ndarray)
-        frames = [frames] if single else list(frames)
-        if not frames:
-            raise ValueError('no frames given')
-        frames = [check_frame(f, self.config.model.max_input_pixels) for f in frames]
-        keys = list(keys) if keys is not None else [None] * len(frames)
-        latents = list(latents) if latents is not None else [None] * len(frames)
-        if len(keys) != len(frames) or len(latents) != len(frames):
-            raise ValueError('keys and latents must have one entry per frame')
+        single, frames, keys, latents = check_call(frames, keys, latents,
+                                                   self.config.model.max_input_pixels)
         # One snapshot of the settings for the whole call: set_inference may run meanwhile.
         inference = self.config.inference
         out_of_memory = None
