@@ -1,34 +1,15 @@
 """
 Benchmark: the node's organized x y z rgb cloud for one 640x480 frame, against fair references.
 
-Every builder goes from the same inputs (metric depth with NaN holes, the camera, RGB) to a
-PointCloud2 with the same fields (x, y, z, rgb float32; point_step 16):
-
-* ours: ``marigold_ros.pipeline.organized_cloud``, what the node publishes,
-* conversions path: ``pointcloud2_from_depth(unproject_depth(...))``, the library functions,
-* reference (create_cloud): what sensor_msgs_py.point_cloud2.create_cloud does with a numpy
-  structured array (fields x, y, z, rgb float32), given the same vectorised points and
-  packed colours: the array is filled field by field and its bytes become the message data
-  (array('B') from a memoryview, assigned to the message's slot, as create_cloud does since
-  Humble).  sensor_msgs_py is not a dependency here, so its few lines are written out below.
-* floor (plain copy): copying the cloud's bytes (16 B per point) into a fresh array('B'),
-  the least any builder that writes a new buffer must do.
-
-Each is called once to warm up (ray cache, allocator), then timed ``--repeats`` times; the
-medians are reported, of the CPU time of the calling thread (user + system: the work done,
-page faults included, not the time slices other processes took meanwhile) and of the wall
-time.  The ratios are of CPU medians, wall medians in parentheses.  Two runs:
-
-* interleaved: one call of each per round, so the load of a shared machine hits all alike;
-  every call then gets a freshly mapped 4.9 MB buffer from the allocator (page faults
-  included), as a node publishing a new message per frame between other work does;
-* alone: one builder at a time; the allocator hands the buffer just freed back, so the plain
-  copy is a bare memcpy into warm memory (the lowest floor there is).
-
-On a loaded machine (a few cores shared by several jobs) a call of a few ms is often
-preempted for a whole time slice, which inflates the wall medians of the longer builders
-and shrinks their ratios to the copy: the CPU figures are the ones to compare.  The outputs
-are checked against each other before timing: x y z equal, rgb bytes identical.
+Builders, all from the same depth, camera and RGB to the same fields (x, y, z, rgb float32):
+ours (``marigold_ros.pipeline.organized_cloud``, what the node publishes), the conversions
+path (``pointcloud2_from_depth(unproject_depth(...))``), create_cloud (sensor_msgs_py's
+structured-array path, written out below: not a dependency here) and the floor (a plain
+copy of the cloud's bytes into a fresh array('B')).  The outputs are checked against each
+other first.  Medians of thread CPU time (the work done, page faults included; the figures
+to compare on a shared machine) and of wall time, in two runs: interleaved (each call gets
+a freshly mapped buffer, as a node publishing per frame does) and alone (the allocator
+hands the freed buffer back: the floor is a bare memcpy into warm memory).
 
 Run: .venv/bin/python bench/conversions.py [--width 640 --height 480 --repeats 30]
 """
@@ -66,14 +47,7 @@ def _inputs(width, height):
 
 
 def create_cloud(header, fields, points):
-    """
-    Do what sensor_msgs_py.point_cloud2.create_cloud does with a structured array.
-
-    :param header: std_msgs/Header
-    :param fields: PointFields matching ``points.dtype``
-    :param points: HxW numpy structured array
-    :return: sensor_msgs/PointCloud2
-    """
+    """Do what sensor_msgs_py.point_cloud2.create_cloud does with an HxW structured array."""
     height, width = points.shape if points.ndim == 2 else (1, points.shape[0])
     data = array.array('B')
     data.frombytes(memoryview(points).cast('B'))
@@ -86,11 +60,7 @@ def create_cloud(header, fields, points):
 
 
 def reference_cloud(depth, camera, rgb, header):
-    """
-    Structured-array cloud: vectorised points and colours, then create_cloud.
-
-    :return: sensor_msgs/PointCloud2
-    """
+    """Build the structured-array cloud: vectorised points and colours, then create_cloud."""
     xyz = unproject_depth(depth, camera.K)
     points = np.empty(depth.shape, dtype=POINT_DTYPE)
     points['x'] = xyz[..., 0]
@@ -101,20 +71,12 @@ def reference_cloud(depth, camera, rgb, header):
 
 
 def conversions_cloud(depth, camera, rgb, header):
-    """
-    Build the cloud the library way: unproject_depth then pointcloud2_from_depth.
-
-    :return: sensor_msgs/PointCloud2
-    """
+    """Build the cloud the library way: unproject_depth then pointcloud2_from_depth."""
     return pointcloud2_from_depth(unproject_depth(depth, camera.K), rgb, header)
 
 
 def plain_copy(source):
-    """
-    Copy a cloud's worth of bytes into a fresh array('B'): the floor.
-
-    :return: array('B')
-    """
+    """Copy a cloud's worth of bytes into a fresh array('B'): the floor."""
     out = array.array('B')
     out.frombytes(memoryview(source).cast('B'))
     return out
@@ -143,7 +105,6 @@ def timed(funcs, repeats):
     Warm each function up once, then time ``repeats`` rounds of one call each, interleaved.
 
     :param funcs: name -> function of no argument
-    :param repeats: rounds
     :return: name -> list of (wall, CPU of this thread) seconds
     """
     for func in funcs.values():

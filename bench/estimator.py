@@ -57,11 +57,7 @@ def compare(estimator, pipe, frame, inference, repeats):
     """
     Median seconds per call of ours and of diffusers, interleaved.
 
-    :param estimator: DepthEstimator
     :param pipe: MarigoldDepthPipeline on the same weights
-    :param frame: uint8 image
-    :param inference: InferenceConfig
-    :param repeats: timed calls each
     :return: (ours, theirs, stage timings of our last call)
     """
     estimator.set_inference(inference)
@@ -92,10 +88,7 @@ def backend_table(model, frame, settings, repeats):
     The model is exported to a temporary folder first; both run on the CPU with the same
     threads (onnxruntime takes torch's thread count), calls interleaved.
 
-    :param model: model name (diffusers)
-    :param frame: uint8 image
     :param settings: (steps, ensemble, resolution) rows
-    :param repeats: timed calls each
     """
     from marigold_model.onnx_export import export_onnx
     with tempfile.TemporaryDirectory(prefix='bench_onnx_') as folder:
@@ -132,10 +125,8 @@ def flicker(estimator, frames, warm_strength):
     Each frame gets its own seed, as a live stream would; warm start re-noises the previous
     frame's latent instead of starting from pure noise.
 
-    :param estimator: DepthEstimator
     :param frames: list of uint8 images of a static scene (sensor noise only)
     :param warm_strength: 0 for independent frames
-    :return: float
     """
     estimator.reset_warm_start()
     base = estimator.inference
@@ -148,11 +139,7 @@ def flicker(estimator, frames, warm_strength):
 
 
 def main(argv=None):
-    """
-    Run the benchmark and print a report.
-
-    :param argv: arguments
-    """
+    """Run the benchmark and print a report."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', default='')
     parser.add_argument('--device', default='auto')

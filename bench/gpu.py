@@ -1,21 +1,18 @@
 """
 Speed of the full-size Marigold v1-1 architecture on a GPU, with random weights.
 
-Nothing is downloaded: the script builds the architecture of Marigold v1-1 (the Stable
-Diffusion 2 U-Net with 8 input channels, the SD VAE) and a TAESD-architecture tiny VAE with
-random weights, writes them as a model folder (fp16, about 1.8 GB) and loads that folder
-through DepthEstimator, the path users take.  Random weights cost the same time as trained
-ones.  For each speed setting, size and step count it prints, as a Markdown table: frames
-per second, milliseconds per stage, peak GPU memory and the fraction of the FLOP floor
-(the frame's GFLOP at the device's dense fp16 peak; DESIGN.md "Speed: the physical floor").
-One H100 needs under five minutes (warm-up, then medians of a few timed calls)::
+Nothing is downloaded: the Marigold v1-1 architecture (SD2 U-Net with 8 input channels, SD
+VAE) and a TAESD tiny VAE get random weights (which cost the same time as trained ones), are
+written as an fp16 model folder and loaded through DepthEstimator, the path users take.  The
+Markdown table gives, per speed setting, size and step count: frames per second, ms per
+stage, peak memory and the fraction of the FLOP floor (DESIGN.md "Speed: the physical
+floor")::
 
     python bench/gpu.py [--peak-tflops 800] [--repeats 5] [--variants eager,compile]
     python bench/gpu.py --smoke     # tiny architecture on the CPU in fp32 (the tests)
 
-The ``torch.compile`` row compiles the U-Net with the estimator's mode, its GEMM and
-convolution autotuning limited to ATen kernels unless ``--autotune`` (full autotuning of
-the SD U-Net takes longer than the whole run); the CUDA graphs row records graphs per size.
+The ``torch.compile`` row limits GEMM and convolution autotuning to ATen kernels unless
+``--autotune`` (full autotuning of the SD U-Net takes longer than the whole run).
 """
 
 import argparse
@@ -83,14 +80,7 @@ COLUMNS = ('variant', 'size', 'steps', 'FPS', 'encode ms', 'U-Net ms', 'decode m
 
 
 def build_sd2_unet():
-    """
-    Return a random UNet2DConditionModel of Stable Diffusion 2 with 8 input channels.
-
-    The configuration of stabilityai/stable-diffusion-2 unet/config.json, in_channels 8 as
-    Marigold (image latent and depth latent side by side); about 866 M parameters.
-
-    :return: UNet2DConditionModel (float32, CPU)
-    """
+    """Return a random U-Net of stabilityai/stable-diffusion-2 with Marigold's 8 input channels."""
     from diffusers import UNet2DConditionModel
     return UNet2DConditionModel(
         sample_size=96, in_channels=8, out_channels=4, center_input_sample=False,
@@ -104,11 +94,7 @@ def build_sd2_unet():
 
 
 def build_sd_vae():
-    """
-    Return a random AutoencoderKL of Stable Diffusion (x8, 4 latent channels).
-
-    :return: AutoencoderKL (float32, CPU), scaling factor 0.18215
-    """
+    """Return a random float32 CPU AutoencoderKL of Stable Diffusion (x8, 4 latent channels)."""
     from diffusers import AutoencoderKL
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,
@@ -118,12 +104,7 @@ def build_sd_vae():
 
 
 def build_tiny_vae(smoke=False):
-    """
-    Return a random AutoencoderTiny: diffusers' defaults are the TAESD architecture.
-
-    :param smoke: a few channels and blocks only (the CPU smoke run)
-    :return: AutoencoderTiny
-    """
+    """Return a random AutoencoderTiny (TAESD; a few channels only with ``smoke``)."""
     from diffusers import AutoencoderTiny
     if smoke:
         return AutoencoderTiny(encoder_block_out_channels=(16,) * 4,
@@ -137,15 +118,7 @@ SMOKE_ARCH = TinyArchitecture(vae_channels=(16, 16, 16, 16), unet_channels=(32, 
 
 
 def write_models(folder, smoke=False, device='cpu'):
-    """
-    Write the random Marigold model and the tiny VAE under ``folder`` (kept if present).
-
-    :param folder: where to write (``marigold/`` and ``taesd/`` inside)
-    :param smoke: the tiny architecture in fp32 instead of the full one in fp16
-    :param device: where the random weights are drawn (a GPU draws 866 M in a blink; two
-        CPU cores need minutes)
-    :return: (model folder, tiny VAE folder)
-    """
+    """Write (or keep) ``folder``/marigold and /taesd, weights drawn on ``device``; return both."""
     with torch.device(device):
         return _write_models(Path(folder), smoke)
 
@@ -181,8 +154,6 @@ def counted_gflop(estimator, width, height):
     Used for sizes the DESIGN table lacks (the smoke run) and to cross-check it.
 
     :param estimator: an eager DepthEstimator
-    :param width: frame width (processed at this size)
-    :param height: frame height
     :return: dict with 'encode', 'unet', 'decode'
     """
     from torch.utils.flop_counter import FlopCounterMode
@@ -210,7 +181,6 @@ def floor_gflop(size, tiny, counted=None):
     GFLOP per forward of each stage: the DESIGN figures, else the counted ones.
 
     :param size: (width, height)
-    :param tiny: the tiny VAE is used
     :param counted: counted_gflop() of this size and VAE, used when the table lacks the size
     :return: (dict with 'encode', 'unet', 'decode', source name)
     """
@@ -231,12 +201,7 @@ def _sync(device):
 
 
 def peak_memory_mib(device):
-    """
-    Peak memory since the last reset: GPU memory on CUDA, else the process' peak RSS.
-
-    :param device: torch.device
-    :return: MiB
-    """
+    """Return peak MiB since the last reset: GPU memory on CUDA, else the process' peak RSS."""
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -246,11 +211,7 @@ def measure(estimator, frame, steps, warmup, repeats):
     """
     Time one setting: warm-up calls, then medians of timed calls.
 
-    :param estimator: DepthEstimator
-    :param frame: uint8 [H, W, 3]
-    :param steps: denoising steps
     :param warmup: untimed calls first (compilation, graph recording, allocator)
-    :param repeats: timed calls
     :return: dict of medians: 'total', 'encode', 'unet', 'decode' (seconds), 'peak_mib'
     """
     estimator.set_inference(InferenceConfig(denoising_steps=steps, ensemble_size=1,
@@ -274,11 +235,7 @@ def measure(estimator, frame, steps, warmup, repeats):
 
 
 def row(variant, size, steps, medians, gflop, peak_tflops, dtype_name):
-    """
-    One table row.
-
-    :return: list of cells (str), in COLUMNS order
-    """
+    """Return one table row: str cells in COLUMNS order."""
     frame_gflop = gflop['encode'] + steps * gflop['unet'] + gflop['decode']
     fps = 1.0 / medians['total']
     floor = 100.0 * fps * frame_gflop / (peak_tflops * 1e3)
@@ -290,12 +247,7 @@ def row(variant, size, steps, medians, gflop, peak_tflops, dtype_name):
 
 
 def markdown(rows):
-    """
-    Format rows as a Markdown table.
-
-    :param rows: lists of cells
-    :return: str
-    """
+    """Format rows (lists of cells) as a Markdown table."""
     lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
     lines += ['| ' + ' | '.join(cells) + ' |' for cells in rows]
     return '\n'.join(lines)
@@ -320,12 +272,7 @@ def _over_budget(args, started, notes, what, key):
 
 
 def run(args):
-    """
-    Build, load and time every variant; print the table.
-
-    :param args: parsed arguments
-    :return: list of rows (lists of cells), in table order
-    """
+    """Build, load and time every variant; print the table and return its rows."""
     device = 'cpu' if args.smoke else args.device
     dtype = 'float32' if args.smoke else 'float16'
     dtype_name = 'fp32' if args.smoke else 'fp16'
@@ -413,12 +360,7 @@ def _size(text):
 
 
 def parse_args(argv=None):
-    """
-    Read the command line.
-
-    :param argv: arguments (default sys.argv)
-    :return: argparse.Namespace
-    """
+    """Read the command line (default sys.argv)."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--smoke', action='store_true',
                         help='tiny architecture on the CPU in fp32 (for the tests)')

@@ -1,30 +1,17 @@
 """
 Benchmark: metric scale recovery from sparse depth, AbsRel against sparsity and outliers.
 
-Ground truth comes from ``marigold_model.data.synthetic.render_scene`` (rooms with boxes and
-spheres, exact z depth). The "relative prediction" imitates Marigold: the ground truth normalised
-to [0, 1], softened at edges (Gaussian blur) and distorted by a smooth low-frequency error of
-a few percent, renormalised to [0, 1].
+Ground truth comes from ``marigold_model.data.synthetic.render_scene``; the "relative
+prediction" imitates Marigold (normalised, blurred at edges, a smooth error of a few
+percent).  Sparse readings are a random fraction of the valid pixels with 2 % noise, a given
+rate of them gross outliers.  Columns: oracle (least squares on all ground truth), const
+(the median sparse reading everywhere), lsq (plain least squares on the readings), global
+(:class:`ScaleTracker`'s robust fit) and local (global then :func:`refine_local`).
 
-Sparse readings are a random fraction of the valid pixels with 2 % multiplicative noise; a
-given rate of them are gross outliers (off by a factor 1.5 to 5). Columns:
-
-* oracle: least-squares scale and shift on all ground-truth pixels (the evaluation protocol;
-  does not depend on the sparse input),
-* const: every pixel at the median of the sparse readings (what is known without any fit;
-  the score a failed fit is given, see below),
-* lsq: plain least squares on the sparse readings (what a naive node would do),
-* global: the robust fit of :class:`ScaleTracker` (RANSAC + refinement),
-* local: ``global`` followed by the opt-in :func:`refine_local`.
-
-Every column is scored on the same pixels: all valid ground-truth pixels of every scene.  A
-pixel a method leaves without a positive depth (NaN or <= 0) is scored as 1 mm, an error
-of about 100 %, in every column alike.  Values are mean AbsRel over ALL scenes: a scene where
-a fit fails (lsq: too few readings; global and local: the tracker gives no usable estimate,
-so the node would publish relative depth only) is scored as ``const`` rather than left out,
-which would flatter a method that fails on hard scenes; ``fail`` gives how many scenes of the
-cell the tracker failed on (``lsq fail`` for least squares).  Timing per frame, fit vs
-refinement, is the median over the frames where both ran.
+Every column is scored on all valid ground-truth pixels of ALL scenes: a pixel left without
+a positive depth counts as 1 mm, and a scene where a fit fails is scored as ``const`` (not
+left out, which would flatter a method that fails on hard scenes); ``fail`` counts those.
+Fit and refinement times are medians over the frames where both ran.
 
 Run: .venv/bin/python bench/scale_recovery.py [--scenes 6 --height 240 --width 320]
 """
@@ -88,14 +75,7 @@ def _score(pred, gt, valid):
 
 
 def run(scenes, height, width, seed):
-    """
-    Run the benchmark and print the table.
-
-    :param scenes: number of scenes per cell
-    :param height: image height
-    :param width: image width
-    :param seed: random seed
-    """
+    """Run the benchmark on ``scenes`` scenes per cell and print the table."""
     rng = np.random.default_rng(seed)
     data = []
     source = None
@@ -152,11 +132,7 @@ def run(scenes, height, width, seed):
 
 
 def main(argv=None):
-    """
-    Parse arguments and run.
-
-    :param argv: command line arguments (default ``sys.argv[1:]``)
-    """
+    """Parse arguments (default ``sys.argv[1:]``) and run."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
     parser.add_argument('--scenes', type=int, default=6)
     parser.add_argument('--height', type=int, default=240)

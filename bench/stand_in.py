@@ -1,13 +1,10 @@
 """
 A stand-in for DepthEstimator that takes a set time per frame and returns a fixed depth.
 
-The node and bag benchmarks measure what surrounds the model (conversion, clouds, queues,
-threads).  On this CPU the real model takes seconds per frame and would drown all of that;
-with a GPU it takes milliseconds while the calling thread waits in ``synchronize`` with the
-GIL released.  The stand-in reproduces that: it sleeps (``time.sleep`` releases the GIL) for
-``milliseconds`` per frame, then returns a smooth, plausible relative depth in [0, 1] at the
-size the real estimator would (and an ensemble spread when ensemble_size > 1).  It has the
-interface marigold_ros uses (pipeline, live node, bag processor)::
+The node and bag benchmarks measure what surrounds the model; on a CPU the real model would
+drown that, and on a GPU the caller waits with the GIL released.  The stand-in sleeps (GIL
+released) ``milliseconds`` per frame, then returns a smooth relative depth in [0, 1] at the
+real estimator's size, with the interface marigold_ros uses::
 
     from stand_in import StandInEstimator      # bench scripts run from bench/
     estimator = StandInEstimator(milliseconds=30)
@@ -17,7 +14,7 @@ import threading
 import time
 
 from marigold_model.config import EstimatorConfig
-from marigold_model.estimator import check_frame, DepthResult, processing_size
+from marigold_model.estimator import check_call, DepthResult, processing_size
 import numpy as np
 
 #: Settings of Marigold v1-1 (model_index.json), the defaults a real model folder gives.
@@ -29,8 +26,6 @@ def ramp_depth(height, width):
     """
     Return a plausible relative depth: far at the top, near at the bottom, a bump across.
 
-    :param height: rows
-    :param width: columns
     :return: read-only float32 [height, width] in [0, 1] (both ends reached when H > 1)
     """
     rows = np.linspace(1.0, 0.0, height, dtype=np.float64)[:, None]
@@ -48,7 +43,6 @@ class StandInEstimator:
     DepthEstimator's interface, a fixed depth and a fixed time per frame.
 
     :param milliseconds: time one frame takes (a call of N frames takes N times this)
-    :param config: EstimatorConfig (model and inference settings, validated as the real one)
     :param default_steps: what the model folder would give as default denoising steps
     :param default_resolution: its default processing resolution
     """
@@ -76,11 +70,7 @@ class StandInEstimator:
         return self.config.inference
 
     def set_inference(self, inference):
-        """
-        Replace the per-call settings (an InferenceConfig checked itself when made).
-
-        :param inference: InferenceConfig
-        """
+        """Replace the per-call InferenceConfig."""
         self.config = EstimatorConfig(self.config.model, inference)
 
     @property
@@ -97,7 +87,6 @@ class StandInEstimator:
         """
         Resolve steps and processing resolution as DepthEstimator does.
 
-        :param inference: InferenceConfig, default the current one
         :return: (steps, resolution) with resolution 0 meaning the input size
         """
         inference = inference or self.config.inference
@@ -108,11 +97,7 @@ class StandInEstimator:
         return steps, max(resolution, 0)
 
     def reset_warm_start(self, key=None):
-        """
-        Forget the streams seen (the real one forgets their latents).
-
-        :param key: stream key, None for all
-        """
+        """Forget a stream key seen (None: all), as the real one forgets its latents."""
         if key is None:
             self.warm_keys.clear()
         else:
@@ -129,20 +114,11 @@ class StandInEstimator:
         """
         Wait ``milliseconds`` per frame with the GIL released, then return the fixed depth.
 
-        :param frames: uint8 [H, W, 3] array or a list of them
-        :param keys: optional stream key per frame
-        :param latents: accepted for the interface, unused
         :return: DepthResult, or a list of them for a list input
         :raises ValueError: frames the real estimator refuses (same checks)
         """
-        single = isinstance(frames, np.ndarray)
-        frames = [frames] if single else list(frames)
-        if not frames:
-            raise ValueError('no frames given')
-        frames = [check_frame(f, self.config.model.max_input_pixels) for f in frames]
-        keys = list(keys) if keys is not None else [None] * len(frames)
-        if len(keys) != len(frames) or (latents is not None and len(latents) != len(frames)):
-            raise ValueError('keys and latents must have one entry per frame')
+        single, frames, keys, _ = check_call(frames, keys, latents,
+                                             self.config.model.max_input_pixels)
         inference = self.config.inference
         _, resolution = self.resolved_settings(inference)
         with self._lock:

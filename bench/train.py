@@ -27,10 +27,7 @@ def measure(base, steps, size, batch, **changes):
     latent cache is a cost paid once per run, before the first step (as the recipe does):
     it is timed and returned apart, not hidden.
 
-    :param base: model to start from
-    :param steps: timed steps
     :param size: square training resolution
-    :param batch: batch size
     :param changes: extra TrainConfig settings
     :return: (steps per second, samples per second, seconds spent filling the cache)
     """
@@ -55,11 +52,7 @@ def measure(base, steps, size, batch, **changes):
 
 
 def main(argv=None):
-    """
-    Print the throughput table.
-
-    :param argv: arguments
-    """
+    """Print the throughput table."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--steps', type=int, default=6)
     parser.add_argument('--full-model', default='')

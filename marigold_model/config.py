@@ -157,15 +157,80 @@ def resolve_processing_resolution(value, model_default):
 
 
 def override(config, **changes):
-    """
-    Return a copy of a frozen config with some fields replaced, rejecting unknown names.
-
-    :param config: a frozen dataclass instance
-    :param changes: field names and new values
-    :return: the new instance
-    """
+    """Return a copy of a frozen config with some fields replaced, rejecting unknown names."""
     known = {f.name for f in fields(config)}
     unknown = set(changes) - known
     if unknown:
         raise ValueError(f'unknown settings {sorted(unknown)} for {type(config).__name__}')
     return replace(config, **changes)
+
+
+GUIDANCE_LOSSES = ('l1l2', 'huber')
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """
+    Sparse guidance (Marigold-DC) settings: see :mod:`marigold_model.guidance`.
+
+    The paper runs 10 DDIM steps on the CPU with one Adam update per step, learning rates
+    0.05 on the latent and 0.005 on scale and shift.  These defaults (two updates per step,
+    0.1 and 0.05, a looser global fit) were tuned with ``bench/guidance.py --tuning`` on
+    held-out synthetic scenes with the bundled model, and checked on another set of scenes.
+    """
+
+    # DDIM steps of the guided denoising (each is a U-Net forward and backward pass).
+    denoising_steps: int = 10
+    # Adam updates per denoising step (each one more U-Net forward and backward).
+    iterations_per_step: int = 2
+    # Adam learning rate of the noisy depth latent.
+    latent_lr: float = 0.1
+    # Adam updates of the final clean latent through the decoder only (no U-Net; on the
+    # bundled model it overfits the points: off by default).
+    refine_iterations: int = 0
+    # Adam learning rate of log(scale) and of the shift (in units of the global fit's scale).
+    affine_lr: float = 0.05
+    # Loss on the relative residual (pred - z) / z: 'l1l2' (the paper's L1 + L2) or 'huber'.
+    loss: str = 'l1l2'
+    # Where the Huber loss turns from quadratic to linear, in relative residual.
+    huber_delta: float = 0.05
+    # Give points off the global fit by more than outlier_threshold_rel (relative) no weight
+    # in the loss.  Wider than the fit's inlier threshold: a weak prediction misses good
+    # points by 10-20 %, and those are the ones the guidance must correct towards.
+    robust_weights: bool = True
+    outlier_threshold_rel: float = 0.3
+    # Scale the latent gradient to the norm of the noise estimate (as Marigold-DC does).
+    rescale_gradient: bool = True
+    # The robust global fit that starts scale and shift and refuses hopeless input, with the
+    # rules of ScaleTrackerConfig: fewest valid points, inlier threshold (relative), fewest
+    # inliers / points, RANSAC seed.  Looser than the tracker's 0.1 / 0.4: the guidance
+    # corrects the shape afterwards, and with a weak prediction a 10 % threshold refused a
+    # third of the scenes and started the others from a worse fit.
+    min_points: int = 20
+    inlier_threshold_rel: float = 0.2
+    min_inlier_ratio: float = 0.3
+    fit_seed: int = 0
+
+    def __post_init__(self):
+        """
+        Check the settings.
+
+        :raises ValueError: naming the bad field
+        """
+        if self.denoising_steps < 1:
+            raise ValueError('denoising_steps must be >= 1')
+        if self.iterations_per_step < 1:
+            raise ValueError('iterations_per_step must be >= 1')
+        if self.refine_iterations < 0:
+            raise ValueError('refine_iterations must be >= 0')
+        for name in ('latent_lr', 'affine_lr', 'huber_delta', 'inlier_threshold_rel',
+                     'outlier_threshold_rel'):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f'{name} must be finite and > 0, got {value}')
+        if self.loss not in GUIDANCE_LOSSES:
+            raise ValueError(f'loss must be one of {GUIDANCE_LOSSES}, got {self.loss!r}')
+        if self.min_points < 2:
+            raise ValueError('min_points must be >= 2')
+        if not 0.0 <= self.min_inlier_ratio <= 1.0:
+            raise ValueError('min_inlier_ratio must be within [0, 1]')

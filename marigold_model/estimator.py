@@ -51,12 +51,7 @@ class DepthResult:
 
 
 def resolve_device(name):
-    """
-    Map a device setting to a torch.device, refusing what is not there.
-
-    :param name: 'auto', 'cpu', 'cuda' or 'cuda:N'
-    :return: torch.device
-    """
+    """Map 'auto', 'cpu', 'cuda' or 'cuda:N' to a torch.device, refusing what is not there."""
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if name.startswith('cuda') and not torch.cuda.is_available():
@@ -66,13 +61,7 @@ def resolve_device(name):
 
 
 def resolve_dtype(name, device):
-    """
-    Map a dtype setting to a torch dtype: fp16 on CUDA and fp32 on CPU for 'auto'.
-
-    :param name: 'auto', 'float32', 'float16' or 'bfloat16'
-    :param device: the torch.device the model runs on
-    :return: torch.dtype
-    """
+    """Map a dtype setting to a torch dtype: fp16 on CUDA and fp32 on CPU for 'auto'."""
     if name == 'auto':
         return torch.float16 if device.type == 'cuda' else torch.float32
     return getattr(torch, name)
@@ -83,7 +72,6 @@ def check_frame(frame, max_pixels):
     Validate one input frame and return it as an [H, W, 3] array.
 
     :param frame: uint8 [H, W, 3] or [H, W] array, or float in [0, 1]
-    :param max_pixels: largest accepted H * W
     :return: the frame, with a grey image expanded to 3 channels
     """
     if not isinstance(frame, np.ndarray):
@@ -108,12 +96,28 @@ def check_frame(frame, max_pixels):
     return frame
 
 
+def check_call(frames, keys, latents, max_pixels):
+    """
+    Validate the arguments of an estimate call: one frame or a list, keys and latents per frame.
+
+    :return: (single frame given, frames, keys, latents), the last three as lists
+    """
+    single = isinstance(frames, np.ndarray)
+    frames = [frames] if single else list(frames)
+    if not frames:
+        raise ValueError('no frames given')
+    frames = [check_frame(f, max_pixels) for f in frames]
+    keys = list(keys) if keys is not None else [None] * len(frames)
+    latents = list(latents) if latents is not None else [None] * len(frames)
+    if len(keys) != len(frames) or len(latents) != len(frames):
+        raise ValueError('keys and latents must have one entry per frame')
+    return single, frames, keys, latents
+
+
 def processing_size(height, width, resolution):
     """
     Size the model works at: longest side = resolution, as diffusers computes it.
 
-    :param height: input height
-    :param width: input width
     :param resolution: longest side in pixels, or None for the input size (what
         :func:`~marigold_model.config.resolve_processing_resolution` returns)
     :return: (height, width)
@@ -128,16 +132,9 @@ def processing_size(height, width, resolution):
 
 
 def _step_noise_generator(seed, member):
-    """
-    Return the generator of the noise a stochastic scheduler (LCM) adds between steps.
-
-    One per ensemble member, seeded from the seed and the member only, so a frame's result
-    never depends on the other frames of its batch or on the batch size.
-
-    :param seed: inference seed
-    :param member: ensemble member index
-    :return: torch.Generator on the CPU
-    """
+    """Return the CPU generator of the noise a stochastic scheduler (LCM) adds between steps."""
+    # Seeded from the seed and the member only, so a frame's result never depends on the
+    # other frames of its batch or on the batch size.
     state = np.random.SeedSequence([seed, member]).generate_state(2, np.uint32)
     return torch.Generator('cpu').manual_seed(int(state[0]) << 32 | int(state[1]))
 
@@ -151,12 +148,7 @@ class DepthEstimator:
     """
 
     def __init__(self, config=EstimatorConfig(), components=None):
-        """
-        Load the model (or take already loaded components).
-
-        :param config: EstimatorConfig
-        :param components: optional MarigoldComponents (tests, trainer evaluation)
-        """
+        """Load the model, or take already loaded MarigoldComponents (tests, trainer)."""
         self.config = config
         onnx = config.model.backend == 'onnxruntime'
         if onnx:
@@ -193,11 +185,7 @@ class DepthEstimator:
         return self.config.inference
 
     def set_inference(self, inference):
-        """
-        Replace the per-call settings; safe while another thread estimates.
-
-        :param inference: InferenceConfig (checked when it was made)
-        """
+        """Replace the per-call InferenceConfig; safe while another thread estimates."""
         self._check_warm_start(inference)
         self.config = EstimatorConfig(self.config.model, inference)
 
@@ -224,7 +212,6 @@ class DepthEstimator:
         """
         Resolve steps and processing resolution, applying the model defaults.
 
-        :param inference: InferenceConfig, default the current one
         :return: (steps, resolution): resolution as
             :func:`~marigold_model.config.resolve_processing_resolution` gives it, pixels of
             the longer side or None for the input size
@@ -235,11 +222,7 @@ class DepthEstimator:
                                                     self.default_resolution)
 
     def reset_warm_start(self, key=None):
-        """
-        Forget the previous latents of one stream (or all) used for video warm start.
-
-        :param key: stream key, None for all
-        """
+        """Forget the video warm-start latents of one stream key (None: all)."""
         if key is None:
             self._warm_latents.clear()
         else:
@@ -320,21 +303,11 @@ class DepthEstimator:
         return latent
 
     def encode(self, images):
-        """
-        Encode [-1, 1] images into scaled latents (distribution mode, as Marigold).
-
-        :param images: [B, 3, H, W] tensor
-        :return: [B, C, H / f, W / f] tensor
-        """
+        """Encode [B, 3, H, W] images in [-1, 1] into scaled latents (distribution mode)."""
         return self.networks.encode(images)
 
     def decode(self, latent):
-        """
-        Decode depth latents into [B, 1, H, W] relative depth in [0, 1].
-
-        :param latent: scaled depth latents
-        :return: tensor in [0, 1]
-        """
+        """Decode scaled depth latents into [B, 1, H, W] relative depth in [0, 1]."""
         return self.networks.decode(latent)
 
     # ---- the call ------------------------------------------------------------------------
@@ -376,15 +349,8 @@ class DepthEstimator:
         :param latents: optional initial latents per frame ([E, C, h, w]) replacing the noise
         :return: DepthResult, or a list of them for a list input
         """
-        single = isinstance(frames, np.ndarray)
-        frames = [frames] if single else list(frames)
-        if not frames:
-            raise ValueError('no frames given')
-        frames = [check_frame(f, self.config.model.max_input_pixels) for f in frames]
-        keys = list(keys) if keys is not None else [None] * len(frames)
-        latents = list(latents) if latents is not None else [None] * len(frames)
-        if len(keys) != len(frames) or len(latents) != len(frames):
-            raise ValueError('keys and latents must have one entry per frame')
+        single, frames, keys, latents = check_call(frames, keys, latents,
+                                                   self.config.model.max_input_pixels)
         # One snapshot of the settings for the whole call: set_inference may run meanwhile.
         inference = self.config.inference
         out_of_memory = None

@@ -15,22 +15,13 @@ class ImageEncoder(torch.nn.Module):
     """[-1, 1] images -> scaled latents (distribution mode, as Marigold; TAESD latents)."""
 
     def __init__(self, vae):
-        """
-        Wrap a VAE's encoder.
-
-        :param vae: AutoencoderKL or AutoencoderTiny
-        """
+        """Wrap the encoder of an AutoencoderKL or AutoencoderTiny."""
         super().__init__()
         self.vae = vae
         self.scaling_factor = float(vae.config.scaling_factor)
 
     def forward(self, images):
-        """
-        Encode images.
-
-        :param images: [B, 3, H, W] in [-1, 1]
-        :return: [B, C, H / f, W / f] scaled latents
-        """
+        """Encode [B, 3, H, W] images in [-1, 1] into [B, C, H / f, W / f] scaled latents."""
         encoded = self.vae.encode(images)
         latent = encoded.latent_dist.mode() if hasattr(encoded, 'latent_dist') else encoded.latents
         return latent * self.scaling_factor
@@ -40,24 +31,13 @@ class TextFreeUNet(torch.nn.Module):
     """The U-Net with the empty-prompt embedding held as a constant: (latents, t) -> output."""
 
     def __init__(self, unet, text):
-        """
-        Hold the U-Net and the embedding.
-
-        :param unet: UNet2DConditionModel with 2 x C input channels
-        :param text: [1, tokens, dim] empty-prompt embedding (device and dtype of the unet)
-        """
+        """Hold the U-Net and its [1, tokens, dim] empty-prompt embedding (the U-Net's dtype)."""
         super().__init__()
         self.unet = unet
         self.register_buffer('text', text, persistent=False)
 
     def forward(self, sample, timestep):
-        """
-        Predict for one denoising step.
-
-        :param sample: [B, 2C, h, w] image and depth latents
-        :param timestep: the step (0-d or [1] tensor)
-        :return: [B, C, h, w] prediction
-        """
+        """Predict [B, C, h, w] from [B, 2C, h, w] image and depth latents at a timestep."""
         # A contiguous copy: a stride-0 (expanded) batch takes other attention kernels, whose
         # last bits differ, and process_bag's output must not change with the backend refactor.
         text = self.text.repeat(sample.shape[0], 1, 1)
@@ -68,22 +48,13 @@ class DepthDecoder(torch.nn.Module):
     """Scaled depth latents -> [B, 1, H, W] relative depth in [0, 1] (channel mean, clipped)."""
 
     def __init__(self, vae):
-        """
-        Wrap a VAE's decoder.
-
-        :param vae: AutoencoderKL or AutoencoderTiny
-        """
+        """Wrap the decoder of an AutoencoderKL or AutoencoderTiny."""
         super().__init__()
         self.vae = vae
         self.scaling_factor = float(vae.config.scaling_factor)
 
     def forward(self, latent):
-        """
-        Decode depth latents.
-
-        :param latent: [B, C, h, w] scaled depth latents
-        :return: [B, 1, h * f, w * f] relative depth in [0, 1]
-        """
+        """Decode [B, C, h, w] scaled latents into [B, 1, h * f, w * f] depth in [0, 1]."""
         decoded = self.vae.decode(latent / self.scaling_factor, return_dict=False)[0]
         return (decoded.mean(dim=1, keepdim=True).clip(-1.0, 1.0) + 1.0) / 2.0
 
@@ -97,9 +68,6 @@ class TorchNetworks:
     """
     The torch backend: the model's own modules, with the GPU speed switches of ModelConfig.
 
-    :param components: MarigoldComponents (unet, vae, empty_text_embedding)
-    :param device: torch.device the modules live on
-    :param dtype: torch dtype of the weights
     :param model_config: ModelConfig (channels_last, compile, cuda_graphs)
     """
 

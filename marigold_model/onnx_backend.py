@@ -5,7 +5,7 @@ The estimator keeps its torch loop (DDIM update, batching, ensembling, warm star
 tensors; only the three network calls go to ONNX Runtime, whose execution providers are
 tried in the order TensorRT, CUDA, CPU, the installed ones only (``onnxruntime`` has the CPU
 one; ``onnxruntime-gpu`` and the Jetson wheels add CUDA and TensorRT). TensorRT builds an
-engine per input shape, minutes for the full model, so engines are kept in a cache folder.
+engine per input shape, slowly for the full model, so engines are kept in a cache folder.
 """
 
 from dataclasses import dataclass
@@ -30,8 +30,6 @@ def choose_providers(device, available, tensorrt_cache, fp16):
     :param device: ModelConfig.device: 'cpu' (CPU only), 'auto' (every installed one) or
         'cuda' / 'cuda:N' (TensorRT or CUDA required)
     :param available: names from onnxruntime.get_available_providers()
-    :param tensorrt_cache: folder for TensorRT engines and timing caches
-    :param fp16: let TensorRT build float16 engines
     :return: list of (name, options) for InferenceSession(providers=...)
     """
     if device == 'cpu':
@@ -59,7 +57,6 @@ def read_manifest(model):
     """
     Find the export folder a model setting names and read its manifest.
 
-    :param model: ModelConfig.model: a folder written by marigold-export-onnx
     :return: (Path of the folder, manifest dict)
     :raises WeightsNotFoundError: the folder is missing or is not an export, saying how to
         make one
@@ -91,8 +88,6 @@ class OnnxRuntimeNetworks:
     Inputs are cast to the exported dtype and outputs returned as float32 CPU tensors. A
     fixed-shape export runs any batch: it is split into, or padded up to, the exported one.
 
-    :param folder: the export folder
-    :param manifest: its manifest
     :param providers: list of (name, options), see :func:`choose_providers`
     :param threads: CPU threads per session (0: ONNX Runtime's choice)
     """
@@ -161,10 +156,7 @@ class OnnxComponents:
     """
     What DepthEstimator needs of an exported model.
 
-    :param networks: OnnxRuntimeNetworks
-    :param scheduler: the diffusers scheduler saved with the export
     :param pipeline_config: model_index.json entries with the export's defaults
-    :param path: the export folder
     :param manifest: marigold_onnx.json
     """
 
@@ -176,12 +168,7 @@ class OnnxComponents:
 
 
 def load_onnx_components(config):
-    """
-    Open an exported model with the execution providers the settings allow.
-
-    :param config: ModelConfig with backend 'onnxruntime'
-    :return: OnnxComponents
-    """
+    """Open an exported model with the execution providers a ModelConfig allows."""
     import onnxruntime as ort
     folder, manifest = read_manifest(config.model)
     if manifest['vae'] != config.vae:

@@ -8,12 +8,9 @@ Writes three networks, the same modules the torch backend calls (marigold_model.
   prediction [B, C, h, w]; the empty-prompt embedding is a constant inside the graph
 * ``vae_decoder.onnx``: depth latent [B, C, h, w] -> depth [B, 1, H, W] in [0, 1]
 
-plus ``scheduler/scheduler_config.json`` and ``marigold_onnx.json`` (the manifest: networks
-with their inputs and outputs, dtype, latent scaling, default steps and resolution, source).
-Batch, height and width are dynamic unless ``--static-size`` fixes them (TensorRT builds one
-engine per shape either way; fixed shapes skip the optimisation profiles). A network over
-``EXTERNAL_DATA_BYTES`` keeps its weights in ``NAME.onnx.data`` beside it (protobuf's 2 GB
-limit; the full Marigold U-Net is 3.5 GB in float32).
+plus ``scheduler/scheduler_config.json`` and the manifest ``marigold_onnx.json``.  Batch,
+height and width are dynamic unless ``--static-size`` fixes them.  A network over
+``EXTERNAL_DATA_BYTES`` keeps its weights in ``NAME.onnx.data`` (protobuf's 2 GB limit).
 
     marigold-export-onnx prs-eth/marigold-depth-v1-1 marigold-onnx [--fp16]
         [--resolution 768] [--static-size 640x480 --batch 1] [--vae tiny]
@@ -37,12 +34,7 @@ NETWORK_FILES = {'vae_encoder': 'vae_encoder.onnx', 'unet': 'unet.onnx',
 
 
 def parse_size(text):
-    """
-    Read a frame size written WIDTHxHEIGHT.
-
-    :param text: e.g. '640x480'
-    :return: (height, width)
-    """
+    """Return (height, width) of a frame size written WIDTHxHEIGHT, e.g. '640x480'."""
     try:
         width, height = (int(v) for v in text.lower().split('x'))
     except ValueError as error:
@@ -53,12 +45,9 @@ def parse_size(text):
 
 
 def _dummy_latent_size(unet):
-    """
-    Latent (height, width) to trace the dynamic U-Net with: not a multiple of its up factor.
-
-    The U-Net passes explicit upsampling sizes only for such sizes; traced with them, the
-    graph upsamples to the skip connection's size and so serves every size.
-    """
+    """Return a latent (h, w) to trace the U-Net with: not a multiple of its up factor."""
+    # The U-Net passes explicit upsampling sizes only for such sizes; traced with them, the
+    # graph upsamples to the skip connection's size and so serves every size.
     factor = 2 ** (len(unet.config.block_out_channels) - 1)
     return factor + 1, 2 * factor + 1
 
@@ -77,7 +66,6 @@ def _finish(exported, final, threshold, output_shape, dynamic_axes):
     Save an exported network under its final name, its weights in a .data file if large.
 
     :param exported: path the exporter wrote (with any external files beside it)
-    :param final: path of the final .onnx file
     :param threshold: weight bytes above which the weights go to ``final``.data
     :param output_shape: the output's shape when traced
     :param dynamic_axes: the output's dynamic axes; the others get the traced sizes (the
@@ -128,7 +116,6 @@ def export_onnx(model, outdir, fp16=False, resolution=0, static_size=None, batch
     at ``outdir`` that is not an export (no manifest) is refused, not overwritten.
 
     :param model: model name as accepted by marigold_model.loading (hub id, folder, bundled:)
-    :param outdir: output folder
     :param fp16: export the weights and activations in float16 (GPU; CPU ONNX Runtime lacks
         many float16 kernels)
     :param resolution: default processing resolution stored in the manifest (0: the model's)
@@ -136,7 +123,6 @@ def export_onnx(model, outdir, fp16=False, resolution=0, static_size=None, batch
         dynamic batch, height and width
     :param batch: batch of the fixed shapes (frames x ensemble members per call)
     :param vae: 'model' or 'tiny' (an AutoencoderTiny from ``tiny_vae``)
-    :param tiny_vae: the AutoencoderTiny's name when vae is 'tiny'
     :param external_data_bytes: weight bytes above which a network's weights go to a .data file
     :return: Path of the folder
     """
@@ -230,11 +216,7 @@ def export_onnx(model, outdir, fp16=False, resolution=0, static_size=None, batch
 
 
 def main(argv=None):
-    """
-    Command line: marigold-export-onnx MODEL OUTDIR [options].
-
-    :param argv: arguments (default sys.argv)
-    """
+    """Run ``marigold-export-onnx MODEL OUTDIR [options]`` (argv default: sys.argv)."""
     parser = argparse.ArgumentParser(
         description='Export a Marigold model to ONNX (VAE encoder, U-Net with the empty '
                     'prompt folded in, VAE decoder) for the onnxruntime backend, '

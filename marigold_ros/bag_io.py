@@ -1,5 +1,5 @@
 """
-Read ROS 1 / rosbag2 bags as rclpy messages and write rosbag2 bags atomically.
+Read ROS 1 / rosbag2 bags as rclpy messages; serialize messages canonically for writing.
 
 Reading uses ``rosbags`` (pure Python): rosbag2 directories (sqlite3 or mcap), a bare
 ``.db3`` / ``.mcap`` storage file, or a ROS 1 ``.bag``.  Every message is handed on as CDR
@@ -7,21 +7,14 @@ bytes (ROS 1 bytes are converted on the byte level, dropping the ROS 1 header ``
 ``rclpy.serialization.deserialize_message`` turns it into exactly the message class the live
 node receives, and copying a topic through is a byte copy.
 
-Writing goes to a hidden staging folder next to the output and is moved into place only by
-:meth:`AtomicBagWriter.commit`; any exception (Ctrl-C included) removes the staging folder, so
-a half-written bag never appears under the output name.  The storage file inside is named
-after the final output (as ``ros2 bag record`` names it), and the writer records no wall-clock
-time, so the same messages give byte-identical files.
+Writing is :mod:`marigold_ros.bag_writer`.
 """
 
 import array
 import dataclasses
 from dataclasses import dataclass
 import importlib
-import os
 from pathlib import Path
-import shutil
-import socket
 
 from marigold_model.errors import ReasonError
 import numpy as np
@@ -35,7 +28,7 @@ from rosbags.rosbag2 import StoragePlugin
 from rosbags.typesys import get_typestore
 from rosbags.typesys import Stores
 
-from .mcap_pieces import CdrPieces, PiecewiseWriter
+from .mcap_pieces import CdrPieces
 
 IMAGE_TYPE = 'sensor_msgs/msg/Image'
 COMPRESSED_TYPE = 'sensor_msgs/msg/CompressedImage'
@@ -55,8 +48,6 @@ def _damaged_metadata(path, error):
     """
     Say that a bag folder's metadata.yaml is damaged, when that is why it did not open.
 
-    :param path: the bag path that failed to open
-    :param error: what rosbags raised
     :return: the message naming the file, or None when the metadata is not the problem
     """
     metadata = Path(path) / 'metadata.yaml'
@@ -84,7 +75,6 @@ class TopicInfo:
     """
     One topic of an input bag.
 
-    :param name: topic name.
     :param msgtype: rosbags type name, e.g. 'sensor_msgs/msg/Image'.
     :param count: messages recorded (from the bag index / metadata).
     """
@@ -99,8 +89,6 @@ class BagMessage:
     """
     One recorded message, CDR-serialized (ROS 2 wire format).
 
-    :param topic: topic name.
-    :param msgtype: rosbags type name.
     :param log_time: receive time recorded in the bag, integer nanoseconds.
     :param cdr: CDR bytes (converted from ROS 1 when the bag is a ROS 1 bag).
     """
@@ -116,10 +104,8 @@ _CLASSES = {}
 
 def message_class(msgtype):
     """
-    Return the rclpy message class of a rosbags type name.
+    Return the rclpy message class of a rosbags type name, e.g. 'sensor_msgs/msg/Image'.
 
-    :param msgtype: e.g. 'sensor_msgs/msg/Image'.
-    :return: the generated Python class.
     :raises BagError: 'bad_topic' when the package / message is not installed.
     """
     cls = _CLASSES.get(msgtype)
@@ -135,13 +121,7 @@ def message_class(msgtype):
 
 
 def to_rclpy(message):
-    """
-    Deserialize a :class:`BagMessage` into its rclpy message.
-
-    :param message: BagMessage.
-    :return: rclpy message instance.
-    :raises BagError: 'corrupt' when the bytes do not parse.
-    """
+    """Deserialize a :class:`BagMessage` into its rclpy message (BagError 'corrupt')."""
     try:
         return deserialize_message(message.cdr, message_class(message.msgtype))
     except BagError:
@@ -181,20 +161,11 @@ def _rosbags_message(msg, msgtype, store):
 
 
 def serialize_canonical(msg, msgtype, store=None):
-    """
-    Serialize an rclpy message to CDR with zeroed padding bytes.
-
-    ``rclpy.serialization.serialize_message`` (Fast DDS) leaves the CDR alignment padding
-    uninitialised, so the same message serializes to different bytes in different processes;
-    rosbags' serializer writes zeros, which makes output bags reproducible bit for bit.
-    The result deserializes (rclpy or rosbags) to the same message.
-
-    :param msg: rclpy message.
-    :param msgtype: its rosbags type name, e.g. 'sensor_msgs/msg/Image'.
-    :param store: rosbags typestore holding ``msgtype`` (default: the ROS 2 store).
-    :return: bytes-like CDR (little endian).
-    """
-    store = store or _ros2_store()
+    """Serialize an rclpy message to little-endian CDR with zeroed padding bytes."""
+    # rclpy's serialize_message (Fast DDS) leaves the alignment padding uninitialised, so
+    # the same message gives different bytes in different processes; rosbags' serializer
+    # writes zeros, which makes output bags reproducible bit for bit.
+    store = store or ros2_store()
     return store.serialize_cdr(_rosbags_message(msg, msgtype, store), msgtype)
 
 
@@ -215,11 +186,8 @@ def serialize_canonical_pieces(msg, msgtype, store=None):
     PiecewiseMcapWriter` writes them without joining.
 
     :param msg: rclpy message (its data must not change until written).
-    :param msgtype: rosbags type name.
-    :param store: rosbags typestore (default: the ROS 2 store).
-    :return: CdrPieces.
     """
-    store = store or _ros2_store()
+    store = store or ros2_store()
     tail = _DATA_TAIL_BYTES.get(msgtype)
     if tail is None:
         return CdrPieces((serialize_canonical(msg, msgtype, store),))
@@ -242,9 +210,7 @@ def deserialized(messages, topics):
     A message that does not deserialize is paired with its BagError instead, so that one
     damaged message costs its frame, not the run.
 
-    :param messages: iterable of BagMessage
     :param topics: names of the topics to deserialize
-    :return: generator of (BagMessage, rclpy message or BagError or None)
     """
     for message in messages:
         if message.topic not in topics:
@@ -259,7 +225,8 @@ def deserialized(messages, topics):
 _STORES = {}
 
 
-def _ros2_store():
+def ros2_store():
+    """Return the rosbags type store of the ROS 2 release these wheels are (built once)."""
     store = _STORES.get(ROS2_STORE)
     if store is None:
         store = _STORES[ROS2_STORE] = get_typestore(ROS2_STORE)
@@ -279,12 +246,7 @@ class BagReader:
     """
 
     def __init__(self, path):
-        """
-        Open the bag.
-
-        :param path: bag path.
-        :raises BagError: 'missing', 'unreadable' or 'corrupt' naming the path.
-        """
+        """Open the bag (BagError 'missing', 'unreadable' or 'corrupt' naming the path)."""
         self.path = Path(path).expanduser()
         if not self.path.exists():
             raise BagError('missing', f'input bag {str(self.path)!r} does not exist')
@@ -365,21 +327,11 @@ class BagReader:
         return False
 
     def topics_of_type(self, *msgtypes):
-        """
-        List the topic names carrying one of the given types.
-
-        :param msgtypes: rosbags type names.
-        :return: sorted list of topic names.
-        """
+        """Return the sorted names of the topics carrying one of the given rosbags types."""
         return sorted(t.name for t in self.topics.values() if t.msgtype in msgtypes)
 
     def describe_topics(self, names=None):
-        """
-        Format topics as 'name (type, N msgs)' for error messages.
-
-        :param names: topic names, default all.
-        :return: str, one topic per line.
-        """
+        """Format topics (default all) as 'name (type, N msgs)' lines, for error messages."""
         names = sorted(self.topics) if names is None else names
         return '\n'.join(f'  {n} ({self.topics[n].msgtype}, {self.topics[n].count} msgs)'
                          for n in names) or '  (none)'
@@ -388,7 +340,6 @@ class BagReader:
         """
         Return what a writer needs to record a topic exactly as in this bag.
 
-        :param topic: topic name.
         :return: dict with msgtype, msgdef, rihs01, serialization_format, qos (for
             :meth:`AtomicBagWriter.add_topic`).
         """
@@ -405,7 +356,7 @@ class BagReader:
                 info['rihs01'] = conn.digest
         if info['msgdef'] is None:
             store = self._ros1_store or self._reader.typestore
-            ros2 = _ros2_store()
+            ros2 = ros2_store()
             # A ROS 1 type known to ROS 2 with the same wire format (sensor_msgs etc.) is
             # recorded with its ROS 2 definition and hash, as ROS 2 tools expect.
             if conn.msgtype not in store.fielddefs or (
@@ -422,13 +373,11 @@ class BagReader:
 
         For types without rclpy classes in this environment (e.g. tf2_msgs/TFMessage).
 
-        :param message: BagMessage
-        :return: rosbags message (dataclass)
         :raises BagError: 'corrupt' when the bytes do not parse
         """
         store = self._ros1_store or self._reader.typestore
         if message.msgtype not in store.fielddefs:
-            store = _ros2_store()
+            store = ros2_store()
         try:
             return store.deserialize_cdr(message.cdr, message.msgtype)
         except Exception as exc:  # noqa: B902 - rosbags raises several types
@@ -436,12 +385,7 @@ class BagReader:
                                       f'{message.topic!r}: {exc}') from exc
 
     def first_message(self, topic):
-        """
-        Return the first recorded message of a topic, or None when it has none.
-
-        :param topic: topic name
-        :return: BagMessage or None
-        """
+        """Return the first recorded BagMessage of a topic, or None when it has none."""
         for message in self.messages([topic]):
             return message
         return None
@@ -451,7 +395,6 @@ class BagReader:
         Yield messages in recording order.
 
         :param topics: topic names to read, default all in :attr:`topics`.
-        :return: generator of :class:`BagMessage`.
         :raises BagError: 'no_topic' for an unknown topic, 'corrupt' for damaged data.
         """
         if topics is not None:
@@ -478,218 +421,3 @@ class BagReader:
                 raise BagError('corrupt', f'bag {str(self.path)!r} is damaged or truncated: '
                                           f'{type(exc).__name__}: {exc}') from exc
             yield BagMessage(conn.topic, conn.msgtype, int(log_time), bytes(raw))
-
-
-def _stage_prefix(final):
-    # The host name keeps a shared (network) folder's stages of other machines, whose
-    # process ids mean nothing here, out of remove_stale_stages' reach.
-    return f'.{final.name}.partial-{socket.gethostname()}-'
-
-
-def staging_path(final):
-    """
-    Return the hidden staging folder used while writing ``final``.
-
-    :param final: the output path.
-    :return: Path of a sibling folder unique to this process (host name and process id).
-    """
-    final = Path(final)
-    return final.parent / f'{_stage_prefix(final)}{os.getpid()}'
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-def remove_stale_stages(final):
-    """
-    Remove the staging folders of ``final`` left by processes of this host that are gone.
-
-    A run killed outright (SIGKILL, out of memory, power loss) cannot clean up after
-    itself; the next run for the same output does it.  Stages of live processes (another
-    run writing the same output) and of other hosts are left alone.
-
-    :param final: the output path.
-    :return: list of the removed Paths.
-    """
-    final = Path(final)
-    prefix = _stage_prefix(final)
-    removed = []
-    if not final.parent.is_dir():
-        return removed
-    for path in final.parent.iterdir():
-        if not path.name.startswith(prefix):
-            continue
-        pid = path.name[len(prefix):].split('.', 1)[0]  # exports add '.old' while replacing
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-class AtomicBagWriter:
-    """
-    Write a rosbag2 bag that appears under its name only when complete.
-
-    Use as a context manager (or :meth:`open` ... :meth:`commit`, :meth:`abort` in a
-    ``finally``): leaving the block normally does nothing by itself; call :meth:`commit` to
-    finish.  Leaving it by an exception (KeyboardInterrupt included) or without commit
-    removes everything written.  Every call must come from the thread that opened it (a
-    sqlite3 connection is bound to its thread).
-    """
-
-    def __init__(self, path, storage='mcap', overwrite=False):
-        """
-        Prepare the writer (nothing is created yet).
-
-        :param path: output bag folder.
-        :param storage: 'mcap' or 'sqlite3'.
-        :param overwrite: replace an existing output on commit.
-        :raises BagError: 'exists' or 'bad_output'.
-        """
-        if storage not in STORAGES:
-            raise BagError('bad_output', f'unknown storage {storage!r}; use one of '
-                                         f'{sorted(STORAGES)}')
-        self.path = Path(path).expanduser().absolute()
-        if self.path.exists() and not overwrite:
-            raise BagError('exists', f'output {str(self.path)!r} already exists; choose '
-                                     'another name or pass --overwrite')
-        if not self.path.parent.is_dir():
-            raise BagError('bad_output', f'output folder {str(self.path.parent)!r} does not '
-                                         'exist')
-        self.storage = storage
-        self.overwrite = overwrite
-        self.stage = staging_path(self.path)
-        self._writer = None
-        self._connections = {}
-        self.counts = {}
-        self._store = _ros2_store()
-
-    def __enter__(self):
-        """Open (see :meth:`open`)."""
-        return self.open()
-
-    def open(self):  # noqa: A003 - the usual name, as rosbags Writer.open
-        """
-        Create the staging folder and open the storage.
-
-        The sqlite3 storage must then be used from this thread only.
-
-        :return: self
-        """
-        remove_stale_stages(self.path)
-        if self.stage.exists():
-            shutil.rmtree(self.stage)
-        self.stage.mkdir()
-        try:
-            # The bag folder inside the stage carries the final name, so the storage file and
-            # metadata.yaml reference '<name>.mcap' exactly as a direct write would.
-            self._writer = PiecewiseWriter(self.stage / self.path.name,
-                                           version=PiecewiseWriter.VERSION_LATEST,
-                                           storage_plugin=STORAGES[self.storage])
-            self._writer.open()
-        except BaseException:
-            self.abort()
-            raise
-        return self
-
-    def __exit__(self, exc_type, exc, traceback):
-        """Remove the staging folder unless committed."""
-        self.abort()
-        return False
-
-    @property
-    def topics(self):
-        """Return the topic names added so far, in order."""
-        return list(self._connections)
-
-    def add_topic(self, topic, msgtype, msgdef=None, rihs01=None, qos=()):
-        """
-        Register a topic (once; later calls for the same topic are ignored).
-
-        :param topic: topic name.
-        :param msgtype: rosbags type name.
-        :param msgdef: message definition text (default: the ROS 2 store's).
-        :param rihs01: type hash matching ``msgdef``.
-        :param qos: offered QoS profiles (rosbags Qos objects) to record.
-        """
-        if topic in self._connections:
-            if self._connections[topic].msgtype != msgtype:
-                raise BagError('bad_output', f'topic {topic!r} written with two types: '
-                                             f'{self._connections[topic].msgtype} and '
-                                             f'{msgtype}')
-            return
-        if msgdef is None or rihs01 is None:
-            msgdef, _ = self._store.generate_msgdef(msgtype, ros_version=2)
-            rihs01 = self._store.hash_rihs01(msgtype)
-        self._connections[topic] = self._writer.add_connection(
-            topic, msgtype, msgdef=msgdef, rihs01=rihs01, serialization_format='cdr',
-            offered_qos_profiles=list(qos))
-        self.counts[topic] = 0
-
-    def write(self, topic, log_time, cdr):
-        """
-        Write serialized bytes on a registered topic.
-
-        :param topic: topic name (see :meth:`add_topic`).
-        :param log_time: bag time, integer nanoseconds.
-        :param cdr: CDR bytes, or CdrPieces (their buffers must not change until the bag
-            is committed).
-        """
-        self._writer.write(self._connections[topic], int(log_time), cdr)
-        self.counts[topic] += 1
-
-    def write_msg(self, topic, log_time, msg, msgtype):
-        """
-        Serialize an rclpy message (canonically) and write it, registering the topic first.
-
-        :param topic: topic name.
-        :param log_time: bag time, integer nanoseconds.
-        :param msg: rclpy message.
-        :param msgtype: rosbags type name of ``msg``.
-        """
-        self.add_topic(topic, msgtype)
-        self.write(topic, log_time, serialize_canonical_pieces(msg, msgtype, self._store))
-
-    def finish(self):
-        """
-        Close the bag in the staging folder (the step that can fail on a full disk).
-
-        :raises BagError: 'exists' when the output appeared meanwhile and may not be replaced
-        """
-        if self._writer is not None:
-            self._writer.close()  # on failure it stays set, for abort() to drop
-            self._writer = None
-        if self.path.exists() and not self.overwrite:
-            raise BagError('exists', f'output {str(self.path)!r} appeared while writing; '
-                                     'nothing was written')
-
-    def commit(self):
-        """
-        Close the bag (see :meth:`finish`) and move it into place, replacing an old output.
-
-        :return: the final Path.
-        """
-        self.finish()
-        if self.path.exists():
-            os.replace(self.path, self.stage / '.replaced')
-        os.replace(self.stage / self.path.name, self.path)
-        shutil.rmtree(self.stage, ignore_errors=True)
-        return self.path
-
-    def abort(self):
-        """Drop everything written (no-op after a commit)."""
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            try:
-                writer.abort()
-            except Exception:  # noqa: B902 - cleaning up after another error
-                pass
-        if self.stage.exists():
-            shutil.rmtree(self.stage, ignore_errors=True)

@@ -47,8 +47,9 @@ from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig,
 from std_msgs.msg import Header
 
 from . import export
-from .bag_io import AtomicBagWriter, BagError, BagReader, deserialized, STORAGES
+from .bag_io import BagError, BagReader, deserialized, STORAGES
 from .bag_topics import output_topic_names, resolve_topics
+from .bag_writer import AtomicBagWriter
 from .heap import keep_large_buffers_in_heap
 from .node_params import estimator_config, NodeConfig, OUTPUT_TOPICS, OutputConfig
 from .node_params import read_node_params

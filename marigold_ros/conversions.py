@@ -1,21 +1,10 @@
 """
 Numpy-level conversions between ROS image / point cloud messages and arrays.
 
-The semantics follow cv_bridge (which is not available here) and the speed comes from numpy
-views over the message buffer: no per-pixel Python anywhere.
-
-The image readers hand a message's fields to :mod:`marigold_model.data.image_decoding`, the
-decoder the bag data reader shares.  The readers only touch message attributes, so rclpy
-messages and rosbags messages (whose ``data`` is a numpy array) both work.  The writers build
-rclpy message classes.
-
-Filling ``msg.data`` fast: the generated rclpy classes store ``uint8[]`` as
-``array.array('B')`` and keep an assigned ``array.array('B')`` as is, while any other value
-(bytes, memoryview, list) is copied element by element by ``array.array('B', value)`` and,
-with ``ROS_PYTHON_CHECK_FIELDS=1``, also range-checked per element.  Measured on this machine
-for a 640x480 x 16-byte cloud: ``array('B').frombytes(memoryview)`` 0.5-1.2 ms,
-``array('B', ndarray.tobytes())`` 3 ms, bytes 1.2 ms (727 ms with field checks), memoryview
-440 ms, list 290 ms.  :func:`_to_byte_array` uses the first.
+cv_bridge semantics (cv_bridge is not available here), numpy views over the message buffer
+and no per-pixel Python.  The image readers hand a message's fields to
+:mod:`marigold_model.data.image_decoding`, which the bag data reader shares; they only touch
+attributes, so rclpy and rosbags messages both work.  The writers build rclpy messages.
 """
 
 import array
@@ -49,13 +38,7 @@ _POINTFIELD_DTYPES = {
 
 
 class PointCloudConversionError(ReasonError):
-    """
-    A PointCloud2 that cannot be read.
-
-    :param reason: short key: 'missing_field', 'unsupported_datatype', 'bad_layout',
-        'truncated'.
-    :param message: human-readable description naming the problem (and the field).
-    """
+    """A PointCloud2 that cannot be read; ``reason`` is the short key, the text names the field."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -63,6 +46,8 @@ class PointCloudConversionError(ReasonError):
 
 def _to_byte_array(arr):
     """Return ``array.array('B')`` holding the bytes of a contiguous numpy array (one copy)."""
+    # rclpy keeps an assigned array('B') as is; any other value (bytes, memoryview, list) is
+    # copied element by element, and range-checked with ROS_PYTHON_CHECK_FIELDS=1.
     out = array.array('B')
     out.frombytes(memoryview(np.ascontiguousarray(arr)).cast('B'))
     return out
@@ -72,20 +57,7 @@ def _to_byte_array(arr):
 
 
 def image_to_rgb(msg, max_pixels=DEFAULT_MAX_PIXELS):
-    """
-    Convert a sensor_msgs/Image to an HxWx3 uint8 RGB array (cv_bridge semantics).
-
-    The encodings and their meaning are those of
-    :func:`marigold_model.data.image_decoding.decode_rgb`; the result never shares memory
-    with the message.
-
-    :param msg: sensor_msgs/Image (rclpy or rosbags message).
-    :param max_pixels: refuse images with more than this many pixels (None: no limit).
-    :return: HxWx3 uint8 RGB array.
-    :raises ImageConversionError: with ``reason`` 'unknown_encoding' (depth encodings such as
-        16UC1 / 32FC1 included), 'empty', 'too_large', 'bad_step', 'truncated' or 'bad_size'
-        (odd width in a YUV 4:2:2 image).
-    """
+    """Convert a sensor_msgs/Image to a new HxWx3 uint8 RGB array (``decode_rgb`` encodings)."""
     return decode_rgb(msg.data, msg.height, msg.width, msg.step, msg.encoding,
                       msg.is_bigendian, max_pixels)
 
@@ -149,18 +121,7 @@ def rgb_to_image(rgb, header, encoding='rgb8'):
 
 
 def compressed_to_rgb(msg, max_pixels=DEFAULT_MAX_PIXELS):
-    """
-    Decode a sensor_msgs/CompressedImage (JPEG or PNG) to HxWx3 uint8 RGB.
-
-    The codec is detected from the bytes; ``format`` only rejects compressedDepth images
-    (:func:`marigold_model.data.image_decoding.decode_compressed_rgb`).
-
-    :param msg: sensor_msgs/CompressedImage.
-    :param max_pixels: refuse images with more than this many pixels (None: no limit).
-    :return: HxWx3 uint8 RGB array.
-    :raises ImageConversionError: 'empty', 'unknown_encoding' (compressedDepth),
-        'too_large' or 'corrupt_compressed'.
-    """
+    """Decode a JPEG or PNG CompressedImage (codec from the bytes) to HxWx3 uint8 RGB."""
     return decode_compressed_rgb(msg.data, msg.format, max_pixels)
 
 
@@ -172,11 +133,8 @@ def rgb_to_compressed(rgb, header, fmt='jpeg', quality=90):
     'rgb8; jpeg compressed bgr8' or 'rgb8; png compressed bgr8' (the compressed bytes hold
     correct colours; 'bgr8' only names OpenCV's decode order).
 
-    :param rgb: HxWx3 uint8 RGB.
-    :param header: std_msgs/Header.
     :param fmt: 'jpeg' (or 'jpg') or 'png'.
     :param quality: JPEG quality 1-100.
-    :return: sensor_msgs/CompressedImage.
     :raises ImageConversionError: 'unknown_encoding' or 'bad_array'.
     """
     arr = np.asarray(rgb)
@@ -212,8 +170,7 @@ def depth_to_image(depth, header):
     Build a 32FC1 depth Image (REP 118: meters, NaN = no reading, kept as NaN).
 
     :param depth: HxW float array (meters, or relative depth for depth/relative).
-    :param header: std_msgs/Header.
-    :return: sensor_msgs/Image with encoding '32FC1', little endian, step = 4 * width.
+    :return: little endian, step = 4 * width.
     :raises ImageConversionError: 'bad_array' for a non 2-D or non-float array.
     """
     arr = np.asarray(depth)
@@ -233,19 +190,7 @@ def depth_to_image(depth, header):
 
 
 def image_to_depth(msg, max_pixels=DEFAULT_MAX_PIXELS):
-    """
-    Convert a depth Image to float32 meters (REP 118).
-
-    32FC1 is taken as meters (NaN / inf kept as they are); 16UC1 is millimeters, converted to
-    meters, with 0 (no reading) -> NaN
-    (:func:`marigold_model.data.image_decoding.decode_depth`).
-
-    :param msg: sensor_msgs/Image with encoding 32FC1 or 16UC1.
-    :param max_pixels: refuse images with more than this many pixels (None: no limit).
-    :return: new HxW float32 array in meters.
-    :raises ImageConversionError: 'unknown_encoding' for other encodings (mono16 included:
-        it carries no unit), 'empty', 'too_large', 'bad_step' or 'truncated'.
-    """
+    """Convert a 32FC1 (m) or 16UC1 (mm, 0 -> NaN) Image to float32 m; mono16 has no unit."""
     return decode_depth(msg.data, msg.height, msg.width, msg.step, msg.encoding,
                         msg.is_bigendian, max_pixels)
 
@@ -268,13 +213,9 @@ def organized_cloud_msg(header, height, width, data, colour=True):
     and rgb at 12 when ``colour``, point_step 16, row_step 16 * width, little endian,
     is_dense False.
 
-    :param header: std_msgs/Header
-    :param height: rows
-    :param width: columns
     :param data: the points' bytes (array('B') for the fast path, or anything the message's
         data field accepts)
     :param colour: declare the rgb field
-    :return: sensor_msgs/PointCloud2
     """
     msg = PointCloud2()
     msg.header = header
@@ -295,12 +236,7 @@ def organized_cloud_msg(header, height, width, data, colour=True):
 
 
 def pack_rgb(rgb):
-    """
-    Pack ...x3 uint8 RGB into uint32 0x00RRGGBB (the PCL / RViz 'rgb' bit pattern).
-
-    :param rgb: array of shape (..., 3), uint8.
-    :return: uint32 array of shape (...); view it as float32 for the 'rgb' field.
-    """
+    """Pack (..., 3) uint8 RGB into uint32 0x00RRGGBB (viewed as float32: PCL's 'rgb' field)."""
     arr = np.asarray(rgb, dtype=np.uint8)
     return ((arr[..., 0].astype(np.uint32) << 16) | (arr[..., 1].astype(np.uint32) << 8)
             | arr[..., 2].astype(np.uint32))
@@ -318,8 +254,6 @@ def pointcloud2_from_depth(points_xyz, rgb, header):
 
     :param points_xyz: HxWx3 float array (camera optical frame, meters).
     :param rgb: HxWx3 uint8 RGB of the same H, W, or None.
-    :param header: std_msgs/Header (stamp and frame_id of the image).
-    :return: sensor_msgs/PointCloud2.
     :raises ValueError: on shape mismatch.
     """
     pts = np.asarray(points_xyz)
@@ -346,7 +280,6 @@ def pointcloud2_to_xyz(msg, skip_nans=False, dtype=np.float32):
     ``point_step``, ``row_step`` and ``is_bigendian`` are honoured, so LiDAR clouds with
     extra fields (intensity, ring, time...) and padding read correctly.
 
-    :param msg: sensor_msgs/PointCloud2 (rclpy or rosbags message).
     :param skip_nans: drop points with a non-finite coordinate.
     :param dtype: the array's dtype, or None for the fields' own precision: float64 when a
         coordinate is FLOAT64 (clouds in map / UTM frames, where float32 steps are 0.25-0.5 m

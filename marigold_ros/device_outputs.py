@@ -1,17 +1,12 @@
 """
 The per-frame output maths on the model's device: resize, metric depth, cloud, uncertainty.
 
-The host path (``DepthEstimator._finish`` resizing, then numpy in ``marigold_ros.pipeline``
-and ``marigold_model.scale_apply``) copies the relative depth back and does everything else
-on the CPU, which on a GPU machine costs more than the model at small sizes.  The same
-maths here stays on the device and copies each output back once, into page-locked (pinned)
-host memory when the device is CUDA, so the copies run at full bus speed.  On CPU tensors it
-is the host path to the bit (test/test_device_outputs.py), so the tests need no GPU.
-
-No ROS here: the caller builds the messages from the host arrays.  A locally refined scale
-estimate (``RefinedScaleEstimate`` with points) has no device version: its frames take the
-host path (:func:`runs_on_device`).  Per frame, with ``prediction`` / ``spread`` the
-estimator's ensembled [1, 1, h, w] tensors at the processing size::
+The host path (numpy in ``marigold_ros.pipeline`` and ``marigold_model.scale_apply``) does
+this on the CPU, which on a GPU machine costs more than the model at small sizes.  Here the
+maths stays on the device and each output is copied back once (into pinned memory on CUDA).
+On CPU tensors it is the host path to the bit, so the tests need no GPU.  No ROS here; a
+locally refined scale estimate takes the host path (:func:`runs_on_device`).  Per frame,
+with ``prediction`` / ``spread`` the estimator's ensembled [1, 1, h, w] tensors::
 
     rel = relative_outputs(prediction, spread, (H, W) or None)  # rel.host_relative: numpy
     scale = ...  # from the host relative depth, as now
@@ -31,17 +26,7 @@ from .geometry import pixel_rays
 
 
 def resize_prediction(prediction, height, width):
-    """
-    Resize [N, C, h, w] predictions to (height, width) as ``DepthEstimator._finish`` does.
-
-    Bilinear with pixel centres (align_corners=False) and no antialiasing, in the tensor's
-    own dtype, the very call of the host path (``scale_camera`` assumes this convention).
-
-    :param prediction: [N, C, h, w] tensor
-    :param height: output rows
-    :param width: output columns
-    :return: [N, C, height, width] tensor (the input itself when the size already matches)
-    """
+    """Resize [N, C, h, w] bilinearly, align_corners=False, as ``scale_camera`` assumes."""
     if tuple(prediction.shape[-2:]) == (int(height), int(width)):
         return prediction
     return F.interpolate(prediction, (int(height), int(width)), mode='bilinear')
@@ -76,14 +61,7 @@ def metric_depth(relative, scale, shift, max_depth=0.0):
 
 
 def metric_uncertainty(uncertainty, scale, metric):
-    """
-    Ensemble spread in meters: ``scale * spread`` (the shift cancels), NaN where depth is.
-
-    :param uncertainty: [H, W] relative spread tensor
-    :param scale: meters per relative unit
-    :param metric: [H, W] metric depth from :func:`metric_depth`
-    :return: [H, W] float32 tensor
-    """
+    """Return the spread in meters, ``scale * spread`` (shift cancels), NaN where depth is."""
     spread = uncertainty.float() * _as_float32_scalar(scale)
     return torch.where(torch.isnan(metric), metric, spread)
 
@@ -97,9 +75,7 @@ def cloud_points(metric, rays):
     float32 word is zero, left for the packed 0x00RRGGBB colour, so the host buffer has the
     PointCloud2 layout (point_step 16) and needs only the colours written into it.
 
-    :param metric: [H, W] float32 metric depth tensor
-    :param rays: (rx, ry, valid) tensors of the same size on the same device
-        (:class:`DeviceRays`)
+    :param rays: (rx, ry, valid) [H, W] tensors from :meth:`DeviceRays.get`
     :return: [H, W, 4] float32 tensor
     """
     rx, ry, ray_ok = rays
@@ -156,18 +132,12 @@ class DeviceRays:
 
 def to_host(tensors, outs=None):
     """
-    Copy device tensors back, each once, waiting once for all of them.
+    Copy device tensors (or None) back as numpy arrays, each once, waiting once for all.
 
-    On CUDA each goes into a page-locked buffer (torch's caching host allocator reuses
-    them between frames) with an asynchronous copy, then the stream is synchronised once.
-    On the CPU the tensors already are host memory: they are returned as arrays without a
-    copy.  An entry of ``outs`` (a writable numpy array of the tensor's shape and dtype,
-    e.g. a view of a message's buffer) receives its tensor instead, and is returned.  None
-    entries stay None.
-
-    :param tensors: list of tensors or None
-    :param outs: list of numpy arrays or None, one per tensor, or None
-    :return: list of numpy arrays or None, in order
+    On CUDA each goes into a page-locked buffer (torch's caching host allocator reuses them
+    between frames) with an asynchronous copy; on the CPU there is no copy.  An entry of
+    ``outs`` (a writable numpy array of the tensor's shape and dtype, e.g. a view of a
+    message's buffer) receives its tensor instead, and is returned.
     """
     buffers = []
     waits = set()
@@ -196,12 +166,7 @@ def to_host(tensors, outs=None):
 
 
 def runs_on_device(estimate):
-    """
-    Tell whether a scale estimate's metric maths exists here.
-
-    :param estimate: ScaleEstimate or None
-    :return: False for a locally refined estimate with points (scipy, host only)
-    """
+    """Tell whether an estimate runs here: not a locally refined one with points (scipy)."""
     return not (isinstance(estimate, RefinedScaleEstimate) and estimate.sparse_uv is not None)
 
 
@@ -239,14 +204,10 @@ class MetricOutputs:
 
 def relative_outputs(prediction, uncertainty=None, size=None):
     """
-    Resize one frame's prediction (and spread) and copy it back once.
+    Resize one frame's ensembled prediction (and spread) and copy it back once.
 
-    :param prediction: [1, 1, h, w] (or [h, w]) relative depth at the processing size, on
-        the model's device, after ensembling
-    :param uncertainty: the same shape or None
-    :param size: (height, width) to resize to (the input image when
-        match_input_resolution), or None to keep the processing size
-    :return: RelativeOutputs
+    :param prediction: [1, 1, h, w] (or [h, w]) relative depth at the processing size
+    :param size: (height, width) to resize to, or None to keep the processing size
     """
     device_maps = []
     for tensor in (prediction, uncertainty):
@@ -266,16 +227,11 @@ def metric_outputs(relative, estimate, max_depth=0.0, uncertainty=None, rays=Non
     """
     Metric depth, its uncertainty and the cloud points of one frame, copied back once each.
 
-    :param relative: [H, W] device tensor (RelativeOutputs.relative)
-    :param estimate: usable ScaleEstimate for which :func:`runs_on_device` holds
     :param max_depth: meters; farther depths become NaN (0: no limit)
-    :param uncertainty: [H, W] relative spread tensor or None
-    :param rays: (rx, ry, valid) from :meth:`DeviceRays.get` for the cloud, or None for no
-        cloud
+    :param rays: (rx, ry, valid) from :meth:`DeviceRays.get`, or None for no cloud
     :param points_out: writable float32 [H, W, 4] array receiving the points (the cloud
         message's own buffer: ``np.frombuffer(data, '<f4').reshape(H, W, 4)`` of its
         ``array('B')``), or None for a buffer of this module's
-    :return: MetricOutputs
     :raises ValueError: no usable estimate, or a refined one (host path only)
     """
     if estimate is None or not estimate.usable:

@@ -48,11 +48,7 @@ class RateMeter:
         self._times = deque(maxlen=int(max_events))
 
     def add(self, now=None):
-        """
-        Record one event.
-
-        :param now: monotonic time in seconds (default: time.monotonic())
-        """
+        """Record one event at monotonic time ``now`` in seconds (default: now)."""
         self._times.append(time.monotonic() if now is None else now)
 
     def rate(self, now=None):
@@ -63,7 +59,6 @@ class RateMeter:
         otherwise (count - 1) over the span from the first event in the window to now,
         which is exact for a steady stream that started within the window.
 
-        :param now: monotonic time in seconds (default: time.monotonic())
         :return: events per second (0.0 without events)
         """
         now = time.monotonic() if now is None else now
@@ -89,11 +84,7 @@ class Percentiles:
         self._values = deque(maxlen=int(size))
 
     def add(self, value):
-        """
-        Record a value.
-
-        :param value: number (non-finite values are ignored)
-        """
+        """Record a value (non-finite values are ignored)."""
         if math.isfinite(value):
             self._values.append(float(value))
 
@@ -102,20 +93,11 @@ class Percentiles:
         return len(self._values)
 
     def values(self):
-        """
-        Return the values in the window, oldest first.
-
-        :return: list of floats
-        """
+        """Return the values in the window, oldest first."""
         return list(self._values)
 
     def percentile(self, q):
-        """
-        Return a percentile of the window.
-
-        :param q: percentile in [0, 100]
-        :return: value (linear interpolation), or NaN when empty
-        """
+        """Return the ``q`` in [0, 100] percentile, linearly interpolated (NaN when empty)."""
         if not self._values:
             return math.nan
         return float(np.percentile(np.fromiter(self._values, float), q))
@@ -140,7 +122,6 @@ class KeyedThrottle:
         Decide whether an event of ``key`` may be reported now.
 
         :param key: hashable key (e.g. (camera, reason))
-        :param now: monotonic time (default: time.monotonic())
         :return: (allowed, number of events of this key suppressed since the last allowed)
         """
         now = time.monotonic() if now is None else now
@@ -156,9 +137,6 @@ class KeyedThrottle:
         """
         Return the line to log for an event, or None while its key is throttled.
 
-        :param key: hashable key (e.g. (camera, reason))
-        :param text: the report
-        :param now: monotonic time (default: time.monotonic())
         :return: ``text``, with the count of events suppressed since the last report, or
             None
         """
@@ -249,24 +227,12 @@ class DiagnosticsCollector:
         return stream
 
     def add_stream(self, key):
-        """
-        Make a camera known before its first frame (it is reported as waiting).
-
-        :param key: camera namespace
-        """
+        """Make a camera known before its first frame (it is reported as waiting)."""
         with self._lock:
             self._stream(key)
 
     def set_listening(self, listening, now=None):
-        """
-        Say whether the image subscriptions exist (a lifecycle node's active state).
-
-        Silence is counted from the moment the node listens, and not at all while it does
-        not (inactive on purpose).
-
-        :param listening: True once subscribed, False once unsubscribed
-        :param now: monotonic time (default now)
-        """
+        """Say whether the image subscriptions exist; silence counts only while they do."""
         with self._lock:
             self._listening_since = (time.monotonic() if now is None else now) \
                 if listening else None
@@ -285,21 +251,12 @@ class DiagnosticsCollector:
             self.model_info.update({k: str(v) for k, v in info.items()})
 
     def update_model_info(self, **info):
-        """
-        Add or replace details of the model status, leaving its state and message as they are.
-
-        :param info: key/values (e.g. the current inference settings)
-        """
+        """Add or replace model status details, leaving its state and message as they are."""
         with self._lock:
             self.model_info.update({k: str(v) for k, v in info.items()})
 
     def image_received(self, key, now=None):
-        """
-        Count an incoming image.
-
-        :param key: camera namespace
-        :param now: monotonic time (default now)
-        """
+        """Count an incoming image of a camera namespace."""
         now = time.monotonic() if now is None else now
         with self._lock:
             stream = self._stream(key)
@@ -308,33 +265,17 @@ class DiagnosticsCollector:
             stream.input_rate.add(now)
 
     def frame_dropped(self, key, count=1):
-        """
-        Count frames replaced by a newer one before the model could take them.
-
-        :param key: camera namespace
-        :param count: number of frames
-        """
+        """Count frames replaced by a newer one before the model could take them."""
         with self._lock:
             self._stream(key).dropped += count
 
     def messages_lost(self, key, topic, count):
-        """
-        Count messages the middleware reports lost on an input (QoS message_lost event).
-
-        :param key: camera namespace
-        :param topic: which input, e.g. 'image' or 'camera_info'
-        :param count: messages lost since the last event
-        """
+        """Count messages lost on an input topic, e.g. 'image' (QoS message_lost event)."""
         with self._lock:
             self._stream(key).lost[topic] += int(count)
 
     def bad_message(self, key, reason):
-        """
-        Count a bad input by reason.
-
-        :param key: camera namespace
-        :param reason: counter key (e.g. 'truncated', 'camera_info_size_mismatch')
-        """
+        """Count a bad input by reason, e.g. 'truncated' or 'camera_info_size_mismatch'."""
         with self._lock:
             self._stream(key).bad[reason] += 1
 
@@ -346,12 +287,10 @@ class DiagnosticsCollector:
         A latency beyond :data:`MAX_LATENCY_S` (either sign) is a clock mix-up: the frame is
         counted as off the clock and its latency and transport time are not recorded.
 
-        :param key: camera namespace
         :param latency_s: image stamp to publish, seconds
         :param estimator_s: estimator time of the call that produced the frame, seconds
         :param notes: pipeline notes (why outputs are missing)
         :param scale: ScaleEstimate applied, or None
-        :param now: monotonic time (default now)
         :param stages: seconds per stage of :data:`STAGES` (missing ones are not recorded)
         """
         with self._lock:
@@ -373,12 +312,7 @@ class DiagnosticsCollector:
             stream.scale = scale
 
     def set_extra(self, key, pairs):
-        """
-        Set extra key/values for a camera status (e.g. scale recovery fields).
-
-        :param key: camera namespace
-        :param pairs: list of (key, value) pairs
-        """
+        """Set extra (key, value) pairs for a camera status (e.g. scale recovery fields)."""
         with self._lock:
             self._stream(key).extra = [(str(k), str(v)) for k, v in pairs]
 
@@ -386,7 +320,6 @@ class DiagnosticsCollector:
         """
         Return the counters of one camera (for tests and the demo summary).
 
-        :param key: camera namespace
         :return: dict with received, published, dropped, lost (dict input -> count),
             off_clock, bad (dict), notes, latency_p50_s, latency_p95_s, estimator_p50_s,
             input_rate_hz, output_rate_hz
@@ -408,7 +341,6 @@ class DiagnosticsCollector:
         """
         Return the recent per-frame values of one camera, oldest first, paired by frame.
 
-        :param key: camera namespace
         :return: dict with lists 'latency_s' and 'estimator_s', and '<stage>_s' for each of
             :data:`STAGES` (empty when not recorded)
         """
@@ -427,8 +359,6 @@ class DiagnosticsCollector:
 
         :param stamp: builtin_interfaces/Time for the header (None: zero)
         :param hardware_id: hardware_id of every status (e.g. the device)
-        :param now: monotonic time in seconds (default now)
-        :return: diagnostic_msgs/DiagnosticArray
         """
         now = time.monotonic() if now is None else now
         msg = DiagnosticArray()

@@ -25,7 +25,8 @@ from marigold_model.data.synthetic import colorize_depth
 import numpy as np
 from PIL import Image as PILImage
 
-from .bag_io import BagError, remove_stale_stages, staging_path
+from .bag_io import BagError
+from .bag_writer import remove_stale_stages, staging_path
 from .conversions import image_to_depth, pointcloud2_to_xyz
 from .stamp_matcher import stamp_to_ns
 

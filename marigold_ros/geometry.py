@@ -1,5 +1,5 @@
 """
-Camera geometry: CameraInfo model, scaling, distortion, unprojection and transforms.
+Camera geometry: CameraInfo model, scaling, unprojection, projection and transforms.
 
 Pixel convention: integer pixel coordinates are pixel centres (OpenCV / ROS); pixel ``u``
 covers ``[u - 0.5, u + 0.5)``.
@@ -33,17 +33,14 @@ from sensor_msgs.msg import CameraInfo
 from sensor_msgs.msg import RegionOfInterest
 from std_msgs.msg import Header
 
+from .distortion import beyond_monotonic, distort_normalized, distorts, undistort_normalized
+
 #: Distortion models understood here and their number of coefficients (ROS order: plumb_bob
 #: k1 k2 p1 p2 k3; rational_polynomial k1 k2 p1 p2 k3 k4 k5 k6; equidistant k1 k2 k3 k4).
 DISTORTION_MODELS = {'plumb_bob': 5, 'rational_polynomial': 8, 'equidistant': 4}
 
 #: Points closer than this (meters, along the optical axis) are not projected.
 MIN_DEPTH = 1e-6
-
-# Undistortion: Newton iterations and the residual in normalised image units (1e-6 px at
-# f = 1000 px) above which a pixel is taken as outside the model's invertible area.
-_NEWTON_ITERATIONS = 20
-_UNDISTORT_TOLERANCE = 1e-9
 
 
 #: Limits of :meth:`CameraModel.implausibilities`: |skew| / fx, the fx/fy ratio (and its
@@ -60,7 +57,6 @@ class CalibrationError(ReasonError):
     :param reason: short key: 'bad_size', 'uncalibrated', 'bad_focal_length',
         'bad_principal_point', 'bad_distortion', 'unknown_distortion_model',
         'bad_projection', 'bad_roi', 'bad_binning'.
-    :param message: human-readable description naming the problem.
     """
 
 
@@ -240,11 +236,7 @@ class CameraModel:
         return distorts(self.D, self.distortion_model)
 
     def distortion_coefficients(self):
-        """
-        Return D padded with zeros to the model's length (empty if no distortion).
-
-        :return: float64 array of length 5 / 8 / 4 or 0.
-        """
+        """Return D as float64 padded with zeros to the model's length 5 / 8 / 4 (or empty)."""
         if not self.has_distortion:
             return np.zeros(0)
         needed = DISTORTION_MODELS[self.distortion_model]
@@ -257,10 +249,8 @@ class CameraModel:
     @classmethod
     def from_msg(cls, msg):
         """
-        Build a validated model from a sensor_msgs/CameraInfo.
+        Build a validated model from an rclpy or rosbags sensor_msgs/CameraInfo.
 
-        :param msg: sensor_msgs/CameraInfo (rclpy or rosbags message).
-        :return: CameraModel.
         :raises CalibrationError: zero / NaN / inf focal length, all-zero K, zero size,
             bad ROI, unsupported distortion model with non-zero D, ...
         """
@@ -274,12 +264,7 @@ class CameraModel:
                    frame_id=msg.header.frame_id)
 
     def to_msg(self, header=None):
-        """
-        Build a sensor_msgs/CameraInfo.
-
-        :param header: std_msgs/Header to use; default: a zero stamp and ``frame_id``.
-        :return: sensor_msgs/CameraInfo.
-        """
+        """Build a sensor_msgs/CameraInfo (default header: a zero stamp and ``frame_id``)."""
         msg = CameraInfo()
         msg.header = header if header is not None else Header(frame_id=self.frame_id)
         msg.width = self.width
@@ -309,7 +294,6 @@ class CameraModel:
         image_geometry and depth_image_proc, its pinhole camera is P's left 3x3 (P itself,
         with a stereo camera's baseline column, is kept for the published camera_info).
 
-        :return: CameraModel
         :raises CalibrationError: P's left 3x3 is not a valid camera matrix
         """
         try:
@@ -330,8 +314,6 @@ class CameraModel:
         binning 0 and ROI zero.  The P offset uses the raw ROI (exact when the ROI is the full
         image or the distortion is small; the rectified ROI would need the full rectification
         map).  A model without binning or ROI is returned unchanged.
-
-        :return: CameraModel.
         """
         bx, by = max(1, self.binning_x), max(1, self.binning_y)
         if bx == 1 and by == 1 and not self.roi_active:
@@ -350,15 +332,7 @@ class CameraModel:
 
 
 def pixel_scale_matrix(sx, sy):
-    """
-    Return the 3x3 pixel-coordinate map of a resize by (sx, sy) with pixel centres.
-
-    ``u' = (u + 0.5) * sx - 0.5``: the map of bilinear resizing with align_corners=False.
-
-    :param sx: horizontal scale (new / old).
-    :param sy: vertical scale (new / old).
-    :return: 3x3 float64 matrix A, applied as ``K' = A @ K`` and ``P' = A @ P``.
-    """
+    """Return the 3x3 map A (``K' = A @ K``) of a resize by (sx, sy) = new / old, pixel centres."""
     return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
 
 
@@ -372,10 +346,6 @@ def scale_camera(model, new_width, new_height):
     resize (see the module docstring).  D and R are unchanged (distortion acts on
     normalised coordinates).  The result has binning 0 and ROI zero.
 
-    :param model: CameraModel of the input image.
-    :param new_width: width of the published image.
-    :param new_height: height of the published image.
-    :return: CameraModel.
     :raises ValueError: non-positive size.
     """
     new_width, new_height = int(new_width), int(new_height)
@@ -387,141 +357,6 @@ def scale_camera(model, new_width, new_height):
     affine = pixel_scale_matrix(new_width / eff.width, new_height / eff.height)
     return dataclasses.replace(eff, width=new_width, height=new_height, K=affine @ eff.K,
                                P=affine @ eff.P)
-
-
-# --------------------------------------------------------------------------- distortion
-
-
-def distorts(coeffs, distortion_model):
-    """
-    Return True unless the coefficients make the model a plain pinhole.
-
-    plumb_bob and rational_polynomial with all-zero coefficients are the pinhole;
-    equidistant (fisheye) maps by angle (``theta = atan(r)``) even with k1..k4 = 0.
-
-    :param coeffs: coefficients in ROS order (any length, may be empty)
-    :param distortion_model: distortion model name
-    :return: bool
-    """
-    return distortion_model == 'equidistant' or bool(np.any(coeffs))
-
-
-def distort_normalized(x, y, coeffs, distortion_model):
-    """
-    Apply lens distortion to normalised image coordinates (OpenCV formulas).
-
-    plumb_bob / rational_polynomial::
-
-        r2 = x^2 + y^2
-        radial = (1 + k1 r2 + k2 r2^2 + k3 r2^3) / (1 + k4 r2 + k5 r2^2 + k6 r2^3)
-        xd = x radial + 2 p1 x y + p2 (r2 + 2 x^2)
-        yd = y radial + p1 (r2 + 2 y^2) + 2 p2 x y
-
-    equidistant (OpenCV fisheye)::
-
-        theta = atan(r);  theta_d = theta (1 + k1 theta^2 + k2 theta^4 + k3 theta^6
-        + k4 theta^8);  xd = x theta_d / r
-
-    :param x: normalised x (X / Z), any shape.
-    :param y: normalised y (Y / Z), same shape.
-    :param coeffs: coefficients in ROS order (padded to the model length), or empty.
-    :param distortion_model: 'plumb_bob', 'rational_polynomial' or 'equidistant'.
-    :return: (xd, yd) float64 arrays.
-    """
-    x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
-    coeffs = np.asarray(coeffs, np.float64)
-    if not distorts(coeffs, distortion_model):
-        return x.copy(), y.copy()
-    if distortion_model == 'equidistant':
-        k1, k2, k3, k4 = _padded(coeffs, 4)
-        r = np.hypot(x, y)
-        theta = np.arctan(r)
-        t2 = theta * theta
-        theta_d = theta * (1 + t2 * (k1 + t2 * (k2 + t2 * (k3 + t2 * k4))))
-        with np.errstate(invalid='ignore', divide='ignore'):
-            scale = np.where(r > 1e-12, theta_d / r, 1.0)
-        return x * scale, y * scale
-    k1, k2, p1, p2, k3, k4, k5, k6 = _padded(coeffs, 8)
-    r2 = x * x + y * y
-    radial = (1 + r2 * (k1 + r2 * (k2 + r2 * k3))) / (1 + r2 * (k4 + r2 * (k5 + r2 * k6)))
-    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
-    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
-    return xd, yd
-
-
-def _padded(coeffs, n):
-    out = np.zeros(n)
-    out[:min(n, coeffs.size)] = coeffs[:n]
-    return out
-
-
-def undistort_normalized(xd, yd, coeffs, distortion_model):
-    """
-    Invert :func:`distort_normalized` by Newton's method (vectorised).
-
-    Points where the iteration does not reach a residual below 1e-9 (outside the region
-    where the distortion model is invertible) are NaN.
-
-    :param xd: distorted normalised x, any shape.
-    :param yd: distorted normalised y, same shape.
-    :param coeffs: coefficients in ROS order.
-    :param distortion_model: 'plumb_bob', 'rational_polynomial' or 'equidistant'.
-    :return: (x, y) float64 arrays.
-    """
-    xd = np.asarray(xd, np.float64)
-    yd = np.asarray(yd, np.float64)
-    coeffs = np.asarray(coeffs, np.float64)
-    if not distorts(coeffs, distortion_model):
-        return xd.copy(), yd.copy()
-    x, y = xd.copy(), yd.copy()
-    step = 1e-6
-    with np.errstate(all='ignore'):
-        for _ in range(_NEWTON_ITERATIONS):
-            fx, fy = distort_normalized(x, y, coeffs, distortion_model)
-            ex, ey = fx - xd, fy - yd
-            # Newton converges in a few steps where the model is invertible; stop early (the
-            # pixel grid of a camera is computed once, but its first frame waits for it).
-            if not np.any(np.hypot(ex, ey) >= 0.01 * _UNDISTORT_TOLERANCE):
-                break
-            # Central-difference Jacobian: only the convergence speed depends on its accuracy,
-            # the residual test below decides whether the result is right.
-            ax, ay = distort_normalized(x + step, y, coeffs, distortion_model)
-            bx, by = distort_normalized(x - step, y, coeffs, distortion_model)
-            cx, cy = distort_normalized(x, y + step, coeffs, distortion_model)
-            dx, dy = distort_normalized(x, y - step, coeffs, distortion_model)
-            j11, j21 = (ax - bx) / (2 * step), (ay - by) / (2 * step)
-            j12, j22 = (cx - dx) / (2 * step), (cy - dy) / (2 * step)
-            det = j11 * j22 - j12 * j21
-            x = x - (j22 * ex - j12 * ey) / det
-            y = y - (-j21 * ex + j11 * ey) / det
-        fx, fy = distort_normalized(x, y, coeffs, distortion_model)
-        bad = ~(np.hypot(fx - xd, fy - yd) < _UNDISTORT_TOLERANCE)
-        if distortion_model == 'equidistant':
-            bad |= ~(np.arctan(np.hypot(x, y)) < 0.5 * np.pi)
-        bad |= _beyond_monotonic(np.hypot(x, y), coeffs, distortion_model)
-    return np.where(bad, np.nan, x), np.where(bad, np.nan, y)
-
-
-@functools.lru_cache(maxsize=32)
-def _monotonic_radius(coeffs_key, distortion_model):
-    """
-    Return the radius (normalised) up to which radial distortion increases with r.
-
-    Beyond it the polynomial folds back and far off-axis points land inside the image
-    (the classic OpenCV projectPoints artefact); such points are rejected.
-    """
-    coeffs = np.array(coeffs_key)
-    radii = np.linspace(0.0, 20.0, 200001)
-    rd, _ = distort_normalized(radii, np.zeros_like(radii), coeffs, distortion_model)
-    with np.errstate(invalid='ignore'):
-        falling = np.nonzero(~(np.diff(rd) > 0))[0]
-    return float(radii[falling[0]]) if falling.size else math.inf
-
-
-def _beyond_monotonic(radius, coeffs, distortion_model):
-    limit = _monotonic_radius(tuple(float(c) for c in coeffs), distortion_model)
-    return ~(radius <= limit)
 
 
 # --------------------------------------------------------------------------- unprojection
@@ -547,11 +382,6 @@ def pixel_rays(height, width, K, D=None, distortion_model=''):
     """
     Return the rays (x / z, y / z) through every pixel centre, cached per camera.
 
-    :param height: image height.
-    :param width: image width.
-    :param K: 3x3 intrinsics.
-    :param D: distortion coefficients (ROS order) or None.
-    :param distortion_model: model name for D.
     :return: read-only float32 (rx, ry) of shape (height, width) and a bool validity mask
         (False where undistortion failed).
     """
@@ -580,7 +410,6 @@ def unproject_depth(depth, K, D=None, distortion_model=''):
     :param K: 3x3 intrinsics, or a :class:`CameraModel` (its :meth:`~CameraModel.effective`
         K, D and model are used and its size must match the depth image).
     :param D: distortion coefficients (ROS order); ignored when K is a CameraModel.
-    :param distortion_model: model for D.
     :return: HxWx3 float32 points in the camera optical frame.
     :raises ValueError: bad shapes or a size mismatch with a CameraModel.
     """
@@ -621,7 +450,6 @@ def project_points(points_cam, model):
     have ``mask`` False.
 
     :param points_cam: (N, 3) points (meters).
-    :param model: CameraModel.
     :return: (uv (N, 2) float64, NaN where z is too small; z (N,) float64; mask (N,) bool).
     """
     pts = np.asarray(points_cam, np.float64).reshape(-1, 3)
@@ -636,7 +464,7 @@ def project_points(points_cam, model):
     xd, yd = distort_normalized(x, y, coeffs, eff.distortion_model)
     if distorts(coeffs, eff.distortion_model):
         with np.errstate(invalid='ignore'):
-            front &= ~_beyond_monotonic(np.hypot(x, y), coeffs, eff.distortion_model)
+            front &= ~beyond_monotonic(np.hypot(x, y), coeffs, eff.distortion_model)
     k = eff.K
     uv = np.empty((pts.shape[0], 2))
     uv[:, 0] = k[0, 0] * xd + k[0, 1] * yd + k[0, 2]
@@ -651,13 +479,7 @@ def project_points(points_cam, model):
 
 
 def quaternion_to_matrix(quaternion_xyzw):
-    """
-    Return the 3x3 rotation matrix of a quaternion (x, y, z, w), normalised first.
-
-    :param quaternion_xyzw: 4 values in geometry_msgs order (x, y, z, w).
-    :return: 3x3 float64 rotation matrix.
-    :raises ValueError: zero-norm or non-finite quaternion.
-    """
+    """Return the 3x3 float64 rotation of a quaternion (x, y, z, w), normalised first."""
     q = np.asarray(quaternion_xyzw, np.float64).ravel()
     if q.size != 4 or not np.all(np.isfinite(q)):
         raise ValueError(f'quaternion must be 4 finite values (x, y, z, w), got {q.tolist()}')
@@ -680,8 +502,6 @@ def transform_points(points, translation, quaternion_xyzw):
     source)``, this maps points from the source frame into the target frame.
 
     :param points: (..., 3) points.
-    :param translation: 3 values.
-    :param quaternion_xyzw: 4 values (x, y, z, w); normalised here.
     :return: transformed points, same shape; float32 input stays float32, other input
         becomes float64.
     :raises ValueError: bad shapes or quaternion.

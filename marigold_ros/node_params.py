@@ -1,14 +1,9 @@
 """
 The parameters of the depth node, in one place: the node and the bag tools both read them.
 
-What lives here: the node name, the settings dataclasses of the node itself (NodeConfig)
-and of its outputs (OutputConfig), how every config group becomes ROS parameters (ranges,
-choices, descriptions, which ones are read-only), the rendering of config/depth.yaml, the
-reading of a params file into configs, the one place where the configs combine into the
-model's EstimatorConfig, and the table of output topics (name, topic relative to the camera
-namespace, message type).  The generic config <-> parameter machinery is
-:mod:`marigold_ros.params`; the live node (depth_node) and the offline tool (bag_processor)
-import this module and never each other.
+NodeConfig and OutputConfig, how each config group becomes ROS parameters, config/depth.yaml,
+params files read into configs, and the table of output topics.  The generic machinery is
+:mod:`marigold_ros.params`; depth_node and bag_processor import this module, never each other.
 """
 
 from dataclasses import dataclass, replace
@@ -85,14 +80,7 @@ CAMERA_INFO_TOPIC = 'camera_info'
 
 
 def join_topic(namespace, name):
-    """
-    Put a relative topic name under a namespace.
-
-    :param namespace: '' keeps the name relative (the node namespace); '/' puts it at the
-        root; else e.g. 'left' or '/cam' (a trailing '/' is ignored)
-    :param name: relative topic name, e.g. 'depth/points'
-    :return: topic name
-    """
+    """Put a relative topic name under a namespace ('' keeps it relative, '/' the root)."""
     namespace = str(namespace or '')
     return f'{namespace.rstrip("/")}/{name}' if namespace else name
 
@@ -301,10 +289,8 @@ def parameter_groups():
 
     ModelConfig (read-only: a change needs a reload), InferenceConfig (runtime), OutputConfig
     (runtime except max_input_pixels, which also limits the model), NodeConfig (read-only)
-    and, when marigold_ros.scale_recovery is importable, its ScaleRecoveryConfig under the
-    'scale_recovery.' prefix (read-only: it shapes subscriptions).
-
-    :return: list of ConfigGroup
+    and ScaleRecoveryConfig under the 'scale_recovery.' prefix (read-only: it shapes
+    subscriptions).
     """
     groups = [
         ConfigGroup(ModelConfig, read_only=True, exclude=('max_input_pixels',),
@@ -326,46 +312,20 @@ def parameter_groups():
 
 
 def default_params_yaml():
-    """
-    Render config/depth.yaml: every parameter of the node with its default and description.
-
-    :return: YAML text
-    """
+    """Render config/depth.yaml: every parameter of the node with its default and description."""
     return yaml_document(parameter_groups(), '/**', _YAML_HEADER)
 
 
 def estimator_config(model, inference, output):
-    """
-    Combine the parameter configs into the model's config.
-
-    The output pixel limit (a node parameter, checked before decoding) is also the model's
-    limit: this is the one place where the two meet.
-
-    :param model: ModelConfig
-    :param inference: InferenceConfig
-    :param output: OutputConfig
-    :return: EstimatorConfig
-    """
+    """Combine the configs into an EstimatorConfig; the output pixel limit is the model's too."""
     return EstimatorConfig(replace(model, max_input_pixels=output.max_input_pixels), inference)
 
 
 def configs_from_parameters(values):
-    """
-    Map flat parameter values onto the node's config dataclasses.
-
-    :param values: dict parameter name -> value (names as the node declares them)
-    :return: dict config class -> instance, for every parameter group of the node
-    :raises ValueError: unknown parameter names, or a bad value (naming it)
-    """
+    """Map {parameter name: value} onto {config class: instance} (ValueError naming a bad one)."""
     return configs_from_values(parameter_groups(), values, NODE_NAME)
 
 
 def read_node_params(path):
-    """
-    Read the node's configs from a ROS 2 params file (None: every default).
-
-    :param path: params file, or None
-    :return: dict config class -> instance, as :func:`configs_from_parameters`
-    :raises ValueError: unreadable file, unknown parameters or bad values
-    """
+    """Read {config class: instance} from a ROS 2 params file (None: every default)."""
     return configs_from_parameters(read_params_file(path, NODE_NAME) if path else {})

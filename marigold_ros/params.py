@@ -1,22 +1,11 @@
 """
 Config dataclasses <-> ROS parameters, with descriptors, by one generic mechanism.
 
-The frozen dataclasses of marigold_model (ModelConfig, InferenceConfig) and of the node
-(OutputConfig, NodeConfig, ScaleRecoveryConfig) stay the one source of defaults.  A
-:class:`ConfigGroup` walks the fields of one dataclass and for each field declares a
-parameter whose
-
-* type follows the default value (bool, int, float, str and tuples of them),
-* description is the field's documentation: the ``:param name:`` entry of the class
-  docstring, else the comment lines above the field or the comment on its line,
-* range (IntegerRange / FloatingPointRange) comes from the group's ``ranges``,
-* allowed values (``choices``) are listed in ``additional_constraints``,
-* ``read_only`` is set when changing the field needs a reload (the whole ModelConfig, the
-  subscriptions) so that ``ros2 param set`` refuses it instead of silently ignoring it.
-
-The node turns parameter values back into configs with :meth:`ConfigGroup.from_node` and
-checks runtime changes with :meth:`ConfigGroup.apply` (the dataclass raises ValueError
-naming the bad field).
+The frozen config dataclasses stay the one source of defaults.  A :class:`ConfigGroup`
+declares one parameter per field: its type follows the default, its description is the
+field's documentation (``:param name:`` in the class docstring, else the field's comments),
+ranges and choices go into the descriptor, and ``read_only`` is set where a change needs a
+reload, so that ``ros2 param set`` refuses it instead of silently ignoring it.
 """
 
 from dataclasses import dataclass, field, fields, replace
@@ -105,45 +94,23 @@ class ConfigGroup:
     # ------------------------------------------------------------------ description
 
     def fields(self):
-        """
-        Return the exposed dataclass fields.
-
-        :return: list of dataclasses.Field
-        """
+        """Return the exposed dataclasses.Field objects."""
         return [f for f in fields(self.cls) if f.name not in self.exclude]
 
     def parameter_name(self, field_name):
-        """
-        Return the parameter name of a field.
-
-        :param field_name: dataclass field name
-        :return: prefix + field name
-        """
+        """Return the parameter name of a field (prefix + field name)."""
         return self.prefix + field_name
 
     def names(self):
-        """
-        Map parameter names to field names.
-
-        :return: dict parameter name -> field name
-        """
+        """Return {parameter name: field name}."""
         return {self.parameter_name(f.name): f.name for f in self.fields()}
 
     def defaults(self):
-        """
-        Return the default config (every field at its default).
-
-        :return: instance of ``cls``
-        """
+        """Return the default config (every field at its default)."""
         return self.cls()
 
     def description(self, field_name):
-        """
-        Return the documentation of one field.
-
-        :param field_name: dataclass field name
-        :return: text from ``descriptions``, the dataclass, ``doc_sources``, or the name
-        """
+        """Return a field's text: ``descriptions``, the dataclass, ``doc_sources``, or its name."""
         if field_name in self.descriptions:
             return self.descriptions[field_name]
         for source in (self.cls,) + tuple(self.doc_sources):
@@ -153,13 +120,7 @@ class ConfigGroup:
         return field_name.replace('_', ' ')
 
     def constraints(self, field_name, with_read_only=True):
-        """
-        Describe the allowed values of one field.
-
-        :param field_name: dataclass field name
-        :param with_read_only: mention that the parameter is read-only
-        :return: text such as 'one of: a, b; range [0, 1]' ('' when unconstrained)
-        """
+        """Describe a field's allowed values, e.g. 'one of: a, b; range [0, 1]' ('' for none)."""
         parts = []
         if field_name in self.choices:
             parts.append('one of: ' + ', '.join(str(c) for c in self.choices[field_name]))
@@ -171,22 +132,11 @@ class ConfigGroup:
         return '; '.join(parts)
 
     def is_read_only(self, field_name):
-        """
-        Tell whether a field's parameter is read-only.
-
-        :param field_name: dataclass field name
-        :return: True when changing it needs a reload
-        """
+        """Tell whether a field's parameter is read-only (a change needs a reload)."""
         return self.read_only or field_name in self.read_only_fields
 
     def descriptor(self, field_name, default):
-        """
-        Build the ParameterDescriptor of one field.
-
-        :param field_name: dataclass field name
-        :param default: its default value (gives the type)
-        :return: rcl_interfaces/ParameterDescriptor
-        """
+        """Build the ParameterDescriptor of one field; its default value gives the type."""
         kind = _param_type(default)
         descriptor = ParameterDescriptor(
             name=self.parameter_name(field_name), type=kind,
@@ -218,13 +168,10 @@ class ConfigGroup:
         """
         Declare the group's parameters on a node and return the resulting config.
 
-        Values given on the command line or in a params file override the defaults; the
-        config is validated (ValueError naming the bad field).
+        Values from the command line or a params file override ``defaults`` (default:
+        ``cls()``).
 
-        :param node: rclpy Node
-        :param defaults: instance of ``cls`` giving the defaults (default: ``cls()``)
-        :return: instance of ``cls`` from the parameter values
-        :raises ValueError: a value is out of range or not allowed
+        :raises ValueError: a value is out of range or not allowed, naming it
         """
         defaults = defaults if defaults is not None else self.defaults()
         for f in self.fields():
@@ -234,24 +181,15 @@ class ConfigGroup:
         return self.from_node(node)
 
     def from_node(self, node):
-        """
-        Build the config from the node's current parameter values.
-
-        :param node: rclpy Node with the group's parameters declared
-        :return: instance of ``cls``
-        :raises ValueError: invalid combination of values
-        """
+        """Build the config from the node's current values (ValueError: a bad combination)."""
         values = {f.name: node.get_parameter(self.parameter_name(f.name)).value
                   for f in self.fields()}
         return self.build(values)
 
     def build(self, values, base=None):
         """
-        Make a validated config from field values (missing fields from ``base``).
+        Make a validated config from {field name: ROS value}, other fields from ``base``.
 
-        :param values: dict field name -> value (ROS types: lists become tuples)
-        :param base: instance giving the other fields (default: ``cls()``)
-        :return: instance of ``cls``
         :raises ValueError: a value is not allowed (the dataclass says which)
         """
         base = base if base is not None else self.defaults()
@@ -283,10 +221,10 @@ class ConfigGroup:
 
     def apply(self, config, parameters):
         """
-        Apply parameter changes to a config (for an on-set-parameters callback).
+        Apply rclpy Parameters to a config, for an on-set-parameters callback.
 
-        :param config: current instance of ``cls``
-        :param parameters: iterable of rclpy Parameter (other groups' names are ignored)
+        Other groups' parameters are ignored.
+
         :return: (new config, True) when a parameter of this group changed, else
             (config, False)
         :raises ValueError: a new value is not allowed (naming the parameter)
@@ -371,25 +309,14 @@ def _format_value(value):
 
 
 def declare_groups(node, groups):
-    """
-    Declare several groups and return their configs, refusing duplicate parameter names.
-
-    :param node: rclpy Node
-    :param groups: iterable of ConfigGroup
-    :return: list of config instances, one per group
-    :raises ValueError: two groups expose the same parameter name, or a bad value
-    """
+    """Declare several groups and return their configs, refusing duplicate parameter names."""
     groups = list(groups)
     check_unique(groups)
     return [group.declare(node) for group in groups]
 
 
 def check_unique(groups):
-    """
-    Raise ValueError if two groups would declare the same parameter name.
-
-    :param groups: iterable of ConfigGroup
-    """
+    """Raise ValueError if two groups would declare the same parameter name."""
     seen = {}
     for group in groups:
         for name in group.names():
@@ -404,13 +331,11 @@ def yaml_document(groups, node_name, header=''):
     """
     Render the parameters of the groups as a commented ROS 2 params file.
 
-    Dotted names ('scale_recovery.source') become nested mappings.  Each parameter is
+    Dotted names ('scale_recovery.source') become nested mappings; each parameter is
     preceded by its description and constraints as comments.
 
-    :param groups: iterable of ConfigGroup
     :param node_name: node name key ('/**' matches any node)
     :param header: comment text put at the top (lines without '#')
-    :return: YAML text
     """
     out = [f'# {line}'.rstrip() for line in header.splitlines()]
     out += [f'{node_name}:', '  ros__parameters:']
@@ -463,8 +388,6 @@ def read_params_file(path, node_name):
     'scale_recovery.source').  Floats read as rcl reads them (YAML 1.2: '1e-4' is a
     number).
 
-    :param path: YAML file
-    :param node_name: node name
     :return: dict parameter name -> value
     :raises ValueError: unreadable file, no ros__parameters section for the node, or
         sections for the node in several namespaces (which one is meant is ambiguous)
@@ -514,12 +437,9 @@ def _flatten(mapping, prefix, out):
 
 def configs_from_values(groups, values, node_name):
     """
-    Map flat parameter values onto the config dataclasses of parameter groups.
+    Map {parameter name: value} onto {config class: instance}, for every group.
 
-    :param groups: list of ConfigGroup (a node's parameters)
-    :param values: dict parameter name -> value (names as the node declares them)
     :param node_name: node name, for the error message
-    :return: dict config class -> instance, for every group
     :raises ValueError: unknown parameter names (rclpy's own, use_sim_time and
         qos_overrides.*, are accepted and ignored), or a bad value (naming it)
     """

@@ -52,7 +52,6 @@ def sparse_depth_reading(msg, sparse_depth_scale):
     """
     Convert a sparse depth Image (16UC1 or 32FC1, any resolution) to meters.
 
-    :param msg: sensor_msgs/Image aligned to the camera
     :param sparse_depth_scale: meters per unit of 16UC1
     :return: :class:`Reading` with H x W float32 meters, or with the error: reason
         ``sparse_depth_<conversion reason>`` (e.g. ``sparse_depth_unknown_encoding``) or
@@ -81,7 +80,6 @@ def points_reading(msg):
     """
     Convert a LiDAR PointCloud2 (x, y, z FLOAT32 or FLOAT64, its own frame) to points.
 
-    :param msg: sensor_msgs/PointCloud2
     :return: :class:`Reading` with the (N, 3) finite points, or with the error: reason
         ``points_<conversion reason>`` (``points_missing_field``, ``points_truncated``...)
         or ``points_empty`` (no finite point)
@@ -133,8 +131,6 @@ class Tf2TransformLookup:
         """
         Return the transform mapping points of ``source_frame`` into ``target_frame``.
 
-        :param target_frame: camera optical frame
-        :param source_frame: cloud frame
         :param stamp_ns: cloud stamp in nanoseconds
         :param image_stamp_ns: image stamp in nanoseconds (used with a fixed frame)
         :return: (translation (3,), quaternion xyzw (4,))
@@ -219,12 +215,8 @@ class InputSubscriptions:
         """
         Subscribe to a camera's sparse input (``source`` decides the topic and type).
 
-        :param node: rclpy Node
-        :param camera_ns: camera namespace ('' = the node's namespace)
         :param add: callable(msg) buffering a message; its :class:`ScaleInputError` is
             dropped here (the caller has counted and logged it)
-        :param qos: QoS profile or depth
-        :return: the subscription
         """
         source = self.config.source
         msg_type = Image if source == 'sparse_depth' else PointCloud2
@@ -245,7 +237,6 @@ class InputSubscriptions:
         """
         Return the tf2 lookup of the LiDAR extrinsic, starting a listener on the first call.
 
-        :param node: rclpy Node
         :return: :class:`Tf2TransformLookup`, or None when ``use_tf`` is off or ``tf2_ros``
             is not importable (warned): the extrinsic parameters are then used
         """

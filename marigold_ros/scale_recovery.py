@@ -129,7 +129,6 @@ def status_fields(estimate, reason=None):
     """
     Diagnostics key/value pairs of a scale estimate (strings, for diagnostic_msgs/KeyValue).
 
-    :param estimate: :class:`ScaleEstimate` or None (no estimate)
     :param reason: reason to report when ``estimate`` is None
     :return: list of (key, value) string pairs: ``scale_status``, ``scale``,
         ``scale_shift``, ``scale_inlier_ratio``, ``scale_residual``, ``scale_points``,
@@ -193,40 +192,23 @@ class ScaleRecovery:
 
     @property
     def errors(self):
-        """
-        Count of input problems by reason since start, all streams (a copy).
-
-        :return: dict reason -> count
-        """
+        """Return a copy of {reason: count} of input problems since start, all streams."""
         with self._lock:
             return dict(self._errors)
 
     @property
     def last_error(self):
-        """
-        Return the latest input problem of any stream, or None.
-
-        :return: :class:`ScaleInputError` (``.reason``, ``.key``, ``str()``) or None
-        """
+        """Return the latest :class:`ScaleInputError` of any stream, or None."""
         with self._lock:
             return self._last_error
 
     @property
     def transform_source(self):
-        """
-        Where LiDAR extrinsics come from.
-
-        :return: ``'tf2'``, ``'parameters'`` or ``'custom'``
-        """
+        """Return where LiDAR extrinsics come from: ``'tf2'``, ``'parameters'`` or ``'custom'``."""
         return self._transform_source
 
     def last_estimate(self, key=''):
-        """
-        Return the latest outcome of :meth:`estimate` for a stream (unusable ones included).
-
-        :param key: stream key
-        :return: :class:`ScaleEstimate` (its ``reason`` says why when not ``ok``) or None
-        """
+        """Return the latest outcome of :meth:`estimate` for a stream, unusable ones included."""
         with self._lock:
             stream = self._streams.get(key)
         return None if stream is None else stream.last
@@ -235,7 +217,6 @@ class ScaleRecovery:
         """
         Diagnostics of one stream: the estimate's fields plus source and input problems.
 
-        :param key: stream key
         :return: list of (key, value) string pairs (see :func:`status_fields`), then
             ``scale_source``, ``scale_transform`` (points only), ``scale_input_errors``
             (``reason=count, ...`` of this stream) and ``scale_last_error``
@@ -286,27 +267,11 @@ class ScaleRecovery:
     # ------------------------------------------------------------------ input
 
     def add_sparse_depth(self, key, msg):
-        """
-        Convert and buffer a sparse depth Image (16UC1 or 32FC1, any resolution).
-
-        A bad message is buffered as such too, so a depth frame matched to it reports why.
-
-        :param key: stream key (camera namespace)
-        :param msg: sensor_msgs/Image aligned to the camera
-        :raises ScaleInputError: see :func:`~marigold_ros.scale_inputs.sparse_depth_reading`;
-            counted
-        """
+        """Buffer a 16UC1/32FC1 sparse depth Image; a bad one is buffered, counted and raised."""
         self._add(key, sparse_depth_reading(msg, self.config.sparse_depth_scale))
 
     def add_points(self, key, msg):
-        """
-        Convert and buffer a LiDAR PointCloud2 (x, y, z FLOAT32 or FLOAT64, its own frame).
-
-        :param key: stream key (camera namespace)
-        :param msg: sensor_msgs/PointCloud2
-        :raises ScaleInputError: see :func:`~marigold_ros.scale_inputs.points_reading`;
-            counted
-        """
+        """Buffer a LiDAR PointCloud2 (own frame); a bad one is buffered, counted and raised."""
         self._add(key, points_reading(msg))
 
     def _add(self, key, reading):
@@ -331,7 +296,6 @@ class ScaleRecovery:
 
         :param key: stream key (camera namespace), as given to ``add_*`` / :meth:`attach`
         :param header: std_msgs/Header of the frame (stamp; frame_id = optical frame)
-        :param relative_depth: H x W float relative depth
         :param camera: :class:`~marigold_ros.geometry.CameraModel` of the image (any
             resolution with the image's field of view; needed for LiDAR points) or None
         :return: :class:`ScaleEstimate` (``ok`` or ``stale``; a
@@ -472,12 +436,9 @@ class ScaleRecovery:
         are used). Bad messages are logged with the node's logger, at most once per reason
         per ``error_throttle_s``.
 
-        :param node: rclpy Node
         :param camera_ns: camera namespace ('' = the node's namespace); relative topic
-        :param qos: QoS profile or depth for the subscription
         :param key: stream key for this camera (default ``camera_ns``); the pipeline must
             pass the same key to :meth:`estimate`
-        :return: list of the subscriptions created
         """
         key = camera_ns if key is None else key
         self._logger = node.get_logger()

@@ -3,15 +3,6 @@ Match a secondary message stream (camera_info, sparse depth) to image stamps.
 
 Also the home of stamp <-> nanosecond conversion and of the camera_info rule that the node
 and the bag processor share (:class:`CameraInfoMatcher`).
-
-A small, bounded, thread-safe store: subscription callbacks call :meth:`StampMatcher.add`
-and the worker thread calls :meth:`StampMatcher.match` with the stamp of the image it
-processes.
-
-A fixed camera usually publishes camera_info with exactly the image's stamp, so a small
-tolerance suffices.  For publishers whose stamps are unrelated to the images (a static
-camera_info publisher, a latched topic), use ``tolerance_s=math.inf`` together with
-:meth:`StampMatcher.latest`, which returns the newest message whatever its stamp.
 """
 
 import math
@@ -24,23 +15,12 @@ NS_PER_S = 1_000_000_000
 
 
 def stamp_to_ns(stamp):
-    """
-    Convert a builtin_interfaces/Time to integer nanoseconds.
-
-    :param stamp: builtin_interfaces/Time (or anything with ``sec`` and ``nanosec``).
-    :return: ``sec * 1e9 + nanosec`` as an int.
-    """
+    """Return a builtin_interfaces/Time (anything with ``sec``, ``nanosec``) as int ns."""
     return int(stamp.sec) * NS_PER_S + int(stamp.nanosec)
 
 
 def ns_to_stamp(ns):
-    """
-    Convert integer nanoseconds to a builtin_interfaces/Time.
-
-    :param ns: non-negative nanoseconds.
-    :return: builtin_interfaces/Time.
-    :raises ValueError: negative time.
-    """
+    """Return non-negative integer nanoseconds as a builtin_interfaces/Time (else ValueError)."""
     ns = int(ns)
     if ns < 0:
         raise ValueError(f'time must be >= 0 ns, got {ns}')
@@ -54,7 +34,7 @@ class StampMatcher:
     Memory is bounded by ``max_queue``: when full, the message received earliest is dropped
     (receive order, not stamp order, so a clock jump backwards, e.g. a looping bag, ages the
     old messages out instead of pinning them).  A message with a stamp already stored
-    replaces the stored one.  All methods are thread-safe.
+    replaces the stored one.  All methods are thread-safe: callbacks add, the worker matches.
 
     :param tolerance_s: largest accepted ``|stamp - image stamp|`` in seconds (>= 0;
         ``math.inf`` accepts any gap).
@@ -87,12 +67,7 @@ class StampMatcher:
         return self._max_queue
 
     def add(self, stamp_ns, msg):
-        """
-        Store a message under its stamp.
-
-        :param stamp_ns: stamp in integer nanoseconds (see :func:`stamp_to_ns`).
-        :param msg: the message (any object).
-        """
+        """Store a message (any object) under its stamp in integer nanoseconds."""
         stamp_ns = int(stamp_ns)
         with self._lock:
             self._items.pop(stamp_ns, None)
@@ -101,22 +76,15 @@ class StampMatcher:
                 del self._items[next(iter(self._items))]
 
     def add_msg(self, msg):
-        """
-        Store a message with a ``header`` under its header stamp.
-
-        :param msg: message with ``header.stamp``.
-        """
+        """Store a message under its ``header.stamp``."""
         self.add(stamp_to_ns(msg.header.stamp), msg)
 
     def match(self, stamp_ns):
         """
-        Return the stored message closest in time to ``stamp_ns`` within the tolerance.
+        Return the stored message closest to ``stamp_ns`` within the tolerance, or None.
 
         Ties go to the earlier stamp.  The message stays stored (one camera_info may serve
         several images).
-
-        :param stamp_ns: stamp in integer nanoseconds.
-        :return: the message, or None if none is within the tolerance.
         """
         stamp_ns = int(stamp_ns)
         with self._lock:
@@ -134,9 +102,7 @@ class StampMatcher:
         Return the most recently received message whatever its stamp, or None.
 
         Meant for streams whose stamps do not follow the images (static camera_info
-        publishers); combine with ``tolerance_s=math.inf``.
-
-        :return: the message or None.
+        publishers, latched topics); combine with ``tolerance_s=math.inf``.
         """
         with self._lock:
             if not self._items:
@@ -178,29 +144,19 @@ class CameraInfoMatcher:
         self.use_latest = bool(use_latest)
 
     def add_msg(self, msg):
-        """
-        Store a camera_info under its header stamp.
-
-        :param msg: sensor_msgs/CameraInfo
-        """
+        """Store a sensor_msgs/CameraInfo under its header stamp."""
         self._matcher.add_msg(msg)
 
     def fallback(self):
-        """
-        Return what :meth:`match` would fall back to now (None without use_latest).
-
-        :return: CameraInfo or None
-        """
+        """Return what :meth:`match` would fall back to now (None without use_latest)."""
         return self._matcher.latest() if self.use_latest else None
 
     def match(self, stamp_ns, fallback=LATEST):
         """
-        Return the camera_info of an image stamp.
+        Return the camera_info of an image stamp (integer ns), or None.
 
-        :param stamp_ns: image stamp, integer nanoseconds
         :param fallback: with use_latest, used when none matches by stamp (default: the
             newest one stored now)
-        :return: CameraInfo or None
         """
         info = self._matcher.match(stamp_ns)
         if info is None and self.use_latest:
@@ -208,16 +164,10 @@ class CameraInfoMatcher:
         return info
 
     def may_follow(self, stamp_ns):
-        """
-        Tell whether a camera_info for this stamp may still arrive (worth a short wait).
-
-        Only when camera_info has been seen and is older than the image; never with
-        use_latest: the newest one will do (a static publisher's would never match, and
-        waiting for it would lose the wait on every frame).
-
-        :param stamp_ns: image stamp, integer nanoseconds
-        :return: bool
-        """
+        """Tell whether a camera_info for this stamp (ns) may still arrive: worth a short wait."""
+        # Only when camera_info has been seen and is older than the image; never with
+        # use_latest: the newest one will do (a static publisher's would never match, and
+        # waiting for it would lose the wait on every frame).
         latest = self._matcher.latest()
         return not self.use_latest and latest is not None and \
             stamp_to_ns(latest.header.stamp) < stamp_ns

@@ -4,7 +4,7 @@ import math
 import pickle
 
 from marigold_model.alignment import abs_rel, AlignmentError, delta1, delta2, delta3
-from marigold_model.alignment import depth_metrics, evaluate_affine_invariant
+from marigold_model.alignment import delta_accuracy, depth_metrics, evaluate_affine_invariant
 from marigold_model.alignment import fit_scale_shift, fit_scale_shift_robust, FitResult
 from marigold_model.alignment import normalize_percentile, rmse, sq_rel
 import numpy as np
@@ -335,3 +335,139 @@ def test_normalize_percentile_constant_and_empty():
         normalize_percentile(np.ones(3), np.zeros(3, dtype=bool))
     with pytest.raises(ValueError):
         normalize_percentile(np.ones(3), low=0.5, high=0.5)
+
+
+# Values the mutation run asked for, computed by hand or with numpy's polyfit.
+
+# Ratios max(p / g, g / p): 1.2, 1.5, 1.9, 2.0, inf (p <= 0), 1.25 (strict: fails delta1).
+_PRED = np.array([1.2, 3.0, 1.9, 2.0, -1.0, 0.8, 100.0])
+_GT = np.array([1.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+_MASK = np.array([True] * 6 + [False])  # the last pixel's error must not count
+
+
+def test_metrics_by_hand_with_a_mask():
+    """Errors 0.2, 1, 0.9, 1, -2, -0.2 over gt 1, 2, 1, 1, 1, 1; the masked pixel is out."""
+    expected = {
+        'abs_rel': (0.2 + 0.5 + 0.9 + 1 + 2 + 0.2) / 6,
+        'sq_rel': (0.04 + 0.5 + 0.81 + 1 + 4 + 0.04) / 6,
+        'rmse': math.sqrt((0.04 + 1 + 0.81 + 1 + 4 + 0.04) / 6),
+        'delta1': 1 / 6, 'delta2': 3 / 6, 'delta3': 4 / 6,  # 1.5625, 1.953125
+    }
+    got = depth_metrics(_PRED, _GT, _MASK)
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert delta_accuracy(_PRED, _GT, _MASK) == pytest.approx(1 / 6)  # default 1.25
+    assert delta_accuracy(_PRED, _GT, _MASK, threshold=2.5) == pytest.approx(5 / 6)
+
+
+def _polyfit_metrics(p, g, min_depth, max_depth):
+    scale, shift = np.polyfit(p, g, 1)
+    aligned = np.clip(scale * p + shift, min_depth, max_depth)
+    ratio = np.maximum(aligned / g, g / aligned)
+    return {'abs_rel': np.mean(np.abs(aligned - g) / g),
+            'rmse': math.sqrt(np.mean((aligned - g) ** 2)),
+            'delta1': np.mean(ratio < 1.25), 'scale': scale, 'shift': shift,
+            'n_valid': p.size}
+
+
+def test_evaluate_affine_invariant_bounds_and_clipping():
+    """Only min_depth < gt < max_depth and valid count; the aligned depth is clipped."""
+    pred = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    gt = np.array([0.5, 0.4, 3.0, 4.2, 8.0, 5.5, np.nan, 9.0])
+    valid = np.array([True, True, True, True, True, True, True, False])
+    # gt 0.4 and 8.0 equal the bounds: out, as are the NaN and 9.0 (outside valid).
+    keep = np.array([0, 2, 3, 5])
+    got = evaluate_affine_invariant(pred, gt, valid, min_depth=0.4, max_depth=8.0)
+    expected = _polyfit_metrics(pred[keep], gt[keep], 0.4, 8.0)
+    assert got['n_valid'] == 4
+    for key in ('abs_rel', 'rmse', 'delta1', 'scale', 'shift'):
+        assert got[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
+    # Clipping: the fit gives 0.255 and 5.857 at the ends, clipped to 0.3 and 5.6.
+    got = evaluate_affine_invariant(pred, gt, valid, min_depth=0.3, max_depth=5.6)
+    keep = np.array([0, 1, 2, 3, 5])
+    expected = _polyfit_metrics(pred[keep], gt[keep], 0.3, 5.6)
+    assert got['abs_rel'] == pytest.approx(expected['abs_rel'], rel=1e-9)
+    assert got['rmse'] == pytest.approx(expected['rmse'], rel=1e-9)
+    # The default min_depth is 1e-3: gt 0.5 and 0.4 count.
+    assert evaluate_affine_invariant(pred, gt, valid)['n_valid'] == 6
+
+
+def test_evaluate_affine_invariant_messages():
+    """Equal bounds are refused; shapes and holes are named."""
+    pred, gt = np.arange(4.0), np.arange(1.0, 5.0)
+    with pytest.raises(ValueError, match='^min_depth 1 must be below max_depth 1$'):
+        evaluate_affine_invariant(pred, gt, min_depth=1, max_depth=1)
+    with pytest.raises(ValueError, match=r'^pred_rel shape \(3,\) differs from gt shape \(4,\)$'):
+        evaluate_affine_invariant(pred[:3], gt)
+    with pytest.raises(ValueError, match=r'^valid shape \(3,\) differs from pred_rel shape'):
+        evaluate_affine_invariant(pred, gt, valid=np.ones(3, bool))
+    with pytest.raises(AlignmentError, match=r'no valid pixel with 5 < gt < inf$'):
+        evaluate_affine_invariant(pred, gt, min_depth=5)
+    with pytest.raises(AlignmentError,
+                       match=r'NaN or inf on 1 of the 4 pixels with ground truth$'):
+        evaluate_affine_invariant(np.array([0.0, 1.0, np.nan, 3.0]), gt)
+
+
+def test_normalize_percentile_by_hand():
+    """0..100: the 2nd and 98th percentiles (2, 98) map to -1 and 1; fill and flat cases."""
+    depth = np.arange(101.0)
+    out = normalize_percentile(depth)
+    np.testing.assert_allclose(out, np.clip((depth - 2) / 96 * 2 - 1, -1, 1), atol=1e-6)
+    valid = depth != 50
+    assert normalize_percentile(depth, valid)[50] == 0.0  # the default fill
+    assert not normalize_percentile(np.zeros(4)).any()  # zero span: 0, not NaN
+    # A span of 1e-10 at 1000 is below 1e-9 of the depth: flat, not stretched to +-1.
+    assert not normalize_percentile(1000.0 + np.array([0.0, 1e-10, 0.0, 1e-10])).any()
+    with pytest.raises(ValueError, match=r'^need 0 <= low < high <= 1, got low=0.5, high=1.5$'):
+        normalize_percentile(depth, low=0.5, high=1.5)
+    with pytest.raises(ValueError, match=r'^valid shape \(3,\) differs from depth shape'):
+        normalize_percentile(depth, np.ones(3, bool))
+    with pytest.raises(AlignmentError, match='^empty_mask: no valid depth pixel to normalise$'):
+        normalize_percentile(np.full(3, np.nan))
+
+
+def test_alignment_error_pickles_a_message_with_its_own_separator():
+    """A message containing ': ' or leading spaces survives pickling unchanged."""
+    error = pickle.loads(pickle.dumps(AlignmentError('too_few_points', ' n: 1, need: 2')))
+    assert error.reason == 'too_few_points'
+    assert str(error) == 'too_few_points:  n: 1, need: 2'
+
+
+def test_robust_weights_by_hand():
+    """Huber: 1 / max(|e| / c, 1); Cauchy: 1 / (1 + (e / c)^2)."""
+    from marigold_model.alignment import _robust_weights
+    e = np.array([0.5, -1.5, 4.0])
+    np.testing.assert_allclose(_robust_weights(e, 1.0, 'huber'), [1.0, 1 / 1.5, 0.25])
+    np.testing.assert_allclose(_robust_weights(e, 2.0, 'huber'), [1.0, 1.0, 0.5])
+    np.testing.assert_allclose(_robust_weights(e, 1.0, 'cauchy'), [0.8, 1 / 3.25, 1 / 17])
+
+
+def test_fit_result_apply_is_float64_by_hand():
+    """float32 relative depth maps to float64 metres (no float32 rounding of 3 * 0.1 + 1)."""
+    fit = FitResult(scale=3.0, shift=1.0, inlier_ratio=1.0, residual=0.0, n_points=2,
+                    n_inliers=2)
+    out = fit.apply(np.array([0.1, 2.0], np.float32))
+    assert out.dtype == np.float64
+    assert out.tolist() == [3.0 * float(np.float32(0.1)) + 1.0, 7.0]
+
+
+@pytest.mark.parametrize('loss', ['huber', 'cauchy'])
+def test_irls_result_is_its_own_reweighted_fit(loss):
+    """
+    IRLS stops at a fixed point: refitting with the weights of its own residuals returns it.
+
+    The weights are written out (relative residual e, scale c = max(threshold, 2.5 * 1.4826 *
+    median |e|), loss weight times 1 / d^2) and the refit is numpy's polyfit.
+    """
+    rng = np.random.default_rng(4)
+    p = rng.uniform(0.1, 1.0, 300)
+    d = 2.0 * p + 0.5
+    d *= 1 + 0.01 * rng.standard_normal(300)
+    d[:30] *= rng.uniform(1.5, 3.0, 30)  # gross outliers
+    fit = fit_scale_shift_robust(p, d, method='irls', loss=loss, threshold_rel=0.02,
+                                 irls_iterations=20)
+    e = (fit.scale * p + fit.shift - d) / d
+    a = np.abs(e) / max(0.02, 2.5 * 1.4826 * np.median(np.abs(e)))
+    robust = 1 / np.maximum(a, 1.0) if loss == 'huber' else 1 / (1 + a * a)
+    scale, shift = np.polyfit(p, d, 1, w=np.sqrt(robust / d ** 2))
+    assert fit.scale == pytest.approx(scale, rel=1e-9)
+    assert fit.shift == pytest.approx(shift, rel=1e-9, abs=1e-12)

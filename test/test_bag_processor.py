@@ -598,7 +598,7 @@ def test_interrupt_while_moving_the_output_into_place_waits(tmp_path, scenes, pa
     """Ctrl-C between moving the export and the bag into place cannot leave only one."""
     import contextlib
     from marigold_ros import bag_processor
-    from marigold_ros.bag_io import AtomicBagWriter
+    from marigold_ros.bag_writer import AtomicBagWriter
     bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes))
     commit = AtomicBagWriter.commit
     deferred_interrupts = bag_processor.deferred_interrupts
@@ -691,7 +691,7 @@ def test_failing_bag_close_leaves_neither_bag_nor_export(tmp_path, scenes, param
 
 def test_stages_of_killed_runs_are_removed_by_the_next_run(tmp_path, scenes, params):
     """A SIGKILLed run's staging folders go with the next run; a live process's stay."""
-    from marigold_ros.bag_io import staging_path
+    from marigold_ros.bag_writer import staging_path
     bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes))
     dead = subprocess.Popen(['true'])
     dead.wait()

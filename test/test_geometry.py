@@ -368,3 +368,82 @@ def test_implausible_calibration_is_named_not_refused():
     assert any('fx/fy' in text and '3.33' in text for text in found)
     assert any('principal point (900, 240)' in text for text in found)
     assert any('distortion' in text and '4000' in text for text in found)
+
+
+# ------------------------------------------------ values the mutation run asked for
+
+
+def test_to_msg_defaults_plain_pinhole_and_roi_by_hand():
+    """No header: the model's frame; no distortion: plumb_bob with 5 zeros; ROI copied."""
+    roi = Roi(x_offset=4, y_offset=6, width=32, height=24, do_rectify=True)
+    model = CameraModel(W, H, K, roi=roi, frame_id='cam_optical')
+    msg = model.to_msg()
+    assert msg.header.frame_id == 'cam_optical'
+    assert msg.distortion_model == 'plumb_bob' and list(msg.d) == [0.0] * 5
+    assert (msg.roi.x_offset, msg.roi.y_offset, msg.roi.width, msg.roi.height,
+            msg.roi.do_rectify) == (4, 6, 32, 24, True)
+    # A named model with zero coefficients keeps its name and its own number of zeros.
+    plain = CameraModel(W, H, K, D=[0.0] * 8, distortion_model='rational_polynomial')
+    assert not plain.has_distortion
+    msg = plain.to_msg()
+    assert msg.distortion_model == 'rational_polynomial' and list(msg.d) == [0.0] * 8
+
+
+def test_calibration_error_carries_its_message():
+    """The message names the problem (str of the error), the reason is the key."""
+    with pytest.raises(CalibrationError, match='^camera size must be positive, got 0x48$') as err:
+        CameraModel.from_msg(_info(width=0))
+    assert err.value.reason == 'bad_size'
+
+
+def test_quaternion_edge_cases_by_hand():
+    """A norm of exactly 1e-12 is still a rotation (x by 180 degrees); below is refused."""
+    np.testing.assert_allclose(quaternion_to_matrix([1e-12, 0.0, 0.0, 0.0]),
+                               np.diag([1.0, -1.0, -1.0]), atol=1e-12)
+    with pytest.raises(ValueError, match='^quaternion has zero norm$'):
+        quaternion_to_matrix([1e-13, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match=r'^quaternion must be 4 finite values \(x, y, z, w\), '
+                                         r'got \[0.0, 0.0, 1.0\]$'):
+        quaternion_to_matrix([0.0, 0.0, 1.0])
+
+
+def test_transform_points_image_shaped_and_messages():
+    """(H, W, 3) points transform per point; bad shapes are named."""
+    points = np.arange(12, dtype=np.float64).reshape(2, 2, 3)
+    # 90 degrees about z: (x, y, z) -> (-y, x, z), then + (1, 2, 3).
+    s = math.sqrt(0.5)
+    out = transform_points(points, [1, 2, 3], [0.0, 0.0, s, s])
+    expected = np.stack([1 - points[..., 1], 2 + points[..., 0], 3 + points[..., 2]], axis=-1)
+    np.testing.assert_allclose(out, expected, atol=1e-12)
+    with pytest.raises(ValueError, match=r'^points must have shape \(\.\.\., 3\), got \(2, 4\)$'):
+        transform_points(np.zeros((2, 4)), [0, 0, 0], [0, 0, 0, 1])
+    with pytest.raises(ValueError, match='^translation must have 3 values, got 2$'):
+        transform_points(np.zeros((2, 3)), [0, 0], [0, 0, 0, 1])
+
+
+def test_scale_camera_size_limits_by_hand():
+    """One pixel a side is a valid size; zero in either is refused, naming the size."""
+    model = CameraModel.from_msg(_info())
+    thin = scale_camera(model, 1, H)  # sx = 1 / 64: fx 80 / 64, cx (31.5 + 0.5) / 64 - 0.5
+    assert (thin.width, thin.height) == (1, H)
+    np.testing.assert_allclose(thin.K, [[1.25, 0, 0.0], [0, FY, CY], [0, 0, 1]], atol=1e-12)
+    flat = scale_camera(model, W, 1)  # sy = 1 / 48: fy 90 / 48, cy 22.5 / 48 - 0.5
+    np.testing.assert_allclose(flat.K, [[FX, 0, CX], [0, 1.875, -0.03125], [0, 0, 1]],
+                               atol=1e-12)
+    for size, text in (((0, 10), '0x10'), ((10, 0), '10x0')):
+        with pytest.raises(ValueError, match=f'^new size must be positive, got {text}$'):
+            scale_camera(model, *size)
+
+
+def test_undistort_strong_barrel_by_hand():
+    """k1 = -0.3: r_d = r (1 - 0.3 r^2) peaks at 0.703; beyond it there is no inverse (NaN)."""
+    xd = np.array([0.3, 0.6, 0.45, 0.9, 0.05])
+    yd = np.array([0.0, 0.0, 0.3, 0.0, -0.6])
+    x, y = undistort_normalized(xd, yd, [-0.3, 0.0, 0.0, 0.0, 0.0], 'plumb_bob')
+    ok = np.arange(5) != 3
+    assert np.isnan(x[3]) and np.isnan(y[3])
+    assert np.isfinite(x[ok]).all() and np.isfinite(y[ok]).all()
+    r2 = x[ok] ** 2 + y[ok] ** 2  # the forward model, written out
+    np.testing.assert_allclose(x[ok] * (1 - 0.3 * r2), xd[ok], atol=1e-9)
+    np.testing.assert_allclose(y[ok] * (1 - 0.3 * r2), yd[ok], atol=1e-9)
+    assert (r2 < 1 / 0.9).all()  # on the rising branch, r < sqrt(1 / 0.9)

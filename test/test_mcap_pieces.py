@@ -111,7 +111,8 @@ def test_read_back_with_rosbags(tmp_path):
 
 @pytest.mark.parametrize('storage', ['mcap', 'sqlite3'])
 def test_atomic_writer_takes_pieces_for_both_storages(tmp_path, storage):
-    from marigold_ros.bag_io import AtomicBagWriter, BagReader
+    from marigold_ros.bag_io import BagReader
+    from marigold_ros.bag_writer import AtomicBagWriter
     messages = _odd_sized_messages(np.random.default_rng(3))
     writer = AtomicBagWriter(tmp_path / 'out', storage)
     writer.open()

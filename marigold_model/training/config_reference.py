@@ -36,12 +36,7 @@ def _described(cls):
 
 
 def reader_options(kind):
-    """
-    Return the options a data kind's reader takes, from its signature.
-
-    :param kind: data kind (a key of READERS)
-    :return: list of (name, default or inspect.Parameter.empty)
-    """
+    """Return a data kind's reader options, (name, default or inspect.Parameter.empty)."""
     module, name, fixed = READERS[kind]
     reader = getattr(importlib.import_module(module, __package__), name)
     parameters = list(inspect.signature(reader.__init__).parameters.values())[1:]
@@ -72,11 +67,7 @@ def _data_section():
 
 
 def reference_yaml():
-    """
-    Render config/train/reference.yaml.
-
-    :return: YAML text; loading it gives TrainConfig()
-    """
+    """Render config/train/reference.yaml; loading it gives TrainConfig()."""
     defaults = TrainConfig()
     out = [f'# {line}'.rstrip() for line in HEADER.splitlines()]
     for config_field, text in _described(TrainConfig):

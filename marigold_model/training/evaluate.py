@@ -38,25 +38,12 @@ _FIT_KEYS = ('scale', 'shift', 'n_valid')
 
 
 def constant_baseline(rgb):
-    """
-    Predict the same relative depth everywhere.
-
-    Least squares cannot fit a constant; :func:`score_image` then uses scale 0, i.e. the
-    mean ground truth, which is the best constant in the least-squares sense.
-
-    :param rgb: [H, W, 3] image
-    :return: float32 [H, W] of 0.5
-    """
+    """Return float32 [H, W] of 0.5: scored as the mean ground truth (:func:`score_image`)."""
     return np.full(np.shape(rgb)[:2], 0.5, dtype=np.float32)
 
 
 def ramp_baseline(rgb):
-    """
-    Predict depth growing linearly from the bottom row (closest, 0) to the top row (1).
-
-    :param rgb: [H, W, 3] image
-    :return: float32 [H, W] relative depth
-    """
+    """Return float32 [H, W] depth growing linearly from the bottom row (0) to the top (1)."""
     height, width = np.shape(rgb)[:2]
     rows = (height - 1 - np.arange(height)) / max(height - 1, 1)
     return np.repeat(rows[:, None], width, axis=1).astype(np.float32)
@@ -96,7 +83,6 @@ def score_image(pred_rel, gt, valid, min_depth, max_depth):
     A prediction that is constant on the valid pixels has no least-squares scale; it is scored
     with scale 0 and shift = mean ground truth (the limit of the fit, the best constant).
 
-    :param pred_rel: [H, W] relative depth
     :param gt: [H, W] ground-truth meters
     :param valid: [H, W] bool evaluation mask (sensor mask and crop)
     :param min_depth: lower depth bound (exclusive)
@@ -142,10 +128,6 @@ def evaluate(predictor, dataset, min_depth=None, max_depth=None, crop=None, *, b
     :param min_depth: lower depth bound; default the EvalDataset's (else 1e-3)
     :param max_depth: upper depth bound; default the EvalDataset's (else infinity)
     :param crop: crop setting (see :func:`crop_mask`); default the EvalDataset's (else none)
-    :param batch_size: frames per predictor call
-    :param limit: score only the first ``limit`` samples
-    :param progress: show a tqdm progress bar on stderr
-    :param name: label of the predictor in the result
     :return: dict with ``predictor``, ``images`` (scored), ``skipped`` (no valid pixels) and
         the mean of every metric (``abs_rel``, ``delta1``, ``delta2``, ``delta3``, ``rmse``,
         ``sq_rel``), and ``abs_rel_per_image`` (the scored images' AbsRel, in order, for
@@ -243,12 +225,7 @@ def _json_number(value):
 
 
 def markdown_table(results):
-    """
-    Format results as a markdown table (predictor, AbsRel, delta1, images).
-
-    :param results: list of dicts from :func:`evaluate`
-    :return: the table as text
-    """
+    """Format :func:`evaluate` results as a markdown table (predictor, AbsRel, delta1, images)."""
     lines = ['| predictor | AbsRel | delta1 | images |', '|---|---|---|---|']
     for row in results:
         lines.append(f'| {row["predictor"]} | {row["abs_rel"]:.4f} | {row["delta1"]:.4f} | '
@@ -260,7 +237,6 @@ def write_report(folder, report):
     """
     Write ``results.json`` and ``results.md`` into a folder (created).
 
-    :param folder: output folder
     :param report: dict with ``dataset``, ``protocol``, ``model`` and ``results``
     :return: (json path, markdown path)
     """
@@ -288,11 +264,7 @@ def write_report(folder, report):
 
 
 def build_parser():
-    """
-    Build the ``marigold-eval`` argument parser.
-
-    :return: argparse.ArgumentParser
-    """
+    """Build the ``marigold-eval`` argument parser."""
     model, inference = ModelConfig(), InferenceConfig()
     parser = argparse.ArgumentParser(
         prog='marigold-eval',
@@ -340,12 +312,7 @@ def _estimator_config(args):
 
 
 def run(args):
-    """
-    Evaluate what the parsed arguments ask for and write the report.
-
-    :param args: namespace from :func:`build_parser`
-    :return: the report dict
-    """
+    """Evaluate what the parsed arguments ask for, write the report and return it."""
     if args.limit is not None and args.limit < 1:
         raise ValueError(f'--limit must be >= 1, got {args.limit}')
     config = None if args.baselines_only else _estimator_config(args)
@@ -388,12 +355,7 @@ def run(args):
 
 
 def main(argv=None):
-    """
-    Run ``marigold-eval``.
-
-    :param argv: arguments (default ``sys.argv[1:]``)
-    :return: exit code (0 on success)
-    """
+    """Run ``marigold-eval`` (argv default ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

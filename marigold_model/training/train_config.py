@@ -151,10 +151,7 @@ def _coerce(name, value, kind):
     integers (``1e3``) and ``no`` (false to YAML) for mixed_precision are converted. Anything
     else is returned as read, for TrainConfig to refuse by name.
 
-    :param name: setting name
-    :param value: value as read
     :param kind: declared type (bool, int, float or str)
-    :return: the value as ``kind``, or unchanged
     """
     if kind in (int, float) and not isinstance(value, bool):
         number = value
@@ -182,8 +179,6 @@ def _coerce_data(value):
     """
     Turn the ``data`` setting (a list of mappings) into DataSpec objects.
 
-    :param value: list of dicts (or DataSpec)
-    :return: tuple of DataSpec
     :raises TrainingError: not a list of mappings, or unknown keys, naming them
     """
     if isinstance(value, (dict, DataSpec)):
@@ -221,8 +216,6 @@ def load_config(path=None, overrides=()):
     checks them before anything is loaded.
 
     :param path: YAML file or None for the defaults
-    :param overrides: iterable of 'key=value' strings
-    :return: TrainConfig
     :raises TrainingError: unreadable file, unknown keys or bad values, naming them
     """
     values = {}
@@ -338,7 +331,6 @@ def _validate(config):
 
     The one check of every TrainConfig, run when it is made (from YAML or in code).
 
-    :param config: TrainConfig
     :raises TrainingError: the first bad setting
     """
     for name, kind in _SETTING_TYPES.items():
@@ -389,12 +381,7 @@ def _validate(config):
 
 
 def config_to_dict(config):
-    """
-    Plain dict of a TrainConfig, for saving next to a run.
-
-    :param config: TrainConfig
-    :return: dict
-    """
+    """Return a TrainConfig as a plain dict, for saving next to a run."""
     values = asdict(config)
     values['data'] = [asdict(spec) for spec in config.data]
     return values

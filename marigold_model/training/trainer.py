@@ -6,15 +6,9 @@ Usage::
     marigold-train CONFIG.yaml [key=value ...]
     accelerate launch -m marigold_model.training.trainer CONFIG.yaml [key=value ...]
 
-The U-Net learns v-prediction on DDPM (1000 steps) with annealed multi-resolution noise; the
-VAE is frozen and the empty-prompt embedding is computed once. The data is a stream of
-numbered draws in which every frame of a source is used once per pass over it; each draw's
-sample, crop, flip, timestep and noise come from generators seeded by (seed, draw number), so
-a resumed run repeats an uninterrupted one exactly, and N processes of batch B train as one of
-batch N x B (the loss is the masked MSE over the global batch; logged losses and counts are
-summed over processes). The learning rate is a function of the step. The checkpoint still
-holds the full state (U-Net, optimiser, step, learning rate, RNG states, EMA, counts of
-skipped samples, the batch layout).
+The U-Net learns v-prediction on DDPM with annealed multi-resolution noise; the VAE is frozen.
+Each draw of the data stream is seeded by (seed, draw number), so a resumed run repeats an
+uninterrupted one exactly, and N processes of batch B train as one of batch N x B.
 """
 
 import contextlib
@@ -45,13 +39,7 @@ _NOISE_STREAM = 101
 
 
 def lr_factor(step, config):
-    """
-    Learning-rate multiplier: linear warm-up, then exponential (or cosine) decay.
-
-    :param step: optimiser step
-    :param config: TrainConfig
-    :return: factor applied to config.lr
-    """
+    """Return the factor on config.lr at a step: linear warm-up, then exponential/cosine decay."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(config.max_steps - config.warmup_steps, 1)
@@ -68,9 +56,7 @@ def find_checkpoint(output_dir, checkpoint='latest'):
     """
     Folder of a training checkpoint: a given one, or the latest of a run.
 
-    :param output_dir: the run's output folder
     :param checkpoint: folder path or 'latest'
-    :return: Path
     :raises TrainingError: no such checkpoint
     """
     folder = Path(output_dir) / 'checkpoints'
@@ -93,8 +79,6 @@ def make_accelerator(config):
     or ``torchrun``) on a machine without GPUs, accelerate would give each process a
     one-process run of its own; they are joined on the CPU (gloo) instead.
 
-    :param config: TrainConfig
-    :return: accelerate.Accelerator
     :raises TrainingError: the launcher's processes did not join one run
     """
     from accelerate import Accelerator
@@ -117,9 +101,6 @@ def check_batch_layout(state, config, processes, checkpoint):
     any other change would silently move the draw numbering.
 
     :param state: the checkpoint's trainer_state.json (older ones lack the layout: accepted)
-    :param config: TrainConfig of the resumed run
-    :param processes: processes of the resumed run
-    :param checkpoint: checkpoint folder (for the message)
     :raises TrainingError: naming the checkpoint's and this run's values
     """
     if 'processes' not in state:
@@ -156,7 +137,6 @@ class Trainer:
         """
         Load the data and the base model, prepare accelerate.
 
-        :param config: TrainConfig
         :param dataset: optional dataset yielding Sample objects at the training resolution
             (tests, recipes); anything but a MixedDataset is drawn from as its only source
         """
@@ -203,12 +183,7 @@ class Trainer:
     # -- learning rate ----------------------------------------------------------------------
 
     def lr_at(self, step):
-        """
-        Learning rate of an optimiser step.
-
-        :param step: optimiser step (0 for the first)
-        :return: float
-        """
+        """Return the learning rate of an optimiser step (0 for the first)."""
         return self.config.lr * lr_factor(step, self.config)
 
     def set_lr(self):
@@ -264,11 +239,7 @@ class Trainer:
         return tuple(torch.stack(part) for part in zip(*rows))
 
     def prefill_latent_cache(self, batch=64):
-        """
-        Encode every frame's variants (both flips of frames at the training size), batched.
-
-        :param batch: samples per VAE call
-        """
+        """Encode every frame's variants (both flips of frames at the training size), batched."""
         if self.latent_cache is None:
             return
         pending = []
@@ -287,15 +258,9 @@ class Trainer:
             flush()
 
     def sample_generators(self, numbers):
-        """
-        One noise generator per draw, seeded by (seed, draw number) alone.
-
-        A draw's timestep and noise then do not depend on how a global batch is split into
-        processes and micro-batches: two processes of batch B draw what one of batch 2B does.
-
-        :param numbers: draw numbers (see :func:`draw_numbers`)
-        :return: list of torch.Generator on the CPU
-        """
+        """Return one CPU noise generator per draw, seeded by (seed, draw number) alone."""
+        # A draw's timestep and noise then do not depend on how a global batch is split into
+        # processes and micro-batches: two processes of batch B draw what one of batch 2B does.
         return [torch.Generator('cpu').manual_seed(
             int(np.random.default_rng([self.config.seed, _NOISE_STREAM, number])
                 .integers(2 ** 62))) for number in numbers]
@@ -396,12 +361,7 @@ class Trainer:
         return total / config.grad_accumulation
 
     def _sum_over_processes(self, values):
-        """
-        Sum numbers over all processes (every process gets the sums).
-
-        :param values: list of numbers
-        :return: list of float sums (float64, exact for counts)
-        """
+        """Return float64 sums of numbers over all processes, on every process (exact counts)."""
         if self.accelerator.num_processes == 1:
             return [float(value) for value in values]
         tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
@@ -425,11 +385,7 @@ class Trainer:
         return self.output / 'checkpoints'
 
     def save_checkpoint(self):
-        """
-        Write the full state atomically (written aside, then renamed).
-
-        :return: Path of the checkpoint
-        """
+        """Write the full state atomically (written aside, then renamed); return its Path."""
         folder = self.checkpoint_dir()
         final = folder / f'step_{self.step:07d}'
         partial = folder / f'.partial_step_{self.step:07d}'
@@ -493,7 +449,6 @@ class Trainer:
         complete or not at all (written aside, then renamed into place).
 
         :param path: output folder, default <output_dir>/model
-        :return: Path of the model
         """
         from diffusers import UNet2DConditionModel
         path = Path(path or self.output / 'model')
@@ -511,11 +466,7 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self):
-        """
-        Train to max_steps with logging and checkpoints, then export.
-
-        :return: Path of the exported model
-        """
+        """Train to max_steps with logging and checkpoints, export, and return the model's Path."""
         config = self.config
         self.output.mkdir(parents=True, exist_ok=True)
         if self.accelerator.is_main_process:
@@ -561,12 +512,7 @@ def _progress(config, start, active):
 
 
 def main(argv=None):
-    """
-    Command line: ``marigold-train CONFIG [key=value ...] [--resume [CHECKPOINT]]``.
-
-    :param argv: arguments (default sys.argv[1:])
-    :return: exit code
-    """
+    """Run ``marigold-train CONFIG [key=value ...] [--resume [CHECKPOINT]]``; return exit code."""
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('config', help='YAML training config')
