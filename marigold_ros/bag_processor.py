@@ -48,13 +48,14 @@ from std_msgs.msg import Header
 
 from . import export
 from .bag_io import AtomicBagWriter, BagError, BagReader, deserialized, STORAGES
+from .bag_tf import TF_TOPIC, TransformBuffer
 from .bag_topics import output_topic_names, resolve_topics
 from .heap import keep_large_buffers_in_heap
 from .node_params import estimator_config, NodeConfig, OUTPUT_TOPICS, OutputConfig
 from .node_params import read_node_params
 from .ordered_threads import OrderedWorker, prefetch
 from .pipeline import DepthPipeline, FrameError, FrameInput
-from .scale_inputs import ScaleInputError
+from .scale_inputs import REASON_NO_TRANSFORM, ScaleInputError, Tf2TransformLookup
 from .scale_recovery import IDENTITY_EXTRINSIC, ScaleRecovery, ScaleRecoveryConfig
 from .stamp_matcher import CameraInfoMatcher, NS_PER_S, stamp_to_ns
 from .static_tf import StaticTransforms, TF_STATIC_TOPIC
@@ -270,6 +271,7 @@ class BagProcessor:
         self.job = job
         self.estimator = estimator
         self.summary = BagSummary()
+        self.tf_buffer = None  # the bag's /tf, when the LiDAR extrinsic is looked up in it
 
     def run(self):
         """
@@ -333,24 +335,60 @@ class BagProcessor:
             self.estimator.set_inference(config.estimator.inference)
 
     def _transforms(self, reader, scale):
-        """Return the LiDAR extrinsic lookup: /tf_static when use_tf, else the parameters."""
+        """
+        Return the LiDAR extrinsic lookup: the bag's tf when use_tf, else the parameters.
+
+        With ``/tf`` in the bag, a :class:`~marigold_ros.bag_tf.TransformBuffer` holding
+        ``/tf_static`` is kept in :attr:`tf_buffer` for the run to feed ``/tf`` into, in
+        recording order, and looked up as the live node looks up tf2 (motion compensation
+        with ``fixed_frame`` included); with ``/tf_static`` only, the static chain.
+        """
+        self.tf_buffer = None
         fallback = (tuple(scale.extrinsic_translation), tuple(scale.extrinsic_rotation_xyzw))
         if fallback == IDENTITY_EXTRINSIC:
             # The default means 'not calibrated': frames /tf_static does not connect give
             # no_transform, as without /tf_static, instead of an identity extrinsic.
             fallback = None
-        if scale.fixed_frame:
+        moving = scale.use_tf and TF_TOPIC in reader.topics
+        if scale.fixed_frame and not moving:
             print(f'process_bag: scale_recovery.fixed_frame {scale.fixed_frame!r} is not '
-                  f'used offline: the LiDAR extrinsic comes from {TF_STATIC_TOPIC} or the '
-                  'parameters, without motion compensation', file=sys.stderr)
-        if not scale.use_tf or TF_STATIC_TOPIC not in reader.topics:
+                  f'used offline: the bag has no {TF_TOPIC}; the LiDAR extrinsic comes from '
+                  f'{TF_STATIC_TOPIC} or the parameters, without motion compensation',
+                  file=sys.stderr)
+        if not scale.use_tf or not ({TF_TOPIC, TF_STATIC_TOPIC} & set(reader.topics)):
             self.summary.extrinsic = 'parameters'
             return None
-        transforms = StaticTransforms.from_messages(
-            (reader.deserialize(m) for m in reader.messages([TF_STATIC_TOPIC])), fallback)
+        statics = [reader.deserialize(m) for m in reader.messages([TF_STATIC_TOPIC])] \
+            if TF_STATIC_TOPIC in reader.topics else []
+        if moving:
+            self.tf_buffer = TransformBuffer()
+            for msg in statics:
+                self.tf_buffer.add_message(msg, static=True)
+            self.summary.extrinsic = (f'{TF_TOPIC} and {TF_STATIC_TOPIC}'
+                                      + (f' through {scale.fixed_frame!r}'
+                                         if scale.fixed_frame else '') + ', else the parameters')
+            return _with_fallback(Tf2TransformLookup(self.tf_buffer,
+                                                     scale.transform_tolerance_s,
+                                                     scale.fixed_frame), fallback)
+        transforms = StaticTransforms.from_messages(statics, fallback)
         self.summary.extrinsic = (f'{TF_STATIC_TOPIC} ({len(transforms.frames)} frames), '
                                   'else the parameters')
         return transforms
+
+
+def _with_fallback(lookup, fallback):
+    """Use ``fallback`` where ``lookup`` finds no connection (the offline static rule)."""
+    if fallback is None:
+        return lookup
+
+    def call(target_frame, source_frame, stamp_ns, image_stamp_ns=None):
+        try:
+            return lookup(target_frame, source_frame, stamp_ns, image_stamp_ns)
+        except ScaleInputError as error:
+            if error.reason != REASON_NO_TRANSFORM:
+                raise
+            return fallback
+    return call
 
 
 class _Run:
@@ -374,6 +412,7 @@ class _Run:
     def __init__(self, processor, reader, topics, config, writer, exporter, background):
         """Build the pipeline and the matchers of the run; declare copied topics."""
         job = self.job = processor.job
+        self.processor = processor
         self.summary = processor.summary
         self.reader, self.topics = reader, topics
         self.writer, self.exporter, self.background = writer, exporter, background
@@ -421,13 +460,17 @@ class _Run:
         summary.camera_info_topic = topics.camera_info or ''
         used = [t for t in (topics.image, topics.camera_info, topics.sparse_depth,
                             topics.points) if t]
+        tf_buffer = self.processor.tf_buffer
+        decoded = set(used)
+        if tf_buffer is not None:
+            used.append(TF_TOPIC)  # fed in recording order, ahead of the frames (look-ahead)
         lookahead = int(round(job.lookahead_s * NS_PER_S))
         pending, started = [], None
         self.progress = _Progress(reader.topics[topics.image].count, not job.quiet)
         clock = time.perf_counter()
         # Reading and deserializing run ahead on their own thread, like the writing.
         stream = prefetch(deserialized(reader.messages(None if job.copy_inputs else used),
-                                       set(used)))
+                                       decoded))
         try:
             for message, msg in stream:
                 summary.topics_in[message.topic] = summary.topics_in.get(message.topic, 0) + 1
@@ -443,6 +486,8 @@ class _Run:
                     pending.append((message, msg, self.camera_infos.fallback()))
                 elif message.topic == topics.camera_info:
                     self.camera_infos.add_msg(msg)
+                elif message.topic == TF_TOPIC and tf_buffer is not None:
+                    self._add_tf(message, tf_buffer)
                 elif message.topic in (topics.sparse_depth, topics.points):
                     self._add_scale_input(message, msg)
                 # A batch goes once the recording has moved `lookahead` past its last frame.
@@ -468,6 +513,13 @@ class _Run:
             raise BagError('no_topic', f'no message could be read from {topics.image!r} '
                                        f'although the bag lists '
                                        f'{reader.topics[topics.image].count}')
+
+    def _add_tf(self, message, tf_buffer):
+        """Add a /tf message to the buffer (rosbags: tf2_msgs may have no rclpy class)."""
+        try:
+            tf_buffer.add_message(self.reader.deserialize(message))
+        except BagError as error:
+            self._bad_message(message, error)
 
     def _add_scale_input(self, message, msg):
         try:
