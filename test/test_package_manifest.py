@@ -20,7 +20,7 @@ ROSDEP_KEYS = {
     'launch': 'launch', 'launch_ros': 'launch_ros',
 }
 # No rosdep key exists: these must be in requirements.txt instead.
-PIP_ONLY = {'diffusers', 'accelerate', 'safetensors'}
+PIP_ONLY = {'diffusers', 'accelerate', 'safetensors', 'ray'}
 # Imported only when present, each with a fallback (EXR readers).
 OPTIONAL = {'cv2', 'imageio'}
 
