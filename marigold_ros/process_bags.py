@@ -295,6 +295,10 @@ class ProgressCounter:
         """Forget a task's frames (before a retry)."""
         self.done.pop(key, None)
 
+    def reset_all(self):
+        """Start a new run."""
+        self.done = {}
+
     def total(self):
         """Return the frames done over all tasks."""
         return sum(self.done.values())
@@ -332,40 +336,53 @@ def _error_text(error):
     return f'{type(cause).__name__}: {cause}'.strip()
 
 
-def run_tasks(tasks, workers, actor_options, threads=1, retries=1, quiet=False):
+class WorkerPool:
     """
-    Process the tasks on Ray actors, retrying failures; fill each Task in.
+    The Ray actors of a run and their progress counter (kept for further runs).
 
-    :param tasks: list of Task (those not 'todo' are left alone)
     :param workers: number of actors
     :param actor_options: Ray options of each actor (num_cpus, num_gpus)
     :param threads: torch threads of each worker
+    """
+
+    def __init__(self, workers, actor_options, threads=1):
+        """Start the actors (each loads the model with its first bag)."""
+        import ray
+        self.counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+        self._class = ray.remote(BagWorker)
+        self._options, self._threads = actor_options, threads
+        self.actors = [self.new_actor() for _ in range(workers)]
+
+    def new_actor(self):
+        """Start one more actor (to replace one that died)."""
+        return self._class.options(max_restarts=0, **self._options).remote(self._threads,
+                                                                           self.counter)
+
+
+def run_tasks(tasks, pool, retries=1, quiet=False):
+    """
+    Process the tasks on a WorkerPool, retrying failures; fill each Task in.
+
+    :param tasks: list of Task (those not 'todo' are left alone)
+    :param pool: WorkerPool
     :param retries: extra tries of a failed task
     :param quiet: no progress bar
     :return: the tasks
     """
     import ray
     todo = [i for i, t in enumerate(tasks) if t.status == 'todo']
-    if not todo:
-        return tasks
-    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
-    actor_class = ray.remote(BagWorker)
-
-    def new_actor():
-        return actor_class.options(max_restarts=0, **actor_options).remote(
-            threads, counter)
-
-    idle = [new_actor() for _ in range(min(workers, len(todo)))]
+    counter, idle = pool.counter, list(pool.actors)
+    ray.get(counter.reset_all.remote())
     running = {}  # ObjectRef -> (task index, actor)
     bar = None
-    if not quiet:
+    if not quiet and todo:
         from tqdm import tqdm
         bar = tqdm(total=sum(tasks[i].frames for i in todo), unit='frame', file=sys.stderr,
                    dynamic_ncols=True, desc='process_bags')
     try:
         while todo or running:
             while todo and idle:
-                index, actor = todo.pop(0), idle.pop()
+                index, actor = todo.pop(0), idle.pop(0)
                 tasks[index].attempts += 1
                 running[actor.process.remote(index, tasks[index].job)] = (index, actor)
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
@@ -378,7 +395,7 @@ def run_tasks(tasks, workers, actor_options, threads=1, retries=1, quiet=False):
                     idle.append(actor)
                 except ray.exceptions.RayActorError as error:  # the worker died: a new one
                     _failed(task, error, todo, index, retries, counter)
-                    idle.append(new_actor())
+                    idle.append(pool.new_actor())
                 except ray.exceptions.RayTaskError as error:
                     _failed(task, error, todo, index, retries, counter)
                     idle.append(actor)
@@ -386,6 +403,7 @@ def run_tasks(tasks, workers, actor_options, threads=1, retries=1, quiet=False):
                 bar.n = ray.get(counter.total.remote())
                 bar.refresh()
     finally:
+        pool.actors = idle + [actor for _, actor in running.values()]
         if bar is not None:
             bar.close()
     return tasks
@@ -485,10 +503,13 @@ def run(args):
     for task in tasks:
         if not base.overwrite and is_complete(task.job.output):
             task.status = 'skipped'
+    todo = sum(task.status == 'todo' for task in tasks)
+    if not todo:
+        return tasks
     workers, options, started = start_ray(args)
     try:
-        return run_tasks(tasks, workers, options, args.threads_per_worker, args.retries,
-                         args.quiet)
+        pool = WorkerPool(min(workers, todo), options, args.threads_per_worker)
+        return run_tasks(tasks, pool, args.retries, args.quiet)
     finally:
         if started:
             import ray

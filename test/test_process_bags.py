@@ -74,10 +74,11 @@ def test_three_bags_on_two_workers_equal_sequential_runs(local_ray, inputs, tmp_
         name = Path(bag).name
         assert _read(out / name) == _read(root / 'ref' / name)
         assert _hashes(out / name) == _hashes(root / 'ref' / name)
-    table = captured.out.splitlines()
-    assert table[0].split()[:5] == ['bag', 'frames', 'failed', 'seconds', 'output']
-    assert sorted(line.split()[:3] for line in table[1:]) == \
+    table = [line.split() for line in captured.out.splitlines()]
+    header = table.index(['bag', 'frames', 'failed', 'seconds', 'output'])
+    assert sorted(row[:3] for row in table[header + 1:header + 4]) == \
         [[f'bag{k}', '6', '0'] for k in range(3)]
+    assert all(row[4] == str(out / row[0]) for row in table[header + 1:header + 4])
 
 
 def _dead_pid():
