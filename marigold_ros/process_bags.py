@@ -400,8 +400,9 @@ def run_tasks(tasks, pool, retries=1, quiet=False):
                     _failed(task, error, todo, index, retries, counter)
                     idle.append(actor)
             if bar is not None:
-                bar.n = ray.get(counter.total.remote())
-                bar.refresh()
+                done = ray.get(counter.total.remote())
+                if done != bar.n:
+                    bar.update(done - bar.n)
     finally:
         pool.actors = idle + [actor for _, actor in running.values()]
         if bar is not None:
