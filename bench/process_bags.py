@@ -12,11 +12,15 @@ run sees), the speed-up is the median of the paired ratios (target >= 1.7 on an 
 before and after is printed: other processes on a shared machine take cores from the
 workers.
 
+``--control`` also times one and two plain processes running process_bag's code on the
+same bags without Ray: on a loaded machine it shows what two processes can gain at all.
+
 Run: .venv/bin/python bench/process_bags.py [--bags 4 --frames 32 --height 240 --width 320
-     --model bundled:marigold-tiny --repeats 2]
+     --model bundled:marigold-tiny --repeats 2 --control]
 """
 
 import argparse
+from dataclasses import replace
 import os
 from pathlib import Path
 import shutil
@@ -83,6 +87,52 @@ def one_run(bags, warm_bags, out, params, model, workers):
     return end - steady, end - clock
 
 
+def plain_bag(bag, out, params, model):
+    """
+    Process one bag with process_bag's BagProcessor in this process, warm; return frames/s.
+
+    :param bag: bag folder
+    :param out: output folder (must not exist)
+    :param params: params file
+    :param model: model argument
+    :return: frames per second of the whole bag, after a two-frame warm-up run
+    """
+    import torch
+
+    from marigold_ros.bag_processor import BagProcessor
+    torch.set_num_threads(1)
+    job = process_bags.BagJob(input=bag, output=out + '_warm', params=str(params), model=model,
+                              quiet=True, frames=(0, 2))
+    warm = BagProcessor(job)
+    warm.run()
+    clock = time.perf_counter()
+    summary = BagProcessor(replace(job, output=out, frames=None),
+                           warm.estimator).run()
+    return summary.frames_in / (time.perf_counter() - clock)
+
+
+def control(bags, folder, params, model):
+    """
+    Return the speed-up of two plain processes (no Ray) over one: what the machine allows.
+
+    :param bags: two bag folders
+    :param folder: scratch folder
+    :param params: params file
+    :param model: model argument
+    :return: (frames/s of one process, total frames/s of two at once)
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+    context = multiprocessing.get_context('spawn')
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        one = pool.submit(plain_bag, bags[0], str(folder / 'c1'), params, model).result()
+    with ProcessPoolExecutor(2, mp_context=context) as pool:
+        both = [pool.submit(plain_bag, bag, str(folder / f'c2_{k}'), params, model)
+                for k, bag in enumerate(bags[:2])]
+        two = sum(f.result() for f in both)
+    return one, two
+
+
 def main():
     """Run the benchmark and print frames/s and the speed-up."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -92,6 +142,8 @@ def main():
     parser.add_argument('--width', type=int, default=320)
     parser.add_argument('--model', default=None)
     parser.add_argument('--repeats', type=int, default=2)
+    parser.add_argument('--control', action='store_true', help='also time one and two plain '
+                        'processes (no Ray) on the same bags: what the machine allows')
     args = parser.parse_args()
     os.environ.setdefault('OMP_NUM_THREADS', '1')
     folder = Path(tempfile.mkdtemp(prefix='bench_process_bags_'))
@@ -126,6 +178,10 @@ def main():
               f'2 workers: median {np.median(rates[2]):.2f}; speed-up median '
               f'{np.median(ratios):.2f}x (runs: {", ".join(f"{r:.2f}" for r in ratios)}); '
               f'with start-up: {np.median(cold_ratios):.2f}x; load after {os.getloadavg()}')
+        if args.control:
+            one, two = control(bags, folder, params, model)
+            print(f'control without Ray: 1 process {one:.2f} frames/s, 2 processes '
+                  f'{two:.2f} frames/s: {two / one:.2f}x (load {os.getloadavg()})')
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
