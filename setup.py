@@ -51,6 +51,7 @@ setup(
             'depth_node = marigold_ros.depth_node:main',
             'depth_lifecycle_node = marigold_ros.depth_node:lifecycle_main',
             'process_bag = marigold_ros.bag_processor:main',
+            'process_bags = marigold_ros.process_bags:main',
             'marigold_demo = marigold_ros.demo:main',
             'marigold-train = marigold_model.training.trainer:main',
             'marigold-eval = marigold_model.training.evaluate:main',

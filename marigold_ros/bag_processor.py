@@ -48,6 +48,7 @@ from std_msgs.msg import Header
 
 from . import export
 from .bag_io import BagError, BagReader, deserialized, STORAGES
+from .bag_tf import TF_TOPIC, TransformBuffer
 from .bag_topics import output_topic_names, resolve_topics
 from .bag_writer import AtomicBagWriter
 from .heap import keep_large_buffers_in_heap
@@ -55,10 +56,13 @@ from .node_params import estimator_config, NodeConfig, OUTPUT_TOPICS, OutputConf
 from .node_params import read_node_params
 from .ordered_threads import OrderedWorker, prefetch
 from .pipeline import DepthPipeline, FrameError, FrameInput
-from .scale_inputs import ScaleInputError
+from .scale_inputs import REASON_NO_TRANSFORM, ScaleInputError, Tf2TransformLookup
 from .scale_recovery import IDENTITY_EXTRINSIC, ScaleRecovery, ScaleRecoveryConfig
 from .stamp_matcher import CameraInfoMatcher, NS_PER_S, stamp_to_ns
 from .static_tf import StaticTransforms, TF_STATIC_TOPIC
+
+# An image outside the window of a run (BagJob.frames): read, neither decoded nor inferred.
+_OUTSIDE = object()
 
 # Camera info is matched like the node does; a bag has every message, so the buffers only
 # need to hold what the look-ahead window can bring in, and are made large for that.
@@ -89,6 +93,11 @@ class BagJob:
     :param lookahead_s: seconds of recording read past a frame before it is processed
     :param strict: a frame that cannot be processed aborts the run (no output)
     :param quiet: no progress bar
+    :param frames: (first, stop): process only the image frames of these indices (a window
+        of the bag, see :mod:`marigold_ros.process_bags`; ``first`` a multiple of the batch),
+        or None for all.  The rest of the recording is still read, so matching and batching
+        are those of the whole run: the windows' outputs, one after the other, are the
+        whole run's output (when no state carries over frames, see there).
     """
 
     input: str  # noqa: A003 - the command-line name
@@ -109,6 +118,7 @@ class BagJob:
     lookahead_s: float = 1.0
     strict: bool = False
     quiet: bool = False
+    frames: tuple = None
 
 
 @dataclass
@@ -257,9 +267,10 @@ class BagProcessor:
     :param job: BagJob
     :param estimator: an already loaded DepthEstimator (tests, benchmarks) or None to load
         the configured model
+    :param progress: callable(frames done) instead of the progress bar, or None
     """
 
-    def __init__(self, job, estimator=None):
+    def __init__(self, job, estimator=None, progress=None):
         """Keep the job; nothing is opened before :meth:`run`."""
         if job.storage not in STORAGES:
             raise ValueError(f'unknown storage {job.storage!r}; use one of {sorted(STORAGES)}')
@@ -268,9 +279,14 @@ class BagProcessor:
                              f'{job.batch}')
         if not job.lookahead_s >= 0:
             raise ValueError(f'lookahead must be >= 0 s, got {job.lookahead_s}')
+        if job.frames is not None and not 0 <= job.frames[0] <= job.frames[1]:
+            raise ValueError(f'frames must be (first, stop) with 0 <= first <= stop, got '
+                             f'{job.frames}')
         self.job = job
         self.estimator = estimator
+        self.progress = progress
         self.summary = BagSummary()
+        self.tf_buffer = None  # the bag's /tf, when the LiDAR extrinsic is looked up in it
 
     def run(self):
         """
@@ -334,24 +350,60 @@ class BagProcessor:
             self.estimator.set_inference(config.estimator.inference)
 
     def _transforms(self, reader, scale):
-        """Return the LiDAR extrinsic lookup: /tf_static when use_tf, else the parameters."""
+        """
+        Return the LiDAR extrinsic lookup: the bag's tf when use_tf, else the parameters.
+
+        With ``/tf`` in the bag, a :class:`~marigold_ros.bag_tf.TransformBuffer` holding
+        ``/tf_static`` is kept in :attr:`tf_buffer` for the run to feed ``/tf`` into, in
+        recording order, and looked up as the live node looks up tf2 (motion compensation
+        with ``fixed_frame`` included); with ``/tf_static`` only, the static chain.
+        """
+        self.tf_buffer = None
         fallback = (tuple(scale.extrinsic_translation), tuple(scale.extrinsic_rotation_xyzw))
         if fallback == IDENTITY_EXTRINSIC:
             # The default means 'not calibrated': frames /tf_static does not connect give
             # no_transform, as without /tf_static, instead of an identity extrinsic.
             fallback = None
-        if scale.fixed_frame:
+        moving = scale.use_tf and TF_TOPIC in reader.topics
+        if scale.fixed_frame and not moving:
             print(f'process_bag: scale_recovery.fixed_frame {scale.fixed_frame!r} is not '
-                  f'used offline: the LiDAR extrinsic comes from {TF_STATIC_TOPIC} or the '
-                  'parameters, without motion compensation', file=sys.stderr)
-        if not scale.use_tf or TF_STATIC_TOPIC not in reader.topics:
+                  f'used offline: the bag has no {TF_TOPIC}; the LiDAR extrinsic comes from '
+                  f'{TF_STATIC_TOPIC} or the parameters, without motion compensation',
+                  file=sys.stderr)
+        if not scale.use_tf or not ({TF_TOPIC, TF_STATIC_TOPIC} & set(reader.topics)):
             self.summary.extrinsic = 'parameters'
             return None
-        transforms = StaticTransforms.from_messages(
-            (reader.deserialize(m) for m in reader.messages([TF_STATIC_TOPIC])), fallback)
+        statics = [reader.deserialize(m) for m in reader.messages([TF_STATIC_TOPIC])] \
+            if TF_STATIC_TOPIC in reader.topics else []
+        if moving:
+            self.tf_buffer = TransformBuffer()
+            for msg in statics:
+                self.tf_buffer.add_message(msg, static=True)
+            self.summary.extrinsic = (f'{TF_TOPIC} and {TF_STATIC_TOPIC}'
+                                      + (f' through {scale.fixed_frame!r}'
+                                         if scale.fixed_frame else '') + ', else the parameters')
+            return _with_fallback(Tf2TransformLookup(self.tf_buffer,
+                                                     scale.transform_tolerance_s,
+                                                     scale.fixed_frame), fallback)
+        transforms = StaticTransforms.from_messages(statics, fallback)
         self.summary.extrinsic = (f'{TF_STATIC_TOPIC} ({len(transforms.frames)} frames), '
                                   'else the parameters')
         return transforms
+
+
+def _with_fallback(lookup, fallback):
+    """Use ``fallback`` where ``lookup`` finds no connection (the offline static rule)."""
+    if fallback is None:
+        return lookup
+
+    def call(target_frame, source_frame, stamp_ns, image_stamp_ns=None):
+        try:
+            return lookup(target_frame, source_frame, stamp_ns, image_stamp_ns)
+        except ScaleInputError as error:
+            if error.reason != REASON_NO_TRANSFORM:
+                raise
+            return fallback
+    return call
 
 
 class _Run:
@@ -375,6 +427,7 @@ class _Run:
     def __init__(self, processor, reader, topics, config, writer, exporter, background):
         """Build the pipeline and the matchers of the run; declare copied topics."""
         job = self.job = processor.job
+        self.processor = processor
         self.summary = processor.summary
         self.reader, self.topics = reader, topics
         self.writer, self.exporter, self.background = writer, exporter, background
@@ -387,6 +440,12 @@ class _Run:
                   file=sys.stderr)
             batch = 1
         self.batch = self.summary.batch = batch
+        # A window starts on a batch boundary of the whole run (its batches are the whole
+        # run's); frames outside it pass as skipped batches (no decoding, no model).
+        self.first, self.stop = job.frames if job.frames is not None else (0, math.inf)
+        if self.first % batch:
+            raise ValueError(f'a window must start on a batch boundary: frame {self.first} '
+                             f'is not a multiple of the batch {batch}')
         self.scale = None
         if topics.sparse_depth:
             self.scale = ScaleRecovery(config.scale)
@@ -399,8 +458,8 @@ class _Run:
         self.camera_infos = CameraInfoMatcher(config.node.camera_info_tolerance,
                                               _OFFLINE_QUEUE, config.node.camera_info_use_latest)
         self.outputs = output_topic_names(topics.namespace)
-        self.index = 0
-        self.progress = None
+        self.index = self.first
+        self.progress = self.bar = None
         if job.copy_inputs:
             clash = sorted(set(self.outputs.values()) & set(reader.topics))
             if clash:
@@ -422,13 +481,19 @@ class _Run:
         summary.camera_info_topic = topics.camera_info or ''
         used = [t for t in (topics.image, topics.camera_info, topics.sparse_depth,
                             topics.points) if t]
+        tf_buffer = self.processor.tf_buffer
+        decoded = set(used)
+        if tf_buffer is not None:
+            used.append(TF_TOPIC)  # fed in recording order, ahead of the frames (look-ahead)
         lookahead = int(round(job.lookahead_s * NS_PER_S))
         pending, started = [], None
-        self.progress = _Progress(reader.topics[topics.image].count, not job.quiet)
+        total = min(self.stop, reader.topics[topics.image].count) - self.first
+        self.bar = None if self.processor.progress else _Progress(total, not job.quiet)
+        self.progress = self.processor.progress or self.bar.update
         clock = time.perf_counter()
         # Reading and deserializing run ahead on their own thread, like the writing.
-        stream = prefetch(deserialized(reader.messages(None if job.copy_inputs else used),
-                                       set(used)))
+        stream = prefetch(self._decoded(reader.messages(None if job.copy_inputs else used),
+                                        decoded))
         try:
             for message, msg in stream:
                 summary.topics_in[message.topic] = summary.topics_in.get(message.topic, 0) + 1
@@ -437,6 +502,8 @@ class _Run:
                                            message.log_time, message.cdr)
                 if isinstance(msg, BagError) and message.topic != topics.image:
                     self._bad_message(message, msg)
+                elif message.topic == topics.image and msg is _OUTSIDE:
+                    pending.append((message, msg, None))
                 elif message.topic == topics.image:
                     # A BagError fails its frame, in order.  The newest camera info read so
                     # far is what the live node would fall back to (camera_info_use_latest):
@@ -444,6 +511,8 @@ class _Run:
                     pending.append((message, msg, self.camera_infos.fallback()))
                 elif message.topic == topics.camera_info:
                     self.camera_infos.add_msg(msg)
+                elif message.topic == TF_TOPIC and tf_buffer is not None:
+                    self._add_tf(message, tf_buffer)
                 elif message.topic in (topics.sparse_depth, topics.points):
                     self._add_scale_input(message, msg)
                 # A batch goes once the recording has moved `lookahead` past its last frame.
@@ -451,6 +520,9 @@ class _Run:
                         message.log_time - pending[self.batch - 1][0].log_time > lookahead:
                     started = self._advance(started, pending[:self.batch])
                     del pending[:self.batch]
+                if started is None and self.index >= self.stop:
+                    pending.clear()  # a window's last batch is written: the rest is not read
+                    break
             while pending:
                 count = min(self.batch, len(pending))
                 started = self._advance(started, pending[:count])
@@ -460,7 +532,8 @@ class _Run:
         finally:
             stream.close()
             self.model.shutdown(wait=True, cancel_futures=True)
-            self.progress.close()
+            if self.bar is not None:
+                self.bar.close()
         summary.estimator_seconds = self.model_seconds
         summary.seconds = time.perf_counter() - clock
         summary.topics_out = {t: n for t, n in self.writer.counts.items()
@@ -469,6 +542,25 @@ class _Run:
             raise BagError('no_topic', f'no message could be read from {topics.image!r} '
                                        f'although the bag lists '
                                        f'{reader.topics[topics.image].count}')
+
+    def _decoded(self, messages, topics):
+        """Deserialize (:func:`deserialized`), passing images outside the window as such."""
+        index = 0
+        for message in messages:
+            if message.topic == self.topics.image:
+                inside = self.first <= index < self.stop
+                index += 1
+                if not inside:
+                    yield message, _OUTSIDE
+                    continue
+            yield from deserialized((message,), topics)
+
+    def _add_tf(self, message, tf_buffer):
+        """Add a /tf message to the buffer (rosbags: tf2_msgs may have no rclpy class)."""
+        try:
+            tf_buffer.add_message(self.reader.deserialize(message))
+        except BagError as error:
+            self._bad_message(message, error)
 
     def _add_scale_input(self, message, msg):
         try:
@@ -499,6 +591,8 @@ class _Run:
         :return: the batch now started: (its entries, its frames, the model's future)
         """
         now = None
+        if batch is not None and batch[0][1] is _OUTSIDE:
+            batch = None  # outside the window: finishes the batch before it, as in a whole run
         if batch is not None:
             frames = [FrameInput(image=image, key=self.topics.image) for _, image, _ in batch]
             for frame in frames:
@@ -542,7 +636,7 @@ class _Run:
                 summary.last_scale = result.scale
             done.append((index, message.log_time, result, None))
         self.background.submit(self._write_outputs, done)
-        self.progress.update(len(batch))
+        self.progress(len(batch))
 
     def _frame_error(self, index, message, frame, error):
         _count(self.summary.errors, error.reason)
@@ -579,15 +673,16 @@ def _header_of(frame):
     return Header() if isinstance(frame.image, BagError) else frame.image.header
 
 
-def process_bag(job, estimator=None):
+def process_bag(job, estimator=None, progress=None):
     """
     Process a bag (see :class:`BagJob`); the output appears only when complete.
 
     :param job: BagJob
     :param estimator: optional loaded DepthEstimator
+    :param progress: optional callable(frames done) replacing the progress bar
     :return: BagSummary
     """
-    return BagProcessor(job, estimator).run()
+    return BagProcessor(job, estimator, progress).run()
 
 
 # ---------------------------------------------------------------------------- summary
@@ -647,12 +742,27 @@ def build_parser():
 
     :return: argparse.ArgumentParser
     """
-    defaults = {f.name: f.default for f in fields(BagJob) if f.default is not MISSING}
     parser = argparse.ArgumentParser(
         prog='process_bag', description='Run Marigold depth on every image frame of a bag '
         '(rosbag2 sqlite3 / mcap or ROS 1) and write the node outputs to a new rosbag2.')
     parser.add_argument('input', help='input bag: rosbag2 folder, .db3 / .mcap file or .bag')
     parser.add_argument('output', help='output rosbag2 folder (must not exist)')
+    add_job_options(parser)
+    return parser
+
+
+def add_job_options(parser, leave_out=()):
+    """
+    Add the options of a :class:`BagJob` (all but input and output) to a parser.
+
+    ``process_bags`` takes the same options for each of its bags from here.
+
+    :param parser: argparse.ArgumentParser
+    :param leave_out: option destinations not to add (they keep the BagJob default)
+    :return: the parser
+    """
+    defaults = {f.name: f.default for f in fields(BagJob) if f.default is not MISSING}
+    parser = _Filtered(parser, set(leave_out))
     parser.add_argument('--image-topic', help='Image or CompressedImage topic (default: the '
                         'only image topic of the bag)')
     parser.add_argument('--camera-info-topic', help='CameraInfo topic (default: '
@@ -660,7 +770,8 @@ def build_parser():
     parser.add_argument('--sparse-depth-topic', help='sparse depth Image (16UC1 mm / 32FC1 m) '
                         'registered to the camera, for metric scale')
     parser.add_argument('--points-topic', help='LiDAR PointCloud2 for metric scale (extrinsic '
-                        "from the bag's /tf_static, else the scale_recovery parameters)")
+                        "from the bag's /tf and /tf_static, else the scale_recovery "
+                        'parameters)')
     parser.add_argument('--params', help='ROS 2 params file with the node parameters, e.g. '
                         'config/depth.yaml')
     parser.add_argument('--model', help='model: HF id, local folder or bundled:<name> '
@@ -686,8 +797,20 @@ def build_parser():
                         help='stop without output when a frame cannot be processed')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
     # Every default comes from BagJob (the options and the fields have the same names).
-    parser.set_defaults(**defaults)
-    return parser
+    parser.parser.set_defaults(**defaults)
+    return parser.parser
+
+
+class _Filtered:
+    """A parser that ignores the options whose destination is left out."""
+
+    def __init__(self, parser, leave_out):
+        self.parser, self.leave_out = parser, leave_out
+
+    def add_argument(self, *names, **kwargs):
+        dest = kwargs.get('dest') or names[0].lstrip('-').replace('-', '_')
+        if dest not in self.leave_out:
+            self.parser.add_argument(*names, **kwargs)
 
 
 def job_from_args(args):

@@ -35,6 +35,8 @@ RULES = (
      'the bag processor does not depend on the live node'),
     ('marigold_ros.bag_topics', (), ('marigold_ros.depth_node',),
      'the bag topics do not depend on the live node'),
+    ('marigold_ros.process_bags', (), ('marigold_ros.depth_node',),
+     'fleet processing does not depend on the live node'),
     ('marigold_ros.pipeline', (), ('marigold_ros.depth_node', 'marigold_ros.bag_processor'),
      'the pipeline serves the node and the bag processor and imports neither'),
     ('marigold_ros.node_params', (), ('marigold_ros.depth_node', 'marigold_ros.bag_processor',

@@ -21,7 +21,7 @@ ROSDEP_KEYS = {
 }
 # No rosdep key exists: these must be in requirements.txt instead.
 # (onnxruntime has python3-onnxruntime-pip, but the GPU and Jetson builds are other wheels)
-PIP_ONLY = {'diffusers', 'accelerate', 'safetensors', 'onnx', 'onnxruntime'}
+PIP_ONLY = {'diffusers', 'accelerate', 'safetensors', 'onnx', 'onnxruntime', 'ray'}
 # Imported only when present, each with a fallback (EXR readers).
 OPTIONAL = {'cv2', 'imageio'}
 
