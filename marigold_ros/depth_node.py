@@ -7,12 +7,16 @@ them; see the table in DESIGN.md): ``<ns>/image`` (or ``<ns>/image/compressed``)
 metric scale), ``<ns>/depth/uncertainty``, ``<ns>/depth/camera_info`` and
 ``<ns>/depth/points`` out, each reusing the image header; ``/diagnostics`` at 1 Hz.
 
-Never blocks: subscription callbacks only store the newest image per camera; one worker
-thread takes the newest image of every camera, matches camera_info by stamp and runs the
-shared :class:`~marigold_ros.pipeline.DepthPipeline` (one model call for all cameras).
-Images replaced before the worker took them are counted as dropped.  The model loads on a
-background thread (the plain node) or in ``configure`` (the lifecycle node); a failure is
-logged and reported on /diagnostics while the node keeps running.
+Never blocks: subscription callbacks only store the newest image per camera.  Two threads
+run the stages of the shared :class:`~marigold_ros.pipeline.DepthPipeline`: the model
+thread takes the newest image of every camera, decodes them and makes one model call for
+all cameras; the finisher thread matches camera_info by stamp, builds the outputs (scale,
+depth images, cloud) and publishes them.  The model thread infers batch k+1 while the
+finisher publishes batch k, so the outputs cost no model time; batches pass both threads
+in order.  Images replaced before the model thread took them are counted as dropped.
+The model loads on a background thread (the plain node) or in ``configure`` (the
+lifecycle node); a failure is logged and reported on /diagnostics while the node keeps
+running.
 
 Two executables: ``depth_node`` (:func:`main`, :class:`DepthNode`) and
 ``depth_lifecycle_node`` (:func:`lifecycle_main`, :class:`DepthLifecycleNode`: configure
@@ -81,12 +85,62 @@ def default_estimator_factory(config):
     return DepthEstimator(config)
 
 
+class _Handoff:
+    """
+    One inferred batch on its way from the model thread to the finisher thread.
+
+    Holds at most one batch; :meth:`wait_empty` lets the model thread wait until the
+    finisher has taken it out (started on it), so batches keep their order, the model
+    infers batch k+1 while the finisher publishes batch k, and a frame never waits behind
+    more than one batch.
+    Every wait ends when the pair's stop event is set (checked every 0.1 s).
+    """
+
+    def __init__(self):
+        """Start empty and idle."""
+        self._ready = threading.Condition()
+        self._job = None
+
+    def put(self, job):
+        """Hand a batch on (the slot is empty: the model thread waited for it)."""
+        with self._ready:
+            self._job = job
+            self._ready.notify_all()
+
+    def take(self, stop):
+        """
+        Wait for a batch and take it out (the model thread may then take the next one).
+
+        :param stop: threading.Event ending the wait
+        :return: the batch, or None when stopped or after 0.1 s without one
+        """
+        with self._ready:
+            if self._job is None and not stop.is_set():
+                self._ready.wait(0.1)
+            job, self._job = self._job, None
+            self._ready.notify_all()
+            return None if stop.is_set() else job
+
+    def wait_empty(self, stop):
+        """
+        Wait until no batch is waiting for the finisher.
+
+        :param stop: threading.Event ending the wait
+        :return: True when empty (False: stopped, or still full after 0.1 s)
+        """
+        with self._ready:
+            if self._job is not None and not stop.is_set():
+                self._ready.wait(0.1)
+            return self._job is None and not stop.is_set()
+
+
 class _DepthCore:
     """
     Everything the plain and the lifecycle node share; mixed into an rclpy Node.
 
-    Threads: the executor runs the subscription, timer and parameter callbacks; one worker
-    thread runs the model and publishes; one loader thread (plain node) loads the model.
+    Threads: the executor runs the subscription, timer and parameter callbacks; the worker
+    thread runs the model, the finisher thread builds and publishes the outputs; one
+    loader thread (plain node) loads the model.
     """
 
     def _core_init(self, estimator_factory):
@@ -119,6 +173,7 @@ class _DepthCore:
         self._stop = threading.Event()
         self._worker_stop = threading.Event()
         self._worker = None
+        self._finisher = None
         self._loader = None
         self._estimator = None
         self._pipeline = None
@@ -356,33 +411,48 @@ class _DepthCore:
         if self._worker is not None and self._worker.is_alive():
             return
         self._stop.clear()
-        # Each worker has its own stop event: one left behind by _stop_worker (a model call
-        # longer than shutdown_timeout) is not revived by clearing the node's _stop, so
-        # two workers never take frames at the same time.
+        # Each pair of threads has its own stop event and hand-off: a pair left behind by
+        # _stop_worker (a model call longer than shutdown_timeout) is not revived by
+        # clearing the node's _stop, so two workers never take frames at the same time.
         self._worker_stop = threading.Event()
-        self._worker = threading.Thread(target=self._worker_loop, args=(self._worker_stop,),
+        handoff = _Handoff()
+        self._worker = threading.Thread(target=self._worker_loop,
+                                        args=(self._worker_stop, handoff),
                                         name='marigold_worker', daemon=True)
+        self._finisher = threading.Thread(target=self._finisher_loop,
+                                          args=(self._worker_stop, handoff),
+                                          name='marigold_finisher', daemon=True)
+        self._finisher.start()
         self._worker.start()
 
     def _stop_worker(self):
-        """Stop and join the worker (a model call in progress is finished first)."""
+        """Stop and join both threads (a model call in progress is finished first)."""
         self._stop.set()
         self._worker_stop.set()
         self._wake.set()
-        worker = self._worker
-        if worker is not None and worker is not threading.current_thread():
-            worker.join(self._node_config.shutdown_timeout)
-            if worker.is_alive():
-                self.get_logger().warning(
-                    f'worker still busy after {self._node_config.shutdown_timeout} s; '
-                    'leaving it behind')
+        timeout = self._node_config.shutdown_timeout
+        deadline = time.monotonic() + timeout
+        for thread in (self._worker, self._finisher):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    self.get_logger().warning(
+                        f'{thread.name} still busy after {timeout} s; leaving it behind')
         self._worker = None
+        self._finisher = None
         with self._slot_lock:
             self._slots.clear()
 
-    def _worker_loop(self, stop):
+    def _worker_loop(self, stop, handoff):
+        """
+        Take the newest frames, decode and infer them, hand them on (the model thread).
+
+        It takes a new batch only once the finisher has taken the one before (at most one
+        batch waits between the two threads), so the frames it takes are the newest ones
+        and the model runs while the finisher publishes the previous batch.
+        """
         while not stop.is_set():
-            if not self._wake.wait(0.1):
+            if not handoff.wait_empty(stop) or not self._wake.wait(0.1):
                 continue
             pipeline = self._pipeline
             if pipeline is None:
@@ -395,8 +465,24 @@ class _DepthCore:
             if not batch:
                 continue
             try:
-                self._process(pipeline, batch)
+                job = self._infer(pipeline, batch)
             except Exception:  # noqa: B902 - the worker must survive anything
+                if stop.is_set():
+                    break
+                self._report('', 'processing_error', traceback.format_exc())
+                continue
+            if not stop.is_set():
+                handoff.put(job)
+
+    def _finisher_loop(self, stop, handoff):
+        """Finish each inferred batch (scale, messages) and publish it (the finisher thread)."""
+        while not stop.is_set():
+            job = handoff.take(stop)
+            if job is None:
+                continue
+            try:
+                self._finish(*job)
+            except Exception:  # noqa: B902 - the finisher must survive anything
                 if stop.is_set():
                     break
                 self._report('', 'processing_error', traceback.format_exc())
@@ -408,15 +494,25 @@ class _DepthCore:
             estimator.set_inference(inference)
             self._applied_inference = inference
 
-    def _process(self, pipeline, batch):
-        """Run one batch (camera -> (image, receive time in ns)) and publish its outputs."""
+    def _infer(self, pipeline, batch):
+        """
+        Decode and infer one batch (camera -> (image, receive time in ns)), model thread.
+
+        :return: (pipeline, batch, FrameInputs, time the batch was taken in ns)
+        """
         self._apply_inference(pipeline.estimator)
         started = self.get_clock().now().nanoseconds
-        frames = [FrameInput(msg, self._camera_info_for(camera, msg), camera,
-                             self._wanted_outputs(camera))
-                  for camera, (msg, _) in batch.items()]
-        results = pipeline.process(frames)
-        for frame, result in zip(frames, results):
+        frames = [FrameInput(msg, None, camera) for camera, (msg, _) in batch.items()]
+        pipeline.infer(pipeline.decode(frames))
+        return pipeline, batch, frames, started
+
+    def _finish(self, pipeline, batch, frames, started):
+        """Match camera_info, build the outputs of an inferred batch and publish them."""
+        for frame in frames:
+            if frame.error is None:
+                frame.camera_info = self._camera_info_for(frame.key, frame.image)
+                frame.outputs = self._wanted_outputs(frame.key)
+        for frame, result in zip(frames, pipeline.finish(frames)):
             if self._stop.is_set():
                 return
             if isinstance(result, FrameError):

@@ -324,9 +324,10 @@ def test_outputs_nobody_subscribes_to_are_not_built(graph_factory, lazy):
     graph.subscribe(Image, 'depth/relative')
     assert graph.node.wait_until_ready(TIMEOUT)
     pipeline = graph.node._pipeline
-    asked, process = [], pipeline.process
-    pipeline.process = lambda frames: asked.append([f.outputs for f in frames]) or \
-        process(frames)
+    # The outputs are built by the finish stage (on the finisher thread).
+    asked, finish = [], pipeline.finish
+    pipeline.finish = lambda frames: asked.append([f.outputs for f in frames]) or \
+        finish(frames)
     graph.send()
     assert graph.spin_until(lambda: graph.count('depth/relative') == 1)
     assert asked == [[frozenset({'relative'}) if lazy else None]]
