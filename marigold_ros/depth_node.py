@@ -507,12 +507,19 @@ class _DepthCore:
         return pipeline, batch, frames, started
 
     def _finish(self, pipeline, batch, frames, started):
-        """Match camera_info, build the outputs of an inferred batch and publish them."""
+        """
+        Match camera_info, build the outputs of an inferred batch and publish them.
+
+        One frame at a time: each camera's outputs go out as soon as they are built, not
+        after those of every camera in the batch.
+        """
         for frame in frames:
+            if self._stop.is_set():
+                return
             if frame.error is None:
                 frame.camera_info = self._camera_info_for(frame.key, frame.image)
                 frame.outputs = self._wanted_outputs(frame.key)
-        for frame, result in zip(frames, pipeline.finish(frames)):
+            (result,) = pipeline.finish([frame])
             if self._stop.is_set():
                 return
             if isinstance(result, FrameError):
