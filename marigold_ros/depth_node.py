@@ -23,6 +23,7 @@ Two executables: ``depth_node`` (:func:`main`, :class:`DepthNode`) and
 loads the model, activate starts the subscriptions and publishing).
 """
 
+import collections
 import math
 import signal
 import sys
@@ -87,51 +88,60 @@ def default_estimator_factory(config):
 
 class _Handoff:
     """
-    One inferred batch on its way from the model thread to the finisher thread.
+    The inferred batches on their way from the model thread to the finisher thread, in order.
 
-    Holds at most one batch; :meth:`wait_empty` lets the model thread wait until the
-    finisher has taken it out (started on it), so batches keep their order, the model
-    infers batch k+1 while the finisher publishes batch k, and a frame never waits behind
-    more than one batch.
-    Every wait ends when the pair's stop event is set (checked every 0.1 s).
+    At most two batches are past the model and not yet published (one being finished, one
+    waiting): :meth:`wait_room` holds the model thread before it takes new frames while two
+    are, so the frames it takes are the newest ones and a frame never waits behind more
+    than one batch, while the model infers batch k+1 as the finisher publishes batch k.
+    The model thread never waits for the finisher thread to be scheduled.  Every wait ends
+    when the pair's stop event is set (checked every 0.1 s).
     """
 
     def __init__(self):
-        """Start empty and idle."""
-        self._ready = threading.Condition()
-        self._job = None
+        """Start empty."""
+        self._changed = threading.Condition()
+        self._jobs = collections.deque()
+        self._in_flight = 0  # batches put and not yet done (waiting or being finished)
 
     def put(self, job):
-        """Hand a batch on (the slot is empty: the model thread waited for it)."""
-        with self._ready:
-            self._job = job
-            self._ready.notify_all()
+        """Hand a batch on (model thread)."""
+        with self._changed:
+            self._jobs.append(job)
+            self._in_flight += 1
+            self._changed.notify_all()
 
     def take(self, stop):
         """
-        Wait for a batch and take it out (the model thread may then take the next one).
+        Wait for the oldest batch and take it out (finisher thread; then call :meth:`done`).
 
         :param stop: threading.Event ending the wait
         :return: the batch, or None when stopped or after 0.1 s without one
         """
-        with self._ready:
-            if self._job is None and not stop.is_set():
-                self._ready.wait(0.1)
-            job, self._job = self._job, None
-            self._ready.notify_all()
-            return None if stop.is_set() else job
+        with self._changed:
+            if not self._jobs and not stop.is_set():
+                self._changed.wait(0.1)
+            if stop.is_set() or not self._jobs:
+                return None
+            return self._jobs.popleft()
 
-    def wait_empty(self, stop):
+    def done(self):
+        """Count the batch taken last as published (finisher thread)."""
+        with self._changed:
+            self._in_flight -= 1
+            self._changed.notify_all()
+
+    def wait_room(self, stop):
         """
-        Wait until no batch is waiting for the finisher.
+        Wait until at most one batch is past the model and not yet published.
 
         :param stop: threading.Event ending the wait
-        :return: True when empty (False: stopped, or still full after 0.1 s)
+        :return: True when there is room (False: stopped, or still full after 0.1 s)
         """
-        with self._ready:
-            if self._job is not None and not stop.is_set():
-                self._ready.wait(0.1)
-            return self._job is None and not stop.is_set()
+        with self._changed:
+            if self._in_flight > 1 and not stop.is_set():
+                self._changed.wait(0.1)
+            return self._in_flight <= 1 and not stop.is_set()
 
 
 class _DepthCore:
@@ -447,12 +457,12 @@ class _DepthCore:
         """
         Take the newest frames, decode and infer them, hand them on (the model thread).
 
-        It takes a new batch only once the finisher has taken the one before (at most one
-        batch waits between the two threads), so the frames it takes are the newest ones
-        and the model runs while the finisher publishes the previous batch.
+        It takes new frames only while at most one batch is past the model and not yet
+        published (see _Handoff), so the frames it takes are the newest ones and the model
+        runs while the finisher publishes the previous batch.
         """
         while not stop.is_set():
-            if not handoff.wait_empty(stop) or not self._wake.wait(0.1):
+            if not handoff.wait_room(stop) or not self._wake.wait(0.1):
                 continue
             pipeline = self._pipeline
             if pipeline is None:
@@ -486,6 +496,8 @@ class _DepthCore:
                 if stop.is_set():
                     break
                 self._report('', 'processing_error', traceback.format_exc())
+            finally:
+                handoff.done()
 
     def _apply_inference(self, estimator):
         """Hand changed per-call settings to the model between calls, never during one."""
