@@ -25,7 +25,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
 from marigold_ros.conversions import image_to_depth, pointcloud2_to_xyz, rgb_to_compressed
 from marigold_ros.conversions import rgb_to_image
-from marigold_ros.depth_node import DepthLifecycleNode, DepthNode, warmup_frame
+from marigold_ros.depth_node import _Handoff, DepthLifecycleNode, DepthNode, warmup_frame
 from marigold_ros.diagnostics import DiagnosticsCollector, KeyedThrottle, Percentiles
 from marigold_ros.diagnostics import RateMeter
 from marigold_ros.geometry import CameraModel
@@ -970,3 +970,22 @@ def test_order_per_camera_holds_with_the_threads_overlapping(graph_factory):
             # In the order sent, none twice, and only frames that were sent.
             order = [stamps.index(stamp) for stamp in got]
             assert order == sorted(set(order)), (camera, topic, order)
+
+
+def test_handoff_keeps_order_and_bounds_the_batches_in_flight():
+    """Batches leave in order; the model waits while two are past it and unpublished."""
+    handoff, stop = _Handoff(), threading.Event()
+    assert handoff.wait_room(stop)
+    handoff.put('k')
+    assert handoff.wait_room(stop)  # the finisher need not have taken batch k yet
+    handoff.put('k+1')
+    assert not handoff.wait_room(stop)  # k and k+1 both unpublished: no new frames taken
+    assert handoff.take(stop) == 'k'
+    assert not handoff.wait_room(stop)  # k is being finished, k+1 waits
+    handoff.done()
+    assert handoff.wait_room(stop)
+    assert handoff.take(stop) == 'k+1'
+    handoff.put('k+2')
+    stop.set()
+    assert handoff.take(stop) is None and not handoff.wait_room(stop)
+
