@@ -988,4 +988,3 @@ def test_handoff_keeps_order_and_bounds_the_batches_in_flight():
     handoff.put('k+2')
     stop.set()
     assert handoff.take(stop) is None and not handoff.wait_room(stop)
-
