@@ -510,15 +510,16 @@ class _DepthCore:
         """
         Decode and infer one batch (camera -> (image, receive time in ns)), model thread.
 
-        :return: (pipeline, batch, FrameInputs, time the batch was taken in ns)
+        :return: (pipeline, batch, FrameInputs, time the batch was taken in ns, time the
+            model call ended (perf_counter))
         """
         self._apply_inference(pipeline.estimator)
         started = self.get_clock().now().nanoseconds
         frames = [FrameInput(msg, None, camera) for camera, (msg, _) in batch.items()]
         pipeline.infer(pipeline.decode(frames))
-        return pipeline, batch, frames, started
+        return pipeline, batch, frames, started, time.perf_counter()
 
-    def _finish(self, pipeline, batch, frames, started):
+    def _finish(self, pipeline, batch, frames, started, inferred):
         """
         Match camera_info, build the outputs of an inferred batch and publish them.
 
@@ -528,6 +529,10 @@ class _DepthCore:
         for frame in frames:
             if self._stop.is_set():
                 return
+            # From the model's end to this frame's finish: the wait for the finisher (the
+            # batch before, the frames before in this batch).  Not a diagnostics stage; the
+            # benchmark reads it.
+            waited = time.perf_counter() - inferred
             if frame.error is None:
                 frame.camera_info = self._camera_info_for(frame.key, frame.image)
                 frame.outputs = self._wanted_outputs(frame.key)
@@ -542,7 +547,7 @@ class _DepthCore:
             received = batch[frame.key][1]
             result.timings.update(
                 transport=(received - stamp_to_ns(result.header.stamp)) / NS_PER_S,
-                queue=(started - received) / NS_PER_S)
+                queue=(started - received) / NS_PER_S, handoff=waited)
             self._publish(result)
 
     def _wanted_outputs(self, camera):
