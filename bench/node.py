@@ -327,7 +327,7 @@ def run_stand_in(milliseconds, cameras=1, seconds=10.0, warmup_s=2.0, rate=None)
     latency = np.array([p[2] for p in window])
     # The diagnostics stages, and the wait between the model and the finisher thread.
     stages = {name: 1000 * float(np.median([p[3][name] for p in window if name in p[3]]))
-              for name in STAGES + ('handoff',) if any(name in p[3] for p in window)}
+              for name in STAGES + ('handoff', 'match') if any(name in p[3] for p in window)}
     sent = sum(end_counts[n]['received'] - start_counts[n]['received'] for n in names)
     dropped = sum(end_counts[n]['dropped'] - start_counts[n]['dropped'] for n in names)
     fps = len(window) / seconds

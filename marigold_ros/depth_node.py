@@ -491,7 +491,7 @@ class _DepthCore:
             if job is None:
                 continue
             try:
-                self._finish(*job)
+                self._finish(stop, *job)
             except Exception:  # noqa: B902 - the finisher must survive anything
                 if stop.is_set():
                     break
@@ -519,25 +519,28 @@ class _DepthCore:
         pipeline.infer(pipeline.decode(frames))
         return pipeline, batch, frames, started, time.perf_counter()
 
-    def _finish(self, pipeline, batch, frames, started, inferred):
+    def _finish(self, stop, pipeline, batch, frames, started, inferred):
         """
         Match camera_info, build the outputs of an inferred batch and publish them.
 
         One frame at a time: each camera's outputs go out as soon as they are built, not
-        after those of every camera in the batch.
+        after those of every camera in the batch.  ``stop`` is the thread pair's own event:
+        a pair left behind by a deactivate never publishes after a reactivation.
         """
         for frame in frames:
-            if self._stop.is_set():
+            if stop.is_set():
                 return
             # From the model's end to this frame's finish: the wait for the finisher (the
-            # batch before, the frames before in this batch).  Not a diagnostics stage; the
-            # benchmark reads it.
-            waited = time.perf_counter() - inferred
+            # batch before, the frames before in this batch); then the camera_info match.
+            # Not diagnostics stages; the benchmark reads them.
+            clock = time.perf_counter()
+            waited = clock - inferred
             if frame.error is None:
                 frame.camera_info = self._camera_info_for(frame.key, frame.image)
                 frame.outputs = self._wanted_outputs(frame.key)
+            matched = time.perf_counter() - clock
             (result,) = pipeline.finish([frame])
-            if self._stop.is_set():
+            if stop.is_set():
                 return
             if isinstance(result, FrameError):
                 self._report(frame.key, result.reason, str(result))
@@ -547,7 +550,7 @@ class _DepthCore:
             received = batch[frame.key][1]
             result.timings.update(
                 transport=(received - stamp_to_ns(result.header.stamp)) / NS_PER_S,
-                queue=(started - received) / NS_PER_S, handoff=waited)
+                queue=(started - received) / NS_PER_S, handoff=waited, match=matched)
             self._publish(result)
 
     def _wanted_outputs(self, camera):
