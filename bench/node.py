@@ -20,7 +20,14 @@ The bundled tiny model is used when it exists; otherwise a randomly initialised 
 the same kind (the timings do not depend on the weights, the run says which it used).
 No assertion on time: the machine is shared, the figures are printed as measured.
 
+5. With ``--stand-in-ms T``: the node against bench/stand_in.py (T ms per frame, the GIL
+   released, as a GPU model's thread waits), open loop at the model's pace, 640x480 rgb8
+   in, depth/image + depth/points + depth/relative subscribed: throughput against 1000 / T
+   fps (target >= 0.95) and stamp-to-publish latency minus T (target <= 4 ms p50), with
+   the stages; ``--cameras N`` feeds N cameras into the one node.  Runs instead of 1-3.
+
 Run: .venv/bin/python bench/node.py [--frames 1000] [--model MODEL]
+     .venv/bin/python bench/node.py --stand-in-ms 5 10 20 40 [--cameras 4] [--seconds 10]
 """
 
 import argparse
@@ -199,6 +206,168 @@ def run_node(model, frames, log=print):
     }
 
 
+# ------------------------------------------------------------------ 5: against a stand-in model
+
+
+def _camera_thread(publishers, rate, stop, clock):
+    """Publish each camera's prebuilt camera_info and image at ``rate``, stamped now."""
+    period = 1.0 / rate
+    tick = time.perf_counter()
+    while not stop.is_set():
+        for info_pub, image_pub, info, image in publishers:
+            stamp = clock.now().to_msg()
+            info.header.stamp = stamp
+            image.header.stamp = stamp
+            info_pub.publish(info)
+            image_pub.publish(image)
+        tick += period
+        wait = tick - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        elif wait < -period:
+            tick = time.perf_counter()  # behind by a whole frame: a camera does not burst
+
+
+def run_stand_in(milliseconds, cameras=1, seconds=10.0, warmup_s=2.0, rate=None):
+    """
+    Run the node against StandInEstimator at a camera rate: throughput and latency.
+
+    Open loop: every camera publishes a 640x480 rgb8 image and its camera_info at ``rate``
+    (default: the model's pace, 1000 / (T x cameras) per camera: one call of N frames takes
+    N x T), from its own thread, whatever the node does.  depth/image, depth/points and
+    depth/relative of every camera are subscribed (raw); the node builds only those.  After
+    ``warmup_s`` the frames the node publishes over ``seconds`` are counted (throughput)
+    and their stamp-to-publish latencies and stages collected from the node's own
+    diagnostics calls.
+
+    :param milliseconds: the stand-in's time per frame (T)
+    :param cameras: camera namespaces into the one node
+    :param seconds: measuring window
+    :param warmup_s: run-in before the window
+    :param rate: frames per second per camera (default the model's pace)
+    :return: dict of figures
+    """
+    import threading
+    from stand_in import StandInEstimator  # bench/stand_in.py, next to this file
+    rate = rate or 1000.0 / (milliseconds * cameras)
+    rgb, camera = test_image()
+    names = [''] if cameras == 1 else [f'cam{i}' for i in range(cameras)]
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    overrides = [Parameter('model', value='stand-in'), Parameter('device', value='cpu'),
+                 Parameter('fixed_scale', value=2.0), Parameter('fixed_shift', value=0.5),
+                 Parameter('input_reliability', value='reliable'),
+                 Parameter('warmup', value=False), Parameter('cameras', value=names)]
+    node = DepthNode(context=context, namespace='/bench', parameter_overrides=overrides,
+                     estimator_factory=lambda config: StandInEstimator(milliseconds, config),
+                     load_async=False)
+    io = Node('bench_io', context=context, namespace='/bench')
+    qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+    received = {}
+    for name in names:
+        prefix = f'{name}/' if name else ''
+        for kind, topic in ((PointCloud2, 'depth/points'), (Image, 'depth/relative'),
+                            (Image, 'depth/image')):
+            received[prefix + topic] = 0
+            io.create_subscription(
+                kind, prefix + topic,
+                lambda msg, key=prefix + topic: received.__setitem__(key, received[key] + 1),
+                qos, raw=True)
+    publishers = []
+    for name in names:
+        prefix = f'{name}/' if name else ''
+        header = Header(stamp=io.get_clock().now().to_msg(), frame_id=FRAME)
+        publishers.append((io.create_publisher(CameraInfo, prefix + 'camera_info', qos),
+                           io.create_publisher(Image, prefix + 'image', qos),
+                           camera.to_msg(header), rgb_to_image(rgb, header)))
+    published = []  # (monotonic time, camera, latency s, stages) per frame published
+    record = node.diagnostics.frame_published
+
+    def recorded(key, latency_s, estimator_s, notes=(), scale=None, now=None, stages=None):
+        published.append((time.monotonic(), key, latency_s, dict(stages or {})))
+        record(key, latency_s, estimator_s, notes, scale, now, stages)
+
+    node.diagnostics.frame_published = recorded
+    executor = SingleThreadedExecutor(context=context)  # what rclpy.spin (depth_node) uses
+    executor.add_node(node)
+    executor.add_node(io)
+    stop = threading.Event()
+    feeder = threading.Thread(target=_camera_thread,
+                              args=(publishers, rate, stop, io.get_clock()), daemon=True)
+    try:
+        # Every subscription matched before the first frame (nothing lost to discovery).
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline and not (
+                all(p[1].get_subscription_count() for p in publishers) and
+                all(node._outputs[n][o].get_subscription_count()
+                    for n in names for o in ('relative', 'metric', 'points'))):
+            executor.spin_once(timeout_sec=0.05)
+        load = os.getloadavg()[0]
+        feeder.start()
+        begin = time.monotonic() + warmup_s
+        end = begin + seconds
+        start_counts = None
+        while time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.01)
+            if start_counts is None and time.monotonic() >= begin:
+                start_counts = {n: node.diagnostics.snapshot(n) for n in names}
+                cpu = time.process_time()
+        cpu = time.process_time() - cpu
+        end_counts = {n: node.diagnostics.snapshot(n) for n in names}
+    finally:
+        stop.set()
+        feeder.join(5.0)
+        executor.remove_node(node)
+        executor.remove_node(io)
+        node.destroy_node()
+        io.destroy_node()
+        executor.shutdown(timeout_sec=1.0)
+        rclpy.shutdown(context=context)
+    window = [p for p in published if begin <= p[0] < end]
+    latency = np.array([p[2] for p in window])
+    # The diagnostics stages, and the wait between the model and the finisher thread.
+    stages = {name: 1000 * float(np.median([p[3][name] for p in window if name in p[3]]))
+              for name in STAGES + ('handoff', 'match') if any(name in p[3] for p in window)}
+    sent = sum(end_counts[n]['received'] - start_counts[n]['received'] for n in names)
+    dropped = sum(end_counts[n]['dropped'] - start_counts[n]['dropped'] for n in names)
+    fps = len(window) / seconds
+    model_fps = 1000.0 / milliseconds  # frames per second the stand-in can take in all
+    offered = min(rate * cameras, model_fps)
+    return {
+        'stand_in_ms': milliseconds, 'cameras': cameras, 'rate_per_camera': rate,
+        'load_1min': load, 'seconds': seconds, 'frames_published': len(window),
+        'frames_received': int(sent), 'frames_dropped': int(dropped),
+        'throughput_fps': fps, 'model_fps': model_fps, 'throughput_ratio': fps / offered,
+        'latency_p50_ms': 1000 * float(np.median(latency)) if latency.size else math.nan,
+        'latency_p95_ms': 1000 * float(np.percentile(latency, 95)) if latency.size
+        else math.nan,
+        'latency_minus_model_p50_ms': 1000 * float(np.median(latency)) -
+        milliseconds * cameras if latency.size else math.nan,
+        'stages_p50_ms': stages,
+        # CPU of the whole process (node, camera thread, subscribers) per frame published:
+        # what the shared machine's load cannot inflate much; 1000 / it is the rate two
+        # idle cores could reach at best.
+        'cpu_ms_per_frame': 1000 * cpu / max(1, len(window)),
+        'outputs_received': dict(received),
+    }
+
+
+def print_stand_in(result):
+    """Print the figures of one stand-in run."""
+    r = result
+    print(f"stand-in {r['stand_in_ms']:g} ms/frame, {r['cameras']} camera(s) at "
+          f"{r['rate_per_camera']:.1f} fps each (load {r['load_1min']:.1f}): "
+          f"{r['throughput_fps']:.1f} fps published of {r['model_fps']:.1f} the model can "
+          f"take, ratio {r['throughput_ratio']:.3f} (target >= 0.95); "
+          f"{r['frames_received']} received, {r['frames_dropped']} dropped")
+    print(f"  latency stamp->publish p50 {r['latency_p50_ms']:.2f} ms (p95 "
+          f"{r['latency_p95_ms']:.2f}), minus the model's {r['stand_in_ms'] * r['cameras']:g}"
+          f" ms per call: {r['latency_minus_model_p50_ms']:.2f} ms (target <= 4)")
+    print('  stages p50 (ms): ' + ', '.join(
+        f'{name} {ms:.2f}' for name, ms in r['stages_p50_ms'].items()) +
+        f"; process CPU {r['cpu_ms_per_frame']:.2f} ms per frame published")
+
+
 # ------------------------------------------------------------------ 2: conversion and cloud
 
 
@@ -334,8 +503,33 @@ def main(argv=None):
     parser.add_argument('--model', default=None,
                         help='model (default: bundled tiny model, else random weights)')
     parser.add_argument('--json', default=None, help='also write the figures here')
+    parser.add_argument('--stand-in-ms', type=float, nargs='+', default=None, metavar='T',
+                        help='instead of the model: bench/stand_in.py taking T ms per frame '
+                             '(several values: one run each); throughput and latency at a '
+                             'camera rate of 1000 / T fps')
+    parser.add_argument('--cameras', type=int, default=1,
+                        help='with --stand-in-ms: camera namespaces into the one node')
+    parser.add_argument('--rate', type=float, default=None,
+                        help='with --stand-in-ms: fps per camera (default 1000 / (T x '
+                             'cameras), the pace of the model)')
+    parser.add_argument('--seconds', type=float, default=10.0,
+                        help='with --stand-in-ms: measuring window per run')
     args = parser.parse_args(argv)
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'OFF')
+    if args.stand_in_ms:
+        floor = run_transfer_floor()
+        print(f"rclpy alone, no node work: publishing one frame's outputs "
+              f"({floor['output_mb']:.1f} MB) {floor['publish_outputs_ms']:.2f} ms, an image "
+              f"in (build, publish, take, deserialize) {floor['image_in_ms']:.2f} ms")
+        results = []
+        for milliseconds in args.stand_in_ms:
+            results.append(run_stand_in(milliseconds, args.cameras, args.seconds,
+                                        rate=args.rate))
+            print_stand_in(results[-1])
+        if args.json:
+            Path(args.json).write_text(json.dumps({'transfer_floor': floor,
+                                                   'stand_in': results}, indent=2))
+        return 0
     model, description = resolve_model(args.model)
     print(f'model: {description}\nimage {WIDTH}x{HEIGHT}, CPU, {args.frames} frames')
     conversions = run_conversions()

@@ -25,11 +25,17 @@ side's first timed run is a cold one.  The paired ratio of each bare run and the
 process_bag run after it is robust to the slow drifts of a shared machine; its median and
 quartiles are printed.
 
+With ``--stand-in-ms T`` the model is bench/stand_in.py (T ms per frame with the GIL
+released, as a GPU model's thread waits, so the bare rate is 1000 / T fps) and the question
+is only whether process_bag's reading, outputs and writing keep up with it.
+
 Run: .venv/bin/python bench/process_bag.py [--frames 256 --height 240 --width 320
      --model bundled:marigold-tiny --repeats 5 --threads N [N ...]]
+     .venv/bin/python bench/process_bag.py --stand-in-ms 20 --width 640 --height 480
 """
 
 import argparse
+import os
 from pathlib import Path
 import shutil
 import tempfile
@@ -234,11 +240,17 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, nargs='*', default=None,
                         help='torch thread counts to measure (default: all cores, and all '
                              'cores but one)')
+    parser.add_argument('--stand-in-ms', type=float, default=None, metavar='T',
+                        help='instead of the model: bench/stand_in.py taking T ms per frame '
+                             'with the GIL released (as a GPU model); bare is then N x T')
     args = parser.parse_args(argv)
     cores = torch.get_num_threads()
     settings = args.threads or sorted({cores, max(1, cores - 1)}, reverse=True)
+    if args.stand_in_ms is not None:
+        settings = settings[:1]  # the stand-in uses no torch threads
     with tempfile.TemporaryDirectory(prefix='bench_process_bag_') as folder:
-        model = _model(args.model, Path(folder) / 'model')
+        model = 'stand-in' if args.stand_in_ms is not None else \
+            _model(args.model, Path(folder) / 'model')
         bag = str(Path(folder) / 'in')
         frames = write_bag(bag, args.frames, args.height, args.width)
         warm_bag = str(Path(folder) / 'warm')
@@ -251,8 +263,14 @@ def main(argv=None):
                           f'    processing_resolution: {args.processing_resolution}\n'
                           f'    batch_size: {args.batch}\n    fixed_scale: 4.0\n'
                           '    fixed_shift: 0.5\n')
-        estimator = DepthEstimator(EstimatorConfig(ModelConfig(model=model, device='cpu'),
-                                                   inference))
+        config = EstimatorConfig(ModelConfig(model=model, device='cpu'), inference)
+        if args.stand_in_ms is not None:
+            from stand_in import StandInEstimator  # bench/stand_in.py, next to this file
+            estimator = StandInEstimator(args.stand_in_ms, config)
+            print(f'stand-in model: {args.stand_in_ms:g} ms per frame '
+                  f'({1000 / args.stand_in_ms:.1f} fps), load {os.getloadavg()[0]:.1f}')
+        else:
+            estimator = DepthEstimator(config)
         results = []
         for threads in settings:
             print(f'torch threads {threads} of {cores} cores:')

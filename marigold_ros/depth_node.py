@@ -12,18 +12,24 @@ output takes ``qos_overrides.<topic>.<subscription|publisher>.<policy>`` paramet
 counted in /diagnostics.
 
 Never blocks: subscription callbacks only store the newest image per camera, with the
-camera_info matched to it by stamp on arrival (kept however long the frame waits); one
-worker thread takes the newest image of every camera and runs the
-shared :class:`~marigold_ros.pipeline.DepthPipeline` (one model call for all cameras).
-Images replaced before the worker took them are counted as dropped.  The model loads on a
-background thread (the plain node) or in ``configure`` (the lifecycle node); a failure is
-logged and reported on /diagnostics while the node keeps running.
+camera_info matched to it by stamp on arrival (kept however long the frame waits).  Two
+threads run the stages of the shared :class:`~marigold_ros.pipeline.DepthPipeline`: the
+model thread takes the newest image of every camera, decodes them and makes one model call
+for all cameras; the finisher thread takes each frame's camera_info (the one kept with it,
+or one that arrived since), builds the outputs (scale, depth images, cloud) and publishes
+them.  The model thread infers batch k+1 while the
+finisher publishes batch k, so the outputs cost no model time; batches pass both threads
+in order.  Images replaced before the model thread took them are counted as dropped.
+The model loads on a background thread (the plain node) or in ``configure`` (the
+lifecycle node); a failure is logged and reported on /diagnostics while the node keeps
+running.
 
 Two executables: ``depth_node`` (:func:`main`, :class:`DepthNode`) and
 ``depth_lifecycle_node`` (:func:`lifecycle_main`, :class:`DepthLifecycleNode`: configure
 loads the model, activate starts the subscriptions and publishing).
 """
 
+import collections
 import math
 import signal
 import sys
@@ -89,12 +95,74 @@ def default_estimator_factory(config):
     return DepthEstimator(config)
 
 
+class _Handoff:
+    """
+    The inferred batches on their way from the model thread to the finisher thread, in order.
+
+    At most two batches are past the model and not yet published (one being finished, one
+    waiting): :meth:`wait_room` holds the model thread before it takes new frames while two
+    are, so the frames it takes are the newest ones and a frame never waits behind more
+    than one batch, while the model infers batch k+1 as the finisher publishes batch k.
+    The model thread never waits for the finisher thread to be scheduled.  Every wait ends
+    when the pair's stop event is set (checked every 0.1 s).
+    """
+
+    #: Batches past the model and not yet published, at most.
+    MAX_IN_FLIGHT = 2
+
+    def __init__(self):
+        """Start empty."""
+        self._changed = threading.Condition()
+        self._jobs = collections.deque()
+        self._in_flight = 0  # batches put and not yet done (waiting or being finished)
+
+    def put(self, job):
+        """Hand a batch on (model thread)."""
+        with self._changed:
+            self._jobs.append(job)
+            self._in_flight += 1
+            self._changed.notify_all()
+
+    def take(self, stop):
+        """
+        Wait for the oldest batch and take it out (finisher thread; then call :meth:`done`).
+
+        :param stop: threading.Event ending the wait
+        :return: the batch, or None when stopped or after 0.1 s without one
+        """
+        with self._changed:
+            if not self._jobs and not stop.is_set():
+                self._changed.wait(0.1)
+            if stop.is_set() or not self._jobs:
+                return None
+            return self._jobs.popleft()
+
+    def done(self):
+        """Count the batch taken last as published (finisher thread)."""
+        with self._changed:
+            self._in_flight -= 1
+            self._changed.notify_all()
+
+    def wait_room(self, stop):
+        """
+        Wait until at most one batch is past the model and not yet published.
+
+        :param stop: threading.Event ending the wait
+        :return: True when there is room (False: stopped, or still full after 0.1 s)
+        """
+        with self._changed:
+            if self._in_flight >= self.MAX_IN_FLIGHT and not stop.is_set():
+                self._changed.wait(0.1)
+            return self._in_flight < self.MAX_IN_FLIGHT and not stop.is_set()
+
+
 class _DepthCore:
     """
     Everything the plain and the lifecycle node share; mixed into an rclpy Node.
 
-    Threads: the executor runs the subscription, timer and parameter callbacks; one worker
-    thread runs the model and publishes; one loader thread (plain node) loads the model.
+    Threads: the executor runs the subscription, timer and parameter callbacks; the worker
+    thread runs the model, the finisher thread builds and publishes the outputs; one
+    loader thread (plain node) loads the model.
     """
 
     def _core_init(self, estimator_factory):
@@ -130,6 +198,7 @@ class _DepthCore:
         self._stop = threading.Event()
         self._worker_stop = threading.Event()
         self._worker = None
+        self._finisher = None
         self._loader = None
         self._estimator = None
         self._pipeline = None
@@ -460,7 +529,8 @@ class _DepthCore:
             if old is not None:
                 reserved.pop(id(old[0]), None)
             reserved[id(msg)] = (msg, info)
-            while len(reserved) > 2:  # the slot's frame and the one the worker took
+            # The slot's frame and the frames past it not yet finished keep theirs.
+            while len(reserved) > 1 + _Handoff.MAX_IN_FLIGHT:
                 del reserved[next(iter(reserved))]
         if old is not None:
             self._diag.frame_dropped(camera)
@@ -473,33 +543,48 @@ class _DepthCore:
         if self._worker is not None and self._worker.is_alive():
             return
         self._stop.clear()
-        # Each worker has its own stop event: one left behind by _stop_worker (a model call
-        # longer than shutdown_timeout) is not revived by clearing the node's _stop, so
-        # two workers never take frames at the same time.
+        # Each pair of threads has its own stop event and hand-off: a pair left behind by
+        # _stop_worker (a model call longer than shutdown_timeout) is not revived by
+        # clearing the node's _stop, so two workers never take frames at the same time.
         self._worker_stop = threading.Event()
-        self._worker = threading.Thread(target=self._worker_loop, args=(self._worker_stop,),
+        handoff = _Handoff()
+        self._worker = threading.Thread(target=self._worker_loop,
+                                        args=(self._worker_stop, handoff),
                                         name='marigold_worker', daemon=True)
+        self._finisher = threading.Thread(target=self._finisher_loop,
+                                          args=(self._worker_stop, handoff),
+                                          name='marigold_finisher', daemon=True)
+        self._finisher.start()
         self._worker.start()
 
     def _stop_worker(self):
-        """Stop and join the worker (a model call in progress is finished first)."""
+        """Stop and join both threads (a model call in progress is finished first)."""
         self._stop.set()
         self._worker_stop.set()
         self._wake.set()
-        worker = self._worker
-        if worker is not None and worker is not threading.current_thread():
-            worker.join(self._node_config.shutdown_timeout)
-            if worker.is_alive():
-                self.get_logger().warning(
-                    f'worker still busy after {self._node_config.shutdown_timeout} s; '
-                    'leaving it behind')
+        timeout = self._node_config.shutdown_timeout
+        deadline = time.monotonic() + timeout
+        for thread in (self._worker, self._finisher):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    self.get_logger().warning(
+                        f'{thread.name} still busy after {timeout} s; leaving it behind')
         self._worker = None
+        self._finisher = None
         with self._slot_lock:
             self._slots.clear()
 
-    def _worker_loop(self, stop):
+    def _worker_loop(self, stop, handoff):
+        """
+        Take the newest frames, decode and infer them, hand them on (the model thread).
+
+        It takes new frames only while at most one batch is past the model and not yet
+        published (see _Handoff), so the frames it takes are the newest ones and the model
+        runs while the finisher publishes the previous batch.
+        """
         while not stop.is_set():
-            if not self._wake.wait(0.1):
+            if not handoff.wait_room(stop) or not self._wake.wait(0.1):
                 continue
             pipeline = self._pipeline
             if pipeline is None:
@@ -512,11 +597,29 @@ class _DepthCore:
             if not batch:
                 continue
             try:
-                self._process(pipeline, batch)
+                job = self._infer(pipeline, batch)
             except Exception:  # noqa: B902 - the worker must survive anything
                 if stop.is_set():
                     break
                 self._report('', 'processing_error', traceback.format_exc())
+                continue
+            if not stop.is_set():
+                handoff.put(job)
+
+    def _finisher_loop(self, stop, handoff):
+        """Finish each inferred batch (scale, messages) and publish it (the finisher thread)."""
+        while not stop.is_set():
+            job = handoff.take(stop)
+            if job is None:
+                continue
+            try:
+                self._finish(stop, *job)
+            except Exception:  # noqa: B902 - the finisher must survive anything
+                if stop.is_set():
+                    break
+                self._report('', 'processing_error', traceback.format_exc())
+            finally:
+                handoff.done()
 
     def _apply_inference(self, estimator):
         """Hand changed per-call settings to the model between calls, never during one."""
@@ -525,16 +628,41 @@ class _DepthCore:
             estimator.set_inference(inference)
             self._applied_inference = inference
 
-    def _process(self, pipeline, batch):
-        """Run one batch (camera -> (image, receive time in ns)) and publish its outputs."""
+    def _infer(self, pipeline, batch):
+        """
+        Decode and infer one batch (camera -> (image, receive time in ns)), model thread.
+
+        :return: (pipeline, batch, FrameInputs, time the batch was taken in ns, time the
+            model call ended (perf_counter))
+        """
         self._apply_inference(pipeline.estimator)
         started = self.get_clock().now().nanoseconds
-        frames = [FrameInput(msg, self._camera_info_for(camera, msg), camera,
-                             self._wanted_outputs(camera))
-                  for camera, (msg, _) in batch.items()]
-        results = pipeline.process(frames)
-        for frame, result in zip(frames, results):
-            if self._stop.is_set():
+        frames = [FrameInput(msg, None, camera) for camera, (msg, _) in batch.items()]
+        pipeline.infer(pipeline.decode(frames))
+        return pipeline, batch, frames, started, time.perf_counter()
+
+    def _finish(self, stop, pipeline, batch, frames, started, inferred):
+        """
+        Match camera_info, build the outputs of an inferred batch and publish them.
+
+        One frame at a time: each camera's outputs go out as soon as they are built, not
+        after those of every camera in the batch.  ``stop`` is the thread pair's own event:
+        a pair left behind by a deactivate never publishes after a reactivation.
+        """
+        for frame in frames:
+            if stop.is_set():
+                return
+            # From the model's end to this frame's finish: the wait for the finisher (the
+            # batch before, the frames before in this batch); then the camera_info match.
+            # Not diagnostics stages; the benchmark reads them.
+            clock = time.perf_counter()
+            waited = clock - inferred
+            if frame.error is None:
+                frame.camera_info = self._camera_info_for(frame.key, frame.image)
+                frame.outputs = self._wanted_outputs(frame.key)
+            matched = time.perf_counter() - clock
+            (result,) = pipeline.finish([frame])
+            if stop.is_set():
                 return
             if isinstance(result, FrameError):
                 self._report(frame.key, result.reason, str(result))
@@ -544,7 +672,7 @@ class _DepthCore:
             received = batch[frame.key][1]
             result.timings.update(
                 transport=(received - stamp_to_ns(result.header.stamp)) / NS_PER_S,
-                queue=(started - received) / NS_PER_S)
+                queue=(started - received) / NS_PER_S, handoff=waited, match=matched)
             self._publish(result)
 
     def _wanted_outputs(self, camera):

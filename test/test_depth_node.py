@@ -25,7 +25,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
 from marigold_ros.conversions import image_to_depth, pointcloud2_to_xyz, rgb_to_compressed
 from marigold_ros.conversions import rgb_to_image
-from marigold_ros.depth_node import DepthLifecycleNode, DepthNode, warmup_frame
+from marigold_ros.depth_node import _Handoff, DepthLifecycleNode, DepthNode, warmup_frame
 from marigold_ros.diagnostics import DiagnosticsCollector, KeyedThrottle, Percentiles
 from marigold_ros.diagnostics import RateMeter
 from marigold_ros.geometry import CameraModel
@@ -325,9 +325,10 @@ def test_outputs_nobody_subscribes_to_are_not_built(graph_factory, lazy):
     graph.subscribe(Image, 'depth/relative')
     assert graph.node.wait_until_ready(TIMEOUT)
     pipeline = graph.node._pipeline
-    asked, process = [], pipeline.process
-    pipeline.process = lambda frames: asked.append([f.outputs for f in frames]) or \
-        process(frames)
+    # The outputs are built by the finish stage (on the finisher thread).
+    asked, finish = [], pipeline.finish
+    pipeline.finish = lambda frames: asked.append([f.outputs for f in frames]) or \
+        finish(frames)
     graph.send()
     assert graph.spin_until(lambda: graph.count('depth/relative') == 1)
     assert asked == [[frozenset({'relative'}) if lazy else frozenset(OUTPUT_NAMES)]]
@@ -574,8 +575,8 @@ def test_shutdown_under_load_joins_the_worker(graph_factory):
         graph.send(rgb=image(index), info=False)
         assert graph.spin_until(lambda: graph.snapshot()['received'] == index + 1)
     assert graph.spin_until(lambda: graph.spies[0].calls)
-    worker = graph.node._worker
-    assert worker is not None and worker.is_alive()
+    worker, finisher = graph.node._worker, graph.node._finisher
+    assert worker is not None and worker.is_alive() and finisher.is_alive()
     # The model call ends only once the node has been told to stop: the destroy below
     # happens while the call is in progress, on any machine.
     stopping = graph.node._stop
@@ -584,7 +585,7 @@ def test_shutdown_under_load_joins_the_worker(graph_factory):
     graph.node.destroy_node()
     releaser.join(TIMEOUT)
     assert gate.is_set()
-    assert not worker.is_alive()
+    assert not worker.is_alive() and not finisher.is_alive()
     graph.io.destroy_node()
     graph.close = lambda: None
 
@@ -741,7 +742,7 @@ def test_reactivation_never_runs_two_workers(context, estimator):
         assert graph.wait_matched('image')
         graph.send()
         assert graph.spin_until(lambda: graph.spies[0].calls)  # a held call is running
-        old = node._worker
+        old, old_finisher = node._worker, node._finisher
         assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS  # does not wait
         assert old.is_alive()  # left behind in its call
         assert graph.wait_matched('image', 0)
@@ -749,9 +750,12 @@ def test_reactivation_never_runs_two_workers(context, estimator):
         assert graph.wait_matched('image')
         gate.set()  # the old call ends
         old.join(TIMEOUT)
-        assert not old.is_alive()
+        old_finisher.join(TIMEOUT)
+        assert not old.is_alive() and not old_finisher.is_alive()
         workers = [t for t in threading.enumerate() if t.name == 'marigold_worker']
         assert workers == [node._worker]
+        finishers = [t for t in threading.enumerate() if t.name == 'marigold_finisher']
+        assert finishers == [node._finisher]
         calls = len(graph.spies[0].calls)
         graph.send()
         assert graph.spin_until(lambda: len(graph.spies[0].calls) == calls + 1)
@@ -1087,3 +1091,110 @@ def test_incompatible_publishers_are_reported_with_the_policy_to_change(graph_fa
     assert image_line and info_line, reports
     assert "set input_reliability to 'best_effort'" in image_line[0]
     assert 'camera_info_transient_local to false' in info_line[0]
+
+
+# ---------------------------------------------------------------- model and outputs overlap
+
+
+class Stepped(Spy):
+    """A Spy whose call i waits for ``gates[i]`` (later calls run at once); counts returns."""
+
+    def __init__(self, inner, config, gates):
+        """Keep the gates, one per call."""
+        super().__init__(inner, config)
+        self.gates = gates
+        self.returned = 0
+
+    def estimate(self, frames, keys=None):
+        """Wait for this call's gate, estimate, count the return."""
+        index = len(self.calls)
+        self.gate = self.gates[index] if index < len(self.gates) else None
+        result = super().estimate(frames, keys)
+        self.returned += 1
+        return result
+
+
+def test_model_runs_the_next_frame_while_the_last_one_is_published(graph_factory, estimator):
+    """The model thread is inside call N+1 while frame N is finished and published."""
+    gates = [threading.Event(), threading.Event()]
+    gates[0].set()  # frame A's call runs at once, frame B's is held
+    spies = []
+    graph = graph_factory(
+        parameters=[('fixed_scale', 1.0)],
+        factory=lambda config: spies.append(Stepped(estimator, config, gates)) or spies[-1])
+    graph.subscribe_outputs()
+    assert graph.node.wait_until_ready(TIMEOUT)
+    spy = spies[0]
+    # Hold the finish stage of frame A: the test decides when its outputs are built.
+    pipeline = graph.node._pipeline
+    finishing, release, finish = threading.Event(), threading.Event(), pipeline.finish
+
+    def held_finish(frames):
+        if not finishing.is_set():
+            finishing.set()
+            assert release.wait(TIMEOUT), 'the test never released the finish stage'
+        return finish(frames)
+
+    pipeline.finish = held_finish
+    first = graph.send(rgb=image(1))
+    assert graph.spin_until(finishing.is_set)  # A is past the model, in its finish stage
+    second = graph.send(rgb=image(2))
+    # The model takes B while A's outputs are still being built.
+    assert graph.spin_until(lambda: len(spy.calls) == 2)
+    assert spy.returned == 1 and graph.count('depth/relative') == 0
+    release.set()
+    # A is published while the model is still inside B's call (its gate is closed).
+    assert graph.spin_until(lambda: graph.count('depth/points') == 1)
+    assert graph.stamps('depth/relative') == [first.stamp]
+    assert spy.returned == 1 and not gates[1].is_set()
+    gates[1].set()
+    assert graph.spin_until(lambda: graph.count('depth/points') == 2)
+    assert graph.stamps('depth/relative') == [first.stamp, second.stamp]
+    assert graph.stamps('depth/points') == [first.stamp, second.stamp]
+    assert [call['thread'] for call in spy.calls] == ['marigold_worker'] * 2
+    assert graph.snapshot()['dropped'] == 0 and graph.snapshot()['published'] == 2
+
+
+def test_order_per_camera_holds_with_the_threads_overlapping(graph_factory):
+    """Many frames of two cameras: per camera, outputs come in stamp order, newest last."""
+    graph = graph_factory(parameters=[('cameras', ['left', 'right']), ('fixed_scale', 1.0)])
+    graph.subscribe_outputs('left')
+    graph.subscribe_outputs('right')
+    assert graph.node.wait_until_ready(TIMEOUT)
+    sent = {'left': [], 'right': []}
+    for index in range(16):
+        camera = ('left', 'right')[index % 2]
+        sent[camera].append(graph.send(camera, rgb=image(index)).stamp)
+        assert graph.spin_until(
+            lambda: graph.snapshot(camera)['received'] == len(sent[camera]))
+    for camera, stamps in sent.items():
+        # Every frame is published or counted as dropped; the newest one always wins.
+        assert graph.spin_until(lambda: graph.snapshot(camera)['published'] +
+                                graph.snapshot(camera)['dropped'] == len(stamps))
+        published = graph.snapshot(camera)['published']
+        assert graph.spin_until(
+            lambda: graph.count(f'{camera}/depth/points') == published)
+        for topic in ('depth/relative', 'depth/image', 'depth/points'):
+            got = graph.stamps(f'{camera}/{topic}')
+            assert got[-1] == stamps[-1], topic
+            # In the order sent, none twice, and only frames that were sent.
+            order = [stamps.index(stamp) for stamp in got]
+            assert order == sorted(set(order)), (camera, topic, order)
+
+
+def test_handoff_keeps_order_and_bounds_the_batches_in_flight():
+    """Batches leave in order; the model waits while two are past it and unpublished."""
+    handoff, stop = _Handoff(), threading.Event()
+    assert handoff.wait_room(stop)
+    handoff.put('k')
+    assert handoff.wait_room(stop)  # the finisher need not have taken batch k yet
+    handoff.put('k+1')
+    assert not handoff.wait_room(stop)  # k and k+1 both unpublished: no new frames taken
+    assert handoff.take(stop) == 'k'
+    assert not handoff.wait_room(stop)  # k is being finished, k+1 waits
+    handoff.done()
+    assert handoff.wait_room(stop)
+    assert handoff.take(stop) == 'k+1'
+    handoff.put('k+2')
+    stop.set()
+    assert handoff.take(stop) is None and not handoff.wait_room(stop)
