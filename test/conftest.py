@@ -1,4 +1,4 @@
-"""Shared fixtures: a small random Marigold-architecture model built once per session."""
+"""Shared fixtures: a tiny random model, scenes, one torch thread, an rclpy context."""
 
 import os
 
@@ -22,3 +22,36 @@ def random_model_dir(tmp_path_factory):
                             processing_resolution=64, denoising_steps=2)
     build_random_marigold(path, arch, seed=0)
     return str(path)
+
+
+@pytest.fixture(scope='module')
+def scenes():
+    """Render six frames of one synthetic scene seen from an orbiting camera (builders)."""
+    from builders import orbit_scenes
+    return orbit_scenes()
+
+
+@pytest.fixture(scope='module')
+def one_torch_thread():
+    """
+    Run a module's tiny models on one thread (restored afterwards).
+
+    On the shared 2-core test machine two torch threads contending with other jobs made the
+    tiny model 5-30x slower than one thread; the results checked do not depend on it, and
+    test_bag_reference's digests were made on one thread.
+    """
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def context():
+    """Return an rclpy context of its own for the module."""
+    import rclpy
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    yield ctx
+    rclpy.shutdown(context=ctx)

@@ -17,39 +17,35 @@ import sys
 import textwrap
 import threading
 
+from builders import OracleEstimator, SCENE_FRAMES, SCENE_HEIGHT, SCENE_WIDTH
 from builtin_interfaces.msg import Time
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
-from marigold_model.data.synthetic import render_sequence
-from marigold_model.estimator import DepthEstimator, DepthResult
+from marigold_model.estimator import DepthEstimator
 from marigold_ros.bag_io import BagError, BagMessage, BagReader, serialize_canonical
 from marigold_ros.bag_io import to_rclpy
 from marigold_ros.bag_processor import BagJob, BagProcessor, format_summary, main, process_bag
 from marigold_ros.bag_topics import camera_namespace
 from marigold_ros.conversions import image_to_depth, pointcloud2_from_depth
-from marigold_ros.conversions import rgb_to_compressed, rgb_to_image
+from marigold_ros.conversions import rgb_to_image
 from marigold_ros.export import read_ply
 from marigold_ros.geometry import quaternion_to_matrix
 from marigold_ros.node_params import configs_from_parameters, NODE_NAME, OutputConfig
 from marigold_ros.params import read_params_file
 from marigold_ros.scale_recovery import ScaleInputError, ScaleRecoveryConfig
 from marigold_ros.static_tf import matrix_to_quaternion, StaticTransforms
+from msg_builders import frame_camera_info as _camera_info, frame_header as _header
+from msg_builders import FRAME_ID, PLUGINS, STORE, T0
+from msg_builders import frame_messages as _messages, frame_stamp as _stamp
+from msg_builders import messages_by_topic as _by_topic, read_bag as _read
+from msg_builders import write_bag as _write_bag, write_ros1_bag as _write_ros1_bag
 import numpy as np
 from PIL import Image as PILImage
 import pytest
-from rclpy.serialization import deserialize_message, serialize_message
-from rosbags.rosbag1 import Writer as Writer1
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer
-from rosbags.typesys import get_typestore, Stores
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from rclpy.serialization import serialize_message
+from rosbags.rosbag2 import Reader, Writer
 from std_msgs.msg import Header
-import torch
 
-N_FRAMES, HEIGHT, WIDTH = 6, 48, 64
-FRAME_ID = 'cam_optical'
-T0 = 100 * 10 ** 9
-PERIOD = 10 ** 8  # 10 Hz
-STORE = get_typestore(Stores.ROS2_KILTED)
-PLUGINS = {'sqlite3': StoragePlugin.SQLITE3, 'mcap': StoragePlugin.MCAP}
+N_FRAMES, HEIGHT, WIDTH = SCENE_FRAMES, SCENE_HEIGHT, SCENE_WIDTH  # conftest scenes
 PARAMS = """\
 /**:
   ros__parameters:
@@ -65,25 +61,8 @@ marigold_depth:
 # ------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope='module')
-def scenes():
-    """Render six frames of one synthetic scene seen from an orbiting camera."""
-    return render_sequence(np.random.default_rng(7), N_FRAMES, height=HEIGHT, width=WIDTH,
-                           motion='orbit')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_torch_thread():
-    """
-    Run this module's tiny models on one thread (restored afterwards).
-
-    On the shared 2-core test machine two torch threads contending with other jobs made the
-    tiny model 5-30x slower than one thread; the results checked here do not depend on it.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# scenes (six orbit frames) and one_torch_thread come from conftest.
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 @pytest.fixture(scope='module')
@@ -98,101 +77,6 @@ def params(tmp_path):
     path = tmp_path / 'depth.yaml'
     path.write_text(PARAMS)
     return str(path)
-
-
-def _stamp(i):
-    return T0 + i * PERIOD
-
-
-def _header(i):
-    ns = _stamp(i)
-    return Header(frame_id=FRAME_ID, stamp=Time(sec=ns // 10 ** 9, nanosec=ns % 10 ** 9))
-
-
-def _camera_info(sample, i):
-    info = CameraInfo(header=_header(i), width=WIDTH, height=HEIGHT,
-                      distortion_model='plumb_bob', d=[0.0] * 5)
-    info.k = sample.K.reshape(-1).tolist()
-    info.r = np.eye(3).reshape(-1).tolist()
-    projection = np.zeros((3, 4))
-    projection[:, :3] = sample.K
-    info.p = projection.reshape(-1).tolist()
-    return info
-
-
-def _sparse(sample, i):
-    """16UC1 millimeters on every 4th pixel of the true depth, zero elsewhere."""
-    mm = np.zeros(sample.depth.shape, np.uint16)
-    grid = np.zeros(sample.depth.shape, bool)
-    grid[::4, ::4] = True
-    grid &= sample.valid
-    mm[grid] = np.rint(sample.depth[grid] * 1000.0).astype(np.uint16)
-    msg = rgb_to_image(mm, _header(i), 'mono16')
-    msg.encoding = '16UC1'
-    return msg
-
-
-def _messages(scenes, compressed=False, sparse=False, late_s=0.0, second_camera=False):
-    """(topic, type, bag time, CDR) in recording order; extras arrive ``late_s`` late."""
-    image_topic = '/cam/image_raw/compressed' if compressed else '/cam/image_raw'
-    out = []
-    for i, sample in enumerate(scenes):
-        if compressed:
-            image = rgb_to_compressed(sample.rgb, _header(i), 'png')
-            out.append((image_topic, 'sensor_msgs/msg/CompressedImage', _stamp(i) + 5000,
-                        serialize_message(image)))
-        else:
-            out.append((image_topic, 'sensor_msgs/msg/Image', _stamp(i) + 5000,
-                        serialize_message(rgb_to_image(sample.rgb, _header(i)))))
-        late = int(late_s * 1e9)
-        out.append(('/cam/camera_info', 'sensor_msgs/msg/CameraInfo', _stamp(i) + 6000 + late,
-                    serialize_message(_camera_info(sample, i))))
-        if sparse:
-            out.append(('/cam/sparse_depth', 'sensor_msgs/msg/Image', _stamp(i) + 7000 + late,
-                        serialize_message(_sparse(sample, i))))
-        if second_camera:
-            out.append(('/left/image_raw', 'sensor_msgs/msg/Image', _stamp(i) + 8000,
-                        serialize_message(rgb_to_image(sample.rgb, _header(i)))))
-    return sorted(out, key=lambda m: m[2])
-
-
-def _write_bag(path, storage, messages):
-    with Writer(path, version=9, storage_plugin=PLUGINS[storage]) as writer:
-        connections = {}
-        for topic, msgtype, log_time, raw in messages:
-            if topic not in connections:
-                connections[topic] = writer.add_connection(topic, msgtype, typestore=STORE)
-            writer.write(connections[topic], log_time, raw)
-    return str(path)
-
-
-def _write_ros1_bag(path, messages):
-    ros1 = get_typestore(Stores.ROS1_NOETIC)
-    with Writer1(path) as writer:
-        connections = {}
-        for topic, msgtype, log_time, raw in messages:
-            if topic not in connections:
-                connections[topic] = writer.add_connection(topic, msgtype, typestore=ros1)
-            writer.write(connections[topic], log_time, STORE.cdr_to_ros1(raw, msgtype))
-    return str(path)
-
-
-def _read(path):
-    """Every message of a rosbag2 (rosbags directly): (topic, bag time, raw CDR), in order."""
-    with Reader(path) as reader:
-        return [(c.topic, t, bytes(raw)) for c, t, raw in reader.messages()]
-
-
-def _by_topic(path):
-    """Messages per topic, deserialized by rclpy into the classes the node uses."""
-    classes = {'sensor_msgs/msg/Image': Image, 'sensor_msgs/msg/CameraInfo': CameraInfo,
-               'sensor_msgs/msg/PointCloud2': PointCloud2}
-    out = {}
-    with Reader(path) as reader:
-        for connection, _, raw in reader.messages():
-            out.setdefault(connection.topic, []).append(
-                deserialize_message(bytes(raw), classes[connection.msgtype]))
-    return out
 
 
 def _job(bag, out, params, **kwargs):
@@ -210,29 +94,6 @@ def _files(folder):
 def _leftovers(folder):
     """Staging folders left next to an output."""
     return sorted(p.name for p in Path(folder).iterdir() if '.partial-' in p.name)
-
-
-class OracleEstimator:
-    """A perfect 'model': the true depth of each frame normalised to [0, 1] (affine in z)."""
-
-    def __init__(self, scenes):
-        """Index the true depth by the frame's pixels."""
-        self.depth = {s.rgb.tobytes(): s.depth for s in scenes}
-        self.calls = 0
-
-    def set_inference(self, inference):
-        """Accept settings like DepthEstimator."""
-
-    def estimate(self, frames, keys=None):
-        """Return the normalised true depth of every frame."""
-        self.calls += 1
-        results = []
-        for frame in frames:
-            depth = self.depth[np.ascontiguousarray(frame).tobytes()]
-            low, high = depth.min(), depth.max()
-            results.append(DepthResult(((depth - low) / (high - low)).astype(np.float32),
-                                       None, {'total': 0.0}, depth.shape))
-        return results
 
 
 # ------------------------------------------------------------------------------ tests
@@ -741,6 +602,7 @@ def test_interrupt_while_moving_the_output_into_place_waits(tmp_path, scenes, pa
     bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes))
     commit = AtomicBagWriter.commit
     deferred_interrupts = bag_processor.deferred_interrupts
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN where pytest runs as a background job
     handled = threading.Event()
     raised = []
 
@@ -781,7 +643,7 @@ def test_interrupt_while_moving_the_output_into_place_waits(tmp_path, scenes, pa
     assert summary.output == str(out) and len(_read(out)) == 2 * N_FRAMES
     assert (tmp_path / 'x').is_dir() and not _leftovers(tmp_path)
     assert 'the output is complete' in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
 def test_outputs_that_would_touch_the_input_are_refused(tmp_path, scenes, params):

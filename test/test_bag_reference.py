@@ -16,23 +16,14 @@ import json
 import os
 from pathlib import Path
 
-from builtin_interfaces.msg import Time
+from builders import orbit_scenes
 from marigold_model.config import BUNDLED_TINY_MODEL
-from marigold_model.data.synthetic import render_sequence
 from marigold_ros.bag_processor import BagJob, process_bag
-from marigold_ros.conversions import rgb_to_image
-import numpy as np
-import pytest
-from rclpy.serialization import serialize_message
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer
-from rosbags.typesys import get_typestore, Stores
-from sensor_msgs.msg import CameraInfo
-from std_msgs.msg import Header
-import torch
+from msg_builders import frame_messages, write_bag
+from rosbags.rosbag2 import Reader
 
 REFERENCE = Path(__file__).resolve().parent / 'data' / 'bag_reference.json'
 N_FRAMES, HEIGHT, WIDTH = 6, 48, 64
-T0, PERIOD = 100 * 10 ** 9, 10 ** 8
 PARAMS = f"""\
 /**:
   ros__parameters:
@@ -46,54 +37,9 @@ PARAMS = f"""\
 """
 
 
-def _header(i):
-    ns = T0 + i * PERIOD
-    return Header(frame_id='cam_optical', stamp=Time(sec=ns // 10 ** 9, nanosec=ns % 10 ** 9))
-
-
-def _camera_info(sample, i):
-    info = CameraInfo(header=_header(i), width=WIDTH, height=HEIGHT,
-                      distortion_model='plumb_bob', d=[0.0] * 5)
-    info.k = sample.K.reshape(-1).tolist()
-    info.r = np.eye(3).reshape(-1).tolist()
-    projection = np.zeros((3, 4))
-    projection[:, :3] = sample.K
-    info.p = projection.reshape(-1).tolist()
-    return info
-
-
-def _sparse(sample, i):
-    mm = np.zeros(sample.depth.shape, np.uint16)
-    grid = np.zeros(sample.depth.shape, bool)
-    grid[::3, ::3] = True
-    grid &= sample.valid
-    mm[grid] = np.rint(sample.depth[grid] * 1000.0).astype(np.uint16)
-    msg = rgb_to_image(mm, _header(i), 'mono16')
-    msg.encoding = '16UC1'
-    return msg
-
-
 def _write_input(path):
-    store = get_typestore(Stores.ROS2_KILTED)
-    scenes = render_sequence(np.random.default_rng(3), N_FRAMES, height=HEIGHT, width=WIDTH,
-                             motion='orbit')
-    messages = []
-    for i, sample in enumerate(scenes):
-        stamp = T0 + i * PERIOD
-        messages += [
-            ('/cam/image_raw', 'sensor_msgs/msg/Image', stamp + 5000,
-             serialize_message(rgb_to_image(sample.rgb, _header(i)))),
-            ('/cam/camera_info', 'sensor_msgs/msg/CameraInfo', stamp + 6000,
-             serialize_message(_camera_info(sample, i))),
-            ('/cam/sparse_depth', 'sensor_msgs/msg/Image', stamp + 7000,
-             serialize_message(_sparse(sample, i)))]
-    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
-        connections = {}
-        for topic, msgtype, log_time, raw in messages:
-            if topic not in connections:
-                connections[topic] = writer.add_connection(topic, msgtype, typestore=store)
-            writer.write(connections[topic], log_time, raw)
-    return str(path)
+    scenes = orbit_scenes(N_FRAMES, seed=3, height=HEIGHT, width=WIDTH)
+    return write_bag(path, 'mcap', frame_messages(scenes, sparse=True, sparse_step=3))
 
 
 def _digests(folder):
@@ -107,15 +53,6 @@ def _digests(folder):
             counts[connection.topic] = counts.get(connection.topic, 0) + 1
     return {topic: {'messages': counts[topic], 'sha256': hashes[topic].hexdigest()}
             for topic in sorted(hashes)}
-
-
-@pytest.fixture()
-def one_torch_thread():
-    """Run the model on one thread (restored afterwards): the reference was made so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_output_bag_matches_reference(tmp_path, one_torch_thread):

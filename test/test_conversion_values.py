@@ -1,21 +1,21 @@
 """Conversions against hand-computed values (bit patterns, rounding, byte layouts)."""
 
 import array
+from functools import partial
 import io
 import math
 import struct
 
-from builtin_interfaces.msg import Time
 from marigold_ros.conversions import COLOR_ENCODINGS, compressed_to_rgb, depth_to_image
 from marigold_ros.conversions import image_to_depth, image_to_rgb, ImageConversionError
 from marigold_ros.conversions import mono16_to_mono8, organized_cloud_msg, pack_rgb
 from marigold_ros.conversions import pointcloud2_from_depth, pointcloud2_to_xyz, rgb_to_image
 from marigold_ros.conversions import PointCloudConversionError, rgb_to_compressed
+from msg_builders import header
 import numpy as np
 from PIL import Image as PILImage
 import pytest
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2, PointField
-from std_msgs.msg import Header
 
 
 def test_mono16_to_mono8_rounds_like_cv_bridge():
@@ -37,8 +37,7 @@ def test_mono16_to_mono8_near_a_rounding_boundary():
     assert mono16_to_mono8(np.array([64893], dtype=np.uint16)).tolist() == [253]
 
 
-def _header():
-    return Header(stamp=Time(sec=3, nanosec=4), frame_id='cam')
+_header = partial(header, sec=3, nanosec=4, frame_id='cam')
 
 
 def test_depth_to_image_layout_and_refusal():
@@ -211,7 +210,8 @@ def test_compressed_to_rgb_sizes_modes_and_formats():
     bmp = _encoded(PILImage.fromarray(grey, 'L'), 'BMP')
     reason, text = _refusal(compressed_to_rgb, _compressed(bmp, 'bmp'))
     assert reason == 'corrupt_compressed'
-    assert text.startswith("cannot decode compressed image (format 'bmp'): ")
+    assert text.startswith(f"compressed image (format 'bmp', {len(bmp)} bytes starting 42 4d ")
+    assert text.endswith('is corrupt or not JPEG / PNG: no decoder recognises it')
 
 
 def test_compressed_to_rgb_refusals_name_the_problem():

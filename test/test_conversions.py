@@ -1,11 +1,12 @@
 """Tier-1 tests of marigold_ros.conversions (numpy only, no ROS graph)."""
 
 import array
+from functools import partial
 import io
 import struct
 import zlib
 
-from builtin_interfaces.msg import Time
+from builders import random_rgb
 from marigold_ros.conversions import compressed_to_rgb
 from marigold_ros.conversions import depth_to_image
 from marigold_ros.conversions import image_to_depth
@@ -16,6 +17,7 @@ from marigold_ros.conversions import pointcloud2_to_xyz
 from marigold_ros.conversions import PointCloudConversionError
 from marigold_ros.conversions import rgb_to_compressed
 from marigold_ros.conversions import rgb_to_image
+from msg_builders import header
 import numpy as np
 from PIL import Image as PILImage
 import pytest
@@ -23,17 +25,9 @@ from sensor_msgs.msg import CompressedImage
 from sensor_msgs.msg import Image
 from sensor_msgs.msg import PointCloud2
 from sensor_msgs.msg import PointField
-from std_msgs.msg import Header
 
 H, W = 5, 7
-
-
-def _header():
-    return Header(stamp=Time(sec=12, nanosec=345), frame_id='camera_optical')
-
-
-def _rgb(height=H, width=W, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+_header = partial(header, sec=12, nanosec=345, frame_id='camera_optical')
 
 
 def _raw_image(encoding, rows, padding=0, is_bigendian=0):
@@ -56,7 +50,7 @@ def _raw_image(encoding, rows, padding=0, is_bigendian=0):
 @pytest.mark.parametrize('padding', [0, 5])
 @pytest.mark.parametrize('encoding', ['rgb8', 'bgr8', 'rgba8', 'bgra8'])
 def test_colour_encodings_against_hand_built_layout(encoding, padding):
-    rgb = _rgb()
+    rgb = random_rgb(H, W)
     alpha = np.full((H, W, 1), 77, np.uint8)
     layout = {'rgb8': rgb, 'bgr8': rgb[:, :, [2, 1, 0]],
               'rgba8': np.concatenate([rgb, alpha], axis=2),
@@ -73,7 +67,7 @@ def test_colour_encodings_against_hand_built_layout(encoding, padding):
 
 @pytest.mark.parametrize('encoding', ['rgb8', 'bgr8', 'rgba8', 'bgra8'])
 def test_rgb_to_image_round_trip(encoding):
-    rgb = _rgb(seed=3)
+    rgb = random_rgb(H, W, seed=3)
     msg = rgb_to_image(rgb, _header(), encoding)
     assert msg.encoding == encoding and msg.header.frame_id == 'camera_optical'
     assert msg.header.stamp.sec == 12 and msg.header.stamp.nanosec == 345
@@ -177,7 +171,7 @@ def test_too_large_rejected_before_reading_data():
     with pytest.raises(ImageConversionError) as err:
         image_to_rgb(msg, max_pixels=1_000_000)
     assert err.value.reason == 'too_large'
-    small = rgb_to_image(_rgb(), _header())
+    small = rgb_to_image(random_rgb(H, W), _header())
     with pytest.raises(ImageConversionError) as err:
         image_to_rgb(small, max_pixels=H * W - 1)
     assert err.value.reason == 'too_large'
@@ -193,7 +187,7 @@ def _smooth_rgb(height=32, width=48):
 
 
 def test_png_round_trip_exact_and_format_strings():
-    rgb = _rgb(16, 24, seed=5)
+    rgb = random_rgb(16, 24, seed=5)
     msg = rgb_to_compressed(rgb, _header(), 'png')
     assert msg.format == 'rgb8; png compressed bgr8'
     assert msg.header.frame_id == 'camera_optical'
@@ -324,7 +318,7 @@ def test_corrupt_compressed():
 
 def _png_with_header_size(width, height):
     buf = io.BytesIO()
-    PILImage.fromarray(_rgb(4, 4)).save(buf, format='PNG')
+    PILImage.fromarray(random_rgb(4, 4)).save(buf, format='PNG')
     data = bytearray(buf.getvalue())
     # IHDR chunk: 8-byte signature, 4-byte length, 'IHDR', width, height, ..., CRC.
     struct.pack_into('>II', data, 16, width, height)
@@ -339,7 +333,7 @@ def test_compressed_size_limit_checked_before_decode():
     with pytest.raises(ImageConversionError) as err:
         compressed_to_rgb(msg, max_pixels=1_000_000)
     assert err.value.reason == 'too_large'
-    ok = rgb_to_compressed(_rgb(8, 8), _header(), 'png')
+    ok = rgb_to_compressed(random_rgb(8, 8), _header(), 'png')
     with pytest.raises(ImageConversionError) as err:
         compressed_to_rgb(ok, max_pixels=63)
     assert err.value.reason == 'too_large'
@@ -387,7 +381,7 @@ def test_depth_32fc1_big_endian_with_padding():
 
 def test_depth_rejects_colour_and_bad_arrays():
     with pytest.raises(ImageConversionError) as err:
-        image_to_depth(rgb_to_image(_rgb(), _header()))
+        image_to_depth(rgb_to_image(random_rgb(H, W), _header()))
     assert err.value.reason == 'unknown_encoding' and 'rgb8' in str(err.value)
     with pytest.raises(ImageConversionError) as err:
         image_to_depth(Image(height=2, width=2, encoding='16UC1', step=4, data=bytes(7)))

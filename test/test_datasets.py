@@ -3,6 +3,7 @@
 import sys
 from types import SimpleNamespace
 
+from builders import save_png
 import h5py
 from marigold_model.data.bag_rgbd import BagRGBDDataset, depth_from_image, rgb_from_image
 from marigold_model.data.hypersim import (distance_to_planar, HYPERSIM_FOCAL,
@@ -16,7 +17,6 @@ from marigold_model.data.sample import (collate_samples, intrinsics_from_hfov, m
 from marigold_model.data.synthetic import make_scene, render, scene_intrinsics, SceneConfig
 from marigold_model.data.vkitti import VKITTI2_K, VKITTI2Dataset
 import numpy as np
-from PIL import Image
 import pytest
 
 
@@ -24,11 +24,6 @@ def _write_h5(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, 'w') as f:
         f.create_dataset('dataset', data=array)
-
-
-def _save_png(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,8 +46,8 @@ def _hypersim_scene(root, h=24, w=32, z=2.0, with_jpg=False):
     _write_h5(images / 'scene_cam_00_final_hdf5' / 'frame.0003.color.hdf5',
               np.full((h, w, 3), 3.7, np.float16))
     if with_jpg:
-        _save_png(images / 'scene_cam_00_final_preview' / 'frame.0003.tonemap.jpg',
-                  np.full((h, w, 3), 40, np.uint8))
+        save_png(images / 'scene_cam_00_final_preview' / 'frame.0003.tonemap.jpg',
+                 np.full((h, w, 3), 40, np.uint8))
     return K
 
 
@@ -101,10 +96,10 @@ def test_hypersim_tone_map_percentile():
 
 
 def test_hypersim_marigold_list_file(tmp_path):
-    _save_png(tmp_path / 'ai_001_001' / 'rgb_cam_00_fr0000.png', np.full((6, 8, 3), 9, np.uint8))
+    save_png(tmp_path / 'ai_001_001' / 'rgb_cam_00_fr0000.png', np.full((6, 8, 3), 9, np.uint8))
     depth_mm = np.full((6, 8), 2500, np.uint16)
     depth_mm[2, 3] = 0
-    _save_png(tmp_path / 'ai_001_001' / 'depth_plane_cam_00_fr0000.png', depth_mm)
+    save_png(tmp_path / 'ai_001_001' / 'depth_plane_cam_00_fr0000.png', depth_mm)
     listing = tmp_path / 'filename_list_train.txt'
     listing.write_text('rgb_path,depth_path\n'
                        'ai_001_001/rgb_cam_00_fr0000.png,'
@@ -129,13 +124,13 @@ def test_hypersim_corrupt_file_is_unreadable(tmp_path):
 def _vkitti_frame(root, depth_root=None, frame=7):
     depth_root = depth_root or root
     rgb = np.random.default_rng(0).integers(0, 255, (5, 12, 3), dtype=np.uint8)
-    _save_png(root / 'Scene01' / 'clone' / 'frames' / 'rgb' / 'Camera_0' / f'rgb_{frame:05d}.jpg',
-              rgb)
+    save_png(root / 'Scene01' / 'clone' / 'frames' / 'rgb' / 'Camera_0' / f'rgb_{frame:05d}.jpg',
+             rgb)
     cm = np.full((5, 12), 1234, np.uint16)
     cm[0, :] = 65535  # sky: far plane
     cm[4, 0] = 0
-    _save_png(depth_root / 'Scene01' / 'clone' / 'frames' / 'depth' / 'Camera_0'
-              / f'depth_{frame:05d}.png', cm)
+    save_png(depth_root / 'Scene01' / 'clone' / 'frames' / 'depth' / 'Camera_0'
+             / f'depth_{frame:05d}.png', cm)
 
 
 def test_vkitti_centimetres_and_far_plane(tmp_path):
@@ -164,15 +159,15 @@ def test_vkitti_separate_depth_root_and_intrinsics(tmp_path):
 
 
 def test_rgbd_folder_png_and_npy(tmp_path):
-    _save_png(tmp_path / 'rgb' / 'a.png', np.full((4, 6, 3), 100, np.uint8))
+    save_png(tmp_path / 'rgb' / 'a.png', np.full((4, 6, 3), 100, np.uint8))
     mm = np.full((4, 6), 1500, np.uint16)
     mm[0, 0] = 0
-    _save_png(tmp_path / 'depth' / 'a.png', mm)
-    _save_png(tmp_path / 'rgb' / 'b.jpg', np.full((4, 6, 3), 50, np.uint8))
+    save_png(tmp_path / 'depth' / 'a.png', mm)
+    save_png(tmp_path / 'rgb' / 'b.jpg', np.full((4, 6, 3), 50, np.uint8))
     meters = np.full((4, 6), 3.25, np.float32)
     meters[1, 1] = np.nan
     np.save(tmp_path / 'depth' / 'b.npy', meters)
-    _save_png(tmp_path / 'rgb' / 'c.png', np.zeros((4, 6, 3), np.uint8))  # no depth: ignored
+    save_png(tmp_path / 'rgb' / 'c.png', np.zeros((4, 6, 3), np.uint8))  # no depth: ignored
     (tmp_path / 'K.txt').write_text('10 0 2.5\n0 11 1.5\n0 0 1\n')
     ds = RGBDFolderDataset(tmp_path)
     assert len(ds) == 2
@@ -192,7 +187,7 @@ def test_rgbd_folder_exr_without_backend(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'cv2', None)  # import of a None entry fails
     monkeypatch.setitem(sys.modules, 'imageio', None)
     assert exr_backend() is None
-    _save_png(tmp_path / 'rgb' / 'a.png', np.zeros((4, 6, 3), np.uint8))
+    save_png(tmp_path / 'rgb' / 'a.png', np.zeros((4, 6, 3), np.uint8))
     (tmp_path / 'depth').mkdir()
     (tmp_path / 'depth' / 'a.exr').write_bytes(b'')
     with pytest.raises(ValueError, match='EXR'):
@@ -208,7 +203,7 @@ def test_rgbd_folder_reads_exr_meters(tmp_path, monkeypatch):
     meters = (np.arange(24, dtype=np.float32).reshape(4, 6) + 1) / 8  # exact in float16 too
     meters[1, 2] = np.nan
     meters[3, 5] = 0.0
-    _save_png(tmp_path / 'rgb' / 'a.png', np.zeros((4, 6, 3), np.uint8))
+    save_png(tmp_path / 'rgb' / 'a.png', np.zeros((4, 6, 3), np.uint8))
     (tmp_path / 'depth').mkdir()
     assert cv2.imwrite(str(tmp_path / 'depth' / 'a.exr'), meters)
     sample = RGBDFolderDataset(tmp_path)[0]
@@ -218,7 +213,7 @@ def test_rgbd_folder_reads_exr_meters(tmp_path, monkeypatch):
 
 
 def test_rgbd_folder_bad_intrinsics_file(tmp_path):
-    _save_png(tmp_path / 'rgb' / 'a.png', np.zeros((4, 6, 3), np.uint8))
+    save_png(tmp_path / 'rgb' / 'a.png', np.zeros((4, 6, 3), np.uint8))
     (tmp_path / 'depth').mkdir()
     np.save(tmp_path / 'depth' / 'a.npy', np.ones((4, 6), np.float32))
     (tmp_path / 'intrinsics.txt').write_text('1 2 3\n')
@@ -271,7 +266,8 @@ def test_bag_decoding_step_padding_endianness_and_yuv():
     assert err.value.reason == 'unknown_encoding'
 
 
-def _write_bag(path, frames, depth_encoding='32FC1', with_info=True):
+def _write_rgbd_bag(path, frames, depth_encoding='32FC1', with_info=True):
+    """Write rgb / depth / info topics with rosbags' Humble types only (no rclpy)."""
     from rosbags.rosbag2 import Writer
     from rosbags.typesys import get_typestore, Stores
 
@@ -321,7 +317,7 @@ def test_bag_round_trip_matching_and_camera_info(tmp_path):
     frames = [('rgb', 1.0, rgb1), ('depth', 1.005, d1), ('rgb', 1.1, rgb2), ('depth', 1.1, d2),
               ('rgb', 2.0, rgb3), ('depth', 2.5, d1)]  # the last rgb has no depth within 20 ms
     path = tmp_path / 'sim_bag'
-    _write_bag(path, frames)
+    _write_rgbd_bag(path, frames)
     ds = BagRGBDDataset(path, '/cam/rgb', '/cam/depth', camera_info_topic='/cam/info')
     assert len(ds) == 2
     a, b = ds[0], ds[1]
@@ -340,8 +336,8 @@ def test_bag_16bit_depth_in_millimetres(tmp_path):
     mm = np.full((4, 5), 1750, np.uint16)
     mm[3, 4] = 0
     path = tmp_path / 'bag16'
-    _write_bag(path, [('rgb', 3.0, np.zeros((4, 5, 3), np.uint8)), ('depth', 3.0, mm)],
-               depth_encoding='16UC1', with_info=False)
+    _write_rgbd_bag(path, [('rgb', 3.0, np.zeros((4, 5, 3), np.uint8)), ('depth', 3.0, mm)],
+                    depth_encoding='16UC1', with_info=False)
     s = BagRGBDDataset(path, '/cam/rgb', '/cam/depth')[0]
     assert s.depth[0, 0] == pytest.approx(1.75) and not s.valid[3, 4]
     np.testing.assert_allclose(s.K, intrinsics_from_hfov(5, 4, 60.0))
@@ -430,7 +426,9 @@ def _gradient_frame(name, height=20, width=30):
     return make_sample(rgb, depth, intrinsics_from_hfov(width, height, 60.0), name)
 
 
-class _Frames:
+class _IdenticalFrames:
+    """The same gradient frame ``n`` times, named f:0 ... (no torch Dataset)."""
+
     def __init__(self, n):
         self.frames = [_gradient_frame(f'f:{i}') for i in range(n)]
 
@@ -444,7 +442,7 @@ class _Frames:
 def test_mixing_crops_and_flips_change_between_passes_and_follow_the_seed():
     """A frame drawn in several passes gets different crops / flips; the seed fixes them."""
     def draws(seed, count=60):
-        mixed = MixedDataset([_Frames(3)], [1.0], length=3, seed=seed,
+        mixed = MixedDataset([_IdenticalFrames(3)], [1.0], length=3, seed=seed,
                              transform=TrainTransform(16, 16))
         return [mixed.sample(i) for i in range(count)]
 
@@ -462,14 +460,15 @@ def test_mixing_crops_and_flips_change_between_passes_and_follow_the_seed():
     other = draws(8)
     assert any(not np.array_equal(a.depth, b.depth) for a, b in zip(first, other))
     # A draw is a function of its number alone: asked out of order, it is the same.
-    mixed = MixedDataset([_Frames(3)], [1.0], length=3, seed=7, transform=TrainTransform(16, 16))
+    mixed = MixedDataset([_IdenticalFrames(3)], [1.0], length=3, seed=7,
+                         transform=TrainTransform(16, 16))
     for i in (41, 3, 59, 0):
         assert np.array_equal(mixed.sample(i).depth, first[i].depth)
 
 
 def test_mixing_cache_key_names_exactly_one_sample():
     """Draws with equal cache keys are equal samples; unknown frames have no key yet."""
-    mixed = MixedDataset([_Frames(4)], [1.0], seed=1, transform=TrainTransform(20, 30))
+    mixed = MixedDataset([_IdenticalFrames(4)], [1.0], seed=1, transform=TrainTransform(20, 30))
     assert mixed.cache_key(0) is None  # frame never read: its crops are unknown
     samples, keys = {}, {}
     for i in range(40):
@@ -484,7 +483,7 @@ def test_mixing_cache_key_names_exactly_one_sample():
     assert set(listed) == set(keys.values())
     for key, sample in listed.items():
         assert np.array_equal(sample.depth, samples[key].depth)
-    crops = MixedDataset([_Frames(4)], [1.0], seed=1, transform=TrainTransform(16, 16))
+    crops = MixedDataset([_IdenticalFrames(4)], [1.0], seed=1, transform=TrainTransform(16, 16))
     crops.sample(0)
     # Too many crops: not listed, and no key, so a latent cache cannot grow with the crops.
     assert crops.cache_key(0) is None and list(crops.variants()) == []

@@ -1,8 +1,8 @@
 """The device output maths (marigold_ros.device_outputs) against the host path of the node."""
 
 import array
+from functools import partial
 
-from builtin_interfaces.msg import Time
 from marigold_model.config import InferenceConfig
 from marigold_model.ensemble import ensemble_depth
 from marigold_model.estimator import DepthEstimator, processing_size
@@ -14,9 +14,9 @@ from marigold_ros.device_outputs import relative_outputs, runs_on_device, to_hos
 from marigold_ros.geometry import CameraModel, scale_camera
 from marigold_ros.pipeline import DepthPipeline, fixed_scale_estimate, FrameInput
 from marigold_ros.pipeline import OutputConfig
+from msg_builders import header
 import numpy as np
 import pytest
-from std_msgs.msg import Header
 import torch
 
 WIDTH, HEIGHT = 100, 75
@@ -28,11 +28,10 @@ SCALE, SHIFT, MAX_DEPTH = 3.0, -0.4, 2.0
 TOLERANCE_M = 1e-5
 
 
-def _header():
-    return Header(stamp=Time(sec=3, nanosec=7), frame_id='cam_optical')
+_header = partial(header, sec=3, nanosec=7, frame_id='cam_optical')
 
 
-def _camera_info():
+def _distorted_camera_info():
     return CameraModel(WIDTH, HEIGHT, K, D, 'plumb_bob', frame_id='cam_optical').to_msg(
         _header())
 
@@ -65,7 +64,7 @@ class FinishingEstimator:
 def _host_path(decoded, size, inference, config):
     rgb = np.random.default_rng(1).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
     pipeline = DepthPipeline(FinishingEstimator(decoded, size, inference), config)
-    (out,) = pipeline.process([FrameInput(rgb_to_image(rgb, _header()), _camera_info())])
+    (out,) = pipeline.process([FrameInput(rgb_to_image(rgb, _header()), _distorted_camera_info())])
     return out
 
 
@@ -80,7 +79,7 @@ def _device_path(decoded, size, inference, config, device='cpu'):
     relative = relative_outputs(prediction, spread,
                                 (HEIGHT, WIDTH) if inference.match_input_resolution else None)
     height, width = relative.host_relative.shape
-    camera = scale_camera(CameraModel.from_msg(_camera_info()), width, height)
+    camera = scale_camera(CameraModel.from_msg(_distorted_camera_info()), width, height)
     rays = DeviceRays(device).get(camera)
     estimate = fixed_scale_estimate(config.fixed_scale, config.fixed_shift)
     return relative, metric_outputs(relative.relative, estimate, config.max_depth,
@@ -203,7 +202,7 @@ def test_points_land_in_the_cloud_message_buffer_byte_for_byte():
     config = OutputConfig(fixed_scale=SCALE, fixed_shift=SHIFT, max_depth=MAX_DEPTH)
     host = _host_path(decoded, size, inference, config)
     relative = relative_outputs(decoded[:1, :, :size[0], :size[1]], None, (HEIGHT, WIDTH))
-    camera = scale_camera(CameraModel.from_msg(_camera_info()), WIDTH, HEIGHT)
+    camera = scale_camera(CameraModel.from_msg(_distorted_camera_info()), WIDTH, HEIGHT)
     data = array.array('B', [0]) * (16 * HEIGHT * WIDTH)
     buffer = np.frombuffer(data, '<f4').reshape(HEIGHT, WIDTH, 4)
     metric = metric_outputs(relative.relative, fixed_scale_estimate(SCALE, SHIFT), MAX_DEPTH,

@@ -3,6 +3,7 @@
 import dataclasses
 import os
 
+from builders import orbit_scenes
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
 from marigold_model.estimator import DepthEstimator, processing_size
 import numpy as np
@@ -204,27 +205,25 @@ def _bundled(**model):
 
 
 @pytest.fixture(scope='module')
-def scenes():
-    """Two 48x64 synthetic rooms: the kind of image the bundled model was trained on."""
-    from marigold_model.data.synthetic import render_sequence
-    return [s.rgb for s in render_sequence(np.random.default_rng(7), 2, height=48, width=64,
-                                           motion='orbit')]
+def rooms():
+    """RGB of two 48x64 synthetic rooms: the kind of image the bundled model was trained on."""
+    return [s.rgb for s in orbit_scenes(2)]
 
 
 @pytest.fixture(scope='module')
-def fp32_eager(scenes):
+def fp32_eager(rooms):
     """Run the reference: fp32 weights, no compile, contiguous (NCHW) memory."""
     estimator = _bundled(dtype='float32', channels_last=False)
-    return np.stack([r.depth for r in estimator.estimate(scenes)])
+    return np.stack([r.depth for r in estimator.estimate(rooms)])
 
 
-def _max_diff(estimator, scenes, reference):
-    return float(np.abs(np.stack([r.depth for r in estimator.estimate(scenes)]) -
+def _max_diff(estimator, rooms, reference):
+    return float(np.abs(np.stack([r.depth for r in estimator.estimate(rooms)]) -
                         reference).max())
 
 
 @pytest.mark.parametrize('dtype,bound', [('float16', 4e-3), ('bfloat16', 3e-2)])
-def test_low_precision_weights_on_cpu_stay_close_to_fp32(scenes, fp32_eager, dtype, bound):
+def test_low_precision_weights_on_cpu_stay_close_to_fp32(rooms, fp32_eager, dtype, bound):
     """
     fp16 / bf16 weights on CPU give the fp32 depth within a few roundings of that format.
 
@@ -238,10 +237,10 @@ def test_low_precision_weights_on_cpu_stay_close_to_fp32(scenes, fp32_eager, dty
     """
     estimator = _bundled(dtype=dtype)
     assert estimator.unet.dtype == estimator.vae.dtype == getattr(torch, dtype)
-    assert 0 < _max_diff(estimator, scenes, fp32_eager) <= bound
+    assert 0 < _max_diff(estimator, rooms, fp32_eager) <= bound
 
 
-def test_channels_last_on_cpu_matches_fp32_eager(scenes, fp32_eager):
+def test_channels_last_on_cpu_matches_fp32_eager(rooms, fp32_eager):
     """
     channels_last on CPU: the switch is ignored (config), torch's kernels are close.
 
@@ -252,17 +251,17 @@ def test_channels_last_on_cpu_matches_fp32_eager(scenes, fp32_eager):
     """
     switched = _bundled(dtype='float32', channels_last=True)
     assert not switched.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert _max_diff(switched, scenes, fp32_eager) == 0.0
+    assert _max_diff(switched, rooms, fp32_eager) == 0.0
     # What the CUDA path does to the modules, here on CPU.
     switched.unet.to(memory_format=torch.channels_last)
     switched.vae.to(memory_format=torch.channels_last)
     assert switched.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert _max_diff(switched, scenes, fp32_eager) <= 1e-5
+    assert _max_diff(switched, rooms, fp32_eager) <= 1e-5
 
 
-def test_compile_switch_is_ignored_on_cpu(scenes, fp32_eager):
+def test_compile_switch_is_ignored_on_cpu(rooms, fp32_eager):
     """compile=True is a CUDA switch (config): on CPU the result is the eager one, bit for bit."""
-    assert _max_diff(_bundled(dtype='float32', compile=True), scenes, fp32_eager) == 0.0
+    assert _max_diff(_bundled(dtype='float32', compile=True), rooms, fp32_eager) == 0.0
 
 
 @pytest.mark.skipif(os.environ.get('MARIGOLD_TEST_COMPILE') != '1',
@@ -270,7 +269,7 @@ def test_compile_switch_is_ignored_on_cpu(scenes, fp32_eager):
                     'took 415 s with inductor (42 s with the graph-capture-only eager '
                     'backend) on the 2-core development machine; set MARIGOLD_TEST_COMPILE=1 '
                     'to run it')
-def test_torch_compile_on_cpu_matches_fp32_eager(scenes, fp32_eager):
+def test_torch_compile_on_cpu_matches_fp32_eager(rooms, fp32_eager):
     """
     The U-Net compiled by inductor on CPU gives the eager depth within fp32 rounding.
 
@@ -278,7 +277,7 @@ def test_torch_compile_on_cpu_matches_fp32_eager(scenes, fp32_eager):
     """
     estimator = _bundled(dtype='float32', channels_last=False)
     estimator.unet.compile(dynamic=False)
-    assert _max_diff(estimator, scenes, fp32_eager) <= 1e-5
+    assert _max_diff(estimator, rooms, fp32_eager) <= 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

@@ -1,5 +1,6 @@
 """Tier-1 tests of marigold_ros.geometry: camera model, scaling, distortion, transforms."""
 
+from functools import partial
 import math
 
 from marigold_ros.geometry import CalibrationError
@@ -13,9 +14,9 @@ from marigold_ros.geometry import scale_camera
 from marigold_ros.geometry import transform_points
 from marigold_ros.geometry import undistort_normalized
 from marigold_ros.geometry import unproject_depth
+from msg_builders import camera_info
 import numpy as np
 import pytest
-from sensor_msgs.msg import CameraInfo
 from std_msgs.msg import Header
 
 FX, FY, CX, CY = 80.0, 90.0, 31.5, 22.0
@@ -26,18 +27,7 @@ PLUMB_BOB = [-0.28, 0.07, 0.001, -0.0015, 0.01]
 RATIONAL = [0.3, -0.05, 0.0008, 0.0012, 0.002, 0.65, -0.02, 0.004]
 
 
-def _info(**overrides):
-    msg = CameraInfo()
-    msg.header = Header(frame_id='cam_optical')
-    msg.width, msg.height = W, H
-    msg.k = K.ravel().tolist()
-    msg.distortion_model = 'plumb_bob'
-    msg.d = [0.0] * 5
-    msg.r = np.eye(3).ravel().tolist()
-    msg.p = np.hstack([K, np.zeros((3, 1))]).ravel().tolist()
-    for key, value in overrides.items():
-        setattr(msg, key, value)
-    return msg
+_info = partial(camera_info, K, W, H)  # the test camera; keyword fields are set as given
 
 
 # ----------------------------------------------------------------- unprojection

@@ -1,32 +1,30 @@
 """The piecewise serialization and mcap writer give exactly rosbags' bytes."""
 
-from builtin_interfaces.msg import Time
 from marigold_ros.bag_io import serialize_canonical, serialize_canonical_pieces
 from marigold_ros.conversions import depth_to_image, pointcloud2_from_depth, rgb_to_image
 from marigold_ros.mcap_pieces import CdrPieces, PiecewiseWriter
+from msg_builders import header, STORE
 import numpy as np
 import pytest
 from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import CompressionFormat, CompressionMode, StoragePlugin, Writer
-from rosbags.typesys import get_typestore, Stores
 from sensor_msgs.msg import CameraInfo
-from std_msgs.msg import Header
 
-STORE = get_typestore(Stores.ROS2_KILTED)
 IMAGE = 'sensor_msgs/msg/Image'
 CLOUD = 'sensor_msgs/msg/PointCloud2'
 INFO = 'sensor_msgs/msg/CameraInfo'
 
 
-def _header(index):
-    return Header(frame_id='cam_optical' + 'x' * (index % 3), stamp=Time(sec=5, nanosec=index))
+def _odd_length_header(index):
+    """Frame ids of 11 to 13 characters: the fields after them start at every alignment."""
+    return header(5, index, 'cam_optical' + 'x' * (index % 3))
 
 
-def _messages(rng):
+def _odd_sized_messages(rng):
     """Messages of odd and large sizes: odd rgb8 widths, a >1 MB cloud, camera info."""
     out = []
     for index, (height, width) in enumerate([(3, 5), (240, 320), (7, 1), (480, 641)]):
-        header = _header(index)
+        header = _odd_length_header(index)
         rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         out.append((IMAGE, rgb_to_image(rgb, header)))
         out.append((IMAGE, depth_to_image(rng.random((height, width), np.float32), header)))
@@ -42,7 +40,7 @@ def _messages(rng):
 
 
 def test_pieces_concatenate_to_the_canonical_serialization():
-    for msgtype, msg in _messages(np.random.default_rng(0)):
+    for msgtype, msg in _odd_sized_messages(np.random.default_rng(0)):
         pieces = serialize_canonical_pieces(msg, msgtype)
         assert isinstance(pieces, CdrPieces)
         assert pieces.join() == bytes(serialize_canonical(msg, msgtype))
@@ -74,7 +72,7 @@ def _write(writer_class, path, messages, pieces, compression=None):
 @pytest.mark.parametrize('count, compression', [
     (48, None), (0, None), (48, CompressionMode.STORAGE), (20, CompressionMode.MESSAGE)])
 def test_file_is_byte_identical_to_rosbags_writer(tmp_path, count, compression):
-    messages = (_messages(np.random.default_rng(1)) * 3)[:count]
+    messages = (_odd_sized_messages(np.random.default_rng(1)) * 3)[:count]
     # The same bag name: the file's metadata record names its storage file.
     folders = [tmp_path / name for name in ('rosbags', 'pieces', 'bytes')]
     for folder in folders:
@@ -88,7 +86,7 @@ def test_file_is_byte_identical_to_rosbags_writer(tmp_path, count, compression):
 
 def test_plain_buffers_are_copied_when_written(tmp_path):
     """Only CdrPieces are kept by reference: a caller may reuse any other buffer."""
-    info = CameraInfo(header=_header(0), width=4, height=3)
+    info = CameraInfo(header=_odd_length_header(0), width=4, height=3)
     cdr = bytearray(serialize_canonical(info, INFO))
     with PiecewiseWriter(tmp_path / 'bag', version=9,
                          storage_plugin=StoragePlugin.MCAP) as writer:
@@ -101,7 +99,7 @@ def test_plain_buffers_are_copied_when_written(tmp_path):
 
 
 def test_read_back_with_rosbags(tmp_path):
-    messages = _messages(np.random.default_rng(2))
+    messages = _odd_sized_messages(np.random.default_rng(2))
     _write(PiecewiseWriter, tmp_path / 'bag', messages, pieces=True)
     with AnyReader([tmp_path / 'bag'], default_typestore=STORE) as reader:
         read = [(c.msgtype, t, bytes(raw)) for c, t, raw in reader.messages()]
@@ -115,7 +113,7 @@ def test_read_back_with_rosbags(tmp_path):
 def test_atomic_writer_takes_pieces_for_both_storages(tmp_path, storage):
     from marigold_ros.bag_io import BagReader
     from marigold_ros.bag_writer import AtomicBagWriter
-    messages = _messages(np.random.default_rng(3))
+    messages = _odd_sized_messages(np.random.default_rng(3))
     writer = AtomicBagWriter(tmp_path / 'out', storage)
     writer.open()
     for index, (msgtype, msg) in enumerate(messages):

@@ -7,7 +7,6 @@ from marigold_ros.node_params import parameter_groups
 from marigold_ros.params import check_unique, ConfigGroup, field_descriptions
 import pytest
 from rcl_interfaces.msg import ParameterType
-import rclpy
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 import yaml
@@ -42,15 +41,6 @@ class Example:
 def _group(**kwargs):
     return ConfigGroup(Example, ranges={'documented': (0, 10), 'above': (0.0, 1.0)},
                        choices={'trailing': ('a', 'b')}, **kwargs)
-
-
-@pytest.fixture(scope='module')
-def context():
-    """Return an rclpy context of its own for this module."""
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.shutdown(context=ctx)
 
 
 def test_field_descriptions_from_docstring_and_comments():

@@ -1,10 +1,10 @@
 """Tests of marigold_ros.pipeline: messages in, depth / camera info / cloud messages out."""
 
+from functools import partial
 import math
 
-from builtin_interfaces.msg import Time
-from marigold_model.estimator import DepthResult, EstimatorOutOfMemory
-from marigold_model.scale_tracking import ScaleEstimate
+from builders import FakeEstimator, random_rgb, scale_estimate
+from marigold_model.estimator import EstimatorOutOfMemory
 from marigold_ros.conversions import image_to_depth, pointcloud2_from_depth, pointcloud2_to_xyz
 from marigold_ros.conversions import rgb_to_compressed, rgb_to_image
 from marigold_ros.geometry import CameraModel, Roi, unproject_depth
@@ -12,57 +12,20 @@ from marigold_ros.node_params import OUTPUT_NAMES, OutputConfig
 from marigold_ros.pipeline import DepthPipeline, FrameError, FrameInput
 from marigold_ros.pipeline import NOTE_BAD_CAMERA_INFO, NOTE_NO_CAMERA_INFO
 from marigold_ros.pipeline import NOTE_NO_METRIC_SCALE, organized_cloud
+from msg_builders import header
 import numpy as np
 import pytest
 from sensor_msgs.msg import Image
-from std_msgs.msg import Header
 
 H, W = 30, 40
 K = np.array([[35.0, 0.0, 19.25], [0.0, 36.0, 14.75], [0.0, 0.0, 1.0]])
 FRAME = 'camera_optical_frame'
 
-
-def _header(sec=10, nanosec=5, frame_id=FRAME):
-    return Header(stamp=Time(sec=sec, nanosec=nanosec), frame_id=frame_id)
-
-
-def _rgb(height=H, width=W, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+_header = partial(header, sec=10, nanosec=5, frame_id=FRAME)
 
 
 def _camera(width=W, height=H, k=K, **kwargs):
     return CameraModel(width, height, k, frame_id=FRAME, **kwargs).to_msg(_header())
-
-
-class FakeEstimator:
-    """Return a given relative depth (function of the frame) and record the calls."""
-
-    def __init__(self, depth_fn=None, uncertainty=None, out_size=None, error=None):
-        """Keep the depth function and the options."""
-        self.depth_fn = depth_fn
-        self.uncertainty = uncertainty
-        self.out_size = out_size
-        self.error = error
-        self.calls = []
-
-    def estimate(self, frames, keys=None):
-        """Return one DepthResult per frame."""
-        self.calls.append(([f.copy() for f in frames], list(keys)))
-        if self.error is not None:
-            raise self.error
-        results = []
-        for frame in frames:
-            size = self.out_size or frame.shape[:2]
-            if self.depth_fn is not None:
-                depth = self.depth_fn(*size)
-            else:
-                depth = np.linspace(0.1, 0.9, size[0] * size[1], dtype=np.float32)
-                depth = depth.reshape(size)
-            unc = None if self.uncertainty is None else \
-                np.full(size, self.uncertainty, np.float32)
-            results.append(DepthResult(depth.astype(np.float32), unc, {'total': 0.001},
-                                       tuple(size)))
-        return results
 
 
 class ConstantScale:
@@ -80,11 +43,6 @@ class ConstantScale:
         if self.error is not None:
             raise self.error
         return self.scale
-
-
-def _estimate(scale, shift, status='ok'):
-    return ScaleEstimate(scale=scale, shift=shift, inlier_ratio=1.0, residual=0.0,
-                         n_points=100, age_s=0.0, status=status)
 
 
 def _one(pipeline, frame):
@@ -109,7 +67,7 @@ def test_cloud_geometry_exact_on_a_plane():
     z, rays = _plane_depth(normal, distance, H, W, K)
     scale, shift = 4.0, 0.5
     relative = ((z - shift) / scale).astype(np.float32)
-    rgb = _rgb()
+    rgb = random_rgb(H, W)
     pipeline = DepthPipeline(FakeEstimator(lambda h, w: relative),
                              OutputConfig(fixed_scale=scale, fixed_shift=shift))
     out = _one(pipeline, FrameInput(rgb_to_image(rgb, _header()), _camera()))
@@ -138,7 +96,7 @@ def test_invalid_metric_depth_is_nan_in_image_and_cloud():
     relative[1, :5] = 1.0   # -> 20 m: beyond max_depth
     pipeline = DepthPipeline(FakeEstimator(lambda h, w: relative),
                              OutputConfig(fixed_scale=20.0, max_depth=15.0))
-    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), _camera()))
+    out = _one(pipeline, FrameInput(rgb_to_image(random_rgb(H, W), _header()), _camera()))
     metric = image_to_depth(out.metric)
     assert np.isnan(metric[:2, :5]).all() and np.isfinite(metric[2:]).all()
     xyz = pointcloud2_to_xyz(out.points).reshape(H, W, 3)
@@ -152,7 +110,7 @@ def test_fast_cloud_is_byte_identical_to_the_reference_builder():
     depth = np.random.default_rng(2).uniform(0.5, 4.0, (H, W)).astype(np.float32)
     depth[0, :7] = np.nan
     depth[3, 2:5] = 0.0
-    rgb = _rgb(seed=3)
+    rgb = random_rgb(H, W, seed=3)
     fast = organized_cloud(depth, camera, rgb, _header())
     reference = pointcloud2_from_depth(unproject_depth(depth, camera), rgb, _header())
     assert bytes(fast.data) == bytes(reference.data)
@@ -180,7 +138,7 @@ def test_rectified_input_takes_the_camera_from_p(rectified):
     info = _camera(D=[-0.2, 0.05, 0.001, 0.0, 0.0], distortion_model='plumb_bob', P=p)
     pipeline = DepthPipeline(FakeEstimator(), OutputConfig(fixed_scale=2.0,
                                                            rectified_input=rectified))
-    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), info))
+    out = _one(pipeline, FrameInput(rgb_to_image(random_rgb(H, W), _header()), info))
     metric = image_to_depth(out.metric)
     if rectified:
         camera = CameraModel(W, H, p[:, :3], frame_id=FRAME)
@@ -198,8 +156,8 @@ def test_apply_scale_float32_matches_scale_estimate():
     """The pipeline's float32 conversion equals ScaleEstimate.apply within float32 rounding."""
     from marigold_model.scale_apply import apply_scale
     rel = np.random.default_rng(1).uniform(-0.1, 1.0, (20, 30)).astype(np.float32)
-    fast, _ = apply_scale(_estimate(3.0, -0.2), rel)
-    slow = _estimate(3.0, -0.2).apply(rel)
+    fast, _ = apply_scale(scale_estimate(3.0, -0.2, n_points=100), rel)
+    slow = scale_estimate(3.0, -0.2, n_points=100).apply(rel)
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(slow))
     np.testing.assert_allclose(fast[np.isfinite(fast)], slow[np.isfinite(slow)], rtol=1e-6)
 
@@ -212,7 +170,7 @@ def test_camera_info_scaled_to_depth_resolution():
     out_h, out_w = 15, 20
     pipeline = DepthPipeline(FakeEstimator(out_size=(out_h, out_w)),
                              OutputConfig(fixed_scale=1.0, fixed_shift=1.0))
-    rgb = _rgb()
+    rgb = random_rgb(H, W)
     out = _one(pipeline, FrameInput(rgb_to_image(rgb, _header()), _camera()))
     info = out.camera_info
     assert (info.width, info.height) == (out_w, out_h)
@@ -232,7 +190,8 @@ def test_binning_and_roi_folded_into_published_camera_info():
     full = CameraModel(160, 120, K * [[4, 1, 4], [1, 4, 4], [1, 1, 1]], frame_id=FRAME,
                        binning_x=2, binning_y=2, roi=Roi(20, 10, 80, 60))
     pipeline = DepthPipeline(FakeEstimator(), OutputConfig(fixed_scale=1.0))
-    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), full.to_msg(_header())))
+    out = _one(pipeline, FrameInput(rgb_to_image(random_rgb(H, W), _header()),
+                                    full.to_msg(_header())))
     assert out.problems == ()
     info = out.camera_info
     assert (info.width, info.height, info.binning_x, info.binning_y) == (W, H, 0, 0)
@@ -248,7 +207,7 @@ def test_binning_and_roi_folded_into_published_camera_info():
 @pytest.mark.parametrize('encoding', ['rgb8', 'bgr8', 'rgba8', 'bgra8'])
 def test_colour_encodings_reach_the_estimator_as_rgb(encoding):
     """Colour encodings arrive at the model as the same RGB."""
-    rgb = _rgb()
+    rgb = random_rgb(H, W)
     estimator = FakeEstimator()
     out = _one(DepthPipeline(estimator), FrameInput(rgb_to_image(rgb, _header(), encoding)))
     np.testing.assert_array_equal(estimator.calls[0][0][0], rgb)
@@ -293,7 +252,7 @@ def test_compressed_images(fmt):
 
 def test_row_padding_honoured():
     """A step larger than width * 3 is read row by row."""
-    rgb = _rgb()
+    rgb = random_rgb(H, W)
     rows = np.zeros((H, W * 3 + 8), np.uint8)
     rows[:, :W * 3] = rgb.reshape(H, -1)
     msg = Image(header=_header(), height=H, width=W, encoding='rgb8', step=W * 3 + 8,
@@ -307,7 +266,7 @@ def test_row_padding_honoured():
 
 
 def _image(**changes):
-    msg = rgb_to_image(_rgb(), _header())
+    msg = rgb_to_image(random_rgb(H, W), _header())
     for name, value in changes.items():
         setattr(msg, name, value)
     return msg
@@ -325,7 +284,7 @@ def _image(**changes):
 def test_bad_images_become_frame_errors(msg, reason):
     """Each bad image gives a FrameError with its reason; the other frames go on."""
     estimator = FakeEstimator()
-    good = FrameInput(rgb_to_image(_rgb(), _header()), key='b')
+    good = FrameInput(rgb_to_image(random_rgb(H, W), _header()), key='b')
     bad, ok = DepthPipeline(estimator).process([FrameInput(msg, key='a'), good])
     assert isinstance(bad, FrameError) and bad.reason == reason and bad.key == 'a'
     assert str(bad)
@@ -334,10 +293,10 @@ def test_bad_images_become_frame_errors(msg, reason):
 
 def test_corrupt_compressed_and_size_limit():
     """Corrupt JPEG bytes and images above max_input_pixels are refused."""
-    corrupt = rgb_to_compressed(_rgb(), _header(), 'jpeg')
+    corrupt = rgb_to_compressed(random_rgb(H, W), _header(), 'jpeg')
     corrupt.data = bytes(corrupt.data)[:20] + b'garbage'
     pipeline = DepthPipeline(FakeEstimator(), OutputConfig(max_input_pixels=W * H - 1))
-    big = rgb_to_image(_rgb(), _header())
+    big = rgb_to_image(random_rgb(H, W), _header())
     errors = pipeline.process([FrameInput(corrupt), FrameInput(big)])
     assert [e.reason for e in errors] == ['corrupt_compressed', 'too_large']
     assert 'max_pixels' in str(errors[1])
@@ -357,7 +316,7 @@ def _camera_with_k(k):
 def test_bad_camera_info_keeps_relative_depth(camera_info, reason):
     """An unusable camera_info is a problem with a reason; relative depth still comes."""
     pipeline = DepthPipeline(FakeEstimator(), OutputConfig(fixed_scale=2.0))
-    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), camera_info))
+    out = _one(pipeline, FrameInput(rgb_to_image(random_rgb(H, W), _header()), camera_info))
     assert [p[0] for p in out.problems] == [reason]
     assert NOTE_BAD_CAMERA_INFO in out.notes
     assert out.relative is not None and out.metric is not None
@@ -370,7 +329,7 @@ def test_bad_camera_info_keeps_relative_depth(camera_info, reason):
 def test_without_camera_info_or_scale_only_relative_depth():
     """No camera_info and no scale: relative depth only, notes say why."""
     out = _one(DepthPipeline(FakeEstimator(uncertainty=0.1)),
-               FrameInput(rgb_to_image(_rgb(), _header())))
+               FrameInput(rgb_to_image(random_rgb(H, W), _header())))
     assert out.notes == (NOTE_NO_CAMERA_INFO, NOTE_NO_METRIC_SCALE)
     assert out.metric is None and out.points is None and out.camera_info is None
     relative = image_to_depth(out.relative)
@@ -383,7 +342,7 @@ def test_without_camera_info_or_scale_only_relative_depth():
 def test_relative_depth_never_published_as_meters():
     """With camera info but no scale: camera info yes, metric depth and cloud no."""
     out = _one(DepthPipeline(FakeEstimator()),
-               FrameInput(rgb_to_image(_rgb(), _header()), _camera()))
+               FrameInput(rgb_to_image(random_rgb(H, W), _header()), _camera()))
     assert out.camera_info is not None
     assert out.metric is None and out.points is None
     assert out.notes == (NOTE_NO_METRIC_SCALE,)
@@ -399,9 +358,9 @@ def _payload(msg):
                                     frozenset({'uncertainty'})])
 def test_only_the_outputs_asked_for_are_built(wanted):
     """FrameInput.outputs limits the messages; the scale is estimated whatever is asked."""
-    source = ConstantScale(_estimate(2.0, 0.5))
+    source = ConstantScale(scale_estimate(2.0, 0.5, n_points=100))
     pipeline = DepthPipeline(FakeEstimator(uncertainty=0.1), scale_source=source)
-    rgb = rgb_to_image(_rgb(), _header())
+    rgb = rgb_to_image(random_rgb(H, W), _header())
     full = _one(pipeline, FrameInput(rgb, _camera()))
     part = _one(pipeline, FrameInput(rgb, _camera(), outputs=wanted))
     assert len(source.calls) == 2 and part.scale is full.scale
@@ -420,7 +379,7 @@ def test_uncertainty_in_meters_with_a_scale_and_switches():
     """Uncertainty scales with the metric scale; publish switches drop outputs."""
     pipeline = DepthPipeline(FakeEstimator(uncertainty=0.1),
                              OutputConfig(fixed_scale=3.0, fixed_shift=1.0))
-    frame = FrameInput(rgb_to_image(_rgb(), _header()), _camera())
+    frame = FrameInput(rgb_to_image(random_rgb(H, W), _header()), _camera())
     np.testing.assert_allclose(image_to_depth(_one(pipeline, frame).uncertainty), 0.3,
                                rtol=1e-6)
     pipeline.output_config = OutputConfig(fixed_scale=3.0, publish_points=False,
@@ -431,10 +390,11 @@ def test_uncertainty_in_meters_with_a_scale_and_switches():
 
 def test_scale_source_hook():
     """The scale source gets key, header, depth and the scaled camera; its scale is used."""
-    source = ConstantScale(_estimate(2.0, 0.5))
+    source = ConstantScale(scale_estimate(2.0, 0.5, n_points=100))
     pipeline = DepthPipeline(FakeEstimator(lambda h, w: np.full((h, w), 0.25, np.float32)),
                              scale_source=source)
-    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), _camera(), key='cam1'))
+    out = _one(pipeline, FrameInput(rgb_to_image(random_rgb(H, W), _header()), _camera(),
+                                    key='cam1'))
     key, header, shape, camera = source.calls[0]
     assert (key, shape, camera.width, camera.height) == ('cam1', (H, W), W, H)
     assert header.frame_id == FRAME
@@ -443,10 +403,10 @@ def test_scale_source_hook():
     # A fixed scale wins over the source; an unusable estimate stays relative.
     pipeline.output_config = OutputConfig(fixed_scale=4.0)
     np.testing.assert_allclose(image_to_depth(_one(pipeline, FrameInput(
-        rgb_to_image(_rgb(), _header()), _camera())).metric), 1.0)
+        rgb_to_image(random_rgb(H, W), _header()), _camera())).metric), 1.0)
     pipeline.output_config = OutputConfig()
-    source.scale = _estimate(math.nan, math.nan, status='no_estimate')
-    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), _camera()))
+    source.scale = scale_estimate(math.nan, math.nan, status='no_estimate', n_points=100)
+    out = _one(pipeline, FrameInput(rgb_to_image(random_rgb(H, W), _header()), _camera()))
     assert out.metric is None and NOTE_NO_METRIC_SCALE in out.notes
 
 
@@ -462,7 +422,7 @@ def test_locally_refined_scale_uses_scale_recovery_apply():
         grid_shape=(H, W))
     pipeline = DepthPipeline(FakeEstimator(lambda h, w: relative, uncertainty=0.1),
                              scale_source=ConstantScale(refined))
-    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), _camera()))
+    out = _one(pipeline, FrameInput(rgb_to_image(random_rgb(H, W), _header()), _camera()))
     expected, spread = apply_refined(refined, relative, np.full((H, W), 0.1, np.float32))
     np.testing.assert_allclose(image_to_depth(out.metric), expected, rtol=1e-6)
     np.testing.assert_allclose(image_to_depth(out.uncertainty), spread, rtol=1e-6)
@@ -473,7 +433,7 @@ def test_scale_source_failure_is_a_problem_not_a_crash():
     """An exception in the scale source leaves the frame relative with a problem."""
     pipeline = DepthPipeline(FakeEstimator(), scale_source=ConstantScale(
         error=RuntimeError('boom')))
-    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), _camera()))
+    out = _one(pipeline, FrameInput(rgb_to_image(random_rgb(H, W), _header()), _camera()))
     assert out.problems[0][0] == 'scale_source_error' and 'boom' in out.problems[0][1]
     assert out.relative is not None and out.metric is None
 
@@ -484,8 +444,8 @@ def test_scale_source_failure_is_a_problem_not_a_crash():
 def test_one_estimator_call_per_batch_with_keys():
     """Frames of several cameras (any sizes) go to the model in one call, keyed."""
     estimator = FakeEstimator()
-    frames = [FrameInput(rgb_to_image(_rgb(), _header()), key='left'),
-              FrameInput(rgb_to_image(_rgb(20, 24), _header()), key='right')]
+    frames = [FrameInput(rgb_to_image(random_rgb(H, W), _header()), key='left'),
+              FrameInput(rgb_to_image(random_rgb(20, 24), _header()), key='right')]
     outputs = DepthPipeline(estimator).process(frames)
     assert len(estimator.calls) == 1 and estimator.calls[0][1] == ['left', 'right']
     assert [(o.key, o.relative.width) for o in outputs] == [('left', W), ('right', 24)]
@@ -499,7 +459,7 @@ def test_one_estimator_call_per_batch_with_keys():
 def test_estimator_failures_become_frame_errors(error, reason):
     """Out of memory and rejected frames are reported per frame."""
     results = DepthPipeline(FakeEstimator(error=error)).process(
-        [FrameInput(rgb_to_image(_rgb(), _header()), key='k')])
+        [FrameInput(rgb_to_image(random_rgb(H, W), _header()), key='k')])
     assert results[0].reason == reason and results[0].key == 'k'
 
 
@@ -520,8 +480,8 @@ def test_with_the_tiny_model(random_model_dir):
     estimator = DepthEstimator(EstimatorConfig(
         ModelConfig(model=random_model_dir, device='cpu'),
         InferenceConfig(processing_resolution=32, ensemble_size=2)))
-    frames = [FrameInput(rgb_to_image(_rgb(), _header()), _camera(), key='a'),
-              FrameInput(rgb_to_image(_rgb(24, 32), _header()), key='b')]
+    frames = [FrameInput(rgb_to_image(random_rgb(H, W), _header()), _camera(), key='a'),
+              FrameInput(rgb_to_image(random_rgb(24, 32), _header()), key='b')]
     first, second = DepthPipeline(estimator, OutputConfig(fixed_scale=2.0)).process(frames)
     relative = image_to_depth(first.relative)
     assert relative.shape == (H, W) and 0.0 <= relative.min() <= relative.max() <= 1.0
@@ -534,7 +494,7 @@ def test_depth_colored_only_when_asked_for():
     """depth/colored: relative depth without a scale, metric with one; never by default."""
     from marigold_model.data.synthetic import colorize_depth
     from marigold_ros.conversions import image_to_rgb
-    rgb = rgb_to_image(_rgb(), _header())
+    rgb = rgb_to_image(random_rgb(H, W), _header())
     pipeline = DepthPipeline(FakeEstimator())
     assert _one(pipeline, FrameInput(rgb, _camera())).colored is None  # process_bag's way
     relative = _one(pipeline, FrameInput(rgb, _camera(), outputs=frozenset({'colored'})))
@@ -556,9 +516,9 @@ def test_implausible_calibration_is_a_problem_not_a_refusal():
     k = K.copy()
     k[1, 1] = K[0, 0] / 3.0
     pipeline = DepthPipeline(FakeEstimator(), OutputConfig(fixed_scale=1.0))
-    out = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), _camera(k=k)))
+    out = _one(pipeline, FrameInput(rgb_to_image(random_rgb(H, W), _header()), _camera(k=k)))
     assert out.points is not None and out.camera_info is not None
     reasons = dict(out.problems)
     assert 'fx/fy' in reasons['camera_info_implausible']
-    plain = _one(pipeline, FrameInput(rgb_to_image(_rgb(), _header()), _camera()))
+    plain = _one(pipeline, FrameInput(rgb_to_image(random_rgb(H, W), _header()), _camera()))
     assert plain.problems == ()

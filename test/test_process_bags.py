@@ -18,7 +18,7 @@ from marigold_ros.bag_io import BagError
 from marigold_ros.bag_processor import BagJob, process_bag
 from marigold_ros.process_bags import find_bags, main, window_frames
 import pytest
-from test_bag_processor import _messages, _read, _write_bag, PARAMS, scenes  # noqa: F401
+from test_bag_processor import _messages, _read, _write_bag, PARAMS
 
 ray = pytest.importorskip('ray')
 
@@ -35,7 +35,7 @@ def local_ray():
 
 
 @pytest.fixture(scope='module')
-def inputs(tmp_path_factory, scenes, random_model_dir):  # noqa: F811 - the fixture
+def inputs(tmp_path_factory, scenes, random_model_dir):
     """Three different six-frame bags, a twelve-frame bag, the params and their references."""
     root = tmp_path_factory.mktemp('bags')
     params = root / 'depth.yaml'

@@ -2,6 +2,7 @@
 
 import math
 
+from builders import scale_estimate, sparse_image, synthetic_scene
 from marigold_model.alignment import abs_rel
 from marigold_model.scale_apply import apply_scale, refine_local
 from marigold_model.scale_tracking import sample_sparse_pairs, ScaleEstimate, ScaleTracker
@@ -9,18 +10,9 @@ from marigold_model.scale_tracking import sparse_pixels
 import numpy as np
 import pytest
 
-# The scenes of the tracker tests.
-from test_scale_tracking import sparse_image, synthetic_scene
-
-
-def known(scale, shift=0.0):
-    """Return a usable estimate of a known scale and shift."""
-    return ScaleEstimate(scale=scale, shift=shift, inlier_ratio=1.0, residual=0.0,
-                         n_points=0, age_s=0.0, status='ok')
-
 
 def test_apply_scale_depth_and_uncertainty_in_meters():
-    estimate = known(4.0, 0.5)
+    estimate = scale_estimate(4.0, 0.5)
     rel = np.array([[0.0, 0.5], [1.0, np.nan]], np.float32)
     unc = np.array([[0.01, 0.02], [0.03, 0.04]], np.float32)
     metric, metric_unc = apply_scale(estimate, rel, unc)
@@ -31,7 +23,7 @@ def test_apply_scale_depth_and_uncertainty_in_meters():
     assert apply_scale(estimate, rel)[1] is None
     assert np.isnan(rel[1, 1]) and rel[0, 1] == 0.5  # input untouched
     # Depth <= 0 is no reading (REP 118), and so is depth beyond max_depth.
-    negative, negative_unc = apply_scale(known(1.0, -0.25), rel, unc)
+    negative, negative_unc = apply_scale(scale_estimate(1.0, -0.25), rel, unc)
     assert np.isnan(negative[0, 0]) and np.isnan(negative_unc[0, 0])
     near, near_unc = apply_scale(estimate, rel, unc, max_depth=2.0)
     assert near[0, 0] == 0.5 and np.isnan(near[0, 1]) and np.isnan(near_unc[0, 1])

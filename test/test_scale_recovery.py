@@ -3,11 +3,14 @@
 import dataclasses
 import time
 
+# The tracker tests' scenes: the accuracy requirement is checked on exactly their data.
+from builders import FakeEstimator, oracle_abs_rel, scale_estimate, sparse_image
+from builders import synthetic_scene
 from geometry_msgs.msg import TransformStamped
 from marigold_model.alignment import abs_rel
 from marigold_model.data.synthetic import render_scene
 from marigold_model.scale_apply import apply_scale, RefinedScaleEstimate
-from marigold_model.scale_tracking import ScaleEstimate, ScaleTrackerConfig
+from marigold_model.scale_tracking import ScaleTrackerConfig
 from marigold_ros.conversions import depth_to_image, rgb_to_image
 from marigold_ros.geometry import CameraModel, pixel_rays
 from marigold_ros.scale_inputs import Tf2TransformLookup
@@ -20,9 +23,6 @@ from rclpy.time import Time
 from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import Image, PointCloud2, PointField
 from std_msgs.msg import Header
-# Scenes of the maths tests (test/ is on sys.path under pytest): the accuracy requirement is
-# checked on exactly the data test_scale_tracking checks the tracker on.
-from test_scale_tracking import oracle_abs_rel, sparse_image, synthetic_scene
 
 FRAME = 'camera_optical'
 LIDAR = 'lidar'
@@ -122,12 +122,6 @@ def lidar_scene(seed=0, height=120, width=160, n_points=1500, model='plumb_bob',
     z = gt[rows, cols]
     points = np.stack([(cols - k[0, 2]) / k[0, 0] * z, (rows - k[1, 2]) / k[1, 1] * z, z], 1)
     return rel, camera, points, scale, shift
-
-
-def known(scale, shift=0.0):
-    """Return a usable estimate of a known scale and shift."""
-    return ScaleEstimate(scale=scale, shift=shift, inlier_ratio=1.0, residual=0.0,
-                         n_points=0, age_s=0.0, status='ok')
 
 
 def sparse_config(**kwargs):
@@ -642,7 +636,7 @@ def test_local_refinement_is_opt_in_and_beats_the_global_fit():
 
 
 def test_status_fields_and_diagnostics():
-    fields = dict(status_fields(known(2.5, 0.1)))
+    fields = dict(status_fields(scale_estimate(2.5, 0.1)))
     assert fields['scale_status'] == 'ok' and float(fields['scale']) == 2.5
     assert float(fields['scale_shift']) == pytest.approx(0.1)
     assert set(fields) == {'scale_status', 'scale', 'scale_shift', 'scale_inlier_ratio',
@@ -825,23 +819,10 @@ def test_plugs_into_the_depth_pipeline():
     gt = sample.depth.astype(np.float64)
     rel = ((gt - gt.min()) / (gt.max() - gt.min())).astype(np.float32)
 
-    class Result:
-        """The part of marigold_model.estimator.DepthResult the pipeline reads."""
-
-        depth = rel
-        uncertainty = np.full(rel.shape, 0.01, np.float32)
-        timings = {}
-
-    class Estimator:
-        """Return the relative depth for every image."""
-
-        def estimate(self, rgbs, keys=None):
-            """Return one Result per image."""
-            return [Result() for _ in rgbs]
-
     camera = CameraModel(width=64, height=48, K=sample.K, frame_id=FRAME)
     recovery = ScaleRecovery(sparse_config(stale_after_s=0.2, max_stale_s=0.5))
-    pipeline = pipeline_module.DepthPipeline(Estimator(), scale_source=recovery)
+    pipeline = pipeline_module.DepthPipeline(
+        FakeEstimator(lambda height, width: rel, uncertainty=0.01), scale_source=recovery)
 
     def frame(stamp):
         hdr = header(stamp)

@@ -2,61 +2,13 @@
 
 import math
 
+from builders import oracle_abs_rel, sparse_image, synthetic_scene
+from builders import TRACKING_HEIGHT as HEIGHT, TRACKING_WIDTH as WIDTH
 from marigold_model.alignment import abs_rel, fit_scale_shift, FitResult
 from marigold_model.scale_tracking import sample_sparse_pairs, ScaleEstimate, ScaleTracker
 from marigold_model.scale_tracking import ScaleTrackerConfig, sparse_pixels
 import numpy as np
 import pytest
-
-HEIGHT, WIDTH = 160, 240
-
-
-def synthetic_scene(rng, height=HEIGHT, width=WIDTH, error=0.03):
-    """
-    Smooth ground-truth depth and an affine-invariant "prediction" of it.
-
-    The ground truth is a tilted plane (6 m at the top to 2 m at the bottom) with four
-    Gaussian blobs closer to the camera. The prediction is the ground truth normalised to
-    [0, 1] plus a smooth low-frequency error of ``error`` (relative units), renormalised.
-    """
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    yy /= height
-    xx /= width
-    gt = 6.0 - 4.0 * yy + 0.8 * xx * rng.uniform(-1.0, 1.0)
-    for _ in range(4):
-        cy, cx = rng.uniform(0.2, 0.8, 2)
-        radius = rng.uniform(0.05, 0.15)
-        gt -= rng.uniform(0.3, 1.2) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2)
-                                             / (2.0 * radius ** 2))
-    rel = (gt - gt.min()) / (gt.max() - gt.min())
-    phase = rng.uniform(0.0, 2.0 * np.pi, 2)
-    rel = rel + error * np.sin(2 * np.pi * 0.7 * xx + phase[0]) * np.cos(
-        2 * np.pi * 0.5 * yy + phase[1])
-    return gt, (rel - rel.min()) / (rel.max() - rel.min())
-
-
-def sparse_image(rng, gt, fraction=0.005, outlier_rate=0.05, noise=0.02):
-    """
-    Sparse metric depth image: a random ``fraction`` of pixels, the rest 0 (no reading).
-
-    Readings carry ``noise`` multiplicative Gaussian noise; ``outlier_rate`` of them are off
-    by a factor of 1.5 to 5 instead.
-    """
-    n = max(2, int(round(fraction * gt.size)))
-    index = rng.choice(gt.size, n, replace=False)
-    values = gt.ravel()[index] * (1.0 + noise * rng.standard_normal(n))
-    bad = rng.random(n) < outlier_rate
-    values[bad] = gt.ravel()[index[bad]] * np.exp(
-        rng.choice([-1.0, 1.0], bad.sum()) * rng.uniform(0.4, 1.6, bad.sum()))
-    sparse = np.zeros(gt.shape)
-    sparse.ravel()[index] = values
-    return sparse
-
-
-def oracle_abs_rel(rel, gt):
-    """Return the AbsRel of the least-squares fit on all ground-truth pixels."""
-    s, t = fit_scale_shift(rel, gt)
-    return abs_rel(s * rel + t, gt)
 
 
 # Accuracy (the issue's requirement)

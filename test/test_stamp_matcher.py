@@ -117,7 +117,7 @@ def test_concurrent_add_and_match():
     assert len(matcher) == 8
 
 
-def _info(ns):
+def _stamp_only_info(ns):
     return CameraInfo(header=Header(frame_id='cam', stamp=ns_to_stamp(ns)))
 
 
@@ -127,14 +127,14 @@ def test_camera_info_matcher_falls_back_only_with_use_latest():
     latest = CameraInfoMatcher(0.005, 10, use_latest=True)
     for matcher in (strict, latest):
         assert matcher.fallback() is None and matcher.match(100 * MS) is None
-        matcher.add_msg(_info(10 * MS))
-        matcher.add_msg(_info(20 * MS))
+        matcher.add_msg(_stamp_only_info(10 * MS))
+        matcher.add_msg(_stamp_only_info(20 * MS))
         assert stamp_to_ns(matcher.match(11 * MS).header.stamp) == 10 * MS
     assert strict.match(100 * MS) is None and strict.fallback() is None
     assert stamp_to_ns(latest.match(100 * MS).header.stamp) == 20 * MS
     assert stamp_to_ns(latest.fallback().header.stamp) == 20 * MS
     # The bag processor passes what the live node could have used when the image arrived.
-    early = _info(1 * MS)
+    early = _stamp_only_info(1 * MS)
     assert latest.match(100 * MS, fallback=early) is early
     assert latest.match(100 * MS, fallback=None) is None
     assert strict.match(100 * MS, fallback=early) is None
@@ -144,9 +144,9 @@ def test_camera_info_matcher_waits_only_for_one_that_may_follow():
     """Worth waiting: camera_info seen, older than the image, and no use_latest."""
     strict = CameraInfoMatcher(0.005, 10)
     assert not strict.may_follow(50 * MS)  # none seen yet: maybe no publisher at all
-    strict.add_msg(_info(40 * MS))
+    strict.add_msg(_stamp_only_info(40 * MS))
     assert strict.may_follow(50 * MS)
     assert not strict.may_follow(30 * MS)  # newer than the image: it will not come
     latest = CameraInfoMatcher(0.005, 10, use_latest=True)
-    latest.add_msg(_info(40 * MS))
+    latest.add_msg(_stamp_only_info(40 * MS))
     assert not latest.may_follow(50 * MS)

@@ -4,11 +4,11 @@ from dataclasses import fields
 import json
 from pathlib import Path
 
+from builders import save_png
 from marigold_model.training.config_reference import reference_yaml
 from marigold_model.training.train_config import load_config, TrainConfig
 from marigold_model.training.trainer import Trainer
 import numpy as np
-from PIL import Image
 import pytest
 import torch
 
@@ -24,11 +24,6 @@ def _frame(index):
     return rgb, (2.0 + 0.1 * cols + 0.05 * index * rows).astype(np.float32)
 
 
-def _save_png(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
-
 def _hypersim(root, frames=3):
     """Raw Hypersim layout: HDF5 depth (distance, metres) and tone-mapped JPEG previews."""
     import h5py
@@ -39,7 +34,7 @@ def _hypersim(root, frames=3):
         geometry.mkdir(parents=True, exist_ok=True)
         with h5py.File(geometry / f'frame.{i:04d}.depth_meters.hdf5', 'w') as f:
             f.create_dataset('dataset', data=depth.astype(np.float16))
-        _save_png(images / 'scene_cam_00_final_preview' / f'frame.{i:04d}.tonemap.jpg', rgb)
+        save_png(images / 'scene_cam_00_final_preview' / f'frame.{i:04d}.tonemap.jpg', rgb)
     return root
 
 
@@ -48,9 +43,9 @@ def _vkitti(root, frames=3):
     for i in range(frames):
         rgb, depth = _frame(i)
         scene = root / 'Scene01' / 'clone' / 'frames'
-        _save_png(scene / 'rgb' / 'Camera_0' / f'rgb_{i:05d}.jpg', rgb)
-        _save_png(scene / 'depth' / 'Camera_0' / f'depth_{i:05d}.png',
-                  (depth * 100).astype(np.uint16))
+        save_png(scene / 'rgb' / 'Camera_0' / f'rgb_{i:05d}.jpg', rgb)
+        save_png(scene / 'depth' / 'Camera_0' / f'depth_{i:05d}.png',
+                 (depth * 100).astype(np.uint16))
     return root
 
 
@@ -58,8 +53,8 @@ def _folder(root, frames=3):
     """RGB-D folder: PNG colour, 16-bit PNG depth in millimetres."""
     for i in range(frames):
         rgb, depth = _frame(i)
-        _save_png(root / 'rgb' / f'f{i}.png', rgb)
-        _save_png(root / 'depth' / f'f{i}.png', (depth * 1000).astype(np.uint16))
+        save_png(root / 'rgb' / f'f{i}.png', rgb)
+        save_png(root / 'depth' / f'f{i}.png', (depth * 1000).astype(np.uint16))
     return root
 
 

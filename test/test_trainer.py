@@ -170,7 +170,7 @@ def test_wrong_paths_and_settings_fail_at_start(tmp_path, random_model_dir, caps
 # ---- data stream -------------------------------------------------------------------------------
 
 
-class _Frames(torch.utils.data.Dataset):
+class _ScaledDepthFrames(torch.utils.data.Dataset):
     """Frames larger than the training size, depth growing to the right (flips are visible)."""
 
     def __init__(self, n, size=40, empty=(), broken=()):
@@ -213,7 +213,7 @@ def test_training_draws_every_frame_once_per_pass_with_new_crops(tmp_path, rando
     """Each step (4 draws) is one pass over 4 frames; crops / flips differ between passes."""
     seen = _record_samples(monkeypatch)
     trainer = Trainer(_config(tmp_path / 'a', random_model_dir, max_steps=6),
-                      dataset=_stream(_Frames(4)))
+                      dataset=_stream(_ScaledDepthFrames(4)))
     for _ in range(6):
         trainer.train_step()
     assert len(seen) == 24
@@ -227,7 +227,7 @@ def test_training_draws_every_frame_once_per_pass_with_new_crops(tmp_path, rando
     first = list(seen)
     seen.clear()
     twin = Trainer(_config(tmp_path / 'b', random_model_dir, max_steps=6),
-                   dataset=_stream(_Frames(4)))
+                   dataset=_stream(_ScaledDepthFrames(4)))
     for _ in range(6):
         twin.train_step()
     assert seen == first
@@ -237,7 +237,7 @@ def test_latent_cache_serves_only_exact_repeats(tmp_path, random_model_dir):
     """Cached (and prefilled) latents give the losses of a run that encodes every draw."""
     def losses(**changes):
         trainer = Trainer(_config(tmp_path / str(len(changes)), random_model_dir, max_steps=4,
-                                  **changes), dataset=_stream(_Frames(3, size=32)))
+                                  **changes), dataset=_stream(_ScaledDepthFrames(3, size=32)))
         if changes.get('prefill_cache'):
             trainer.prefill_latent_cache()
             assert len(trainer.latent_cache) == 6  # 3 frames x 2 flips
@@ -312,13 +312,13 @@ def test_export_keeps_the_training_noise_schedule(tmp_path, random_model_dir):
 def test_samples_without_valid_depth_are_counted_not_fatal(tmp_path, random_model_dir):
     """All-invalid frames are masked out and counted; the count survives a resume."""
     trainer = Trainer(_config(tmp_path, random_model_dir, max_steps=2),
-                      dataset=_stream(_Frames(4, empty=(1, 3))))
+                      dataset=_stream(_ScaledDepthFrames(4, empty=(1, 3))))
     trainer.run()
     assert trainer.no_depth == 4  # two passes over four frames, two of them empty
     rows = list(csv.DictReader(open(tmp_path / 'run' / 'log.csv')))
     assert [int(r['no_depth']) for r in rows] == [2, 4]
     resumed = Trainer(_config(tmp_path, random_model_dir, max_steps=2),
-                      dataset=_stream(_Frames(4, empty=(1, 3))))
+                      dataset=_stream(_ScaledDepthFrames(4, empty=(1, 3))))
     resumed.resume('latest')
     assert resumed.no_depth == 4
 
@@ -446,7 +446,7 @@ def test_resume_restores_counts_without_repeating_log_rows(tmp_path, random_mode
     def trainer(folder):
         return Trainer(_config(tmp_path / folder, random_model_dir, max_steps=5,
                                checkpoint_every=2, keep_checkpoints=3),
-                       dataset=_stream(_Frames(6, broken=(0, 4))))
+                       dataset=_stream(_ScaledDepthFrames(6, broken=(0, 4))))
 
     straight = trainer('a')
     straight.run()
