@@ -8,16 +8,15 @@ bound); a cloud point is metric depth times the pixel's ray, so its bound is the
 times the metric scale (the ray's largest component is z = 1), plus float32 rounding.
 """
 
+from builders import SCENE_FRAMES
 from marigold_model.networks import TorchNetworks
 from marigold_model.onnx_backend import OnnxRuntimeNetworks
-from marigold_ros.bag_processor import main, process_bag
+from marigold_ros.bag_processor import BagJob, main, process_bag
 from marigold_ros.conversions import image_to_depth, pointcloud2_to_xyz
+from msg_builders import frame_messages, messages_by_topic, write_bag
 import numpy as np
 import pytest
-import rclpy
 from sensor_msgs.msg import Image, PointCloud2
-from test_bag_processor import _by_topic, _job, _messages, _write_bag, N_FRAMES, PARAMS
-from test_bag_processor import scenes  # noqa: F401 - a fixture
 from test_depth_node import _default_factory, Graph, H, TIMEOUT, W
 
 pytest.importorskip('onnx')
@@ -29,6 +28,17 @@ SCALE = 2.0  # fixed_scale of both tests: metric = 2 * relative + 0.5 (0.5 .. 2.
 # A point is metric depth times its ray (z component 1, |x|, |y| <= 32 / 60 here): the error
 # of a coordinate is at most SCALE * DEPTH_TOLERANCE, plus the float32 rounding of 2.5 m.
 CLOUD_TOLERANCE = SCALE * DEPTH_TOLERANCE + 1e-6
+PARAMS = """\
+/**:
+  ros__parameters:
+    device: cpu
+    batch_size: 3
+    seed: 5
+    processing_resolution: 64
+    fixed_scale: {scale}
+    model: {model}
+    backend: {backend}
+"""
 
 
 @pytest.fixture(scope='module')
@@ -36,15 +46,6 @@ def bundled_export(tmp_path_factory):
     """Export the bundled tiny model once (as test_onnx.py does)."""
     from marigold_model.onnx_export import export_onnx
     return str(export_onnx(BUNDLED, tmp_path_factory.mktemp('onnx') / 'bundled'))
-
-
-@pytest.fixture(scope='module')
-def context():
-    """Return an rclpy context of its own for this module."""
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.shutdown(context=ctx)
 
 
 def _finite_max_difference(first, second):
@@ -85,25 +86,24 @@ def test_depth_node_with_onnxruntime_publishes_the_torch_outputs(context, bundle
     assert _finite_max_difference(torch_points, onnx_points) <= CLOUD_TOLERANCE
 
 
-def test_process_bag_params_file_with_onnxruntime(tmp_path, scenes, bundled_export,  # noqa: F811
-                                                  capsys):
+def test_process_bag_params_file_with_onnxruntime(tmp_path, scenes, bundled_export, capsys):
     """`--params` with backend onnxruntime: the torch backend's depth and clouds, per frame."""
-    bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes))
-    common = PARAMS.replace('    seed: 5\n', f'    seed: 5\n    fixed_scale: {SCALE}\n')
+    bag = write_bag(tmp_path / 'in', 'mcap', frame_messages(scenes))
     torch_params, onnx_params = tmp_path / 'torch.yaml', tmp_path / 'onnx.yaml'
-    torch_params.write_text(common.replace('    device: cpu\n',
-                                           f'    device: cpu\n    model: {BUNDLED}\n'))
-    onnx_lines = f'    device: cpu\n    model: {bundled_export}\n    backend: onnxruntime\n'
-    onnx_params.write_text(common.replace('    device: cpu\n', onnx_lines))
+    torch_params.write_text(PARAMS.format(scale=SCALE, model=BUNDLED, backend='torch'))
+    onnx_params.write_text(PARAMS.format(scale=SCALE, model=bundled_export,
+                                         backend='onnxruntime'))
     assert main([bag, str(tmp_path / 'onnx'), '--params', str(onnx_params), '--quiet']) == 0
-    assert f'frames: {N_FRAMES} in on /cam/image_raw, {N_FRAMES} with depth' in \
+    assert f'frames: {SCENE_FRAMES} in on /cam/image_raw, {SCENE_FRAMES} with depth' in \
         capsys.readouterr().out
-    summary = process_bag(_job(bag, tmp_path / 'torch', str(torch_params)))
-    assert summary.frames_out == N_FRAMES and not summary.errors
-    torch_topics, onnx_topics = _by_topic(tmp_path / 'torch'), _by_topic(tmp_path / 'onnx')
+    summary = process_bag(BagJob(input=bag, output=str(tmp_path / 'torch'),
+                                 params=str(torch_params), quiet=True))
+    assert summary.frames_out == SCENE_FRAMES and not summary.errors
+    torch_topics = messages_by_topic(tmp_path / 'torch')
+    onnx_topics = messages_by_topic(tmp_path / 'onnx')
     assert {t: len(m) for t, m in onnx_topics.items()} == {
         t: len(m) for t, m in torch_topics.items()}
-    assert len(onnx_topics['/cam/depth/points']) == N_FRAMES
+    assert len(onnx_topics['/cam/depth/points']) == SCENE_FRAMES
     for ours, theirs in zip(onnx_topics['/cam/depth/relative'],
                             torch_topics['/cam/depth/relative']):
         assert ours.header == theirs.header
