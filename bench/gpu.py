@@ -13,6 +13,15 @@ floor")::
 
 The ``torch.compile`` row limits GEMM and convolution autotuning to ATen kernels unless
 ``--autotune`` (full autotuning of the SD U-Net takes longer than the whole run).
+
+The ONNX Runtime rows export the same random model with marigold-export-onnx's function and
+run it through DepthEstimator with ``backend: onnxruntime``: CUDA from an fp16 export with
+dynamic shapes, TensorRT from an fp16 export with fixed shapes per frame size (fp16 engines;
+the fp16 U-Net, 1.7 GB, stays in one file below protobuf's 2 GB) with its engines cached in
+the model folder (``--folder`` keeps exports and engines for the next run; the first engine
+build takes minutes).  Exports are traced on the CPU (tens of seconds at full size).  A row
+whose execution provider is not installed, or did not start, says so in the table.
+``--smoke`` runs the CPU provider on a float32 export of the tiny model instead.
 """
 
 import argparse
@@ -59,6 +68,11 @@ class Variant:
     cuda_graphs: bool = False
     tiny_vae: bool = False
     warmup: int = 2
+    # ONNX Runtime rows: the execution provider tried first (the ones after it in
+    # marigold_model.onnx_backend.PROVIDER_ORDER take the nodes it cannot), and whether the
+    # export has fixed shapes (one per frame size).
+    provider: str = ''
+    static: bool = False
 
 
 #: Table order.  compile and CUDA graphs warm up longer: compilation, graph recording.
@@ -68,9 +82,16 @@ VARIANTS = (
     Variant('compile', 'torch.compile', compile=True, warmup=3),
     Variant('graphs', 'CUDA graphs', cuda_graphs=True, warmup=3),
     Variant('tiny', 'tiny VAE (TAESD)', tiny_vae=True),
+    Variant('ort_cpu', 'onnxruntime CPU', provider='CPUExecutionProvider', warmup=1),
+    Variant('ort_cuda', 'onnxruntime CUDA', provider='CUDAExecutionProvider'),
+    Variant('ort_trt', 'onnxruntime TensorRT', provider='TensorrtExecutionProvider',
+            static=True),
 )
-#: Run order: the cheap ones first, so a run cut short has them.
-RUN_ORDER = ('eager', 'channels_last', 'tiny', 'compile', 'graphs')
+#: Run order: the cheap ones first, so a run cut short has them.  TensorRT last: its first
+#: engine build per size takes minutes (run it alone, with --folder to keep the engines).
+RUN_ORDER = ('eager', 'channels_last', 'tiny', 'ort_cpu', 'ort_cuda', 'compile', 'graphs',
+             'ort_trt')
+ONNX_PACKAGES = 'onnxruntime-gpu, or the Jetson wheel'
 
 COLUMNS = ('variant', 'size', 'steps', 'FPS', 'encode ms', 'U-Net ms', 'decode ms',
            'total ms', 'peak MiB', 'GFLOP', '% of floor')
@@ -207,11 +228,18 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure(estimator, frame, steps, warmup, repeats):
+def device_memory_in_use_mib(device):
+    """Return MiB in use on a CUDA device by every allocator (ONNX Runtime's is not torch's)."""
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return (total - free) / 2 ** 20
+
+
+def measure(estimator, frame, steps, warmup, repeats, memory=None):
     """
     Time one setting: warm-up calls, then medians of timed calls.
 
     :param warmup: untimed calls first (compilation, graph recording, allocator)
+    :param memory: function returning the MiB figure (default :func:`peak_memory_mib`)
     :return: dict of medians: 'total', 'encode', 'unet', 'decode' (seconds), 'peak_mib'
     """
     estimator.set_inference(InferenceConfig(denoising_steps=steps, ensemble_size=1,
@@ -230,7 +258,7 @@ def measure(estimator, frame, steps, warmup, repeats):
         for stage in ('encode', 'unet', 'decode'):
             samples[stage].append(result.timings[stage])
     medians = {name: statistics.median(values) for name, values in samples.items()}
-    medians['peak_mib'] = peak_memory_mib(estimator.device)
+    medians['peak_mib'] = memory() if memory else peak_memory_mib(estimator.device)
     return medians
 
 
@@ -246,6 +274,111 @@ def row(variant, size, steps, medians, gflop, peak_tflops, dtype_name):
             f'{medians["peak_mib"]:.0f}', f'{frame_gflop:.4g}', f'{floor:.3g}']
 
 
+def skipped_row(variant, reason):
+    """Return the table row of a variant that was not run, saying why."""
+    return [variant.label, '-', '-', f'skipped: {reason}'] + ['-'] * (len(COLUMNS) - 4)
+
+
+def skip_reason(variant, smoke, available=None):
+    """
+    Tell why an ONNX Runtime variant cannot run here, or None when it can (or is torch's).
+
+    :param available: execution provider names (default: onnxruntime.get_available_providers())
+    """
+    if not variant.provider:
+        return None
+    if available is None:
+        try:
+            import onnxruntime
+        except ImportError:
+            return f'onnxruntime is not installed ({ONNX_PACKAGES} for GPUs)'
+        available = onnxruntime.get_available_providers()
+    if variant.provider not in available:
+        return (f'{variant.provider} is not installed in this ONNX Runtime (it has '
+                f'{", ".join(available)}; install {ONNX_PACKAGES})')
+    cpu = variant.provider == 'CPUExecutionProvider'
+    if smoke and not cpu:
+        return '--smoke runs on the CPU'
+    if cpu and not smoke:
+        return 'the full-size model takes tens of seconds a frame on a CPU (--smoke runs it)'
+    return None
+
+
+def onnx_export(folder, model, variant, size, smoke):
+    """
+    Export the random model for an ONNX Runtime variant, or reuse the export in ``folder``.
+
+    :param size: (width, height) of the frames: fixed shapes of a static variant
+    :return: Path of the export
+    """
+    from marigold_model.onnx_export import export_onnx, MANIFEST
+    fp16 = not smoke  # CPU ONNX Runtime lacks many float16 kernels
+    name = 'onnx_fp16' if fp16 else 'onnx_fp32'
+    options = {'fp16': fp16}
+    if variant.static:  # processed at the frame size, as measure() asks
+        name += f'_{size[0]}x{size[1]}'
+        options.update(static_size=(size[1], size[0]), resolution=max(size))
+    out = Path(folder) / name
+    if not (out / MANIFEST).is_file():
+        export_onnx(model, out, **options)
+    return out
+
+
+def onnx_estimator(export, variant, device, dtype, cache):
+    """
+    Load an export with the variant's execution provider first, through DepthEstimator.
+
+    The backend would take the best installed provider (TensorRT before CUDA); here the
+    providers are those from the variant's on in marigold_model.onnx_backend's order.
+    """
+    from marigold_model.loading import _scheduler_class
+    from marigold_model.onnx_backend import choose_providers, OnnxComponents
+    from marigold_model.onnx_backend import OnnxRuntimeNetworks, PROVIDER_ORDER, read_manifest
+    import onnxruntime
+    config = EstimatorConfig(ModelConfig(model=str(export), device=device, dtype=dtype,
+                                         backend='onnxruntime', tensorrt_cache=str(cache)))
+    folder, manifest = read_manifest(config.model.model)
+    names = PROVIDER_ORDER[PROVIDER_ORDER.index(variant.provider):]
+    installed = [n for n in names if n in onnxruntime.get_available_providers()]
+    providers = choose_providers(device, installed, cache, True)
+    if variant.provider == 'TensorrtExecutionProvider':
+        Path(cache).mkdir(parents=True, exist_ok=True)
+    networks = OnnxRuntimeNetworks(folder, manifest, providers, torch.get_num_threads())
+    scheduler = _scheduler_class(folder, str(folder)).from_pretrained(folder,
+                                                                      subfolder='scheduler')
+    return DepthEstimator(config, OnnxComponents(networks, scheduler,
+                                                 manifest['pipeline_config'], folder, manifest))
+
+
+def load_variant(variant, model, tiny, device, dtype, folder, size, smoke):
+    """
+    Load the estimator of a variant (exporting first for ONNX Runtime).
+
+    :return: (DepthEstimator, note on what loading took)
+    """
+    clock = time.perf_counter()
+    if not variant.provider:
+        estimator = DepthEstimator(EstimatorConfig(ModelConfig(
+            model=model, device=device, dtype=dtype,
+            vae='tiny' if variant.tiny_vae else 'model', tiny_vae=tiny,
+            channels_last=variant.channels_last, compile=variant.compile,
+            cuda_graphs=variant.cuda_graphs)))
+        return estimator, f'loaded in {time.perf_counter() - clock:.1f} s'
+    export = onnx_export(folder, model, variant, size, smoke)
+    exported = time.perf_counter() - clock
+    try:
+        estimator = onnx_estimator(export, variant, device, dtype, Path(folder) / 'tensorrt')
+    except Exception as error:  # ONNX Runtime's errors are not RuntimeErrors
+        raise RuntimeError(f'{variant.provider} failed to start: '
+                           f'{str(error).splitlines()[0][:200]}') from error
+    note = (f'exported (or reused) in {exported:.1f} s, sessions opened in '
+            f'{time.perf_counter() - clock - exported:.1f} s, providers '
+            f'{", ".join(estimator.networks.providers)}')
+    if estimator.networks.providers[0] != variant.provider:
+        raise RuntimeError(f'{variant.provider} did not start ({note})')
+    return estimator, note
+
+
 def markdown(rows):
     """Format rows (lists of cells) as a Markdown table."""
     lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
@@ -259,6 +392,12 @@ def _release():
     if torch.cuda.is_available():
         torch._dynamo.reset()  # compiled graphs and CUDA graph pools of the last variant
         torch.cuda.empty_cache()
+
+
+def _torch_twin(model, device, dtype):
+    """Load the torch estimator of the model, to count the FLOPs of ONNX Runtime's networks."""
+    return DepthEstimator(EstimatorConfig(ModelConfig(model=model, device=device, dtype=dtype,
+                                                      channels_last=False)))
 
 
 def _over_budget(args, started, notes, what, key):
@@ -284,7 +423,7 @@ def run(args):
         inductor.max_autotune_conv_backends = 'ATEN'
     folder = args.folder or tempfile.mkdtemp(prefix='bench_gpu_')
     started = time.perf_counter()
-    rows, counted, notes = {}, {}, []
+    rows, counted, notes, skipped, failed = {}, {}, [], {}, {}
     try:
         clock = time.perf_counter()
         model, tiny = write_models(folder, args.smoke, device)
@@ -297,35 +436,66 @@ def run(args):
             variant = next((v for v in wanted if v.key == key), None)
             if variant is None:
                 continue
+            reason = skip_reason(variant, args.smoke)
+            if reason is not None:
+                skipped[variant.key] = skipped_row(variant, reason)
+                continue
             if _over_budget(args, started, notes, variant.label, variant.key):
                 continue
-            config = EstimatorConfig(ModelConfig(
-                model=model, device=device, dtype=dtype,
-                vae='tiny' if variant.tiny_vae else 'model', tiny_vae=tiny,
-                channels_last=variant.channels_last, compile=variant.compile,
-                cuda_graphs=variant.cuda_graphs))
-            clock = time.perf_counter()
-            estimator = DepthEstimator(config)
-            load_s = time.perf_counter() - clock
+            estimator, loaded_for = None, None
+            memory = None
+            if variant.provider and device != 'cpu':
+                memory = lambda: device_memory_in_use_mib(device)  # noqa: E731
             for size in sizes:
+                if variant.key in failed:
+                    break
                 if _over_budget(args, started, notes, f'{variant.label} {size[0]}x{size[1]}',
                                 variant.key):
                     continue
+                if loaded_for != (size if variant.static else 'any'):
+                    estimator = None  # a fixed-shape export per size: free the last one
+                    _release()
+                    try:
+                        estimator, note = load_variant(variant, model, tiny, device, dtype,
+                                                       folder, size, args.smoke)
+                    except RuntimeError as error:  # a provider that failed to start
+                        failed[variant.key] = str(error)
+                        break
+                    loaded_for = size if variant.static else 'any'
+                    notes.append(f'{variant.label}' + (f' {size[0]}x{size[1]}' if
+                                                       variant.static else '') + f': {note}')
                 vae_kind = 'tiny' if variant.tiny_vae else 'sd'
-                if (size, vae_kind) not in counted:
-                    # The eager modules (estimator.unet is never the compiled wrapper).
-                    counted[(size, vae_kind)] = counted_gflop(estimator, *size)
-                gflop, source = floor_gflop(size, variant.tiny_vae, counted[(size, vae_kind)])
+                if (size, vae_kind) not in counted and (
+                        not variant.provider or size not in FLOOR_GFLOP):
+                    # The eager torch modules (estimator.unet is never the compiled wrapper;
+                    # ONNX Runtime's sessions are not counted: a torch twin is).
+                    counted[(size, vae_kind)] = counted_gflop(
+                        estimator if not variant.provider else
+                        _torch_twin(model, device, dtype), *size)
+                gflop, source = floor_gflop(size, variant.tiny_vae,
+                                            counted.get((size, vae_kind)))
                 for steps in STEPS:
                     clock = time.perf_counter()
-                    medians = measure(estimator, frames[size], steps,
-                                      variant.warmup + args.warmup, args.repeats)
+                    try:
+                        medians = measure(estimator, frames[size], steps,
+                                          variant.warmup + args.warmup, args.repeats, memory)
+                    except Exception as error:
+                        if not variant.provider:
+                            raise
+                        # TensorRT builds its engines in the first call
+                        failed[variant.key] = (f'failed at {size[0]}x{size[1]}: '
+                                               f'{str(error).splitlines()[0][:200]}')
+                        break
                     rows[(variant.key, size, steps)] = row(
                         variant, size, steps, medians, gflop, args.peak_tflops, dtype_name)
                     print(f'{variant.label} {size[0]}x{size[1]} {steps} step(s): '
                           f'{time.perf_counter() - clock:.1f} s (GFLOP: {source})',
                           file=sys.stderr, flush=True)
-            notes.append(f'{variant.label}: loaded in {load_s:.1f} s')
+            if variant.key in failed:  # a row of its own, or a note below the rows that ran
+                if any(k[0] == variant.key for k in rows):
+                    notes.append(f'{variant.label}: {failed[variant.key]}')
+                else:
+                    skipped[variant.key] = skipped_row(variant, failed[variant.key])
             del estimator
             _release()
     finally:
@@ -338,13 +508,16 @@ def run(args):
                          f'{figures["encode"]:.0f} (DESIGN {table[vae_kind + "_encode"]}), '
                          f'U-Net {figures["unet"]:.0f} (DESIGN {table["unet"]}), decode '
                          f'{figures["decode"]:.0f} (DESIGN {table[vae_kind + "_decode"]})')
-    ordered = [rows[(v.key, s, n)] for v in wanted for s in sizes for n in STEPS
-               if (v.key, s, n) in rows]
+    ordered = []
+    for v in wanted:
+        ordered += [skipped[v.key]] if v.key in skipped else [
+            rows[(v.key, s, n)] for s in sizes for n in STEPS if (v.key, s, n) in rows]
     name = torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'
     print(f'Marigold v1-1 architecture (random weights), {dtype_name}, {name}, ensemble 1, '
           f'batch 1, processed at the frame size; medians of {args.repeats} calls; '
           f'% of floor = FPS x GFLOP / {args.peak_tflops:g} TFLOPS; peak MiB: '
-          + ('GPU memory allocated' if device != 'cpu' else 'process peak RSS')
+          + ('GPU memory allocated by torch (onnxruntime rows: device memory in use after '
+             'the calls)' if device != 'cpu' else 'process peak RSS')
           + (' (speed switches are ignored on the CPU)' if device == 'cpu' else '') + '\n')
     print(markdown(ordered))
     print()

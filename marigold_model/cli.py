@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from .config import EstimatorConfig, InferenceConfig, ModelConfig
+from .config import BACKENDS, EstimatorConfig, InferenceConfig, ModelConfig
 from .data.image_io import relative_to_uint16
 from .data.synthetic import colorize_depth
 from .estimator import DepthEstimator
@@ -42,12 +42,14 @@ def write_outputs(folder, stem, rgb, result):
 
 def main(argv=None):
     """Run the command line with ``argv`` (default ``sys.argv``); return the exit code."""
-    defaults = InferenceConfig()
+    defaults, model = InferenceConfig(), ModelConfig()
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('images', nargs='+')
     parser.add_argument('--output', default='depth_output')
-    parser.add_argument('--model', default=ModelConfig().model)
-    parser.add_argument('--device', default='auto')
+    parser.add_argument('--model', default=model.model)
+    parser.add_argument('--device', default=model.device)
+    parser.add_argument('--backend', default=model.backend, choices=BACKENDS,
+                        help="'onnxruntime' runs a marigold-export-onnx folder given as --model")
     parser.add_argument('--steps', type=int, default=defaults.denoising_steps)
     parser.add_argument('--ensemble', type=int, default=defaults.ensemble_size)
     parser.add_argument('--resolution', type=int, default=defaults.processing_resolution)
@@ -56,7 +58,7 @@ def main(argv=None):
     from PIL import Image
     try:
         estimator = DepthEstimator(EstimatorConfig(
-            ModelConfig(model=args.model, device=args.device),
+            ModelConfig(model=args.model, device=args.device, backend=args.backend),
             InferenceConfig(denoising_steps=args.steps, ensemble_size=args.ensemble,
                             processing_resolution=args.resolution, seed=args.seed)))
         for name in args.images:

@@ -46,16 +46,27 @@ def smoke_output():
 def test_smoke_table_has_every_row_with_finite_positive_figures(smoke_output):
     """One row per variant, size and step count; every figure finite and positive."""
     rows = _table(smoke_output)
-    labels = ['fp32 eager' if v.key == 'eager' else v.label for v in gpu.VARIANTS]
-    expected = [(label, f'{w}x{h}', str(steps)) for label in labels
-                for w, h in gpu.SMOKE_SIZES for steps in gpu.STEPS]
-    assert [tuple(r[:3]) for r in rows] == expected
+    ran = [v for v in gpu.VARIANTS if gpu.skip_reason(v, smoke=True) is None]
+    assert 'ort_cpu' in [v.key for v in ran]  # onnxruntime is in requirements.txt
+    labels = ['fp32 eager' if v.key == 'eager' else v.label for v in ran]
+    expected = {label: [(label, f'{w}x{h}', str(steps)) for w, h in gpu.SMOKE_SIZES
+                        for steps in gpu.STEPS] for label in labels}
+    # ONNX Runtime's GPU rows: one line saying why they did not run (here: not installed).
+    for variant in gpu.VARIANTS:
+        if variant not in ran:
+            expected[variant.label] = [(variant.label, '-', '-')]
+    assert [tuple(r[:3]) for r in rows] == [
+        row for v in gpu.VARIANTS for row in expected[
+            'fp32 eager' if v.key == 'eager' else v.label]]
     for cells in rows:
+        if cells[1] == '-':
+            assert cells[3].startswith('skipped: ') and cells[4:] == ['-'] * 7, cells
+            continue
         figures = [float(cell) for cell in cells[3:]]
         assert all(math.isfinite(f) and f > 0 for f in figures), cells
         fps, total_ms = figures[0], figures[4]
         assert fps == pytest.approx(1e3 / total_ms, rel=0.01)
-    gflop = {tuple(r[:3]): float(r[9]) for r in rows}
+    gflop = {tuple(r[:3]): float(r[9]) for r in rows if r[1] != '-'}
     for label in labels:
         for w, h in gpu.SMOKE_SIZES:
             # Three more U-Net forwards in 4 steps than in 1.
@@ -111,3 +122,39 @@ def test_full_size_architecture_matches_the_design_floor():
                 with FlopCounterMode(display=False) as counter:
                     forward()
                 assert counter.get_total_flops() / 1e9 == pytest.approx(table[name], abs=1)
+
+
+def test_onnx_rows_say_why_a_provider_did_not_run():
+    """A provider missing from ONNX Runtime is named with the package that has it."""
+    variants = {v.key: v for v in gpu.VARIANTS}
+    cpu_only = ['CPUExecutionProvider']
+    reason = gpu.skip_reason(variants['ort_trt'], False, cpu_only)
+    assert 'TensorrtExecutionProvider is not installed' in reason and 'onnxruntime-gpu' in reason
+    assert 'CUDAExecutionProvider' in gpu.skip_reason(variants['ort_cuda'], False, cpu_only)
+    every = ['TensorrtExecutionProvider', 'CUDAExecutionProvider', 'CPUExecutionProvider']
+    assert gpu.skip_reason(variants['ort_trt'], False, every) is None
+    assert gpu.skip_reason(variants['ort_cuda'], True, every) == '--smoke runs on the CPU'
+    assert gpu.skip_reason(variants['ort_cpu'], True, cpu_only) is None
+    assert 'CPU' in gpu.skip_reason(variants['ort_cpu'], False, every)
+    assert gpu.skip_reason(variants['eager'], False, []) is None
+    cells = gpu.skipped_row(variants['ort_trt'], reason)
+    assert len(cells) == len(gpu.COLUMNS) and cells[3] == f'skipped: {reason}'
+
+
+def test_fixed_shape_exports_per_size_and_a_provider_that_does_not_start(monkeypatch, capsys):
+    """The TensorRT row's path on the CPU provider: one export per size; a failure is a row."""
+    static = gpu.Variant('cpu_static', 'fixed-shape CPU', provider='CPUExecutionProvider',
+                         static=True, warmup=0)
+    absent = gpu.Variant('absent', 'absent CUDA', provider='CUDAExecutionProvider')
+    monkeypatch.setattr(gpu, 'VARIANTS', (static, absent))
+    monkeypatch.setattr(gpu, 'RUN_ORDER', ('cpu_static', 'absent'))
+    monkeypatch.setattr(gpu, 'skip_reason', lambda variant, smoke: None)
+    rows = gpu.run(gpu.parse_args(['--smoke', '--repeats', '1']))
+    assert [tuple(r[:3]) for r in rows] == [
+        ('fixed-shape CPU', f'{w}x{h}', str(steps)) for w, h in gpu.SMOKE_SIZES
+        for steps in gpu.STEPS] + [('absent CUDA', '-', '-')]
+    assert all(float(cell) > 0 for r in rows[:-1] for cell in r[3:])
+    assert rows[-1][3].startswith('skipped: CUDAExecutionProvider did not start')
+    out = capsys.readouterr().out
+    for w, h in gpu.SMOKE_SIZES:
+        assert f'fixed-shape CPU {w}x{h}: exported' in out

@@ -364,3 +364,26 @@ def test_cli_names_its_resolution_and_warns_when_it_upsamples(tmp_path, capsys):
     assert main(common + ['--resolution', '-1']) == 0
     err = capsys.readouterr().err
     assert 'the input size' in err and 'warning' not in err
+
+
+def test_cli_backend_flag_scores_an_onnx_export_like_torch(tmp_path, capsys):
+    """--backend onnxruntime (default from ModelConfig: torch) gives torch's scores."""
+    pytest.importorskip('onnxruntime')
+    from marigold_model.config import ModelConfig
+    from marigold_model.onnx_export import export_onnx
+    from marigold_model.training.evaluate import build_parser
+    assert build_parser().parse_args(['--dataset', 'x']).backend == ModelConfig().backend
+    export = export_onnx('bundled:marigold-tiny', tmp_path / 'onnx')
+    reports = {}
+    for backend, model in (('torch', 'bundled:marigold-tiny'), ('onnxruntime', str(export))):
+        assert main(['--model', model, '--backend', backend, '--dataset', 'synthetic:2:5:32',
+                     '--device', 'cpu', '--steps', '1', '--output', str(tmp_path / backend),
+                     '--quiet']) == 0
+        reports[backend] = json.loads((tmp_path / backend / 'results.json').read_text())
+    torch_row, onnx_row = (reports[b]['results'][0] for b in ('torch', 'onnxruntime'))
+    assert onnx_row['images'] == torch_row['images'] == 2
+    for metric in ('abs_rel', 'delta1', 'rmse'):
+        assert onnx_row[metric] == pytest.approx(torch_row[metric], rel=1e-3, abs=1e-4)
+    with pytest.raises(SystemExit):
+        main(['--dataset', 'synthetic:1:1', '--backend', 'tensorflow'])
+    assert 'onnxruntime' in capsys.readouterr().err

@@ -232,3 +232,26 @@ def test_a_diffusers_model_is_refused_with_the_export_command(random_model_dir, 
     (tmp_path / 'taken' / 'notes.txt').write_text('mine')
     with pytest.raises(FileExistsError, match='not an ONNX export'):
         export_onnx(random_model_dir, tmp_path / 'taken')
+
+
+def test_estimate_command_line_backend_flag(bundled_export, tmp_path, capsys):
+    """marigold-estimate --backend onnxruntime writes the torch backend's 16-bit depth."""
+    from marigold_model.cli import main as estimate
+    from PIL import Image
+    image = tmp_path / 'frame.png'
+    Image.fromarray(_frames((40, 56, 3))[0]).save(image)
+    common = [str(image), '--device', 'cpu', '--steps', '2', '--ensemble', '2', '--seed', '4']
+    assert estimate(common + ['--model', BUNDLED, '--output', str(tmp_path / 'torch')]) == 0
+    assert estimate(common + ['--model', str(bundled_export), '--backend', 'onnxruntime',
+                              '--output', str(tmp_path / 'onnx')]) == 0
+    written = [np.asarray(Image.open(tmp_path / side / 'frame_depth16.png'), np.int64)
+               for side in ('torch', 'onnx')]
+    assert written[0].shape == (40, 56) and written[0].min() >= 1
+    # 1 + round(depth * 65534): the depth bound in PNG units, plus one for the rounding
+    assert np.abs(written[0] - written[1]).max() <= TOLERANCE * 65534 + 1
+    # The default backend (torch) loads only diffusers models: an export is refused.
+    assert estimate([str(image), '--model', str(bundled_export), '--device', 'cpu']) == 2
+    assert 'not a diffusers model folder' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        estimate([str(image), '--backend', 'tensorflow'])
+    assert 'onnxruntime' in capsys.readouterr().err

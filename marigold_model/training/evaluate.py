@@ -23,7 +23,7 @@ import numpy as np
 from .eval_datasets import crop_mask, EvalDataset, FOLDER_MIN_DEPTH, open_dataset
 from ..alignment import (AlignmentError, depth_metrics, evaluate_affine_invariant,
                          REASON_DEGENERATE_RANGE, REASON_NONFINITE_PREDICTION)
-from ..config import EstimatorConfig, InferenceConfig, ModelConfig, override
+from ..config import BACKENDS, EstimatorConfig, InferenceConfig, ModelConfig, override
 from ..data.sample import UnreadableSample
 
 BASELINES = ('constant', 'ramp')
@@ -285,6 +285,9 @@ def build_parser():
     parser.add_argument('--device', default=model.device, help='auto, cpu, cuda or cuda:N')
     parser.add_argument('--dtype', default=model.dtype,
                         help='auto, float32, float16 or bfloat16')
+    parser.add_argument('--backend', default=model.backend, choices=BACKENDS,
+                        help="'onnxruntime' runs a marigold-export-onnx folder given as "
+                             '--model (default %(default)s)')
     parser.add_argument('--seed', type=int, default=inference.seed, help='noise seed')
     parser.add_argument('--batch-size', type=int, default=inference.batch_size,
                         help='frames per estimator call and U-Net batch')
@@ -304,7 +307,8 @@ def build_parser():
 
 
 def _estimator_config(args):
-    model = override(ModelConfig(), model=args.model, device=args.device, dtype=args.dtype)
+    model = override(ModelConfig(), model=args.model, device=args.device, dtype=args.dtype,
+                     backend=args.backend)
     inference = override(InferenceConfig(), denoising_steps=args.steps,
                          ensemble_size=args.ensemble, processing_resolution=args.resolution,
                          seed=args.seed, batch_size=args.batch_size)
