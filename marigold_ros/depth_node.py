@@ -29,13 +29,11 @@ Two executables: ``depth_node`` (:func:`main`, :class:`DepthNode`) and
 loads the model, activate starts the subscriptions and publishing).
 """
 
-import collections
 import math
 import signal
 import sys
 import threading
 import time
-import traceback
 
 from diagnostic_msgs.msg import DiagnosticArray
 from marigold_model.config import InferenceConfig
@@ -43,31 +41,23 @@ import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
 from rclpy.clock import Clock, ClockType
-from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSPolicyKind, QoSProfile
-from rclpy.qos import ReliabilityPolicy
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.qos_overriding_options import QoSOverridingOptions
-from sensor_msgs.msg import CameraInfo
-from sensor_msgs.msg import CompressedImage
-from sensor_msgs.msg import Image
 
 from .diagnostics import DiagnosticsCollector, KeyedThrottle, MODEL_ERROR, MODEL_LOADING
-from .diagnostics import LOST_ADVICE, MAX_LATENCY_S, MODEL_READY, MODEL_UNCONFIGURED
+from .diagnostics import MODEL_READY, MODEL_UNCONFIGURED
 from .heap import keep_large_buffers_in_heap
-from .node_params import CAMERA_INFO_TOPIC, COMPRESSED_IMAGE_TOPIC, estimator_config
-from .node_params import IMAGE_TOPIC, join_topic, NODE_NAME, OUTPUT_NAMES, OUTPUT_TOPICS
+from .node_inputs import CAMERA_INFO_QUEUE, NodeInputs
+from .node_params import estimator_config, join_topic, NODE_NAME, OUTPUT_TOPICS
 from .node_params import OutputConfig, parameter_groups
+from .node_threads import NodeThreads
 from .params import declare_groups
-from .pipeline import DepthPipeline, FrameError, FrameInput
-from .stamp_matcher import CameraInfoMatcher, NS_PER_S, stamp_to_ns
-
-# camera_info messages kept per camera for stamp matching (3 s at 10 Hz).  A frame waiting
-# for the model keeps the camera_info matched on arrival, however many come meanwhile.
-_CAMERA_INFO_QUEUE = 30
+from .pipeline import DepthPipeline
+from .stamp_matcher import CameraInfoMatcher
 
 
 def warmup_frame(max_pixels):
@@ -95,74 +85,14 @@ def default_estimator_factory(config):
     return DepthEstimator(config)
 
 
-class _Handoff:
-    """
-    The inferred batches on their way from the model thread to the finisher thread, in order.
-
-    At most two batches are past the model and not yet published (one being finished, one
-    waiting): :meth:`wait_room` holds the model thread before it takes new frames while two
-    are, so the frames it takes are the newest ones and a frame never waits behind more
-    than one batch, while the model infers batch k+1 as the finisher publishes batch k.
-    The model thread never waits for the finisher thread to be scheduled.  Every wait ends
-    when the pair's stop event is set (checked every 0.1 s).
-    """
-
-    #: Batches past the model and not yet published, at most.
-    MAX_IN_FLIGHT = 2
-
-    def __init__(self):
-        """Start empty."""
-        self._changed = threading.Condition()
-        self._jobs = collections.deque()
-        self._in_flight = 0  # batches put and not yet done (waiting or being finished)
-
-    def put(self, job):
-        """Hand a batch on (model thread)."""
-        with self._changed:
-            self._jobs.append(job)
-            self._in_flight += 1
-            self._changed.notify_all()
-
-    def take(self, stop):
-        """
-        Wait for the oldest batch and take it out (finisher thread; then call :meth:`done`).
-
-        :param stop: threading.Event ending the wait
-        :return: the batch, or None when stopped or after 0.1 s without one
-        """
-        with self._changed:
-            if not self._jobs and not stop.is_set():
-                self._changed.wait(0.1)
-            if stop.is_set() or not self._jobs:
-                return None
-            return self._jobs.popleft()
-
-    def done(self):
-        """Count the batch taken last as published (finisher thread)."""
-        with self._changed:
-            self._in_flight -= 1
-            self._changed.notify_all()
-
-    def wait_room(self, stop):
-        """
-        Wait until at most one batch is past the model and not yet published.
-
-        :param stop: threading.Event ending the wait
-        :return: True when there is room (False: stopped, or still full after 0.1 s)
-        """
-        with self._changed:
-            if self._in_flight >= self.MAX_IN_FLIGHT and not stop.is_set():
-                self._changed.wait(0.1)
-            return self._in_flight < self.MAX_IN_FLIGHT and not stop.is_set()
-
-
-class _DepthCore:
+class _DepthCore(NodeInputs, NodeThreads):
     """
     Everything the plain and the lifecycle node share; mixed into an rclpy Node.
 
     Threads: the executor runs the subscription, timer and parameter callbacks; the worker
     thread runs the model, the finisher thread builds and publishes the outputs; one
-    loader thread (plain node) loads the model.
+    loader thread (plain node) loads the model.  The inputs (:class:`NodeInputs`) and the
+    two processing threads (:class:`NodeThreads`) live in their own modules.
     """
 
     def _core_init(self, estimator_factory):
@@ -185,7 +115,7 @@ class _DepthCore:
             self._diag.add_stream(camera)
         self._throttle = KeyedThrottle(cfg.error_log_period)
         self._matchers = {camera: CameraInfoMatcher(cfg.camera_info_tolerance,
-                                                    _CAMERA_INFO_QUEUE,
+                                                    CAMERA_INFO_QUEUE,
                                                     cfg.camera_info_use_latest)
                           for camera in self._cameras}
         self._slots = {}
@@ -360,16 +290,7 @@ class _DepthCore:
         self.get_logger().info('parameters changed: ' + ', '.join(
             f'{p.name}={p.value}' for p in parameters))
 
-    # ------------------------------------------------------------------ topics
-
-    def _input_qos(self, depth, latched=False):
-        reliability = ReliabilityPolicy.RELIABLE \
-            if self._node_config.input_reliability == 'reliable' else \
-            ReliabilityPolicy.BEST_EFFORT
-        durability = DurabilityPolicy.TRANSIENT_LOCAL if latched else \
-            DurabilityPolicy.VOLATILE
-        return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
-                          reliability=reliability, durability=durability)
+    # ------------------------------------------------------------------ outputs
 
     @staticmethod
     def _qos_overrides():
@@ -398,336 +319,7 @@ class _DepthCore:
             for publisher in publishers.values():
                 destroy(publisher)
 
-    def _input_events(self, camera, what):
-        """Handle the QoS events of an input: incompatible publishers, messages lost."""
-        return SubscriptionEventCallbacks(
-            incompatible_qos=lambda event: self._incompatible_qos(camera, what, event),
-            message_lost=lambda info: self._messages_lost(camera, what, info))
-
-    def _create_inputs(self):
-        """Subscribe to the images, camera_info and sparse inputs of every camera."""
-        cfg = self._node_config
-        compressed = cfg.image_transport == 'compressed'
-        for camera in self._cameras:
-            # Profiles per subscription: rclpy applies the qos_overrides to them in place.
-            image_qos = self._input_qos(cfg.input_depth)
-            info_qos = self._input_qos(max(cfg.input_depth, 10),
-                                       latched=cfg.camera_info_transient_local)
-            # camera_info and the sparse inputs are subscribed before the image: the executor
-            # serves ready subscriptions in creation order, so a camera_info that arrived with
-            # its image is stored before the image reserves it.
-            info = self.create_subscription(
-                CameraInfo, join_topic(camera, CAMERA_INFO_TOPIC),
-                lambda msg, camera=camera: self._on_camera_info(camera, msg), info_qos,
-                event_callbacks=self._input_events(camera, 'camera_info'),
-                qos_overriding_options=self._qos_overrides())
-            self._info_topics[camera] = info.topic_name
-            self._inputs.append(info)
-            if self._scale_source is not None:
-                self._scale_source.attach(self, camera, self._input_qos(
-                    max(cfg.input_depth, 10)))
-            topic = join_topic(camera, COMPRESSED_IMAGE_TOPIC if compressed else IMAGE_TOPIC)
-            subscription = self.create_subscription(
-                CompressedImage if compressed else Image, topic,
-                lambda msg, camera=camera: self._on_image(camera, msg), image_qos,
-                event_callbacks=self._input_events(camera, 'image'),
-                qos_overriding_options=self._qos_overrides())
-            self._image_topics[camera] = subscription.topic_name
-            self._inputs.append(subscription)
-        self._diag.set_listening(True)
-
-    def _destroy_inputs(self):
-        self._diag.set_listening(False)  # an inactive lifecycle node is not missing images
-        inputs, self._inputs = self._inputs, []
-        for subscription in inputs:
-            self.destroy_subscription(subscription)
-        if self._scale_source is not None:
-            self._scale_source.detach()
-
-    def _topic(self, camera, what):
-        """Return the resolved name of a camera's 'image' or 'camera_info' input."""
-        topics = self._image_topics if what == 'image' else self._info_topics
-        return topics.get(camera) or join_topic(camera, what)
-
-    def _incompatible_qos(self, camera, what='image', event=None):
-        """Report a publisher this input cannot receive from, with the policy to change."""
-        topic = self._topic(camera, what)
-        try:
-            policy = QoSPolicyKind(int(event.last_policy_kind)).name.lower()
-        except (AttributeError, TypeError, ValueError):
-            policy = 'reliability'
-        advice = {
-            'reliability': "set input_reliability to 'best_effort'",
-            'durability': 'set camera_info_transient_local to false (the publisher is '
-                          'volatile)',
-        }.get(policy, f'check the qos_overrides.{topic}.subscription.* parameters')
-        self._report(camera, 'incompatible_qos', f'a publisher on {topic} offers a QoS '
-                     f'{policy} this subscription cannot receive; {advice}')
-
-    def _messages_lost(self, camera, what, info):
-        """
-        Count the messages of an input that the middleware lost (QoS message_lost event).
-
-        :param camera: camera namespace
-        :param what: 'image' or 'camera_info'
-        :param info: QoSMessageLostInfo (total_count, total_count_change)
-        """
-        count = int(info.total_count_change)
-        if count <= 0:
-            return
-        self._diag.messages_lost(camera, what, count)
-        line = self._throttle.report(
-            (camera, 'message_lost', what),
-            f'{self._topic(camera, what)}: the middleware lost {count} message(s) '
-            f'({int(info.total_count)} in all); {LOST_ADVICE}')
-        if line is not None and not self._stop.is_set():
-            self.get_logger().warning(line)
-
-    def _check_stamp(self, camera, stamp, received):
-        """Warn (throttled) about image stamps far from the node's clock."""
-        offset = (received - stamp) / NS_PER_S
-        if abs(offset) <= MAX_LATENCY_S:
-            return
-        line = self._throttle.report(
-            (camera, 'stamp_off_clock'),
-            f'{self._image_topics.get(camera, camera)}: image stamp is {offset:+.0f} s from '
-            f'this node\'s clock (use_sim_time {self.get_parameter("use_sim_time").value}): '
-            'a sim time / wall time mix-up or an unsynchronised camera clock?  Latency of '
-            'these frames is not measured.')
-        if line is not None and not self._stop.is_set():
-            self.get_logger().warning(line)
-
-    @staticmethod
-    def _gap(info, stamp):
-        return math.inf if info is None else abs(stamp_to_ns(info.header.stamp) - stamp)
-
-    def _on_camera_info(self, camera, msg):
-        """Store a camera_info; a waiting frame it fits better reserves it."""
-        matcher = self._matchers[camera]
-        matcher.add_msg(msg)
-        with self._slot_lock:
-            slot = self._slots.get(camera)
-            if slot is None:
-                return
-            image = slot[0]
-            reserved = self._reserved[camera].get(id(image), (image, None))[1]
-            stamp = stamp_to_ns(image.header.stamp)
-            info = matcher.match(stamp)
-            if info is not None and self._gap(info, stamp) < self._gap(reserved, stamp):
-                self._reserved[camera][id(image)] = (image, info)
-
-    def _on_image(self, camera, msg):
-        """Keep only the newest image per camera, with its camera_info; never block."""
-        received = self.get_clock().now().nanoseconds
-        stamp = stamp_to_ns(msg.header.stamp)
-        self._check_stamp(camera, stamp, received)
-        info = self._matchers[camera].match(stamp)
-        with self._slot_lock:
-            old = self._slots.get(camera)
-            self._slots[camera] = (msg, received)
-            reserved = self._reserved[camera]
-            if old is not None:
-                reserved.pop(id(old[0]), None)
-            reserved[id(msg)] = (msg, info)
-            # The slot's frame and the frames past it not yet finished keep theirs.
-            while len(reserved) > 1 + _Handoff.MAX_IN_FLIGHT:
-                del reserved[next(iter(reserved))]
-        if old is not None:
-            self._diag.frame_dropped(camera)
-        self._diag.image_received(camera)
-        self._wake.set()
-
-    # ------------------------------------------------------------------ worker
-
-    def _start_worker(self):
-        if self._worker is not None and self._worker.is_alive():
-            return
-        self._stop.clear()
-        # Each pair of threads has its own stop event and hand-off: a pair left behind by
-        # _stop_worker (a model call longer than shutdown_timeout) is not revived by
-        # clearing the node's _stop, so two workers never take frames at the same time.
-        self._worker_stop = threading.Event()
-        handoff = _Handoff()
-        self._worker = threading.Thread(target=self._worker_loop,
-                                        args=(self._worker_stop, handoff),
-                                        name='marigold_worker', daemon=True)
-        self._finisher = threading.Thread(target=self._finisher_loop,
-                                          args=(self._worker_stop, handoff),
-                                          name='marigold_finisher', daemon=True)
-        self._finisher.start()
-        self._worker.start()
-
-    def _stop_worker(self):
-        """Stop and join both threads (a model call in progress is finished first)."""
-        self._stop.set()
-        self._worker_stop.set()
-        self._wake.set()
-        timeout = self._node_config.shutdown_timeout
-        deadline = time.monotonic() + timeout
-        for thread in (self._worker, self._finisher):
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
-                if thread.is_alive():
-                    self.get_logger().warning(
-                        f'{thread.name} still busy after {timeout} s; leaving it behind')
-        self._worker = None
-        self._finisher = None
-        with self._slot_lock:
-            self._slots.clear()
-
-    def _worker_loop(self, stop, handoff):
-        """
-        Take the newest frames, decode and infer them, hand them on (the model thread).
-
-        It takes new frames only while at most one batch is past the model and not yet
-        published (see _Handoff), so the frames it takes are the newest ones and the model
-        runs while the finisher publishes the previous batch.
-        """
-        while not stop.is_set():
-            if not handoff.wait_room(stop) or not self._wake.wait(0.1):
-                continue
-            pipeline = self._pipeline
-            if pipeline is None:
-                # Model not loaded (yet): images wait in their slots, newer ones replace them.
-                stop.wait(0.02)
-                continue
-            self._wake.clear()
-            with self._slot_lock:
-                batch, self._slots = self._slots, {}
-            if not batch:
-                continue
-            try:
-                job = self._infer(pipeline, batch)
-            except Exception:  # noqa: B902 - the worker must survive anything
-                if stop.is_set():
-                    break
-                self._report('', 'processing_error', traceback.format_exc())
-                continue
-            if not stop.is_set():
-                handoff.put(job)
-
-    def _finisher_loop(self, stop, handoff):
-        """Finish each inferred batch (scale, messages) and publish it (the finisher thread)."""
-        while not stop.is_set():
-            job = handoff.take(stop)
-            if job is None:
-                continue
-            try:
-                self._finish(stop, *job)
-            except Exception:  # noqa: B902 - the finisher must survive anything
-                if stop.is_set():
-                    break
-                self._report('', 'processing_error', traceback.format_exc())
-            finally:
-                handoff.done()
-
-    def _apply_inference(self, estimator):
-        """Hand changed per-call settings to the model between calls, never during one."""
-        inference = self._inference
-        if inference is not self._applied_inference:
-            estimator.set_inference(inference)
-            self._applied_inference = inference
-
-    def _infer(self, pipeline, batch):
-        """
-        Decode and infer one batch (camera -> (image, receive time in ns)), model thread.
-
-        :return: (pipeline, batch, FrameInputs, time the batch was taken in ns, time the
-            model call ended (perf_counter))
-        """
-        self._apply_inference(pipeline.estimator)
-        started = self.get_clock().now().nanoseconds
-        frames = [FrameInput(msg, None, camera) for camera, (msg, _) in batch.items()]
-        pipeline.infer(pipeline.decode(frames))
-        return pipeline, batch, frames, started, time.perf_counter()
-
-    def _finish(self, stop, pipeline, batch, frames, started, inferred):
-        """
-        Match camera_info, build the outputs of an inferred batch and publish them.
-
-        One frame at a time: each camera's outputs go out as soon as they are built, not
-        after those of every camera in the batch.  ``stop`` is the thread pair's own event:
-        a pair left behind by a deactivate never publishes after a reactivation.
-        """
-        for frame in frames:
-            if stop.is_set():
-                return
-            # From the model's end to this frame's finish: the wait for the finisher (the
-            # batch before, the frames before in this batch); then the camera_info match.
-            # Not diagnostics stages; the benchmark reads them.
-            clock = time.perf_counter()
-            waited = clock - inferred
-            if frame.error is None:
-                frame.camera_info = self._camera_info_for(frame.key, frame.image)
-                frame.outputs = self._wanted_outputs(frame.key)
-            matched = time.perf_counter() - clock
-            (result,) = pipeline.finish([frame])
-            if stop.is_set():
-                return
-            if isinstance(result, FrameError):
-                self._report(frame.key, result.reason, str(result))
-                continue
-            for reason, message in result.problems:
-                self._report(frame.key, reason, message)
-            received = batch[frame.key][1]
-            result.timings.update(
-                transport=(received - stamp_to_ns(result.header.stamp)) / NS_PER_S,
-                queue=(started - received) / NS_PER_S, handoff=waited, match=matched)
-            self._publish(result)
-
-    def _wanted_outputs(self, camera):
-        """Names of the outputs of a camera worth building now (None: the default ones)."""
-        publishers = self._outputs.get(camera)
-        if publishers is None:
-            return None
-        if not self._node_config.lazy_outputs:
-            return frozenset(publishers)
-        return frozenset(name for name, publisher in publishers.items()
-                         if publisher.get_subscription_count() > 0)
-
-    def _camera_info_for(self, camera, msg):
-        """
-        Return the camera_info of a frame: the one it reserved, else one matched now.
-
-        Without a reservation, wait briefly for a camera_info that may follow the image.
-        """
-        with self._slot_lock:
-            image, info = self._reserved[camera].pop(id(msg), (None, None))
-        if image is msg and info is not None:
-            return info
-        wait = self._node_config.camera_info_wait
-        matcher = self._matchers[camera]
-        stamp = stamp_to_ns(msg.header.stamp)
-        info = matcher.match(stamp)
-        if info is None and wait > 0 and matcher.may_follow(stamp):
-            deadline = time.monotonic() + wait
-            while info is None and time.monotonic() < deadline and not self._stop.is_set():
-                self._stop.wait(0.002)
-                info = matcher.match(stamp)
-        return info
-
-    def _publish(self, output):
-        publishers = self._outputs.get(output.key)
-        if publishers is None:
-            return  # deactivated meanwhile (lifecycle)
-        clock = time.perf_counter()
-        try:
-            for name in OUTPUT_NAMES:
-                message = getattr(output, name)
-                if message is not None:
-                    publishers[name].publish(message)
-        except Exception:  # noqa: B902 - a shutdown can invalidate publishers mid-way
-            if self._stop.is_set() or not self.context.ok():
-                return
-            raise
-        output.timings['publish'] = time.perf_counter() - clock
-        latency = (self.get_clock().now().nanoseconds - stamp_to_ns(output.header.stamp)) \
-            / NS_PER_S
-        self._diag.frame_published(output.key, latency,
-                                   output.timings.get('estimator', math.nan), output.notes,
-                                   output.scale, stages=output.timings)
-        if self._scale_source is not None and self._output.fixed_scale <= 0:
-            self._diag.set_extra(output.key, self._scale_source.diagnostic_fields(output.key))
+    # ------------------------------------------------------------------ diagnostics
 
     def _report(self, camera, reason, message):
         """Count a problem in diagnostics and log it, at most once per period per reason."""

@@ -25,11 +25,12 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
 from marigold_ros.conversions import image_to_depth, pointcloud2_to_xyz, rgb_to_compressed
 from marigold_ros.conversions import rgb_to_image
-from marigold_ros.depth_node import _Handoff, DepthLifecycleNode, DepthNode, warmup_frame
+from marigold_ros.depth_node import DepthLifecycleNode, DepthNode, warmup_frame
 from marigold_ros.diagnostics import DiagnosticsCollector, KeyedThrottle, Percentiles
 from marigold_ros.diagnostics import RateMeter
 from marigold_ros.geometry import CameraModel
 from marigold_ros.node_params import OUTPUT_NAMES
+from marigold_ros.node_threads import Handoff
 from marigold_ros.stamp_matcher import stamp_to_ns
 import numpy as np
 import pytest
@@ -1184,7 +1185,7 @@ def test_order_per_camera_holds_with_the_threads_overlapping(graph_factory):
 
 def test_handoff_keeps_order_and_bounds_the_batches_in_flight():
     """Batches leave in order; the model waits while two are past it and unpublished."""
-    handoff, stop = _Handoff(), threading.Event()
+    handoff, stop = Handoff(), threading.Event()
     assert handoff.wait_room(stop)
     handoff.put('k')
     assert handoff.wait_room(stop)  # the finisher need not have taken batch k yet

@@ -21,6 +21,10 @@ ROS_MODULES = ('rclpy', 'rosbag2_py', 'tf2_ros', 'tf2_py', 'launch', 'launch_ros
                'message_filters', 'cv_bridge', 'ament_index_python', 'rosidl_runtime_py',
                '*_msgs', '*_srvs', '*_interfaces')
 
+# The offline bag tools, which the live node's modules never import.
+BAG_TOOLS = ('marigold_ros.bag_processor', 'marigold_ros.bag_io',
+             'marigold_ros.ordered_threads', 'marigold_ros.process_bags')
+
 # (package or module, sub-packages left out, forbidden module patterns, why).  A pattern
 # forbids a module and everything below it (fnmatch: '*_msgs' is every message package).
 RULES = (
@@ -28,9 +32,12 @@ RULES = (
      'marigold_model must work without ROS'),
     ('marigold_model', ('marigold_model.training',), ('marigold_model.training',),
      'inference must not depend on the training code'),
-    ('marigold_ros.depth_node', (), ('marigold_ros.bag_processor', 'marigold_ros.bag_io',
-                                     'marigold_ros.ordered_threads'),
+    ('marigold_ros.depth_node', (), BAG_TOOLS,
      'the live node does not depend on the offline bag tools'),
+    ('marigold_ros.node_inputs', (), BAG_TOOLS,
+     'the node inputs do not depend on the offline bag tools'),
+    ('marigold_ros.node_threads', (), BAG_TOOLS,
+     'the node threads do not depend on the offline bag tools'),
     ('marigold_ros.bag_processor', (), ('marigold_ros.depth_node',),
      'the bag processor does not depend on the live node'),
     ('marigold_ros.bag_topics', (), ('marigold_ros.depth_node',),
