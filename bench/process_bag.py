@@ -45,7 +45,8 @@ from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
 from marigold_model.data.synthetic import render_sequence
 from marigold_model.estimator import DepthEstimator
 from marigold_model.loading import BUNDLED_DIR
-from marigold_ros.bag_processor import BagJob, format_summary, process_bag
+from marigold_ros.bag_job import BagJob, format_summary
+from marigold_ros.bag_processor import process_bag
 from marigold_ros.conversions import rgb_to_image
 import numpy as np
 from rclpy.serialization import serialize_message

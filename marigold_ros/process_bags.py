@@ -3,7 +3,7 @@ Many bags on many workers: ``process_bags INPUTS... --output-dir DIR`` on Ray.
 
 Each worker (a Ray actor) loads the model once and runs bag after bag through
 :func:`~marigold_ros.bag_processor.process_bag`, with the same options (``process_bag``'s,
-from :func:`~marigold_ros.bag_processor.add_job_options`), so every output is the bag
+from :func:`~marigold_ros.bag_job.add_job_options`), so every output is the bag
 ``process_bag`` writes for it, written atomically the same way.
 
 * Inputs: bags (rosbag2 folders, .mcap / .db3 files, ROS 1 .bag), folders holding bags
@@ -37,7 +37,8 @@ import sys
 import time
 
 from .bag_io import BagError, BagReader
-from .bag_processor import add_job_options, BagJob, BagProcessor
+from .bag_job import add_job_options, BagJob
+from .bag_processor import BagProcessor
 from .bag_topics import resolve_topics
 from .node_params import read_node_params
 

@@ -23,7 +23,8 @@ from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
 from marigold_model.estimator import DepthEstimator
 from marigold_ros.bag_io import BagError, BagMessage, BagReader, serialize_canonical
 from marigold_ros.bag_io import to_rclpy
-from marigold_ros.bag_processor import BagJob, BagProcessor, format_summary, main, process_bag
+from marigold_ros.bag_job import BagJob, format_summary
+from marigold_ros.bag_processor import BagProcessor, main, process_bag
 from marigold_ros.bag_topics import camera_namespace
 from marigold_ros.conversions import image_to_depth, pointcloud2_from_depth
 from marigold_ros.conversions import rgb_to_image

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from builders import orbit_scenes
 from marigold_model.config import BUNDLED_TINY_MODEL
-from marigold_ros.bag_processor import BagJob, process_bag
+from marigold_ros.bag_job import BagJob
+from marigold_ros.bag_processor import process_bag
 from msg_builders import frame_messages, write_bag
 from rosbags.rosbag2 import Reader
 

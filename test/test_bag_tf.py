@@ -13,7 +13,8 @@ import math
 from builtin_interfaces.msg import Time as TimeMsg
 from geometry_msgs.msg import TransformStamped
 from marigold_model.data.synthetic import render_sequence
-from marigold_ros.bag_processor import build_run_config, process_bag
+from marigold_ros.bag_job import build_run_config
+from marigold_ros.bag_processor import process_bag
 from marigold_ros.bag_tf import ExtrapolationException, LookupException, slerp
 from marigold_ros.bag_tf import TransformBuffer
 from marigold_ros.bag_topics import Topics

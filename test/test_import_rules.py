@@ -22,8 +22,11 @@ ROS_MODULES = ('rclpy', 'rosbag2_py', 'tf2_ros', 'tf2_py', 'launch', 'launch_ros
                '*_msgs', '*_srvs', '*_interfaces')
 
 # The offline bag tools, which the live node's modules never import.
-BAG_TOOLS = ('marigold_ros.bag_processor', 'marigold_ros.bag_io',
+BAG_TOOLS = ('marigold_ros.bag_processor', 'marigold_ros.bag_job', 'marigold_ros.bag_io',
              'marigold_ros.ordered_threads', 'marigold_ros.process_bags')
+
+# The live node's modules, which the offline tools never import.
+NODE = ('marigold_ros.depth_node', 'marigold_ros.node_inputs', 'marigold_ros.node_threads')
 
 # (package or module, sub-packages left out, forbidden module patterns, why).  A pattern
 # forbids a module and everything below it (fnmatch: '*_msgs' is every message package).
@@ -38,16 +41,18 @@ RULES = (
      'the node inputs do not depend on the offline bag tools'),
     ('marigold_ros.node_threads', (), BAG_TOOLS,
      'the node threads do not depend on the offline bag tools'),
-    ('marigold_ros.bag_processor', (), ('marigold_ros.depth_node',),
+    ('marigold_ros.bag_processor', (), NODE,
      'the bag processor does not depend on the live node'),
-    ('marigold_ros.bag_topics', (), ('marigold_ros.depth_node',),
+    ('marigold_ros.bag_job', (), NODE,
+     'the bag job does not depend on the live node'),
+    ('marigold_ros.bag_topics', (), NODE,
      'the bag topics do not depend on the live node'),
-    ('marigold_ros.process_bags', (), ('marigold_ros.depth_node',),
+    ('marigold_ros.process_bags', (), NODE,
      'fleet processing does not depend on the live node'),
-    ('marigold_ros.pipeline', (), ('marigold_ros.depth_node', 'marigold_ros.bag_processor'),
+    ('marigold_ros.pipeline', (), NODE + ('marigold_ros.bag_processor',),
      'the pipeline serves the node and the bag processor and imports neither'),
-    ('marigold_ros.node_params', (), ('marigold_ros.depth_node', 'marigold_ros.bag_processor',
-                                      'marigold_ros.pipeline'),
+    ('marigold_ros.node_params', (), NODE + ('marigold_ros.bag_processor', 'marigold_ros.bag_job',
+                                             'marigold_ros.pipeline'),
      'the parameters import none of their users'),
 )
 

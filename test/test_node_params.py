@@ -4,7 +4,7 @@ from dataclasses import fields
 
 from marigold_model.config import InferenceConfig, ModelConfig
 from marigold_ros.bag_io import CAMERA_INFO_TYPE, IMAGE_TYPE, POINTCLOUD_TYPE
-from marigold_ros.bag_processor import BagJob, build_parser, job_from_args
+from marigold_ros.bag_job import BagJob, build_parser, job_from_args
 from marigold_ros.diagnostics import KeyedThrottle
 from marigold_ros.node_params import DEFAULT_OUTPUT_NAMES, estimator_config, join_topic
 from marigold_ros.node_params import OUTPUT_NAMES

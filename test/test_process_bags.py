@@ -15,7 +15,8 @@ import shutil
 import socket
 
 from marigold_ros.bag_io import BagError
-from marigold_ros.bag_processor import BagJob, process_bag
+from marigold_ros.bag_job import BagJob
+from marigold_ros.bag_processor import process_bag
 from marigold_ros.process_bags import find_bags, main, window_frames
 import pytest
 from test_bag_processor import _messages, _read, _write_bag, PARAMS
