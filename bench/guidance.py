@@ -21,7 +21,6 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python bench/guidance.py [--scenes 20 --fractio
 import argparse
 import time
 
-from marigold_model.alignment import abs_rel
 from marigold_model.config import (BUNDLED_TINY_MODEL, EstimatorConfig, GuidanceConfig,
                                    InferenceConfig, ModelConfig, override)
 from marigold_model.data.synthetic import SyntheticDataset
@@ -30,6 +29,7 @@ from marigold_model.guidance import GuidanceError, SparseGuidance
 from marigold_model.scale_apply import refine_local
 from marigold_model.scale_tracking import sample_sparse_pairs, ScaleTracker, sparse_pixels
 import numpy as np
+from scale_recovery import make_sparse, score
 import torch
 
 #: SyntheticDataset seed of the scenes: the tiny model trained on seed 1 and was scored on
@@ -37,38 +37,6 @@ import torch
 #: these are held out from all three.
 HELD_OUT_SEED = 3_000_001
 TUNING_SEED = 2_000_001
-
-
-def make_sparse(rng, gt, valid, fraction, outlier_rate, noise=0.02):
-    """
-    Sparse depth image (0 = no reading) from the valid ground truth.
-
-    :param rng: numpy Generator
-    :param gt: ground-truth depth
-    :param valid: valid mask
-    :param fraction: share of all pixels given a reading (at least 2)
-    :param outlier_rate: share of the readings that are gross outliers
-    :param noise: relative Gaussian noise of the readings
-    :return: float64 image like ``gt``
-    """
-    candidates = np.flatnonzero(valid.ravel())
-    n = min(candidates.size, max(2, int(round(fraction * gt.size))))
-    index = rng.choice(candidates, n, replace=False)
-    truth = gt.ravel()[index].astype(np.float64)
-    values = truth * (1.0 + noise * rng.standard_normal(n))
-    bad = rng.random(n) < outlier_rate
-    values[bad] = truth[bad] * np.exp(rng.choice([-1.0, 1.0], bad.sum())
-                                      * rng.uniform(0.4, 1.6, bad.sum()))
-    sparse = np.zeros(gt.shape)
-    sparse.ravel()[index] = values
-    return sparse
-
-
-def score(depth, gt, valid):
-    """Score AbsRel on every valid pixel; a pixel without a positive depth counts as 1 mm."""
-    with np.errstate(invalid='ignore'):
-        filled = np.where(np.isfinite(depth) & (depth > 0), depth, 1e-3)
-    return abs_rel(filled, gt, valid)
 
 
 def run(args):

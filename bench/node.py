@@ -113,6 +113,15 @@ def resolve_model(requested):
 # ------------------------------------------------------------------ 1 and 3: the node
 
 
+def _tear_down(executor, context, *nodes):
+    """Remove and destroy the nodes, stop the executor and shut the context down."""
+    for node in nodes:
+        executor.remove_node(node)
+        node.destroy_node()
+    executor.shutdown(timeout_sec=1.0)
+    rclpy.shutdown(context=context)
+
+
 def run_node(model, frames, log=print):
     """
     Run frames through the node in a closed loop: overhead ratio and memory.
@@ -173,12 +182,7 @@ def run_node(model, frames, log=print):
         snapshot = node.diagnostics.snapshot('')
         info = dict(node.diagnostics.model_info)
     finally:
-        executor.remove_node(node)
-        executor.remove_node(io)
-        node.destroy_node()
-        io.destroy_node()
-        executor.shutdown(timeout_sec=1.0)
-        rclpy.shutdown(context=context)
+        _tear_down(executor, context, node, io)
     latency = np.array(recent['latency_s'])
     estimator = np.array(recent['estimator_s'])
     count = min(latency.size, estimator.size)
@@ -317,12 +321,7 @@ def run_stand_in(milliseconds, cameras=1, seconds=10.0, warmup_s=2.0, rate=None)
     finally:
         stop.set()
         feeder.join(5.0)
-        executor.remove_node(node)
-        executor.remove_node(io)
-        node.destroy_node()
-        io.destroy_node()
-        executor.shutdown(timeout_sec=1.0)
-        rclpy.shutdown(context=context)
+        _tear_down(executor, context, node, io)
     window = [p for p in published if begin <= p[0] < end]
     latency = np.array([p[2] for p in window])
     # The diagnostics stages, and the wait between the model and the finisher thread.

@@ -52,7 +52,7 @@ def _prediction(rng, gt, valid, error=0.03, blur_px=1.0):
     return (rel - rel.min()) / (rel.max() - rel.min())
 
 
-def _sparse(rng, gt, valid, fraction, outlier_rate, noise=0.02):
+def make_sparse(rng, gt, valid, fraction, outlier_rate, noise=0.02):
     """Sparse depth image (0 = no reading) from the valid ground truth."""
     candidates = np.flatnonzero(valid.ravel())
     n = min(candidates.size, max(2, int(round(fraction * gt.size))))
@@ -67,7 +67,7 @@ def _sparse(rng, gt, valid, fraction, outlier_rate, noise=0.02):
     return sparse
 
 
-def _score(pred, gt, valid):
+def score(pred, gt, valid):
     """Score every valid pixel (AbsRel); a pixel without a positive depth counts as 1 mm."""
     with np.errstate(invalid='ignore'):
         filled = np.where(np.isfinite(pred) & (pred > 0), pred, MISSING_DEPTH)
@@ -83,7 +83,7 @@ def run(scenes, height, width, seed):
         (gt, valid), source = _ground_truth(rng, height, width)
         rel = _prediction(rng, gt, valid)
         s, t = fit_scale_shift(rel, gt, valid)
-        data.append((gt, valid, rel, _score(s * rel + t, gt, valid)))
+        data.append((gt, valid, rel, score(s * rel + t, gt, valid)))
     print(f'scale recovery: {scenes} {source} scenes of {height}x{width}, mean AbsRel over '
           'all valid pixels of all scenes (a failed fit scores as const)')
     print(f'{"sparsity":>9} {"points":>7} {"outliers":>8} {"oracle":>8} {"const":>8} '
@@ -94,14 +94,14 @@ def run(scenes, height, width, seed):
             rows = {'oracle': [], 'const': [], 'lsq': [], 'global': [], 'local': []}
             failures = lsq_failures = 0
             for gt, valid, rel, oracle in data:
-                sparse = _sparse(rng, gt, valid, fraction, outlier_rate)
+                sparse = make_sparse(rng, gt, valid, fraction, outlier_rate)
                 rows['oracle'].append(oracle)
                 rel_values, metric_values = sample_sparse_pairs(rel, sparse)
-                const = _score(np.full(rel.shape, np.median(metric_values)), gt, valid)
+                const = score(np.full(rel.shape, np.median(metric_values)), gt, valid)
                 rows['const'].append(const)
                 try:
                     s, t = fit_scale_shift(rel_values, metric_values)
-                    rows['lsq'].append(_score(s * rel + t, gt, valid))
+                    rows['lsq'].append(score(s * rel + t, gt, valid))
                 except AlignmentError:
                     lsq_failures += 1
                     rows['lsq'].append(const)
@@ -119,8 +119,8 @@ def run(scenes, height, width, seed):
                 end = time.perf_counter()
                 fit_times.append(middle - start)
                 refine_times.append(end - middle)
-                rows['global'].append(_score(global_depth, gt, valid))
-                rows['local'].append(_score(refined, gt, valid))
+                rows['global'].append(score(global_depth, gt, valid))
+                rows['local'].append(score(refined, gt, valid))
             cells = ' '.join(f'{np.mean(v):8.4f}' for v in rows.values())
             points = int(round(fraction * height * width))
             print(f'{100 * fraction:8.2f}% {points:7d} {100 * outlier_rate:7.0f}% {cells} '

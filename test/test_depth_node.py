@@ -70,15 +70,6 @@ def estimator(model_path):
                                           InferenceConfig(processing_resolution=32)))
 
 
-@pytest.fixture(scope='module')
-def context():
-    """Return an rclpy context of its own for this module."""
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.shutdown(context=ctx)
-
-
 class Spy:
     """
     Wrap the shared estimator: record every call and its settings, optionally held.
