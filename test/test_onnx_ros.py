@@ -11,7 +11,8 @@ times the metric scale (the ray's largest component is z = 1), plus float32 roun
 from builders import SCENE_FRAMES
 from marigold_model.networks import TorchNetworks
 from marigold_model.onnx_backend import OnnxRuntimeNetworks
-from marigold_ros.bag_processor import BagJob, main, process_bag
+from marigold_ros.bag_job import BagJob
+from marigold_ros.bag_processor import main, process_bag
 from marigold_ros.conversions import image_to_depth, pointcloud2_to_xyz
 from msg_builders import frame_messages, messages_by_topic, write_bag
 import numpy as np
