@@ -542,7 +542,9 @@ def _launch(processes, *args):
                *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # Each rank's own error first: the launcher's tail only says that a rank failed.
+    errors = [line for line in done.stderr.splitlines() if 'Error' in line or '[rank' in line]
+    assert done.returncode == 0, '\n'.join(errors[:40]) + '\n...\n' + done.stderr[-2000:]
     return done
 
 
