@@ -314,10 +314,5 @@ class _Filtered:
 
 
 def job_from_args(args):
-    """
-    Turn parsed arguments into a BagJob.
-
-    :param args: argparse.Namespace from :func:`build_parser`
-    :return: BagJob
-    """
+    """Turn the parsed arguments of :func:`build_parser` into a BagJob."""
     return BagJob(**{f.name: getattr(args, f.name) for f in fields(BagJob)})

@@ -504,14 +504,10 @@ def _header_of(frame):
 
 def process_bag(job, estimator=None, progress=None):
     """
-    Process a bag (see :class:`~marigold_ros.bag_job.BagJob`).
+    Process a bag (a :class:`~marigold_ros.bag_job.BagJob`); the output appears only whole.
 
-    The output appears only when complete.
-
-    :param job: BagJob
-    :param estimator: optional loaded DepthEstimator
-    :param progress: optional callable(frames done) replacing the progress bar
-    :return: BagSummary
+    ``estimator``: a loaded DepthEstimator to reuse; ``progress``: callable(frames done)
+    replacing the progress bar.  Returns a BagSummary.
     """
     return BagProcessor(job, estimator, progress).run()
 

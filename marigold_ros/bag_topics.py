@@ -31,12 +31,7 @@ def camera_namespace(image_topic):
 
 
 def output_topic_names(namespace):
-    """
-    Map each output to its topic under a namespace.
-
-    :param namespace: e.g. '/cam' ('' for the root)
-    :return: dict output name -> topic
-    """
+    """Map each output name to its topic under a namespace ('/cam'; '' for the root)."""
     return {output.name: join_topic(namespace or '/', output.topic) for output in OUTPUT_TOPICS}
 
 

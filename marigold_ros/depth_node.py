@@ -75,12 +75,7 @@ def warmup_frame(max_pixels):
 
 
 def default_estimator_factory(config):
-    """
-    Load a DepthEstimator (imported here: torch is heavy and only the worker needs it).
-
-    :param config: EstimatorConfig
-    :return: marigold_model.estimator.DepthEstimator
-    """
+    """Load a DepthEstimator (imported here: torch is heavy and only the worker needs it)."""
     from marigold_model.estimator import DepthEstimator
     return DepthEstimator(config)
 
@@ -294,11 +289,7 @@ class _DepthCore(NodeInputs, NodeThreads):
 
     @staticmethod
     def _qos_overrides():
-        """
-        Let qos_overrides./<topic>.<publisher|subscription>.<policy> parameters set the QoS.
-
-        History, depth and reliability, as rclpy declares them (read-only parameters).
-        """
+        """Let read-only qos_overrides./<topic>.<endpoint>.<history|depth|reliability> set QoS."""
         return QoSOverridingOptions.with_default_policies()
 
     def _create_outputs(self, create):
@@ -423,34 +414,19 @@ class DepthLifecycleNode(_DepthCore, LifecycleNode):
         return result
 
     def on_deactivate(self, state):
-        """
-        Unsubscribe and stop the worker, then deactivate the publishers.
-
-        :param state: previous state
-        :return: SUCCESS
-        """
+        """Unsubscribe and stop the worker, then deactivate the publishers."""
         self._destroy_inputs()
         self._stop_worker()
         return super().on_deactivate(state)
 
     def on_cleanup(self, state):
-        """
-        Drop the publishers and the model.
-
-        :param state: previous state
-        :return: SUCCESS
-        """
+        """Drop the publishers and the model."""
         self._destroy_outputs(self.destroy_lifecycle_publisher)
         self._unload_model()
         return super().on_cleanup(state)
 
     def on_shutdown(self, state):
-        """
-        Stop everything.
-
-        :param state: previous state
-        :return: SUCCESS
-        """
+        """Stop everything."""
         self._destroy_inputs()
         self._stop_worker()
         return super().on_shutdown(state)
@@ -499,22 +475,12 @@ def _run(node_class, args):
 
 
 def main(args=None):
-    """
-    Run the depth node (console script ``depth_node``).
-
-    :param args: command line arguments (default sys.argv), ``--ros-args`` included
-    :return: exit code
-    """
+    """Run the depth node (console script ``depth_node``; args default to sys.argv)."""
     return _run(DepthNode, args)
 
 
 def lifecycle_main(args=None):
-    """
-    Run the lifecycle depth node (console script ``depth_lifecycle_node``).
-
-    :param args: command line arguments (default sys.argv)
-    :return: exit code
-    """
+    """Run the lifecycle depth node (console script ``depth_lifecycle_node``)."""
     return _run(DepthLifecycleNode, args)
 
 

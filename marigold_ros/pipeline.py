@@ -130,12 +130,7 @@ class FrameError(ReasonError):
 
 
 def is_compressed(msg):
-    """
-    Tell a CompressedImage from an Image by its fields.
-
-    :param msg: sensor_msgs/Image or CompressedImage
-    :return: True for a CompressedImage
-    """
+    """Tell a CompressedImage from an Image by its fields."""
     return hasattr(msg, 'format') and not hasattr(msg, 'encoding')
 
 
@@ -168,13 +163,7 @@ def _decode_image(frame, max_pixels):
 
 
 def fixed_scale_estimate(scale, shift):
-    """
-    Wrap a user-given scale and shift as a ScaleEstimate.
-
-    :param scale: meters per relative unit (> 0)
-    :param shift: meters
-    :return: ScaleEstimate with status 'ok' and reason 'fixed'
-    """
+    """Wrap a user-given scale (meters per relative unit) and shift (m) as an 'ok' estimate."""
     return ScaleEstimate(scale=float(scale), shift=float(shift), inlier_ratio=1.0,
                          residual=0.0, n_points=0, age_s=0.0, status=STATUS_OK,
                          reason=REASON_FIXED_SCALE)
@@ -205,27 +194,16 @@ def camera_for_image(camera_info, width, height, rectified=False):
 
 def colored_depth(depth, header, value_range=None):
     """
-    Colour-map a depth image for viewing (the previews' colour map, one home).
+    Colour-map a depth image (NaN / inf black) as an rgb8 Image, with the previews' map.
 
-    :param depth: HxW float depth (NaN / inf: invalid, black)
-    :param header: std_msgs/Header of the message
-    :param value_range: (near, far) fixed range, or None for the frame's 1st-99th
-        percentile
-    :return: sensor_msgs/Image rgb8
+    ``value_range``: fixed (near, far), or None for the frame's 1st-99th percentile.
     """
     depth = np.asarray(depth)
     return rgb_to_image(colorize_depth(depth, np.isfinite(depth), value_range), header)
 
 
 def resize_rgb(rgb, width, height):
-    """
-    Resize RGB to (width, height) bilinearly with pixel centres (as the depth was resized).
-
-    :param rgb: HxWx3 uint8
-    :param width: new width
-    :param height: new height
-    :return: height x width x 3 uint8 (the input itself when the size already matches)
-    """
+    """Resize HxWx3 uint8 RGB bilinearly with pixel centres, as the depth was (no copy if same)."""
     if rgb.shape[:2] == (height, width):
         return rgb
     return np.asarray(PILImage.fromarray(rgb).resize((width, height), PILImage.BILINEAR))
@@ -300,15 +278,10 @@ class DepthPipeline:
 
     def process(self, frames):
         """
-        Run the three stages on a batch, one estimator call for all of its frames.
+        Run the three stages on a batch of FrameInputs, one estimator call for all of them.
 
-        Bad frames become FrameError entries and the others go on; the result list has
-        one entry per input frame, in order.
-
-        :param frames: list of FrameInput
-        :return: list of FrameOutput or FrameError
-        :raises Exception: only unexpected estimator failures (bugs); out-of-memory and
-            rejected frames become FrameError
+        Returns one FrameOutput or FrameError per frame, in order: bad frames, rejected
+        frames and out-of-memory become FrameError; only estimator bugs raise.
         """
         self.infer(self.decode(frames))
         return self.finish(frames)
