@@ -211,7 +211,8 @@ def test_compressed_to_rgb_sizes_modes_and_formats():
     bmp = _encoded(PILImage.fromarray(grey, 'L'), 'BMP')
     reason, text = _refusal(compressed_to_rgb, _compressed(bmp, 'bmp'))
     assert reason == 'corrupt_compressed'
-    assert text.startswith("cannot decode compressed image (format 'bmp'): ")
+    assert text.startswith(f"compressed image (format 'bmp', {len(bmp)} bytes starting 42 4d ")
+    assert text.endswith('is corrupt or not JPEG / PNG: no decoder recognises it')
 
 
 def test_compressed_to_rgb_refusals_name_the_problem():
