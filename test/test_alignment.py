@@ -617,6 +617,9 @@ def test_float32_pairs_are_used_in_float64():
     p64, g64 = pred.astype(np.float64), gt.astype(np.float64)
     assert depth_metrics(pred, gt) == depth_metrics(p64, g64)
     assert fit_scale_shift(pred, gt) == fit_scale_shift(p64, g64)
+    w32 = rng.uniform(0.1, 1.0, 500).astype(np.float32)
+    w64 = w32.astype(np.float64)
+    assert fit_scale_shift(pred, gt, weights=w32) == fit_scale_shift(p64, g64, weights=w64)
     assert fit_scale_shift_robust(pred, gt) == fit_scale_shift_robust(p64, g64)
 
 
@@ -710,3 +713,55 @@ def test_robust_default_score_points_is_4096():
                                          score_points=4096)
     assert fit != fit_scale_shift_robust(rel, depth, threshold_rel=0.05, iterations=20,
                                          score_points=4097)
+
+
+def test_robust_subset_is_drawn_without_replacement():
+    # Three points on one line, scored on two of them with one hypothesis: always a pair.
+    for seed in range(30):
+        fit = fit_scale_shift_robust([0.0, 0.5, 1.0], [1.0, 2.0, 3.0], iterations=1,
+                                     min_inliers=2, score_points=2, rng=seed)
+        assert (fit.scale, fit.shift) == pytest.approx((2.0, 1.0))
+
+
+def test_robust_default_polish_is_20_steps_and_zero_threshold_refused():
+    rng = np.random.default_rng(0)
+    rel = rng.uniform(0.0, 1.0, 300)
+    depth = (2.0 * rel + 1.0) * np.exp(0.15 * rng.standard_normal(300))
+    depth[:60] *= 3.0
+
+    def fit(**kwargs):
+        return fit_scale_shift_robust(rel, depth, threshold_rel=0.05, loss='huber', **kwargs)
+
+    assert fit() == fit(irls_iterations=20) != fit(irls_iterations=21)
+    with pytest.raises(ValueError, match='^threshold_rel must be a positive number, got 0.0$'):
+        fit_scale_shift_robust(rel, depth, threshold_rel=0.0)
+
+
+def test_irls_method_starts_from_the_relative_least_squares_fit():
+    """One step: Cauchy weights at the MAD scale (2.5 * 1.4826 * median |e|) of that start."""
+    rng = np.random.default_rng(11)
+    rel = rng.uniform(0.0, 1.0, 200)
+    depth = (2.0 * rel + 0.5) * (1.0 + 0.05 * rng.standard_normal(200))
+    depth[:30] *= 2.0
+    s0, t0 = fit_scale_shift(rel, depth, weights=1.0 / depth ** 2)
+    e = (s0 * rel + t0 - depth) / depth
+    c = max(0.05, 2.5 * 1.4826 * np.median(np.abs(e)))
+    want = fit_scale_shift(rel, depth, weights=1.0 / depth ** 2 / (1.0 + (e / c) ** 2))
+    got = fit_scale_shift_robust(rel, depth, method='irls', irls_iterations=1)
+    assert (got.scale, got.shift) == pytest.approx(want, rel=1e-12)
+
+
+def test_inlier_range_exactly_min_span_is_degenerate():
+    p = np.arange(11.0) / 10.0  # 10th to 90th percentile: 0.9 - 0.1 = 0.8 exactly
+    with pytest.raises(AlignmentError, match='^degenerate_range: prediction range 0.8'):
+        fit_scale_shift_robust(p, 2.0 * p + 1.0, min_span=0.8)
+    assert fit_scale_shift_robust(p, 2.0 * p + 1.0, min_span=0.79).n_inliers == 11
+
+
+def test_float32_ground_truth_is_compared_in_float64():
+    # float32(0.001) is 0.0010000000475: above min_depth 1e-3, so the pixel is valid.
+    gt = np.array([0.001, 1.0, 2.0, 3.0, 4.0], dtype=np.float32)
+    pred = np.array([0.0, 1.0, 2.0, 3.0, 4.5])
+    assert evaluate_affine_invariant(pred, gt)['n_valid'] == 5
+    assert evaluate_affine_invariant(pred, gt.astype(np.float64)) == \
+        evaluate_affine_invariant(pred, gt)
