@@ -6,7 +6,7 @@ import pickle
 from marigold_model.alignment import abs_rel, AlignmentError, delta1, delta2, delta3
 from marigold_model.alignment import delta_accuracy, depth_metrics, evaluate_affine_invariant
 from marigold_model.alignment import fit_scale_shift, fit_scale_shift_robust, FitResult
-from marigold_model.alignment import normalize_percentile, rmse, sq_rel
+from marigold_model.alignment import METHODS, normalize_percentile, rmse, sq_rel
 import numpy as np
 import pytest
 
@@ -471,3 +471,297 @@ def test_irls_result_is_its_own_reweighted_fit(loss):
     scale, shift = np.polyfit(p, d, 1, w=np.sqrt(robust / d ** 2))
     assert fit.scale == pytest.approx(scale, rel=1e-9)
     assert fit.shift == pytest.approx(shift, rel=1e-9, abs=1e-12)
+
+
+# Mutation-testing follow-ups (issue 18): messages, defaults, bounds, precision.
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    ({'method': 'svd'}, r"^method must be one of \('ransac', 'irls'\), got 'svd'$"),
+    ({'loss': 'l3'}, r"^loss must be None or one of \('huber', 'cauchy'\), got 'l3'$"),
+    ({'threshold_rel': -1.0}, '^threshold_rel must be a positive number, got -1.0$'),
+    ({'threshold_rel': math.inf}, '^threshold_rel must be a positive number, got inf$'),
+    ({'iterations': 0}, '^need iterations >= 1, irls_iterations >= 0 and score_points >= 2$'),
+    ({'irls_iterations': -1}, '^need iterations >= 1, irls_iterations >= 0'),
+    ({'score_points': 1}, '^need iterations >= 1, irls_iterations >= 0'),
+    ({'min_inliers': 1}, '^min_inliers must be >= 2, got 1$'),
+    ({'min_span': -0.1}, '^min_span must be >= 0, got -0.1$'),
+    ({'min_span': math.nan}, '^min_span must be >= 0, got nan$'),
+])
+def test_robust_argument_messages(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fit_scale_shift_robust([0.0, 1.0, 2.0], [1.0, 2.0, 3.0], **kwargs)
+
+
+@pytest.mark.parametrize('kwargs', [{'iterations': 1}, {'irls_iterations': 0},
+                                    {'score_points': 2}, {'min_inliers': 2}, {'min_span': 0.0},
+                                    {'threshold_rel': 1e-3}])
+def test_robust_accepts_the_argument_bounds(kwargs):
+    fit = fit_scale_shift_robust([0.0, 1.0, 2.0], [1.0, 3.0, 5.0], **kwargs)
+    assert (fit.scale, fit.shift) == pytest.approx((2.0, 1.0))
+
+
+@pytest.mark.parametrize('rel, depth, kwargs, message', [
+    ([0.1, 0.2], [1.0, 2.0], {}, '^too_few_points: 2 valid point[(]s[)], at least 3 needed$'),
+    ([0.1], [1.0], {'min_inliers': 2},
+     '^too_few_points: 1 valid point[(]s[)], at least 2 needed$'),
+    ([0.5, 0.5, 0.5], [1.0, 2.0, 3.0], {}, '^degenerate_range: prediction span 0 over the '
+     'valid points is not above 1e-06$'),
+    ([0.5, 0.51, 0.52], [1.0, 2.0, 3.0], {'min_span': 0.05},
+     '^degenerate_range: prediction span 0.02 over the valid points is not above 0.05$'),
+    ([0.0, 0.5, 1.0, 0.2], [5.0, 3.0, 1.0, 4.2], {}, '^negative_scale: no sampled point pair '
+     'has depth increasing with the prediction$'),
+    ([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], [1.0, 3.0, 2.0, 6.0, 3.5, 9.0], {'min_inliers': 4},
+     r'^too_few_inliers: \d inlier[(]s[)] of 6 points at threshold 0.05, at least 4 needed$'),
+])
+def test_robust_error_messages(rel, depth, kwargs, message):
+    with pytest.raises(AlignmentError, match=message):
+        fit_scale_shift_robust(np.array(rel), np.array(depth), **kwargs)
+
+
+def test_robust_negative_scale_message_after_irls():
+    rel = np.linspace(0.0, 1.0, 30)
+    with pytest.raises(AlignmentError, match=r'^negative_scale: fitted scale -5 is not '
+                       r'positive \(is the input disparity or inverted\?\)$'):
+        fit_scale_shift_robust(rel, 10.0 - 5.0 * rel, method='irls')
+
+
+def test_robust_inlier_spread_message():
+    # 40 points at r = 0.5 on one depth, 2 elsewhere: inliers without spread.
+    rel = np.r_[np.full(40, 0.5), 0.0, 1.0]
+    depth = np.r_[np.full(40, 3.0), 1.0, 9.0]
+    for method in METHODS:
+        with pytest.raises(AlignmentError, match=r'^degenerate_range: prediction range 0 \(10th '
+                           r'to 90th percentile\) over the 4[012] inliers is not above 1e-06$'):
+            fit_scale_shift_robust(rel, depth, method=method)
+
+
+def test_robust_defaults_and_subset_bound():
+    """Defaults are 200 hypotheses; a subset is drawn only above score_points."""
+    rng = np.random.default_rng(1)
+    rel = rng.uniform(0.0, 1.0, 300)
+    depth = (2.0 * rel + 1.0) * np.exp(0.15 * rng.standard_normal(300))
+
+    def scale(**kwargs):
+        kwargs.setdefault('rng', 3)
+        return fit_scale_shift_robust(rel, depth, threshold_rel=0.05, **kwargs).scale
+
+    assert scale() == scale(iterations=200) != scale(iterations=201)
+    assert scale(score_points=300) == scale(score_points=301) != scale(score_points=299)
+    assert scale(rng=None) == scale(rng=0) != scale(rng=1)
+
+
+def test_robust_residual_is_the_rms_relative_residual_of_the_inliers():
+    rng = np.random.default_rng(2)
+    rel = rng.uniform(0.0, 1.0, 200)
+    depth = (2.0 * rel + 1.0) * (1.0 + 0.02 * rng.standard_normal(200))
+    depth[:20] *= 3.0
+    fit = fit_scale_shift_robust(rel, depth, threshold_rel=0.1)
+    e = np.abs((fit.scale * rel + fit.shift - depth) / depth)
+    inliers = e < 0.1
+    assert fit.n_inliers == inliers.sum() and fit.n_points == 200
+    assert fit.inlier_ratio == inliers.sum() / 200
+    assert fit.residual == pytest.approx(math.sqrt(np.mean(e[inliers] ** 2)), rel=1e-12)
+
+
+def test_float32_input_is_evaluated_in_float64():
+    rng = np.random.default_rng(6)
+    pred = rng.uniform(0.0, 1.0, (20, 30)).astype(np.float32)
+    gt = (3.0 * pred + 1.0 + rng.uniform(-0.3, 0.3, pred.shape)).astype(np.float32)
+    got = evaluate_affine_invariant(pred, gt)
+    want = evaluate_affine_invariant(pred.astype(np.float64), gt.astype(np.float64))
+    assert got == want
+    depth = rng.uniform(0.5, 10.0, (20, 30)).astype(np.float32)
+    assert np.array_equal(normalize_percentile(depth),
+                          normalize_percentile(depth.astype(np.float64)))
+
+
+def test_lsq_weights_and_mask_together():
+    p = np.array([0.0, 1.0, 2.0, 3.0])
+    d = np.array([1.0, 3.0, 100.0, -50.0])
+    # Point 2 has no weight (NaN), point 3 is masked out: the line through points 0 and 1.
+    got = fit_scale_shift(p, d, mask=[True, True, True, False], weights=[1.0, 1.0, np.nan, 1.0])
+    assert got == pytest.approx((2.0, 1.0), abs=1e-12)
+    # A point of zero weight is no point: one is left.
+    with pytest.raises(AlignmentError, match=r'^too_few_points: 1 valid point\(s\), at least 2 '
+                       'are needed$'):
+        fit_scale_shift([0.0, 1.0], [1.0, 2.0], weights=[1.0, 0.0])
+    with pytest.raises(ValueError, match=r'^weights shape \(3,\) does not broadcast to \(2,\)$'):
+        fit_scale_shift([0.0, 1.0], [1.0, 2.0], weights=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match='^weights must be non-negative$'):
+        fit_scale_shift([0.0, 1.0], [1.0, 2.0], weights=[1.0, -1.0])
+    for weights in (None, [1.0, 1.0]):
+        with pytest.raises(ValueError,
+                           match=r'^mask shape \(3,\) differs from pred shape \(2,\)$'):
+            fit_scale_shift([0.0, 1.0], [1.0, 2.0], mask=[True] * 3, weights=weights)
+
+
+def test_lsq_degenerate_below_a_relative_spread_of_1e_9():
+    # Two points 1e-10 apart around 1: a standard deviation of 5e-11 relative, degenerate.
+    message = ('^degenerate_range: the prediction has [(]almost[)] no variance over the valid '
+               'points$')
+    with pytest.raises(AlignmentError, match=message):
+        fit_scale_shift([1.0, 1.0 + 1e-10], [1.0, 2.0])
+    with pytest.raises(AlignmentError, match=message):  # weights do not change that
+        fit_scale_shift([1.0, 1.0 + 1e-10], [1.0, 2.0], weights=[1e6, 1e6])
+    # 1e-6 apart (5e-7 relative): a fit, slope 1 / 1e-6.
+    assert fit_scale_shift([1.0, 1.0 + 1e-6], [1.0, 2.0])[0] == pytest.approx(1e6, rel=1e-6)
+    with pytest.raises(AlignmentError, match=r'^too_few_points: 1 valid point\(s\), at least 2'):
+        fit_scale_shift([1.0], [2.0])
+
+
+def test_float32_pairs_are_used_in_float64():
+    rng = np.random.default_rng(8)
+    pred = rng.uniform(0.5, 1.0, 500).astype(np.float32)
+    gt = (pred * np.float32(3.3) + rng.uniform(0.0, 0.5, 500)).astype(np.float32)
+    p64, g64 = pred.astype(np.float64), gt.astype(np.float64)
+    assert depth_metrics(pred, gt) == depth_metrics(p64, g64)
+    assert fit_scale_shift(pred, gt) == fit_scale_shift(p64, g64)
+    w32 = rng.uniform(0.1, 1.0, 500).astype(np.float32)
+    w64 = w32.astype(np.float64)
+    assert fit_scale_shift(pred, gt, weights=w32) == fit_scale_shift(p64, g64, weights=w64)
+    assert fit_scale_shift_robust(pred, gt) == fit_scale_shift_robust(p64, g64)
+
+
+def test_ransac_draws_every_pair_uniformly():
+    """Three points, each pair's line alone: one hypothesis picks a pair, 1 / 3 each."""
+    p, d = np.array([0.0, 0.5, 1.0]), np.array([1.0, 2.0, 4.0])  # slopes 2, 4 and 3
+    counts = {}
+    for seed in range(600):
+        fit = fit_scale_shift_robust(p, d, iterations=1, min_inliers=2, rng=seed)
+        assert fit.n_inliers == 2
+        counts[round(fit.scale, 6)] = counts.get(round(fit.scale, 6), 0) + 1
+    assert sorted(counts) == [2.0, 3.0, 4.0]
+    assert all(abs(c / 600 - 1 / 3) < 0.06 for c in counts.values())
+    # Two points: always the distinct pair.
+    for seed in range(20):
+        fit = fit_scale_shift_robust([0.0, 1.0], [1.0, 3.0], iterations=1, min_inliers=2,
+                                     rng=seed)
+        assert (fit.scale, fit.shift) == pytest.approx((2.0, 1.0))
+
+
+def test_ransac_with_no_increasing_pair_and_a_flat_irls_fit():
+    with pytest.raises(AlignmentError, match='^negative_scale: no sampled point pair has depth '
+                       'increasing with the prediction$'):
+        fit_scale_shift_robust([0.0, 1.0, 2.0], [5.0, 5.0, 5.0])
+    with pytest.raises(AlignmentError, match='^negative_scale: fitted scale 0 is not positive'):
+        fit_scale_shift_robust([0.0, 1.0, 2.0], [5.0, 5.0, 5.0], method='irls')
+
+
+def test_refinement_is_the_relative_least_squares_fit_of_the_inliers():
+    rng = np.random.default_rng(9)
+    rel = rng.uniform(0.0, 1.0, 100)
+    depth = (2.0 * rel + 0.5) * (1.0 + 0.05 * rng.standard_normal(100))
+    fit = fit_scale_shift_robust(rel, depth, threshold_rel=0.9)  # every point an inlier
+    assert fit.n_inliers == 100
+    want = fit_scale_shift(rel, depth, weights=1.0 / depth ** 2)
+    assert (fit.scale, fit.shift) == pytest.approx(want, rel=1e-12)
+    assert want != pytest.approx(fit_scale_shift(rel, depth), rel=1e-6)
+
+
+def test_exactly_min_inliers_are_enough():
+    p = np.array([0.0, 0.5, 1.0, 0.2, 0.7])
+    d = np.array([1.0, 2.0, 3.0, 50.0, 0.01])
+    fit = fit_scale_shift_robust(p, d, min_inliers=3)
+    assert fit.n_inliers == 3 and (fit.scale, fit.shift) == pytest.approx((2.0, 1.0))
+    fit = fit_scale_shift_robust([0.0, 1.0], [1.0, 3.0], min_inliers=2)
+    assert fit.n_points == 2 and (fit.scale, fit.shift) == pytest.approx((2.0, 1.0))
+    with pytest.raises(AlignmentError, match=r'^too_few_inliers: \d inlier\(s\) of 6 points at '
+                       'threshold 0.05, at least 4 needed$'):
+        fit_scale_shift_robust([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], [1.0, 3.0, 2.0, 6.0, 3.5, 9.0],
+                               method='irls', min_inliers=4)
+
+
+def test_span_messages_name_the_values():
+    p = np.arange(11.0) / 10.0
+    with pytest.raises(AlignmentError, match='^degenerate_range: prediction span 1 over the '
+                       'valid points is not above 1$'):
+        fit_scale_shift_robust(p, 2.0 * p + 1.0, min_span=1.0)
+    # 10th percentile 0.1, 90th 0.9: a range of 0.8 over the 11 inliers.
+    with pytest.raises(AlignmentError, match=r'^degenerate_range: prediction range 0.8 \(10th '
+                       r'to 90th percentile\) over the 11 inliers is not above 0.9$'):
+        fit_scale_shift_robust(p, 2.0 * p + 1.0, min_span=0.9)
+    with pytest.raises(AlignmentError, match=r'^empty_mask: no valid pixel \(finite, gt > 0, '
+                       r'in the mask\)$'):
+        abs_rel([1.0], [0.0])
+
+
+def test_irls_polish_and_iteration_floor():
+    rng = np.random.default_rng(10)
+    rel = rng.uniform(0.0, 1.0, 200)
+    depth = (2.0 * rel + 0.5) * (1.0 + 0.05 * rng.standard_normal(200))
+    depth[:20] *= 2.0
+    plain = fit_scale_shift_robust(rel, depth, threshold_rel=0.1)
+    # One Huber step from the RANSAC fit: weights 1 / d^2 times 1 / max(|e| / 0.1, 1).
+    e = (plain.scale * rel + plain.shift - depth) / depth
+    huber = 1.0 / np.maximum(np.abs(e) / 0.1, 1.0)
+    want = fit_scale_shift(rel, depth, weights=huber / depth ** 2)
+    got = fit_scale_shift_robust(rel, depth, threshold_rel=0.1, loss='huber', irls_iterations=1)
+    assert (got.scale, got.shift) == pytest.approx(want, rel=1e-12)
+    # The IRLS method runs at least one step.
+    assert fit_scale_shift_robust(rel, depth, method='irls', irls_iterations=0) == \
+        fit_scale_shift_robust(rel, depth, method='irls', irls_iterations=1) != \
+        fit_scale_shift_robust(rel, depth, method='irls', irls_iterations=2)
+
+
+def test_robust_default_score_points_is_4096():
+    rng = np.random.default_rng(12)
+    rel = rng.uniform(0.0, 1.0, 4097)
+    depth = (2.0 * rel + 1.0) * np.exp(0.15 * rng.standard_normal(4097))
+    fit = fit_scale_shift_robust(rel, depth, threshold_rel=0.05, iterations=20)
+    assert fit == fit_scale_shift_robust(rel, depth, threshold_rel=0.05, iterations=20,
+                                         score_points=4096)
+    assert fit != fit_scale_shift_robust(rel, depth, threshold_rel=0.05, iterations=20,
+                                         score_points=4097)
+
+
+def test_robust_subset_is_drawn_without_replacement():
+    # Three points on one line, scored on two of them with one hypothesis: always a pair.
+    for seed in range(30):
+        fit = fit_scale_shift_robust([0.0, 0.5, 1.0], [1.0, 2.0, 3.0], iterations=1,
+                                     min_inliers=2, score_points=2, rng=seed)
+        assert (fit.scale, fit.shift) == pytest.approx((2.0, 1.0))
+
+
+def test_robust_default_polish_is_20_steps_and_zero_threshold_refused():
+    rng = np.random.default_rng(0)
+    rel = rng.uniform(0.0, 1.0, 300)
+    depth = (2.0 * rel + 1.0) * np.exp(0.15 * rng.standard_normal(300))
+    depth[:60] *= 3.0
+
+    def fit(**kwargs):
+        return fit_scale_shift_robust(rel, depth, threshold_rel=0.05, loss='huber', **kwargs)
+
+    assert fit() == fit(irls_iterations=20) != fit(irls_iterations=21)
+    with pytest.raises(ValueError, match='^threshold_rel must be a positive number, got 0.0$'):
+        fit_scale_shift_robust(rel, depth, threshold_rel=0.0)
+
+
+def test_irls_method_starts_from_the_relative_least_squares_fit():
+    """One step: Cauchy weights at the MAD scale (2.5 * 1.4826 * median |e|) of that start."""
+    rng = np.random.default_rng(11)
+    rel = rng.uniform(0.0, 1.0, 200)
+    depth = (2.0 * rel + 0.5) * (1.0 + 0.05 * rng.standard_normal(200))
+    depth[:30] *= 2.0
+    s0, t0 = fit_scale_shift(rel, depth, weights=1.0 / depth ** 2)
+    e = (s0 * rel + t0 - depth) / depth
+    c = max(0.05, 2.5 * 1.4826 * np.median(np.abs(e)))
+    want = fit_scale_shift(rel, depth, weights=1.0 / depth ** 2 / (1.0 + (e / c) ** 2))
+    got = fit_scale_shift_robust(rel, depth, method='irls', irls_iterations=1)
+    assert (got.scale, got.shift) == pytest.approx(want, rel=1e-12)
+
+
+def test_inlier_range_exactly_min_span_is_degenerate():
+    p = np.arange(11.0) / 10.0  # 10th to 90th percentile: 0.9 - 0.1 = 0.8 exactly
+    with pytest.raises(AlignmentError, match='^degenerate_range: prediction range 0.8'):
+        fit_scale_shift_robust(p, 2.0 * p + 1.0, min_span=0.8)
+    assert fit_scale_shift_robust(p, 2.0 * p + 1.0, min_span=0.79).n_inliers == 11
+
+
+def test_float32_ground_truth_is_compared_in_float64():
+    # float32(0.001) is 0.0010000000475: above min_depth 1e-3, so the pixel is valid.
+    gt = np.array([0.001, 1.0, 2.0, 3.0, 4.0], dtype=np.float32)
+    pred = np.array([0.0, 1.0, 2.0, 3.0, 4.5])
+    assert evaluate_affine_invariant(pred, gt)['n_valid'] == 5
+    assert evaluate_affine_invariant(pred, gt.astype(np.float64)) == \
+        evaluate_affine_invariant(pred, gt)

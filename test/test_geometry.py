@@ -447,3 +447,79 @@ def test_undistort_strong_barrel_by_hand():
     np.testing.assert_allclose(x[ok] * (1 - 0.3 * r2), xd[ok], atol=1e-9)
     np.testing.assert_allclose(y[ok] * (1 - 0.3 * r2), yd[ok], atol=1e-9)
     assert (r2 < 1 / 0.9).all()  # on the rising branch, r < sqrt(1 / 0.9)
+
+
+# Mutation-testing follow-ups (issue 18): lens distortion values and bounds.
+
+
+def test_distortion_returns_float64_and_handles_the_centre():
+    x, y = distort_normalized(np.array([1, 0]), np.array([0, 2]), [], 'plumb_bob')
+    assert x.dtype == np.float64 and y.dtype == np.float64
+    assert x.tolist() == [1.0, 0.0] and y.tolist() == [0.0, 2.0]
+    # Equidistant at and next to the axis: theta / r -> 1 (atan(r) = r to 1e-26 here).
+    xd, yd = distort_normalized(np.array([0.0, 1e-13]), np.array([0.0, 0.0]), [], 'equidistant')
+    assert xd.tolist() == [0.0, 1e-13] and yd.tolist() == [0.0, 0.0]
+
+
+def test_equidistant_zero_coefficients_undistort_by_tangent():
+    x, y = undistort_normalized(np.array([0.5, 0.0]), np.array([0.0, -1.2]), [0.0] * 4,
+                                'equidistant')
+    assert x == pytest.approx([math.tan(0.5), 0.0], abs=1e-9)
+    assert y == pytest.approx([0.0, -math.tan(1.2)], abs=1e-9)
+
+
+def test_equidistant_fold_back_is_the_equidistant_ones():
+    """k1 = -0.5: theta (1 - theta^2 / 2) rises up to theta = sqrt(2 / 3), r = tan(0.8165)."""
+    from marigold_ros.distortion import beyond_monotonic
+    coeffs = [-0.5, 0.0, 0.0, 0.0]
+    # r = 0.9 is inside (as plumb_bob k1 = -0.5 it would be past that model's 0.8165).
+    assert not beyond_monotonic(np.array([0.9]), coeffs, 'equidistant')[0]
+    assert beyond_monotonic(np.array([1.1]), coeffs, 'equidistant')[0]
+    xd, yd = distort_normalized(0.9, 0.0, coeffs, 'equidistant')
+    x, y = undistort_normalized(xd, yd, coeffs, 'equidistant')
+    assert (float(x), float(y)) == pytest.approx((0.9, 0.0), abs=1e-9)
+
+
+def test_monotonic_limit_is_inclusive():
+    from marigold_ros.distortion import _monotonic_radius, beyond_monotonic
+    coeffs = (-0.5, 0.0, 0.0, 0.0, 0.0)
+    limit = _monotonic_radius(coeffs, 'plumb_bob')
+    assert limit == pytest.approx(1.0 / math.sqrt(1.5), abs=2e-4)
+    radii = np.array([limit, np.nextafter(limit, 1.0)])
+    assert beyond_monotonic(radii, coeffs, 'plumb_bob').tolist() == [False, True]
+
+
+@pytest.mark.parametrize('model_name, coeffs', [
+    ('plumb_bob', [-0.4, 0.15, 0.02, -0.03, 0.0]),
+    ('rational_polynomial', [0.5, -0.2, 0.01, 0.02, 0.05, 0.3, -0.1, 0.02]),
+    ('equidistant', [0.3, -0.2, 0.05, -0.01]),
+])
+def test_strong_distortion_undistorts_everywhere_inside_the_fold(model_name, coeffs):
+    """Off-axis points of a strong model: Newton with the right Jacobian converges."""
+    from marigold_ros.distortion import _monotonic_radius
+    limit = min(_monotonic_radius(tuple(coeffs), model_name), 2.0)
+    angle = np.linspace(0.0, 2.0 * np.pi, 24, endpoint=False)
+    radius = np.linspace(0.05, 0.97 * limit, 15)
+    x = (radius[:, None] * np.cos(angle)).ravel()
+    y = (radius[:, None] * np.sin(angle)).ravel()
+    xd, yd = distort_normalized(x, y, coeffs, model_name)
+    xu, yu = undistort_normalized(xd, yd, coeffs, model_name)
+    np.testing.assert_allclose(xu, x, atol=1e-9)
+    np.testing.assert_allclose(yu, y, atol=1e-9)
+
+
+def test_a_distorted_radius_the_model_never_reaches_is_nan():
+    # Equidistant k1 = -0.5 reaches at most theta_d = 0.8165 (1 - 1 / 3) = 0.544.
+    x, y = undistort_normalized(np.array([0.6, 0.3]), np.array([0.0, 0.0]), [-0.5, 0, 0, 0],
+                                'equidistant')
+    assert np.isnan(x[0]) and np.isnan(y[0]) and x.dtype == np.float64
+    assert x[1] == pytest.approx(0.3 / 0.3 * float(np.tan(_theta_of(0.3))), abs=1e-9)
+
+
+def _theta_of(theta_d):
+    """Solve theta - theta^3 / 2 = theta_d by bisection on [0, sqrt(2 / 3)]."""
+    low, high = 0.0, math.sqrt(2.0 / 3.0)
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if mid - 0.5 * mid ** 3 < theta_d else (low, mid)
+    return 0.5 * (low + high)

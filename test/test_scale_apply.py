@@ -80,3 +80,33 @@ def test_refine_local_keeps_invalid_pixels_and_handles_no_points():
         refine_local(depth, np.zeros((3, 2)), np.zeros(2))
     with pytest.raises(ValueError):
         refine_local(depth, np.zeros((1, 2)), np.ones(1), space='cubic')
+
+
+# Mutation-testing follow-ups (issue 18): apply_scale bounds and messages.
+
+
+def _fixed_estimate(scale, shift, status='ok'):
+    return ScaleEstimate(scale=scale, shift=shift, inlier_ratio=1.0, residual=0.0,
+                         n_points=10, age_s=0.0, status=status)
+
+
+def test_apply_scale_messages():
+    with pytest.raises(ValueError, match=r"^no usable metric scale: stay relative \(status "
+                       r"'no_estimate'\)$"):
+        apply_scale(_fixed_estimate(math.nan, math.nan, 'no_estimate'), np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r'\(status None\)$'):
+        apply_scale(None, np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r'^relative depth must be H x W, got shape \(4,\)$'):
+        apply_scale(_fixed_estimate(2.0, 0.0), np.ones(4))
+
+
+def test_apply_scale_zero_and_max_depth_bounds():
+    # 2 r - 1 on r = 0.5, 0.75, 1.0, 1.25: 0 (not positive: NaN), 0.5, 1.0, 1.5.
+    rel = np.array([[0.5, 0.75], [1.0, 1.25]])
+    depth, _ = apply_scale(_fixed_estimate(2.0, -1.0), rel)
+    assert np.isnan(depth[0, 0]) and depth[0, 1] == 0.5 and depth[1].tolist() == [1.0, 1.5]
+    # max_depth 1.0 (below 1 m limits too): 1.0 is kept, 1.5 is beyond.
+    depth, _ = apply_scale(_fixed_estimate(2.0, -1.0), rel, max_depth=1.0)
+    assert depth[0, 1] == 0.5 and depth[1, 0] == 1.0 and np.isnan(depth[1, 1])
+    depth, _ = apply_scale(_fixed_estimate(2.0, -1.0), rel, max_depth=0.75)
+    assert depth[0, 1] == 0.5 and np.isnan(depth[1]).all()

@@ -284,3 +284,272 @@ def test_sparse_pixels_rejects_bad_input():
         sparse_pixels(np.zeros((2, 2, 3)), (4, 4))
     with pytest.raises(ValueError):
         sample_sparse_pairs(np.zeros(5), np.zeros((2, 2)))
+
+
+# Mutation-testing follow-ups (issue 18): boundaries and hand-computed values.
+
+
+def test_config_defaults_are_the_documented_ones():
+    # The class docstring: a 10 % inlier threshold, 40 % inliers suffice; per-frame fits.
+    config = ScaleTrackerConfig()
+    assert (config.min_points, config.inlier_threshold_rel, config.min_inlier_ratio) == (
+        20, 0.1, 0.4)
+    assert (config.min_rel_span, config.ransac_iterations, config.smoothing) == (0.05, 200, 1.0)
+    assert (config.anchors, config.gate_factor, config.reinit_after) == ((0.25, 0.75), 1.5, 3)
+    assert (config.stale_after_s, config.max_stale_s, config.seed) == (0.5, 2.0, 0)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    ({'min_points': 1}, 'min_points must be >= 2, got 1'),
+    ({'inlier_threshold_rel': 0.0}, 'inlier_threshold_rel must be > 0'),
+    ({'min_inlier_ratio': -0.01}, r'min_inlier_ratio must be in \[0, 1\]'),
+    ({'min_inlier_ratio': 1.01}, r'min_inlier_ratio must be in \[0, 1\]'),
+    ({'min_rel_span': -0.01}, 'min_rel_span must be >= 0'),
+    ({'ransac_iterations': 0}, 'ransac_iterations must be >= 1'),
+    ({'smoothing': 0.0}, r'smoothing must be in \(0, 1\], got 0.0'),
+    ({'smoothing': 1.01}, r'smoothing must be in \(0, 1\], got 1.01'),
+    ({'anchors': (0.1, 0.5, 0.9)}, r'anchors must be two increasing values, got \(0.1, 0.5'),
+    ({'anchors': (0.5, 0.25)}, 'anchors must be two increasing values'),
+    ({'gate_factor': 1.0}, 'gate_factor must be > 1, got 1.0'),
+    ({'reinit_after': -1}, 'reinit_after must be >= 0'),
+    ({'stale_after_s': -0.1}, 'need 0 <= stale_after_s <= max_stale_s'),
+    ({'stale_after_s': 2.5, 'max_stale_s': 2.0}, 'need 0 <= stale_after_s <= max_stale_s'),
+])
+def test_config_validation_messages(kwargs, message):
+    with pytest.raises(ValueError, match=f'^{message}'):
+        ScaleTrackerConfig(**kwargs)
+
+
+@pytest.mark.parametrize('kwargs', [
+    {'min_points': 2}, {'inlier_threshold_rel': 1e-6}, {'min_inlier_ratio': 0.0},
+    {'min_inlier_ratio': 1.0}, {'min_rel_span': 0.0}, {'ransac_iterations': 1},
+    {'smoothing': 1.0}, {'smoothing': 1e-3}, {'gate_factor': 1.001}, {'reinit_after': 0},
+    {'stale_after_s': 0.0}, {'stale_after_s': 2.0, 'max_stale_s': 2.0},
+])
+def test_config_accepts_the_bounds(kwargs):
+    config = ScaleTrackerConfig(**kwargs)
+    for key, value in kwargs.items():
+        assert getattr(config, key) == value
+
+
+def test_explained_spread_by_hand():
+    """Percentiles of 11 points are sample values: 10th = the 2nd, 90th = the 10th."""
+    tracker = ScaleTracker()
+    k = np.arange(11.0)
+    metric = 100.0 + k * k / 10.0  # 10th percentile 100.1, 90th 108.1: spread 8.0
+    # Fitted 102.5 + 0.5 k, all within 10 % of the metric depth: 10th 103.0, 90th 107.0.
+    fit = FitResult(0.5, 102.5, 1.0, 0.0, 11, 11)
+    assert tracker._explained_spread(fit, k, metric) == pytest.approx(4.0 / 8.0, abs=1e-12)
+    # Two inliers of four (10 r + 10 against 10, 20, 100, 1000): spread 8 of 8.
+    fit = FitResult(10.0, 10.0, 0.5, 0.0, 4, 2)
+    assert tracker._explained_spread(fit, np.array([0.0, 1.0, 5.0, 6.0]),
+                                     np.array([10.0, 20.0, 100.0, 1000.0])) == 1.0
+    # One inlier: no spread to compare, nothing explained.
+    assert tracker._explained_spread(fit, np.array([0.0, 5.0, 6.0]),
+                                     np.array([10.0, 100.0, 1000.0])) == 0.0
+    # Inliers without spread: nothing to explain, fully explained.
+    fit = FitResult(0.01, 3.0, 1.0, 0.0, 4, 4)
+    assert tracker._explained_spread(fit, np.arange(4.0), np.full(4, 3.0)) == 1.0
+
+
+def test_exactly_min_points_valid_samples_are_enough():
+    rel = np.linspace(0.1, 1.0, 20)
+    metric = 2.0 * rel + 1.0
+    estimate = ScaleTracker().update(rel, metric, 0.0)
+    assert estimate.status == 'ok' and estimate.n_points == 20
+    assert (estimate.scale, estimate.shift) == pytest.approx((2.0, 1.0))
+    # One reading fewer (0 = no reading, NaN relative depth likewise): too few.
+    metric[0] = 0.0
+    assert ScaleTracker().update(rel, metric, 0.0).reason == 'too_few_points'
+    rel[0] = np.nan
+    metric[0] = 1.0
+    assert ScaleTracker().update(rel, metric, 0.0).reason == 'too_few_points'
+
+
+def test_a_step_back_of_exactly_max_stale_keeps_the_estimate():
+    rel = np.linspace(0.1, 1.0, 30)
+    tracker = ScaleTracker(ScaleTrackerConfig(max_stale_s=2.0))
+    tracker.update(rel, 2.0 * rel + 1.0, 10.0)
+    held = tracker.update(np.zeros(0), np.zeros(0), 8.0)  # 2.0 s back: not a clock jump
+    assert held.status == 'stale' and held.scale == pytest.approx(2.0)
+    assert held.age_s == 0.0 and held.stamp_s == 10.0
+    assert tracker.update(np.zeros(0), np.zeros(0), 7.99).status == 'no_estimate'
+    assert tracker.current(10.0) is None  # reset, not only out of range
+
+
+def test_estimate_apply_precision_and_dtypes():
+    # float32 input is computed in float64 and rounded once: the same as from the float64 values.
+    rel = np.random.default_rng(4).uniform(0.0, 1.0, 1000).astype(np.float32)
+    estimate = ScaleEstimate(scale=3.7, shift=0.123456789, inlier_ratio=1.0, residual=0.0,
+                             n_points=10, age_s=0.0, status='ok')
+    expected = (3.7 * rel.astype(np.float64) + 0.123456789).astype(np.float32)
+    assert np.array_equal(estimate.apply(rel), expected)
+    unusable = ScaleEstimate(scale=math.nan, shift=math.nan, inlier_ratio=0.0, residual=math.nan,
+                             n_points=0, age_s=math.inf, status='no_estimate')
+    out = unusable.apply(np.ones((2, 3)))
+    assert out.dtype == np.float32 and out.shape == (2, 3) and np.isnan(out).all()
+
+
+def test_estimate_reports_the_fit_statistics():
+    # 30 samples on 2 r + 1, 10 far off (10x): 75 % inliers, no residual on them.
+    rel = np.linspace(0.1, 1.0, 40)
+    metric = 2.0 * rel + 1.0
+    metric[::4] *= 10.0
+    estimate = ScaleTracker().update(rel, metric, 0.0)
+    assert estimate.inlier_ratio == 0.75 and estimate.n_points == 40
+    assert estimate.residual == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ok_until_exactly_stale_after():
+    rel = np.linspace(0.1, 1.0, 30)
+    tracker = ScaleTracker(ScaleTrackerConfig(stale_after_s=0.5))
+    tracker.update(rel, 2.0 * rel + 1.0, 10.0)
+    assert tracker.current(10.5).status == 'ok'
+    assert tracker.current(10.5 + 1e-9).status == 'stale'
+
+
+def test_seeded_fits_follow_the_tracker_generator():
+    """The tracker's fits are the alignment's robust fit drawing from one seeded generator."""
+    from marigold_model.alignment import fit_scale_shift_robust
+    rng = np.random.default_rng(5)
+    frames = []
+    for _ in range(2):
+        rel = rng.uniform(0.0, 1.0, 200)
+        frames.append((rel, (2.0 * rel + 1.0) * np.exp(0.08 * rng.standard_normal(200))))
+    scales = set()
+    for seed in (1, 2, 3):
+        config = ScaleTrackerConfig(ransac_iterations=3, seed=seed)
+        tracker = ScaleTracker(config)
+        generator = np.random.default_rng(seed)
+        for k, (rel, metric) in enumerate(frames):
+            got = tracker.update(rel, metric, 0.1 * k)
+            want = fit_scale_shift_robust(rel, metric, threshold_rel=0.1, iterations=3,
+                                          min_span=0.05, rng=generator)
+            assert (got.scale, got.shift) == pytest.approx((want.scale, want.shift), rel=1e-12)
+            assert got.inlier_ratio == want.inlier_ratio
+            scales.add(round(got.scale, 9))
+    assert len(scales) > 3  # the seeds and the frames give different fits: the test can fail
+
+
+def test_flat_fit_reason():
+    """Depths in one band that the relative depth does not follow: 'flat_fit'."""
+    rng = np.random.default_rng(0)
+    rel = rng.uniform(0.0, 1.0, 100)
+    metric = rng.uniform(2.9, 3.1, 100)
+    estimate = ScaleTracker().update(rel, metric, 0.0)
+    assert estimate.status == 'no_estimate' and estimate.reason == 'flat_fit'
+
+
+def test_too_few_inliers_in_the_fit_is_low_inlier_ratio():
+    # Depths doubling each step: no three of them within 10 % of one line.
+    rel = np.linspace(0.0, 1.0, 20)
+    estimate = ScaleTracker().update(rel, 2.0 ** np.arange(20.0), 0.0)
+    assert estimate.status == 'no_estimate' and estimate.reason == 'low_inlier_ratio'
+
+
+def test_inlier_ratio_exactly_at_the_minimum_is_enough():
+    # 20 of 40 samples on 2 r + 1; the others far off and on no line.
+    rel = np.linspace(0.05, 1.0, 40)
+    metric = 2.0 * rel + 1.0
+    metric[1::2] = 50.0 * 1.5 ** np.arange(20.0)
+    estimate = ScaleTracker(ScaleTrackerConfig(min_inlier_ratio=0.5)).update(rel, metric, 0.0)
+    assert estimate.status == 'ok' and estimate.inlier_ratio == 0.5
+    assert (estimate.scale, estimate.shift) == pytest.approx((2.0, 1.0))
+
+
+def test_inliers_are_strictly_within_the_threshold():
+    # |1.0 * 11 + 0 - 10| = 1.0 = 0.1 * 10: on the threshold, not an inlier.
+    tracker = ScaleTracker()
+    got = tracker._inliers(1.0, 0.0, np.array([11.0, 10.9, np.nan]), np.array([10.0, 10.0, 5.0]))
+    assert got.tolist() == [False, True, False]
+
+
+def _held_and_new(n_held, n_new, extra_rel=(), extra_metric=()):
+    """Return samples: n_held follow the held 0.3 r + 0.1, n_new twice that (0.6 r + 0.2)."""
+    rel = np.linspace(0.05, 1.0, n_held + n_new)
+    new = np.zeros(rel.size, dtype=bool)
+    new[np.linspace(0, rel.size - 1, n_new).round().astype(int)] = True
+    metric = np.where(new, 0.6 * rel + 0.2, 0.3 * rel + 0.1)
+    return np.r_[rel, extra_rel], np.r_[metric, extra_metric]
+
+
+@pytest.mark.parametrize('n_held, n_new, extra_rel, extra_metric, scale', [
+    (25, 35, (), (), 0.3),  # 25 >= 0.4 * 60: the held estimate still explains the frame
+    (24, 36, (), (), 0.3),  # exactly 0.4 * 60: still explains it
+    (10, 50, (), (), 0.6),  # 10 < 0.4 * 60: a new view, taken as it is
+    # No reading (NaN relative depth, metric 0 or NaN) does not count among the samples.
+    (25, 35, np.full(10, np.nan), np.full(10, 0.5), 0.3),
+    (25, 35, np.linspace(0.1, 0.9, 10), np.zeros(10), 0.3),
+    (25, 35, np.linspace(0.1, 0.9, 10), np.full(10, np.nan), 0.3),
+])
+def test_per_frame_gate_counts_only_valid_samples(n_held, n_new, extra_rel, extra_metric,
+                                                  scale):
+    tracker = ScaleTracker()
+    rel = np.linspace(0.05, 1.0, 40)
+    tracker.update(rel, 0.3 * rel + 0.1, 0.0)
+    estimate = tracker.update(*_held_and_new(n_held, n_new, extra_rel, extra_metric), 0.1)
+    assert estimate.scale == pytest.approx(scale)
+    assert estimate.reason == (None if scale == 0.6 else 'gated_outlier')
+
+
+@pytest.mark.parametrize('reference, candidate, outside', [
+    # Positive anchors: the log ratio of each anchor against log 1.5.
+    ((0.5, 1.0), (0.8, 1.2), True),  # 0.8 / 0.5 = 1.6
+    ((0.8, 1.2), (0.5, 1.0), True),
+    ((1.0, 2.0), (1.5, 3.0), False),  # exactly 1.5: inside
+    ((1.0, 2.0), (1.4, 2.2), False),
+    # An anchor not positive: scale ratio (anchor distance) and the move over the larger depth.
+    ((0.0, 1.0), (0.05, 1.05), False),  # same scale, moved 0.05 / 1.05
+    ((0.05, 1.05), (0.0, 1.0), False),
+    ((-10.0, 10.0), (-10.0, 10.5), False),  # scale ratio 1.025, moved 0.5 / 10.5
+    ((-10.0, 10.0), (-6.0, 6.0), True),  # scale ratio 0.6, moved 0.4 only
+    ((-1.0, 1.0), (-1.5, 1.5), False),  # scale ratio exactly 1.5
+    ((-1.0, 1.0), (-2.0, 0.0), False),  # moved exactly 0.5 = gate_factor - 1
+    ((-2.0, 18.0), (-9.0, 11.0), False),  # moved 7 / 18
+    ((-9.0, 11.0), (-2.0, 18.0), False),
+    ((-0.2, 0.2), (-0.45, -0.05), True),  # moved 0.25 / 0.45 below 1 m
+])
+def test_outside_gate_by_hand(reference, candidate, outside):
+    tracker = ScaleTracker(ScaleTrackerConfig(gate_factor=1.5))
+    assert tracker._outside_gate(np.array(reference), np.array(candidate)) is outside
+
+
+@pytest.mark.parametrize('old, new, expected', [
+    ((1.0, 4.0), (2.0, 2.0), (2.0 ** 0.25, 4.0 ** 0.75 * 2.0 ** 0.25)),  # log-space average
+    ((0.0, 5.0), (0.4, 5.4), (0.1, 5.1)),  # an anchor at 0: linear
+    ((0.4, 5.4), (0.0, 5.0), (0.3, 5.3)),
+    ((2.0, 6.0), (-2.0, 2.0), (1.0, 5.0)),
+])
+def test_smoothing_of_anchor_depths_by_hand(old, new, expected):
+    tracker = ScaleTracker(ScaleTrackerConfig(smoothing=0.25))
+    fit = FitResult(1.0, 0.0, 1.0, 0.0, 2, 2)
+    tracker._accept(fit, np.array(old), 0.0, smooth=False)
+    tracker._accept(fit, np.array(new), 0.1, smooth=True)
+    assert tracker._anchor_depth == pytest.approx(expected, rel=1e-12)
+
+
+def test_reinitialisation_after_persistent_change_is_not_smoothed():
+    rel = np.linspace(0.05, 1.0, 60)
+    tracker = ScaleTracker(ScaleTrackerConfig(smoothing=0.5, reinit_after=1))
+    tracker.update(rel, 3.0 * rel + 1.0, 0.0)
+    assert tracker.update(rel, 6.0 * rel + 2.0, 0.1).reason == 'gated_outlier'
+    estimate = tracker.update(rel, 6.0 * rel + 2.0, 0.2)
+    assert estimate.status == 'ok'
+    assert (estimate.scale, estimate.shift) == pytest.approx((6.0, 2.0))
+
+
+def test_sampling_shapes_dtypes_and_messages():
+    uv, values = sparse_pixels(np.array([[0, 1500]], dtype=np.uint16), (1, 1))
+    assert uv.tolist() == [[0, 0]] and values.dtype == np.float64 and values.tolist() == [1500.0]
+    assert sparse_pixels(np.ones((2, 2)), (1, 4))[0].tolist() == [[1, 0], [3, 0], [1, 0], [3, 0]]
+    assert sparse_pixels(np.ones((2, 2)), (4, 1))[0].tolist() == [[0, 1], [0, 1], [0, 3], [0, 3]]
+    for shape in ((0, 4), (4, 0)):
+        with pytest.raises(ValueError, match=r'^target shape must be positive, got \('):
+            sparse_pixels(np.ones((2, 2)), shape)
+    with pytest.raises(ValueError, match=r'^sparse depth must be a 2-D image, got shape \(2,'):
+        sparse_pixels(np.zeros((2, 2, 3)), (4, 4))
+    with pytest.raises(ValueError, match=r'^rel_depth must be H x W, got shape \(5,\)'):
+        sample_sparse_pairs(np.zeros(5), np.zeros((2, 2)))
+    rel_values, metric_values = sample_sparse_pairs(np.array([[1, 2]]), np.array([[0.0, 4.0]]))
+    assert rel_values.dtype == np.float64 and rel_values.tolist() == [2.0]
+    assert metric_values.tolist() == [4.0]
