@@ -323,7 +323,9 @@ def start_ray(args):
             os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
             if args.workers:  # CPU workers: just the cores they use
                 options.update(num_cpus=args.workers * args.threads_per_worker, num_gpus=0)
-            ray.init(object_store_memory=100 * 2 ** 20, **options)
+            # On loopback: a local Ray has no business on the machine's network address.
+            ray.init(object_store_memory=100 * 2 ** 20, _node_ip_address='127.0.0.1',
+                     **options)
         started = True
     gpus = int(ray.cluster_resources().get('GPU', 0))
     if args.workers or not gpus:

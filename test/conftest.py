@@ -37,8 +37,9 @@ def one_torch_thread():
     Run a module's tiny models on one thread (restored afterwards).
 
     On the shared 2-core test machine two torch threads contending with other jobs made the
-    tiny model 5-30x slower than one thread; the results checked do not depend on it, and
-    test_bag_reference's digests were made on one thread.
+    tiny model 5-30x slower than one thread.  The last bits of a model call depend on the
+    thread count: test_bag_reference's digests were made on one thread, and process_bags'
+    one-thread workers are compared with references made here.
     """
     import torch
     threads = torch.get_num_threads()

@@ -28,7 +28,8 @@ ray = pytest.importorskip('ray')
 def local_ray():
     """Start a light local Ray once for the module (two CPUs, no dashboard)."""
     os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=True,
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _node_ip_address='127.0.0.1',
+             log_to_driver=True,
              configure_logging=True, logging_level='warning',
              object_store_memory=100 * 2 ** 20)
     yield
@@ -36,8 +37,13 @@ def local_ray():
 
 
 @pytest.fixture(scope='module')
-def inputs(tmp_path_factory, scenes, random_model_dir):
-    """Three different six-frame bags, a twelve-frame bag, the params and their references."""
+def inputs(tmp_path_factory, scenes, random_model_dir, one_torch_thread):
+    """
+    Three different six-frame bags, a twelve-frame bag, the params and their references.
+
+    The references run on one torch thread, as the workers do: the float sums of a model
+    call, and so the last bits of the outputs, depend on the thread count.
+    """
     root = tmp_path_factory.mktemp('bags')
     params = root / 'depth.yaml'
     params.write_text(PARAMS)
