@@ -246,3 +246,77 @@ def test_rviz_config_is_removed_when_the_launch_ends(tmp_path, monkeypatch):
     assert 'Value: /cam/depth/points' in (tmp_path / 'seen.rviz').read_text()
     assert given.name.startswith('marigold_depth_cam_') and not given.exists()
     assert temp_files == []
+
+
+def test_launched_node_publishes_depth_on_its_topics(tmp_path, monkeypatch):
+    """With launch_ros: the launch file starts the real node, which answers an image on /cam."""
+    import sys
+    import threading
+    import time
+
+    module = _load_launch_module()
+    rclpy = pytest.importorskip('rclpy')
+    from marigold_ros.conversions import rgb_to_image
+    import numpy as np
+    from sensor_msgs.msg import CameraInfo, Image
+    from std_msgs.msg import Header
+
+    # An ament prefix whose depth_node runs this checkout's node with this interpreter.
+    prefix = tmp_path / 'install'
+    (prefix / 'share' / 'ament_index' / 'resource_index' / 'packages').mkdir(parents=True)
+    (prefix / 'share' / 'ament_index' / 'resource_index' / 'packages' / 'marigold_ros').touch()
+    (prefix / 'lib' / 'marigold_ros').mkdir(parents=True)
+    node = prefix / 'lib' / 'marigold_ros' / 'depth_node'
+    node.write_text(f'#!/bin/sh\nexec {sys.executable} -m marigold_ros.depth_node "$@"\n')
+    node.chmod(0o755)
+    monkeypatch.setenv('AMENT_PREFIX_PATH', str(prefix))
+    domain = str(1 + os.getpid() % 100)
+    monkeypatch.setenv('ROS_DOMAIN_ID', domain)
+    monkeypatch.setenv('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+
+    from launch import LaunchDescription, LaunchDescriptionSource, LaunchService
+    from launch.actions import IncludeLaunchDescription
+    service = LaunchService()
+    service.include_launch_description(LaunchDescription([IncludeLaunchDescription(
+        LaunchDescriptionSource(module.generate_launch_description()),
+        launch_arguments={'camera': '/cam', 'model': 'bundled:marigold-tiny',
+                          'device': 'cpu', 'input_reliability': 'reliable'}.items())]))
+    received, errors = [], []
+
+    def peer():
+        # A graph of its own, as a user's tool would be: wait for the node's topics, then
+        # send images until relative depth comes back; the launch ends either way.
+        context = rclpy.Context()
+        rclpy.init(context=context, domain_id=int(domain))
+        io = rclpy.create_node('launch_check', context=context)
+        try:
+            io.create_subscription(Image, '/cam/depth/relative', received.append, 10)
+            image = io.create_publisher(Image, '/cam/image', 10)
+            info = io.create_publisher(CameraInfo, '/cam/camera_info', 10)
+            executor = rclpy.executors.SingleThreadedExecutor(context=context)
+            executor.add_node(io)
+            deadline = time.monotonic() + 120.0
+            while not received and time.monotonic() < deadline:
+                header = Header(stamp=io.get_clock().now().to_msg(), frame_id='cam_optical')
+                info.publish(CameraInfo(header=header, width=32, height=24,
+                                        k=[30.0, 0, 16, 0, 30.0, 12, 0, 0, 1]))
+                image.publish(rgb_to_image(np.full((24, 32, 3), 100, np.uint8), header))
+                end = time.monotonic() + 0.5
+                while time.monotonic() < end:
+                    executor.spin_once(timeout_sec=0.05)
+            topics = dict(io.get_topic_names_and_types())
+            errors.extend(t for t in ('/cam/depth/relative', '/cam/depth/points',
+                                      '/cam/depth/camera_info') if t not in topics)
+            executor.shutdown()
+        finally:
+            io.destroy_node()
+            rclpy.shutdown(context=context)
+            service.shutdown()
+
+    checker = threading.Thread(target=peer)
+    checker.start()
+    service.run()
+    checker.join(60)
+    assert received, 'the launched node published no relative depth'
+    assert received[0].header.frame_id == 'cam_optical' and received[0].encoding == '32FC1'
+    assert not errors, f'topics missing: {errors}'
