@@ -91,7 +91,7 @@ def _fixed_estimate(scale, shift, status='ok'):
 
 
 def test_apply_scale_messages():
-    with pytest.raises(ValueError, match=r"^no usable metric scale: stay relative \(status "
+    with pytest.raises(ValueError, match=r'^no usable metric scale: stay relative \(status '
                        r"'no_estimate'\)$"):
         apply_scale(_fixed_estimate(math.nan, math.nan, 'no_estimate'), np.ones((2, 2)))
     with pytest.raises(ValueError, match=r'\(status None\)$'):
