@@ -324,8 +324,7 @@ def run_graph(sequence, model, device='auto', processing_resolution=0, log=print
         # Resolved by the model (0 = the model's default in the parameters).
         settings = {p: info.get(p, node.get_parameter(p).value) for p in (
             'processing_resolution', 'denoising_steps', 'ensemble_size')}
-        settings['scale'] = node.scale_source.diagnostic_fields('') \
-            if node.scale_source is not None else []
+        settings['scale'] = node.scale_source.diagnostic_fields('')
         return recorder.messages, dict(player.sent), counters, info, settings
     finally:
         for item in (player, recorder, node):

@@ -57,6 +57,7 @@ from .node_params import OutputConfig, parameter_groups
 from .node_threads import NodeThreads
 from .params import declare_groups
 from .pipeline import DepthPipeline
+from .scale_recovery import ScaleRecovery
 from .stamp_matcher import CameraInfoMatcher
 
 
@@ -94,8 +95,8 @@ class _DepthCore(NodeInputs, NodeThreads):
         """Declare the parameters and create the state, the diagnostics and its timer."""
         self._groups = parameter_groups()
         configs = declare_groups(self, self._groups)
-        self._model_config, self._inference, self._output, self._node_config = configs[:4]
-        self._scale_config = configs[4] if len(configs) > 4 else None
+        (self._model_config, self._inference, self._output, self._node_config,
+         self._scale_config) = configs
         self._group_of = {group.cls: group for group in self._groups}
         self._estimator_factory = estimator_factory or default_estimator_factory
         cfg = self._node_config
@@ -104,8 +105,7 @@ class _DepthCore(NodeInputs, NodeThreads):
         self._cameras = cfg.cameras
         self._diag = DiagnosticsCollector(self.get_fully_qualified_name())
         # Relative depth only is what the user asked for unless a scale source is set.
-        self._diag.metric_expected = self._scale_config is not None and \
-            self._scale_config.source != 'none'
+        self._diag.metric_expected = self._scale_config.source != 'none'
         for camera in self._cameras:
             self._diag.add_stream(camera)
         self._throttle = KeyedThrottle(cfg.error_log_period)
@@ -133,10 +133,7 @@ class _DepthCore(NodeInputs, NodeThreads):
         self._image_topics = {}
         self._info_topics = {}
         self._closed = False
-        self._scale_source = None
-        if self._scale_config is not None:  # only there when scale_recovery imports
-            from .scale_recovery import ScaleRecovery
-            self._scale_source = ScaleRecovery(self._scale_config)
+        self._scale_source = ScaleRecovery(self._scale_config)
         self.add_on_set_parameters_callback(self._check_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
         self._diag_publisher = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
@@ -164,7 +161,7 @@ class _DepthCore(NodeInputs, NodeThreads):
 
     @property
     def scale_source(self):
-        """Return the ScaleRecovery of the node (None without scale_recovery)."""
+        """Return the ScaleRecovery of the node."""
         return self._scale_source
 
     def wait_until_ready(self, timeout=None):
@@ -248,8 +245,7 @@ class _DepthCore(NodeInputs, NodeThreads):
                         processing_resolution=resolution or 'input size')
         output = self._output
         info['fixed_scale'] = output.fixed_scale if output.fixed_scale > 0 else 'off'
-        info['scale_recovery'] = self._scale_config.source if self._scale_config else \
-            'unavailable'
+        info['scale_recovery'] = self._scale_config.source
         # Only the details: reading the state and writing it back could undo the loader's
         # 'ready' set in between (a parameter change during loading).
         self._diag.update_model_info(**info)
@@ -333,8 +329,7 @@ class _DepthCore(NodeInputs, NodeThreads):
             return
         self._closed = True
         self._stop_worker()
-        if self._scale_source is not None:
-            self._scale_source.detach()
+        self._scale_source.detach()
 
     def destroy_node(self):
         """Stop and join the worker, then destroy the node (no InvalidHandle on shutdown)."""

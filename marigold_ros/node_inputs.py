@@ -67,9 +67,7 @@ class NodeInputs:
                 qos_overriding_options=self._qos_overrides())
             self._info_topics[camera] = info.topic_name
             self._inputs.append(info)
-            if self._scale_source is not None:
-                self._scale_source.attach(self, camera, self._input_qos(
-                    max(cfg.input_depth, 10)))
+            self._scale_source.attach(self, camera, self._input_qos(max(cfg.input_depth, 10)))
             topic = join_topic(camera, COMPRESSED_IMAGE_TOPIC if compressed else IMAGE_TOPIC)
             subscription = self.create_subscription(
                 CompressedImage if compressed else Image, topic,
@@ -85,8 +83,7 @@ class NodeInputs:
         inputs, self._inputs = self._inputs, []
         for subscription in inputs:
             self.destroy_subscription(subscription)
-        if self._scale_source is not None:
-            self._scale_source.detach()
+        self._scale_source.detach()
 
     def _topic(self, camera, what):
         """Return the resolved name of a camera's 'image' or 'camera_info' input."""

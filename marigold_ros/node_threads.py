@@ -251,5 +251,5 @@ class NodeThreads:
         self._diag.frame_published(output.key, latency,
                                    output.timings.get('estimator', math.nan), output.notes,
                                    output.scale, stages=output.timings)
-        if self._scale_source is not None and self._output.fixed_scale <= 0:
+        if self._output.fixed_scale <= 0:
             self._diag.set_extra(output.key, self._scale_source.diagnostic_fields(output.key))
