@@ -41,6 +41,10 @@ class DepthResult:
     :param timings: seconds per stage for the call that produced this frame
     :param processing_size: (height, width) the model worked at
     :param latent: [E, C, h, w] final depth latents of the ensemble members (warm start)
+    :param device_depth: ``depth`` as a float32 [H, W] tensor on the model's device, kept
+        only when asked for (``estimate(..., device_tensors=True)``), so the outputs can be
+        computed there (marigold_ros.device_outputs); None otherwise
+    :param device_uncertainty: ``uncertainty`` likewise, or None
     """
 
     depth: np.ndarray
@@ -48,6 +52,8 @@ class DepthResult:
     timings: dict = field(default_factory=dict)
     processing_size: tuple = (0, 0)
     latent: object = None
+    device_depth: object = None
+    device_uncertainty: object = None
 
 
 def resolve_device(name):
@@ -340,13 +346,16 @@ class DepthEstimator:
             self.scheduler.alphas_cumprod))) - 1, 0)].to(self.device, self.dtype)
         return alpha.sqrt() * previous + (1 - alpha).sqrt() * noise, strength
 
-    def estimate(self, frames, keys=None, latents=None):
+    def estimate(self, frames, keys=None, latents=None, device_tensors=False):
         """
         Estimate relative depth for one frame or a list of frames (any sizes).
 
         :param frames: uint8 [H, W, 3] array or a list of them (e.g. one per camera)
         :param keys: optional stream key per frame for video warm start
         :param latents: optional initial latents per frame ([E, C, h, w]) replacing the noise
+        :param device_tensors: also keep each result's depth and uncertainty on the device
+            (``DepthResult.device_depth``); off by default, as results kept by a caller must
+            not hold device memory
         :return: DepthResult, or a list of them for a list input
         """
         single, frames, keys, latents = check_call(frames, keys, latents,
@@ -362,6 +371,9 @@ class DepthEstimator:
             # their tensors, which the cache cannot release while it lives.
             text = str(error).strip()
             out_of_memory = text.splitlines()[0] if text else ''
+        if not device_tensors and out_of_memory is None:
+            for result in results:
+                result.device_depth = result.device_uncertainty = None
         if out_of_memory is not None:
             torch.cuda.empty_cache()
             steps, resolution = self.resolved_settings(inference)
@@ -465,9 +477,12 @@ class DepthEstimator:
             prediction = F.interpolate(prediction, frame.shape[:2], mode='bilinear')
             if uncertainty is not None:
                 uncertainty = F.interpolate(uncertainty, frame.shape[:2], mode='bilinear')
-        depth = prediction[0, 0].float().cpu().numpy()
+        device_depth = prediction[0, 0].float()
+        device_uncertainty = None if uncertainty is None else uncertainty[0, 0].float()
+        depth = device_depth.cpu().numpy()
         if uncertainty is not None:
-            uncertainty = uncertainty[0, 0].float().cpu().numpy()
+            uncertainty = device_uncertainty.cpu().numpy()
         timings['postprocess'] = time.perf_counter() - clock
         timings['total'] = sum(v for k, v in timings.items() if k != 'unet_per_step')
-        return DepthResult(depth, uncertainty, timings, tuple(size))
+        return DepthResult(depth, uncertainty, timings, tuple(size),
+                           device_depth=device_depth, device_uncertainty=device_uncertainty)

@@ -1,17 +1,18 @@
 """
-The per-frame output maths on the model's device: resize, metric depth, cloud, uncertainty.
+The per-frame output maths on the model's device: metric depth, uncertainty, cloud points.
 
 The host path (numpy in ``marigold_ros.pipeline`` and ``marigold_model.scale_apply``) does
 this on the CPU, which on a GPU machine costs more than the model at small sizes.  Here the
 maths stays on the device and each output is copied back once (into pinned memory on CUDA).
 On CPU tensors it is the host path to the bit, so the tests need no GPU.  No ROS here; a
 locally refined scale estimate takes the host path (:func:`runs_on_device`).  Per frame,
-with ``prediction`` / ``spread`` the estimator's ensembled [1, 1, h, w] tensors::
+with the estimator's ``DepthResult`` asked for its device tensors (already resized, its
+host ``depth`` is what the scale is fitted to)::
 
-    rel = relative_outputs(prediction, spread, (H, W) or None)  # rel.host_relative: numpy
-    scale = ...  # from the host relative depth, as now
-    out = metric_outputs(rel.relative, scale, max_depth, rel.uncertainty,
+    out = metric_outputs(result.device_depth, scale, max_depth, result.device_uncertainty,
                          rays.get(camera_at_depth_size), points_out=cloud_buffer)
+
+``DepthPipeline(device_outputs=...)`` does this; it is on by default for a CUDA estimator.
 """
 
 from collections import OrderedDict
@@ -20,16 +21,8 @@ from dataclasses import dataclass
 from marigold_model.scale_apply import RefinedScaleEstimate
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .geometry import pixel_rays
-
-
-def resize_prediction(prediction, height, width):
-    """Resize [N, C, h, w] bilinearly, align_corners=False, as ``scale_camera`` assumes."""
-    if tuple(prediction.shape[-2:]) == (int(height), int(width)):
-        return prediction
-    return F.interpolate(prediction, (int(height), int(width)), mode='bilinear')
 
 
 def _as_float32_scalar(value):
@@ -171,23 +164,6 @@ def runs_on_device(estimate):
 
 
 @dataclass
-class RelativeOutputs:
-    """
-    One frame's relative outputs at the output size, on the device and on the host.
-
-    :param relative: [H, W] float32 device tensor, relative depth in [0, 1]
-    :param uncertainty: [H, W] float32 device tensor (ensemble spread) or None
-    :param host_relative: the same as a float32 numpy array
-    :param host_uncertainty: numpy array or None
-    """
-
-    relative: torch.Tensor
-    uncertainty: object
-    host_relative: np.ndarray
-    host_uncertainty: object
-
-
-@dataclass
 class MetricOutputs:
     """
     One frame's metric outputs, on the host.
@@ -200,26 +176,6 @@ class MetricOutputs:
     metric: np.ndarray
     uncertainty: object
     points: object
-
-
-def relative_outputs(prediction, uncertainty=None, size=None):
-    """
-    Resize one frame's ensembled prediction (and spread) and copy it back once.
-
-    :param prediction: [1, 1, h, w] (or [h, w]) relative depth at the processing size
-    :param size: (height, width) to resize to, or None to keep the processing size
-    """
-    device_maps = []
-    for tensor in (prediction, uncertainty):
-        if tensor is None:
-            device_maps.append(None)
-            continue
-        grid = tensor.reshape((1, 1) + tuple(tensor.shape[-2:]))
-        if size is not None:
-            grid = resize_prediction(grid, *size)
-        device_maps.append(grid[0, 0].float())
-    host = to_host(device_maps)
-    return RelativeOutputs(device_maps[0], device_maps[1], host[0], host[1])
 
 
 def metric_outputs(relative, estimate, max_depth=0.0, uncertainty=None, rays=None,

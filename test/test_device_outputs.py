@@ -3,14 +3,14 @@
 import array
 from functools import partial
 
-from marigold_model.config import InferenceConfig
+from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
 from marigold_model.ensemble import ensemble_depth
 from marigold_model.estimator import DepthEstimator, processing_size
 from marigold_model.scale_apply import RefinedScaleEstimate
 from marigold_model.scale_tracking import ScaleEstimate, STATUS_NO_ESTIMATE
 from marigold_ros.conversions import image_to_depth, pointcloud2_to_xyz, rgb_to_image
 from marigold_ros.device_outputs import cloud_points, DeviceRays, metric_outputs
-from marigold_ros.device_outputs import relative_outputs, runs_on_device, to_host
+from marigold_ros.device_outputs import runs_on_device, to_host
 from marigold_ros.geometry import CameraModel, scale_camera
 from marigold_ros.pipeline import DepthPipeline, fixed_scale_estimate, FrameInput
 from marigold_ros.pipeline import OutputConfig
@@ -54,11 +54,16 @@ class FinishingEstimator:
     def __init__(self, decoded, size, inference):
         """Keep the decoder outputs, the processing size and the settings."""
         self.decoded, self.size, self.inference = decoded, size, inference
+        self.device = torch.device('cpu')
 
-    def estimate(self, frames, keys=None):
+    def estimate(self, frames, keys=None, device_tensors=False):
         """One DepthResult per frame, made by the estimator's own finishing code."""
-        return [DepthEstimator._finish(None, frame, self.size, self.decoded, self.inference,
-                                       {}) for frame in frames]
+        results = [DepthEstimator._finish(None, frame, self.size, self.decoded,
+                                          self.inference, {}) for frame in frames]
+        for result in results:
+            if not device_tensors:
+                result.device_depth = result.device_uncertainty = None
+        return results
 
 
 def _host_path(decoded, size, inference, config):
@@ -69,21 +74,14 @@ def _host_path(decoded, size, inference, config):
 
 
 def _device_path(decoded, size, inference, config, device='cpu'):
-    members = decoded[:, :, :size[0], :size[1]].to(device)
-    if members.shape[0] > 1:
-        prediction, spread = ensemble_depth(
-            members, True, inference.ensemble_regularizer, inference.ensemble_max_iter,
-            inference.ensemble_tol, inference.ensemble_max_res)
-    else:
-        prediction, spread = members, None
-    relative = relative_outputs(prediction, spread,
-                                (HEIGHT, WIDTH) if inference.match_input_resolution else None)
-    height, width = relative.host_relative.shape
+    frame = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    relative = DepthEstimator._finish(None, frame, size, decoded.to(device), inference, {})
+    height, width = relative.depth.shape
     camera = scale_camera(CameraModel.from_msg(_distorted_camera_info()), width, height)
     rays = DeviceRays(device).get(camera)
     estimate = fixed_scale_estimate(config.fixed_scale, config.fixed_shift)
-    return relative, metric_outputs(relative.relative, estimate, config.max_depth,
-                                    relative.uncertainty, rays)
+    return relative, metric_outputs(relative.device_depth, estimate, config.max_depth,
+                                    relative.device_uncertainty, rays)
 
 
 def _assert_same_metres(device, host):
@@ -105,7 +103,7 @@ def test_device_outputs_equal_the_host_path_with_distortion(members, match_input
     expected_size = (HEIGHT, WIDTH) if match_input else size
     host_relative = image_to_depth(host.relative)
     assert host_relative.shape == expected_size
-    np.testing.assert_array_equal(relative.host_relative, host_relative)
+    np.testing.assert_array_equal(relative.depth, host_relative)
 
     host_metric = image_to_depth(host.metric)
     # The case exercises both validity rules: non-positive depths and depths beyond max.
@@ -120,7 +118,7 @@ def test_device_outputs_equal_the_host_path_with_distortion(members, match_input
     assert not metric.points[:, :, 3].any()  # the colour word is left to the host
 
     if members == 1:
-        assert relative.host_uncertainty is None and metric.uncertainty is None
+        assert relative.uncertainty is None and metric.uncertainty is None
         assert host.uncertainty is None
     else:
         _assert_same_metres(metric.uncertainty, image_to_depth(host.uncertainty))
@@ -201,11 +199,12 @@ def test_points_land_in_the_cloud_message_buffer_byte_for_byte():
     inference = InferenceConfig(ensemble_size=1)
     config = OutputConfig(fixed_scale=SCALE, fixed_shift=SHIFT, max_depth=MAX_DEPTH)
     host = _host_path(decoded, size, inference, config)
-    relative = relative_outputs(decoded[:1, :, :size[0], :size[1]], None, (HEIGHT, WIDTH))
+    relative = DepthEstimator._finish(None, np.zeros((HEIGHT, WIDTH, 3), np.uint8), size,
+                                      decoded[:1], inference, {})
     camera = scale_camera(CameraModel.from_msg(_distorted_camera_info()), WIDTH, HEIGHT)
     data = array.array('B', [0]) * (16 * HEIGHT * WIDTH)
     buffer = np.frombuffer(data, '<f4').reshape(HEIGHT, WIDTH, 4)
-    metric = metric_outputs(relative.relative, fixed_scale_estimate(SCALE, SHIFT), MAX_DEPTH,
+    metric = metric_outputs(relative.device_depth, fixed_scale_estimate(SCALE, SHIFT), MAX_DEPTH,
                             rays=DeviceRays('cpu').get(camera), points_out=buffer)
     assert metric.points is buffer or np.shares_memory(metric.points, buffer)
     words = np.frombuffer(data, '<u4').reshape(HEIGHT, WIDTH, 4)
@@ -214,3 +213,80 @@ def test_points_land_in_the_cloud_message_buffer_byte_for_byte():
     np.testing.assert_array_equal(words[:, :, :3], host_words[:, :, :3])
     with pytest.raises(ValueError, match='output buffer'):
         to_host([torch.zeros(2, 3)], [np.zeros((3, 2), np.float32)])
+
+
+class RefinedScale:
+    """A scale source giving a locally refined estimate (host path only)."""
+
+    def estimate(self, key, header, relative_depth, camera):
+        """Refine towards three points at the depth image's corners."""
+        height, width = relative_depth.shape
+        uv = np.array([[0.0, 0.0], [width - 1.0, 0.0], [0.0, height - 1.0]])
+        return RefinedScaleEstimate(
+            scale=SCALE, shift=SHIFT, inlier_ratio=1.0, residual=0.0, n_points=3, age_s=0.0,
+            status='ok', sparse_uv=uv, sparse_metric=np.array([1.0, 1.5, 2.0]),
+            grid_shape=(height, width))
+
+
+def _pipeline_outputs(decoded, size, inference, config, device_outputs, scale_source=None):
+    rgb = np.random.default_rng(1).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    pipeline = DepthPipeline(FinishingEstimator(decoded, size, inference), config,
+                             scale_source, device_outputs=device_outputs)
+    assert pipeline.device_outputs is device_outputs
+    (out,) = pipeline.process([FrameInput(rgb_to_image(rgb, _header()), _distorted_camera_info(),
+                                          outputs=frozenset({'relative', 'metric', 'points',
+                                                             'uncertainty', 'camera_info'}))])
+    return out
+
+
+@pytest.mark.parametrize('members', [1, 3])
+@pytest.mark.parametrize('match_input', [True, False])
+def test_pipeline_device_path_publishes_the_host_path_messages(members, match_input):
+    """DepthPipeline(device_outputs=True) on the CPU: every message equal, byte for byte."""
+    decoded, size = _decoded(members)
+    inference = InferenceConfig(ensemble_size=members, match_input_resolution=match_input)
+    config = OutputConfig(fixed_scale=SCALE, fixed_shift=SHIFT, max_depth=MAX_DEPTH)
+    host = _pipeline_outputs(decoded, size, inference, config, False)
+    device = _pipeline_outputs(decoded, size, inference, config, True)
+    assert host.points is not None and host.metric is not None
+    assert (host.uncertainty is None) == (members == 1)
+    for name in ('relative', 'metric', 'uncertainty', 'points', 'camera_info'):
+        assert getattr(device, name) == getattr(host, name), name
+    words = np.frombuffer(bytes(device.points.data), '<u4').reshape(-1, 4)
+    assert words[:, 3].any()  # the colours were written after the device's x y z
+
+
+def test_pipeline_device_path_leaves_a_refined_scale_to_the_host():
+    """A locally refined estimate is applied by scipy on the host, device path or not."""
+    decoded, size = _decoded(1)
+    inference = InferenceConfig(ensemble_size=1)
+    config = OutputConfig(max_depth=MAX_DEPTH)
+    host = _pipeline_outputs(decoded, size, inference, config, False, RefinedScale())
+    device = _pipeline_outputs(decoded, size, inference, config, True, RefinedScale())
+    assert isinstance(device.scale, RefinedScaleEstimate)
+    for name in ('metric', 'points'):
+        assert getattr(device, name) == getattr(host, name), name
+
+
+def test_estimator_keeps_device_tensors_only_when_asked(random_model_dir):
+    """Results hold device tensors only with device_tensors=True; the same numbers."""
+    tiny_estimator = DepthEstimator(EstimatorConfig(ModelConfig(model=random_model_dir,
+                                                                device='cpu')))
+    rgb = np.random.default_rng(2).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    plain = tiny_estimator.estimate(rgb)
+    assert plain.device_depth is None and plain.device_uncertainty is None
+    kept = tiny_estimator.estimate(rgb, device_tensors=True)
+    assert kept.device_depth.device == tiny_estimator.device
+    np.testing.assert_array_equal(kept.device_depth.cpu().numpy(), kept.depth)
+    assert kept.device_depth.shape == (40, 56)
+
+
+def test_pipeline_takes_the_device_path_by_default_only_for_cuda():
+    """Auto: on for an estimator on CUDA, off on the CPU, where numpy is as fast."""
+    class OnDevice:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+    assert DepthPipeline(OnDevice('cuda')).device_outputs
+    assert not DepthPipeline(OnDevice('cpu')).device_outputs
+    assert not DepthPipeline(object()).device_outputs
