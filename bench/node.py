@@ -232,39 +232,13 @@ def _camera_thread(publishers, rate, stop, clock):
             tick = time.perf_counter()  # behind by a whole frame: a camera does not burst
 
 
-def run_stand_in(milliseconds, cameras=1, seconds=10.0, warmup_s=2.0, rate=None):
-    """
-    Run the node against StandInEstimator at a camera rate: throughput and latency.
+def _camera_names(cameras):
+    return [''] if cameras == 1 else [f'cam{i}' for i in range(cameras)]
 
-    Open loop: every camera publishes a 640x480 rgb8 image and its camera_info at ``rate``
-    (default: the model's pace, 1000 / (T x cameras) per camera: one call of N frames takes
-    N x T), from its own thread, whatever the node does.  depth/image, depth/points and
-    depth/relative of every camera are subscribed (raw); the node builds only those.  After
-    ``warmup_s`` the frames the node publishes over ``seconds`` are counted (throughput)
-    and their stamp-to-publish latencies and stages collected from the node's own
-    diagnostics calls.
 
-    :param milliseconds: the stand-in's time per frame (T)
-    :param cameras: camera namespaces into the one node
-    :param seconds: measuring window
-    :param warmup_s: run-in before the window
-    :param rate: frames per second per camera (default the model's pace)
-    :return: dict of figures
-    """
-    import threading
-    from stand_in import StandInEstimator  # bench/stand_in.py, next to this file
-    rate = rate or 1000.0 / (milliseconds * cameras)
+def _make_io(context, names):
+    """The bench's camera and subscriber node: (node, publishers, received counts)."""
     rgb, camera = test_image()
-    names = [''] if cameras == 1 else [f'cam{i}' for i in range(cameras)]
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    overrides = [Parameter('model', value='stand-in'), Parameter('device', value='cpu'),
-                 Parameter('fixed_scale', value=2.0), Parameter('fixed_shift', value=0.5),
-                 Parameter('input_reliability', value='reliable'),
-                 Parameter('warmup', value=False), Parameter('cameras', value=names)]
-    node = DepthNode(context=context, namespace='/bench', parameter_overrides=overrides,
-                     estimator_factory=lambda config: StandInEstimator(milliseconds, config),
-                     load_async=False)
     io = Node('bench_io', context=context, namespace='/bench')
     qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
     received = {}
@@ -284,6 +258,87 @@ def run_stand_in(milliseconds, cameras=1, seconds=10.0, warmup_s=2.0, rate=None)
         publishers.append((io.create_publisher(CameraInfo, prefix + 'camera_info', qos),
                            io.create_publisher(Image, prefix + 'image', qos),
                            camera.to_msg(header), rgb_to_image(rgb, header)))
+    return io, publishers, received
+
+
+def run_io_process(cameras, rate):
+    """
+    The camera and the subscribers alone (``--io-only``), as a camera driver and a viewer.
+
+    Waits for the node's outputs, publishes at ``rate`` until standard input closes, then
+    prints the received counts and this process's CPU seconds as JSON.
+    """
+    import sys
+    import threading
+    names = _camera_names(cameras)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    io, publishers, received = _make_io(context, names)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(io)
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    feeder = threading.Thread(target=_camera_thread,
+                              args=(publishers, rate, stop, io.get_clock()), daemon=True)
+    try:
+        while not stop.is_set() and not all(
+                io.count_publishers(f'/bench/{topic}') for topic in received):
+            executor.spin_once(timeout_sec=0.05)
+        feeder.start()
+        while not stop.is_set():
+            executor.spin_once(timeout_sec=0.05)
+    finally:
+        stop.set()
+        if feeder.is_alive():
+            feeder.join(5.0)
+        _tear_down(executor, context, io)
+    print(json.dumps({'received': received, 'cpu_s': time.process_time()}), flush=True)
+
+
+def run_stand_in(milliseconds, cameras=1, seconds=10.0, warmup_s=2.0, rate=None,
+                 camera_process=False):
+    """
+    Run the node against StandInEstimator at a camera rate: throughput and latency.
+
+    Open loop: every camera publishes a 640x480 rgb8 image and its camera_info at ``rate``
+    (default: the model's pace, 1000 / (T x cameras) per camera: one call of N frames takes
+    N x T), from its own thread, whatever the node does.  depth/image, depth/points and
+    depth/relative of every camera are subscribed (raw); the node builds only those.  After
+    ``warmup_s`` the frames the node publishes over ``seconds`` are counted (throughput)
+    and their stamp-to-publish latencies and stages collected from the node's own
+    diagnostics calls.
+
+    :param milliseconds: the stand-in's time per frame (T)
+    :param cameras: camera namespaces into the one node
+    :param seconds: measuring window
+    :param warmup_s: run-in before the window
+    :param rate: frames per second per camera (default the model's pace)
+    :param camera_process: the camera and the subscribers in a process of their own (as a
+        camera driver and a viewer are), so the node's process does only the node's work
+    :return: dict of figures
+    """
+    import subprocess
+    import sys
+    import threading
+    from stand_in import StandInEstimator  # bench/stand_in.py, next to this file
+    rate = rate or 1000.0 / (milliseconds * cameras)
+    names = _camera_names(cameras)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    overrides = [Parameter('model', value='stand-in'), Parameter('device', value='cpu'),
+                 Parameter('fixed_scale', value=2.0), Parameter('fixed_shift', value=0.5),
+                 Parameter('input_reliability', value='reliable'),
+                 Parameter('warmup', value=False), Parameter('cameras', value=names)]
+    node = DepthNode(context=context, namespace='/bench', parameter_overrides=overrides,
+                     estimator_factory=lambda config: StandInEstimator(milliseconds, config),
+                     load_async=False)
+    if camera_process:
+        io = publishers = received = None
+        child = subprocess.Popen(
+            [sys.executable, __file__, '--io-only', '--cameras', str(cameras), '--rate',
+             str(rate)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    else:
+        io, publishers, received = _make_io(context, names)
     published = []  # (monotonic time, camera, latency s, stages) per frame published
     record = node.diagnostics.frame_published
 
@@ -294,20 +349,23 @@ def run_stand_in(milliseconds, cameras=1, seconds=10.0, warmup_s=2.0, rate=None)
     node.diagnostics.frame_published = recorded
     executor = SingleThreadedExecutor(context=context)  # what rclpy.spin (depth_node) uses
     executor.add_node(node)
-    executor.add_node(io)
     stop = threading.Event()
-    feeder = threading.Thread(target=_camera_thread,
-                              args=(publishers, rate, stop, io.get_clock()), daemon=True)
+    if not camera_process:
+        executor.add_node(io)
+        feeder = threading.Thread(target=_camera_thread,
+                                  args=(publishers, rate, stop, io.get_clock()), daemon=True)
     try:
         # Every subscription matched before the first frame (nothing lost to discovery).
         deadline = time.monotonic() + 30.0
         while time.monotonic() < deadline and not (
-                all(p[1].get_subscription_count() for p in publishers) and
+                all(node.count_publishers(f'/bench/{n}/image'.replace('//', '/'))
+                    for n in names) and
                 all(node._outputs[n][o].get_subscription_count()
                     for n in names for o in ('relative', 'metric', 'points'))):
             executor.spin_once(timeout_sec=0.05)
         load = os.getloadavg()[0]
-        feeder.start()
+        if not camera_process:
+            feeder.start()
         begin = time.monotonic() + warmup_s
         end = begin + seconds
         start_counts = None
@@ -320,8 +378,15 @@ def run_stand_in(milliseconds, cameras=1, seconds=10.0, warmup_s=2.0, rate=None)
         end_counts = {n: node.diagnostics.snapshot(n) for n in names}
     finally:
         stop.set()
-        feeder.join(5.0)
-        _tear_down(executor, context, node, io)
+        if camera_process:
+            io_figures = json.loads(child.communicate('', timeout=60)[0].strip().splitlines()[-1])
+            received = io_figures['received']
+            _tear_down(executor, context, node)
+        else:
+            io_figures = None
+            if feeder.is_alive():
+                feeder.join(5.0)
+            _tear_down(executor, context, node, io)
     window = [p for p in published if begin <= p[0] < end]
     latency = np.array([p[2] for p in window])
     # The diagnostics stages, and the wait between the model and the finisher thread.
@@ -347,6 +412,9 @@ def run_stand_in(milliseconds, cameras=1, seconds=10.0, warmup_s=2.0, rate=None)
         # what the shared machine's load cannot inflate much; 1000 / it is the rate two
         # idle cores could reach at best.
         'cpu_ms_per_frame': 1000 * cpu / max(1, len(window)),
+        'camera_process': camera_process,
+        # the camera and subscriber process: its CPU over its whole life (not only the window)
+        'io_process_cpu_s': io_figures['cpu_s'] if io_figures else None,
         'outputs_received': dict(received),
     }
 
@@ -364,7 +432,10 @@ def print_stand_in(result):
           f" ms per call: {r['latency_minus_model_p50_ms']:.2f} ms (target <= 4)")
     print('  stages p50 (ms): ' + ', '.join(
         f'{name} {ms:.2f}' for name, ms in r['stages_p50_ms'].items()) +
-        f"; process CPU {r['cpu_ms_per_frame']:.2f} ms per frame published")
+        f"; {'node ' if r['camera_process'] else ''}process CPU "
+        f"{r['cpu_ms_per_frame']:.2f} ms per frame published" +
+        (' (camera and subscribers in their own process)' if r['camera_process'] else
+         ' (node, camera and subscribers)'))
 
 
 # ------------------------------------------------------------------ 2: conversion and cloud
@@ -513,8 +584,19 @@ def main(argv=None):
                              'cameras), the pace of the model)')
     parser.add_argument('--seconds', type=float, default=10.0,
                         help='with --stand-in-ms: measuring window per run')
+    parser.add_argument('--camera-process', action='store_true',
+                        help='with --stand-in-ms: the camera and the subscribers in a '
+                             'process of their own (as a driver and a viewer would be)')
+    parser.add_argument('--io-only', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.camera_process or args.io_only:
+        # two processes must discover each other: this host only, a domain of their own
+        os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+        os.environ.setdefault('ROS_DOMAIN_ID', str(50 + os.getpid() % 50))
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'OFF')
+    if args.io_only:
+        run_io_process(args.cameras, args.rate)
+        return 0
     if args.stand_in_ms:
         floor = run_transfer_floor()
         print(f"rclpy alone, no node work: publishing one frame's outputs "
@@ -523,7 +605,7 @@ def main(argv=None):
         results = []
         for milliseconds in args.stand_in_ms:
             results.append(run_stand_in(milliseconds, args.cameras, args.seconds,
-                                        rate=args.rate))
+                                        rate=args.rate, camera_process=args.camera_process))
             print_stand_in(results[-1])
         if args.json:
             Path(args.json).write_text(json.dumps({'transfer_floor': floor,
