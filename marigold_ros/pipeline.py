@@ -7,7 +7,8 @@ meets them::
 
     decode   Image / CompressedImage -> RGB (conversions)            FrameInput.rgb
     infer    ONE DepthEstimator call for the batch -> relative depth  FrameInput.depth
-             (+ uncertainty)
+             (+ uncertainty); with sparse guidance on, frames that have  FrameInput.guided
+             sparse points are guided one by one first (guided_depth)
     finish   camera model scaled to the depth resolution (geometry), metric scale (fixed by
              the user, or from a scale source) -> messages            FrameOutput
 
@@ -40,6 +41,7 @@ from PIL import Image as PILImage
 from .conversions import compressed_to_rgb, depth_to_image, image_to_rgb, ImageConversionError
 from .conversions import organized_cloud_msg, rgb_to_image
 from .geometry import CalibrationError, CameraModel, pixel_rays, scale_camera
+from .guided_depth import GuidedInference
 from .node_params import DEFAULT_OUTPUT_NAMES, OutputConfig
 from .stamp_matcher import stamp_to_ns
 
@@ -72,6 +74,8 @@ class FrameInput:
     :param depth: the estimator's DepthResult, set by :meth:`DepthPipeline.infer`
     :param error: the FrameError that stopped the frame, or None
     :param timings: seconds per stage so far ('decode', 'estimator': the batch's call)
+    :param guided: the frame's :class:`~marigold_model.guidance.GuidedResult` when sparse
+        guidance made its depth (then ``depth`` holds its relative depth), else None
     """
 
     image: object
@@ -82,6 +86,7 @@ class FrameInput:
     depth: object = None
     error: object = None
     timings: dict = field(default_factory=dict)
+    guided: object = None
 
 
 @dataclass
@@ -258,23 +263,28 @@ class DepthPipeline:
 
     Thread-safety: each stage may run on its own thread, one call at a time per stage, the
     batches in the same order through every stage (the estimator's warm start and the
-    scale tracking follow that order).  ``output_config`` and ``scale_source`` may be
-    replaced from another thread (each stage call reads them once).
+    scale tracking follow that order).  ``output_config``, ``scale_source`` and
+    ``guidance`` may be replaced from another thread (each stage call reads them once).
 
     :param estimator: marigold_model DepthEstimator (or anything with its ``estimate``)
     :param output_config: OutputConfig
     :param scale_source: object with ``estimate(key, header, relative_depth, camera)``
         returning a ScaleEstimate or None (see marigold_ros.scale_recovery), or None
+    :param guidance: GuidanceConfig to guide the frames that have sparse points (the scale
+        source must be a ScaleRecovery), or None for no guidance
     """
 
-    def __init__(self, estimator, output_config=OutputConfig(), scale_source=None):
-        """Keep the estimator, the output settings and the scale source."""
+    def __init__(self, estimator, output_config=OutputConfig(), scale_source=None,
+                 guidance=None):
+        """Keep the estimator, the output settings, the scale source and the guidance."""
         if not isinstance(output_config, OutputConfig):
             raise TypeError(f'output_config must be an OutputConfig, got '
                             f'{type(output_config).__name__}')
         self.estimator = estimator
         self.output_config = output_config
         self.scale_source = scale_source
+        self.guidance = guidance
+        self._guided = GuidedInference()
 
     def process(self, frames):
         """
@@ -326,8 +336,13 @@ class DepthPipeline:
         :raises Exception: only unexpected estimator failures (bugs)
         """
         good = [frame for frame in frames if frame.error is None]
+        guided = 0.0
+        if good and self.guidance is not None and self.scale_source is not None and \
+                self.output_config.fixed_scale <= 0:
+            good, guided = self._guided.infer(good, self.estimator, self.guidance,
+                                              self.scale_source, self._camera_of)
         if not good:
-            return 0.0
+            return guided
         clock = time.perf_counter()
         try:
             estimates = self.estimator.estimate([frame.rgb for frame in good],
@@ -341,10 +356,17 @@ class DepthPipeline:
             for frame, estimate in zip(good, estimates):
                 frame.depth = estimate
                 frame.timings['estimator'] = seconds
-            return seconds
+            return seconds + guided
         for frame in good:
             frame.error = FrameError(reason, message, frame.key)
-        return time.perf_counter() - clock
+        return time.perf_counter() - clock + guided
+
+    def _camera_of(self, frame):
+        """Return the CameraModel of a decoded frame's image, or None without camera_info."""
+        if frame.camera_info is None:
+            return None
+        return camera_for_image(frame.camera_info, frame.rgb.shape[1], frame.rgb.shape[0],
+                                self.output_config.rectified_input)
 
     # ------------------------------------------------------------------ 3. finish
 
@@ -375,6 +397,8 @@ class DepthPipeline:
         source = self.scale_source
         if source is None:
             return None
+        if frame.guided is not None:  # the depth is the guided one: its own scale and shift
+            return source.guided_estimate(frame.key, header, frame.guided)
         try:
             return source.estimate(frame.key, header, depth, camera)
         except Exception as error:  # noqa: B902 - a scale problem must not lose the frame
