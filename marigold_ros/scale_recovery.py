@@ -438,7 +438,7 @@ class ScaleRecovery:
         :param error: the :class:`~marigold_model.guidance.GuidanceError`
         """
         self._report(ScaleInputError(GUIDANCE_REASON_PREFIX + error.reason, str(error), key),
-                     'sparse guidance not used for this frame: the global fit is')
+                     'sparse guidance not used for this frame: the global fit is used')
 
     def _match(self, key, header):
         """Return the stream of ``key`` and its reading matched to the frame stamp (or None)."""
