@@ -18,8 +18,9 @@ file when ``camera`` is relative), so its outputs are ``<camera>/depth/relative`
 ``points_in`` remap its inputs (relative names resolve inside the camera namespace).  Every
 other setting comes from ``params_file`` (default: the installed config/depth.yaml);
 ``model``, ``device``, ``scale_source``, ``guidance``, ``input_reliability`` and
-``use_sim_time`` override it when given.  The remappings apply to the default single camera (``cameras: ['']``); a
-params file serving several cameras names their topics by namespace instead.
+``use_sim_time`` override it when given.  The remappings apply to the default single
+camera (``cameras: ['']``); a params file serving several cameras names their topics by
+namespace instead.
 
 The node is declared at top level (``ros2 launch --print`` shows it with its remappings);
 only RViz, whose config is rewritten for the namespace, is built in an OpaqueFunction.
