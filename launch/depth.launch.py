@@ -17,9 +17,10 @@ file when ``camera`` is relative), so its outputs are ``<camera>/depth/relative`
 ``<camera>/depth/points`` etc.; ``image``, ``camera_info``, ``sparse_depth`` and
 ``points_in`` remap its inputs (relative names resolve inside the camera namespace).  Every
 other setting comes from ``params_file`` (default: the installed config/depth.yaml);
-``model``, ``device``, ``scale_source``, ``input_reliability`` and ``use_sim_time`` override
-it when given.  The remappings apply to the default single camera (``cameras: ['']``); a
-params file serving several cameras names their topics by namespace instead.
+``model``, ``device``, ``scale_source``, ``guidance``, ``input_reliability`` and
+``use_sim_time`` override it when given.  The remappings apply to the default single
+camera (``cameras: ['']``); a params file serving several cameras names their topics by
+namespace instead.
 
 The node is declared at top level (``ros2 launch --print`` shows it with its remappings);
 only RViz, whose config is rewritten for the namespace, is built in an OpaqueFunction.
@@ -59,6 +60,9 @@ ARGUMENTS = (
                                'points; extrinsic from tf2)'),
     ('scale_source', '', 'override of scale_recovery.source: none, sparse_depth or points '
                          '(empty: params_file)'),
+    ('guidance', '', 'override of scale_recovery.guidance: true steers the diffusion towards '
+                     'the sparse points (Marigold-DC; much slower), false fits a scale '
+                     'afterwards (empty: params_file)'),
     ('input_reliability', '', 'override of input_reliability: best_effort (receives from '
                               'every camera) or reliable (no loss of large images, only '
                               'from reliable publishers) (empty: params_file)'),
@@ -79,7 +83,7 @@ ARGUMENTS = (
 
 #: launch argument -> node parameter it overrides when not empty.
 OVERRIDES = (('model', 'model'), ('device', 'device'),
-             ('scale_source', 'scale_recovery.source'),
+             ('scale_source', 'scale_recovery.source'), ('guidance', 'scale_recovery.guidance'),
              ('input_reliability', 'input_reliability'), ('use_sim_time', 'use_sim_time'))
 
 
@@ -92,13 +96,14 @@ def parameter_overrides(arguments):
     Return the node parameters the launch arguments override (empty ones leave params_file).
 
     :param arguments: launch argument name -> value (strings)
-    :return: dict parameter name -> value (use_sim_time as a bool)
+    :return: dict parameter name -> value (use_sim_time and guidance as bools)
     """
     overrides = {}
     for argument, parameter in OVERRIDES:
         value = arguments.get(argument, '')
         if value:
-            overrides[parameter] = _is_true(value) if parameter == 'use_sim_time' else value
+            boolean = parameter in ('use_sim_time', 'scale_recovery.guidance')
+            overrides[parameter] = _is_true(value) if boolean else value
     return overrides
 
 

@@ -9,7 +9,8 @@ import argparse
 from dataclasses import dataclass, field, fields, MISSING
 import math
 
-from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig, override
+from marigold_model.config import EstimatorConfig, GuidanceConfig, InferenceConfig
+from marigold_model.config import ModelConfig, override
 
 from .bag_io import BagError, STORAGES
 from .node_params import estimator_config, NodeConfig, OutputConfig
@@ -49,6 +50,10 @@ class BagJob:
         or None for all.  The rest of the recording is still read, so matching and batching
         are those of the whole run: the windows' outputs, one after the other, are the
         whole run's output (when no state carries over frames, see there).
+    :param guidance: sparse guidance (Marigold-DC) for the frames with sparse depth / LiDAR
+        points (``scale_recovery.guidance``; also on when the params file sets it)
+    :param guidance_settings: ((GuidanceConfig field, value), ...) over the params file's
+        ``guidance.*``
     """
 
     input: str  # noqa: A003 - the command-line name
@@ -70,6 +75,8 @@ class BagJob:
     strict: bool = False
     quiet: bool = False
     frames: tuple = None
+    guidance: bool = False
+    guidance_settings: tuple = ()
 
 
 @dataclass
@@ -156,12 +163,14 @@ class RunConfig:
     :param output: OutputConfig
     :param node: NodeConfig (camera info matching; the live-only fields are unused)
     :param scale: ScaleRecoveryConfig (source set from the scale topics)
+    :param guidance: GuidanceConfig (used when ``scale.guidance``)
     """
 
     estimator: EstimatorConfig
     output: OutputConfig
     node: NodeConfig
     scale: ScaleRecoveryConfig
+    guidance: GuidanceConfig = GuidanceConfig()
 
 
 def build_run_config(job, topics, configs):
@@ -180,9 +189,11 @@ def build_run_config(job, topics, configs):
         output = override(output, publish_points=False)
     source = 'sparse_depth' if topics.sparse_depth else 'points' if topics.points else 'none'
     scale = override(configs[ScaleRecoveryConfig], source=source,
-                     queue_size=max(configs[ScaleRecoveryConfig].queue_size, OFFLINE_QUEUE))
+                     queue_size=max(configs[ScaleRecoveryConfig].queue_size, OFFLINE_QUEUE),
+                     guidance=job.guidance or configs[ScaleRecoveryConfig].guidance)
+    guidance = override(configs[GuidanceConfig], **dict(job.guidance_settings))
     return RunConfig(estimator_config(model, configs[InferenceConfig], output), output,
-                     configs[NodeConfig], scale)
+                     configs[NodeConfig], scale, guidance)
 
 
 # ---------------------------------------------------------------------------- summary
@@ -296,9 +307,47 @@ def add_job_options(parser, leave_out=()):
     parser.add_argument('--strict', action='store_true',
                         help='stop without output when a frame cannot be processed')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
+    _add_guidance_options(parser)
     # Every default comes from BagJob (the options and the fields have the same names).
     parser.parser.set_defaults(**defaults)
     return parser.parser
+
+
+def _add_guidance_options(parser):
+    """Add --guidance and one --guidance-<field> per GuidanceConfig field (its defaults)."""
+    parser.add_argument('--guidance', action='store_true',
+                        help='sparse guidance (Marigold-DC): steer the diffusion towards the '
+                        'sparse depth / LiDAR points of each frame instead of fitting a scale '
+                        'afterwards (much slower; frames with too few points use the global '
+                        'fit); the same as scale_recovery.guidance: true')
+    defaults = GuidanceConfig()
+    for item in fields(GuidanceConfig):
+        default = getattr(defaults, item.name)
+        parser.add_argument(f'--guidance-{item.name.replace("_", "-")}',
+                            dest='guidance_settings', action=_Setting, const=item.name,
+                            type=_parse_bool if isinstance(default, bool) else type(default),
+                            metavar=type(default).__name__.upper(),
+                            help=f'guidance.{item.name} (default: the params file, else '
+                            f'{default})')
+
+
+def _parse_bool(text):
+    """Read true / false (1 / 0, yes / no) for a boolean option."""
+    value = text.strip().lower()
+    if value in ('true', '1', 'yes', 'on'):
+        return True
+    if value in ('false', '0', 'no', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
+
+
+class _Setting(argparse.Action):
+    """Collect (field, value) pairs of several options in one destination, in order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        """Append (field, value) to the destination's tuple."""
+        setattr(namespace, self.dest,
+                tuple(getattr(namespace, self.dest, None) or ()) + ((self.const, values),))
 
 
 class _Filtered:

@@ -33,6 +33,7 @@ same input, parameters (``--batch`` included), seed, software and machine.  Exit
 """
 
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 import contextlib
 import math
 from pathlib import Path
@@ -281,7 +282,10 @@ class _Run:
         elif topics.points:
             self.scale = ScaleRecovery(config.scale,
                                        processor._transforms(reader, config.scale))
-        self.pipeline = DepthPipeline(processor.estimator, config.output, self.scale)
+        # Sparse guidance needs each frame's points before inference (guided_depth).
+        self.guided = self.scale is not None and config.scale.guidance
+        self.pipeline = DepthPipeline(processor.estimator, config.output, self.scale,
+                                      config.guidance if self.guided else None)
         self.model = ThreadPoolExecutor(max_workers=1, thread_name_prefix='process_bag_model')
         self.model_seconds = 0.0  # written by the model thread only
         self.camera_infos = CameraInfoMatcher(config.node.camera_info_tolerance,
@@ -427,10 +431,24 @@ class _Run:
             for frame in frames:
                 if isinstance(frame.image, BagError):  # fails in order, without the model
                     frame.error = FrameError('corrupt', str(frame.image), frame.key)
+            if self.guided:
+                self._match_camera_infos(batch, frames)  # LiDAR points are projected
             now = (batch, frames, self.model.submit(self._decode_and_infer, frames))
         if started is not None:
             self._finish(*started)
+        if self.guided and now is not None:
+            # The model thread reads the sparse input of this batch: no more is added until
+            # it is done, so the points do not depend on timing (bit-identical runs).
+            wait_futures([now[2]])
         return now
+
+    def _match_camera_infos(self, batch, frames):
+        """Match each frame's camera info with everything read up to now."""
+        if self.topics.camera_info:
+            for (_, _, fallback), frame in zip(batch, frames):
+                if not isinstance(frame.image, BagError):
+                    frame.camera_info = self.camera_infos.match(
+                        stamp_to_ns(frame.image.header.stamp), fallback)
 
     def _decode_and_infer(self, frames):
         """Decode a batch, then make its one estimator call (on the model thread)."""
@@ -439,11 +457,8 @@ class _Run:
     def _finish(self, batch, frames, model):
         """Match camera info (everything read up to now), finish, queue the writes."""
         model.result()  # re-raises an unexpected estimator failure
-        if self.topics.camera_info:
-            for (_, _, fallback), frame in zip(batch, frames):
-                if not isinstance(frame.image, BagError):
-                    frame.camera_info = self.camera_infos.match(
-                        stamp_to_ns(frame.image.header.stamp), fallback)
+        if not self.guided:  # guided runs matched them before inference
+            self._match_camera_infos(batch, frames)
         summary = self.summary
         done = []
         for (message, _, _), frame, result in zip(batch, frames, self.pipeline.finish(frames)):

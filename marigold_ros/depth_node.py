@@ -36,7 +36,7 @@ import threading
 import time
 
 from diagnostic_msgs.msg import DiagnosticArray
-from marigold_model.config import InferenceConfig
+from marigold_model.config import GuidanceConfig, InferenceConfig
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
@@ -96,7 +96,7 @@ class _DepthCore(NodeInputs, NodeThreads):
         self._groups = parameter_groups()
         configs = declare_groups(self, self._groups)
         (self._model_config, self._inference, self._output, self._node_config,
-         self._scale_config) = configs
+         self._scale_config, self._guidance) = configs
         self._group_of = {group.cls: group for group in self._groups}
         self._estimator_factory = estimator_factory or default_estimator_factory
         cfg = self._node_config
@@ -211,7 +211,8 @@ class _DepthCore(NodeInputs, NodeThreads):
         with self._config_lock:
             self._estimator = estimator
             self._applied_inference = None  # the worker applies the current settings
-            self._pipeline = DepthPipeline(estimator, self._output, self._scale_source)
+            self._pipeline = DepthPipeline(estimator, self._output, self._scale_source,
+                                           self._guidance_setting())
         seconds = time.monotonic() - start
         device = str(getattr(estimator, 'device', config.model.device))
         dtype = str(getattr(estimator, 'dtype', config.model.dtype)).replace('torch.', '')
@@ -246,16 +247,24 @@ class _DepthCore(NodeInputs, NodeThreads):
         output = self._output
         info['fixed_scale'] = output.fixed_scale if output.fixed_scale > 0 else 'off'
         info['scale_recovery'] = self._scale_config.source
+        guidance = self._guidance_setting()
+        info['guidance'] = 'off' if guidance is None else \
+            f'{guidance.denoising_steps} steps x {guidance.iterations_per_step}'
         # Only the details: reading the state and writing it back could undo the loader's
         # 'ready' set in between (a parameter change during loading).
         self._diag.update_model_info(**info)
 
     # ------------------------------------------------------------------ parameters
 
+    def _guidance_setting(self):
+        """Return the GuidanceConfig the pipeline uses, or None when guidance is off."""
+        return self._guidance if self._scale_config.guidance else None
+
     def _candidate_configs(self, parameters):
         inference, _ = self._group_of[InferenceConfig].apply(self._inference, parameters)
         output, _ = self._group_of[OutputConfig].apply(self._output, parameters)
-        return inference, output
+        guidance, _ = self._group_of[GuidanceConfig].apply(self._guidance, parameters)
+        return inference, output, guidance
 
     def _check_parameters(self, parameters):
         """Reject runtime changes that the configs refuse (read-only / ranges: rclpy)."""
@@ -271,12 +280,14 @@ class _DepthCore(NodeInputs, NodeThreads):
         parameters = [p for p in parameters if p.name in names]
         if not parameters:
             return  # rclpy's own (qos_overrides.* declared with the topics, use_sim_time)
-        inference, output = self._candidate_configs(parameters)
+        inference, output, guidance = self._candidate_configs(parameters)
         with self._config_lock:
             self._inference = inference
             self._output = output
+            self._guidance = guidance
             if self._pipeline is not None:
                 self._pipeline.output_config = output
+                self._pipeline.guidance = self._guidance_setting()
         self._update_settings_info()
         self.get_logger().info('parameters changed: ' + ', '.join(
             f'{p.name}={p.value}' for p in parameters))

@@ -454,6 +454,6 @@ class DiagnosticsCollector:
 def _scale_text(scale):
     if scale is None:
         return 'none (relative depth only)'
-    if scale.reason == 'fixed':
-        return f'fixed: {scale.scale:.6g} * relative + {scale.shift:.6g} m'
+    if scale.reason in ('fixed', 'guided'):
+        return f'{scale.reason}: {scale.scale:.6g} * relative + {scale.shift:.6g} m'
     return f'{scale.status}: {scale.scale:.6g} * relative + {scale.shift:.6g} m'

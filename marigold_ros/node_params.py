@@ -9,7 +9,8 @@ params files read into configs, and the table of output topics.  The generic mac
 from dataclasses import dataclass, replace
 import math
 
-from marigold_model.config import BACKENDS, DTYPES, EstimatorConfig, InferenceConfig
+from marigold_model.config import BACKENDS, DTYPES, EstimatorConfig, GUIDANCE_LOSSES
+from marigold_model.config import GuidanceConfig, InferenceConfig
 from marigold_model.config import ModelConfig, PROCESSING_RESOLUTION_RANGE, VAE_CHOICES
 from marigold_model.scale_tracking import ScaleTrackerConfig
 from sensor_msgs.msg import CameraInfo
@@ -275,6 +276,26 @@ _OUTPUT_RANGES = {
     'max_input_pixels': (1, 2 ** 31 - 1),
     'colored_range_min': (-1.0e6, 1.0e6), 'colored_range_max': (-1.0e6, 1.0e6),
 }
+# Descriptions of GuidanceConfig fields that share one comment in marigold_model.config.
+_GUIDANCE_DESCRIPTIONS = {
+    'robust_weights': 'give sparse points off the global fit by more than '
+                      'outlier_threshold_rel no weight in the loss',
+    'outlier_threshold_rel': 'relative error off the global fit beyond which a point gets no '
+                             "weight (with robust_weights); wider than the fit's inlier "
+                             'threshold, so points the guidance must correct towards count',
+    'min_points': 'fewest valid sparse points for guidance; fewer: the frame falls back to '
+                  'the global fit (guidance_too_few_points)',
+    'inlier_threshold_rel': 'relative inlier threshold of the robust global fit that starts '
+                            "scale and shift (looser than the tracker's)",
+    'min_inlier_ratio': 'fewest inliers / points of that global fit; fewer: the frame falls '
+                        'back (guidance_<reason>)',
+    'fit_seed': 'RANSAC seed of that global fit',
+}
+_GUIDANCE_RANGES = {
+    'denoising_steps': (1, 1000), 'iterations_per_step': (1, 100),
+    'refine_iterations': (0, 10000), 'min_points': (2, 2 ** 31 - 1),
+    'min_inlier_ratio': (0.0, 1.0), 'fit_seed': (0, 2 ** 32 - 1),
+}
 _NODE_RANGES = {
     'input_depth': (1, 1000), 'output_depth': (1, 1000),
     'camera_info_tolerance': (0.0, 3600.0), 'camera_info_wait': (0.0, 10.0),
@@ -289,8 +310,9 @@ def parameter_groups():
 
     ModelConfig (read-only: a change needs a reload), InferenceConfig (runtime), OutputConfig
     (runtime except max_input_pixels, which also limits the model), NodeConfig (read-only)
-    and ScaleRecoveryConfig under the 'scale_recovery.' prefix (read-only: it shapes
-    subscriptions).
+    ScaleRecoveryConfig under the 'scale_recovery.' prefix (read-only: it shapes
+    subscriptions) and GuidanceConfig under 'guidance.' (runtime: the settings of sparse
+    guidance, used when scale_recovery.guidance is true).
     """
     groups = [
         ConfigGroup(ModelConfig, read_only=True, exclude=('max_input_pixels',),
@@ -308,6 +330,9 @@ def parameter_groups():
     from .scale_recovery import ScaleRecoveryConfig, SOURCES
     groups.append(ConfigGroup(ScaleRecoveryConfig, prefix='scale_recovery.', read_only=True,
                               choices={'source': SOURCES}, doc_sources=(ScaleTrackerConfig,)))
+    groups.append(ConfigGroup(GuidanceConfig, prefix='guidance.', ranges=_GUIDANCE_RANGES,
+                              choices={'loss': GUIDANCE_LOSSES},
+                              descriptions=_GUIDANCE_DESCRIPTIONS))
     return groups
 
 

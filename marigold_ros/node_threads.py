@@ -184,6 +184,10 @@ class NodeThreads:
         self._apply_inference(pipeline.estimator)
         started = self.get_clock().now().nanoseconds
         frames = [FrameInput(msg, None, camera) for camera, (msg, _) in batch.items()]
+        if pipeline.guidance is not None and self._scale_source.points_need_camera:
+            # Guidance projects LiDAR points before inference: match camera_info now.
+            for frame in frames:
+                frame.camera_info = self._camera_info_for(frame.key, frame.image)
         pipeline.infer(pipeline.decode(frames))
         return pipeline, batch, frames, started, time.perf_counter()
 
@@ -203,7 +207,7 @@ class NodeThreads:
             # Not diagnostics stages; the benchmark reads them.
             clock = time.perf_counter()
             waited = clock - inferred
-            if frame.error is None:
+            if frame.error is None and frame.camera_info is None:
                 frame.camera_info = self._camera_info_for(frame.key, frame.image)
                 frame.outputs = self._wanted_outputs(frame.key)
             matched = time.perf_counter() - clock

@@ -7,7 +7,8 @@ meets them::
 
     decode   Image / CompressedImage -> RGB (conversions)            FrameInput.rgb
     infer    ONE DepthEstimator call for the batch -> relative depth  FrameInput.depth
-             (+ uncertainty)
+             (+ uncertainty); with sparse guidance on, frames that have  FrameInput.guided
+             sparse points are guided one by one first (guided_depth)
     finish   camera model scaled to the depth resolution (geometry), metric scale (fixed by
              the user, or from a scale source) -> messages            FrameOutput
 
@@ -42,6 +43,7 @@ from .conversions import compressed_to_rgb, depth_to_image, image_to_rgb, ImageC
 from .conversions import organized_cloud_msg, rgb_to_image
 from .device_outputs import DeviceRays, metric_outputs, runs_on_device
 from .geometry import CalibrationError, CameraModel, pixel_rays, scale_camera
+from .guided_depth import GuidedInference
 from .node_params import DEFAULT_OUTPUT_NAMES, OutputConfig
 from .stamp_matcher import stamp_to_ns
 
@@ -74,6 +76,8 @@ class FrameInput:
     :param depth: the estimator's DepthResult, set by :meth:`DepthPipeline.infer`
     :param error: the FrameError that stopped the frame, or None
     :param timings: seconds per stage so far ('decode', 'estimator': the batch's call)
+    :param guided: the frame's :class:`~marigold_model.guidance.GuidedResult` when sparse
+        guidance made its depth (then ``depth`` holds its relative depth), else None
     """
 
     image: object
@@ -84,6 +88,7 @@ class FrameInput:
     depth: object = None
     error: object = None
     timings: dict = field(default_factory=dict)
+    guided: object = None
 
 
 @dataclass
@@ -270,8 +275,8 @@ class DepthPipeline:
 
     Thread-safety: each stage may run on its own thread, one call at a time per stage, the
     batches in the same order through every stage (the estimator's warm start and the
-    scale tracking follow that order).  ``output_config`` and ``scale_source`` may be
-    replaced from another thread (each stage call reads them once).
+    scale tracking follow that order).  ``output_config``, ``scale_source`` and
+    ``guidance`` may be replaced from another thread (each stage call reads them once).
 
     :param estimator: marigold_model DepthEstimator (or anything with its ``estimate``)
     :param output_config: OutputConfig
@@ -281,17 +286,21 @@ class DepthPipeline:
         model ran (marigold_ros.device_outputs) and copy each back once; None: when the
         estimator runs on CUDA (on the CPU the numpy host path is faster: 3.2 against 8.7
         ms of CPU per 640x480 frame with a cloud; the two give the same bytes)
+    :param guidance: GuidanceConfig to guide the frames that have sparse points (the scale
+        source must be a ScaleRecovery), or None for no guidance
     """
 
     def __init__(self, estimator, output_config=OutputConfig(), scale_source=None,
-                 device_outputs=None):
-        """Keep the estimator, the output settings and the scale source."""
+                 guidance=None, device_outputs=None):
+        """Keep the estimator, the output settings, the scale source and the guidance."""
         if not isinstance(output_config, OutputConfig):
             raise TypeError(f'output_config must be an OutputConfig, got '
                             f'{type(output_config).__name__}')
         self.estimator = estimator
         self.output_config = output_config
         self.scale_source = scale_source
+        self.guidance = guidance
+        self._guided = GuidedInference()
         if device_outputs is None:
             device_outputs = getattr(getattr(estimator, 'device', None), 'type', '') == 'cuda'
         self.device_outputs = bool(device_outputs)
@@ -347,8 +356,13 @@ class DepthPipeline:
         :raises Exception: only unexpected estimator failures (bugs)
         """
         good = [frame for frame in frames if frame.error is None]
+        guided = 0.0
+        if good and self.guidance is not None and self.scale_source is not None and \
+                self.output_config.fixed_scale <= 0:
+            good, guided = self._guided.infer(good, self.estimator, self.guidance,
+                                              self.scale_source, self._camera_of)
         if not good:
-            return 0.0
+            return guided
         clock = time.perf_counter()
         try:
             extra = {'device_tensors': True} if self.device_outputs else {}
@@ -363,10 +377,17 @@ class DepthPipeline:
             for frame, estimate in zip(good, estimates):
                 frame.depth = estimate
                 frame.timings['estimator'] = seconds
-            return seconds
+            return seconds + guided
         for frame in good:
             frame.error = FrameError(reason, message, frame.key)
-        return time.perf_counter() - clock
+        return time.perf_counter() - clock + guided
+
+    def _camera_of(self, frame):
+        """Return the CameraModel of a decoded frame's image, or None without camera_info."""
+        if frame.camera_info is None:
+            return None
+        return camera_for_image(frame.camera_info, frame.rgb.shape[1], frame.rgb.shape[0],
+                                self.output_config.rectified_input)
 
     # ------------------------------------------------------------------ 3. finish
 
@@ -397,6 +418,8 @@ class DepthPipeline:
         source = self.scale_source
         if source is None:
             return None
+        if frame.guided is not None:  # the depth is the guided one: its own scale and shift
+            return source.guided_estimate(frame.key, header, frame.guided)
         try:
             return source.estimate(frame.key, header, depth, camera)
         except Exception as error:  # noqa: B902 - a scale problem must not lose the frame

@@ -36,6 +36,11 @@ REASON_POINTS_BEHIND = 'points_behind_camera'
 REASON_POINTS_OUTSIDE = 'points_outside_image'
 REASON_NO_CAMERA_INFO = 'no_camera_info'
 
+#: ``ScaleEstimate.reason`` of a scale that comes from sparse guidance.
+REASON_GUIDED = 'guided'
+#: Prefix of the reasons of frames that fell back from guidance to the global fit.
+GUIDANCE_REASON_PREFIX = 'guidance_'
+
 # A sparse depth image registered to the camera covers the same field of view, so its aspect
 # ratio matches; 5 % leaves room for rounding in odd downscaled sizes (e.g. 1 px of 41)
 # while catching a 16:9 / 4:3 / 16:10 mix-up (>= 17 %), i.e. a sensor not registered at all.
@@ -59,6 +64,7 @@ class _RecoverySettings:
     transform_tolerance_s: float = 0.1
     fixed_frame: str = ''
     local_refinement: bool = False
+    guidance: bool = False
     error_throttle_s: float = 5.0
 
 
@@ -92,6 +98,11 @@ class ScaleRecoveryConfig(ScaleTrackerConfig, _RecoverySettings):
         cloud stamp only (live tf2; process_bag reads /tf_static only)
     :param local_refinement: opt-in: correct the global affine fit locally towards the
         sparse points of the frame (:func:`~marigold_model.scale_apply.refine_local`)
+    :param guidance: opt-in: steer the diffusion towards the frame's sparse points
+        (Marigold-DC, :mod:`marigold_model.guidance`, settings ``guidance.*``) instead of
+        fitting a scale to a finished prediction; about denoising_steps x
+        iterations_per_step x 3 model calls per frame, one frame per call; frames with too
+        few points fall back to the global fit (reason ``guidance_<reason>``)
     :param error_throttle_s: at most one log line per problem (reason) per this period
     """
 
@@ -148,6 +159,24 @@ def status_fields(estimate, reason=None):
             ('scale_reason', estimate.reason or '')]
 
 
+def _guidance_fields(last, global_fit):
+    """
+    Diagnostics of sparse guidance: whether the latest frame was guided, and its global fit.
+
+    :return: ``scale_guidance`` ('guided', or 'global_fit' for a frame that fell back) and
+        ``scale_global_fit`` (the guided frame's first robust fit: what the global fit alone
+        would have applied)
+    """
+    guided = last is not None and last.reason == REASON_GUIDED
+    fit = ''
+    if guided and global_fit is not None:
+        fit = (f'scale {_number(global_fit.scale, 6)}, shift {_number(global_fit.shift, 6)} m, '
+               f'inliers {_number(global_fit.inlier_ratio, 3)}, residual '
+               f'{_number(global_fit.residual, 3)}, points {int(global_fit.n_points)}')
+    return [('scale_guidance', 'guided' if guided else 'global_fit'),
+            ('scale_global_fit', fit)]
+
+
 class _Stream:
     """Per-stream state: tracker, buffered input, latest outcome and input problems."""
 
@@ -159,6 +188,7 @@ class _Stream:
         self.fused = None  # the reading that last updated the tracker
         self.errors = {}  # reason -> count
         self.last_error = None
+        self.global_fit = None  # the global fit of the latest guided frame
 
 
 class ScaleRecovery:
@@ -207,6 +237,11 @@ class ScaleRecovery:
         """Return where LiDAR extrinsics come from: ``'tf2'``, ``'parameters'`` or ``'custom'``."""
         return self._transform_source
 
+    @property
+    def points_need_camera(self):
+        """Tell whether pairing needs the frame's camera (LiDAR points are projected)."""
+        return self.config.source == 'points'
+
     def last_estimate(self, key=''):
         """Return the latest outcome of :meth:`estimate` for a stream, unusable ones included."""
         with self._lock:
@@ -226,6 +261,7 @@ class ScaleRecovery:
             last = stream.last if stream else None
             errors = dict(stream.errors) if stream else {}
             last_error = stream.last_error if stream else None
+            global_fit = stream.global_fit if stream else None
         reason = REASON_NO_SPARSE_INPUT if self.config.source != 'none' else 'source_none'
         out = status_fields(last, reason=reason)
         out.append(('scale_source', self.config.source))
@@ -235,6 +271,8 @@ class ScaleRecovery:
                     ', '.join(f'{k}={v}' for k, v in sorted(errors.items())) or 'none'))
         out.append(('scale_last_error',
                     f'{last_error.reason}: {last_error}' if last_error else ''))
+        if self.config.guidance:
+            out += _guidance_fields(last, global_fit)
         return out
 
     def _stream(self, key):
@@ -245,8 +283,13 @@ class ScaleRecovery:
                 stream = self._streams[key] = _Stream(self.config)
             return stream
 
-    def _report(self, error):
-        """Count an input problem, remember it and log it (throttled per stream and reason)."""
+    def _report(self, error, fallback=None):
+        """
+        Count an input problem, remember it and log it (throttled per stream and reason).
+
+        :param fallback: what is used instead, for a warning (None: an error, the depth may
+            stay relative)
+        """
         stream = self._stream(error.key)
         with self._lock:
             self._errors[error.reason] = self._errors.get(error.reason, 0) + 1
@@ -258,11 +301,13 @@ class ScaleRecovery:
         # Throttled per (stream, reason): rclpy's throttle_duration_sec is per call site, so
         # one frequent problem would hide every other one.
         where = f' [{error.key}]' if error.key else ''
+        tail = f'{fallback}' if fallback else \
+            'the depth stays relative when no valid scale is left'
         line = self._throttle.report(
-            (error.key, error.reason), f'scale recovery{where}: {error.reason}: {error}; the '
-            'depth stays relative when no valid scale is left')
+            (error.key, error.reason), f'scale recovery{where}: {error.reason}: {error}; '
+            f'{tail}')
         if line is not None:
-            logger.error(line)
+            (logger.warning if fallback else logger.error)(line)
 
     # ------------------------------------------------------------------ input
 
@@ -308,10 +353,8 @@ class ScaleRecovery:
         if rel.ndim != 2 or rel.size == 0:
             raise ValueError(f'relative depth must be a non-empty H x W array, got shape '
                              f'{rel.shape}')
-        stamp_ns = stamp_to_ns(header.stamp)
-        stamp_s = stamp_ns / NS_PER_S
-        stream = self._stream(key)
-        reading = stream.readings.match(stamp_ns)
+        stamp_s = stamp_to_ns(header.stamp) / NS_PER_S
+        stream, reading = self._match(key, header)
         fused_already = reading is not None and reading is stream.fused and \
             self.config.smoothing < 1.0
         if reading is None:
@@ -326,7 +369,7 @@ class ScaleRecovery:
             result = self._current(stream, stamp_s)
         else:
             try:
-                uv, metric = self._pairs(reading, header, rel, camera)
+                uv, metric = self._pairs(reading, header, rel.shape, camera)
             except ScaleInputError as error:
                 error.key = key
                 self._report(error)
@@ -344,6 +387,64 @@ class ScaleRecovery:
         stream.last = result
         return result if result.usable else None
 
+    def sparse_points(self, key, header, shape, camera=None):
+        """
+        Return the sparse metric points of a frame, paired exactly as :meth:`estimate` pairs.
+
+        For sparse guidance, which needs the points before inference: the buffered reading
+        matched to the frame stamp, mapped (sparse depth) or projected (LiDAR: tf2 or the
+        extrinsic parameters, and ``camera``) into a grid of ``shape``.  Nothing is counted
+        or logged here: a frame without points falls back to :meth:`estimate`, which does.
+
+        :param key: stream key, as for :meth:`estimate`
+        :param header: std_msgs/Header of the frame (stamp; frame_id = optical frame)
+        :param shape: (height, width) of the grid, e.g. the image's
+        :param camera: :class:`~marigold_ros.geometry.CameraModel` of the image (LiDAR only)
+        :return: (uv int64 (N, 2) column/row in the grid, metric float64 (N,) meters)
+        :raises ScaleInputError: no source, no reading within ``match_tolerance_s``
+            (``no_sparse_input``), a bad reading (its reason) or one that cannot be paired
+        """
+        if self.config.source == 'none':
+            raise ScaleInputError('source_none', 'scale_recovery.source is none', key)
+        _, reading = self._match(key, header)
+        if reading is None:
+            raise ScaleInputError(REASON_NO_SPARSE_INPUT, 'no sparse input within '
+                                  'match_tolerance_s of the frame stamp', key)
+        if reading.error is not None:
+            raise reading.error
+        return self._pairs(reading, header, tuple(shape[:2]), camera)
+
+    def guided_estimate(self, key, header, result):
+        """
+        Record the scale of a frame made by sparse guidance, for diagnostics, and return it.
+
+        The tracker is left alone: guidance fits each frame on its own.
+
+        :param result: :class:`~marigold_model.guidance.GuidedResult` of the frame
+        :return: its :class:`ScaleEstimate` (status ``ok``, reason ``'guided'``)
+        """
+        estimate = replace(result.scale_estimate(stamp_to_ns(header.stamp) / NS_PER_S),
+                           reason=REASON_GUIDED)
+        stream = self._stream(key)
+        with self._lock:
+            stream.last = estimate
+            stream.global_fit = result.global_fit
+        return estimate
+
+    def guidance_failed(self, key, error):
+        """
+        Count and log (a throttled warning) why a frame fell back from guidance.
+
+        :param error: the :class:`~marigold_model.guidance.GuidanceError`
+        """
+        self._report(ScaleInputError(GUIDANCE_REASON_PREFIX + error.reason, str(error), key),
+                     'sparse guidance not used for this frame: the global fit is used')
+
+    def _match(self, key, header):
+        """Return the stream of ``key`` and its reading matched to the frame stamp (or None)."""
+        stream = self._stream(key)
+        return stream, stream.readings.match(stamp_to_ns(header.stamp))
+
     def _current(self, stream, stamp_s):
         """Return the tracker's estimate without a new fit, or unusable with the last reason."""
         return stream.tracker.current(stamp_s) or self._hold(
@@ -360,14 +461,14 @@ class ScaleRecovery:
             return held  # sparse input is often slower than the camera: fresh enough
         return replace(held, status=STATUS_STALE, reason=reason)
 
-    def _pairs(self, reading, header, rel, camera):
+    def _pairs(self, reading, header, shape, camera):
         """
-        Pixels of the relative depth grid with a metric reading.
+        Pixels of a grid of ``shape`` (the relative depth's, or the image's) with a reading.
 
         :return: (uv int64 (N, 2) column/row, metric float64 (N,))
         :raises ScaleInputError: the reading cannot be paired
         """
-        height, width = rel.shape
+        height, width = shape
         if reading.kind == 'sparse_depth':
             s_height, s_width = reading.data.shape
             ratio = (s_width / s_height) / (width / height)
@@ -376,8 +477,8 @@ class ScaleRecovery:
                     REASON_SPARSE_SIZE_MISMATCH, f'sparse depth is {s_width}x{s_height} but '
                     f'the depth is {width}x{height}: a different aspect ratio, so it is not '
                     'registered to the camera')
-            return sparse_pixels(reading.data, rel.shape)
-        return self._point_pairs(reading, header, rel.shape, camera)
+            return sparse_pixels(reading.data, shape)
+        return self._point_pairs(reading, header, shape, camera)
 
     def _point_pairs(self, reading, header, shape, camera):
         """Transform, project and pair LiDAR points (see :meth:`_pairs`)."""

@@ -728,6 +728,42 @@ def test_command_line(tmp_path, scenes, params, random_model_dir, capsys):
     assert '/cam/image_raw' in capsys.readouterr().err and not (tmp_path / 'o2').exists()
 
 
+def test_sparse_guidance_from_the_command_line(tmp_path, scenes, params, capsys):
+    """--guidance: every frame with sparse depth gets the guided metric depth, in meters."""
+    bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes, sparse=True))
+    base = [bag, '--params', params, '--model', 'bundled:marigold-tiny', '--quiet',
+            '--sparse-depth-topic', '/cam/sparse_depth', '--no-points']
+    guided = base + ['--guidance', '--guidance-denoising-steps', '2',
+                     '--guidance-iterations-per-step', '1', '--guidance-robust-weights', 'true']
+    assert main([guided[0], str(tmp_path / 'guided')] + guided[1:]) == 0
+    report = capsys.readouterr().out
+    assert f'scale: ok {N_FRAMES}' in report and '(ok, guided)' in report
+    topics = _by_topic(tmp_path / 'guided')
+    assert len(topics['/cam/depth/image']) == N_FRAMES
+    errors = []
+    for msg, relative, sample in zip(topics['/cam/depth/image'], topics['/cam/depth/relative'],
+                                     scenes):
+        metric = image_to_depth(msg)
+        valid = sample.valid & np.isfinite(metric)
+        assert valid.mean() > 0.9
+        errors.append(np.median(np.abs(metric[valid] - sample.depth[valid])
+                                / sample.depth[valid]))
+        # Meters are an affine map of the published (guided) relative depth.
+        rel = image_to_depth(relative)[valid]
+        slope, intercept = np.polyfit(rel, metric[valid], 1)
+        np.testing.assert_allclose(metric[valid], slope * rel + intercept, rtol=1e-3,
+                                   atol=1e-3)
+    assert max(errors) < 0.3  # meters of the scene, not relative units
+    # Guidance off on the same bag: another depth (the plain path), and a bad setting is
+    # refused before anything is written.
+    assert main([bag, str(tmp_path / 'plain')] + base[1:]) == 0
+    plain = _by_topic(tmp_path / 'plain')
+    assert [m.data for m in plain['/cam/depth/relative']] != \
+        [m.data for m in topics['/cam/depth/relative']]
+    assert main([bag, str(tmp_path / 'bad')] + guided[1:] + ['--guidance-latent-lr', '-1']) == 1
+    assert 'latent_lr' in capsys.readouterr().err and not (tmp_path / 'bad').exists()
+
+
 def test_params_file_maps_onto_the_node_configs(tmp_path, params):
     """Node sections merge over '/**', nested names are dotted, unknown names are refused."""
     values = read_params_file(params, NODE_NAME)

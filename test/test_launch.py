@@ -103,6 +103,7 @@ def test_empty_override_arguments_leave_the_params_file():
     assert given == {'model': 'bundled:marigold-tiny', 'scale_recovery.source': 'points',
                      'input_reliability': 'reliable', 'use_sim_time': True}
     assert overrides({'use_sim_time': 'false'}) == {'use_sim_time': False}
+    assert overrides({'guidance': 'true'}) == {'scale_recovery.guidance': True}
 
 
 def _fake_rviz2(folder):

@@ -601,6 +601,72 @@ def test_source_none_never_estimates():
         ScaleRecovery(sparse_config()).estimate(KEY, header(0.0), np.zeros(4))
 
 
+def test_sparse_points_pair_a_frame_as_estimate_does():
+    """The points guidance gets before inference are the pairs estimate() fits on."""
+    gt, rel, scale, shift, _ = rendered(1, 48, 64)
+    fine = np.repeat(np.repeat(gt, 2, axis=0), 2, axis=1)
+    fine[np.random.default_rng(1).random(fine.shape) > 0.02] = np.nan
+    recovery = ScaleRecovery(sparse_config(match_tolerance_s=0.05))
+    recovery.add_sparse_depth(KEY, depth16(fine, header(5.0)))
+    uv, metric = recovery.sparse_points(KEY, header(5.01), (48, 64))
+    assert uv.shape == (int(np.isfinite(fine).sum()), 2) and metric.shape == uv.shape[:1]
+    # Each reading lands on the frame pixel of its parent, in millimetres.
+    np.testing.assert_allclose(metric, gt[uv[:, 1], uv[:, 0]], atol=6e-4)
+    estimate = recovery.estimate(KEY, header(5.01), rel)
+    assert estimate.n_points == len(metric)
+    # Any grid: the image's size when the depth is smaller.
+    uv_half, metric_half = recovery.sparse_points(KEY, header(5.0), (24, 32))
+    assert np.all(uv_half.max(axis=0) <= [31, 23]) and len(metric_half) == len(metric)
+    # No reading within the tolerance, or no source: a reason, nothing counted.
+    with pytest.raises(ScaleInputError) as error:
+        recovery.sparse_points(KEY, header(5.2), (48, 64))
+    assert error.value.reason == 'no_sparse_input'
+    with pytest.raises(ScaleInputError, match='none'):
+        ScaleRecovery().sparse_points(KEY, header(5.0), (48, 64))
+    assert recovery.errors == {}
+
+
+def test_sparse_points_of_lidar_need_the_camera_and_project_like_estimate():
+    rel, camera, points, scale, shift = lidar_scene()
+    recovery = ScaleRecovery(points_config())
+    assert recovery.points_need_camera
+    recovery.add_points(KEY, cloud(to_lidar(points), header(3.0, LIDAR)))
+    with pytest.raises(ScaleInputError) as error:
+        recovery.sparse_points(KEY, header(3.0), rel.shape)
+    assert error.value.reason == 'no_camera_info'
+    uv, metric = recovery.sparse_points(KEY, header(3.0), rel.shape, camera)
+    seen = np.isfinite(rel[uv[:, 1], uv[:, 0]])
+    assert seen.mean() > 0.9
+    # The projected LiDAR depth is the scene's depth at its pixel (rel * scale + shift).
+    error = np.abs(rel[uv[:, 1], uv[:, 0]][seen] * scale + shift - metric[seen]) / metric[seen]
+    assert np.median(error) < 0.02
+    estimate = recovery.estimate(KEY, header(3.0), rel, camera)
+    assert estimate.n_points == int(seen.sum())
+
+
+def test_guided_estimates_and_fallbacks_in_diagnostics():
+    from marigold_model.guidance import GuidanceError, GuidedResult
+    recovery = ScaleRecovery(sparse_config(guidance=True))
+    fit = scale_estimate(2.0, 0.5, n_points=40)
+    result = GuidedResult(depth=np.ones((4, 4), np.float32), scale=2.2, shift=0.4,
+                          global_fit=fit, inlier_ratio=0.95, residual=0.01, n_points=40,
+                          relative=np.ones((4, 4), np.float32))
+    estimate = recovery.guided_estimate(KEY, header(1.0), result)
+    assert (estimate.scale, estimate.shift, estimate.reason) == (2.2, 0.4, 'guided')
+    assert estimate.usable and recovery.last_estimate(KEY) is estimate
+    fields = dict(recovery.diagnostic_fields(KEY))
+    assert fields['scale_guidance'] == 'guided' and float(fields['scale']) == 2.2
+    assert fields['scale_global_fit'].startswith('scale 2, shift 0.5 m')
+    recovery.guidance_failed(KEY, GuidanceError('too_few_points', '3 valid sparse points'))
+    assert recovery.errors == {'guidance_too_few_points': 1}
+    recovery.estimate(KEY, header(2.0), np.zeros((4, 4)))  # the fallback, no input
+    fields = dict(recovery.diagnostic_fields(KEY))
+    assert fields['scale_guidance'] == 'global_fit' and fields['scale_global_fit'] == ''
+    assert 'guidance_too_few_points=1' in fields['scale_input_errors']
+    # Guidance off: no guidance fields (diagnostics as before).
+    assert 'scale_guidance' not in dict(ScaleRecovery(sparse_config()).diagnostic_fields(KEY))
+
+
 # Metric outputs
 
 
