@@ -9,6 +9,7 @@ points at zero residual, and bilinear upsampling with the edges held.
 
 import math
 import re
+import warnings
 
 from marigold_model.scale_apply import refine_local
 import numpy as np
@@ -92,7 +93,7 @@ def _check(depth, uv, metric, usable, sigma, **kwargs):
     expected = _reference(depth.tolist(), points, sigma, **ref_kwargs)
     got = refine_local(depth, np.array(uv, dtype=np.float64), np.array(metric), **kwargs)
     assert got.dtype == np.float32 and got.shape == depth.shape
-    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=0, equal_nan=True)
+    np.testing.assert_allclose(got, expected, rtol=3e-7, atol=0, equal_nan=True)
     return got
 
 
@@ -195,7 +196,7 @@ def test_refine_local_accepts_lists_and_column_metric():
     metric = [[depth[1, 1] * 1.1], [depth[3, 4] * 0.9]]  # (N, 1): flattened
     expected = _reference(depth.tolist(), [(1, 1, metric[0][0]), (4, 3, metric[1][0])], 2.0)
     got = refine_local(depth.tolist(), uv, metric, sigma_px=2.0)
-    np.testing.assert_allclose(got, expected, rtol=2e-6)
+    np.testing.assert_allclose(got, expected, rtol=3e-7)
 
 
 def test_refine_local_errors():
@@ -217,3 +218,54 @@ def test_refine_local_errors():
         with pytest.raises(ValueError, match=r'^sparse_uv must be \(N, 2\) with N = 1, got '
                            + re.escape(str(shape)) + '$'):
             refine_local(depth, uv, np.ones(1))
+
+
+def test_refine_local_below_one_meter():
+    depth = 0.3 + 0.05 * _ramp(6, 7)  # 0.4 to 0.69 m
+    uv = [[1.0, 1.0], [5.0, 4.0], [3.0, 2.0]]
+    metric = [depth[1, 1] * 1.1, depth[4, 5] * 0.9, depth[2, 3] * 1.05]
+    for space in ('log', 'linear'):
+        refined = _check(depth, uv, metric, range(3), 2.0, sigma_px=2.0, space=space)
+        assert np.all(refined != depth.astype(np.float32))
+
+
+def test_refine_local_keeps_invalid_pixels_in_linear_space():
+    depth = _ramp(6, 7)
+    depth[2, 2], depth[3, 3], depth[4, 1] = 0.0, np.nan, -0.5
+    uv = [[1.0, 1.0], [4.0, 4.0]]
+    metric = [depth[1, 1] + 0.2, depth[4, 4] + 0.1]
+    refined = _check(depth, uv, metric, range(2), 2.0, sigma_px=2.0, space='linear')
+    assert refined[2, 2] == 0.0 and np.isnan(refined[3, 3]) and refined[4, 1] == -0.5
+
+
+def test_refine_local_without_residual_limit_still_skips_invalid_points():
+    depth = _ramp(6, 7)
+    depth[2, 2], depth[3, 3], depth[4, 1] = 0.0, np.nan, -0.5
+    # Points on pixels without depth, and a metric 0, pass no limit; 3x and 1/4 do.
+    uv = [[2.0, 2.0], [3.0, 3.0], [1.0, 4.0], [5.0, 1.0], [1.0, 1.0], [5.0, 5.0]]
+    metric = [2.0, 2.0, 2.0, 0.0, depth[1, 1] * 3.0, depth[5, 5] * 0.25]
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # nothing to warn about: no 0 * inf
+        for space in ('log', 'linear'):
+            _check(depth, uv, metric, [4, 5], 2.0, sigma_px=2.0, space=space,
+                   max_residual_rel=math.inf)
+
+
+def test_refine_local_clips_sigma_on_a_single_coarse_cell():
+    # Beyond four times the longest side the coarse grid is one cell whichever sigma, and the
+    # prior cancels the kernel's peak: only its truncation at 4 sigma, rounded, tells the
+    # clipped 32 (4 coarse px, radius 16) from 34 or 38 (4.25 / 4.22, radius 17): 2e-6.
+    depth = _ramp(6, 8)
+    uv = [[2.0, 1.0]]
+    metric = [depth[1, 2] * 20.0]
+    _check(depth, uv, metric, [0], 32.0, sigma_px=34.0, max_residual_rel=math.inf)
+    _check(depth, uv, metric, [0], 32.0, sigma_px=38.0, max_residual_rel=math.inf)
+
+
+def test_refine_local_residual_limit_in_float64_whatever_the_metric_dtype():
+    # |4 - 3.4| is 0.6 + 1e-16 in float64, above 0.15 * 4; 0.15 * 4 in float32 (or float16)
+    # would round up and admit it.
+    depth = np.full((4, 5), 3.4)
+    for dtype in (np.float16, np.float32, np.float64):
+        refined = refine_local(depth, [[1.0, 1.0]], np.array([4.0], dtype), sigma_px=2.0)
+        np.testing.assert_array_equal(refined, depth.astype(np.float32))
