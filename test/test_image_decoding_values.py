@@ -136,3 +136,11 @@ def test_every_16_bit_grey_mode_scaled_like_mono16(monkeypatch, mode, dtype):
     assert rgb.shape == (1, 6, 3) and rgb.dtype == np.uint8
     assert rgb[0, :, 0].tolist() == [0, 0, 1, 1, 2, 255]
     assert (rgb == rgb[:, :, :1]).all()
+
+
+def test_32_bit_grey_clipped_to_16_bit(monkeypatch):
+    # Mode I holds int32: below 0 reads as 0, above 65535 as 65535, as cv_bridge saturates.
+    png = _png(np.zeros((1, 4), np.uint16))
+    raw = np.array([-5, -70000, 70000, 2 ** 31 - 1], '<i4').tobytes()
+    _open_returning(monkeypatch, lambda image: PILImage.frombytes('I', (4, 1), raw))
+    assert decode_compressed_rgb(png, 'png')[0, :, 0].tolist() == [0, 0, 255, 255]
