@@ -6,11 +6,12 @@ an image the decoder still handles (a zero-size header, the 16-bit grey modes of
 releases), PIL's ``open`` is wrapped to return exactly such an image.
 """
 
+import array
 import io
 
 from marigold_model.data import image_decoding
 from marigold_model.data.image_decoding import decode_compressed_rgb, decode_depth, decode_rgb
-from marigold_model.data.image_decoding import ImageConversionError
+from marigold_model.data.image_decoding import as_uint8, ImageConversionError
 import numpy as np
 from PIL import Image as PILImage
 import pytest
@@ -144,3 +145,21 @@ def test_32_bit_grey_clipped_to_16_bit(monkeypatch):
     raw = np.array([-5, -70000, 70000, 2 ** 31 - 1], '<i4').tobytes()
     _open_returning(monkeypatch, lambda image: PILImage.frombytes('I', (4, 1), raw))
     assert decode_compressed_rgb(png, 'png')[0, :, 0].tolist() == [0, 0, 255, 255]
+
+
+def test_as_uint8_flat_bytes_without_copies():
+    words = np.array([[0x0102, 0x0304], [0x0506, 0xFFFF]], '<u2')
+    flat = as_uint8(words)
+    assert flat.dtype == np.uint8 and flat.shape == (8,)
+    assert flat.tolist() == [2, 1, 4, 3, 6, 5, 255, 255] and np.shares_memory(flat, words)
+    buffer = bytearray([7, 8, 9])
+    for data in (buffer, memoryview(buffer), array.array('B', buffer)):
+        got = as_uint8(data)
+        assert got.dtype == np.uint8 and got.tolist() == [7, 8, 9]
+    assert np.shares_memory(as_uint8(buffer), np.frombuffer(buffer, np.uint8))
+    assert as_uint8(b'\x00\xfe').tolist() == [0, 254]
+    # A hand-built message's list (nested or not) is copied into uint8.
+    for data, expected in (([1, 2, 255], [1, 2, 255]), ([[1, 2], [3, 4]], [1, 2, 3, 4]),
+                           ([5], [5])):
+        got = as_uint8(data)
+        assert got.dtype == np.uint8 and got.ndim == 1 and got.tolist() == expected
