@@ -532,7 +532,7 @@ def test_rectified_camera_is_p_without_distortion_or_rotation():
     """image_rect's camera: K = P's left 3x3, no D, R = I; P (with the baseline) is kept."""
     p = [[70.0, 0.0, 30.0, -7.0], [0.0, 72.0, 20.5, 0.0], [0.0, 0.0, 1.0, 0.0]]
     c, s = math.cos(0.1), math.sin(0.1)
-    raw = CameraModel(W, H, K, D=PLUMB_BOB, distortion_model='plumb_bob', P=p,
+    raw = CameraModel(W, H, K, D=RATIONAL, distortion_model='rational_polynomial', P=p,
                       R=[[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], binning_x=2,
                       roi=Roi(2, 4, 40, 30), frame_id='cam_optical')
     rect = raw.rectified()
@@ -600,7 +600,8 @@ def test_from_msg_keeps_the_rectification_and_the_roi_flag():
     msg.roi.x_offset, msg.roi.y_offset, msg.roi.width, msg.roi.height = 2, 4, 40, 30
     msg.roi.do_rectify = True
     model = CameraModel.from_msg(msg)
-    assert model.R.ravel().tolist() == r
+    assert model.R.shape == (3, 3) and model.R.ravel().tolist() == r
+    assert model.K.shape == (3, 3) and model.P.shape == (3, 4) and model.D.shape == (5,)
     assert model.roi == Roi(2, 4, 40, 30, True)
     assert CameraModel.from_msg(model.to_msg()).R.ravel().tolist() == r
 
@@ -728,6 +729,11 @@ def test_construction_normalises_fields_by_hand():
     assert model.P.tolist() == [[FX, 0, CX, 0], [0, FY, CY, 0], [0, 0, 1, 0]]
     for arr in (model.K, model.D, model.P, model.R):
         assert not arr.flags.writeable
+    ints = CameraModel(W, H, [[80, 0, 31], [0, 90, 22], [0, 0, 1]],
+                       R=[[1, 0, 0], [0, 0, -1], [0, 1, 0]], P=[[80, 0, 31, -8], [0, 90, 22, 0],
+                                                                [0, 0, 1, 0]])
+    assert ints.K.dtype == ints.R.dtype == ints.P.dtype == np.float64
+    assert ints.R.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]
     flagged = CameraModel(W, H, K, roi=(1, 1, 4, 4, 1))
     assert flagged.roi.do_rectify is True
     assert CameraModel(W, H, K, D=[[0.1], [0.2]], distortion_model='plumb_bob').D.tolist() == [
@@ -751,16 +757,18 @@ def test_effective_without_binning_or_roi_by_hand():
     """Nothing to fold: the same model; binning 1 (no binning) is written as 0."""
     model = CameraModel(W, H, K, P=_P0)
     assert model.effective() is model
-    for bx, by in ((1, 1), (1, 0), (0, 1)):
-        ones = CameraModel(W, H, K, binning_x=bx, binning_y=by, roi=Roi(0, 0, 0, 0, True))
+    for bx, by, roi in ((1, 1, Roi(0, 0, 0, 0, True)), (1, 0, Roi()), (0, 1, Roi()),
+                        (0, 0, Roi(5, 5, 0, 0)), (0, 0, Roi(0, 0, 10, 0, True))):
+        ones = CameraModel(W, H, K, binning_x=bx, binning_y=by, roi=roi)
         eff = ones.effective()
         assert (eff.binning_x, eff.binning_y, eff.roi) == (0, 0, Roi())
         assert eff.K.tolist() == K.tolist() and (eff.width, eff.height) == (W, H)
     # A ROI alone: a crop; binning in y alone: rows only.
-    crop = CameraModel(W, H, K, P=_P0, roi=Roi(10, 6, 40, 30)).effective()
+    p = [[70.0, 0.0, 30.0, -7.0], [0.0, 72.0, 20.5, 0.0], [0.0, 0.0, 1.0, 0.0]]
+    crop = CameraModel(W, H, K, P=p, roi=Roi(10, 6, 40, 30)).effective()
     assert (crop.width, crop.height) == (40, 30)
     assert crop.K.tolist() == [[FX, 0, CX - 10], [0, FY, CY - 6], [0, 0, 1]]
-    assert crop.P.tolist() == [[FX, 0, CX - 10, 0], [0, FY, CY - 6, 0], [0, 0, 1, 0]]
+    assert crop.P.tolist() == [[70.0, 0, 20.0, -7.0], [0, 72.0, 14.5, 0], [0, 0, 1, 0]]
     rows = CameraModel(W, H, K, binning_y=3).effective()
     assert (rows.width, rows.height) == (W, 16)
     np.testing.assert_allclose(rows.K, [[FX, 0, CX], [0, FY / 3, (CY + 0.5) / 3 - 0.5],
@@ -776,6 +784,8 @@ def test_pixel_rays_with_skew_and_refusals_by_hand():
     np.testing.assert_allclose(rx, (u - 3.0 - 5.0 * y) / 50.0, rtol=1e-6, atol=1e-9)
     assert rx.dtype == ry.dtype == np.float32 and ok.dtype == bool and ok.all()
     assert not (ry.flags.writeable or ok.flags.writeable)
+    with pytest.raises(CalibrationError, match="^distortion model '' is not supported"):
+        pixel_rays(4, 6, k, [0.1])  # coefficients without a model name
     with pytest.raises(ValueError, match='^K must have 9 elements, got 8$'):
         pixel_rays(4, 6, np.ones(8))
     with pytest.raises(CalibrationError, match="^distortion model 'fisheye' is not supported; "
@@ -811,6 +821,64 @@ def test_quaternion_matches_the_axis_angle_rotation():
     with pytest.raises(ValueError, match=r'^quaternion must be 4 finite values \(x, y, z, w\), '
                                          r'got \[0.0, nan, 0.0, 1.0\]$'):
         quaternion_to_matrix([0.0, math.nan, 0.0, 1.0])
+    with pytest.raises(ValueError, match=r'got \[0.0, 0.0, 1.0\]$'):  # read as float64
+        quaternion_to_matrix([0, 0, 1])
     with pytest.raises(ValueError, match='finite'):
         quaternion_to_matrix([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
     assert quaternion_to_matrix([[0.0, 0.0], [0.0, 1.0]]).tolist() == np.eye(3).tolist()
+
+
+def test_small_focal_lengths_are_valid():
+    """A focal length below one pixel (a thumbnail of a wide lens) is still > 0."""
+    tiny = CameraModel(4, 3, [[0.5, 0.0, 1.5], [0.0, 0.25, 1.0], [0.0, 0.0, 1.0]],
+                       P=[[1.0, 0.0, 1.5, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    assert (tiny.fx, tiny.fy, tiny.P[0, 0], tiny.P[1, 1]) == (0.5, 0.25, 1.0, 1.0)
+    CameraModel(4, 3, [[1.0, 0.0, 1.5], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]],
+                P=[[0.5, 0.0, 1.5, 0.0], [0.0, 0.75, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+
+
+# A camera whose pixel borders fall on exact binary fractions: u = 64 x + 31.5.
+_EXACT = CameraModel(64, 48, [[64.0, 0.0, 31.5], [0.0, 64.0, 23.5], [0.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize('x, y, inside', [
+    (-0.5, 0.0, True),            # u = -0.5: the left edge of pixel 0
+    (-0.5078125, 0.0, False),     # u = -1.0
+    (0.4921875, 0.0, True),       # u = 63.0, the last column
+    (0.5, 0.0, False),            # u = 63.5 = width - 0.5
+    (0.5078125, 0.0, False),      # u = 64.0
+    (0.0, -0.375, True),          # v = -0.5
+    (0.0, -0.3828125, False),     # v = -1.0
+    (0.0, 0.375, False),          # v = 47.5 = height - 0.5
+    (0.0, 0.3828125, False),      # v = 48.0
+    (0.0, 0.3671875, True),       # v = 47.0, the last row
+    (-0.6, 0.1, False),           # u = -6.9 with v inside
+    (0.1, -0.4, False),           # v = -2.1 with u inside
+])
+def test_projection_image_borders_by_hand(x, y, inside):
+    """Inside is -0.5 <= u < width - 0.5 and the same for v (np.rint(uv) is a pixel)."""
+    uv, _, mask = project_points(np.array([[x, y, 1.0]]), _EXACT)
+    assert uv[0].tolist() == [64.0 * x + 31.5, 64.0 * y + 23.5]
+    assert mask.tolist() == [inside]
+
+
+def test_projection_minimum_depth_and_skew_by_hand():
+    """z = MIN_DEPTH is too close (no pixel); skew adds K[0,1] y to u."""
+    from marigold_ros.geometry import MIN_DEPTH
+    uv, z, mask = project_points(np.array([[0.0, 0.0, MIN_DEPTH], [0.0, 0.0, 2e-6]]), _EXACT)
+    assert mask.tolist() == [False, True] and np.isnan(uv[0]).all()
+    assert uv[1].tolist() == [31.5, 23.5] and z.tolist() == [MIN_DEPTH, 2e-6]
+    skewed = CameraModel(64, 48, [[64.0, 4.0, 31.5], [0.0, 64.0, 23.5], [0.0, 0.0, 1.0]])
+    uv, _, _ = project_points(np.array([[0.25, 0.125, 1.0], [0.0, -0.25, 2.0]]), skewed)
+    assert uv.tolist() == [[64 * 0.25 + 4 * 0.125 + 31.5, 64 * 0.125 + 23.5],
+                           [4 * -0.125 + 31.5, 64 * -0.125 + 23.5]]
+
+
+def test_projection_fold_limit_is_the_equidistant_ones():
+    """Equidistant k1 = -0.5 rises up to r = tan(0.8165) = 1.07: r = 0.9 still projects."""
+    wide = CameraModel(200, 100, [[80.0, 0.0, 31.5], [0.0, 80.0, 49.5], [0.0, 0.0, 1.0]],
+                       D=[-0.5, 0.0, 0.0, 0.0], distortion_model='equidistant')
+    theta = math.atan(0.9)
+    uv, _, mask = project_points(np.array([[0.9, 0.0, 1.0], [1.2, 0.0, 1.0]]), wide)
+    assert uv[0, 0] == pytest.approx(80.0 * theta * (1 - 0.5 * theta ** 2) + 31.5, abs=1e-9)
+    assert mask.tolist() == [True, False]  # r = 1.2 is past the fold
