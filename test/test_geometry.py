@@ -523,3 +523,362 @@ def _theta_of(theta_d):
         mid = 0.5 * (low + high)
         low, high = (mid, high) if mid - 0.5 * mid ** 3 < theta_d else (low, mid)
     return 0.5 * (low + high)
+
+
+# Mutation-testing follow-ups (issue 18, second pass): the rectified camera, validation.
+
+
+def test_rectified_camera_is_p_without_distortion_or_rotation():
+    """image_rect's camera: K = P's left 3x3, no D, R = I; P (with the baseline) is kept."""
+    p = [[70.0, 0.0, 30.0, -7.0], [0.0, 72.0, 20.5, 0.0], [0.0, 0.0, 1.0, 0.0]]
+    c, s = math.cos(0.1), math.sin(0.1)
+    raw = CameraModel(W, H, K, D=RATIONAL, distortion_model='rational_polynomial', P=p,
+                      R=[[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], binning_x=2,
+                      roi=Roi(2, 4, 40, 30), frame_id='cam_optical')
+    rect = raw.rectified()
+    assert rect.K.tolist() == [[70.0, 0.0, 30.0], [0.0, 72.0, 20.5], [0.0, 0.0, 1.0]]
+    assert rect.P.tolist() == p and rect.R.tolist() == np.eye(3).tolist()
+    assert rect.D.tolist() == [] and rect.distortion_model == 'plumb_bob'
+    assert not rect.has_distortion
+    assert (rect.width, rect.height, rect.binning_x, rect.roi, rect.frame_id) == (
+        W, H, 2, Roi(2, 4, 40, 30), 'cam_optical')
+    msg = rect.to_msg()
+    assert msg.distortion_model == 'plumb_bob' and list(msg.d) == []
+    assert list(msg.r) == np.eye(3).ravel().tolist()
+    assert raw.K.tolist() == K.tolist() and raw.R[0, 1] == -s  # the raw model is unchanged
+    # The rectified K is a copy: writing to it (it is read-only) cannot reach P.
+    assert not rect.K.flags.writeable and not np.shares_memory(rect.K, raw.P)
+
+
+def test_rectified_camera_from_an_unusable_p_is_named():
+    """A P whose left 3x3 is no camera matrix: the reason is kept, the message says why."""
+    p = [[70.0, 0.0, 30.0, 0.0], [0.0, 72.0, 20.5, 0.0], [0.0, 0.5, 1.0, 0.0]]
+    raw = CameraModel(W, H, K, P=p)
+    with pytest.raises(CalibrationError) as err:
+        raw.rectified()
+    assert err.value.reason == 'bad_principal_point'
+    assert str(err.value).startswith('rectified input: the camera comes from P, which is not '
+                                     'usable: K must be finite upper triangular with K[2,2] = 1')
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_implausibility_limits_are_inclusive_by_hand():
+    """Skew 0.1 fx, fx/fy 2 or 1/2, a principal point on the border, |D| 100: still plausible."""
+    def problems(k, d=(0.0,) * 5, width=640, height=480):
+        return CameraModel(width, height, k, D=list(d),
+                           distortion_model='plumb_bob').implausibilities()
+
+    assert problems([[500.0, 50.0, 320.0], [0.0, 500.0, 240.0], [0, 0, 1]]) == []
+    assert problems([[500.0, -50.0, 320.0], [0.0, 500.0, 240.0], [0, 0, 1]]) == []
+    assert problems([[500.0, 0.0, 320.0], [0.0, 250.0, 240.0], [0, 0, 1]]) == []
+    assert problems([[250.0, 0.0, 320.0], [0.0, 500.0, 240.0], [0, 0, 1]]) == []
+    for cx, cy in ((0.0, 0.0), (640.0, 480.0), (0.0, 480.0), (640.0, 0.0)):
+        assert problems([[500.0, 0.0, cx], [0.0, 500.0, cy], [0, 0, 1]]) == [], (cx, cy)
+    plain = [[500.0, 0.0, 320.0], [0.0, 500.0, 240.0], [0, 0, 1]]
+    assert problems(plain, d=(-100.0, 100.0, 0.0, 0.0, 0.0)) == []
+    # Just past each limit: named, with the numbers worked out by hand.
+    skew = problems([[500.0, 60.0, 320.0], [0.0, 500.0, 240.0], [0, 0, 1]])
+    assert skew == ['skew K[0,1]=60 is 0.12 of fx=500 (real cameras: ~0)']
+    assert problems([[500.0, 0.0, 320.0], [0.0, 249.0, 240.0], [0, 0, 1]]) == [
+        'fx/fy = 500/249 = 2.01 (square pixels: ~1)']
+    assert problems([[249.0, 0.0, 320.0], [0.0, 500.0, 240.0], [0, 0, 1]]) == [
+        'fx/fy = 249/500 = 0.498 (square pixels: ~1)']
+    for cx, cy in ((-0.5, 240.0), (640.5, 240.0), (320.0, -0.5), (320.0, 480.5)):
+        assert problems([[500.0, 0.0, cx], [0.0, 500.0, cy], [0, 0, 1]]) == [
+            f'principal point ({cx:g}, {cy:g}) is outside the 640x480 image'], (cx, cy)
+    assert problems(plain, d=(0.0, -100.5, 0.0, 0.0, 0.0)) == [
+        'distortion D=[0.0, -100.5, 0.0, 0.0, 0.0] has |coefficients| above 100']
+    # A tiny skew is plausible whatever fx is (the limit scales with fx, it is not 0.1 / fx).
+    assert problems([[500.0, 1.0, 320.0], [0.0, 500.0, 240.0], [0, 0, 1]]) == []
+
+
+def test_from_msg_keeps_the_rectification_and_the_roi_flag():
+    """R and roi.do_rectify come from the message, not their defaults."""
+    c, s = math.cos(0.2), math.sin(0.2)
+    r = [1.0, 0.0, 0.0, 0.0, c, -s, 0.0, s, c]
+    msg = _info(r=r)
+    msg.roi.x_offset, msg.roi.y_offset, msg.roi.width, msg.roi.height = 2, 4, 40, 30
+    msg.roi.do_rectify = True
+    model = CameraModel.from_msg(msg)
+    assert model.R.shape == (3, 3) and model.R.ravel().tolist() == r
+    assert model.K.shape == (3, 3) and model.P.shape == (3, 4) and model.D.shape == (5,)
+    assert model.roi == Roi(2, 4, 40, 30, True)
+    assert CameraModel.from_msg(model.to_msg()).R.ravel().tolist() == r
+
+
+def test_unproject_depth_refusals_name_the_problem():
+    with pytest.raises(ValueError, match=r'^depth must be HxW, got shape \(2, 3, 1\)$'):
+        unproject_depth(np.ones((2, 3, 1), np.float32), K)
+    # Coefficients without a model name: the name is '' (not a supported model).
+    with pytest.raises(CalibrationError, match="^distortion model '' is not supported"):
+        unproject_depth(np.ones((H, W), np.float32), K, D=PLUMB_BOB)
+
+
+def test_unproject_float64_depth_is_read_as_float32():
+    """A float64 depth gives the points of its float32 rounding (the 32FC1 the node publishes)."""
+    rng = np.random.default_rng(3)
+    depth = rng.uniform(0.3, 7.0, (H, W))
+    points = unproject_depth(depth, K)
+    depth32 = depth.astype(np.float32)
+    rx, ry, _ = pixel_rays(H, W, K)
+    assert points[:, :, 0].tolist() == (rx * depth32).tolist()  # float32 products
+    assert points[:, :, 1].tolist() == (ry * depth32).tolist()
+    assert points[:, :, 2].tolist() == depth32.tolist()
+    # (Multiplied in float64 and rounded once, some x differ in the last bit.)
+    assert ((rx * depth).astype(np.float32) != rx * depth32).any()
+
+
+def test_project_points_computes_in_float64_for_float32_points():
+    """float32 points: uv and z as for the same values in float64 (z float64, as documented)."""
+    pts = np.array([[0.3, -0.2, 1.7], [-0.45, 0.3, 2.3], [0.01, 0.02, 0.9]], np.float32)
+    model = CameraModel.from_msg(_info(distortion_model='plumb_bob', d=PLUMB_BOB))
+    uv32, z32, mask32 = project_points(pts, model)
+    uv64, z64, mask64 = project_points(pts.astype(np.float64), model)
+    assert z32.dtype == np.float64 and uv32.dtype == np.float64
+    assert uv32.tolist() == uv64.tolist() and z32.tolist() == z64.tolist()
+    assert mask32.tolist() == mask64.tolist() == [True] * 3
+    # A flat (3 N,) list of coordinates is N points.
+    uv, z, _ = project_points(pts.ravel().tolist(), model)
+    assert uv.shape == (3, 2) and z.tolist() == z64.tolist()
+
+
+_P0 = [[FX, 0.0, CX, 0.0], [0.0, FY, CY, 0.0], [0.0, 0.0, 1.0, 0.0]]
+
+
+@pytest.mark.parametrize('fields, reason, message', [
+    ({'width': -1}, 'bad_size', 'camera size must be positive, got -1x48'),
+    ({'height': -3}, 'bad_size', 'camera size must be positive, got 64x-3'),
+    ({'K': np.zeros((3, 3))}, 'uncalibrated', 'camera K is all zeros (uncalibrated)'),
+    ({'K': [[FX, 0, CX], [0, -FY, CY], [0, 0, 1]]}, 'bad_focal_length',
+     'focal lengths must be finite and > 0, got fx=80.0 fy=-90.0'),
+    ({'K': [[FX, 0, CX], [0, math.inf, CY], [0, 0, 1]]}, 'bad_focal_length',
+     'focal lengths must be finite and > 0, got fx=80.0 fy=inf'),
+    ({'K': [[FX, 0, CX], [0, FY, CY], [0, 0, 2]]}, 'bad_principal_point',
+     'K must be finite upper triangular with K[2,2] = 1, got [[80.0, 0.0, 31.5], '
+     '[0.0, 90.0, 22.0], [0.0, 0.0, 2.0]]'),
+    ({'K': [[FX, 0, CX], [0, FY, CY], [0.1, 0, 1]]}, 'bad_principal_point', None),
+    ({'K': [[FX, 0, CX], [0, FY, CY], [0, 0.1, 1]]}, 'bad_principal_point', None),
+    ({'K': [[FX, 0, CX], [0.1, FY, CY], [0, 0, 1]]}, 'bad_principal_point', None),
+    ({'K': [[FX, 0, CX], [0, FY, math.inf], [0, 0, 1]]}, 'bad_principal_point', None),
+    ({'P': np.array(_P0) * [[1], [1], [1]] + [[0, 0, 0, math.nan], [0] * 4, [0] * 4]},
+     'bad_projection', None),
+    ({'P': [[0.0, 0, CX, 0], [0, FY, CY, 0], [0, 0, 1, 0]]}, 'bad_projection',
+     'invalid P [[0.0, 0.0, 31.5, 0.0], [0.0, 90.0, 22.0, 0.0], [0.0, 0.0, 1.0, 0.0]]'),
+    ({'P': [[FX, 0, CX, 0], [0, 0.0, CY, 0], [0, 0, 1, 0]]}, 'bad_projection', None),
+    ({'P': [[FX, 0, CX, 0], [0, -1.0, CY, 0], [0, 0, 1, 0]]}, 'bad_projection', None),
+    ({'D': [0.0, math.inf]}, 'bad_distortion', 'non-finite D [0.0, inf]'),
+    ({'D': [0.1], 'distortion_model': 'fisheye'}, 'unknown_distortion_model',
+     "distortion model 'fisheye' with non-zero D is not supported; supported: plumb_bob, "
+     'rational_polynomial, equidistant'),
+    ({'D': [0.1], 'distortion_model': ''}, 'unknown_distortion_model', None),
+    ({'D': [0.1, 0, 0, 0, 0.2], 'distortion_model': 'equidistant'}, 'bad_distortion',
+     'equidistant takes 4 coefficients, got non-zero D[4:] in [0.1, 0.0, 0.0, 0.0, 0.2]'),
+    ({'D': [0.0] * 5 + [0.3], 'distortion_model': 'plumb_bob'}, 'bad_distortion', None),
+    ({'D': [0.0] * 8 + [0.3], 'distortion_model': 'rational_polynomial'}, 'bad_distortion',
+     None),
+    ({'binning_x': -1}, 'bad_binning', 'binning must be >= 0, got -1, 0'),
+    ({'binning_y': -2}, 'bad_binning', 'binning must be >= 0, got 0, -2'),
+    ({'roi': Roi(-1, 0, 10, 10)}, 'bad_roi', 'ROI (-1, 0, 10, 10, False) does not fit in 64x48'),
+    ({'roi': Roi(0, -1, 10, 10)}, 'bad_roi', None),
+    ({'roi': Roi(55, 0, 10, 10)}, 'bad_roi', None),
+    ({'roi': Roi(0, 39, 10, 10)}, 'bad_roi', None),
+    ({'binning_x': 65}, 'bad_binning', 'binning 65x1 leaves no pixels of 64x48'),
+    ({'binning_y': 49}, 'bad_binning', 'binning 1x49 leaves no pixels of 64x48'),
+    ({'binning_x': 11, 'roi': Roi(0, 0, 10, 10)}, 'bad_binning',
+     'binning 11x1 leaves no pixels of 10x10'),
+    ({'binning_y': 11, 'roi': Roi(0, 0, 10, 10)}, 'bad_binning', None),
+])
+def test_each_refusal_names_its_reason_by_hand(fields, reason, message):
+    args = {'width': W, 'height': H, 'K': K, **fields}
+    with pytest.raises(CalibrationError) as err:
+        CameraModel(**args)
+    assert err.value.reason == reason
+    if message is not None:
+        assert str(err.value) == message
+
+
+def test_limits_of_a_valid_calibration_by_hand():
+    """A ROI flush with the image edges, binning down to one pixel, zero D beyond the model."""
+    CameraModel(W, H, K, roi=Roi(54, 38, 10, 10))
+    CameraModel(W, H, K, roi=Roi(0, 0, W, H))
+    one = CameraModel(W, H, K, binning_x=64, binning_y=48).effective()
+    assert (one.width, one.height) == (1, 1)
+    assert (CameraModel(W, H, K, binning_x=10, binning_y=10,
+                        roi=Roi(0, 0, 10, 10)).effective().width) == 1
+    CameraModel(W, H, K, D=PLUMB_BOB + [0.0] * 3, distortion_model='plumb_bob')
+    CameraModel(W, H, K, D=[0.1, 0, 0, 0], distortion_model='equidistant')
+    CameraModel(W, H, K, D=[0.0] * 5, distortion_model='fisheye')  # zero D: any name
+    # An inactive ROI (width or height 0) is not checked against the image.
+    CameraModel(W, H, K, roi=Roi(100, 100, 0, 10))
+    CameraModel(W, H, K, roi=Roi(100, 100, 10, 0))
+
+
+def test_construction_normalises_fields_by_hand():
+    """Numbers become ints and float64, a 4-value ROI gets do_rectify False, names are stripped."""
+    model = CameraModel(64.0, 48.0, K.tolist(), D=(0.1, 0.0, 0.0, 0.0, 0.0),
+                        distortion_model=' plumb_bob\n', binning_x=2.0, binning_y=1.0,
+                        roi=(2.0, 4.0, 40.0, 30.0), P=None, R=np.zeros((3, 3)))
+    assert (model.width, model.height, model.binning_x, model.binning_y) == (64, 48, 2, 1)
+    assert all(type(v) is int for v in (model.width, model.height, model.binning_x,
+                                        model.binning_y) + tuple(model.roi[:4]))
+    assert model.roi == Roi(2, 4, 40, 30, False) and model.roi.do_rectify is False
+    assert model.distortion_model == 'plumb_bob'
+    assert model.K.dtype == model.D.dtype == model.P.dtype == model.R.dtype == np.float64
+    assert model.D.tolist() == [0.1, 0.0, 0.0, 0.0, 0.0] and model.R.tolist() == np.eye(
+        3).tolist()
+    assert model.P.tolist() == [[FX, 0, CX, 0], [0, FY, CY, 0], [0, 0, 1, 0]]
+    for arr in (model.K, model.D, model.P, model.R):
+        assert not arr.flags.writeable
+    ints = CameraModel(W, H, [[80, 0, 31], [0, 90, 22], [0, 0, 1]],
+                       R=[[1, 0, 0], [0, 0, -1], [0, 1, 0]], P=[[80, 0, 31, -8], [0, 90, 22, 0],
+                                                                [0, 0, 1, 0]])
+    assert ints.K.dtype == ints.R.dtype == ints.P.dtype == np.float64
+    assert ints.R.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]
+    flagged = CameraModel(W, H, K, roi=(1, 1, 4, 4, 1))
+    assert flagged.roi.do_rectify is True
+    assert CameraModel(W, H, K, D=[[0.1], [0.2]], distortion_model='plumb_bob').D.tolist() == [
+        0.1, 0.2]
+    assert CameraModel(W, H, K).D.tolist() == []  # the default D: none
+
+
+def test_distortion_coefficients_padded_to_the_model_by_hand():
+    def coeffs(d, name):
+        return CameraModel(W, H, K, D=d, distortion_model=name).distortion_coefficients()
+
+    assert coeffs([0.1, 0.2], 'plumb_bob').tolist() == [0.1, 0.2, 0.0, 0.0, 0.0]
+    assert coeffs([0.1] + [0.0] * 7, 'plumb_bob').tolist() == [0.1, 0.0, 0.0, 0.0, 0.0]
+    assert coeffs([0.1], 'rational_polynomial').tolist() == [0.1] + [0.0] * 7
+    assert coeffs([], 'equidistant').tolist() == [0.0] * 4
+    assert coeffs([0.0, 0.3, 0.0, 0.0, 0.0], 'equidistant').tolist() == [0.0, 0.3, 0.0, 0.0]
+    assert coeffs([0.0] * 5, 'plumb_bob').tolist() == []
+
+
+def test_effective_without_binning_or_roi_by_hand():
+    """Nothing to fold: the same model; binning 1 (no binning) is written as 0."""
+    model = CameraModel(W, H, K, P=_P0)
+    assert model.effective() is model
+    for bx, by, roi in ((1, 1, Roi(0, 0, 0, 0, True)), (1, 0, Roi()), (0, 1, Roi()),
+                        (0, 0, Roi(5, 5, 0, 0)), (0, 0, Roi(0, 0, 10, 0, True))):
+        ones = CameraModel(W, H, K, binning_x=bx, binning_y=by, roi=roi)
+        eff = ones.effective()
+        assert (eff.binning_x, eff.binning_y, eff.roi) == (0, 0, Roi())
+        assert eff.K.tolist() == K.tolist() and (eff.width, eff.height) == (W, H)
+    # A ROI alone: a crop; binning in y alone: rows only.
+    p = [[70.0, 0.0, 30.0, -7.0], [0.0, 72.0, 20.5, 0.0], [0.0, 0.0, 1.0, 0.0]]
+    crop = CameraModel(W, H, K, P=p, roi=Roi(10, 6, 40, 30)).effective()
+    assert (crop.width, crop.height) == (40, 30)
+    assert crop.K.tolist() == [[FX, 0, CX - 10], [0, FY, CY - 6], [0, 0, 1]]
+    assert crop.P.tolist() == [[70.0, 0, 20.0, -7.0], [0, 72.0, 14.5, 0], [0, 0, 1, 0]]
+    rows = CameraModel(W, H, K, binning_y=3).effective()
+    assert (rows.width, rows.height) == (W, 16)
+    np.testing.assert_allclose(rows.K, [[FX, 0, CX], [0, FY / 3, (CY + 0.5) / 3 - 0.5],
+                                        [0, 0, 1]], atol=1e-12)
+
+
+def test_pixel_rays_with_skew_and_refusals_by_hand():
+    k = np.array([[50.0, 5.0, 3.0], [0.0, 40.0, 2.0], [0.0, 0.0, 1.0]])
+    rx, ry, ok = pixel_rays(4, 6, k)
+    v, u = np.mgrid[0:4, 0:6]
+    y = (v - 2.0) / 40.0
+    np.testing.assert_allclose(ry, y, rtol=1e-6)
+    np.testing.assert_allclose(rx, (u - 3.0 - 5.0 * y) / 50.0, rtol=1e-6, atol=1e-9)
+    assert rx.dtype == ry.dtype == np.float32 and ok.dtype == bool and ok.all()
+    assert not (ry.flags.writeable or ok.flags.writeable)
+    with pytest.raises(CalibrationError, match="^distortion model '' is not supported"):
+        pixel_rays(4, 6, k, [0.1])  # coefficients without a model name
+    with pytest.raises(ValueError, match='^K must have 9 elements, got 8$'):
+        pixel_rays(4, 6, np.ones(8))
+    with pytest.raises(CalibrationError, match="^distortion model 'fisheye' is not supported; "
+                                               'supported: plumb_bob, rational_polynomial, '
+                                               'equidistant$') as err:
+        pixel_rays(4, 6, k, [0.1], 'fisheye')
+    assert err.value.reason == 'unknown_distortion_model'
+    # Zero coefficients of a pinhole model are no distortion, whatever the name.
+    assert pixel_rays(4, 6, k, [0.0] * 5, 'fisheye')[0].tolist() == rx.tolist()
+    # Distorted rays: the undistorted point of each pixel, float32.
+    d = [-0.2, 0.05, 0.0, 0.0, 0.0]
+    drx, dry, dok = pixel_rays(4, 6, k, d, 'plumb_bob')
+    xd, yd = distort_normalized(drx.astype(np.float64), dry.astype(np.float64), d, 'plumb_bob')
+    np.testing.assert_allclose(yd, y, atol=1e-6)
+    np.testing.assert_allclose(xd, (u - 3.0 - 5.0 * y) / 50.0, atol=1e-6)
+    assert dok.all()
+
+
+def test_quaternion_matches_the_axis_angle_rotation():
+    """R(q) against Rodrigues' formula for the axis and angle of q (an independent route)."""
+    rng = np.random.default_rng(7)
+    for q in [(0.1, 0.2, 0.3, 0.9), (-0.5, 0.4, -0.3, 0.2), *rng.normal(size=(5, 4))]:
+        q = np.asarray(q, np.float64)
+        unit = q / np.linalg.norm(q)
+        angle = 2.0 * math.acos(np.clip(unit[3], -1.0, 1.0))
+        axis = unit[:3] / np.linalg.norm(unit[:3])
+        cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]],
+                          [-axis[1], axis[0], 0]])
+        expected = (math.cos(angle) * np.eye(3) + math.sin(angle) * cross
+                    + (1 - math.cos(angle)) * np.outer(axis, axis))
+        np.testing.assert_allclose(quaternion_to_matrix(q), expected, atol=1e-12)
+        np.testing.assert_allclose(quaternion_to_matrix(list(q * 2.5)), expected, atol=1e-12)
+    with pytest.raises(ValueError, match=r'^quaternion must be 4 finite values \(x, y, z, w\), '
+                                         r'got \[0.0, nan, 0.0, 1.0\]$'):
+        quaternion_to_matrix([0.0, math.nan, 0.0, 1.0])
+    with pytest.raises(ValueError, match=r'got \[0.0, 0.0, 1.0\]$'):  # read as float64
+        quaternion_to_matrix([0, 0, 1])
+    with pytest.raises(ValueError, match='finite'):
+        quaternion_to_matrix([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    assert quaternion_to_matrix([[0.0, 0.0], [0.0, 1.0]]).tolist() == np.eye(3).tolist()
+
+
+def test_small_focal_lengths_are_valid():
+    """A focal length below one pixel (a thumbnail of a wide lens) is still > 0."""
+    tiny = CameraModel(4, 3, [[0.5, 0.0, 1.5], [0.0, 0.25, 1.0], [0.0, 0.0, 1.0]],
+                       P=[[1.0, 0.0, 1.5, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    assert (tiny.fx, tiny.fy, tiny.P[0, 0], tiny.P[1, 1]) == (0.5, 0.25, 1.0, 1.0)
+    CameraModel(4, 3, [[1.0, 0.0, 1.5], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]],
+                P=[[0.5, 0.0, 1.5, 0.0], [0.0, 0.75, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+
+
+# A camera whose pixel borders fall on exact binary fractions: u = 64 x + 31.5.
+_EXACT = CameraModel(64, 48, [[64.0, 0.0, 31.5], [0.0, 64.0, 23.5], [0.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize('x, y, inside', [
+    (-0.5, 0.0, True),            # u = -0.5: the left edge of pixel 0
+    (-0.5078125, 0.0, False),     # u = -1.0
+    (0.4921875, 0.0, True),       # u = 63.0, the last column
+    (0.5, 0.0, False),            # u = 63.5 = width - 0.5
+    (0.5078125, 0.0, False),      # u = 64.0
+    (0.0, -0.375, True),          # v = -0.5
+    (0.0, -0.3828125, False),     # v = -1.0
+    (0.0, 0.375, False),          # v = 47.5 = height - 0.5
+    (0.0, 0.3828125, False),      # v = 48.0
+    (0.0, 0.3671875, True),       # v = 47.0, the last row
+    (-0.6, 0.1, False),           # u = -6.9 with v inside
+    (0.1, -0.4, False),           # v = -2.1 with u inside
+])
+def test_projection_image_borders_by_hand(x, y, inside):
+    """Inside is -0.5 <= u < width - 0.5 and the same for v (np.rint(uv) is a pixel)."""
+    uv, _, mask = project_points(np.array([[x, y, 1.0]]), _EXACT)
+    assert uv[0].tolist() == [64.0 * x + 31.5, 64.0 * y + 23.5]
+    assert mask.tolist() == [inside]
+
+
+def test_projection_minimum_depth_and_skew_by_hand():
+    """z = MIN_DEPTH is too close (no pixel); skew adds K[0,1] y to u."""
+    from marigold_ros.geometry import MIN_DEPTH
+    uv, z, mask = project_points(np.array([[0.0, 0.0, MIN_DEPTH], [0.0, 0.0, 2e-6]]), _EXACT)
+    assert mask.tolist() == [False, True] and np.isnan(uv[0]).all()
+    assert uv[1].tolist() == [31.5, 23.5] and z.tolist() == [MIN_DEPTH, 2e-6]
+    skewed = CameraModel(64, 48, [[64.0, 4.0, 31.5], [0.0, 64.0, 23.5], [0.0, 0.0, 1.0]])
+    uv, _, _ = project_points(np.array([[0.25, 0.125, 1.0], [0.0, -0.25, 2.0]]), skewed)
+    assert uv.tolist() == [[64 * 0.25 + 4 * 0.125 + 31.5, 64 * 0.125 + 23.5],
+                           [4 * -0.125 + 31.5, 64 * -0.125 + 23.5]]
+
+
+def test_projection_fold_limit_is_the_equidistant_ones():
+    """Equidistant k1 = -0.5 rises up to r = tan(0.8165) = 1.07: r = 0.9 still projects."""
+    wide = CameraModel(200, 100, [[80.0, 0.0, 31.5], [0.0, 80.0, 49.5], [0.0, 0.0, 1.0]],
+                       D=[-0.5, 0.0, 0.0, 0.0], distortion_model='equidistant')
+    theta = math.atan(0.9)
+    uv, _, mask = project_points(np.array([[0.9, 0.0, 1.0], [1.2, 0.0, 1.0]]), wide)
+    assert uv[0, 0] == pytest.approx(80.0 * theta * (1 - 0.5 * theta ** 2) + 31.5, abs=1e-9)
+    assert mask.tolist() == [True, False]  # r = 1.2 is past the fold
