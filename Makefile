@@ -35,8 +35,10 @@ $(STAMP): requirements.txt requirements-dev.txt $(ROS_REQUIREMENTS) setup.py
 demo: $(STAMP)
 	$(PY) -m marigold_ros.demo --output demo_output
 
+# TEST_SCOPE=ros: only the tests that touch ROS (.ci/run's second distribution; see conftest)
+TEST_SCOPE ?= all
 test: $(STAMP)
-	ROS_AUTOMATIC_DISCOVERY_RANGE=OFF $(PY) -m pytest -q test
+	ROS_AUTOMATIC_DISCOVERY_RANGE=OFF MARIGOLD_TEST_SCOPE=$(TEST_SCOPE) $(PY) -m pytest -q test
 
 train-tiny: $(STAMP)
 	$(PY) -m marigold_model.training.tiny_recipe

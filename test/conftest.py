@@ -56,3 +56,61 @@ def context():
     rclpy.init(context=ctx)
     yield ctx
     rclpy.shutdown(context=ctx)
+
+
+# ------------------------------------------------------------------ MARIGOLD_TEST_SCOPE=ros
+
+# What a test file uses of a ROS distribution, directly or through the helpers in test/.
+ROS_MODULES = ('rclpy', 'rosidl', 'rcl_interfaces', 'builtin_interfaces', 'launch',
+               'launch_ros', 'ament_', 'marigold_ros', 'lifecycle_msgs')
+
+
+def _imports(path):
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def uses_ros(path, seen=None):
+    """Tell whether a test file imports ROS (or marigold_ros), or runs ament_flake8."""
+    seen = set() if seen is None else seen
+    if path in seen:
+        return False
+    seen.add(path)
+    if 'ament_flake8' in path.read_text(encoding='utf-8'):  # run as a program
+        return True
+    for name in _imports(path):
+        if name.startswith(ROS_MODULES) or name.split('.')[0].endswith('_msgs'):
+            return True
+        helper = path.parent / (name.split('.')[0] + '.py')
+        if helper.is_file() and uses_ros(helper, seen):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """
+    With MARIGOLD_TEST_SCOPE=ros run only the tests that touch ROS.
+
+    ``.ci/run`` sets it for its second ROS distribution: the venvs differ only in their ROS
+    wheels, so the ROS-free tests (the model, training, torch.compile) ran in the first.
+    """
+    import os
+    from pathlib import Path
+    if os.environ.get('MARIGOLD_TEST_SCOPE', 'all') != 'ros':
+        return
+    verdicts = {}
+    keep, drop = [], []
+    for item in items:
+        path = Path(str(item.fspath))
+        if path not in verdicts:
+            verdicts[path] = uses_ros(path)
+        (keep if verdicts[path] else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -34,3 +34,20 @@ def test_the_old_launch_testing_plugin_does_not_stop_the_suite(tmp_path):
     with_config = _run_pytest(tmp_path, ROOT / 'setup.cfg')
     assert with_config.returncode == 0, with_config.stdout + with_config.stderr
     assert '1 passed' in with_config.stdout
+
+
+def test_ros_scope_keeps_the_tests_that_touch_ros():
+    """MARIGOLD_TEST_SCOPE=ros (.ci/run's second distribution) drops only ROS-free files."""
+    from conftest import uses_ros
+    here = ROOT / 'test'
+    for name in ('test_depth_node.py', 'test_code_style.py', 'test_launch.py',
+                 'test_bag_processor.py', 'test_geometry.py'):
+        assert uses_ros(here / name), name
+    for name in ('test_ensemble.py', 'test_trainer.py', 'test_estimator.py'):
+        assert not uses_ros(here / name), name
+    listed = subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '--collect-only', str(here / 'test_ensemble.py'),
+         str(here / 'test_geometry.py')], cwd=ROOT, capture_output=True, text=True,
+        env={'MARIGOLD_TEST_SCOPE': 'ros', 'PATH': '/usr/bin:/bin'}, timeout=300)
+    assert 'test_geometry.py::' in listed.stdout
+    assert 'test_ensemble.py::' not in listed.stdout and 'deselected' in listed.stdout
