@@ -1,7 +1,6 @@
 """DepthEstimator: equality with diffusers' MarigoldDepthPipeline, batching, bad input."""
 
 import dataclasses
-import os
 
 from builders import orbit_scenes
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
