@@ -153,3 +153,12 @@ def test_without_uncertainty_and_bad_shapes():
     for shape in ((2, 2, 4, 4), (2, 1, 5)):
         with pytest.raises(ValueError, match='E, 1, H, W'):
             ensemble_depth(torch.zeros(shape))
+
+
+def test_no_max_res_solves_at_full_size():
+    """max_res=None never resizes: the same result as a limit above the image's size."""
+    depth = np.random.default_rng(7).uniform(0.1, 1.0, (3, 1, 6, 9)).astype(np.float32)
+    unlimited = ensemble_depth(torch.from_numpy(depth), max_res=None)
+    large = ensemble_depth(torch.from_numpy(depth), max_res=64)
+    for a, b in zip(unlimited, large):
+        assert torch.equal(a, b)
