@@ -45,6 +45,7 @@ from marigold_ros.demo import load_sequence
 from marigold_ros.depth_node import DepthNode
 from marigold_ros.diagnostics import STAGES
 from marigold_ros.geometry import CameraModel
+from marigold_ros.gil import quick_gil_handover
 from marigold_ros.node_params import OutputConfig
 from marigold_ros.pipeline import DepthPipeline, FrameInput, organized_cloud
 import numpy as np
@@ -604,8 +605,9 @@ def main(argv=None):
               f"in (build, publish, take, deserialize) {floor['image_in_ms']:.2f} ms")
         results = []
         for milliseconds in args.stand_in_ms:
-            results.append(run_stand_in(milliseconds, args.cameras, args.seconds,
-                                        rate=args.rate, camera_process=args.camera_process))
+            with quick_gil_handover():  # as depth_node's main does
+                results.append(run_stand_in(milliseconds, args.cameras, args.seconds,
+                                            rate=args.rate, camera_process=args.camera_process))
             print_stand_in(results[-1])
         if args.json:
             Path(args.json).write_text(json.dumps({'transfer_floor': floor,
@@ -623,7 +625,8 @@ def main(argv=None):
     print(f"rclpy alone, no node work: publishing one frame's outputs "
           f"({floor['output_mb']:.1f} MB) {floor['publish_outputs_ms']:.2f} ms, an image in "
           f"(build, publish, take, deserialize) {floor['image_in_ms']:.2f} ms")
-    node = run_node(model, args.frames)
+    with quick_gil_handover():  # as depth_node's main does
+        node = run_node(model, args.frames)
     verdict = 'OK' if node['overhead_p50'] <= 0.05 else 'ABOVE TARGET'
     print(f"processing resolution {node['processing_resolution']}, "
           f"{node['denoising_steps']} steps; last {node['frames_in_window']} frames:")

@@ -51,6 +51,7 @@ from .bag_job import format_summary, job_from_args, OFFLINE_QUEUE
 from .bag_tf import TF_TOPIC, TransformBuffer
 from .bag_topics import output_topic_names, resolve_topics
 from .bag_writer import AtomicBagWriter
+from .gil import quick_gil_handover
 from .heap import keep_large_buffers_in_heap
 from .node_params import NodeConfig, OUTPUT_TOPICS, read_node_params
 from .ordered_threads import OrderedWorker, prefetch
@@ -524,7 +525,8 @@ def process_bag(job, estimator=None, progress=None):
     ``estimator``: a loaded DepthEstimator to reuse; ``progress``: callable(frames done)
     replacing the progress bar.  Returns a BagSummary.
     """
-    return BagProcessor(job, estimator, progress).run()
+    with quick_gil_handover():
+        return BagProcessor(job, estimator, progress).run()
 
 
 # ---------------------------------------------------------------------------- command line

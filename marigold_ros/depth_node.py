@@ -50,6 +50,7 @@ from rclpy.qos_overriding_options import QoSOverridingOptions
 
 from .diagnostics import DiagnosticsCollector, KeyedThrottle, MODEL_ERROR, MODEL_LOADING
 from .diagnostics import MODEL_READY, MODEL_UNCONFIGURED
+from .gil import quick_gil_handover
 from .heap import keep_large_buffers_in_heap
 from .node_inputs import CAMERA_INFO_QUEUE, NodeInputs
 from .node_params import estimator_config, join_topic, NODE_NAME, OUTPUT_TOPICS
@@ -461,7 +462,8 @@ def _run(node_class, args):
                 return 0  # Ctrl-C while the node was being created
             raise
         try:
-            rclpy.spin(node)
+            with quick_gil_handover():
+                rclpy.spin(node)
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
         except Exception:  # noqa: B902 - see below

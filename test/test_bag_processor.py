@@ -30,6 +30,7 @@ from marigold_ros.conversions import image_to_depth, pointcloud2_from_depth
 from marigold_ros.conversions import rgb_to_image
 from marigold_ros.export import read_ply
 from marigold_ros.geometry import quaternion_to_matrix
+from marigold_ros.gil import MODEL_THREAD_SWITCH_INTERVAL_S
 from marigold_ros.node_params import configs_from_parameters, NODE_NAME, OutputConfig
 from marigold_ros.params import read_params_file
 from marigold_ros.scale_recovery import ScaleInputError, ScaleRecoveryConfig
@@ -811,3 +812,19 @@ def test_params_file_maps_onto_the_node_configs(tmp_path, params):
     nested.write_text('/a/marigold_depth:\n  ros__parameters: {seed: 1}\n'
                       '/*/marigold_depth:\n  ros__parameters: {seed: 2, batch_size: 4}\n')
     assert read_params_file(str(nested), NODE_NAME) == {'seed': 1, 'batch_size': 4}
+
+
+def test_model_thread_gets_the_gil_back_quickly(tmp_path, scenes, params):
+    """The model runs under a 1 ms GIL switch interval; the caller's is restored after."""
+    seen = []
+
+    class Recording(OracleEstimator):
+        def estimate(self, frames, keys=None):
+            seen.append(sys.getswitchinterval())
+            return super().estimate(frames, keys)
+
+    before = sys.getswitchinterval()
+    bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes))
+    process_bag(_job(bag, tmp_path / 'out', params), estimator=Recording(scenes))
+    assert seen and all(value == MODEL_THREAD_SWITCH_INTERVAL_S for value in seen)
+    assert MODEL_THREAD_SWITCH_INTERVAL_S < before == sys.getswitchinterval()
