@@ -238,7 +238,7 @@ def _camera_names(cameras):
 
 
 def _make_io(context, names):
-    """The bench's camera and subscriber node: (node, publishers, received counts)."""
+    """Make the bench's camera and subscriber node: (node, publishers, received counts)."""
     rgb, camera = test_image()
     io = Node('bench_io', context=context, namespace='/bench')
     qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
@@ -264,7 +264,7 @@ def _make_io(context, names):
 
 def run_io_process(cameras, rate):
     """
-    The camera and the subscribers alone (``--io-only``), as a camera driver and a viewer.
+    Run the camera and the subscribers alone (``--io-only``), as a driver and a viewer.
 
     Waits for the node's outputs, publishes at ``rate`` until standard input closes, then
     prints the received counts and this process's CPU seconds as JSON.

@@ -4,7 +4,6 @@ import array
 from functools import partial
 
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
-from marigold_model.ensemble import ensemble_depth
 from marigold_model.estimator import DepthEstimator, processing_size
 from marigold_model.scale_apply import RefinedScaleEstimate
 from marigold_model.scale_tracking import ScaleEstimate, STATUS_NO_ESTIMATE

@@ -863,7 +863,7 @@ def test_projection_image_borders_by_hand(x, y, inside):
 
 
 def test_projection_minimum_depth_and_skew_by_hand():
-    """z = MIN_DEPTH is too close (no pixel); skew adds K[0,1] y to u."""
+    """A depth of MIN_DEPTH is too close (no pixel); skew adds K[0,1] y to u."""
     from marigold_ros.geometry import MIN_DEPTH
     uv, z, mask = project_points(np.array([[0.0, 0.0, MIN_DEPTH], [0.0, 0.0, 2e-6]]), _EXACT)
     assert mask.tolist() == [False, True] and np.isnan(uv[0]).all()

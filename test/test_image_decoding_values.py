@@ -10,8 +10,8 @@ import array
 import io
 
 from marigold_model.data import image_decoding
-from marigold_model.data.image_decoding import decode_compressed_rgb, decode_depth, decode_rgb
 from marigold_model.data.image_decoding import as_uint8, ImageConversionError
+from marigold_model.data.image_decoding import decode_compressed_rgb, decode_depth, decode_rgb
 import numpy as np
 from PIL import Image as PILImage
 import pytest
