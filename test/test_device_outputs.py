@@ -89,13 +89,19 @@ def _assert_same_metres(device, host):
     assert np.nanmax(np.abs(device.astype(np.float64) - host)) <= TOLERANCE_M
 
 
+def _case(members, match_input):
+    """Decoder outputs, their processing size, and the settings of one parametrized case."""
+    decoded, size = _decoded(members)
+    inference = InferenceConfig(ensemble_size=members, match_input_resolution=match_input)
+    config = OutputConfig(fixed_scale=SCALE, fixed_shift=SHIFT, max_depth=MAX_DEPTH)
+    return decoded, size, inference, config
+
+
 @pytest.mark.parametrize('members', [1, 3])
 @pytest.mark.parametrize('match_input', [True, False])
 def test_device_outputs_equal_the_host_path_with_distortion(members, match_input):
     """Resize, metric depth, uncertainty and cloud equal the node's host path to 1e-5 m."""
-    decoded, size = _decoded(members)
-    inference = InferenceConfig(ensemble_size=members, match_input_resolution=match_input)
-    config = OutputConfig(fixed_scale=SCALE, fixed_shift=SHIFT, max_depth=MAX_DEPTH)
+    decoded, size, inference, config = _case(members, match_input)
     host = _host_path(decoded, size, inference, config)
     relative, metric = _device_path(decoded, size, inference, config)
 
@@ -242,9 +248,7 @@ def _pipeline_outputs(decoded, size, inference, config, device_outputs, scale_so
 @pytest.mark.parametrize('match_input', [True, False])
 def test_pipeline_device_path_publishes_the_host_path_messages(members, match_input):
     """DepthPipeline(device_outputs=True) on the CPU: every message equal, byte for byte."""
-    decoded, size = _decoded(members)
-    inference = InferenceConfig(ensemble_size=members, match_input_resolution=match_input)
-    config = OutputConfig(fixed_scale=SCALE, fixed_shift=SHIFT, max_depth=MAX_DEPTH)
+    decoded, size, inference, config = _case(members, match_input)
     host = _pipeline_outputs(decoded, size, inference, config, False)
     device = _pipeline_outputs(decoded, size, inference, config, True)
     assert host.points is not None and host.metric is not None
