@@ -828,3 +828,31 @@ def test_model_thread_gets_the_gil_back_quickly(tmp_path, scenes, params):
     process_bag(_job(bag, tmp_path / 'out', params), estimator=Recording(scenes))
     assert seen and all(value == MODEL_THREAD_SWITCH_INTERVAL_S for value in seen)
     assert MODEL_THREAD_SWITCH_INTERVAL_S < before == sys.getswitchinterval()
+
+
+def test_sparse_guidance_beats_the_best_global_fit(tmp_path, scenes, params):
+    """
+    At the default settings guided metric depth is closer to the truth than any affine fit.
+
+    The sparse depth is every 4th pixel of the truth.  The plain prediction scored after the
+    least-squares scale and shift against the full truth (what no scale recovery can beat)
+    had AbsRel 0.244 on these frames; the guided depth 0.186.
+    """
+    bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes, sparse=True))
+    base = [bag, '--params', params, '--model', 'bundled:marigold-tiny', '--quiet',
+            '--sparse-depth-topic', '/cam/sparse_depth', '--no-points']
+    assert main([base[0], str(tmp_path / 'plain')] + base[1:]) == 0
+    assert main([base[0], str(tmp_path / 'guided')] + base[1:] + ['--guidance']) == 0
+    plain, guided = (_by_topic(tmp_path / name) for name in ('plain', 'guided'))
+    best_fit, guided_error = [], []
+    for relative, metric, sample in zip(plain['/cam/depth/relative'],
+                                        guided['/cam/depth/image'], scenes):
+        valid, truth = sample.valid, sample.depth[sample.valid]
+        rel = image_to_depth(relative)[valid]
+        slope, intercept = np.polyfit(rel, truth, 1)
+        best_fit.append(np.mean(np.abs(slope * rel + intercept - truth) / truth))
+        depth = image_to_depth(metric)[valid]
+        assert np.isfinite(depth).all()
+        guided_error.append(np.mean(np.abs(depth - truth) / truth))
+    assert len(guided_error) == N_FRAMES
+    assert np.mean(guided_error) < 0.9 * np.mean(best_fit)
