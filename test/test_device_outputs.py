@@ -90,7 +90,7 @@ def _assert_same_metres(device, host):
 
 
 def _case(members, match_input):
-    """Decoder outputs, their processing size, and the settings of one parametrized case."""
+    """Return the decoder outputs, their processing size and the settings of one case."""
     decoded, size = _decoded(members)
     inference = InferenceConfig(ensemble_size=members, match_input_resolution=match_input)
     config = OutputConfig(fixed_scale=SCALE, fixed_shift=SHIFT, max_depth=MAX_DEPTH)
