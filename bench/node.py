@@ -46,7 +46,7 @@ from marigold_ros.depth_node import DepthNode
 from marigold_ros.diagnostics import STAGES
 from marigold_ros.geometry import CameraModel
 from marigold_ros.gil import quick_gil_handover
-from marigold_ros.node_params import OutputConfig
+from marigold_ros.node_params import join_topic, OutputConfig
 from marigold_ros.pipeline import DepthPipeline, FrameInput, organized_cloud
 import numpy as np
 from PIL import Image as PILImage
@@ -359,7 +359,7 @@ def run_stand_in(milliseconds, cameras=1, seconds=10.0, warmup_s=2.0, rate=None,
         # Every subscription matched before the first frame (nothing lost to discovery).
         deadline = time.monotonic() + 30.0
         while time.monotonic() < deadline and not (
-                all(node.count_publishers(f'/bench/{n}/image'.replace('//', '/'))
+                all(node.count_publishers(join_topic('/bench', join_topic(n, 'image')))
                     for n in names) and
                 all(node._outputs[n][o].get_subscription_count()
                     for n in names for o in ('relative', 'metric', 'points'))):

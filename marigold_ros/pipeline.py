@@ -440,8 +440,10 @@ class DepthPipeline:
         cloud = rays = None
         if camera is not None:
             cloud = cloud_buffer(*device_depth.shape)
-            rays = self._rays.setdefault(device_depth.device,
-                                         DeviceRays(device_depth.device)).get(camera)
+            device_rays = self._rays.get(device_depth.device)
+            if device_rays is None:
+                device_rays = self._rays[device_depth.device] = DeviceRays(device_depth.device)
+            rays = device_rays.get(camera)
         with torch.inference_mode():
             out = metric_outputs(device_depth, scale, max_depth, estimate.device_uncertainty,
                                  rays, None if cloud is None else cloud[1])

@@ -65,10 +65,10 @@ ROS_MODULES = ('rclpy', 'rosidl', 'rcl_interfaces', 'builtin_interfaces', 'launc
                'launch_ros', 'ament_', 'marigold_ros', 'lifecycle_msgs')
 
 
-def _imports(path):
+def _imports(text):
     import ast
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+    for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -82,9 +82,10 @@ def uses_ros(path, seen=None):
     if path in seen:
         return False
     seen.add(path)
-    if 'ament_flake8' in path.read_text(encoding='utf-8'):  # run as a program
+    text = path.read_text(encoding='utf-8')
+    if 'ament_flake8' in text:  # run as a program
         return True
-    for name in _imports(path):
+    for name in _imports(text):
         if name.startswith(ROS_MODULES) or name.split('.')[0].endswith('_msgs'):
             return True
         helper = path.parent / (name.split('.')[0] + '.py')
