@@ -247,6 +247,35 @@ def test_latent_cache_serves_only_exact_repeats(tmp_path, random_model_dir):
     assert np.allclose(losses(cache_latents=True, prefill_cache=True), plain, rtol=1e-4)
 
 
+def _timesteps_drawn(trainer, draws):
+    """Timesteps the U-Net is called with over ``draws`` samples of one compute_loss call."""
+    seen = []
+    unet = trainer.unet
+
+    def recording(sample, timesteps, **kwargs):
+        seen.extend(int(t) for t in timesteps)
+        return unet(sample, timesteps, **kwargs)
+    trainer.unet = recording
+    latent = torch.zeros(draws, 4, 4, 4)
+    trainer.compute_loss(latent, latent, latent.bool(), trainer.sample_generators(range(draws)))
+    return seen
+
+
+def test_final_timestep_share_trains_the_one_step_estimate(tmp_path, random_model_dir):
+    """A share of draws moves to the last timestep; the others keep their uniform draws."""
+    def timesteps(share):
+        trainer = Trainer(_config(tmp_path / str(share), random_model_dir,
+                                  final_timestep_share=share))
+        return _timesteps_drawn(trainer, 64)
+    uniform, half, every = timesteps(0.0), timesteps(0.5), timesteps(1.0)
+    last = 999  # the scheduler's num_train_timesteps - 1
+    assert every == [last] * 64
+    assert uniform.count(last) <= 1
+    moved = [i for i, (a, b) in enumerate(zip(uniform, half)) if a != b]
+    assert all(half[i] == last for i in moved)  # a draw either keeps its timestep or moves
+    assert 20 <= half.count(last) <= 44  # about half of 64 (binomial: 3 sigma is 32 +- 12)
+
+
 # ---- learning rate -----------------------------------------------------------------------------
 
 
@@ -357,7 +386,8 @@ def test_config_values_get_their_types_and_bad_keys_are_named(tmp_path, capsys):
 @pytest.mark.parametrize('setting, value', [
     ('checkpoint_every', 0), ('log_every', 0), ('keep_checkpoints', 0), ('ema_decay', 1.0),
     ('ema_decay', 1.5), ('lr_final_ratio', 0), ('lr_final_ratio', -0.5),
-    ('depth_high_percentile', 98), ('depth_low_percentile', 2), ('lr', 0), ('height', 36)])
+    ('depth_high_percentile', 98), ('depth_low_percentile', 2), ('lr', 0), ('height', 36),
+    ('final_timestep_share', 1.5), ('final_timestep_share', -0.1)])
 def test_settings_that_cannot_work_are_refused_by_name(setting, value):
     """Zero intervals, EMA decay >= 1, a zero final ratio, percentages: refused up front."""
     with pytest.raises(TrainingError, match=setting):

@@ -55,6 +55,7 @@ class TinyRecipe:
     unet_lr: float = 5e-4
     warmup_steps: int = 50
     ema_decay: float = 0.998
+    final_timestep_share: float = 0.0
     seed: int = 0
 
 
@@ -137,6 +138,7 @@ def unet_config(recipe, work, base):
         grad_accumulation=1, lr=recipe.unet_lr, optimizer='adamw',
         warmup_steps=recipe.warmup_steps,
         lr_schedule='cosine', lr_final_ratio=0.02, ema_decay=recipe.ema_decay, seed=recipe.seed,
+        final_timestep_share=recipe.final_timestep_share,
         checkpoint_every=100, log_every=20, cache_latents=True, prefill_cache=True,
         export_fp16=True,
         export_steps=1, export_resolution=recipe.resolution)

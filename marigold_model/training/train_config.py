@@ -100,6 +100,9 @@ class TrainConfig:
     pyramid_strength: float = 0.9
     # Scale the pyramid strength down linearly with the timestep.
     pyramid_anneal: bool = True
+    # Share of draws trained at the last (pure-noise) timestep instead of a uniform one: the
+    # only timestep a one-step estimate runs, drawn 1 in 1000 times otherwise (0 = the paper).
+    final_timestep_share: float = 0.0
     # Depth is normalised per sample: this quantile of its valid pixels maps to -1 ...
     depth_low_percentile: float = 0.02
     # ... and this one to 1 (fractions: 0.98 is the 98th percentile).
@@ -365,6 +368,8 @@ def _validate(config):
             f'unknown logger {config.logger!r} (csv or tensorboard)')
     require(config.mixed_precision in ('no', 'fp16', 'bf16'),
             f'unknown mixed_precision {config.mixed_precision!r} (no, fp16 or bf16)')
+    require(0 <= config.final_timestep_share <= 1, 'final_timestep_share must be in [0, 1], '
+            f'got {config.final_timestep_share}')
     require(0 <= config.ema_decay < 1,
             f'ema_decay must be in [0, 1) (0 turns EMA off), got {config.ema_decay}')
     low, high = config.depth_low_percentile, config.depth_high_percentile

@@ -285,6 +285,9 @@ class Trainer:
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.cat([torch.randint(0, steps, (1,), generator=generator)
                                for generator in generators])
+        if config.final_timestep_share > 0:
+            final = torch.cat([torch.rand(1, generator=generator) for generator in generators])
+            timesteps[final < config.final_timestep_share] = steps - 1
         if config.pyramid_noise:
             strength = torch.full((batch,), float(config.pyramid_strength))
             if config.pyramid_anneal:
