@@ -1,15 +1,21 @@
 """Tests for the procedural synthetic RGB-D scene generator."""
 
 from dataclasses import replace
+import hashlib
 
+from marigold_model.data.raycast import cast_rays, ROOM_FACES
 from marigold_model.data.sample import intrinsics_from_hfov, Sample
-from marigold_model.data.synthetic import (CameraPose, make_scene, make_textures, render,
-                                           render_scene, render_sequence, SceneConfig,
-                                           SyntheticDataset, write_previews)
+from marigold_model.data.synthetic import (CameraPose, child_rng, make_scene, make_textures,
+                                           render, render_scene, render_sequence,
+                                           scene_intrinsics, SceneConfig, SyntheticDataset,
+                                           write_previews)
 import numpy as np
 import pytest
 
-EMPTY = SceneConfig(n_boxes=(0, 0), n_spheres=(0, 0), noise_sigma=(0.0, 0.0))
+# The hard cases switched off: the scenes of the generator before they existed.
+NO_HARD_CASES = {'n_thin': (0, 0), 'n_occluders': (0, 0), 'camouflage_prob': 0.0,
+                 'n_decals': (0, 0)}
+EMPTY = SceneConfig(n_boxes=(0, 0), n_spheres=(0, 0), noise_sigma=(0.0, 0.0), **NO_HARD_CASES)
 
 
 def _empty_room(room_min, room_max, n_objects=0, **changes):
@@ -182,3 +188,142 @@ def test_write_previews(tmp_path):
     assert len(paths) == 2
     with Image.open(paths[0]) as image:
         assert image.size == (40, 16)  # rgb | colour-mapped depth
+
+
+# --------------------------------------------------------------------------------------------
+# Hard cases (thin objects, occluders, camouflage, decals)
+
+# sha256 (first 16 hex digits) of rgb, depth, valid and K bytes of SyntheticDataset(seed) items
+# 0..5 at 64x64, made with the generator before the hard cases existed (commit 352b288, default
+# SceneConfig) by _digest below.
+PREVIOUS_DIGESTS = {
+    1: ['6d0adecb5b286acf', '9e8345e11b5db5b8', '842f69e3ec676095', '6e95cadfcaab039b',
+        '472a2a69da136b0d', 'c2939912b8b99b11'],
+    1000001: ['2ef023dddf5d4636', 'beb985a50e4ed351', 'eb1ca32360bc9f1b', 'd3d3724d1a90c498',
+              'f1ca996843475f8d', '02aad0e6ae847bba'],
+}
+
+
+def _digest(sample):
+    h = hashlib.sha256()
+    for array in (sample.rgb, sample.depth, sample.valid, sample.K):
+        h.update(array.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _object_ids(scene, size):
+    """Object id seen by every pixel of a size x size render from the scene's camera."""
+    K = scene_intrinsics(scene, size, size)
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+    rays = np.linalg.solve(K, np.stack([u.ravel(), v.ravel(), np.ones(u.size)]))
+    origin = np.asarray(scene.camera.position)[:, None]
+    return cast_rays(origin, scene.camera.rotation() @ rays, scene)[1]
+
+
+@pytest.mark.parametrize('seed', sorted(PREVIOUS_DIGESTS))
+def test_hard_cases_off_reproduce_previous_samples(seed):
+    dataset = SyntheticDataset(6, seed, SceneConfig(**NO_HARD_CASES), 64, 64)
+    assert [_digest(dataset[i]) for i in range(6)] == PREVIOUS_DIGESTS[seed]
+    # With them on, the same samples change (the default draws hard cases).
+    on = SyntheticDataset(6, seed, SceneConfig(), 64, 64)
+    assert sum(_digest(on[i]) != d for i, d in enumerate(PREVIOUS_DIGESTS[seed])) >= 3
+
+
+def test_child_rng_leaves_parent_stream_alone():
+    rng = np.random.default_rng([3, 4])
+    before = rng.bit_generator.state
+    child = child_rng(rng)
+    assert rng.bit_generator.state == before
+    assert child.uniform() != np.random.default_rng([3, 4]).uniform()
+
+
+def test_hard_cases_appended_to_the_same_base_scene():
+    for i in range(8):
+        base = make_scene(np.random.default_rng([9, i]), SceneConfig(**NO_HARD_CASES))
+        full = make_scene(np.random.default_rng([9, i]))
+        assert full.camera == base.camera
+        np.testing.assert_array_equal(full.light_position, base.light_position)
+        np.testing.assert_array_equal(full.box_center[:base.n_boxes], base.box_center)
+        np.testing.assert_array_equal(full.sphere_radius[:base.n_spheres], base.sphere_radius)
+        np.testing.assert_array_equal(full.textures.kind[:ROOM_FACES],
+                                      base.textures.kind[:ROOM_FACES])
+
+
+def test_hard_cases_appear_with_defaults():
+    scenes = [make_scene(np.random.default_rng([5, i])) for i in range(30)]
+    thin_seen = camouflaged = decals = 0
+    for scene in scenes:
+        thin = ROOM_FACES + np.flatnonzero(scene.box_half.min(axis=1) < 0.06)
+        thin_seen += np.isin(_object_ids(scene, 64), thin).any()
+        t = scene.textures
+        n = ROOM_FACES + scene.n_boxes + scene.n_spheres
+        rows = np.concatenate([t.kind[:n, None], t.color0[:n], t.color1[:n],
+                               t.period[:n, None], t.angle[:n, None], t.phase[:n]], axis=1)
+        camouflaged += any((rows == rows[k]).all(axis=1).sum() > 1
+                           for k in range(ROOM_FACES, n))
+        decals += len(t.decal_object) > 0
+    assert sum((s.box_half.min(axis=1) < 0.06).any() for s in scenes) >= 15
+    assert thin_seen >= 8  # measured 52 % of scenes over 300
+    assert camouflaged >= 8
+    assert decals >= 15
+
+
+def test_occluder_covers_an_object():
+    covering = 0
+    for i in range(20):
+        base = make_scene(np.random.default_rng([6, i]), SceneConfig(**NO_HARD_CASES))
+        only = make_scene(np.random.default_rng([6, i]), SceneConfig(
+            **dict(NO_HARD_CASES, n_occluders=(2, 2))))
+        before, after = _object_ids(base, 48), _object_ids(only, 48)
+        # Occluders are boxes after the base boxes and spheres after the base spheres, which
+        # shifts the base spheres' ids by the number of new boxes.
+        first_box, added = ROOM_FACES + base.n_boxes, only.n_boxes - base.n_boxes
+        before = np.where(before >= first_box, before + added, before)
+        new = ((after >= first_box) & (after < first_box + added)) | (
+            after >= ROOM_FACES + only.n_boxes + base.n_spheres)
+        # An occluder pixel where an object was before, and the object still shows elsewhere.
+        hidden = np.unique(before[new & (before >= ROOM_FACES)])
+        covering += any(np.isin(after, k).any() for k in hidden)
+    assert covering >= 10
+
+
+def test_decals_change_colour_not_depth():
+    changed = 0
+    for i in range(10):
+        scene = make_scene(np.random.default_rng([8, i]),
+                           SceneConfig(**dict(NO_HARD_CASES, n_decals=(3, 3))))
+        bare = replace(scene, textures=replace(scene.textures,
+                                               decal_object=scene.textures.decal_object[:0]))
+        K = scene_intrinsics(scene, 48, 48)
+        a = render(scene, scene.camera, K, 48, 48)
+        b = render(bare, scene.camera, K, 48, 48)
+        np.testing.assert_array_equal(a.depth, b.depth)
+        changed += (a.rgb != b.rgb).any()
+    assert changed >= 8
+
+
+def test_dataset_with_hard_cases_deterministic():
+    dataset = SyntheticDataset(4, 21, SceneConfig(), 32, 32)
+    for i in range(4):
+        assert _digest(dataset[i]) == _digest(dataset[i])
+
+
+def test_floating_thin_box_depth_exact():
+    # A shelf 2 cm thick, centred 1.7 m above the floor (not at its half height), 3 m ahead.
+    scene = _empty_room([-10.0, -10.0, 0.0], [10.0, 10.0, 4.0], n_objects=1)
+    scene = replace(scene, box_center=np.array([[3.0, 0.0, 1.7]]),
+                    box_half=np.array([[0.3, 0.5, 0.01]]), box_yaw=np.array([0.0]),
+                    textures=make_textures(np.random.default_rng(0), 7))
+    s = render(scene, CameraPose(position=(0.0, 0.0, 1.7)), intrinsics_from_hfov(41, 41, 20.0),
+               41, 41)
+    assert s.depth[20, 20] == pytest.approx(2.7, rel=1e-6)  # front face at x = 3 - 0.3
+    assert s.depth[16, 20] == pytest.approx(10.0, rel=1e-6)  # just above it: the far wall
+
+
+@pytest.mark.parametrize('changes,match', [({'camouflage_prob': 1.5}, 'camouflage_prob'),
+                                           ({'n_thin': (3, 1)}, 'n_thin'),
+                                           ({'thin_half_size': (0.0, 0.05)}, 'thin_half_size'),
+                                           ({'n_decals': (-1, 2)}, 'non-negative')])
+def test_bad_hard_case_config_rejected(changes, match):
+    with pytest.raises(ValueError, match=match):
+        SceneConfig(**changes)

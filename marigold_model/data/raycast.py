@@ -9,7 +9,8 @@ its planar z depth, exactly.
 from marigold_model.data.sample import Sample
 import numpy as np
 
-# Object ids: 0..5 are the room faces (2 * axis + (1 for the max side)), then boxes, spheres.
+# Object ids: 0..5 are the room faces (2 * axis + (1 for the max side)), then boxes, spheres;
+# an object's id is also its texture row (decal rows follow).
 ROOM_FACES = 6
 # Hit epsilon and shadow-ray origin offset, in meters (scenes are metric, a few meters big).
 _EPS = 1e-6
@@ -99,7 +100,7 @@ def _occluded(origin, to_light, scene):
     return blocked
 
 
-def _surface(points, obj, scene):
+def surface(points, obj, scene):
     """Compute unit normals (3, N) and texture coordinates u, v (N,) at hit points."""
     n = points.shape[1]
     normal = np.zeros((3, n))
@@ -147,8 +148,17 @@ def _surface(points, obj, scene):
     return normal, u, v
 
 
+def _texture_rows(obj, u, v, textures):
+    """Texture row of every hit: its object's own, or that of a decal painted over it."""
+    rows = obj
+    for k, rect, row in zip(textures.decal_object, textures.decal_rect, textures.decal_texture):
+        inside = (obj == k) & (u >= rect[0]) & (u < rect[1]) & (v >= rect[2]) & (v < rect[3])
+        rows = np.where(inside, row, rows)
+    return rows
+
+
 def _albedo(obj, u, v, textures):
-    """Texture colour (N, 3) of every hit from its object's pattern."""
+    """Texture colour (N, 3) of every hit from its texture row's pattern (``obj``: rows)."""
     period = textures.period[obj]
     ca, sa = np.cos(textures.angle[obj]), np.sin(textures.angle[obj])
     a = (ca * u + sa * v) / period + textures.phase[obj, 0]
@@ -189,7 +199,7 @@ def render(scene, pose, K, height, width, rng=None, name='synthetic'):
 
     t, obj = cast_rays(origin, direction, scene)
     points = origin + t * direction
-    normal, u, v = _surface(points, obj, scene)
+    normal, u, v = surface(points, obj, scene)
 
     to_light = scene.light_position[:, None] - points
     dist = np.sqrt((to_light * to_light).sum(axis=0))
@@ -202,7 +212,8 @@ def render(scene, pose, K, height, width, rng=None, name='synthetic'):
     irradiance = scene.light_intensity * cos_in / (1.0 + (dist / scene.light_falloff) ** 2)
     shade = scene.ambient + irradiance
 
-    color = _albedo(obj, u, v, scene.textures) * (shade ** (1.0 / scene.gamma))[:, None]
+    albedo = _albedo(_texture_rows(obj, u, v, scene.textures), u, v, scene.textures)
+    color = albedo * (shade ** (1.0 / scene.gamma))[:, None]
     if rng is not None and scene.noise_sigma > 0:
         color = color + rng.normal(0.0, scene.noise_sigma, size=color.shape)
     rgb = np.clip(np.rint(color * 255.0), 0, 255).astype(np.uint8).reshape(height, width, 3)

@@ -3,7 +3,10 @@ Procedural synthetic RGB-D scenes rendered by vectorised numpy ray casting.
 
 A scene is a closed room holding yaw-rotated boxes resting on the floor and spheres, each
 surface with a procedural texture in surface coordinates (so perspective-correct), lit by
-one point light with hard shadows plus ambient, then gamma and mild noise.
+one point light with hard shadows plus ambient, then gamma and mild noise. Hard cases for a
+small depth model follow: thin poles, shelves and bars, occluders in front of visible objects,
+camouflaged objects (a texture copied from another surface) and painted decals. They are drawn
+from a child stream of the scene generator, so switching them off gives the scenes of before.
 
 World frame: x, y horizontal, z up, floor at z = 0. Camera frame: REP 103 optical (x right,
 y down, z forward). The rendering is :mod:`marigold_model.data.raycast`.
@@ -15,7 +18,7 @@ import argparse
 from dataclasses import dataclass, field, replace
 import os
 
-from marigold_model.data.raycast import cast_rays, render, ROOM_FACES
+from marigold_model.data.raycast import cast_rays, render, ROOM_FACES, surface
 from marigold_model.data.sample import intrinsics_from_hfov
 import numpy as np
 
@@ -57,6 +60,17 @@ class SceneConfig:
     min_view_distance: float = 1.5  # preferred free distance in front of the camera
     gamma: tuple = (1.8, 2.4)
     noise_sigma: tuple = (0.0, 0.02)  # in [0, 1] display units
+    # Hard cases, drawn after everything above from a child stream (see add_hard_cases).
+    n_thin: tuple = (0, 3)  # poles on the floor, floating shelves and bars
+    thin_half_size: tuple = (0.01, 0.05)  # the thin half extents
+    thin_half_length: tuple = (0.2, 1.0)  # the long half extents
+    thin_float_height: tuple = (0.3, 2.0)  # centre height of shelves and bars
+    n_occluders: tuple = (0, 2)  # objects in front of a visible object, partly covering it
+    occluder_gap: tuple = (0.3, 1.5)  # how much nearer the camera than what they cover
+    occluder_half_size: tuple = (0.1, 0.4)
+    camouflage_prob: float = 0.25  # an object takes the texture of another surface
+    n_decals: tuple = (0, 3)  # painted rectangles on visible room faces and boxes
+    decal_size: tuple = (0.1, 0.8)  # side lengths
 
     def __post_init__(self):
         """Reject empty or reversed ranges and unknown texture names."""
@@ -67,18 +81,26 @@ class SceneConfig:
                      'box_half_size', 'box_height', 'sphere_radius', 'object_distance',
                      'texture_period', 'light_intensity', 'light_falloff', 'ambient',
                      'camera_height', 'camera_pitch_deg', 'camera_roll_deg', 'gamma',
-                     'noise_sigma'):
+                     'noise_sigma', 'n_thin', 'thin_half_size', 'thin_half_length',
+                     'thin_float_height', 'n_occluders', 'occluder_gap', 'occluder_half_size',
+                     'n_decals', 'decal_size'):
             value = getattr(self, name)
             if len(value) != 2 or value[0] > value[1]:
                 raise ValueError(f'SceneConfig.{name} must be (low, high) with low <= high, '
                                  f'got {value!r}')
         for name in ('room_size', 'room_height', 'box_half_size', 'box_height',
-                     'sphere_radius', 'texture_period', 'light_falloff', 'gamma'):
+                     'sphere_radius', 'texture_period', 'light_falloff', 'gamma',
+                     'thin_half_size', 'thin_half_length', 'thin_float_height', 'occluder_gap',
+                     'occluder_half_size', 'decal_size'):
             if getattr(self, name)[0] <= 0:
                 raise ValueError(f'SceneConfig.{name} must be positive, got '
                                  f'{getattr(self, name)!r}')
-        if min(self.n_boxes) < 0 or min(self.n_spheres) < 0 or min(self.noise_sigma) < 0:
+        if min(self.n_boxes + self.n_spheres + self.n_thin + self.n_occluders + self.n_decals
+               + self.noise_sigma) < 0:
             raise ValueError('SceneConfig: object counts and noise must be non-negative')
+        if not 0.0 <= self.camouflage_prob <= 1.0:
+            raise ValueError(f'SceneConfig.camouflage_prob must lie in [0, 1], got '
+                             f'{self.camouflage_prob!r}')
         if not 0 < self.fov_deg[0] <= self.fov_deg[1] < 180:
             raise ValueError(f'SceneConfig.fov_deg must lie in (0, 180), got {self.fov_deg!r}')
         if not self.textures or any(t not in TEXTURES for t in self.textures):
@@ -129,6 +151,15 @@ class Textures:
     phase: np.ndarray  # (n, 2) in periods
     duty: np.ndarray  # (n,) stripe duty cycle
     ratio: np.ndarray  # (n,) second sine frequency / first
+    # Decals: texture row decal_texture[j] replaces the object's own on object decal_object[j]
+    # inside u0 <= u < u1, v0 <= v < v1 (decal_rect[j], surface coordinates); later on top.
+    decal_object: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    decal_rect: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    decal_texture: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+
+
+# The per-row fields of Textures (the decal fields index into them).
+_TEXTURE_ROWS = ('kind', 'color0', 'color1', 'period', 'angle', 'phase', 'duty', 'ratio')
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,7 +168,7 @@ class Scene:
 
     room_min: np.ndarray  # (3,) room corner, z = 0 (floor)
     room_max: np.ndarray  # (3,)
-    box_center: np.ndarray  # (nb, 3); boxes rest on the floor so center z = half height
+    box_center: np.ndarray  # (nb, 3); z = half height for boxes on the floor, not for shelves
     box_half: np.ndarray  # (nb, 3) half extents in the box frame
     box_yaw: np.ndarray  # (nb,) radians about z
     sphere_center: np.ndarray  # (ns, 3)
@@ -209,6 +240,21 @@ def _room_free_distance(position, direction, room_min, room_max):
     return float(np.min(t))
 
 
+def _place_xy(rng, config, room_min, size, cam_pos, cam_yaw, hfov, radius):
+    """Object centre: in the view cone with some probability, clamped into the room."""
+    room_max = room_min + size
+    if rng.uniform() < config.in_view_prob:
+        ang = cam_yaw + rng.uniform(-0.45, 0.45) * np.deg2rad(hfov)
+        # Distance to the object's near side, not its centre, so it rarely fills the view.
+        dist = _uniform(rng, config.object_distance) + radius
+        xy = cam_pos[:2] + dist * np.array([np.cos(ang), np.sin(ang)])
+    else:
+        xy = rng.uniform(room_min[:2], room_max[:2])
+    lo = room_min[:2] + np.minimum(radius, size[:2] / 2)
+    hi = room_max[:2] - np.minimum(radius, size[:2] / 2)
+    return np.clip(xy, lo, hi)
+
+
 def make_scene(rng, config=SceneConfig()):
     """Draw a random room, objects, textures, light and camera, all from ``rng``."""
     size = np.array([_uniform(rng, config.room_size), _uniform(rng, config.room_size),
@@ -238,17 +284,7 @@ def make_scene(rng, config=SceneConfig()):
                         roll=np.deg2rad(_uniform(rng, config.camera_roll_deg)))
 
     def place_xy(radius):
-        """Object centre: in the view cone with some probability, clamped into the room."""
-        if rng.uniform() < config.in_view_prob:
-            ang = cam_yaw + rng.uniform(-0.45, 0.45) * np.deg2rad(hfov)
-            # Distance to the object's near side, not its centre, so it rarely fills the view.
-            dist = _uniform(rng, config.object_distance) + radius
-            xy = cam_pos[:2] + dist * np.array([np.cos(ang), np.sin(ang)])
-        else:
-            xy = rng.uniform(room_min[:2], room_max[:2])
-        lo = room_min[:2] + np.minimum(radius, size[:2] / 2)
-        hi = room_max[:2] - np.minimum(radius, size[:2] / 2)
-        return np.clip(xy, lo, hi)
+        return _place_xy(rng, config, room_min, size, cam_pos, cam_yaw, hfov, radius)
 
     centers, halves, yaws = [], [], []
     for _ in range(int(rng.integers(config.n_boxes[0], config.n_boxes[1] + 1))):
@@ -297,14 +333,195 @@ def make_scene(rng, config=SceneConfig()):
             break
 
     n_obj = ROOM_FACES + len(box_yaw) + len(sphere_radius)
-    return Scene(room_min=room_min, room_max=room_max, box_center=box_center,
-                 box_half=box_half, box_yaw=box_yaw, sphere_center=sphere_center,
-                 sphere_radius=sphere_radius, textures=make_textures(rng, n_obj, config),
-                 light_position=light, light_intensity=_uniform(rng, config.light_intensity),
-                 light_falloff=_uniform(rng, config.light_falloff),
-                 ambient=_uniform(rng, config.ambient), gamma=_uniform(rng, config.gamma),
-                 noise_sigma=_uniform(rng, config.noise_sigma), camera=camera, hfov_deg=hfov,
-                 config=config)
+    scene = Scene(room_min=room_min, room_max=room_max, box_center=box_center,
+                  box_half=box_half, box_yaw=box_yaw, sphere_center=sphere_center,
+                  sphere_radius=sphere_radius, textures=make_textures(rng, n_obj, config),
+                  light_position=light, light_intensity=_uniform(rng, config.light_intensity),
+                  light_falloff=_uniform(rng, config.light_falloff),
+                  ambient=_uniform(rng, config.ambient), gamma=_uniform(rng, config.gamma),
+                  noise_sigma=_uniform(rng, config.noise_sigma), camera=camera, hfov_deg=hfov,
+                  config=config)
+    return add_hard_cases(child_rng(rng), scene)
+
+
+# --------------------------------------------------------------------------------------------
+# Hard cases: appended after the base scene, from their own stream
+
+
+def child_rng(rng):
+    """
+    Return a new Generator seeded from a child of ``rng``'s SeedSequence.
+
+    ``rng`` itself is not advanced, so the base scene and the render noise drawn from it stay
+    exactly as they were before the hard cases existed.
+    """
+    return np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
+
+
+def _take_textures(textures, rows):
+    """Textures with the given rows, in that order (no decals: they index rows)."""
+    return Textures(**{name: getattr(textures, name)[rows] for name in _TEXTURE_ROWS})
+
+
+def _stack_textures(first, second):
+    """Rows of ``first`` then ``second``; the decals of ``first`` are kept."""
+    rows = {name: np.concatenate([getattr(first, name), getattr(second, name)])
+            for name in _TEXTURE_ROWS}
+    return Textures(**rows, decal_object=first.decal_object, decal_rect=first.decal_rect,
+                    decal_texture=first.decal_texture)
+
+
+def _append_boxes(scene, center, half, yaw, textures):
+    """Add boxes after the existing ones; their texture rows go before the spheres'."""
+    split = ROOM_FACES + scene.n_boxes
+    n = len(scene.textures.kind)
+    order = np.concatenate([np.arange(split), n + np.arange(len(yaw)), np.arange(split, n)])
+    return replace(scene, box_center=np.concatenate([scene.box_center, center]),
+                   box_half=np.concatenate([scene.box_half, half]),
+                   box_yaw=np.concatenate([scene.box_yaw, yaw]),
+                   textures=_take_textures(_stack_textures(scene.textures, textures), order))
+
+
+def _box_fits(scene, center, half, yaw):
+    """Whether a box keeps clear of the camera and of the light."""
+    c, h, y = center[None], half[None], np.array([yaw])
+    return not (_inside_box(np.asarray(scene.camera.position), c, h, y,
+                            scene.config.camera_clearance)[0]
+                or _inside_box(scene.light_position, c, h, y, 0.05)[0])
+
+
+def _count(rng, bounds):
+    return int(rng.integers(bounds[0], bounds[1] + 1))
+
+
+def _thin_box(rng, config, room_height):
+    """Half extents and centre height of a pole (on the floor), a shelf or a bar (floating)."""
+    thin = rng.uniform(config.thin_half_size[0], config.thin_half_size[1], size=2)
+    length = _uniform(rng, config.thin_half_length)
+    kind = int(rng.integers(3))
+    if kind == 0:  # pole
+        half_z = min(length, 0.5 * room_height)
+        return np.array([thin[0], thin[1], half_z]), half_z
+    if kind == 1:  # shelf or table top: thin vertically
+        half = np.array([length, rng.uniform(config.thin_half_length[0], length), thin[0]])
+    else:  # bar or rail: long in one horizontal direction only
+        half = np.array([length, thin[0], thin[1]])
+    z = np.clip(_uniform(rng, config.thin_float_height), half[2], room_height - half[2])
+    return half, float(z)
+
+
+def _add_thin_objects(rng, scene):
+    """Add thin boxes, mostly in view: a tiny model tends to miss them."""
+    config = scene.config
+    size = scene.room_max - scene.room_min
+    cam = scene.camera
+    centers, halves, yaws = [], [], []
+    for _ in range(_count(rng, config.n_thin)):
+        half, z = _thin_box(rng, config, size[2])
+        yaw = float(rng.uniform(0.0, np.pi))
+        for _ in range(10):
+            xy = _place_xy(rng, config, scene.room_min, size, np.asarray(cam.position),
+                           cam.yaw, scene.hfov_deg, float(np.hypot(half[0], half[1])))
+            center = np.array([xy[0], xy[1], z])
+            if _box_fits(scene, center, half, yaw):
+                centers.append(center)
+                halves.append(half)
+                yaws.append(yaw)
+                break
+    return _append_boxes(scene, np.array(centers).reshape(-1, 3),
+                         np.array(halves).reshape(-1, 3), np.array(yaws, dtype=np.float64),
+                         make_textures(rng, len(yaws), config))
+
+
+def _view_rays(rng, scene, n):
+    """Return ``n`` random unit world directions inside 90 % of the configured image."""
+    tan_x = np.tan(np.deg2rad(scene.hfov_deg) / 2)
+    tan_y = tan_x * scene.config.height / scene.config.width
+    cam = np.stack([rng.uniform(-0.9, 0.9, n) * tan_x, rng.uniform(-0.9, 0.9, n) * tan_y,
+                    np.ones(n)])
+    world = scene.camera.rotation() @ cam
+    return world / np.linalg.norm(world, axis=0)
+
+
+def _add_occluders(rng, scene):
+    """
+    Add pillars (on the floor) or floating spheres in front of visible objects.
+
+    Each sits on the viewing ray of a random point of an object, nearer the camera by
+    ``occluder_gap``, so it covers part of it: depth edges between two objects.
+    """
+    config = scene.config
+    origin = np.asarray(scene.camera.position, dtype=np.float64)
+    for _ in range(_count(rng, config.n_occluders)):
+        direction = _view_rays(rng, scene, 16)
+        t, obj = cast_rays(origin[:, None], direction, scene)
+        gap = _uniform(rng, config.occluder_gap)
+        half = rng.uniform(config.occluder_half_size[0], config.occluder_half_size[1], size=2)
+        pillar = rng.uniform() < 0.5
+        yaw = float(rng.uniform(0.0, np.pi / 2))
+        textures = make_textures(rng, 1, config)
+        # The nearest gap that keeps the occluder clear of the camera, if it is in range.
+        gap_max = t - config.camera_clearance - 1.5 * half.max()
+        ok = np.flatnonzero((obj >= ROOM_FACES) & (gap_max >= config.occluder_gap[0]))
+        if not ok.size:
+            continue
+        j = ok[0]
+        point = origin + (t[j] - min(gap, gap_max[j])) * direction[:, j]
+        if pillar:
+            half_z = 0.5 * min(point[2] + half[1], 0.95 * scene.room_max[2])
+            center = np.array([point[0], point[1], half_z])
+            box_half = np.array([half[0], half[0], half_z])
+            if _box_fits(scene, center, box_half, yaw):
+                scene = _append_boxes(scene, center[None], box_half[None], np.array([yaw]),
+                                      textures)
+        elif not _inside_sphere(scene.light_position, point[None], half[:1], 0.05)[0]:
+            scene = replace(scene, sphere_center=np.concatenate([scene.sphere_center,
+                                                                 point[None]]),
+                            sphere_radius=np.concatenate([scene.sphere_radius, half[:1]]),
+                            textures=_stack_textures(scene.textures, textures))
+    return scene
+
+
+def _camouflage(rng, scene):
+    """Give some objects the exact texture of a room face or an untouched object."""
+    n = len(scene.textures.kind)
+    picked = np.flatnonzero(rng.uniform(size=n) < scene.config.camouflage_prob)
+    picked = picked[picked >= ROOM_FACES]
+    sources = np.setdiff1d(np.arange(n), picked)
+    rows = np.arange(n)
+    rows[picked] = rng.choice(sources, size=len(picked))
+    return replace(scene, textures=_take_textures(scene.textures, rows))
+
+
+def _add_decals(rng, scene):
+    """Paint textured or plain rectangles where random view rays hit a room face or box."""
+    config = scene.config
+    m = _count(rng, config.n_decals)
+    origin = np.asarray(scene.camera.position, dtype=np.float64)[:, None]
+    direction = _view_rays(rng, scene, m)
+    t, obj = cast_rays(origin, direction, scene)
+    _, u, v = surface(origin + t * direction, obj, scene)
+    side = rng.uniform(config.decal_size[0], config.decal_size[1], size=(m, 2))
+    start = np.stack([u, v], axis=1) - side * rng.uniform(0.2, 0.8, size=(m, 2))
+    paint = make_textures(rng, m, config)
+    plain = rng.uniform(size=m) < 0.5
+    paint.color1[plain] = paint.color0[plain]
+    keep = obj < ROOM_FACES + scene.n_boxes
+    n = len(scene.textures.kind)
+    textures = _stack_textures(scene.textures, _take_textures(paint, np.flatnonzero(keep)))
+    rect = np.stack([start[:, 0], start[:, 0] + side[:, 0], start[:, 1], start[:, 1] + side[:, 1]],
+                    axis=1)
+    return replace(scene, textures=replace(textures, decal_object=obj[keep],
+                                           decal_rect=rect[keep],
+                                           decal_texture=n + np.arange(keep.sum())))
+
+
+def add_hard_cases(rng, scene):
+    """Append thin objects, occluders, camouflage and decals (in that order) from ``rng``."""
+    scene = _add_thin_objects(rng, scene)
+    scene = _add_occluders(rng, scene)
+    scene = _camouflage(rng, scene)
+    return _add_decals(rng, scene)
 
 
 # --------------------------------------------------------------------------------------------
