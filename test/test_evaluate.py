@@ -286,6 +286,19 @@ def test_synthetic_set_is_deterministic_and_not_a_training_scene():
     assert not np.array_equal(first.samples[0].rgb, training.rgb)
 
 
+def test_basic_synthetic_set_is_the_same_scenes_without_the_hard_cases():
+    from marigold_model.data.synthetic import NO_HARD_CASES, render_scene, SceneConfig
+    basic = open_dataset('synthetic-basic:6:5:32').samples
+    hard = open_dataset('synthetic:6:5:32').samples
+    for i, sample in enumerate(basic):
+        rng = np.random.default_rng([5, i, SYNTHETIC_EVAL_STREAM])
+        alone = render_scene(rng, SceneConfig(**NO_HARD_CASES), 32, 32)
+        assert np.array_equal(sample.rgb, alone.rgb) and np.array_equal(sample.depth, alone.depth)
+    # The same base scenes (camera, room): the hard cases change some of them.
+    assert all(np.array_equal(a.K, b.K) for a, b in zip(basic, hard))
+    assert sum(not np.array_equal(a.rgb, b.rgb) for a, b in zip(basic, hard)) >= 3
+
+
 def test_folder_dataset(tmp_path):
     (tmp_path / 'rgb').mkdir()
     (tmp_path / 'depth').mkdir()
@@ -297,7 +310,7 @@ def test_folder_dataset(tmp_path):
 
 
 @pytest.mark.parametrize('spec', ['mars:1', 'synthetic:x:1', 'synthetic:2', 'kitti:only_root',
-                                  'synthetic:2:1:4'])
+                                  'synthetic:2:1:4', 'synthetic-basic:2'])
 def test_bad_specs_rejected(spec):
     with pytest.raises(DatasetError):
         open_dataset(spec)

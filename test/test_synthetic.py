@@ -6,15 +6,12 @@ import hashlib
 from marigold_model.data.raycast import cast_rays, ROOM_FACES
 from marigold_model.data.sample import intrinsics_from_hfov, Sample
 from marigold_model.data.synthetic import (CameraPose, child_rng, make_scene, make_textures,
-                                           render, render_scene, render_sequence,
+                                           NO_HARD_CASES, render, render_scene, render_sequence,
                                            scene_intrinsics, SceneConfig, SyntheticDataset,
                                            write_previews)
 import numpy as np
 import pytest
 
-# The hard cases switched off: the scenes of the generator before they existed.
-NO_HARD_CASES = {'n_thin': (0, 0), 'n_occluders': (0, 0), 'camouflage_prob': 0.0,
-                 'n_decals': (0, 0)}
 EMPTY = SceneConfig(n_boxes=(0, 0), n_spheres=(0, 0), noise_sigma=(0.0, 0.0), **NO_HARD_CASES)
 
 

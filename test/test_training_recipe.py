@@ -58,3 +58,26 @@ def test_recipe_overrides_read_floats_as_yaml_1_2():
     """'unet_lr=5e-4' is a number (PyYAML alone reads it as a string)."""
     recipe = tiny_recipe.load_recipe(overrides=['unet_lr=5e-4', 'unet_steps=3'])
     assert recipe.unet_lr == 5e-4 and recipe.unet_steps == 3
+
+
+def test_recipe_file_is_the_shipped_defaults():
+    """recipes/tiny.yaml and TinyRecipe's defaults describe the same (shipped) model."""
+    assert tiny_recipe.load_recipe() == TinyRecipe()
+
+
+def test_recipe_runs_end_to_end_and_its_card_compares_with_an_earlier_model(tmp_path):
+    """Every stage at toy size; the card scores both held-out sets and the earlier model."""
+    from marigold_model.loading import resolve_model_path
+    earlier = resolve_model_path('bundled:marigold-tiny')
+    lines = []
+    figures = tiny_recipe.run(RECIPE, tmp_path / 'work', tmp_path / 'model', log=lines.append,
+                              baseline_model=str(earlier))
+    assert 0 < figures['vae_rgb_psnr_db'] < 100
+    assert len(figures['unet_loss_by_tenth']) == RECIPE.unet_steps  # fewer than ten
+    assert figures['total_s'] > 0
+    card = (tmp_path / 'model' / 'README.md').read_text()
+    for kind in tiny_recipe.EVAL_KINDS:
+        assert f'`{kind}:2:{RECIPE.test_seed}:32`' in card
+    assert card.count('previous model') == 2 * 2  # its table row and comparison, per set
+    assert 'not measured' not in card
+    assert any('held-out RGB PSNR' in line for line in lines)

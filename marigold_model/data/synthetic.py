@@ -26,6 +26,12 @@ TEXTURES = ('checker', 'stripe', 'sine')
 MOTIONS = ('static', 'orbit', 'forward')
 
 
+# SceneConfig changes that switch the hard cases off: the scenes of the generator before them
+# (the held-out set of the first bundled model, ``synthetic-basic`` in marigold-eval).
+NO_HARD_CASES = {'n_thin': (0, 0), 'n_occluders': (0, 0), 'camouflage_prob': 0.0,
+                 'n_decals': (0, 0)}
+
+
 @dataclass(frozen=True)
 class SceneConfig:
     """

@@ -11,7 +11,8 @@ Specs (``--dataset`` of ``marigold-eval``, see :func:`open_dataset`):
   integer depth times DEPTH_SCALE = meters, default millimetres), no crop, range 1e-3 m..inf
   unless ``--min-depth`` / ``--max-depth`` say otherwise.
 - ``synthetic:N:SEED[:SIZE]``: N procedural scenes drawn from a random stream that training
-  never uses; range taken from the data.
+  never uses; range taken from the data. ``synthetic-basic:...``: the same scenes without the
+  hard cases (thin objects, occluders, camouflage, decals), as the generator drew them before.
 """
 
 from dataclasses import dataclass, field
@@ -132,17 +133,17 @@ def crop_mask(crop, height, width):
 # ---- synthetic and folder -------------------------------------------------------------------
 
 
-def synthetic_samples(count, seed, height=None, width=None):
+def synthetic_samples(count, seed, height=None, width=None, hard_cases=True):
     """
     Render ``count`` procedural evaluation scenes that no training stream can produce.
 
     Scene ``i`` comes from ``numpy.random.default_rng([seed, i, SYNTHETIC_EVAL_STREAM])``;
     height and width default to the generator's.
     """
-    from ..data.synthetic import render_scene, SceneConfig
+    from ..data.synthetic import NO_HARD_CASES, render_scene, SceneConfig
     if count < 1:
         raise DatasetError(f'synthetic scene count must be >= 1, got {count}')
-    config = SceneConfig()
+    config = SceneConfig() if hard_cases else SceneConfig(**NO_HARD_CASES)
     return [render_scene(np.random.default_rng([seed, i, SYNTHETIC_EVAL_STREAM]), config,
                          height, width, name=f'synthetic_eval_{seed}_{i:04d}')
             for i in range(count)]
@@ -205,10 +206,12 @@ def open_dataset(spec, min_depth=None, max_depth=None):
     kind, _, rest = str(spec).partition(':')
     parts = rest.split(':') if rest else []
     usage = {'nyu': 'nyu:PATH[:SPLITS]', 'kitti': 'kitti:ROOT:SPLITFILE[:DEPTH_ROOT]',
-             'folder': 'folder:ROOT[:DEPTH_SCALE]', 'synthetic': 'synthetic:N:SEED[:SIZE]'}
+             'folder': 'folder:ROOT[:DEPTH_SCALE]', 'synthetic': 'synthetic:N:SEED[:SIZE]',
+             'synthetic-basic': 'synthetic-basic:N:SEED[:SIZE]'}
     if kind not in usage:
         raise DatasetError(f'unknown data set {spec!r}; use one of {", ".join(usage.values())}')
-    counts = {'nyu': (1, 2), 'kitti': (2, 3), 'folder': (1, 2), 'synthetic': (2, 3)}[kind]
+    counts = {'nyu': (1, 2), 'kitti': (2, 3), 'folder': (1, 2), 'synthetic': (2, 3),
+              'synthetic-basic': (2, 3)}[kind]
     if not counts[0] <= len(parts) <= counts[1] or not all(parts):
         raise DatasetError(f'malformed data set {spec!r}; expected {usage[kind]}')
     info = {}
@@ -230,7 +233,7 @@ def open_dataset(spec, min_depth=None, max_depth=None):
         if seed < 0:
             raise DatasetError(f'synthetic seed must be >= 0, got {seed}')
         size = _parse_size(parts[2]) if len(parts) > 2 else (None, None)
-        samples = synthetic_samples(count, seed, *size)
+        samples = synthetic_samples(count, seed, *size, hard_cases=kind == 'synthetic')
         (low, high), crop = depth_range_of(samples), None
     low = low if min_depth is None else float(min_depth)
     high = high if max_depth is None else float(max_depth)

@@ -25,7 +25,8 @@ import torch
 from .train_config import DataSpec, TrainConfig
 from .trainer import Trainer
 from .training_data import build_training_data
-from .vae_training import fit_scaling_factor, reconstruction_error, train_vae, VaeTrainConfig
+from .vae_training import fit_scaling_factor, reconstruction_error, rgb_psnr, train_vae
+from .vae_training import VaeTrainConfig
 from .. import yaml12
 from ..alignment import normalize_percentile
 from ..architecture import build_unet, build_vae, empty_text_embedding, save_marigold
@@ -41,21 +42,22 @@ class TinyRecipe:
     """Settings of the tiny model recipe (defaults: the shipped model)."""
 
     resolution: int = 64
-    train_scenes: int = 6000
+    train_scenes: int = 8000
     test_scenes: int = 100
     train_seed: int = 1
     test_seed: int = 1_000_001
     unet_channels: tuple = (48, 96, 144)
     vae_channels: tuple = (32, 64, 64)
-    vae_steps: int = 400
+    vae_steps: int = 1000
     vae_batch: int = 16
-    vae_lr: float = 1e-3
-    unet_steps: int = 4000
-    unet_batch: int = 16
+    vae_lr: float = 2e-3
+    vae_rgb_share: float = 0.75
+    unet_steps: int = 5000
+    unet_batch: int = 32
     unet_lr: float = 5e-4
     warmup_steps: int = 50
     ema_decay: float = 0.998
-    final_timestep_share: float = 0.0
+    final_timestep_share: float = 0.5
     seed: int = 0
 
 
@@ -144,17 +146,18 @@ def unet_config(recipe, work, base):
         export_steps=1, export_resolution=recipe.resolution)
 
 
-def run(recipe, work, output, log=print):
+def run(recipe, work, output, log=print, baseline_model=None):
     """
     Run every stage, skipping those whose output is already in ``work``.
 
     :param output: folder of the exported model
+    :param baseline_model: optional earlier model to compare with on the held-out scenes
     :return: dict of figures measured (times, losses, metrics)
     """
     work, output = Path(work), Path(output)
     work.mkdir(parents=True, exist_ok=True)
     figures = {'recipe': asdict(recipe)}
-    clock = time.perf_counter()
+    start = clock = time.perf_counter()
     train = render_set(recipe.train_scenes, recipe.train_seed, recipe.resolution, log)
     figures['render_s'] = time.perf_counter() - clock
 
@@ -168,7 +171,7 @@ def run(recipe, work, output, log=print):
         rgb, depth = _stack(train)
         losses = train_vae(vae, rgb, depth, VaeTrainConfig(
             steps=recipe.vae_steps, batch_size=recipe.vae_batch, lr=recipe.vae_lr,
-            seed=recipe.seed), log)
+            rgb_share=recipe.vae_rgb_share, seed=recipe.seed), log)
         factor = fit_scaling_factor(vae, rgb, depth)
         error = reconstruction_error(vae, depth)
         log(f'vae: scaling factor {factor:.4f}, depth round-trip error {error:.4f}')
@@ -177,8 +180,13 @@ def run(recipe, work, output, log=print):
                        vae_depth_roundtrip_error=error)
     # The starting point of the U-Net training: a random U-Net around the trained VAE.
     from diffusers import AutoencoderKL
+    from .eval_datasets import synthetic_samples
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    held_out = synthetic_samples(recipe.test_scenes, recipe.test_seed, recipe.resolution)
+    figures['vae_rgb_psnr_db'] = rgb_psnr(vae, np.stack([s.rgb for s in held_out]))
+    log(f'vae: held-out RGB PSNR {figures["vae_rgb_psnr_db"]:.2f} dB')
     torch.manual_seed(recipe.seed)
-    base = save_marigold(work / 'base', build_unet(arch), AutoencoderKL.from_pretrained(vae_dir),
+    base = save_marigold(work / 'base', build_unet(arch), vae,
                          empty_text_embedding(arch, recipe.seed), 1, recipe.resolution,
                          extra={'architecture': asdict(arch)})
 
@@ -194,19 +202,28 @@ def run(recipe, work, output, log=print):
     trainer.run()
     figures['unet_s'] = time.perf_counter() - clock
     figures['unet_final_loss'] = float(np.mean(trainer.losses[-50:]))
+    # Mean loss of each tenth of the steps: whether it was still falling at the end.
+    tenths = np.array_split(trainer.losses, min(len(trainer.losses), 10))
+    figures['unet_loss_by_tenth'] = [float(np.mean(part)) for part in tenths]
     path = trainer.export(output)
     figures['model_mb'] = sum(f.stat().st_size for f in path.rglob('*') if f.is_file()) / 2 ** 20
+    figures['total_s'] = time.perf_counter() - start
     log(f'exported to {path} ({figures["model_mb"]:.1f} MB)')
+    clock = time.perf_counter()
+    results = evaluate_model(recipe, output, log, baseline_model)
+    figures['evaluate_s'] = time.perf_counter() - clock
     (work / 'figures.json').write_text(json.dumps(figures, indent=2, default=str))
-    results = evaluate_model(recipe, output, log)
     write_model_card(output, recipe, figures, results)
     return figures
 
 
 EVAL_SETTINGS = ((1, 1), (4, 1), (1, 5))
+# The held-out sets: the scenes the model trains on, and the same scenes without the hard
+# cases (the set the first bundled model was scored on).
+EVAL_KINDS = ('synthetic', 'synthetic-basic')
 
 
-def evaluate_model(recipe, model, log=print):
+def evaluate_model(recipe, model, log=print, baseline_model=None):
     """
     Score the model and two trivial baselines on the held-out synthetic scenes.
 
@@ -214,23 +231,42 @@ def evaluate_model(recipe, model, log=print):
     :func:`marigold_model.training.eval_datasets.synthetic_samples`); metrics follow the
     standard per-image least-squares protocol.
 
-    :return: list of result dicts (predictor, abs_rel, delta1, images, ...)
+    :param baseline_model: optional earlier model, scored at one step on the same scenes
+    :return: dict of data set spec -> list of result dicts (predictor, abs_rel, delta1, ...):
+        constant, ramp, the model at each of EVAL_SETTINGS, then the baseline model if given
     """
+    from .evaluate import evaluate, markdown_table, open_dataset
+    models = [(f'tiny model, {steps} step(s), ensemble {members}', model, steps, members)
+              for steps, members in EVAL_SETTINGS]
+    if baseline_model:
+        models.append((f'previous model ({baseline_model}), 1 step(s), ensemble 1',
+                       baseline_model, 1, 1))
+    scores = {}
+    for kind in EVAL_KINDS:
+        spec = f'{kind}:{recipe.test_scenes}:{recipe.test_seed}:{recipe.resolution}'
+        dataset = open_dataset(spec)
+        results = [evaluate(name, dataset) for name in ('constant', 'ramp')]
+        results += [evaluate(_estimator(path, steps, members), dataset, name=name)
+                    for name, path, steps, members in models]
+        scores[spec] = results
+        log(f'{spec}\n{markdown_table(results)}')
+        for line in comparisons(results):
+            log(line)
+    return scores
+
+
+def _estimator(model, steps, members):
     from ..config import EstimatorConfig, InferenceConfig, ModelConfig
     from ..estimator import DepthEstimator
-    from .evaluate import evaluate, markdown_table, open_dataset
-    spec = f'synthetic:{recipe.test_scenes}:{recipe.test_seed}:{recipe.resolution}'
-    dataset = open_dataset(spec)
-    results = [evaluate(name, dataset) for name in ('constant', 'ramp')]
-    for steps, members in EVAL_SETTINGS:
-        estimator = DepthEstimator(EstimatorConfig(
-            ModelConfig(model=str(model), device='cpu'),
-            InferenceConfig(denoising_steps=steps, ensemble_size=members)))
-        results.append(evaluate(estimator, dataset,
-                                name=f'tiny model, {steps} step(s), ensemble {members}'))
-    log(markdown_table(results))
-    log(paired_comparison(results[2], results[1]))
-    return results
+    return DepthEstimator(EstimatorConfig(
+        ModelConfig(model=str(model), device='cpu'),
+        InferenceConfig(denoising_steps=steps, ensemble_size=members)))
+
+
+def comparisons(results):
+    """Paired comparisons of the model's one-step result with the ramp and any earlier model."""
+    ours = results[2]
+    return [paired_comparison(ours, other) for other in [results[1]] + results[5:]]
 
 
 def paired_comparison(model, baseline, resamples=10000, seed=0):
@@ -257,6 +293,18 @@ def paired_comparison(model, baseline, resamples=10000, seed=0):
             f'{high:+.4f}).')
 
 
+def _figure(figures, key, style=''):
+    """Format a training figure for the card ('not measured' where a reused stage left none)."""
+    value = figures.get(key)
+    if value is None:
+        return 'not measured'
+    if style == 'minutes':
+        return f'{value / 60:.1f}'
+    if isinstance(value, list):
+        return ', '.join(f'{item:.3f}' for item in value)
+    return format(value, style)
+
+
 def write_model_card(output, recipe, figures, results):
     """
     Write README.md beside the weights: data, recipe, limits and measured accuracy.
@@ -266,6 +314,8 @@ def write_model_card(output, recipe, figures, results):
     :return: Path of the card
     """
     from .evaluate import markdown_table
+    tables = '\n'.join(f'`{spec}`:\n\n{markdown_table(rows)}\n' + ''.join(
+        f'{line}\n' for line in comparisons(rows)) for spec, rows in results.items())
     stages = [(name, figures.get(key)) for name, key in
               (('rendering', 'render_s'), ('VAE', 'vae_s'), ('U-Net', 'unet_s'))]
     timing = ', '.join(f'{name} {seconds / 60:.1f} min' if seconds is not None else
@@ -286,28 +336,36 @@ NOT a substitute for prs-eth/marigold-depth-v1-1: it has seen only procedural ro
 ## Data
 {recipe.train_scenes} procedural synthetic scenes (marigold_model.data.synthetic: rooms of
 3-8 m with boxes and spheres, checker / stripe / sine textures, a point light with shadows,
-fov 45-80 degrees, exact planar depth; `synthetic` with length {recipe.train_scenes} and seed
-{recipe.train_seed}), each used once per pass, about {passes:.1f} passes, mirrored at random
-in half of the draws.
+fov 45-80 degrees, exact planar depth, and the hard cases: thin poles, shelves and bars,
+occluders in front of objects, camouflaged objects and painted patches; `synthetic` with
+length {recipe.train_scenes} and seed {recipe.train_seed}), each used once per pass, about
+{passes:.1f} passes, mirrored at random in half of the draws.
 
 ## Recipe
 `make train-tiny` (marigold_model/training/tiny_recipe.py with marigold_model/recipes/tiny.yaml):
 1. render the scenes;
 2. train the AutoencoderKL on RGB and normalised depth ({recipe.vae_steps} steps of batch
-   {recipe.vae_batch}, L1 + MSE + small KL; latent scaling factor = 1 / latent std);
+   {recipe.vae_batch}, {recipe.vae_rgb_share:.0%} of it RGB, lr {recipe.vae_lr}, L1 + MSE +
+   small KL; latent scaling factor = 1 / latent std): held-out RGB comes back at
+   {_figure(figures, 'vae_rgb_psnr_db', '.1f')} dB PSNR, depth maps with a mean error of
+   {_figure(figures, 'vae_depth_roundtrip_error', '.4f')} (normalised units);
 3. train the U-Net with `marigold_model.training.trainer` ({recipe.unet_steps} steps of batch
    {recipe.unet_batch}, AdamW lr {recipe.unet_lr}, warm-up then cosine decay, EMA
-   {recipe.ema_decay}, annealed pyramid noise, 2 %/98 % depth normalisation);
+   {recipe.ema_decay}, annealed pyramid noise, 2 %/98 % depth normalisation,
+   {recipe.final_timestep_share:.0%} of the draws at the last timestep, the one a one-step
+   estimate runs); mean loss of each tenth of the steps: {_figure(figures, 'unet_loss_by_tenth')};
 4. export with fp16 weights ({figures.get('model_mb', 0):.1f} MB).
-Stage times of this run on a 2-core CPU: {timing}.
+Stage times of this run on a 2-core CPU: {timing}; {_figure(figures, 'total_s', 'minutes')} min
+from start to the exported model, then {_figure(figures, 'evaluate_s', 'minutes')} min of
+evaluation.
 
 ## Accuracy
 {recipe.test_scenes} held-out synthetic scenes (a random stream disjoint from training),
-standard protocol (per-image least-squares scale and shift, AbsRel, delta1):
+standard protocol (per-image least-squares scale and shift, AbsRel, delta1). `synthetic`: the
+scenes as the model was trained on them, hard cases included; `synthetic-basic`: the same
+scenes without the hard cases (the set the first bundled model was scored on).
 
-{markdown_table(results)}
-{paired_comparison(results[2], results[1])}
-
+{tables}
 ## Limits
 Blurry at object edges and misses small objects; trained on indoor-like synthetic rooms
 only; default processing resolution {recipe.resolution} px. For robots, use the real
@@ -326,15 +384,17 @@ def main(argv=None):
     parser.add_argument('--output', default=str(MODEL_DIR))
     parser.add_argument('--evaluate-only', action='store_true',
                         help='only evaluate the exported model and rewrite its card')
+    parser.add_argument('--baseline-model', default=None,
+                        help='an earlier model to compare with on the held-out scenes')
     parser.add_argument('overrides', nargs='*', help='key=value recipe settings')
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.evaluate_only:
         figures = json.loads((Path(args.work) / 'figures.json').read_text())
         write_model_card(args.output, recipe, figures,
-                         evaluate_model(recipe, args.output))
+                         evaluate_model(recipe, args.output, baseline_model=args.baseline_model))
         return 0
-    run(recipe, args.work, args.output)
+    run(recipe, args.work, args.output, baseline_model=args.baseline_model)
     return 0
 
 

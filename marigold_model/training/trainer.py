@@ -163,8 +163,9 @@ class Trainer:
             unet.enable_gradient_checkpointing()
         unet.train()
         optimizer_class = torch.optim.AdamW if config.optimizer == 'adamw' else torch.optim.Adam
+        # fused: one kernel for all parameters (CPU and CUDA); 5-10 % of a tiny-model step.
         optimizer = optimizer_class(unet.parameters(), lr=config.lr,
-                                    weight_decay=config.weight_decay)
+                                    weight_decay=config.weight_decay, fused=True)
         # The learning rate is set from self.step before every optimiser step (set_lr), not by
         # an accelerate-prepared scheduler: that one steps once per process per optimiser step
         # and not at all on skipped fp16 steps, so it drifts from the step count.

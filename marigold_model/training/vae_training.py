@@ -23,15 +23,16 @@ class VaeTrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     kl_weight: float = 1e-6
+    rgb_share: float = 0.5  # of each batch; the rest are depth maps (the easier of the two)
     seed: int = 0
     log_every: int = 20
 
 
-def _batch(rgb, depth, rng, size):
-    """Half RGB images, half depth maps, in [-1, 1]."""
-    half = size // 2
-    pick_rgb = rng.integers(0, rgb.shape[0], size=size - half)
-    pick_depth = rng.integers(0, depth.shape[0], size=half)
+def _batch(rgb, depth, rng, size, rgb_share=0.5):
+    """RGB images (``rgb_share`` of ``size``, rounded) and depth maps, in [-1, 1]."""
+    images = int(round(size * rgb_share))
+    pick_rgb = rng.integers(0, rgb.shape[0], size=images)
+    pick_depth = rng.integers(0, depth.shape[0], size=size - images)
     images = torch.from_numpy(rgb[pick_rgb].transpose(0, 3, 1, 2).copy()).float() / 127.5 - 1
     depths = torch.from_numpy(depth[pick_depth][:, None].copy()).float().repeat(1, 3, 1, 1)
     if rng.random() < 0.5:
@@ -56,7 +57,7 @@ def train_vae(vae, rgb, depth, config=VaeTrainConfig(), log=print):
     losses = []
     clock = time.perf_counter()
     for step in range(config.steps):
-        batch = _batch(rgb, depth, rng, config.batch_size)
+        batch = _batch(rgb, depth, rng, config.batch_size, config.rgb_share)
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         loss = (F.l1_loss(reconstruction, batch) + F.mse_loss(reconstruction, batch)
@@ -91,3 +92,13 @@ def reconstruction_error(vae, depth, count=64):
     maps = torch.from_numpy(depth[:count][:, None].copy()).float().repeat(1, 3, 1, 1)
     decoded = vae.decode(vae.encode(maps).latent_dist.mode()).sample.mean(1, keepdim=True)
     return float((decoded.clamp(-1, 1) - maps[:, :1]).abs().mean())
+
+
+@torch.no_grad()
+def rgb_psnr(vae, rgb):
+    """Return the mean PSNR (dB, on [0, 1]) of the VAE round trip of uint8 RGB [N, H, W, 3]."""
+    images = torch.from_numpy(rgb.transpose(0, 3, 1, 2).copy()).float() / 127.5 - 1
+    decoded = torch.cat([vae.decode(vae.encode(part).latent_dist.mode()).sample
+                         for part in images.split(64)]).clamp(-1, 1)
+    error = ((decoded - images) / 2).square().flatten(1).mean(1)
+    return float((10 * torch.log10(1 / error)).mean())
