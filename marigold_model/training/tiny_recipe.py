@@ -239,7 +239,7 @@ def evaluate_model(recipe, model, log=print, baseline_model=None):
     models = [(f'tiny model, {steps} step(s), ensemble {members}', model, steps, members)
               for steps, members in EVAL_SETTINGS]
     if baseline_model:
-        models.append((f'previous model ({baseline_model}), 1 step(s), ensemble 1',
+        models.append((f'previous model ({Path(baseline_model).name}), 1 step(s), ensemble 1',
                        baseline_model, 1, 1))
     scores = {}
     for kind in EVAL_KINDS:
