@@ -42,7 +42,7 @@ class TinyRecipe:
     """Settings of the tiny model recipe (defaults: the shipped model)."""
 
     resolution: int = 64
-    train_scenes: int = 8000
+    train_scenes: int = 12000
     test_scenes: int = 100
     train_seed: int = 1
     test_seed: int = 1_000_001
@@ -52,7 +52,7 @@ class TinyRecipe:
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_rgb_share: float = 0.75
-    unet_steps: int = 5000
+    unet_steps: int = 8000
     unet_batch: int = 32
     unet_lr: float = 5e-4
     warmup_steps: int = 50
