@@ -81,3 +81,15 @@ def test_recipe_runs_end_to_end_and_its_card_compares_with_an_earlier_model(tmp_
     assert card.count('previous model') == 2 * 2  # its table row and comparison, per set
     assert 'not measured' not in card
     assert any('held-out RGB PSNR' in line for line in lines)
+
+
+@pytest.mark.parametrize('share, images', [(0.5, 8), (0.75, 12), (1.0, 16)])
+def test_vae_batches_hold_the_rgb_share(share, images):
+    """RGB rows (three different channels) come first, depth rows (one channel x 3) after."""
+    from marigold_model.training.vae_training import _batch
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    depth = rng.uniform(-1, 1, (5, 8, 8)).astype(np.float32)
+    batch = _batch(rgb, depth, rng, 16, share)
+    grey = [bool((row[0] == row[1]).all() and (row[1] == row[2]).all()) for row in batch]
+    assert grey == [False] * images + [True] * (16 - images)

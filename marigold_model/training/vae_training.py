@@ -30,9 +30,9 @@ class VaeTrainConfig:
 
 def _batch(rgb, depth, rng, size, rgb_share=0.5):
     """RGB images (``rgb_share`` of ``size``, rounded) and depth maps, in [-1, 1]."""
-    images = int(round(size * rgb_share))
-    pick_rgb = rng.integers(0, rgb.shape[0], size=images)
-    pick_depth = rng.integers(0, depth.shape[0], size=size - images)
+    n_rgb = int(round(size * rgb_share))
+    pick_rgb = rng.integers(0, rgb.shape[0], size=n_rgb)
+    pick_depth = rng.integers(0, depth.shape[0], size=size - n_rgb)
     images = torch.from_numpy(rgb[pick_rgb].transpose(0, 3, 1, 2).copy()).float() / 127.5 - 1
     depths = torch.from_numpy(depth[pick_depth][:, None].copy()).float().repeat(1, 3, 1, 1)
     if rng.random() < 0.5:
