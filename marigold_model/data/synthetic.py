@@ -293,7 +293,7 @@ def make_scene(rng, config=SceneConfig()):
         return _place_xy(rng, config, room_min, size, cam_pos, cam_yaw, hfov, radius)
 
     centers, halves, yaws = [], [], []
-    for _ in range(int(rng.integers(config.n_boxes[0], config.n_boxes[1] + 1))):
+    for _ in range(_count(rng, config.n_boxes)):
         half_xy = rng.uniform(config.box_half_size[0], config.box_half_size[1], size=2)
         half_xy = np.minimum(half_xy, 0.35 * size[:2])
         half_z = 0.5 * min(_uniform(rng, config.box_height), 0.9 * size[2])
@@ -310,7 +310,7 @@ def make_scene(rng, config=SceneConfig()):
                 break
 
     s_centers, radii = [], []
-    for _ in range(int(rng.integers(config.n_spheres[0], config.n_spheres[1] + 1))):
+    for _ in range(_count(rng, config.n_spheres)):
         radius = min(_uniform(rng, config.sphere_radius), 0.4 * size.min())
         floating = rng.uniform() < config.floating_sphere_prob
         for _ in range(10):

@@ -265,8 +265,9 @@ def _estimator(model, steps, members):
 
 def comparisons(results):
     """Paired comparisons of the model's one-step result with the ramp and any earlier model."""
-    ours = results[2]
-    return [paired_comparison(ours, other) for other in [results[1]] + results[5:]]
+    # Rows as evaluate_model orders them: constant, ramp, EVAL_SETTINGS, the earlier model.
+    ramp, ours, earlier = results[1], results[2], results[2 + len(EVAL_SETTINGS):]
+    return [paired_comparison(ours, other) for other in [ramp] + earlier]
 
 
 def paired_comparison(model, baseline, resamples=10000, seed=0):

@@ -28,12 +28,23 @@ class VaeTrainConfig:
     log_every: int = 20
 
 
+def _rgb_tensor(rgb):
+    """Return uint8 RGB [N, H, W, 3] as a float tensor [N, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(rgb.transpose(0, 3, 1, 2).copy()).float() / 127.5 - 1
+
+
+def _round_trip(vae, images, chunk=64):
+    """Return ``images`` encoded (latent mode) and decoded by ``vae``, in chunks."""
+    return torch.cat([vae.decode(vae.encode(part).latent_dist.mode()).sample
+                      for part in images.split(chunk)])
+
+
 def _batch(rgb, depth, rng, size, rgb_share=0.5):
     """RGB images (``rgb_share`` of ``size``, rounded) and depth maps, in [-1, 1]."""
     n_rgb = int(round(size * rgb_share))
     pick_rgb = rng.integers(0, rgb.shape[0], size=n_rgb)
     pick_depth = rng.integers(0, depth.shape[0], size=size - n_rgb)
-    images = torch.from_numpy(rgb[pick_rgb].transpose(0, 3, 1, 2).copy()).float() / 127.5 - 1
+    images = _rgb_tensor(rgb[pick_rgb])
     depths = torch.from_numpy(depth[pick_depth][:, None].copy()).float().repeat(1, 3, 1, 1)
     if rng.random() < 0.5:
         images, depths = images.flip(-1), depths.flip(-1)
@@ -90,15 +101,14 @@ def fit_scaling_factor(vae, rgb, depth, count=256, seed=0):
 def reconstruction_error(vae, depth, count=64):
     """Return the mean absolute error of the VAE round trip of depth maps, in normalised units."""
     maps = torch.from_numpy(depth[:count][:, None].copy()).float().repeat(1, 3, 1, 1)
-    decoded = vae.decode(vae.encode(maps).latent_dist.mode()).sample.mean(1, keepdim=True)
+    decoded = _round_trip(vae, maps).mean(1, keepdim=True)
     return float((decoded.clamp(-1, 1) - maps[:, :1]).abs().mean())
 
 
 @torch.no_grad()
 def rgb_psnr(vae, rgb):
     """Return the mean PSNR (dB, on [0, 1]) of the VAE round trip of uint8 RGB [N, H, W, 3]."""
-    images = torch.from_numpy(rgb.transpose(0, 3, 1, 2).copy()).float() / 127.5 - 1
-    decoded = torch.cat([vae.decode(vae.encode(part).latent_dist.mode()).sample
-                         for part in images.split(64)]).clamp(-1, 1)
+    images = _rgb_tensor(rgb)
+    decoded = _round_trip(vae, images).clamp(-1, 1)
     error = ((decoded - images) / 2).square().flatten(1).mean(1)
     return float((10 * torch.log10(1 / error)).mean())
