@@ -7,7 +7,7 @@ from marigold_model.data.sample import UnreadableSample
 from marigold_model.noise import annealed_strength, pyramid_noise_like
 from marigold_model.training.model_setup import widen_unet_input
 from marigold_model.training.train_config import DataSpec, load_config, TrainConfig, TrainingError
-from marigold_model.training.trainer import lr_factor, main, Trainer
+from marigold_model.training.trainer import affine_fit, lr_factor, main, Trainer
 import numpy as np
 import pytest
 import torch
@@ -52,6 +52,27 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, random_model_dir):
     rows = list(csv.DictReader(open(tmp_path / 'a' / 'run' / 'log.csv')))
     assert [int(r['step']) for r in rows] == [1, 2, 3, 4]
     assert (tmp_path / 'a' / 'run' / 'config.yaml').is_file()
+
+
+def test_channels_last_trains_the_same_model(tmp_path, random_model_dir):
+    """The memory layout is a speed option only: same loss and gradients, up to rounding."""
+    runs = {}
+    for layout in (True, False):
+        trainer = Trainer(_config(tmp_path / str(layout), random_model_dir,
+                                  channels_last=layout))
+        assert trainer.unet.conv_in.weight.is_contiguous(
+            memory_format=torch.channels_last) == layout
+        numbers = list(range(4))
+        latents = trainer.encode_samples(numbers)[:3]
+        error, count = trainer.compute_loss(*latents, trainer.sample_generators(numbers))
+        error.backward()
+        runs[layout] = error.item() / count, [p.grad for p in trainer.unet.parameters()]
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    # Gradients that are rounding noise (a few 1e-6) differ in full; measured against the
+    # largest gradient, every difference is a rounding one.
+    largest = max(float(g.abs().max()) for g in runs[False][1])
+    for a, b in zip(runs[True][1], runs[False][1]):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5 * largest)
 
 
 def test_export_loads_in_diffusers_and_our_loader(tmp_path, random_model_dir):
@@ -276,6 +297,75 @@ def test_final_timestep_share_trains_the_one_step_estimate(tmp_path, random_mode
     assert 20 <= half.count(last) <= 44  # about half of 64 (binomial: 3 sigma is 32 +- 12)
 
 
+def test_affine_fit_is_least_squares_on_valid_pixels_only():
+    """Per-sample scale and shift as numpy's lstsq finds them; invalid pixels play no part."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(3, 1, 6, 5, generator=generator) * 2 - 1
+    valid = torch.rand(3, 1, 6, 5, generator=generator) > 0.3
+    exact = (target - 0.25) / 3.0
+    exact[~valid] = 100.0
+    assert torch.allclose(affine_fit(exact, target, valid)[valid], target[valid], atol=1e-5)
+    noisy = torch.rand(3, 1, 6, 5, generator=generator)
+    aligned = affine_fit(noisy, target, valid)
+    for row in range(3):
+        mask = valid[row].numpy()
+        x = noisy[row].numpy()[mask].astype(np.float64)
+        design = np.stack([x, np.ones_like(x)], axis=1)
+        (scale, shift), *_ = np.linalg.lstsq(design, target[row].numpy()[mask], rcond=None)
+        np.testing.assert_allclose(aligned[row].numpy(), scale * noisy[row].numpy() + shift,
+                                   atol=1e-5)
+    flat = affine_fit(torch.full_like(target, 0.7), target, valid)
+    for row in range(3):  # nothing to fit: the target's mean
+        assert torch.allclose(flat[row], target[row][valid[row]].mean())
+
+
+def test_affine_depth_steps_train_the_decoded_one_step_estimate(tmp_path, random_model_dir):
+    """The last steps score the VAE-decoded clean latent of the last timestep, affinely fitted."""
+    trainer = Trainer(_config(tmp_path, random_model_dir, affine_depth_steps=2))
+    modes = []
+    for _ in range(4):
+        modes.append(trainer.trains_affine_depth())
+        assert np.isfinite(trainer.train_step())
+    assert modes == [False, False, True, True]
+
+    numbers = list(range(3))
+    rgb_latent, _, _, _, depth, valid = trainer.encode_samples(numbers)
+    valid[0, :, :4] = False  # some invalid pixels
+    seen = {}
+    unet = trainer.unet
+
+    def recording(sample, timesteps, **kwargs):
+        seen.update(sample=sample, timesteps=timesteps)
+        seen['velocity'] = unet(sample, timesteps, **kwargs)[0]
+        return (seen['velocity'],)
+    trainer.unet = recording
+    error, count = trainer.compute_affine_depth_loss(rgb_latent, depth, valid,
+                                                     trainer.sample_generators(numbers))
+    assert seen['timesteps'].tolist() == [999] * 3  # the one-step estimate's timestep
+    assert torch.equal(seen['sample'][:, :4], rgb_latent)
+    # Independently: x0 from v at the last timestep, decoded, channel mean, lstsq per sample.
+    alpha = trainer.scheduler.alphas_cumprod[999].double()
+    noisy, velocity = seen['sample'][:, 4:].double(), seen['velocity'].double()
+    clean = alpha.sqrt() * noisy - (1 - alpha).sqrt() * velocity
+    with torch.no_grad():
+        decoded = trainer.vae.decode((clean / trainer.vae.config.scaling_factor).float()).sample
+    estimate = decoded.mean(dim=1).numpy()
+    errors = []
+    for row in range(3):
+        mask = valid[row, 0].numpy()
+        x = estimate[row][mask].astype(np.float64)
+        design = np.stack([x, np.ones_like(x)], axis=1)
+        y = depth[row, 0].numpy()[mask]
+        (scale, shift), *_ = np.linalg.lstsq(design, y, rcond=None)
+        errors.append(np.abs(scale * x + shift - y))
+    assert count == sum(len(e) for e in errors) == int(valid.sum())
+    assert error.item() / count == pytest.approx(np.concatenate(errors).mean(), rel=1e-4)
+    # The gradient reaches the U-Net through the frozen decoder, which itself stays frozen.
+    error.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters())
+    assert all(p.grad is None for p in trainer.vae.parameters())
+
+
 # ---- learning rate -----------------------------------------------------------------------------
 
 
@@ -387,7 +477,8 @@ def test_config_values_get_their_types_and_bad_keys_are_named(tmp_path, capsys):
     ('checkpoint_every', 0), ('log_every', 0), ('keep_checkpoints', 0), ('ema_decay', 1.0),
     ('ema_decay', 1.5), ('lr_final_ratio', 0), ('lr_final_ratio', -0.5),
     ('depth_high_percentile', 98), ('depth_low_percentile', 2), ('lr', 0), ('height', 36),
-    ('final_timestep_share', 1.5), ('final_timestep_share', -0.1)])
+    ('final_timestep_share', 1.5), ('final_timestep_share', -0.1),
+    ('affine_depth_steps', -1), ('affine_depth_steps', 30001)])
 def test_settings_that_cannot_work_are_refused_by_name(setting, value):
     """Zero intervals, EMA decay >= 1, a zero final ratio, percentages: refused up front."""
     with pytest.raises(TrainingError, match=setting):

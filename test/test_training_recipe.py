@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 RECIPE = TinyRecipe(resolution=32, train_scenes=4, test_scenes=2, unet_channels=(32, 64),
-                    vae_channels=(32, 32, 32), vae_steps=1, vae_batch=2, unet_steps=2,
-                    unet_batch=2, warmup_steps=1)
+                    vae_channels=(32, 32, 32), vae_steps=1, vae_batch=2, unet_steps=3,
+                    unet_batch=2, warmup_steps=1, affine_depth_steps=1)
 
 
 class _Stop(Exception):
@@ -73,7 +73,9 @@ def test_recipe_runs_end_to_end_and_its_card_compares_with_an_earlier_model(tmp_
     figures = tiny_recipe.run(RECIPE, tmp_path / 'work', tmp_path / 'model', log=lines.append,
                               baseline_model=str(earlier))
     assert 0 < figures['vae_rgb_psnr_db'] < 100
-    assert len(figures['unet_loss_by_tenth']) == RECIPE.unet_steps  # fewer than ten
+    # Fewer than ten steps of each objective: one part per step.
+    assert len(figures['unet_loss_by_tenth']) == RECIPE.unet_steps - RECIPE.affine_depth_steps
+    assert len(figures['affine_loss_by_tenth']) == RECIPE.affine_depth_steps
     assert figures['total_s'] > 0
     card = (tmp_path / 'model' / 'README.md').read_text()
     for kind in tiny_recipe.EVAL_KINDS:

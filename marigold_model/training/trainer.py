@@ -52,6 +52,25 @@ def lr_factor(step, config):
     return 1.0
 
 
+def affine_fit(estimate, target, valid):
+    """
+    Return ``estimate`` mapped by the per-sample scale and shift that fit it to ``target``.
+
+    Least squares over the valid pixels, differentiable (the loss of an affine-invariant
+    estimate); a flat estimate gets scale 0 and the target's mean.
+
+    :param estimate: [B, 1, H, W]; :param target: same shape; :param valid: same shape, bool
+    """
+    weight = valid.to(estimate.dtype)
+    count = weight.sum(dim=(1, 2, 3), keepdim=True).clamp(min=1)
+    mean_e = (estimate * weight).sum(dim=(1, 2, 3), keepdim=True) / count
+    mean_t = (target * weight).sum(dim=(1, 2, 3), keepdim=True) / count
+    centred = (estimate - mean_e) * weight
+    variance = centred.square().sum(dim=(1, 2, 3), keepdim=True)
+    scale = (centred * (target - mean_t)).sum(dim=(1, 2, 3), keepdim=True) / (variance + 1e-12)
+    return scale * (estimate - mean_e) + mean_t
+
+
 def find_checkpoint(output_dir, checkpoint='latest'):
     """
     Folder of a training checkpoint: a given one, or the latest of a run.
@@ -161,6 +180,9 @@ class Trainer:
         self.embedding = embedding.to(device, weight_dtype)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        if config.channels_last:
+            unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
         unet.train()
         optimizer_class = torch.optim.AdamW if config.optimizer == 'adamw' else torch.optim.Adam
         # fused: one kernel for all parameters (CPU and CUDA); 5-10 % of a tiny-model step.
@@ -211,8 +233,10 @@ class Trainer:
         valid_latent = ~F.max_pool2d((~valid.to(device)).float(), self.latent_factor).bool()
         valid_latent = valid_latent.expand_as(depth_latent)
         empty = ~valid.flatten(1).any(1)
-        return [(rgb_latent[row], depth_latent[row], valid_latent[row], empty[row])
-                for row in range(len(samples))]
+        parts = [rgb_latent, depth_latent, valid_latent, empty]
+        if self.config.affine_depth_steps:  # the end-to-end loss scores the depth image itself
+            parts += [depth.to(device), valid.to(device)]
+        return [tuple(part[row] for part in parts) for row in range(len(samples))]
 
     @torch.no_grad()
     def encode_samples(self, numbers):
@@ -223,7 +247,9 @@ class Trainer:
         from the cache; nothing else is cached.
 
         :param numbers: draw numbers (see :func:`draw_numbers`)
-        :return: ([B, C, h, w], [B, C, h, w], [B, C, h, w] bool, [B] bool no valid depth)
+        :return: ([B, C, h, w], [B, C, h, w], [B, C, h, w] bool, [B] bool no valid depth),
+            then with ``affine_depth_steps`` the depth images and their validity
+            ([B, 1, H, W] in [-1, 1], [B, 1, H, W] bool)
         """
         cache = self.latent_cache
         keys = [self.dataset.cache_key(n) if cache is not None else None for n in numbers]
@@ -281,14 +307,56 @@ class Trainer:
             gradient; number of those pixels, int)
         """
         config = self.config
-        device = self.accelerator.device
-        batch = rgb_latent.shape[0]
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.cat([torch.randint(0, steps, (1,), generator=generator)
                                for generator in generators])
         if config.final_timestep_share > 0:
             final = torch.cat([torch.rand(1, generator=generator) for generator in generators])
             timesteps[final < config.final_timestep_share] = steps - 1
+        alpha, noisy, noise, prediction = self._predict_velocity(
+            rgb_latent, depth_latent, timesteps, generators)
+        target = alpha.sqrt() * noise - (1 - alpha).sqrt() * depth_latent  # velocity
+        count = int(valid_latent.sum())
+        if not count:
+            return (prediction * 0).sum(), 0  # nothing valid: no gradient, keeps DDP in step
+        error = prediction.float()[valid_latent] - target.float()[valid_latent]
+        return error.square().sum(), count
+
+    def compute_affine_depth_loss(self, rgb_latent, depth, valid, generators):
+        """
+        End-to-end loss of the one-step estimate: affine-invariant L1 of the decoded depth.
+
+        The U-Net runs at the last timestep on each sample's noise, as a one-step estimate
+        does; its clean latent goes through the frozen VAE decoder (gradients flow through it
+        to the U-Net), is fitted to the depth by least-squares scale and shift per sample,
+        and the absolute errors of the fit on valid pixels are summed.
+
+        :param depth: [B, 1, H, W] normalised depth in [-1, 1]
+        :param valid: [B, 1, H, W] bool, valid depth pixels
+        :return: (sum of absolute errors, scalar tensor with gradient; valid pixel count)
+        """
+        last = self.scheduler.config.num_train_timesteps - 1
+        timesteps = torch.full((rgb_latent.shape[0],), last, dtype=torch.long)
+        latent_shape = (rgb_latent.shape[0], self.vae.config.latent_channels,
+                        *rgb_latent.shape[2:])
+        alpha, noisy, _, prediction = self._predict_velocity(
+            rgb_latent, rgb_latent.new_zeros(latent_shape), timesteps, generators)
+        clean = alpha.sqrt() * noisy - (1 - alpha).sqrt() * prediction  # v -> x0
+        decoded = self.vae.decode(clean / self.vae.config.scaling_factor,
+                                  return_dict=False)[0]
+        estimate = decoded.float().mean(dim=1, keepdim=True)
+        count = int(valid.sum())
+        if not count:
+            return (estimate * 0).sum(), 0
+        aligned = affine_fit(estimate, depth, valid)
+        return (aligned - depth).abs()[valid].sum(), count
+
+    def _predict_velocity(self, rgb_latent, depth_latent, timesteps, generators):
+        """Noise the depth latents at ``timesteps`` and run the U-Net on them."""
+        config = self.config
+        device = self.accelerator.device
+        batch = rgb_latent.shape[0]
+        steps = self.scheduler.config.num_train_timesteps
         if config.pyramid_noise:
             strength = torch.full((batch,), float(config.pyramid_strength))
             if config.pyramid_anneal:
@@ -304,16 +372,15 @@ class Trainer:
         noise = noise.to(device, depth_latent.dtype)
         alpha = self.alphas[timesteps].view(-1, 1, 1, 1).to(depth_latent.dtype)
         noisy = alpha.sqrt() * depth_latent + (1 - alpha).sqrt() * noise
-        target = alpha.sqrt() * noise - (1 - alpha).sqrt() * depth_latent  # velocity
         text = self.embedding.repeat(batch, 1, 1)
         with self.accelerator.autocast():
             prediction = self.unet(torch.cat([rgb_latent, noisy], dim=1), timesteps,
                                    encoder_hidden_states=text, return_dict=False)[0]
-        count = int(valid_latent.sum())
-        if not count:
-            return (prediction * 0).sum(), 0  # nothing valid: no gradient, keeps DDP in step
-        error = prediction.float()[valid_latent] - target.float()[valid_latent]
-        return error.square().sum(), count
+        return alpha, noisy, noise, prediction
+
+    def trains_affine_depth(self):
+        """Tell whether the coming step trains end to end (the last affine_depth_steps)."""
+        return self.step >= self.config.max_steps - self.config.affine_depth_steps
 
     def train_step(self):
         """
@@ -334,11 +401,17 @@ class Trainer:
         total = 0.0
         for micro in range(config.grad_accumulation):
             numbers = draw_numbers(config, self.step, micro, process, processes)
-            *latents, empty = self.encode_samples(numbers)
+            rgb_latent, depth_latent, valid_latent, empty, *images = self.encode_samples(numbers)
+            generators = self.sample_generators(numbers)
             last = micro == config.grad_accumulation - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet)
             with sync:
-                error, count = self.compute_loss(*latents, self.sample_generators(numbers))
+                if self.trains_affine_depth():
+                    error, count = self.compute_affine_depth_loss(rgb_latent, *images,
+                                                                  generators)
+                else:
+                    error, count = self.compute_loss(rgb_latent, depth_latent, valid_latent,
+                                                     generators)
                 skipped = self._dataset_skipped()
                 sums = self._sum_over_processes(
                     [error.item(), count, int(empty.sum()), skipped - self._skipped_seen])
