@@ -486,8 +486,9 @@ def summary_markdown(summary):
         '`cloud.ply` (last frame, meters, RGB), `cloud.png` (that cloud from the side), '
         '`summary.json`.',
         '',
-        'The tiny model is a small demo model trained on a 2-core CPU in 77 minutes: expect '
-        'blurry depth that gets the layout right; real use takes Marigold v1-1 on a GPU.',
+        'The tiny model is a small demo model trained on a 2-core CPU (its model card gives '
+        'the recipe and its accuracy): expect blurry depth that gets the layout right; real '
+        'use takes Marigold v1-1 on a GPU.',
     ]
     return '\n'.join(lines) + '\n'
 

@@ -60,6 +60,12 @@ def test_recipe_overrides_read_floats_as_yaml_1_2():
     assert recipe.unet_lr == 5e-4 and recipe.unet_steps == 3
 
 
+def test_loss_tenths_of_an_objective_with_no_steps_are_empty():
+    """The shipped recipe trains no end-to-end steps: its card lists no means, not a crash."""
+    assert tiny_recipe._tenths([]) == []
+    assert tiny_recipe._tenths(list(range(20))) == [i + 0.5 for i in range(0, 20, 2)]
+
+
 def test_recipe_file_is_the_shipped_defaults():
     """recipes/tiny.yaml and TinyRecipe's defaults describe the same (shipped) model."""
     assert tiny_recipe.load_recipe() == TinyRecipe()

@@ -222,7 +222,9 @@ def run(recipe, work, output, log=print, baseline_model=None):
 
 
 def _tenths(losses):
-    """Mean of each tenth of a loss curve (fewer parts for fewer values)."""
+    """Mean of each tenth of a loss curve (fewer parts for fewer values, none for none)."""
+    if not len(losses):
+        return []
     return [float(np.mean(part)) for part in np.array_split(losses, min(len(losses), 10))]
 
 
@@ -334,6 +336,13 @@ def write_model_card(output, recipe, figures, results):
     passes = recipe.unet_steps * recipe.unet_batch / max(recipe.train_scenes, 1)
     if figures.get('timing_note'):
         timing += f' ({figures["timing_note"]})'
+    end_to_end = end_to_end_losses = ''
+    if recipe.affine_depth_steps:
+        end_to_end = (f'; the last {recipe.affine_depth_steps} steps train the one-step '
+                      'estimate end to end: its clean latent decoded by the VAE, '
+                      'affine-invariant L1 against the depth')
+        end_to_end_losses = ('; mean end-to-end loss of each tenth of those steps: '
+                             + _figure(figures, 'affine_loss_by_tenth'))
     card = f"""# marigold-tiny
 
 A tiny Marigold-architecture depth model (8-channel U-Net {list(recipe.unet_channels)},
@@ -363,10 +372,8 @@ length {recipe.train_scenes} and seed {recipe.train_seed}), each used once per p
    {recipe.unet_batch}, AdamW lr {recipe.unet_lr}, warm-up then cosine decay, EMA
    {recipe.ema_decay}, annealed pyramid noise, 2 %/98 % depth normalisation,
    {recipe.final_timestep_share:.0%} of the draws at the last timestep, the one a one-step
-   estimate runs); the last {recipe.affine_depth_steps} of them train the one-step estimate
-   end to end (its clean latent decoded by the VAE, affine-invariant L1 against the depth);
-   mean velocity loss of each tenth of its steps: {_figure(figures, 'unet_loss_by_tenth')};
-   mean end-to-end loss of each tenth: {_figure(figures, 'affine_loss_by_tenth')};
+   estimate runs{end_to_end}); mean velocity loss of each tenth of its steps:
+   {_figure(figures, 'unet_loss_by_tenth')}{end_to_end_losses};
 4. export with fp16 weights ({figures.get('model_mb', 0):.1f} MB).
 Stage times of this run on a 2-core CPU: {timing}; {_figure(figures, 'total_s', 'minutes')} min
 from start to the exported model, then {_figure(figures, 'evaluate_s', 'minutes')} min of

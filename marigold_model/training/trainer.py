@@ -553,7 +553,8 @@ class Trainer:
                      start=self.step)
         progress = _progress(config, self.step, self.accelerator.is_main_process)
         samples = config.batch_size * config.grad_accumulation * self.accelerator.num_processes
-        if self.latent_cache is not None and config.prefill_cache and not self.latent_cache:
+        if (self.latent_cache is not None and config.prefill_cache and not self.latent_cache
+                and self.step < config.max_steps):  # a finished run resumed only exports
             self.prefill_latent_cache()
         clock = time.perf_counter()
         logged = self.step
