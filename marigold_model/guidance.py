@@ -128,7 +128,7 @@ def sparse_points(sparse_depth=None, uv=None, values=None, frame_shape=None):
     return xy[keep], z[keep]
 
 
-def _original_and_noise(scheduler, output, t, sample):
+def original_and_noise(scheduler, output, t, sample):
     """Return DDIM's clean-sample preview (Tweedie) and noise estimate, as _ddim_step has them."""
     alpha_t = scheduler.alphas_cumprod[t].to(sample.device, sample.dtype)
     beta_t = 1 - alpha_t
@@ -247,7 +247,7 @@ class SparseGuidance:
             for _ in range(cfg.iterations_per_step):
                 model_input = torch.cat([image_latent, latent.to(dtype)], dim=1)
                 output = est.networks.unet(model_input, t_tensor).float()
-                original, epsilon = _original_and_noise(est.scheduler, output, t, latent)
+                original, epsilon = original_and_noise(est.scheduler, output, t, latent)
                 _, samples = sample_points(original)
                 if fit is None:
                     fit, weights = self._global_fit(samples.detach(), target)

@@ -31,6 +31,7 @@ from .run_log import RunLog
 from .train_config import config_to_dict, load_config, TrainingError
 from .training_data import build_training_data, draw_numbers, sample_to_tensors
 from ..architecture import save_marigold
+from ..guidance import original_and_noise
 from ..loading import resolve_model_path
 from ..noise import annealed_strength, pyramid_noise_like
 
@@ -337,11 +338,10 @@ class Trainer:
         """
         last = self.scheduler.config.num_train_timesteps - 1
         timesteps = torch.full((rgb_latent.shape[0],), last, dtype=torch.long)
-        latent_shape = (rgb_latent.shape[0], self.vae.config.latent_channels,
-                        *rgb_latent.shape[2:])
-        alpha, noisy, _, prediction = self._predict_velocity(
-            rgb_latent, rgb_latent.new_zeros(latent_shape), timesteps, generators)
-        clean = alpha.sqrt() * noisy - (1 - alpha).sqrt() * prediction  # v -> x0
+        # The depth latent has the image latent's shape; at the last timestep it is all noise.
+        _, noisy, _, prediction = self._predict_velocity(
+            rgb_latent, torch.zeros_like(rgb_latent), timesteps, generators)
+        clean, _ = original_and_noise(self.scheduler, prediction, last, noisy)
         decoded = self.vae.decode(clean / self.vae.config.scaling_factor,
                                   return_dict=False)[0]
         estimate = decoded.float().mean(dim=1, keepdim=True)
