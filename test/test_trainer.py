@@ -54,6 +54,33 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, random_model_dir):
     assert (tmp_path / 'a' / 'run' / 'config.yaml').is_file()
 
 
+def test_validation_loss_scores_held_out_draws_with_the_exported_weights(
+        tmp_path, random_model_dir):
+    """Scored every val_every steps with the EMA weights, logged, and training is unchanged."""
+    held_out = (DataSpec('synthetic', '', 1.0, {'length': 8, 'seed': 99}),)
+    plain = Trainer(_config(tmp_path / 'plain', random_model_dir, ema_decay=0.9))
+    plain.run()
+    trainer = Trainer(_config(tmp_path / 'val', random_model_dir, ema_decay=0.9,
+                              val_data=held_out, val_samples=6, val_every=2, log_every=3,
+                              export_fp16=False))
+    live = [p.detach().clone() for p in trainer.unet.parameters()]
+    first = trainer.validation_loss()
+    assert trainer.validation_loss() == first  # the same draws, timesteps and noise
+    assert all(torch.equal(a, b) for a, b in zip(live, trainer.unet.parameters()))
+    model = trainer.run()
+    assert trainer.losses == plain.losses  # validation draws nothing from the training stream
+    assert [step for step, _ in trainer.val_losses] == [2, 4]
+    rows = list(csv.DictReader(open(tmp_path / 'val' / 'run' / 'log.csv')))
+    assert [(r['step'], bool(r['val_loss'])) for r in rows] == [
+        ('2', True), ('3', False), ('4', True)]
+    assert float(rows[-1]['val_loss']) == pytest.approx(trainer.val_losses[-1][1], rel=1e-5)
+    # The exported (EMA) weights, loaded by a second trainer without EMA, score the same.
+    exported = Trainer(_config(tmp_path / 'check', str(model), val_data=held_out,
+                               val_samples=6))
+    assert exported.validation_loss() == pytest.approx(trainer.val_losses[-1][1], rel=1e-4)
+    assert trainer.val_losses[-1][1] != pytest.approx(first, rel=1e-3)  # it trained
+
+
 def test_channels_last_trains_the_same_model(tmp_path, random_model_dir):
     """The memory layout is a speed option only: same loss and gradients, up to rounding."""
     runs = {}
@@ -478,7 +505,8 @@ def test_config_values_get_their_types_and_bad_keys_are_named(tmp_path, capsys):
     ('ema_decay', 1.5), ('lr_final_ratio', 0), ('lr_final_ratio', -0.5),
     ('depth_high_percentile', 98), ('depth_low_percentile', 2), ('lr', 0), ('height', 36),
     ('final_timestep_share', 1.5), ('final_timestep_share', -0.1),
-    ('affine_depth_steps', -1), ('affine_depth_steps', 30001)])
+    ('affine_depth_steps', -1), ('affine_depth_steps', 30001), ('val_every', 0),
+    ('val_samples', 0)])
 def test_settings_that_cannot_work_are_refused_by_name(setting, value):
     """Zero intervals, EMA decay >= 1, a zero final ratio, percentages: refused up front."""
     with pytest.raises(TrainingError, match=setting):

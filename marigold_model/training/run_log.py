@@ -12,7 +12,7 @@ from pathlib import Path
 from .train_config import TrainingError
 
 
-LOG_COLUMNS = ('step', 'loss', 'lr', 'samples_per_s', 'skipped', 'no_depth')
+LOG_COLUMNS = ('step', 'loss', 'lr', 'samples_per_s', 'skipped', 'no_depth', 'val_loss')
 
 
 class RunLog:
@@ -58,23 +58,27 @@ class RunLog:
             self.writer = SummaryWriter(str(Path(output) / 'tensorboard'),
                                         purge_step=start + 1 if start else None)
 
-    def write(self, step, loss, lr, rate, skipped, no_depth=0):
+    def write(self, step, loss, lr, rate, skipped, no_depth=0, val_loss=None):
         """
         Record one step's line.
 
         :param rate: samples per second
         :param skipped: unreadable samples so far
         :param no_depth: drawn samples without valid depth so far
+        :param val_loss: the validation loss scored at this step, if it was (else left empty)
         """
         if not self.active:
             return
         self.csv.writerow({'step': step, 'loss': f'{loss:.6f}', 'lr': f'{lr:.3e}',
                            'samples_per_s': f'{rate:.2f}', 'skipped': skipped,
-                           'no_depth': no_depth})
+                           'no_depth': no_depth,
+                           'val_loss': '' if val_loss is None else f'{val_loss:.6f}'})
         self.stream.flush()
         if self.writer is not None:
             self.writer.add_scalar('loss', loss, step)
             self.writer.add_scalar('lr', lr, step)
+            if val_loss is not None:
+                self.writer.add_scalar('val_loss', val_loss, step)
 
     def close(self):
         """Flush and close."""

@@ -44,8 +44,10 @@ class TinyRecipe:
     resolution: int = 64
     train_scenes: int = 12000
     test_scenes: int = 100
+    val_scenes: int = 256
     train_seed: int = 1
     test_seed: int = 1_000_001
+    val_seed: int = 2_000_001
     unet_channels: tuple = (48, 96, 144)
     vae_channels: tuple = (32, 64, 64)
     vae_steps: int = 1000
@@ -134,8 +136,12 @@ def unet_config(recipe, work, base):
     # resolution), so config.yaml and the model card describe the data trained on.
     scenes = DataSpec('synthetic', '', 1.0, {'length': recipe.train_scenes,
                                              'seed': recipe.train_seed})
+    # Validation scenes: a third stream, apart from the training and the test scenes.
+    held_out = DataSpec('synthetic', '', 1.0, {'length': recipe.val_scenes,
+                                               'seed': recipe.val_seed})
     return TrainConfig(
         output_dir=str(Path(work) / 'unet'), base_model=str(base), data=(scenes,),
+        val_data=(held_out,), val_samples=recipe.val_scenes, val_every=500,
         height=recipe.resolution, width=recipe.resolution, hflip=True,
         max_steps=recipe.unet_steps, batch_size=recipe.unet_batch,
         grad_accumulation=1, lr=recipe.unet_lr, optimizer='adamw',
@@ -209,6 +215,7 @@ def run(recipe, work, output, log=print, baseline_model=None):
     velocity_steps = recipe.unet_steps - recipe.affine_depth_steps
     figures['unet_loss_by_tenth'] = _tenths(trainer.losses[:velocity_steps])
     figures['affine_loss_by_tenth'] = _tenths(trainer.losses[velocity_steps:])
+    figures['unet_val_loss'] = trainer.val_losses
     path = trainer.export(output)
     figures['model_mb'] = sum(f.stat().st_size for f in path.rglob('*') if f.is_file()) / 2 ** 20
     figures['total_s'] = time.perf_counter() - start
@@ -343,6 +350,8 @@ def write_model_card(output, recipe, figures, results):
                       'affine-invariant L1 against the depth')
         end_to_end_losses = ('; mean end-to-end loss of each tenth of those steps: '
                              + _figure(figures, 'affine_loss_by_tenth'))
+    validation = ', '.join(f'{step}: {loss:.3f}' for step, loss in
+                           figures.get('unet_val_loss', [])) or 'not measured'
     card = f"""# marigold-tiny
 
 A tiny Marigold-architecture depth model (8-channel U-Net {list(recipe.unet_channels)},
@@ -373,7 +382,8 @@ length {recipe.train_scenes} and seed {recipe.train_seed}), each used once per p
    {recipe.ema_decay}, annealed pyramid noise, 2 %/98 % depth normalisation,
    {recipe.final_timestep_share:.0%} of the draws at the last timestep, the one a one-step
    estimate runs{end_to_end}); mean velocity loss of each tenth of its steps:
-   {_figure(figures, 'unet_loss_by_tenth')}{end_to_end_losses};
+   {_figure(figures, 'unet_loss_by_tenth')}{end_to_end_losses}; validation loss on
+   {recipe.val_scenes} held-out scenes (seed {recipe.val_seed}) by step: {validation};
 4. export with fp16 weights ({figures.get('model_mb', 0):.1f} MB).
 Stage times of this run on a 2-core CPU: {timing}; {_figure(figures, 'total_s', 'minutes')} min
 from start to the exported model, then {_figure(figures, 'evaluate_s', 'minutes')} min of

@@ -57,6 +57,15 @@ class TrainConfig:
     base_model: str = 'prs-eth/marigold-depth-v1-1'
     # Training sources, drawn by probability: a list of the keys below.
     data: tuple = (DataSpec(),)
+    # Held-out sources in the same form, for the validation loss (none: no validation). The
+    # training loss of a small data set keeps falling as the model memorises it; this one
+    # says when the model stops improving on scenes it has not seen.
+    val_data: tuple = ()
+    # Draws of val_data scored (cropped as training draws, not flipped), the same ones with
+    # the same timesteps and noise every time, so successive values compare.
+    val_samples: int = 256
+    # Score the validation loss (EMA weights when enabled) every this many steps and at the end.
+    val_every: int = 500
     # Training crop height in pixels (a multiple of 8): each frame is resized to cover the
     # crop, then cropped at a random offset.
     height: int = 480
@@ -186,16 +195,18 @@ def _coerce(name, value, kind):
     return value
 
 
-def _coerce_data(value):
+def _coerce_data(value, name='data'):
     """
-    Turn the ``data`` setting (a list of mappings) into DataSpec objects.
+    Turn a list of sources (``data``, ``val_data``: mappings) into DataSpec objects.
 
     :raises TrainingError: not a list of mappings, or unknown keys, naming them
     """
     if isinstance(value, (dict, DataSpec)):
         value = [value]
+    if name == 'val_data' and value is None:
+        value = []
     if not isinstance(value, (list, tuple)):
-        raise TrainingError(f'data must be a list of sources ({", ".join(_DATA_KEYS)}), '
+        raise TrainingError(f'{name} must be a list of sources ({", ".join(_DATA_KEYS)}), '
                             f'got {value!r}')
     specs = []
     for index, entry in enumerate(value):
@@ -203,16 +214,16 @@ def _coerce_data(value):
             specs.append(entry)
             continue
         if not isinstance(entry, dict):
-            raise TrainingError(f'data[{index}] must be a mapping with keys '
+            raise TrainingError(f'{name}[{index}] must be a mapping with keys '
                                 f'{", ".join(_DATA_KEYS)}, got {entry!r}')
         unknown = sorted(set(entry) - set(_DATA_KEYS), key=str)
         if unknown:
-            raise TrainingError(f'data[{index}]: unknown key(s) {unknown}; a source takes '
+            raise TrainingError(f'{name}[{index}]: unknown key(s) {unknown}; a source takes '
                                 f'{", ".join(_DATA_KEYS)}')
         values = dict(entry)
         for key, kind in (('kind', str), ('root', str), ('probability', float)):
             if key in values:
-                values[key] = _coerce(f'data[{index}].{key}', values[key], kind)
+                values[key] = _coerce(f'{name}[{index}].{key}', values[key], kind)
         if values.get('options') is None:
             values['options'] = {}
         specs.append(DataSpec(**values))
@@ -252,8 +263,8 @@ def load_config(path=None, overrides=()):
     if unknown:
         raise TrainingError(f'unknown training settings: {sorted(unknown, key=str)}')
     for key, value in values.items():
-        if key == 'data':
-            values[key] = _coerce_data(value)
+        if key in ('data', 'val_data'):
+            values[key] = _coerce_data(value, key)
         else:
             values[key] = _coerce(key, value, _SETTING_TYPES[key])
     return TrainConfig(**values)
@@ -283,9 +294,9 @@ def _reader_options(kind):
     return allowed, required
 
 
-def _check_data_spec(index, spec):
+def _check_data_spec(index, spec, name='data'):
     """Reject a data source the reader would not accept, naming the key."""
-    where = f'data[{index}]'
+    where = f'{name}[{index}]'
     if not isinstance(spec, DataSpec):
         raise TrainingError(f'{where} must be a DataSpec, got {spec!r}')
     if not isinstance(spec.kind, str) or spec.kind not in READERS:
@@ -356,8 +367,9 @@ def _validate(config):
     require(config.height >= 8 and config.width >= 8 and not config.height % 8
             and not config.width % 8, 'height and width must be positive multiples of 8, got '
             f'{config.height}x{config.width}')
-    for name in ('batch_size', 'grad_accumulation', 'max_steps', 'log_every',
-                 'checkpoint_every', 'keep_checkpoints', 'export_steps', 'export_resolution'):
+    for name in ('batch_size', 'grad_accumulation', 'max_steps', 'log_every', 'val_samples',
+                 'val_every', 'checkpoint_every', 'keep_checkpoints', 'export_steps',
+                 'export_resolution'):
         require(getattr(config, name) >= 1, f'{name} must be >= 1, got {getattr(config, name)}')
     for name in ('warmup_steps', 'seed', 'weight_decay', 'max_grad_norm', 'pyramid_strength'):
         require(getattr(config, name) >= 0, f'{name} must be >= 0, got {getattr(config, name)}')
@@ -393,10 +405,17 @@ def _validate(config):
         _check_data_spec(index, spec)
     require(sum(spec.probability for spec in config.data) > 0,
             'data needs at least one source with a positive probability')
+    require(isinstance(config.val_data, (tuple, list)),
+            f'val_data must be a list of sources, got {config.val_data!r}')
+    for index, spec in enumerate(config.val_data):
+        _check_data_spec(index, spec, 'val_data')
+    require(not config.val_data or sum(spec.probability for spec in config.val_data) > 0,
+            'val_data needs a source with a positive probability (or no sources)')
 
 
 def config_to_dict(config):
     """Return a TrainConfig as a plain dict, for saving next to a run."""
     values = asdict(config)
     values['data'] = [asdict(spec) for spec in config.data]
+    values['val_data'] = [asdict(spec) for spec in config.val_data]
     return values

@@ -29,7 +29,8 @@ from .model_setup import ExponentialAverage, export_scheduler_config, load_base
 from .model_setup import training_scheduler
 from .run_log import RunLog
 from .train_config import config_to_dict, load_config, TrainingError
-from .training_data import build_training_data, draw_numbers, sample_to_tensors
+from .training_data import build_training_data, build_validation_data, draw_numbers
+from .training_data import sample_to_tensors
 from ..architecture import save_marigold
 from ..guidance import original_and_noise
 from ..loading import resolve_model_path
@@ -37,6 +38,7 @@ from ..noise import annealed_strength, pyramid_noise_like
 
 # Key of the per-draw timestep / noise generators (the data's own keys are 0 to 3).
 _NOISE_STREAM = 101
+_VAL_NOISE_STREAM = 102
 
 
 def lr_factor(step, config):
@@ -197,8 +199,10 @@ class Trainer:
                     if config.ema_decay > 0 else None)
         self.alphas = self.scheduler.alphas_cumprod.to(device)
         self.latent_cache = {} if config.cache_latents else None
+        self.val_rows = None  # latents of the validation draws, encoded at the first use
         self.step = 0
         self.losses = []
+        self.val_losses = []  # (step, validation loss)
         self.no_depth = 0  # drawn samples without any valid depth pixel (taught nothing)
         self.skipped = 0  # unreadable samples replaced, all processes
         self._skipped_seen = self._dataset_skipped()  # this process's count already summed
@@ -285,12 +289,12 @@ class Trainer:
         if pending:
             flush()
 
-    def sample_generators(self, numbers):
+    def sample_generators(self, numbers, stream=_NOISE_STREAM):
         """Return one CPU noise generator per draw, seeded by (seed, draw number) alone."""
         # A draw's timestep and noise then do not depend on how a global batch is split into
         # processes and micro-batches: two processes of batch B draw what one of batch 2B does.
         return [torch.Generator('cpu').manual_seed(
-            int(np.random.default_rng([self.config.seed, _NOISE_STREAM, number])
+            int(np.random.default_rng([self.config.seed, stream, number])
                 .integers(2 ** 62))) for number in numbers]
 
     def compute_loss(self, rgb_latent, depth_latent, valid_latent, generators):
@@ -437,6 +441,50 @@ class Trainer:
         self.step += 1
         return total / config.grad_accumulation
 
+    # -- validation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validation_loss(self, batch=64):
+        """
+        Velocity loss on the held-out draws of ``val_data``, with the weights that are exported.
+
+        Every call scores the same draws with the same timesteps and noise (their own seed
+        stream), so values from different steps compare. Every process computes it whole.
+
+        :return: mean squared velocity error over the valid latent pixels, or None without
+            val_data
+        """
+        config = self.config
+        if not config.val_data:
+            return None
+        if self.val_rows is None:
+            dataset = build_validation_data(config)
+            samples = [dataset.sample(number) for number in range(config.val_samples)]
+            self.val_rows = [row for start in range(0, len(samples), batch)
+                             for row in self._encode_samples(samples[start:start + batch])]
+        parameters = list(self.unet.parameters())
+        live = [p.detach().clone() for p in parameters] if self.ema is not None else None
+        if self.ema is not None:
+            self.ema.copy_to(parameters)
+        self.unet.eval()
+        try:
+            total, count = 0.0, 0
+            for start in range(0, len(self.val_rows), batch):
+                rows = self.val_rows[start:start + batch]
+                rgb_latent, depth_latent, valid_latent = (
+                    torch.stack(part) for part in list(zip(*rows))[:3])
+                generators = self.sample_generators(range(start, start + len(rows)),
+                                                    _VAL_NOISE_STREAM)
+                error, pixels = self.compute_loss(rgb_latent, depth_latent, valid_latent,
+                                                  generators)
+                total, count = total + error.item(), count + pixels
+        finally:
+            self.unet.train()
+            if live is not None:
+                for param, value in zip(parameters, live):
+                    param.copy_(value)
+        return total / count if count else math.nan
+
     def _sum_over_processes(self, values):
         """Return float64 sums of numbers over all processes, on every process (exact counts)."""
         if self.accelerator.num_processes == 1:
@@ -473,6 +521,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             state = {'step': self.step, 'lr': self.lr_at(self.step), 'skipped': self.skipped,
                      'no_depth': self.no_depth, 'losses': self.losses,
+                     'val_losses': self.val_losses,
                      'processes': self.accelerator.num_processes,
                      'batch_size': self.config.batch_size,
                      'grad_accumulation': self.config.grad_accumulation}
@@ -504,6 +553,7 @@ class Trainer:
         self.accelerator.load_state(str(checkpoint))
         self.step = state['step']
         self.losses = state.get('losses', [])
+        self.val_losses = [tuple(pair) for pair in state.get('val_losses', [])]
         self.no_depth = int(state.get('no_depth', 0))
         self.skipped = int(state.get('skipped', 0))
         self._skipped_seen = self._dataset_skipped()
@@ -563,11 +613,16 @@ class Trainer:
             self.losses.append(loss)
             progress.update(1)
             progress.set_postfix(loss=f'{loss:.4f}')
-            if self.step % config.log_every == 0 or self.step == config.max_steps:
+            last = self.step == config.max_steps
+            val_loss = (self.validation_loss() if config.val_data and (
+                self.step % config.val_every == 0 or last) else None)
+            if val_loss is not None:
+                self.val_losses.append((self.step, val_loss))
+            if self.step % config.log_every == 0 or last or val_loss is not None:
                 elapsed = time.perf_counter() - clock
                 log.write(self.step, loss, self.last_lr,
                           samples * (self.step - logged) / max(elapsed, 1e-9), self._skipped(),
-                          self.no_depth)
+                          self.no_depth, val_loss)
                 clock, logged = time.perf_counter(), self.step
             if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
                 self.save_checkpoint()

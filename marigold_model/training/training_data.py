@@ -47,6 +47,15 @@ def build_training_data(config, sources=None):
     return MixedDataset(sources, probabilities, seed=config.seed, transform=transform)
 
 
+def build_validation_data(config):
+    """Build the held-out draws of ``config.val_data``: cropped as training draws, not flipped."""
+    from ..data.mixing import MixedDataset, TrainTransform
+    sources = [build_source(spec, config) for spec in config.val_data]
+    transform = TrainTransform(config.height, config.width, hflip=False)
+    return MixedDataset(sources, [spec.probability for spec in config.val_data],
+                        seed=config.seed, transform=transform)
+
+
 def sample_to_tensors(sample, config):
     """
     Turn one Sample into model inputs: RGB and normalised depth in [-1, 1], valid mask.
