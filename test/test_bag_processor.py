@@ -755,7 +755,7 @@ def test_sparse_guidance_from_the_command_line(tmp_path, scenes, params, capsys)
         np.testing.assert_allclose(metric[valid], slope * rel + intercept, rtol=1e-3,
                                    atol=1e-3)
     # Meters of the scene, not relative units (those would be off by 0.6 or more); 2 steps x 1
-    # update gave at most 0.25 with the v3 bundled model (v2: 0.33).
+    # update gave at most 0.29 with the v4 bundled model (v3: 0.25, v2: 0.33).
     assert max(errors) < 0.4
     # Guidance off on the same bag: another depth (the plain path), and a bad setting is
     # refused before anything is written.
@@ -838,8 +838,8 @@ def test_sparse_guidance_beats_the_best_global_fit(tmp_path, scenes, params):
 
     The sparse depth is every 4th pixel of the truth.  The plain prediction scored after the
     least-squares scale and shift against the full truth (what no scale recovery can beat)
-    had AbsRel 0.247 on these frames; the guided depth 0.236 with the v3 bundled model (v2:
-    0.224 against 0.244; the first model: 0.186).
+    had AbsRel 0.231 on these frames; the guided depth 0.195 with the v4 bundled model (v3:
+    0.236 against 0.247; v2: 0.224 against 0.244; the first model: 0.186).
     """
     bag = _write_bag(tmp_path / 'in', 'mcap', _messages(scenes, sparse=True))
     base = [bag, '--params', params, '--model', 'bundled:marigold-tiny', '--quiet',
@@ -858,4 +858,4 @@ def test_sparse_guidance_beats_the_best_global_fit(tmp_path, scenes, params):
         assert np.isfinite(depth).all()
         guided_error.append(np.mean(np.abs(depth - truth) / truth))
     assert len(guided_error) == N_FRAMES
-    assert np.mean(guided_error) < 0.98 * np.mean(best_fit)
+    assert np.mean(guided_error) < 0.95 * np.mean(best_fit)

@@ -42,7 +42,7 @@ class TinyRecipe:
     """Settings of the tiny model recipe (defaults: the shipped model)."""
 
     resolution: int = 64
-    train_scenes: int = 12000
+    train_scenes: int = 18000
     test_scenes: int = 100
     val_scenes: int = 256
     train_seed: int = 1

@@ -20,13 +20,16 @@ import argparse
 import json
 from pathlib import Path
 
-from marigold_model.data.synthetic import render_sequence, SceneConfig
+from marigold_model.data.synthetic import NO_HARD_CASES, render_sequence, SceneConfig
 import numpy as np
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = {
     'scene_seed': 1,
+    # The scene generator before its hard cases (thin objects, occluders, camouflage, decals),
+    # which this sequence was rendered with; true draws the same seed with them.
+    'hard_cases': False,
     'frames': 16,
     'width': 320,
     'height': 240,
@@ -45,8 +48,9 @@ def make_sequence(output=HERE, settings=None):
     cfg = dict(SETTINGS, **(settings or {}))
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    scene = SceneConfig() if cfg['hard_cases'] else SceneConfig(**NO_HARD_CASES)
     samples = render_sequence(np.random.default_rng(cfg['scene_seed']), cfg['frames'],
-                              SceneConfig(), height=cfg['height'], width=cfg['width'],
+                              scene, height=cfg['height'], width=cfg['width'],
                               motion=cfg['motion'], noise=True)
     rng = np.random.default_rng(cfg['sparse_seed'])
     sparse = {'frame': [], 'u': [], 'v': [], 'depth_m': []}
