@@ -614,10 +614,12 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(loss=f'{loss:.4f}')
             last = self.step == config.max_steps
-            val_loss = (self.validation_loss() if config.val_data and (
-                self.step % config.val_every == 0 or last) else None)
-            if val_loss is not None:
+            val_loss = None
+            if config.val_data and (self.step % config.val_every == 0 or last):
+                started = time.perf_counter()
+                val_loss = self.validation_loss()
                 self.val_losses.append((self.step, val_loss))
+                clock += time.perf_counter() - started  # samples/s counts training alone
             if self.step % config.log_every == 0 or last or val_loss is not None:
                 elapsed = time.perf_counter() - clock
                 log.write(self.step, loss, self.last_lr,
