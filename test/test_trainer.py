@@ -81,6 +81,17 @@ def test_validation_loss_scores_held_out_draws_with_the_exported_weights(
     assert trainer.val_losses[-1][1] != pytest.approx(first, rel=1e-3)  # it trained
 
 
+@pytest.mark.parametrize('value, message', [
+    ('5', r'val_data must be a list'), ('[{kind: nope}]', r'val_data\[0\]: unknown data kind'),
+    ('[{kind: synthetic, colour: red}]', r'val_data\[0\]: unknown key'),
+    ('[{kind: synthetic, probability: 0}]', r'val_data needs a source with a positive')])
+def test_bad_validation_sources_are_named(value, message):
+    """val_data is checked as data is, and its errors say val_data."""
+    assert load_config(None, ['val_data=null']).val_data == ()
+    with pytest.raises(TrainingError, match=message):
+        load_config(None, [f'val_data={value}'])
+
+
 def test_channels_last_trains_the_same_model(tmp_path, random_model_dir):
     """The memory layout is a speed option only: same loss and gradients, up to rounding."""
     runs = {}
