@@ -5,6 +5,8 @@ Tests of marigold_model import these too, so nothing here imports ROS; the messa
 builders are in msg_builders.  test/ is on sys.path under pytest: ``from builders import ...``.
 """
 
+import importlib.util
+
 from marigold_model.alignment import abs_rel, fit_scale_shift
 from marigold_model.data.synthetic import render_sequence
 from marigold_model.estimator import DepthResult
@@ -16,6 +18,14 @@ from PIL import Image
 SCENE_FRAMES, SCENE_HEIGHT, SCENE_WIDTH = 6, 48, 64
 # The depth maps of the scale tracking tests (synthetic_scene).
 TRACKING_HEIGHT, TRACKING_WIDTH = 160, 240
+
+
+def load_script(path, name):
+    """Import a script that is not in a package (bench/, launch/, samples/) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_rgb(height, width, seed=0):

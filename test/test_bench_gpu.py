@@ -1,26 +1,19 @@
 """bench/gpu.py: the smoke run prints every row with finite positive figures."""
 
-import importlib.util
 import math
 import os
 from pathlib import Path
 import subprocess
 import sys
 
+from builders import load_script
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / 'bench' / 'gpu.py'
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location('bench_gpu', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu = _module()
+gpu = load_script(SCRIPT, 'bench_gpu')
 
 
 def _table(text):

@@ -6,11 +6,11 @@ file's structure, its defaults and the RViz view are checked everywhere.
 """
 
 import ast
-import importlib.util
 import os
 from pathlib import Path
 import stat
 
+from builders import load_script
 import pytest
 import yaml
 
@@ -142,10 +142,7 @@ def _load_launch_module():
            'runs in a sourced ROS 2 install (apt ros-<distro>-launch-ros)')
     pytest.importorskip('launch', reason=why)
     pytest.importorskip('launch_ros', reason=why)
-    spec = importlib.util.spec_from_file_location('depth_launch', LAUNCH_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(LAUNCH_FILE, 'depth_launch')
 
 
 def _run_launch(module, entities, **arguments):

@@ -1,24 +1,17 @@
 """The demo's bundled camera sequence: its generator reproduces it."""
 
-import importlib.util
 import json
 from pathlib import Path
 
+from builders import load_script
 from marigold_ros.demo import load_sequence, SAMPLES
 import numpy as np
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location(
-        'make_sample_sequence', Path(SAMPLES) / 'make_sample_sequence.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_generator_reproduces_the_bundled_sequence(tmp_path):
     """Same settings, depth to the millimetre and the same sparse points; RGB up to JPEG."""
-    _generator().make_sequence(tmp_path)
+    load_script(Path(SAMPLES) / 'make_sample_sequence.py', 'make_sample_sequence').make_sequence(
+        tmp_path)
     bundled, made = load_sequence(SAMPLES), load_sequence(tmp_path)
     assert json.loads((tmp_path / 'sequence.json').read_text()) == bundled.meta
     for index in range(bundled.meta['frames']):

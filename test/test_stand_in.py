@@ -1,8 +1,8 @@
 """The benchmarks' stand-in estimator (bench/stand_in.py) satisfies the depth pipeline."""
 
-import importlib.util
 from pathlib import Path
 
+from builders import load_script
 from builtin_interfaces.msg import Time
 from marigold_model.config import EstimatorConfig, InferenceConfig, ModelConfig
 from marigold_model.estimator import processing_size
@@ -16,14 +16,7 @@ from std_msgs.msg import Header
 BENCH = Path(__file__).resolve().parent.parent / 'bench'
 
 
-def _stand_in_module():
-    spec = importlib.util.spec_from_file_location('stand_in', BENCH / 'stand_in.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-stand_in = _stand_in_module()
+stand_in = load_script(BENCH / 'stand_in.py', 'stand_in')
 H, W = 48, 64
 K = np.array([[60.0, 0.0, 31.5], [0.0, 60.0, 23.5], [0.0, 0.0, 1.0]])
 
