@@ -6,6 +6,7 @@ v-prediction on the base model's noise schedule, and the exported model gets a D
 configuration that matches it. ExponentialAverage keeps the EMA of the trained weights.
 """
 
+import contextlib
 import json
 
 import numpy as np
@@ -110,3 +111,17 @@ class ExponentialAverage:
         """Write the average into ``parameters``."""
         for shadow, param in zip(self.shadow, parameters):
             param.copy_(shadow)
+
+    @contextlib.contextmanager
+    def applied_to(self, parameters):
+        """Hold the average in ``parameters`` for a block, then give them their values back."""
+        parameters = list(parameters)
+        with torch.no_grad():
+            live = [param.detach().clone() for param in parameters]
+        self.copy_to(parameters)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(parameters, live):
+                    param.copy_(value)

@@ -462,27 +462,23 @@ class Trainer:
             samples = [dataset.sample(number) for number in range(config.val_samples)]
             self.val_rows = [row for start in range(0, len(samples), batch)
                              for row in self._encode_samples(samples[start:start + batch])]
-        parameters = list(self.unet.parameters())
-        live = [p.detach().clone() for p in parameters] if self.ema is not None else None
-        if self.ema is not None:
-            self.ema.copy_to(parameters)
+        exported = (self.ema.applied_to(self.unet.parameters()) if self.ema is not None
+                    else contextlib.nullcontext())
+        total, count = 0.0, 0
         self.unet.eval()
         try:
-            total, count = 0.0, 0
-            for start in range(0, len(self.val_rows), batch):
-                rows = self.val_rows[start:start + batch]
-                rgb_latent, depth_latent, valid_latent = (
-                    torch.stack(part) for part in list(zip(*rows))[:3])
-                generators = self.sample_generators(range(start, start + len(rows)),
-                                                    _VAL_NOISE_STREAM)
-                error, pixels = self.compute_loss(rgb_latent, depth_latent, valid_latent,
-                                                  generators)
-                total, count = total + error.item(), count + pixels
+            with exported:
+                for start in range(0, len(self.val_rows), batch):
+                    rows = self.val_rows[start:start + batch]
+                    rgb_latent, depth_latent, valid_latent = (
+                        torch.stack(part) for part in list(zip(*rows))[:3])
+                    generators = self.sample_generators(range(start, start + len(rows)),
+                                                        _VAL_NOISE_STREAM)
+                    error, pixels = self.compute_loss(rgb_latent, depth_latent, valid_latent,
+                                                      generators)
+                    total, count = total + error.item(), count + pixels
         finally:
             self.unet.train()
-            if live is not None:
-                for param, value in zip(parameters, live):
-                    param.copy_(value)
         return total / count if count else math.nan
 
     def _sum_over_processes(self, values):
