@@ -41,7 +41,8 @@ from .stamp_matcher import stamp_to_ns
 
 SAMPLES = Path(__file__).resolve().parent / 'samples'
 NAMESPACE = '/camera'
-#: scale_recovery.inlier_threshold_rel for the bundled tiny model (see run_graph).
+#: scale_recovery.inlier_threshold_rel for the tiny models: the node's default (10 %) suits
+#: real Marigold; too few of a tiny model's points agree with any line but a flat one at 10 %.
 TINY_INLIER_THRESHOLD = 0.3
 # Near = yellow ... far = dark purple, as colorize_depth (used with a fixed range here).
 _STOPS = np.array([[252, 255, 164], [250, 140, 10], [188, 55, 84], [87, 16, 110],
@@ -267,12 +268,13 @@ class Player(Node):
         self.sent[stamp_to_ns(header.stamp)] = index
 
 
-def run_graph(sequence, model, device='auto', processing_resolution=0, log=print,
-              timeout=600.0):
+def run_graph(sequence, model, device='auto', processing_resolution=0, inlier_threshold=None,
+              log=print, timeout=600.0):
     """
     Run node, camera player and recorder in one process until every frame is handled.
 
     :param processing_resolution: 0 = the model's default
+    :param inlier_threshold: scale_recovery.inlier_threshold_rel (None: the node's default)
     :param timeout: seconds before giving up
     :return: (recorder messages by stamp, player's stamp -> index, node counters, model
         info dict, settings dict)
@@ -282,12 +284,10 @@ def run_graph(sequence, model, device='auto', processing_resolution=0, log=print
     overrides = [Parameter('model', value=model), Parameter('device', value=device),
                  Parameter('processing_resolution', value=processing_resolution),
                  Parameter('scale_recovery.source', value='sparse_depth'),
-                 # The inlier threshold suits the model's accuracy: 10 % (the default) for
-                 # real Marigold, 30 % for the far less accurate tiny model (see its card):
-                 # at 10 % too few of its points agree with any line but a flat one.
-                 Parameter('scale_recovery.inlier_threshold_rel',
-                           value=TINY_INLIER_THRESHOLD if 'tiny' in model else 0.1),
                  Parameter('input_reliability', value='reliable')]
+    if inlier_threshold is not None:
+        overrides.append(Parameter('scale_recovery.inlier_threshold_rel',
+                                   value=float(inlier_threshold)))
     node = DepthNode(context=context, namespace=NAMESPACE, parameter_overrides=overrides)
     recorder = Recorder(context)
     executor = SingleThreadedExecutor(context=context)
@@ -323,7 +323,8 @@ def run_graph(sequence, model, device='auto', processing_resolution=0, log=print
         info = dict(node.diagnostics.model_info)
         # Resolved by the model (0 = the model's default in the parameters).
         settings = {p: info.get(p, node.get_parameter(p).value) for p in (
-            'processing_resolution', 'denoising_steps', 'ensemble_size')}
+            'processing_resolution', 'denoising_steps', 'ensemble_size',
+            'scale_recovery.inlier_threshold_rel')}
         settings['scale'] = node.scale_source.diagnostic_fields('')
         return recorder.messages, dict(player.sent), counters, info, settings
     finally:
@@ -494,12 +495,19 @@ def summary_markdown(summary):
 
 
 def run_demo(output, model=BUNDLED_TINY_MODEL, device='auto', processing_resolution=0,
-             samples=SAMPLES, log=print):
-    """Run the whole demo; return the summary dict (DemoError: no model or samples)."""
+             samples=SAMPLES, inlier_threshold=None, log=print):
+    """
+    Run the whole demo; return the summary dict (DemoError: no model or samples).
+
+    :param inlier_threshold: the scale fit's relative inlier threshold; None: 0.3 for the
+        bundled tiny model, the node's default for any other (see TINY_INLIER_THRESHOLD)
+    """
     check_model(model)
     sequence = load_sequence(samples)
+    if inlier_threshold is None and model == BUNDLED_TINY_MODEL:
+        inlier_threshold = TINY_INLIER_THRESHOLD
     messages, sent, counters, info, settings = run_graph(
-        sequence, model, device, processing_resolution, log)
+        sequence, model, device, processing_resolution, inlier_threshold, log)
     summary = write_outputs(output, sequence, messages, sent, counters, info, settings, model)
     log(summary_markdown(summary))
     log(f'wrote {len(summary["files"])} files to {output}')
@@ -516,9 +524,17 @@ def main(argv=None):
     parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     parser.add_argument('--processing-resolution', type=int, default=0,
                         help="longest side fed to the model (0: the model's default)")
+    parser.add_argument('--samples', default=str(SAMPLES),
+                        help='sequence folder written by make_sample_sequence.py (default: '
+                        'the bundled one)')
+    parser.add_argument('--inlier-threshold', type=float, default=None,
+                        help='relative inlier threshold of the metric scale fit; give '
+                        f'{TINY_INLIER_THRESHOLD} for any tiny model (default: that for the '
+                        "bundled one, the node's default for others)")
     args = parser.parse_args(argv)
     try:
-        run_demo(args.output, args.model, args.device, args.processing_resolution)
+        run_demo(args.output, args.model, args.device, args.processing_resolution,
+                 args.samples, args.inlier_threshold)
     except DemoError as error:
         print(f'marigold demo: {error}', file=sys.stderr)
         return 2

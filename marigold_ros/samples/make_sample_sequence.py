@@ -3,7 +3,7 @@ Regenerate the bundled sample camera sequence of the demo (deterministic).
 
 Usage::
 
-    python marigold_ros/samples/make_sample_sequence.py [--output DIR]
+    python marigold_ros/samples/make_sample_sequence.py [--output DIR] [--scene-seed N]
 
 One procedural room (marigold_model.data.synthetic) seen by an orbiting camera, as SETTINGS
 says. Written next to this script:
@@ -82,8 +82,10 @@ def main(argv=None):
     """Run the command line with ``argv`` (default sys.argv)."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--output', default=str(HERE), help='folder to write to')
+    parser.add_argument('--scene-seed', type=int, default=SETTINGS['scene_seed'],
+                        help='another room of the same kind (the bundled one is seed 1)')
     args = parser.parse_args(argv)
-    print(make_sequence(args.output))
+    print(make_sequence(args.output, {'scene_seed': args.scene_seed}))
 
 
 if __name__ == '__main__':
