@@ -489,7 +489,8 @@ def summary_markdown(summary):
         '',
         'The tiny model is a small demo model trained on a 2-core CPU (its model card gives '
         'the recipe and its accuracy): expect blurry depth that gets the layout right; real '
-        'use takes Marigold v1-1 on a GPU.',
+        'use takes Marigold v1-1 on a GPU. One room says little about a model: '
+        '`bench/sequences.py` plays this demo in many.',
     ]
     return '\n'.join(lines) + '\n'
 
