@@ -96,6 +96,8 @@ class BagSummary:
     :param seconds: wall time of the processing loop
     :param estimator_seconds: time spent in estimator calls
     :param scale_status: ScaleEstimate status -> frames ('relative' for no scale)
+    :param scale_reasons: reason -> frames whose scale was stale or missing, by the reason the
+        scale recovery gave (e.g. 'low_inlier_ratio', 'no_sparse_input')
     :param last_scale: the last usable ScaleEstimate, or None
     :param batch: frames per estimator call used
     :param extrinsic: where the LiDAR extrinsic came from ('' without LiDAR)
@@ -114,6 +116,7 @@ class BagSummary:
     seconds: float = 0.0
     estimator_seconds: float = 0.0
     scale_status: dict = field(default_factory=dict)
+    scale_reasons: dict = field(default_factory=dict)
     last_scale: object = None
     batch: int = 0
     extrinsic: str = ''
@@ -220,6 +223,9 @@ def format_summary(summary):
     lines += [f'  {t}: {n}' for t, n in sorted(summary.topics_out.items())]
     status = ', '.join(f'{k} {v}' for k, v in sorted(summary.scale_status.items()))
     lines.append(f'scale: {status or "none"}')
+    if summary.scale_reasons:
+        lines.append('  stale or missing because: ' + ', '.join(
+            f'{k} {v}' for k, v in sorted(summary.scale_reasons.items())))
     if summary.extrinsic:
         lines.append(f'  LiDAR extrinsic: {summary.extrinsic}')
     if summary.last_scale is not None:

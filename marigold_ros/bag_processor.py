@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 
+from marigold_model.scale_tracking import STATUS_STALE
 from std_msgs.msg import Header
 
 from . import export
@@ -479,6 +480,10 @@ class _Run:
                    result.scale.status if result.scale is not None else 'relative')
             if result.scale is not None:
                 summary.last_scale = result.scale
+                if result.scale.status == STATUS_STALE:
+                    _count(summary.scale_reasons, result.scale.reason)
+            elif result.scale_reason:
+                _count(summary.scale_reasons, result.scale_reason)
             done.append((index, message.log_time, result, None))
         self.background.submit(self._write_outputs, done)
         self.progress(len(batch))

@@ -107,6 +107,8 @@ class FrameOutput:
     :param colored: Image rgb8, the metric depth (else the relative depth) colour-mapped for
         viewing (near = yellow, far = dark purple, invalid = black); only when asked for
     :param scale: the ScaleEstimate applied, or None
+    :param scale_reason: why no scale was applied (the unusable estimate's reason, e.g.
+        'low_inlier_ratio'); '' when one was, or when no scale was asked for
     :param notes: reasons for missing outputs (NOTE_* constants)
     :param problems: (reason, message) pairs of bad inputs that did not stop the frame,
         e.g. an unusable camera_info ('camera_info_<reason>')
@@ -122,6 +124,7 @@ class FrameOutput:
     points: object = None
     colored: object = None
     scale: object = None
+    scale_reason: str = ''
     notes: tuple = ()
     problems: tuple = ()
     timings: dict = field(default_factory=dict)
@@ -281,7 +284,8 @@ class DepthPipeline:
     :param estimator: marigold_model DepthEstimator (or anything with its ``estimate``)
     :param output_config: OutputConfig
     :param scale_source: object with ``estimate(key, header, relative_depth, camera)``
-        returning a ScaleEstimate or None (see marigold_ros.scale_recovery), or None
+        returning a ScaleEstimate or None, and optionally ``last_estimate(key)``, the last
+        outcome with its reason (see marigold_ros.scale_recovery), or None
     :param device_outputs: compute metric depth, uncertainty and the cloud's points where the
         model ran (marigold_ros.device_outputs) and copy each back once; None: when the
         estimator runs on CUDA (on the CPU the numpy host path is faster: 3.2 against 8.7
@@ -413,18 +417,25 @@ class DepthPipeline:
         return results
 
     def _scale(self, frame, header, depth, camera, config, problems):
+        """Return (ScaleEstimate or None, why there is no usable one: a reason or '')."""
         if config.fixed_scale > 0:
-            return fixed_scale_estimate(config.fixed_scale, config.fixed_shift)
+            return fixed_scale_estimate(config.fixed_scale, config.fixed_shift), ''
         source = self.scale_source
         if source is None:
-            return None
+            return None, ''
         if frame.guided is not None:  # the depth is the guided one: its own scale and shift
-            return source.guided_estimate(frame.key, header, frame.guided)
+            return source.guided_estimate(frame.key, header, frame.guided), ''
         try:
-            return source.estimate(frame.key, header, depth, camera)
+            scale = source.estimate(frame.key, header, depth, camera)
         except Exception as error:  # noqa: B902 - a scale problem must not lose the frame
             problems.append(('scale_source_error', f'scale recovery failed: {error!r}'))
-            return None
+            return None, 'scale_source_error'
+        if scale is not None and scale.usable:
+            return scale, ''
+        # ScaleRecovery returns None for no usable scale and keeps the outcome with its reason.
+        if scale is None and hasattr(source, 'last_estimate'):
+            return None, getattr(source.last_estimate(frame.key), 'reason', None) or ''
+        return scale, getattr(scale, 'reason', None) or ''
 
     def _metric(self, estimate, depth, scale, spread, camera, max_depth):
         """
@@ -476,13 +487,14 @@ class DepthPipeline:
         if camera is not None and 'camera_info' in wanted:
             output.camera_info = camera.to_msg(header)
 
-        scale = self._scale(frame, header, depth, camera, config, problems)
+        scale, no_scale_reason = self._scale(frame, header, depth, camera, config, problems)
         metric = cloud = None
         want_points = config.publish_points and camera is not None and 'points' in wanted
         spread = None if estimate.uncertainty is None else \
             np.asarray(estimate.uncertainty, dtype=np.float32)
         if scale is None or not scale.usable:
             notes.append(NOTE_NO_METRIC_SCALE)
+            output.scale_reason = no_scale_reason
         else:
             output.scale = scale
             if wanted & {'metric', 'uncertainty', 'points', 'colored'}:

@@ -330,6 +330,9 @@ def test_sparse_depth_gives_metric_depth_clouds_and_export(tmp_path, scenes, par
                                sparse_depth_topic='/cam/sparse_depth'),
                           estimator=OracleEstimator(scenes))
     assert summary.scale_status['relative'] >= 2
+    # The summary says why those frames have no scale.
+    assert summary.scale_reasons['no_sparse_input'] == summary.scale_status['relative']
+    assert f"no_sparse_input {summary.scale_status['relative']}" in format_summary(summary)
     assert summary.notes['no_camera_info'] >= 2
     assert summary.topics_out['/cam/depth/points'] <= N_FRAMES - 2
 

@@ -1,5 +1,6 @@
 """Tests of marigold_ros.pipeline: messages in, depth / camera info / cloud messages out."""
 
+from dataclasses import replace
 from functools import partial
 import math
 
@@ -12,6 +13,7 @@ from marigold_ros.node_params import OUTPUT_NAMES, OutputConfig
 from marigold_ros.pipeline import DepthPipeline, FrameError, FrameInput
 from marigold_ros.pipeline import NOTE_BAD_CAMERA_INFO, NOTE_NO_CAMERA_INFO
 from marigold_ros.pipeline import NOTE_NO_METRIC_SCALE, organized_cloud
+from marigold_ros.scale_recovery import ScaleRecovery, ScaleRecoveryConfig
 from msg_builders import header
 import numpy as np
 import pytest
@@ -405,9 +407,20 @@ def test_scale_source_hook():
     np.testing.assert_allclose(image_to_depth(_one(pipeline, FrameInput(
         rgb_to_image(random_rgb(H, W), _header()), _camera())).metric), 1.0)
     pipeline.output_config = OutputConfig()
-    source.scale = scale_estimate(math.nan, math.nan, status='no_estimate', n_points=100)
+    assert out.scale_reason == ''
+    source.scale = replace(scale_estimate(math.nan, math.nan, status='no_estimate',
+                                          n_points=100), reason='low_inlier_ratio')
     out = _one(pipeline, FrameInput(rgb_to_image(random_rgb(H, W), _header()), _camera()))
     assert out.metric is None and NOTE_NO_METRIC_SCALE in out.notes
+    assert out.scale_reason == 'low_inlier_ratio'
+
+
+def test_no_scale_reason_comes_from_the_scale_recovery():
+    """A frame the scale recovery gives no scale (None) still says why, from its last outcome."""
+    recovery = ScaleRecovery(ScaleRecoveryConfig(source='sparse_depth'))
+    pipeline = DepthPipeline(FakeEstimator(), scale_source=recovery)
+    out = _one(pipeline, FrameInput(rgb_to_image(random_rgb(H, W), _header()), _camera()))
+    assert out.scale is None and out.scale_reason == 'no_sparse_input'
 
 
 def test_locally_refined_scale_uses_scale_recovery_apply():
@@ -436,6 +449,7 @@ def test_scale_source_failure_is_a_problem_not_a_crash():
     out = _one(pipeline, FrameInput(rgb_to_image(random_rgb(H, W), _header()), _camera()))
     assert out.problems[0][0] == 'scale_source_error' and 'boom' in out.problems[0][1]
     assert out.relative is not None and out.metric is None
+    assert out.scale_reason == 'scale_source_error'
 
 
 # ---------------------------------------------------------------- batching and errors
