@@ -320,13 +320,18 @@ class _DepthCore(NodeInputs, NodeThreads):
 
     # ------------------------------------------------------------------ diagnostics
 
-    def _report(self, camera, reason, message):
-        """Count a problem in diagnostics and log it, at most once per period per reason."""
+    def _report(self, camera, reason, message, warning=False):
+        """
+        Count a problem in diagnostics and log it, at most once per period per reason.
+
+        :param warning: log a warning (the input was used all the same), not an error
+        """
         self._diag.bad_message(camera, reason)
         where = self._image_topics.get(camera, camera or 'node')
         line = self._throttle.report((camera, reason), f'{where}: {reason}: {message}')
         if line is not None and not self._stop.is_set():
-            self.get_logger().error(line)
+            logger = self.get_logger()
+            (logger.warning if warning else logger.error)(line)
 
     def _publish_diagnostics(self):
         msg = self._diag.to_msg(self.get_clock().now().to_msg(),

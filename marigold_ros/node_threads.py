@@ -12,7 +12,7 @@ import time
 import traceback
 
 from .node_params import OUTPUT_NAMES
-from .pipeline import FrameError, FrameInput
+from .pipeline import FrameError, FrameInput, WARNING_PROBLEMS
 from .stamp_matcher import NS_PER_S, stamp_to_ns
 
 
@@ -218,7 +218,7 @@ class NodeThreads:
                 self._report(frame.key, result.reason, str(result))
                 continue
             for reason, message in result.problems:
-                self._report(frame.key, reason, message)
+                self._report(frame.key, reason, message, warning=reason in WARNING_PROBLEMS)
             received = batch[frame.key][1]
             result.timings.update(
                 transport=(received - stamp_to_ns(result.header.stamp)) / NS_PER_S,

@@ -52,6 +52,10 @@ NOTE_NO_CAMERA_INFO = 'no_camera_info'
 NOTE_BAD_CAMERA_INFO = 'bad_camera_info'
 NOTE_NO_METRIC_SCALE = 'no_metric_scale'
 
+#: FrameOutput.problems whose input was used all the same: warnings rather than errors.
+PROBLEM_IMPLAUSIBLE_CAMERA_INFO = 'camera_info_implausible'
+WARNING_PROBLEMS = frozenset({PROBLEM_IMPLAUSIBLE_CAMERA_INFO})
+
 #: ``ScaleEstimate.reason`` of a scale given by the user (OutputConfig.fixed_scale).
 REASON_FIXED_SCALE = 'fixed'
 
@@ -479,7 +483,7 @@ class DepthPipeline:
                 model = camera_for_image(frame.camera_info, rgb.shape[1], rgb.shape[0],
                                          config.rectified_input)
                 camera = scale_camera(model, width, height)
-                problems += [('camera_info_implausible', 'camera_info looks wrong (used '
+                problems += [(PROBLEM_IMPLAUSIBLE_CAMERA_INFO, 'camera_info looks wrong (used '
                               'anyway): ' + text) for text in model.implausibilities()]
             except CalibrationError as error:
                 notes.append(NOTE_BAD_CAMERA_INFO)

@@ -541,6 +541,30 @@ def test_bad_input_counted_logged_and_the_node_keeps_serving(graph_factory):
                             'bad: too_large' in values(graph.status()))
 
 
+def test_implausible_calibration_is_a_warning_and_still_gives_the_cloud(graph_factory,
+                                                                        monkeypatch):
+    """fx/fy = 3: the cloud comes, the problem is counted and logged as a warning only."""
+    graph = graph_factory(parameters=[('fixed_scale', 1.0)])
+    graph.subscribe_outputs()
+    assert graph.node.wait_until_ready(TIMEOUT)
+    logged = []
+
+    class Logger:
+        def __getattr__(self, level):
+            return lambda line, **_: logged.append((level, line))
+
+    monkeypatch.setattr(graph.node, 'get_logger', Logger)
+    header = graph.header()
+    info = camera_info(header)
+    info.k[4] = info.k[0] / 3.0
+    graph.publish('camera_info', info)
+    graph.publish('image', rgb_to_image(image(4), header))
+    assert graph.spin_until(lambda: graph.has('depth/points', header))
+    assert graph.snapshot()['bad'] == {'camera_info_implausible': 1}
+    assert [level for level, line in logged if 'camera_info_implausible' in line] == [
+        'warning']
+
+
 # ---------------------------------------------------------------- threading
 
 
