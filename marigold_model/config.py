@@ -22,8 +22,23 @@ BACKENDS = ('torch', 'onnxruntime')
 #: processing_resolution sentinels (see :func:`resolve_processing_resolution`).
 PROCESSING_RESOLUTION_MODEL_DEFAULT = 0
 PROCESSING_RESOLUTION_INPUT_SIZE = -1
-#: Inclusive bounds of processing_resolution (the ROS parameter's range is this one).
+#: Inclusive bounds of processing_resolution.
 PROCESSING_RESOLUTION_RANGE = (PROCESSING_RESOLUTION_INPUT_SIZE, 8192)
+#: Inclusive bounds of InferenceConfig's numeric fields: the dataclass refuses values outside
+#: them and the ROS parameters publish them as their ranges.
+INFERENCE_RANGES = {
+    'denoising_steps': (0, 1000), 'ensemble_size': (1, 64),
+    'processing_resolution': PROCESSING_RESOLUTION_RANGE, 'seed': (0, 2 ** 32 - 1),
+    'batch_size': (1, 256), 'warm_start_strength': (0.0, 1.0),
+    'ensemble_regularizer': (0.0, 1000.0), 'ensemble_max_iter': (1, 1000),
+    # 0: the alignment's BFGS runs its ensemble_max_iter iterations without stopping early.
+    'ensemble_tol': (0.0, 1.0), 'ensemble_max_res': (16, 16384),
+}
+_INFERENCE_SENTINELS = {
+    'denoising_steps': ' (0 = the model default)',
+    'processing_resolution': f' ({PROCESSING_RESOLUTION_MODEL_DEFAULT} = the model default, '
+                             f'{PROCESSING_RESOLUTION_INPUT_SIZE} = the input size)',
+}
 
 
 @dataclass(frozen=True)
@@ -108,28 +123,11 @@ class InferenceConfig:
 
         :raises ValueError: naming the bad field
         """
-        low, high = PROCESSING_RESOLUTION_RANGE
-        if not low <= self.processing_resolution <= high:
-            raise ValueError(f'processing_resolution must be within [{low}, {high}] '
-                             f'({PROCESSING_RESOLUTION_MODEL_DEFAULT} = the model default, '
-                             f'{PROCESSING_RESOLUTION_INPUT_SIZE} = the input size), got '
-                             f'{self.processing_resolution}')
-        if self.denoising_steps < 0:
-            raise ValueError('denoising_steps must be >= 0 (0 = the model default)')
-        if self.ensemble_size < 1:
-            raise ValueError('ensemble_size must be >= 1')
-        if self.batch_size < 1:
-            raise ValueError('batch_size must be >= 1')
-        if not 0.0 <= self.warm_start_strength <= 1.0:
-            raise ValueError('warm_start_strength must be within [0, 1]')
-        if not (math.isfinite(self.ensemble_regularizer) and self.ensemble_regularizer >= 0):
-            raise ValueError('ensemble_regularizer must be finite and >= 0')
-        if self.ensemble_max_iter < 1:
-            raise ValueError('ensemble_max_iter must be >= 1')
-        if not self.ensemble_tol > 0:
-            raise ValueError('ensemble_tol must be > 0')
-        if self.ensemble_max_res < 1:
-            raise ValueError('ensemble_max_res must be >= 1 (pixels of the longest edge)')
+        for name, (low, high) in INFERENCE_RANGES.items():
+            value = getattr(self, name)
+            if not low <= value <= high:  # NaN too
+                raise ValueError(f'{name} must be within [{low}, {high}]'
+                                 f'{_INFERENCE_SENTINELS.get(name, "")}, got {value!r}')
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import math
 
 from marigold_model.config import BACKENDS, DTYPES, EstimatorConfig, GUIDANCE_LOSSES
 from marigold_model.config import GuidanceConfig, InferenceConfig
-from marigold_model.config import ModelConfig, PROCESSING_RESOLUTION_RANGE, VAE_CHOICES
+from marigold_model.config import INFERENCE_RANGES, ModelConfig, VAE_CHOICES
 from marigold_model.scale_tracking import ScaleTrackerConfig
 from sensor_msgs.msg import CameraInfo
 from sensor_msgs.msg import Image
@@ -263,14 +263,6 @@ _INFERENCE_DESCRIPTIONS = {
     'ensemble_tol': 'ensembling: convergence tolerance of the affine alignment',
     'ensemble_max_res': 'ensembling: resolution the affine alignment is solved at',
 }
-_INFERENCE_RANGES = {
-    'denoising_steps': (0, 1000), 'ensemble_size': (1, 64),
-    'processing_resolution': PROCESSING_RESOLUTION_RANGE, 'seed': (0, 2 ** 32 - 1),
-    'batch_size': (1, 256),
-    'warm_start_strength': (0.0, 1.0), 'ensemble_regularizer': (0.0, 1000.0),
-    'ensemble_max_iter': (1, 1000), 'ensemble_tol': (0.0, 1.0),
-    'ensemble_max_res': (16, 16384),
-}
 _OUTPUT_RANGES = {
     'fixed_scale': (0.0, 1.0e6), 'fixed_shift': (-1.0e6, 1.0e6), 'max_depth': (0.0, 1.0e6),
     'max_input_pixels': (1, 2 ** 31 - 1),
@@ -318,7 +310,7 @@ def parameter_groups():
         ConfigGroup(ModelConfig, read_only=True, exclude=('max_input_pixels',),
                     choices={'dtype': DTYPES, 'vae': VAE_CHOICES, 'backend': BACKENDS},
                     descriptions=_MODEL_DESCRIPTIONS),
-        ConfigGroup(InferenceConfig, ranges=_INFERENCE_RANGES,
+        ConfigGroup(InferenceConfig, ranges=INFERENCE_RANGES,
                     descriptions=_INFERENCE_DESCRIPTIONS),
         ConfigGroup(OutputConfig, ranges=_OUTPUT_RANGES,
                     read_only_fields=('max_input_pixels',)),

@@ -1,10 +1,11 @@
 """Tests of the settings dataclasses' own checks and of the shared reason-carrying error."""
 
 from dataclasses import replace
+import math
 import pickle
 
 from marigold_model.alignment import AlignmentError
-from marigold_model.config import (InferenceConfig, ModelConfig, override,
+from marigold_model.config import (INFERENCE_RANGES, InferenceConfig, ModelConfig, override,
                                    PROCESSING_RESOLUTION_RANGE, resolve_processing_resolution)
 from marigold_model.data.image_decoding import ImageConversionError
 from marigold_model.errors import ReasonError
@@ -19,7 +20,7 @@ import pytest
     (InferenceConfig, 'processing_resolution', PROCESSING_RESOLUTION_RANGE[1] + 1),
     (InferenceConfig, 'batch_size', 0), (InferenceConfig, 'warm_start_strength', 1.5),
     (InferenceConfig, 'ensemble_regularizer', float('inf')),
-    (InferenceConfig, 'ensemble_max_iter', 0), (InferenceConfig, 'ensemble_tol', 0.0),
+    (InferenceConfig, 'ensemble_max_iter', 0), (InferenceConfig, 'ensemble_tol', -1e-3),
     (InferenceConfig, 'ensemble_max_res', 0),
 ])
 def test_a_bad_setting_is_refused_when_the_config_is_made(cls, name, value):
@@ -32,10 +33,17 @@ def test_a_bad_setting_is_refused_when_the_config_is_made(cls, name, value):
         override(cls(), **{name: value})
 
 
-def test_processing_resolution_bounds_are_accepted():
-    """Both ends of the published range make a config."""
-    for value in PROCESSING_RESOLUTION_RANGE:
-        assert InferenceConfig(processing_resolution=value).processing_resolution == value
+@pytest.mark.parametrize('name', sorted(INFERENCE_RANGES))
+def test_inference_ranges_are_exactly_what_the_config_accepts(name):
+    """The ROS parameters publish these ranges: both ends make a config, a step past refuses."""
+    low, high = INFERENCE_RANGES[name]
+    for value in (low, high):
+        assert getattr(InferenceConfig(**{name: value}), name) == value
+    outside = (low - 1, high + 1) if isinstance(low, int) else (
+        math.nextafter(low, -math.inf), math.nextafter(high, math.inf), math.nan)
+    for value in outside:
+        with pytest.raises(ValueError, match=f'{name} must be within'):
+            InferenceConfig(**{name: value})
 
 
 def test_processing_resolution_sentinels_resolve_once():

@@ -113,7 +113,7 @@ def test_runtime_settings_change(random_model_dir, frame):
     with pytest.raises(ValueError, match='ensemble_size'):
         estimator.set_inference(InferenceConfig(ensemble_size=0))
     for name, value in (('ensemble_max_res', 0), ('ensemble_max_iter', 0),
-                        ('ensemble_tol', 0.0), ('ensemble_regularizer', float('nan'))):
+                        ('ensemble_tol', -1e-3), ('ensemble_regularizer', float('nan'))):
         with pytest.raises(ValueError, match=name):
             estimator.set_inference(InferenceConfig(**{name: value}))
 
