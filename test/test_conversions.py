@@ -337,6 +337,10 @@ def test_compressed_size_limit_checked_before_decode():
     with pytest.raises(ImageConversionError) as err:
         compressed_to_rgb(ok, max_pixels=63)
     assert err.value.reason == 'too_large'
+    # Without a limit of ours, PIL's decompression-bomb check still refuses it at open.
+    with pytest.raises(ImageConversionError, match='decompression bomb') as err:
+        compressed_to_rgb(msg, max_pixels=None)
+    assert err.value.reason == 'too_large'
 
 
 def test_compressed_empty_and_depth_format():
