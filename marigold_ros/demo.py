@@ -44,9 +44,6 @@ NAMESPACE = '/camera'
 #: scale_recovery.inlier_threshold_rel for the tiny models: the node's default (10 %) suits
 #: real Marigold; too few of a tiny model's points agree with any line but a flat one at 10 %.
 TINY_INLIER_THRESHOLD = 0.3
-# Near = yellow ... far = dark purple, as colorize_depth (used with a fixed range here).
-_STOPS = np.array([[252, 255, 164], [250, 140, 10], [188, 55, 84], [87, 16, 110],
-                   [10, 7, 40]], dtype=np.float64)
 _BACKGROUND = (32, 32, 36)
 
 
@@ -120,20 +117,6 @@ def check_model(model):
 
 
 # ------------------------------------------------------------------ pictures
-
-
-def colorize_range(depth, low, high):
-    """Colour-map HxW depth over [low, high] (near = yellow, far = dark purple, NaN = black)."""
-    depth = np.asarray(depth, np.float64)
-    valid = np.isfinite(depth)
-    x = np.clip((np.where(valid, depth, low) - low) / max(high - low, 1e-9), 0.0, 1.0)
-    pos = x * (len(_STOPS) - 1)
-    i0 = np.clip(np.floor(pos).astype(int), 0, len(_STOPS) - 2)
-    w = (pos - i0)[..., None]
-    colour = _STOPS[i0] * (1 - w) + _STOPS[i0 + 1] * w
-    out = np.rint(colour).astype(np.uint8)
-    out[~valid] = 0
-    return out
 
 
 def labelled_row(panels):
@@ -375,7 +358,7 @@ def write_outputs(folder, sequence, messages, sent, counters, info, settings, mo
         if 'depth/image' in outputs:
             metric = image_to_depth(outputs['depth/image'])
             panels.append((f'metric depth {low:.1f}-{high:.1f} m',
-                           colorize_range(metric, low, high)))
+                           colorize_depth(metric, np.isfinite(metric), (low, high))))
             scores = _metrics(metric, gt)
             if scores:
                 metric_scores.append(scores)
@@ -387,7 +370,7 @@ def write_outputs(folder, sequence, messages, sent, counters, info, settings, mo
             aligned_scores.append(evaluate_affine_invariant(relative, gt))
         except (AlignmentError, ValueError):
             pass
-        panels.append(('ground truth', colorize_range(gt, low, high)))
+        panels.append(('ground truth', colorize_depth(gt, np.isfinite(gt), (low, high))))
         path = folder / f'frame_{index:04d}.png'
         labelled_row(panels).save(path)
         files.append(path.name)
