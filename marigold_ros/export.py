@@ -142,6 +142,8 @@ class FrameExporter:
 
     COLUMNS = ('index', 'stamp_ns', 'log_time_ns', 'frame_id', 'depth', 'scale', 'shift',
                'notes')
+    #: The frame table, in every committed folder.
+    TABLE = 'frames.csv'
 
     def __init__(self, folder, overwrite=False):
         """Create the staging folder next to ``folder``."""
@@ -185,7 +187,7 @@ class FrameExporter:
 
     def commit(self):
         """Write frames.csv, move the folder into place and return its Path."""
-        with open(self.stage / 'frames.csv', 'w', encoding='utf-8', newline='') as stream:
+        with open(self.stage / self.TABLE, 'w', encoding='utf-8', newline='') as stream:
             table = csv.writer(stream)
             table.writerow(self.COLUMNS)
             table.writerows(self.rows)

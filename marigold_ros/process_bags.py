@@ -40,12 +40,13 @@ from .bag_io import BagError, BagReader
 from .bag_job import add_job_options, BagJob
 from .bag_processor import BagProcessor
 from .bag_topics import resolve_topics
+from .export import FrameExporter
 from .node_params import read_node_params
 
 #: Single-file bag formats (anything else given as a file is a manifest).
 BAG_SUFFIXES = ('.mcap', '.db3', '.bag')
 
-# Options of process_bag that do not apply to many bags at once.
+# Options of process_bag given per bag here (--export-dir makes each bag's --export).
 _LEFT_OUT = ('export',)
 
 
@@ -206,18 +207,20 @@ def _plan_bag(bag, job, window_minutes, configs):
     if len(windows) == 1:
         return [Task(name, job, count)]
     return [Task(f'{name} [{i + 1}/{len(windows)}]',
-                 replace(job, output=f'{job.output}.window-{i:03d}', frames=(first, stop)),
+                 replace(job, output=f'{job.output}.window-{i:03d}', frames=(first, stop),
+                         export=job.export and f'{job.export}.window-{i:03d}'),
                  stop - first) for i, (first, stop) in enumerate(windows)]
 
 
-def plan(bags, base_job, output_dir, window_minutes=0.0):
+def plan(bags, base_job, output_dir, window_minutes=0.0, export_dir=None):
     """
     Make the tasks of a run: one per bag, or per window of each bag.
 
     :param bags: list of Paths
-    :param base_job: BagJob with the options (input and output are replaced)
+    :param base_job: BagJob with the options (input, output and export are replaced)
     :param output_dir: output folder
     :param window_minutes: window length, 0 for whole bags
+    :param export_dir: folder of the per-frame exports (export_dir/<bag name>), or None
     :return: list of Task
     :raises BagError: 'bad_output' when two bags have the same name
     """
@@ -234,14 +237,22 @@ def plan(bags, base_job, output_dir, window_minutes=0.0):
         check_windows(base_job, configs)
     tasks = []
     for bag in bags:
-        job = replace(base_job, input=str(bag), output=str(Path(output_dir) / bag_name(bag)))
+        job = replace(base_job, input=str(bag), output=str(Path(output_dir) / bag_name(bag)),
+                      export=None if export_dir is None else str(Path(export_dir) /
+                                                                 bag_name(bag)))
         tasks += _plan_bag(bag, job, window_minutes, configs)
     return tasks
 
 
-def is_complete(output):
-    """Tell whether an output bag is there (outputs are moved into place only complete)."""
-    return (Path(output) / 'metadata.yaml').is_file()
+def is_complete(job):
+    """Tell whether a job's output bag and export are there (each appears only complete)."""
+    return (Path(job.output) / 'metadata.yaml').is_file() and (
+        job.export is None or (Path(job.export) / FrameExporter.TABLE).is_file())
+
+
+def is_started(job):
+    """Tell whether either output of an incomplete job is there (then it is made again)."""
+    return any(path is not None and Path(path).exists() for path in (job.output, job.export))
 
 
 # ---------------------------------------------------------------------------- workers
@@ -481,6 +492,9 @@ def build_parser():
                         'output each: DIR/<bag name>.window-NNN); default: whole bags')
     parser.add_argument('--retries', type=int, default=1,
                         help='tries again of a failed bag before it is reported (default 1)')
+    parser.add_argument('--export-dir', metavar='DIR',
+                        help="also write each bag's per-frame files (process_bag --export: "
+                        '16-bit PNG depth, previews, PLY clouds) to DIR/<bag name>')
     add_job_options(parser, leave_out=_LEFT_OUT)
     return parser
 
@@ -503,10 +517,21 @@ def run(args):
                   input='', output='', quiet=True)
     output_dir = Path(args.output_dir).expanduser().absolute()
     output_dir.mkdir(parents=True, exist_ok=True)
-    tasks = plan(find_bags(args.inputs), base, output_dir, args.window_minutes)
+    export_dir = None if args.export_dir is None else \
+        Path(args.export_dir).expanduser().absolute()
+    if export_dir == output_dir:
+        raise ValueError('--export-dir must differ from --output-dir: a bag and its export '
+                         'would share DIR/<bag name>')
+    tasks = plan(find_bags(args.inputs), base, output_dir, args.window_minutes, export_dir)
     for task in tasks:
-        if not base.overwrite and is_complete(task.job.output):
+        if base.overwrite:
+            continue
+        if is_complete(task.job):
             task.status = 'skipped'
+        elif is_started(task.job):
+            # One of the two outputs is missing (--export-dir added, or a stop between the
+            # two commits): the task makes both again, replacing the one that is there.
+            task.job = replace(task.job, overwrite=True)
     todo = sum(task.status == 'todo' for task in tasks)
     if not todo:
         return tasks

@@ -151,13 +151,19 @@ def test_windows_together_are_the_whole_bag(local_ray, inputs, tmp_path, capsys)
     out = tmp_path / 'out'
     # 0.25 s windows of 10 Hz images, batch 3: windows start at frames 3, 6 and 9.
     status, captured = _run(capsys, long_bag, '--output-dir', out, '--params', params,
-                            '--model', model, '--window-minutes', 0.25 / 60)
+                            '--model', model, '--window-minutes', 0.25 / 60,
+                            '--export-dir', tmp_path / 'exports')
     assert status == 0, captured.err
     windows = sorted(p.name for p in out.iterdir())
     assert windows == [f'long.window-{i:03d}' for i in range(4)]
     together = [m for name in windows for m in _read(out / name)]
     assert together == _read(root / 'ref' / 'long')
     assert len(together) > 12
+    # Each window's export has its frames, numbered as in the whole bag.
+    assert sorted(p.name for p in (tmp_path / 'exports').iterdir()) == windows
+    rows = [line.split(',')[0] for name in windows
+            for line in (tmp_path / 'exports' / name / 'frames.csv').read_text().splitlines()[1:]]
+    assert rows == [str(i) for i in range(12)]
     # State carried over frames cannot be split: refused before anything runs.
     warm = tmp_path / 'warm.yaml'
     warm.write_text(PARAMS + '    warm_start_strength: 0.5\n')
@@ -190,3 +196,32 @@ def test_window_bounds_and_inputs(tmp_path):
         find_bags([str(tmp_path / 'nope')])
     with pytest.raises(BagError, match='matches nothing'):
         find_bags([str(tmp_path / '*.nope')])
+
+
+def test_export_dir_gives_each_bag_its_export_and_a_rerun_adds_a_missing_one(
+        local_ray, inputs, tmp_path, capsys):
+    """--export-dir: DIR/<bag> as process_bag --export writes it; bag without export redone."""
+    root, bags, _, params, model = inputs
+    reference = tmp_path / 'reference'
+    process_bag(BagJob(input=bags[0], output=str(tmp_path / 'reference_bag'), params=params,
+                       model=model, quiet=True, export=str(reference)))
+    out, exports = tmp_path / 'out', tmp_path / 'exports'
+    out.mkdir()
+    # bag0's output bag is there from an earlier run without --export-dir.
+    shutil.copytree(root / 'ref' / 'bag0', out / 'bag0')
+    options = ['--params', params, '--model', model]
+    status, captured = _run(capsys, root / 'in', '--output-dir', out, '--export-dir', exports,
+                            *options)
+    assert status == 0, captured.err
+    assert '(complete: skipped)' not in captured.out
+    assert _hashes(exports / 'bag0') == _hashes(reference)
+    for bag in bags:
+        name = Path(bag).name
+        assert (exports / name / 'frames.csv').read_text().count('\n') == 7  # 6 frames
+        assert _hashes(out / name) == _hashes(root / 'ref' / name)
+    status, captured = _run(capsys, root / 'in', '--output-dir', out, '--export-dir', exports,
+                            *options)
+    assert status == 0 and captured.out.count('(complete: skipped)') == 3
+    status, captured = _run(capsys, root / 'in', '--output-dir', out, '--export-dir', out,
+                            *options)
+    assert status == 1 and '--export-dir must differ from --output-dir' in captured.err
