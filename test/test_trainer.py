@@ -54,7 +54,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, random_model_dir):
     assert (tmp_path / 'a' / 'run' / 'config.yaml').is_file()
 
 
-def test_validation_loss_scores_held_out_draws_with_the_exported_weights(
+def test_validation_scores_held_out_draws_with_the_exported_weights(
         tmp_path, random_model_dir):
     """Scored every val_every steps with the EMA weights, logged, and training is unchanged."""
     held_out = (DataSpec('synthetic', '', 1.0, {'length': 8, 'seed': 99}),)
@@ -64,21 +64,43 @@ def test_validation_loss_scores_held_out_draws_with_the_exported_weights(
                               val_data=held_out, val_samples=6, val_every=2, log_every=3,
                               export_fp16=False))
     live = [p.detach().clone() for p in trainer.unet.parameters()]
-    first = trainer.validation_loss()
-    assert trainer.validation_loss() == first  # the same draws, timesteps and noise
+    first = trainer.validate()
+    assert trainer.validate() == first  # the same draws, timesteps and noise
+    assert 0 < first[1] < 1  # an AbsRel
     assert all(torch.equal(a, b) for a, b in zip(live, trainer.unet.parameters()))
     model = trainer.run()
     assert trainer.losses == plain.losses  # validation draws nothing from the training stream
     assert [step for step, _ in trainer.val_losses] == [2, 4]
+    assert [step for step, _ in trainer.val_abs_rels] == [2, 4]
     rows = list(csv.DictReader(open(tmp_path / 'val' / 'run' / 'log.csv')))
-    assert [(r['step'], bool(r['val_loss'])) for r in rows] == [
-        ('2', True), ('3', False), ('4', True)]
+    assert [(r['step'], bool(r['val_loss']), bool(r['val_abs_rel'])) for r in rows] == [
+        ('2', True, True), ('3', False, False), ('4', True, True)]
     assert float(rows[-1]['val_loss']) == pytest.approx(trainer.val_losses[-1][1], rel=1e-5)
+    assert float(rows[-1]['val_abs_rel']) == pytest.approx(trainer.val_abs_rels[-1][1],
+                                                           rel=1e-5)
     # The exported (EMA) weights, loaded by a second trainer without EMA, score the same.
     exported = Trainer(_config(tmp_path / 'check', str(model), val_data=held_out,
                                val_samples=6))
-    assert exported.validation_loss() == pytest.approx(trainer.val_losses[-1][1], rel=1e-4)
-    assert trainer.val_losses[-1][1] != pytest.approx(first, rel=1e-3)  # it trained
+    assert exported.validate() == pytest.approx(
+        (trainer.val_losses[-1][1], trainer.val_abs_rels[-1][1]), rel=1e-4)
+    assert trainer.val_losses[-1][1] != pytest.approx(first[0], rel=1e-3)  # it trained
+
+
+def test_validation_abs_rel_is_the_evaluation_protocol_on_the_one_step_estimate(
+        tmp_path, random_model_dir, monkeypatch):
+    """An estimate that is an affine map of the depth scores 0; a flat one, the constant's."""
+    held_out = (DataSpec('synthetic', '', 1.0, {'length': 8, 'seed': 99}),)
+    trainer = Trainer(_config(tmp_path, random_model_dir, val_data=held_out, val_samples=4))
+    trainer.validate()
+    truth = torch.from_numpy(np.nan_to_num(np.stack(trainer.val_truth)))[:, None]
+    monkeypatch.setattr(trainer, 'one_step_estimate',
+                        lambda rgb_latent, generators: 3 * truth[:len(generators)] - 1)
+    assert trainer.validate()[1] == pytest.approx(0, abs=1e-6)
+    # Flat: no scale to fit, so the best constant, the mean depth (as marigold-eval scores).
+    monkeypatch.setattr(trainer, 'one_step_estimate',
+                        lambda rgb_latent, generators: torch.zeros_like(truth[:len(generators)]))
+    assert trainer.validate()[1] == pytest.approx(np.mean(
+        [np.nanmean(np.abs(np.nanmean(depth) - depth) / depth) for depth in trainer.val_truth]))
 
 
 @pytest.mark.parametrize('value, message', [

@@ -12,7 +12,8 @@ from pathlib import Path
 from .train_config import TrainingError
 
 
-LOG_COLUMNS = ('step', 'loss', 'lr', 'samples_per_s', 'skipped', 'no_depth', 'val_loss')
+LOG_COLUMNS = ('step', 'loss', 'lr', 'samples_per_s', 'skipped', 'no_depth', 'val_loss',
+               'val_abs_rel')
 
 
 class RunLog:
@@ -58,7 +59,8 @@ class RunLog:
             self.writer = SummaryWriter(str(Path(output) / 'tensorboard'),
                                         purge_step=start + 1 if start else None)
 
-    def write(self, step, loss, lr, rate, skipped, no_depth=0, val_loss=None):
+    def write(self, step, loss, lr, rate, skipped, no_depth=0, val_loss=None,
+              val_abs_rel=None):
         """
         Record one step's line.
 
@@ -66,19 +68,23 @@ class RunLog:
         :param skipped: unreadable samples so far
         :param no_depth: drawn samples without valid depth so far
         :param val_loss: the validation loss scored at this step, if it was (else left empty)
+        :param val_abs_rel: the one-step estimate's validation AbsRel, likewise
         """
         if not self.active:
             return
+        scores = {'val_loss': val_loss, 'val_abs_rel': val_abs_rel}
         self.csv.writerow({'step': step, 'loss': f'{loss:.6f}', 'lr': f'{lr:.3e}',
                            'samples_per_s': f'{rate:.2f}', 'skipped': skipped,
                            'no_depth': no_depth,
-                           'val_loss': '' if val_loss is None else f'{val_loss:.6f}'})
+                           **{name: '' if value is None else f'{value:.6f}'
+                              for name, value in scores.items()}})
         self.stream.flush()
         if self.writer is not None:
             self.writer.add_scalar('loss', loss, step)
             self.writer.add_scalar('lr', lr, step)
-            if val_loss is not None:
-                self.writer.add_scalar('val_loss', val_loss, step)
+            for name, value in scores.items():
+                if value is not None:
+                    self.writer.add_scalar(name, value, step)
 
     def close(self):
         """Flush and close."""

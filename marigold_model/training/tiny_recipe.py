@@ -216,6 +216,7 @@ def run(recipe, work, output, log=print, baseline_model=None):
     figures['unet_loss_by_tenth'] = _tenths(trainer.losses[:velocity_steps])
     figures['affine_loss_by_tenth'] = _tenths(trainer.losses[velocity_steps:])
     figures['unet_val_loss'] = trainer.val_losses
+    figures['unet_val_abs_rel'] = trainer.val_abs_rels
     path = trainer.export(output)
     figures['model_mb'] = sum(f.stat().st_size for f in path.rglob('*') if f.is_file()) / 2 ** 20
     figures['total_s'] = time.perf_counter() - start
@@ -350,8 +351,9 @@ def write_model_card(output, recipe, figures, results):
                       'affine-invariant L1 against the depth')
         end_to_end_losses = ('; mean end-to-end loss of each tenth of those steps: '
                              + _figure(figures, 'affine_loss_by_tenth'))
-    validation = ', '.join(f'{step}: {loss:.3f}' for step, loss in
-                           figures.get('unet_val_loss', [])) or 'not measured'
+    validation, validation_abs_rel = (
+        ', '.join(f'{step}: {value:.3f}' for step, value in figures.get(key, []))
+        or 'not measured' for key in ('unet_val_loss', 'unet_val_abs_rel'))
     card = f"""# marigold-tiny
 
 A tiny Marigold-architecture depth model (8-channel U-Net {list(recipe.unet_channels)},
@@ -383,7 +385,8 @@ length {recipe.train_scenes} and seed {recipe.train_seed}), each used once per p
    {recipe.final_timestep_share:.0%} of the draws at the last timestep, the one a one-step
    estimate runs{end_to_end}); mean velocity loss of each tenth of its steps:
    {_figure(figures, 'unet_loss_by_tenth')}{end_to_end_losses}; validation loss on
-   {recipe.val_scenes} held-out scenes (seed {recipe.val_seed}) by step: {validation};
+   {recipe.val_scenes} held-out scenes (seed {recipe.val_seed}) by step: {validation}; their
+   one-step AbsRel by step: {validation_abs_rel};
 4. export with fp16 weights ({figures.get('model_mb', 0):.1f} MB).
 Stage times of this run on a 2-core CPU: {timing}; {_figure(figures, 'total_s', 'minutes')} min
 from start to the exported model, then {_figure(figures, 'evaluate_s', 'minutes')} min of

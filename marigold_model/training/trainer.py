@@ -25,12 +25,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from .evaluate import score_image
 from .model_setup import ExponentialAverage, export_scheduler_config, load_base
 from .model_setup import training_scheduler
 from .run_log import RunLog
 from .train_config import config_to_dict, load_config, TrainingError
 from .training_data import build_training_data, build_validation_data, draw_numbers
 from .training_data import sample_to_tensors
+from ..alignment import AlignmentError
 from ..architecture import save_marigold
 from ..guidance import original_and_noise
 from ..loading import resolve_model_path
@@ -39,6 +41,7 @@ from ..noise import annealed_strength, pyramid_noise_like
 # Key of the per-draw timestep / noise generators (the data's own keys are 0 to 3).
 _NOISE_STREAM = 101
 _VAL_NOISE_STREAM = 102
+_VAL_ESTIMATE_STREAM = 103
 
 
 def lr_factor(step, config):
@@ -72,6 +75,14 @@ def affine_fit(estimate, target, valid):
     variance = centred.square().sum(dim=(1, 2, 3), keepdim=True)
     scale = (centred * (target - mean_t)).sum(dim=(1, 2, 3), keepdim=True) / (variance + 1e-12)
     return scale * (estimate - mean_e) + mean_t
+
+
+def _abs_rel(estimate, truth):
+    """Score an affine-invariant estimate against depth (NaN = invalid): AbsRel, or None."""
+    try:
+        return score_image(estimate, truth, np.isfinite(truth), 1e-3, math.inf)['abs_rel']
+    except AlignmentError:
+        return None
 
 
 def find_checkpoint(output_dir, checkpoint='latest'):
@@ -200,9 +211,11 @@ class Trainer:
         self.alphas = self.scheduler.alphas_cumprod.to(device)
         self.latent_cache = {} if config.cache_latents else None
         self.val_rows = None  # latents of the validation draws, encoded at the first use
+        self.val_truth = None  # their depth (NaN = invalid), as numpy images
         self.step = 0
         self.losses = []
         self.val_losses = []  # (step, validation loss)
+        self.val_abs_rels = []  # (step, validation AbsRel of the one-step estimate)
         self.no_depth = 0  # drawn samples without any valid depth pixel (taught nothing)
         self.skipped = 0  # unreadable samples replaced, all processes
         self._skipped_seen = self._dataset_skipped()  # this process's count already summed
@@ -340,6 +353,19 @@ class Trainer:
         :param valid: [B, 1, H, W] bool, valid depth pixels
         :return: (sum of absolute errors, scalar tensor with gradient; valid pixel count)
         """
+        estimate = self.one_step_estimate(rgb_latent, generators)
+        count = int(valid.sum())
+        if not count:
+            return (estimate * 0).sum(), 0
+        aligned = affine_fit(estimate, depth, valid)
+        return (aligned - depth).abs()[valid].sum(), count
+
+    def one_step_estimate(self, rgb_latent, generators):
+        """
+        Estimate in one step: the U-Net at the last timestep, its clean latent decoded.
+
+        :return: [B, 1, H, W] float32 depth in the normalised range (-1 near, 1 far)
+        """
         last = self.scheduler.config.num_train_timesteps - 1
         timesteps = torch.full((rgb_latent.shape[0],), last, dtype=torch.long)
         # The depth latent has the image latent's shape; at the last timestep it is all noise.
@@ -348,12 +374,7 @@ class Trainer:
         clean, _ = original_and_noise(self.scheduler, prediction, last, noisy)
         decoded = self.vae.decode(clean / self.vae.config.scaling_factor,
                                   return_dict=False)[0]
-        estimate = decoded.float().mean(dim=1, keepdim=True)
-        count = int(valid.sum())
-        if not count:
-            return (estimate * 0).sum(), 0
-        aligned = affine_fit(estimate, depth, valid)
-        return (aligned - depth).abs()[valid].sum(), count
+        return decoded.float().mean(dim=1, keepdim=True)
 
     def _predict_velocity(self, rgb_latent, depth_latent, timesteps, generators):
         """Noise the depth latents at ``timesteps`` and run the U-Net on them."""
@@ -444,15 +465,16 @@ class Trainer:
     # -- validation ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def validation_loss(self, batch=64):
+    def validate(self, batch=64):
         """
-        Velocity loss on the held-out draws of ``val_data``, with the weights that are exported.
+        Score the held-out draws of ``val_data`` with the weights that are exported.
 
         Every call scores the same draws with the same timesteps and noise (their own seed
-        stream), so values from different steps compare. Every process computes it whole.
+        streams), so values from different steps compare. Every process computes it whole.
 
-        :return: mean squared velocity error over the valid latent pixels, or None without
-            val_data
+        :return: (mean squared velocity error over the valid latent pixels, mean AbsRel of
+            the one-step estimate after per-image least-squares scale and shift, the
+            evaluation protocol), or None without val_data
         """
         config = self.config
         if not config.val_data:
@@ -462,24 +484,32 @@ class Trainer:
             samples = [dataset.sample(number) for number in range(config.val_samples)]
             self.val_rows = [row for start in range(0, len(samples), batch)
                              for row in self._encode_samples(samples[start:start + batch])]
+            self.val_truth = [np.where(sample.valid, sample.depth, np.nan).astype(np.float32)
+                              for sample in samples]
         exported = (self.ema.applied_to(self.unet.parameters()) if self.ema is not None
                     else contextlib.nullcontext())
-        total, count = 0.0, 0
+        total, count, abs_rels = 0.0, 0, []
         self.unet.eval()
         try:
-            with exported:
+            with exported, torch.no_grad():
                 for start in range(0, len(self.val_rows), batch):
                     rows = self.val_rows[start:start + batch]
+                    numbers = range(start, start + len(rows))
                     rgb_latent, depth_latent, valid_latent = (
                         torch.stack(part) for part in list(zip(*rows))[:3])
-                    generators = self.sample_generators(range(start, start + len(rows)),
-                                                        _VAL_NOISE_STREAM)
-                    error, pixels = self.compute_loss(rgb_latent, depth_latent, valid_latent,
-                                                      generators)
+                    error, pixels = self.compute_loss(
+                        rgb_latent, depth_latent, valid_latent,
+                        self.sample_generators(numbers, _VAL_NOISE_STREAM))
                     total, count = total + error.item(), count + pixels
+                    estimates = self.one_step_estimate(
+                        rgb_latent, self.sample_generators(numbers, _VAL_ESTIMATE_STREAM))
+                    abs_rels += [_abs_rel(estimate[0], self.val_truth[number])
+                                 for estimate, number in zip(estimates.cpu().numpy(), numbers)]
         finally:
             self.unet.train()
-        return total / count if count else math.nan
+        scored = [value for value in abs_rels if value is not None]
+        return (total / count if count else math.nan,
+                float(np.mean(scored)) if scored else math.nan)
 
     def _sum_over_processes(self, values):
         """Return float64 sums of numbers over all processes, on every process (exact counts)."""
@@ -517,7 +547,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             state = {'step': self.step, 'lr': self.lr_at(self.step), 'skipped': self.skipped,
                      'no_depth': self.no_depth, 'losses': self.losses,
-                     'val_losses': self.val_losses,
+                     'val_losses': self.val_losses, 'val_abs_rels': self.val_abs_rels,
                      'processes': self.accelerator.num_processes,
                      'batch_size': self.config.batch_size,
                      'grad_accumulation': self.config.grad_accumulation}
@@ -550,6 +580,7 @@ class Trainer:
         self.step = state['step']
         self.losses = state.get('losses', [])
         self.val_losses = [tuple(pair) for pair in state.get('val_losses', [])]
+        self.val_abs_rels = [tuple(pair) for pair in state.get('val_abs_rels', [])]
         self.no_depth = int(state.get('no_depth', 0))
         self.skipped = int(state.get('skipped', 0))
         self._skipped_seen = self._dataset_skipped()
@@ -610,17 +641,18 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(loss=f'{loss:.4f}')
             last = self.step == config.max_steps
-            val_loss = None
+            scores = None
             if config.val_data and (self.step % config.val_every == 0 or last):
                 started = time.perf_counter()
-                val_loss = self.validation_loss()
-                self.val_losses.append((self.step, val_loss))
+                scores = self.validate()
+                self.val_losses.append((self.step, scores[0]))
+                self.val_abs_rels.append((self.step, scores[1]))
                 clock += time.perf_counter() - started  # samples/s counts training alone
-            if self.step % config.log_every == 0 or last or val_loss is not None:
+            if self.step % config.log_every == 0 or last or scores is not None:
                 elapsed = time.perf_counter() - clock
                 log.write(self.step, loss, self.last_lr,
                           samples * (self.step - logged) / max(elapsed, 1e-9), self._skipped(),
-                          self.no_depth, val_loss)
+                          self.no_depth, *(scores or ()))
                 clock, logged = time.perf_counter(), self.step
             if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
                 self.save_checkpoint()
