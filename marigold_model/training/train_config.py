@@ -57,14 +57,14 @@ class TrainConfig:
     base_model: str = 'prs-eth/marigold-depth-v1-1'
     # Training sources, drawn by probability: a list of the keys below.
     data: tuple = (DataSpec(),)
-    # Held-out sources in the same form, for the validation loss (none: no validation). The
-    # training loss of a small data set keeps falling as the model memorises it; this one
-    # says when the model stops improving on scenes it has not seen.
+    # Held-out sources in the same form, for validation (none: no validation). The training
+    # loss of a small data set keeps falling as the model memorises it; the validation loss
+    # and AbsRel say when the model stops improving on scenes it has not seen.
     val_data: tuple = ()
     # Draws of val_data scored (cropped as training draws, not flipped), the same ones with
     # the same timesteps and noise every time, so successive values compare.
     val_samples: int = 256
-    # Score the validation loss (EMA weights when enabled) every this many steps and at the end.
+    # Validate (EMA weights when enabled) every this many steps and at the end.
     val_every: int = 500
     # Training crop height in pixels (a multiple of 8): each frame is resized to cover the
     # crop, then cropped at a random offset.
