@@ -491,7 +491,7 @@ class Trainer:
         total, count, abs_rels = 0.0, 0, []
         self.unet.eval()
         try:
-            with exported, torch.no_grad():
+            with exported:
                 for start in range(0, len(self.val_rows), batch):
                     rows = self.val_rows[start:start + batch]
                     numbers = range(start, start + len(rows))
