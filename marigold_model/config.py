@@ -34,11 +34,27 @@ INFERENCE_RANGES = {
     # 0: the alignment's BFGS runs its ensemble_max_iter iterations without stopping early.
     'ensemble_tol': (0.0, 1.0), 'ensemble_max_res': (16, 16384),
 }
+#: Inclusive bounds of GuidanceConfig's integer and ratio fields, as INFERENCE_RANGES (its
+#: rates and thresholds need only be finite and > 0, which a closed range cannot say).
+GUIDANCE_RANGES = {
+    'denoising_steps': (1, 1000), 'iterations_per_step': (1, 100),
+    'refine_iterations': (0, 10000), 'min_points': (2, 2 ** 31 - 1),
+    'min_inlier_ratio': (0.0, 1.0), 'fit_seed': (0, 2 ** 32 - 1),
+}
 _INFERENCE_SENTINELS = {
     'denoising_steps': ' (0 = the model default)',
     'processing_resolution': f' ({PROCESSING_RESOLUTION_MODEL_DEFAULT} = the model default, '
                              f'{PROCESSING_RESOLUTION_INPUT_SIZE} = the input size)',
 }
+
+
+def _check_ranges(config, ranges, notes=None):
+    """Raise ValueError naming the first field of ``config`` outside its inclusive range."""
+    for name, (low, high) in ranges.items():
+        value = getattr(config, name)
+        if not low <= value <= high:  # NaN too
+            raise ValueError(f'{name} must be within [{low}, {high}]'
+                             f'{(notes or {}).get(name, "")}, got {value!r}')
 
 
 @dataclass(frozen=True)
@@ -123,11 +139,7 @@ class InferenceConfig:
 
         :raises ValueError: naming the bad field
         """
-        for name, (low, high) in INFERENCE_RANGES.items():
-            value = getattr(self, name)
-            if not low <= value <= high:  # NaN too
-                raise ValueError(f'{name} must be within [{low}, {high}]'
-                                 f'{_INFERENCE_SENTINELS.get(name, "")}, got {value!r}')
+        _check_ranges(self, INFERENCE_RANGES, _INFERENCE_SENTINELS)
 
 
 @dataclass(frozen=True)
@@ -215,12 +227,7 @@ class GuidanceConfig:
 
         :raises ValueError: naming the bad field
         """
-        if self.denoising_steps < 1:
-            raise ValueError('denoising_steps must be >= 1')
-        if self.iterations_per_step < 1:
-            raise ValueError('iterations_per_step must be >= 1')
-        if self.refine_iterations < 0:
-            raise ValueError('refine_iterations must be >= 0')
+        _check_ranges(self, GUIDANCE_RANGES)
         for name in ('latent_lr', 'affine_lr', 'huber_delta', 'inlier_threshold_rel',
                      'outlier_threshold_rel'):
             value = getattr(self, name)
@@ -228,7 +235,3 @@ class GuidanceConfig:
                 raise ValueError(f'{name} must be finite and > 0, got {value}')
         if self.loss not in GUIDANCE_LOSSES:
             raise ValueError(f'loss must be one of {GUIDANCE_LOSSES}, got {self.loss!r}')
-        if self.min_points < 2:
-            raise ValueError('min_points must be >= 2')
-        if not 0.0 <= self.min_inlier_ratio <= 1.0:
-            raise ValueError('min_inlier_ratio must be within [0, 1]')

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import math
 
 from marigold_model.config import BACKENDS, DTYPES, EstimatorConfig, GUIDANCE_LOSSES
-from marigold_model.config import GuidanceConfig, InferenceConfig
+from marigold_model.config import GUIDANCE_RANGES, GuidanceConfig, InferenceConfig
 from marigold_model.config import INFERENCE_RANGES, ModelConfig, VAE_CHOICES
 from marigold_model.scale_tracking import ScaleTrackerConfig
 from sensor_msgs.msg import CameraInfo
@@ -283,11 +283,6 @@ _GUIDANCE_DESCRIPTIONS = {
                         'back (guidance_<reason>)',
     'fit_seed': 'RANSAC seed of that global fit',
 }
-_GUIDANCE_RANGES = {
-    'denoising_steps': (1, 1000), 'iterations_per_step': (1, 100),
-    'refine_iterations': (0, 10000), 'min_points': (2, 2 ** 31 - 1),
-    'min_inlier_ratio': (0.0, 1.0), 'fit_seed': (0, 2 ** 32 - 1),
-}
 _NODE_RANGES = {
     'input_depth': (1, 1000), 'output_depth': (1, 1000),
     'camera_info_tolerance': (0.0, 3600.0), 'camera_info_wait': (0.0, 10.0),
@@ -322,7 +317,7 @@ def parameter_groups():
     from .scale_recovery import ScaleRecoveryConfig, SOURCES
     groups.append(ConfigGroup(ScaleRecoveryConfig, prefix='scale_recovery.', read_only=True,
                               choices={'source': SOURCES}, doc_sources=(ScaleTrackerConfig,)))
-    groups.append(ConfigGroup(GuidanceConfig, prefix='guidance.', ranges=_GUIDANCE_RANGES,
+    groups.append(ConfigGroup(GuidanceConfig, prefix='guidance.', ranges=GUIDANCE_RANGES,
                               choices={'loss': GUIDANCE_LOSSES},
                               descriptions=_GUIDANCE_DESCRIPTIONS))
     return groups

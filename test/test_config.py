@@ -5,7 +5,8 @@ import math
 import pickle
 
 from marigold_model.alignment import AlignmentError
-from marigold_model.config import (INFERENCE_RANGES, InferenceConfig, ModelConfig, override,
+from marigold_model.config import (GUIDANCE_RANGES, GuidanceConfig, INFERENCE_RANGES,
+                                   InferenceConfig, ModelConfig, override,
                                    PROCESSING_RESOLUTION_RANGE, resolve_processing_resolution)
 from marigold_model.data.image_decoding import ImageConversionError
 from marigold_model.errors import ReasonError
@@ -33,17 +34,20 @@ def test_a_bad_setting_is_refused_when_the_config_is_made(cls, name, value):
         override(cls(), **{name: value})
 
 
-@pytest.mark.parametrize('name', sorted(INFERENCE_RANGES))
-def test_inference_ranges_are_exactly_what_the_config_accepts(name):
+@pytest.mark.parametrize('cls, ranges, name', [
+    (cls, ranges, name) for cls, ranges in ((InferenceConfig, INFERENCE_RANGES),
+                                            (GuidanceConfig, GUIDANCE_RANGES))
+    for name in sorted(ranges)])
+def test_ranges_are_exactly_what_the_config_accepts(cls, ranges, name):
     """The ROS parameters publish these ranges: both ends make a config, a step past refuses."""
-    low, high = INFERENCE_RANGES[name]
+    low, high = ranges[name]
     for value in (low, high):
-        assert getattr(InferenceConfig(**{name: value}), name) == value
+        assert getattr(cls(**{name: value}), name) == value
     outside = (low - 1, high + 1) if isinstance(low, int) else (
         math.nextafter(low, -math.inf), math.nextafter(high, math.inf), math.nan)
     for value in outside:
         with pytest.raises(ValueError, match=f'{name} must be within'):
-            InferenceConfig(**{name: value})
+            cls(**{name: value})
 
 
 def test_processing_resolution_sentinels_resolve_once():
