@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 
+from marigold_model.training.evaluate import bootstrap_interval
 from marigold_ros.demo import run_demo, SAMPLES, TINY_INLIER_THRESHOLD
 import numpy as np
 
@@ -34,12 +35,6 @@ def demo_figures(summary):
         value = summary[section].get(key)
         values[name] = float('nan') if value in (None, '') else float(value)
     return values
-
-
-def paired_interval(difference, rng, resamples=10000):
-    """95 % bootstrap interval of the mean of per-scene differences."""
-    picks = rng.integers(0, difference.size, (resamples, difference.size))
-    return np.percentile(difference[picks].mean(axis=1), [2.5, 97.5])
 
 
 def main(argv=None):
@@ -79,7 +74,7 @@ def main(argv=None):
         both = np.isfinite(metric[:, column]) & np.isfinite(metric[:, 0])
         if column and both.any():
             difference = metric[both, column] - metric[both, 0]
-            low, high = paired_interval(difference, rng)
+            low, high = bootstrap_interval(difference, rng)
             line += (f'; metric AbsRel {np.mean(difference):+.3f} against {args.models[0]} '
                      f'on the {both.sum()} scenes both have (95 % interval {low:+.3f} to '
                      f'{high:+.3f}), lower on {np.mean(difference < 0):.0%} of them')

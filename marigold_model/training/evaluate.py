@@ -76,6 +76,13 @@ def resolve_predictor(predictor, name=None):
                      f'{type(predictor).__name__}')
 
 
+def bootstrap_interval(difference, rng, resamples=10000):
+    """Return the 95 % bootstrap interval (low, high) of the mean of paired differences."""
+    difference = np.asarray(difference)
+    picks = rng.integers(0, difference.size, (resamples, difference.size))
+    return np.percentile(difference[picks].mean(axis=1), [2.5, 97.5])
+
+
 def score_image(pred_rel, gt, valid, min_depth, max_depth):
     """
     Metrics of one image under the affine-invariant protocol.

@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+from .evaluate import bootstrap_interval, evaluate, markdown_table, open_dataset
 from .train_config import DataSpec, TrainConfig
 from .trainer import Trainer
 from .training_data import build_training_data
@@ -254,7 +255,6 @@ def evaluate_model(recipe, model, log=print, baseline_model=None):
     :return: dict of data set spec -> list of result dicts (predictor, abs_rel, delta1, ...):
         constant, ramp, the model at each of EVAL_SETTINGS, then the baseline model if given
     """
-    from .evaluate import evaluate, markdown_table, open_dataset
     models = [(f'tiny model, {steps} step(s), ensemble {members}', model, steps, members)
               for steps, members in EVAL_SETTINGS]
     if baseline_model:
@@ -304,9 +304,7 @@ def paired_comparison(model, baseline, resamples=10000, seed=0):
     if ours.shape != theirs.shape or not ours.size:
         raise ValueError('paired comparison needs the same scored images for both')
     difference = ours - theirs
-    picks = np.random.default_rng(seed).integers(0, difference.size,
-                                                 (resamples, difference.size))
-    low, high = np.percentile(difference[picks].mean(axis=1), [2.5, 97.5])
+    low, high = bootstrap_interval(difference, np.random.default_rng(seed), resamples)
     return (f'{model["predictor"]} has a lower AbsRel than {baseline["predictor"]} on '
             f'{(difference < 0).mean():.0%} of the {difference.size} images; mean AbsRel '
             f'difference {difference.mean():+.4f} (95 % bootstrap interval {low:+.4f} to '
@@ -333,7 +331,6 @@ def write_model_card(output, recipe, figures, results):
     :param results: evaluation results from :func:`evaluate_model`
     :return: Path of the card
     """
-    from .evaluate import markdown_table
     tables = '\n'.join(f'`{spec}`:\n\n{markdown_table(rows)}\n' + ''.join(
         f'{line}\n' for line in comparisons(rows)) for spec, rows in results.items())
     stages = [(name, figures.get(key)) for name, key in
